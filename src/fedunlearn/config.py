@@ -1,0 +1,236 @@
+"""Experiment configuration: the Flower run-config, parsed and validated once.
+
+Flower run-config values are bool/int/float/str only and nested tables become dotted
+keys (``forget.scope``). :class:`ExperimentConfig` turns that flat mapping into typed
+fields, fills defaults, and rejects bad values with a message that names the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCOPES = ("client", "class", "instance")
+PARTITIONINGS = ("iid", "dirichlet")
+
+
+def parse_int_list(value: Any, key: str) -> tuple[int, ...]:
+    """Parse ``"0,3, 5"`` (or an int) into a tuple of ints; ``""`` gives ``()``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: expected comma-separated integers")
+    if isinstance(value, int):
+        return (value,)
+    text = str(value).strip()
+    if not text:
+        return ()
+    out = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise ValueError(
+                f"{key}={value!r}: {part!r} is not an integer; expected comma-separated "
+                "integers such as '0,3'"
+            ) from None
+    return tuple(out)
+
+
+def parse_str_list(value: Any) -> tuple[str, ...]:
+    """Parse ``"a, b"`` into ``("a", "b")``; ``""`` gives ``()``."""
+    return tuple(p.strip() for p in str(value).split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class ForgetConfig:
+    """What the simulated clients ask to forget (run-config ``forget.*``)."""
+
+    scope: str = "client"
+    clients: tuple[int, ...] = (0,)
+    classes: tuple[int, ...] = ()
+    fraction: float = 0.1
+    sample_ids: tuple[int, ...] = ()
+    data_of: int = -1  # partition whose data the request names; -1: the client's own
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one fedunlearn job needs, typed and validated."""
+
+    methods: tuple[str, ...] = ("retrain", "ft", "not")
+    seed: int = 0
+    output_dir: str = ""
+    checkpoint_dir: str = ""
+    device: str = "auto"
+    dataset: str = "digits"
+    data_root: str = ""
+    data_download: bool = False
+    model: str = "cnn"
+    num_clients: int = 10
+    partitioning: str = "iid"
+    alpha: float = 0.5
+    val_fraction: float = 0.2
+    batch_size: int = 32
+    local_epochs: int = 1
+    momentum: float = 0.9
+    pretrain_rounds: int = 30
+    pretrain_lr: float = 0.01
+    unlearn_rounds: int = 15
+    unlearn_lr: float = 0.01
+    unlearn_local_epochs: int = 1
+    unlearn_clip_norm: float = 0.0
+    negate_layers: tuple[str, ...] = ()
+    negate_bias: bool = True
+    forget: ForgetConfig = field(default_factory=ForgetConfig)
+    eval_every: int = 5
+    mia_max_members: int = 2000
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
+        """Build from a flat Flower run-config (missing keys take the defaults)."""
+        rc = dict(run_config)
+        d = cls()
+        f = d.forget
+
+        def get(key: str, default: Any) -> Any:
+            return rc.get(key, default)
+
+        methods = parse_str_list(get("method", ",".join(d.methods)))
+        forget = ForgetConfig(
+            scope=str(get("forget.scope", f.scope)).strip().lower(),
+            clients=parse_int_list(get("forget.clients", "0"), "forget.clients"),
+            classes=parse_int_list(get("forget.classes", ""), "forget.classes"),
+            fraction=float(get("forget.fraction", f.fraction)),
+            sample_ids=parse_int_list(get("forget.sample-ids", ""), "forget.sample-ids"),
+            data_of=int(get("forget.data-of", f.data_of)),
+        )
+        cfg = cls(
+            methods=tuple(m.lower() for m in methods),
+            seed=int(get("seed", d.seed)),
+            output_dir=str(get("output-dir", d.output_dir)),
+            checkpoint_dir=str(get("checkpoint-dir", d.checkpoint_dir)),
+            device=str(get("device", d.device)),
+            dataset=str(get("dataset.name", d.dataset)).lower(),
+            data_root=str(get("dataset.root", d.data_root)),
+            data_download=bool(get("dataset.download", d.data_download)),
+            model=str(get("model.name", d.model)).lower(),
+            num_clients=int(get("federation.num-clients", d.num_clients)),
+            partitioning=str(get("federation.partitioning", d.partitioning)).lower(),
+            alpha=float(get("federation.alpha", d.alpha)),
+            val_fraction=float(get("federation.val-fraction", d.val_fraction)),
+            batch_size=int(get("federation.batch-size", d.batch_size)),
+            local_epochs=int(get("federation.local-epochs", d.local_epochs)),
+            momentum=float(get("federation.momentum", d.momentum)),
+            pretrain_rounds=int(get("pretrain.rounds", d.pretrain_rounds)),
+            pretrain_lr=float(get("pretrain.lr", d.pretrain_lr)),
+            unlearn_rounds=int(get("unlearn.rounds", d.unlearn_rounds)),
+            unlearn_lr=float(get("unlearn.lr", d.unlearn_lr)),
+            unlearn_local_epochs=int(get("unlearn.local-epochs", d.unlearn_local_epochs)),
+            unlearn_clip_norm=float(get("unlearn.clip-norm", d.unlearn_clip_norm)),
+            negate_layers=parse_str_list(get("negation.layers", "")),
+            negate_bias=bool(get("negation.bias", d.negate_bias)),
+            forget=forget,
+            eval_every=int(get("eval.every", d.eval_every)),
+            mia_max_members=int(get("eval.mia-max-members", d.mia_max_members)),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad value and what is allowed."""
+        from .data import DATASETS
+        from .models import list_models
+        from .strategies import list_methods
+
+        if not self.methods:
+            raise ValueError(f"method is empty; choose from {list_methods()}")
+        for m in self.methods:
+            if m not in list_methods():
+                raise ValueError(f"method={m!r} is unknown; choose from {list_methods()}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"method lists a method twice: {','.join(self.methods)}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset.name={self.dataset!r} is unknown; choose from {DATASETS}")
+        if self.model not in list_models():
+            raise ValueError(f"model.name={self.model!r} is unknown; choose from {list_models()}")
+        if self.partitioning not in PARTITIONINGS:
+            raise ValueError(
+                f"federation.partitioning={self.partitioning!r}; choose from {PARTITIONINGS}"
+            )
+        positive = {
+            "federation.num-clients": self.num_clients,
+            "federation.batch-size": self.batch_size,
+            "federation.local-epochs": self.local_epochs,
+            "unlearn.local-epochs": self.unlearn_local_epochs,
+            "eval.every": self.eval_every,
+            "eval.mia-max-members": self.mia_max_members,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key}={value} must be >= 1")
+        for key, value in {"pretrain.rounds": self.pretrain_rounds,
+                           "unlearn.rounds": self.unlearn_rounds}.items():
+            if value < 0:
+                raise ValueError(f"{key}={value} must be >= 0")
+        for key, value in {"pretrain.lr": self.pretrain_lr, "unlearn.lr": self.unlearn_lr,
+                           "federation.alpha": self.alpha}.items():
+            if not value > 0:
+                raise ValueError(f"{key}={value} must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"federation.momentum={self.momentum} must be in [0, 1)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"federation.val-fraction={self.val_fraction} must be in [0, 1)")
+        if self.unlearn_clip_norm < 0:
+            raise ValueError(f"unlearn.clip-norm={self.unlearn_clip_norm} must be >= 0 (0: off)")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device={self.device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+        # The request itself (scope, classes, ids) is validated by the server per
+        # request, so that a bad request is rejected without stopping the run.
+
+    # -- derived values -----------------------------------------------------------
+    def pretrain_key(self) -> str:
+        """Hash of everything that determines the pretrained model."""
+        fields = {
+            "dataset": self.dataset,
+            "data_root": os.path.abspath(self.data_root) if self.data_root else "",
+            "model": self.model,
+            "num_clients": self.num_clients,
+            "partitioning": self.partitioning,
+            "alpha": self.alpha if self.partitioning == "dirichlet" else None,
+            "val_fraction": self.val_fraction,
+            "batch_size": self.batch_size,
+            "local_epochs": self.local_epochs,
+            "momentum": self.momentum,
+            "rounds": self.pretrain_rounds,
+            "lr": self.pretrain_lr,
+            "seed": self.seed,
+            "format": 1,
+        }
+        fields.update(self.extra_pretrain_fields())
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def extra_pretrain_fields(self) -> dict[str, Any]:
+        """Hook for settings that change pretraining (e.g. a planted backdoor)."""
+        return {}
+
+    def resolved_checkpoint_dir(self) -> Path:
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir).expanduser().resolve()
+        base = os.environ.get("FEDUNLEARN_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "fedunlearn"
+        )
+        return Path(base) / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,26 @@
+"""Datasets, their federated partitions and per-client train/val splits."""
+
+from fedunlearn.data.datasets import (
+    DATASETS,
+    ArrayDataset,
+    DataInfo,
+    LabeledSubset,
+    load_dataset,
+    stratified_split,
+)
+from fedunlearn.data.federated import FederatedData, build_federated_data
+from fedunlearn.data.partition import PARTITIONING_SCHEMES, client_split, partition_indices
+
+__all__ = [
+    "DATASETS",
+    "PARTITIONING_SCHEMES",
+    "ArrayDataset",
+    "DataInfo",
+    "FederatedData",
+    "LabeledSubset",
+    "build_federated_data",
+    "client_split",
+    "load_dataset",
+    "partition_indices",
+    "stratified_split",
+]

@@ -1,0 +1,115 @@
+"""One object holding everything a federation needs to know about its data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from fedunlearn.data.datasets import DataInfo, load_dataset
+from fedunlearn.data.partition import client_split, partition_indices
+
+
+@dataclass
+class FederatedData:
+    """A dataset split among clients, each client's share split into train and val.
+
+    Parameters
+    ----------
+    info : DataInfo
+        Description of the dataset.
+    train : Dataset
+        The full training set; partitions hold global indices into it.
+    test : Dataset
+        The global (server-side) test set.
+    partitions : list[numpy.ndarray]
+        Sorted global training indices of each client.
+    val_fraction : float
+        Share of each partition held out for validation.
+    seed : int
+        Experiment seed; each client's train/val split is seeded from it and
+        the partition id.
+    """
+
+    info: DataInfo
+    train: Dataset
+    test: Dataset
+    partitions: list[np.ndarray]
+    val_fraction: float
+    seed: int
+
+    def num_clients(self) -> int:
+        """Number of partitions (clients)."""
+        return len(self.partitions)
+
+    def train_indices(self, partition_id: int) -> np.ndarray:
+        """Global indices of the client's training split."""
+        return self._split(partition_id)[0]
+
+    def val_indices(self, partition_id: int) -> np.ndarray:
+        """Global indices of the client's validation split."""
+        return self._split(partition_id)[1]
+
+    def _split(self, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+        if (
+            isinstance(partition_id, bool)
+            or not isinstance(partition_id, (int, np.integer))
+            or not 0 <= partition_id < len(self.partitions)
+        ):
+            raise ValueError(
+                f"partition_id {partition_id!r} is out of range: valid ids are "
+                f"0..{len(self.partitions) - 1}"
+            )
+        # Mix seed and id so clients' shuffles are independent but reproducible.
+        client_seed = int(np.random.SeedSequence([self.seed, int(partition_id)]).generate_state(1)[0])
+        return client_split(self.partitions[partition_id], self.val_fraction, client_seed)
+
+
+@lru_cache(maxsize=8)
+def build_federated_data(
+    dataset: str,
+    num_clients: int,
+    partitioning: str = "iid",
+    alpha: float = 0.5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    root: str = "",
+    download: bool = False,
+) -> FederatedData:
+    """Load a dataset and partition its training set among ``num_clients`` clients.
+
+    Memoized per process: Flower ClientApps call it on every message, and the
+    same arguments return the same (shared, not to be mutated) object.
+
+    Parameters
+    ----------
+    dataset : str
+        Dataset name, see :func:`fedunlearn.data.load_dataset`.
+    num_clients : int
+        Number of partitions.
+    partitioning : str
+        ``"iid"`` or ``"dirichlet"``.
+    alpha : float
+        Dirichlet concentration (used by ``"dirichlet"``).
+    val_fraction : float
+        Share of each client's data held out for validation.
+    seed : int
+        Seed of the partitioning and of the train/val splits.
+    root : str
+        Folder with the dataset files (torchvision datasets).
+    download : bool
+        Let torchvision download missing files.
+
+    Returns
+    -------
+    FederatedData
+        The loaded and partitioned data.
+    """
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    train, test, info = load_dataset(dataset, root=root, download=download)
+    labels = np.asarray(getattr(train, "targets"), dtype=np.int64)
+    partitions = partition_indices(labels, num_clients, partitioning, alpha, seed)
+    return FederatedData(info, train, test, partitions, float(val_fraction), seed)

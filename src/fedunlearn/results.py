@@ -1,0 +1,121 @@
+"""Results files and comparison tables.
+
+Schema of ``results.json`` (one per method)::
+
+    {
+      "method": "not",
+      "request": [{"scope": "client", "partition_id": 0, "node_id": ...}, ...],
+      "rejected": [{"node_id": ..., "reason": "..."}],
+      "original":  {"retain": %, "forget": %, "test": %, "mia": %},
+      "unlearned": {"retain": %, "forget": %, "test": %, "mia": %},
+      "cost": {"rounds", "comm_bytes", "bytes_down", "bytes_up", "flops", "wall_s",
+               "storage_bytes"},
+      "config": {...}, "pretrain": {...}, "notes": {...}
+    }
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .metrics import METRIC_KEYS, average_gap, deltas
+
+RESULTS_FILE = "results.json"
+COMPARISON_FILE = "comparison.md"
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable))
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def results_path(output_dir: Path, method: str, several: bool) -> Path:
+    """``<out>/results.json`` for one method, ``<out>/<method>/results.json`` for a list."""
+    return Path(output_dir) / method / RESULTS_FILE if several else Path(output_dir) / RESULTS_FILE
+
+
+def metric_keys(results: Sequence[dict]) -> tuple[str, ...]:
+    """The accuracy/privacy keys present in every result (``asr`` only when configured)."""
+    keys = list(METRIC_KEYS)
+    if results and all("asr" in r["unlearned"] for r in results):
+        keys.append("asr")
+    return tuple(keys)
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def comparison_rows(results: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: each metric (Δ to Retrain when Retrain is present), Avg. Gap, costs."""
+    keys = metric_keys(results)
+    ref = next((r["unlearned"] for r in results if r["method"] == "retrain"), None)
+    header = ["Method"] + [k.capitalize() if k != "mia" else "MIA" for k in keys]
+    header = [h if h != "Asr" else "ASR" for h in header]
+    if ref is not None:
+        header.append("Avg. Gap")
+    header += ["Comm. (B)", "FLOPs", "Rounds", "Wall (s)"]
+    rows = []
+    original = results[0]["original"] if results else {}
+    rows.append(["original (pretrained)"] + [_fmt(original.get(k)) for k in keys]
+                + ([""] if ref is not None else []) + ["", "", "", ""])
+    for r in results:
+        m = r["unlearned"]
+        d = deltas(m, ref, keys) if ref is not None else {}
+        cells = []
+        for k in keys:
+            cell = _fmt(m.get(k))
+            if ref is not None and not math.isnan(d.get(k, float("nan"))):
+                cell += f" ({abs(d[k]):.2f})"
+            cells.append(cell)
+        if ref is not None:
+            cells.append(_fmt(average_gap(m, ref)))
+        c = r["cost"]
+        cells += [f"{c['comm_bytes']:.3g}", f"{c['flops']:.3g}", str(c["rounds"]),
+                  f"{c['wall_s']:.1f}"]
+        rows.append([r["method"]] + cells)
+    return header, rows
+
+
+def comparison_markdown(results: Sequence[dict]) -> str:
+    header, rows = comparison_rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    ref = any(r["method"] == "retrain" for r in results)
+    note = ("Values in %; (x) = |Δ| to Retrain; Avg. Gap = mean |Δ| over Retain, Forget, "
+            "Test, MIA." if ref else
+            "Values in %. Add `retrain` to the method list to get Δ and Avg. Gap.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def comparison_text(results: Sequence[dict], title: str = "fedunlearn results") -> str:
+    """The comparison as a rich table rendered to plain text (for logs and terminals)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = comparison_rows(results)
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="left" if h == "Method" else "right")
+    for row in rows:
+        table.add_row(*row)
+    buf = io.StringIO()
+    Console(file=buf, width=160, force_terminal=False, color_system=None).print(table)
+    return buf.getvalue()

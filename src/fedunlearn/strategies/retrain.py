@@ -1,0 +1,37 @@
+"""Retrain: FedAvg from scratch on the retained data only (exact unlearning)."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord
+
+from ..training import to_arrays
+from . import register_method
+from .base import UnlearningStrategy
+
+
+@register_method("retrain")
+class Retrain(UnlearningStrategy):
+    """The gold standard every other method is measured against.
+
+    A freshly initialised model (seeded with ``seed``) trained for as many rounds as
+    pretraining (``pretrain.rounds``, at ``pretrain.lr`` and ``federation.local-epochs``)
+    on the retained data only. Its cost is the whole retraining.
+    """
+
+    def initial_arrays(self, pretrained: ArrayRecord) -> ArrayRecord:
+        # A different stream from pretraining's initialisation, same for every run.
+        torch.manual_seed(self.cfg.seed + 1)
+        return to_arrays(self.context.model_factory())
+
+    def num_rounds(self) -> int:
+        return self.cfg.pretrain_rounds
+
+    def learning_rate(self) -> float:
+        return self.cfg.pretrain_lr
+
+    def local_epochs(self) -> int:
+        return self.cfg.local_epochs
+
+    def clip_norm(self) -> float:
+        return 0.0
