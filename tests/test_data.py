@@ -203,6 +203,9 @@ def test_federated_data_splits_inside_partitions() -> None:
         np.testing.assert_array_equal(train, fed.train_indices(pid))
     # memoized: Flower ClientApps call this on every message
     assert build_federated_data("digits", 10, "dirichlet", alpha=0.5, seed=0) is fed
+    resized = build_federated_data("digits", 10, "dirichlet", alpha=0.5, seed=0, image_size=16)
+    assert resized.info.image_size == 16 and resized.train[0][0].shape == (1, 16, 16)
+    assert all(np.array_equal(a, b) for a, b in zip(resized.partitions, fed.partitions))
 
 
 @pytest.mark.parametrize("bad", [10, -1])

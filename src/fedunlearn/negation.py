@@ -365,7 +365,8 @@ def select_negation_params(
         chosen.extend(p for p in params if p not in chosen)
     if not chosen:
         raise ValueError(
-            f"the selection {list(layers or [])!r} with include_bias={include_bias} negates no parameter"
+            f"the selection {list(layers or [])!r} with include_bias={include_bias} "
+            "negates no parameter"
         )
 
     modules = dict(model.named_modules())
@@ -455,6 +456,7 @@ def negate_state(
     missing = sorted(targets - set(state))
     if missing:
         raise ValueError(
-            f"cannot negate {_describe(missing)}: not in the state dict (keys: {_describe(list(state))})"
+            f"cannot negate {_describe(missing)}: not in the state dict "
+            f"(keys: {_describe(list(state))})"
         )
     return {key: -value if key in targets else value for key, value in state.items()}

@@ -77,6 +77,7 @@ def build_federated_data(
     seed: int = 0,
     root: str = "",
     download: bool = False,
+    image_size: int | None = None,
 ) -> FederatedData:
     """Load a dataset and partition its training set among ``num_clients`` clients.
 
@@ -101,6 +102,9 @@ def build_federated_data(
         Folder with the dataset files (torchvision datasets).
     download : bool
         Let torchvision download missing files.
+    image_size : int or None
+        Image side passed to :func:`~fedunlearn.data.load_dataset` (e.g. 224 for
+        a ViT); ``None`` keeps the dataset's default.
 
     Returns
     -------
@@ -109,7 +113,7 @@ def build_federated_data(
     """
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    train, test, info = load_dataset(dataset, root=root, download=download)
+    train, test, info = load_dataset(dataset, root=root, download=download, image_size=image_size)
     labels = np.asarray(getattr(train, "targets"), dtype=np.int64)
     partitions = partition_indices(labels, num_clients, partitioning, alpha, seed)
     return FederatedData(info, train, test, partitions, float(val_fraction), seed)

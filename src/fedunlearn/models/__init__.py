@@ -9,6 +9,12 @@ from fedunlearn.models import cnn as _cnn  # noqa: F401  (registers "cnn")
 from fedunlearn.models import resnet as _resnet  # noqa: F401  (registers "resnet18")
 from fedunlearn.models import vit as _vit  # noqa: F401  (registers "vit", "vit_tiny")
 from fedunlearn.models.cnn import SmallCNN
-from fedunlearn.models.registry import MODELS, ModelBuilder, create_model, list_models, register_model
+from fedunlearn.models.registry import (
+    MODELS,
+    ModelBuilder,
+    create_model,
+    list_models,
+    register_model,
+)
 
 __all__ = ["MODELS", "ModelBuilder", "SmallCNN", "create_model", "list_models", "register_model"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -61,6 +63,6 @@ class SmallCNN(nn.Module):
 
 
 @register_model("cnn")
-def build_cnn(num_classes: int, in_channels: int, image_size: int, **kwargs: object) -> nn.Module:
+def build_cnn(num_classes: int, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
     """Build :class:`SmallCNN` (extra ``kwargs``: ``channels``, ``hidden``)."""
-    return SmallCNN(num_classes, in_channels, image_size, **kwargs)  # type: ignore[arg-type]
+    return SmallCNN(num_classes, in_channels, image_size, **kwargs)

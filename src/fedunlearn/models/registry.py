@@ -105,5 +105,9 @@ def create_model(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     if kwargs.pop("pretrained", False):
-        raise ValueError("pretrained weights are not supported: models are always built from scratch")
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+        raise ValueError(
+            "pretrained weights are not supported: models are always built from scratch"
+        )
+    return MODELS[name](
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs
+    )

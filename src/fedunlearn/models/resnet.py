@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 from torchvision.models import resnet18
 
@@ -14,7 +16,7 @@ SMALL_IMAGE_MAX = 64
 
 
 @register_model("resnet18")
-def build_resnet18(num_classes: int, in_channels: int, image_size: int, **kwargs: object) -> nn.Module:
+def build_resnet18(num_classes: int, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
     """Build a randomly initialised torchvision ResNet-18.
 
     Parameters

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -14,7 +16,7 @@ VIT_B16_PATCH = 16
 
 
 @register_model("vit")
-def build_vit(num_classes: int, in_channels: int, image_size: int, **kwargs: object) -> nn.Module:
+def build_vit(num_classes: int, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
     """Build timm's ViT-B/16 (``vit_base_patch16_224``) without pretrained weights.
 
     Parameters
@@ -64,7 +66,7 @@ def build_vit_tiny(
     depth: int = 4,
     num_heads: int = 4,
     mlp_ratio: float = 2.0,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a small timm ``VisionTransformer`` that trains on a CPU in minutes.
 

@@ -96,8 +96,7 @@ class UnlearningStrategy(FedAvg):
     uses_requests = True
 
     def __init__(self, context: UnlearningContext, phase: str | None = None) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
-                         min_evaluate_nodes=0, min_available_nodes=1)
+        super().__init__(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
         self.context = context
         self.cfg = context.cfg
         self.phase = phase or self.name
@@ -192,6 +191,12 @@ class UnlearningStrategy(FedAvg):
         self.cost.bytes_down += nbytes * len(messages)
         self.cost.rounds += 1
         return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """No per-round federated evaluation: the experiment measures the original and
+        the unlearned model itself (retain/forget/test/MIA), and progress is central."""
+        return []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -1,0 +1,250 @@
+"""``fedunlearn-run``: one ``flwr run`` simulation job, started and cleaned up.
+
+``flwr run .`` starts a detached local SuperLink that keeps running after the job and is
+reused by later jobs on the same ports. This wrapper gives each job its own ports (or
+the ones you pass), streams the logs, and stops the SuperLink it caused to start, so
+that jobs never share a stale SuperLink and nothing is left running.
+
+Everything after the options is passed on as run-config, e.g.::
+
+    fedunlearn-run method=not forget.scope=class forget.classes=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+# `flwr run --stream` exits 0 even when the ServerApp fails; its log says so instead.
+_FAILURE = re.compile(r"Exit Code: (\d+)|An unhandled exception occurred")
+
+FLWR_ENV_DEFAULTS = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+
+
+def project_root() -> Path:
+    """The Flower App directory (the one holding ``pyproject.toml``)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").exists() and (parent / "flower_apps").is_dir():
+            return parent
+    return Path.cwd()
+
+
+def free_port_pair() -> tuple[int, int]:
+    """Two free TCP ports on the loopback interface."""
+    socks = []
+    try:
+        for _ in range(2):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return socks[0].getsockname()[1], socks[1].getsockname()[1]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def toml_value(value) -> str:
+    """A run-config value as TOML (strings quoted, bools lower-case)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_config_arg(run_config: Mapping) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+
+
+def superlink_pids(control_port: int) -> list[int]:
+    """PIDs of local SuperLink processes (and their SuperExec) bound to ``control_port``."""
+    marker = f"127.0.0.1:{control_port}"
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" in args and marker in args:
+            pids.append(int(proc.name))
+    children = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superexec" in args and any(f"--parent-pid {p}" in args for p in pids):
+            children.append(int(proc.name))
+    return pids + children
+
+
+def stop_pids(pids: Sequence[int], timeout: float = 10.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            try:
+                state = (Path(f"/proc/{pid}") / "stat").read_text().split()[2]
+            except OSError:
+                break
+            if state == "Z":
+                break
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1,
+             num_gpus: float = 0.0, app: str | Path | None = None,
+             ports: tuple[int, int] | None = None, env: Mapping[str, str] | None = None,
+             log_file: str | Path | None = None, echo: bool = True) -> int:
+    """Run one simulation job through ``flwr run --stream`` and stop its SuperLink.
+
+    Returns ``flwr run``'s exit code. Output goes to stdout (``echo``) and/or
+    ``log_file``.
+    """
+    http_port, control_port = ports or free_port_pair()
+    full_env = dict(os.environ)
+    for key, value in FLWR_ENV_DEFAULTS.items():
+        full_env.setdefault(key, value)
+    full_env.update(env or {})
+    full_env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+    full_env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+    federation = (f"num-supernodes={int(num_supernodes)} "
+                  f"client-resources-num-cpus={int(num_cpus)} "
+                  f"client-resources-num-gpus={num_gpus}")
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr) if flwr.exists() else "flwr", "run", str(app or project_root()),
+           "--stream", "--federation-config", federation]
+    if run_config:
+        cmd += ["--run-config", run_config_arg(run_config)]
+    log = open(log_file, "a") if log_file else None
+    try:
+        if log:
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+        proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        failed = False
+        for line in proc.stdout:
+            failed = failed or bool(_FAILURE.search(line))
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            if log:
+                log.write(line)
+        rc = proc.wait()
+        return rc if rc != 0 else (1 if failed else 0)
+    finally:
+        if log:
+            log.close()
+        stop_pids(superlink_pids(control_port))
+
+
+def default_run_config(app: str | Path | None = None) -> dict:
+    """The app's run-config defaults from ``[tool.flwr.app.config]``, flattened."""
+    import tomllib
+
+    data = tomllib.loads((Path(app or project_root()) / "pyproject.toml").read_text())
+    out: dict = {}
+
+    def walk(prefix: str, table: Mapping) -> None:
+        for key, value in table.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                walk(name + ".", value)
+            else:
+                out[name] = value
+
+    walk("", data["tool"]["flwr"]["app"]["config"])
+    return out
+
+
+def check_run_config(overrides: Mapping, app: str | Path | None = None) -> dict:
+    """Merge ``overrides`` into the defaults and validate, before starting Flower.
+
+    Raises ``ValueError`` for an unknown key or a bad value, naming it.
+    """
+    from .config import ExperimentConfig
+
+    merged = default_run_config(app)
+    unknown = sorted(set(overrides) - set(merged))
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) {unknown}; known keys: {sorted(merged)}")
+    merged.update(overrides)
+    ExperimentConfig.from_run_config(merged)
+    return merged
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"run-config override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_scalar(value.strip())
+    return out
+
+
+def _parse_scalar(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedunlearn-run",
+        description="Run one fedunlearn simulation job with `flwr run --stream` "
+                    "and stop the local SuperLink afterwards.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="run-config overrides, e.g. method=not forget.clients=0,1")
+    parser.add_argument("--num-supernodes", type=int, default=None,
+                        help="simulated SuperNodes (default: federation.num-clients or 10)")
+    parser.add_argument("--num-cpus", type=int, default=1, help="CPUs per client actor")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per client actor")
+    parser.add_argument("--app", default=None, help="Flower App directory")
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.overrides)
+    try:
+        check_run_config(overrides, args.app)
+    except ValueError as err:
+        parser.error(str(err))
+    n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
+    return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                    num_gpus=args.num_gpus, app=args.app)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

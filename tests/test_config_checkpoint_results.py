@@ -1,0 +1,98 @@
+"""Run-config parsing, checkpoint keys and reuse, results tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from fedunlearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from fedunlearn.config import ExperimentConfig
+from fedunlearn.launch import check_run_config, default_run_config
+from fedunlearn.results import comparison_markdown, comparison_rows, results_path
+
+from .helpers import run_config
+
+
+def test_defaults_match_pyproject():
+    cfg = ExperimentConfig.from_run_config(default_run_config())
+    assert cfg == ExperimentConfig()  # dataclass defaults == pyproject defaults
+    assert cfg.methods == ("retrain", "ft", "not")
+    assert cfg.forget.clients == (0,) and cfg.num_clients == 10 and cfg.dataset == "digits"
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("method", "not,magic", "'magic'"),
+    ("dataset.name", "mnist", "'mnist'"),
+    ("model.name", "vgg", "'vgg'"),
+    ("federation.partitioning", "random", "'random'"),
+    ("unlearn.lr", 0.0, "unlearn.lr=0.0"),
+    ("forget.classes", "3,x", "'x' is not an integer"),
+    ("federation.num-clients", 0, "federation.num-clients=0"),
+])
+def test_bad_config_values_are_named(key, value, expected):
+    with pytest.raises(ValueError) as err:
+        ExperimentConfig.from_run_config(run_config(**{key: value}))
+    assert expected in str(err.value)
+
+
+def test_unknown_key_rejected_before_starting_flower():
+    with pytest.raises(ValueError, match="'pretrain.epochs'"):
+        check_run_config({"pretrain.epochs": 3})
+
+
+def test_pretrain_key_tracks_everything_that_determines_the_model():
+    base = ExperimentConfig.from_run_config(run_config())
+    same = dataclasses.replace(base, methods=("not",), unlearn_rounds=3, output_dir="/x")
+    assert base.pretrain_key() == same.pretrain_key()
+    for change in ({"seed": 1}, {"pretrain_rounds": 31}, {"model": "resnet18"},
+                   {"num_clients": 5}, {"partitioning": "dirichlet"}, {"dataset": "synthetic"},
+                   {"pretrain_lr": 0.02}, {"local_epochs": 2}, {"batch_size": 16}):
+        assert dataclasses.replace(base, **change).pretrain_key() != base.pretrain_key(), change
+
+
+def test_checkpoint_roundtrip_is_atomic(tmp_path):
+    arrays = ArrayRecord({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)})
+    path = checkpoint_path(tmp_path / "ck", "abc")
+    assert load_checkpoint(path) is None
+    save_checkpoint(path, arrays, {"key": "abc"})
+    loaded, meta = load_checkpoint(path)
+    assert meta["key"] == "abc"
+    assert torch.equal(loaded.to_torch_state_dict()["w"], arrays.to_torch_state_dict()["w"])
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
+    assert json.loads(path.with_suffix(".json").read_text())["key"] == "abc"
+
+
+def result(method, retain, forget, test, mia, comm=100, asr=None):
+    unlearned = {"retain": retain, "forget": forget, "test": test, "mia": mia}
+    if asr is not None:
+        unlearned["asr"] = asr
+    return {"method": method, "original": {"retain": 99.0, "forget": 99.0, "test": 95.0, "mia": 60.0},
+            "unlearned": unlearned,
+            "cost": {"rounds": 3, "comm_bytes": comm, "flops": 10, "wall_s": 1.0, "storage_bytes": 0}}
+
+
+def test_comparison_table_deltas_and_average_gap():
+    rows = [result("retrain", 91.66, 83.05, 82.32, 50.23),
+            result("ft", 92.48, 85.56, 82.36, 50.90)]
+    header, table = comparison_rows(rows)
+    assert header[:6] == ["Method", "Retain", "Forget", "Test", "MIA", "Avg. Gap"]
+    ft = table[2]
+    assert ft[1] == "92.48 (0.82)" and ft[2] == "85.56 (2.51)" and ft[5] == "1.01"
+    md = comparison_markdown(rows)
+    assert "| ft | 92.48 (0.82)" in md and "Avg. Gap" in md
+
+
+def test_comparison_without_retrain_has_no_deltas():
+    md = comparison_markdown([result("ft", 92.0, 85.0, 82.0, 50.0)])
+    assert "Avg. Gap |" not in md and "(" not in md.split("\n")[2]
+    assert "Add `retrain`" in md
+
+
+def test_results_path_layout(tmp_path):
+    assert results_path(tmp_path, "not", several=False) == tmp_path / "results.json"
+    assert results_path(tmp_path, "not", several=True) == tmp_path / "not" / "results.json"

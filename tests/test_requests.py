@@ -1,0 +1,135 @@
+"""Unlearning requests: every bad request is rejected with a reason naming the bad value,
+good requests are accepted, and the rest of the federation is unaffected."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from fedunlearn.client import federated_data, handle_query
+from fedunlearn.config import ExperimentConfig
+from fedunlearn.requests import (NODE_RECORD, REQUEST_RECORD, UnlearningRequest,
+                                 forget_indices, retained_indices,
+                                 validate_request)
+from fedunlearn.server import collect_valid_requests
+
+from .helpers import context, incoming, reply_from, run_config
+
+NUM = 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    return federated_data(ExperimentConfig.from_run_config(run_config(
+        **{"federation.num-clients": NUM})))
+
+
+def query_reply(node_id: int, partition_id: int, request: dict | None) -> object:
+    content = RecordDict({NODE_RECORD: ConfigRecord({"partition-id": partition_id,
+                                                     "num-partitions": NUM})})
+    if request is not None:
+        content[REQUEST_RECORD] = ConfigRecord(request)
+    return reply_from(node_id, content)
+
+
+def collect(data, requests: dict[int, dict | None]):
+    """Node ``10+p`` holds partition ``p`` and sends ``requests[p]``."""
+    replies = [query_reply(10 + p, p, requests.get(p)) for p in range(NUM)]
+    return collect_valid_requests(replies, data)
+
+
+def test_valid_requests_are_accepted_and_bound_to_sender(data):
+    own = int(data.train_indices(2)[0])
+    accepted, rejected = collect(data, {
+        0: {"scope": "client", "partition-id": 0},
+        1: {"scope": "class", "partition-id": 1, "classes": [3]},
+        2: {"scope": "instance", "partition-id": 2, "sample-ids": [own]},
+    })
+    assert rejected == []
+    assert sorted(accepted) == [10, 11, 12]
+    assert accepted[11].classes == (3,) and accepted[11].node_id == 11
+    assert accepted[12].sample_ids == (own,)
+
+
+@pytest.mark.parametrize("request_record, expected", [
+    ({"scope": "everything", "partition-id": 0}, "'everything'"),
+    ({"scope": "class", "partition-id": 0, "classes": [12]}, "[12] outside the label set 0..9"),
+    ({"scope": "class", "partition-id": 0, "classes": [-1]}, "[-1]"),
+    ({"scope": "class", "partition-id": 0}, "names no classes"),
+    ({"scope": "instance", "partition-id": 0}, "forget set is empty"),
+    ({"scope": "client", "partition-id": 2}, "belongs to node 12"),
+    ({"scope": "client", "partition-id": 9}, "no node of this federation"),
+    ({"partition-id": 0}, "malformed request"),
+    ({"scope": "invalid", "partition-id": 0, "error": "forget-classes='x': 'x' is not an integer"},
+     "'x' is not an integer"),
+])
+def test_bad_request_rejected_with_reason_and_others_kept(data, caplog, request_record,
+                                                          expected):
+    caplog.set_level(logging.WARNING)
+    accepted, rejected = collect(data, {0: request_record,
+                                        1: {"scope": "client", "partition-id": 1}})
+    assert list(accepted) == [11], "the valid request of another node must survive"
+    assert len(rejected) == 1 and rejected[0]["node_id"] == 10
+    assert expected in rejected[0]["reason"]
+    assert "REJECTED" in caplog.text and expected in caplog.text
+
+
+def test_sample_ids_outside_partition_rejected(data):
+    other = data.train_indices(1)[:3].tolist()
+    accepted, rejected = collect(data, {0: {"scope": "instance", "partition-id": 0,
+                                            "sample-ids": other}})
+    assert accepted == {}
+    assert str(other[0]) in rejected[0]["reason"]
+    assert "not in partition 0's training split" in rejected[0]["reason"]
+
+
+def test_validation_samples_are_not_forgettable_training_samples(data):
+    val = data.val_indices(0)[:1].tolist()
+    _, rejected = collect(data, {0: {"scope": "instance", "partition-id": 0, "sample-ids": val}})
+    assert "training split" in rejected[0]["reason"]
+
+
+def test_empty_class_forget_set_rejected():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    req = UnlearningRequest("class", 0, classes=(2,), node_id=10)
+    reason = validate_request(req, 0, {10: 0}, lambda p: np.array([0, 1, 2, 3]), labels, 3)
+    assert reason is not None and "empty forget set" in reason and "[2]" in reason
+    ok = UnlearningRequest("class", 0, classes=(1,), node_id=10)
+    assert validate_request(ok, 0, {10: 0}, lambda p: np.array([0, 1, 2, 3]), labels, 3) is None
+
+
+def test_forget_and_retained_partition_the_training_split(data):
+    labels = np.asarray(data.train.targets)
+    train = data.train_indices(0)
+    req = UnlearningRequest("class", 0, classes=(1, 2))
+    forget = forget_indices(req, train, labels)
+    retained = retained_indices(req, train, labels)
+    assert set(labels[forget]) <= {1, 2} and not set(labels[retained]) & {1, 2}
+    assert sorted(np.concatenate([forget, retained]).tolist()) == sorted(train.tolist())
+    assert forget_indices(UnlearningRequest("client", 0), train, labels).size == train.size
+
+
+def test_client_answers_query_from_run_config_and_node_config():
+    rc = run_config(**{"federation.num-clients": NUM, "forget.clients": "1",
+                       "forget.scope": "class", "forget.classes": "3,5"})
+    q = incoming(RecordDict(), "query.unlearn")
+    reply = handle_query(q, context(0, rc))
+    assert REQUEST_RECORD not in reply.content
+    assert reply.content[NODE_RECORD]["partition-id"] == 0
+    reply = handle_query(q, context(1, rc))
+    assert reply.content[REQUEST_RECORD]["scope"] == "class"
+    assert list(reply.content[REQUEST_RECORD]["classes"]) == [3, 5]
+    # A SuperNode's node-config request wins over the run-config.
+    reply = handle_query(q, context(2, rc, **{"forget-scope": "instance",
+                                              "forget-fraction": 0.5}))
+    ids = list(reply.content[REQUEST_RECORD]["sample-ids"])
+    data = federated_data(ExperimentConfig.from_run_config(rc))
+    assert len(ids) == round(0.5 * data.train_indices(2).size)
+    assert set(ids) <= set(data.train_indices(2).tolist())
+    # A malformed node-config is reported, not crashed on.
+    reply = handle_query(q, context(3, rc, **{"forget-scope": "class", "forget-classes": "x"}))
+    assert reply.content[REQUEST_RECORD]["scope"] == "invalid"
+    assert "'x'" in reply.content[REQUEST_RECORD]["error"]
