@@ -89,7 +89,7 @@ def test_comparison_table_deltas_and_average_gap():
 
 def test_comparison_without_retrain_has_no_deltas():
     md = comparison_markdown([result("ft", 92.0, 85.0, 82.0, 50.0)])
-    assert "Avg. Gap |" not in md and "(" not in md.split("\n")[2]
+    assert "Avg. Gap |" not in md and "(" not in md.split("\n")[3]
     assert "Add `retrain`" in md
 
 

@@ -15,6 +15,17 @@ NUM_CLASSES = 10
 SMALL_FAMILIES = ["cnn", "resnet18", "vit_tiny"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Tiny models run much faster on one intra-op thread, especially on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vit_b() -> nn.Module:
     """ViT-B/16 at 32x32 (built once: it has ~86M parameters)."""
