@@ -130,6 +130,9 @@ def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1
     for key, value in FLWR_ENV_DEFAULTS.items():
         full_env.setdefault(key, value)
     full_env.update(env or {})
+    # flwr starts `flower-superlink` by name: make this interpreter's scripts findable.
+    bindir = str(Path(sys.executable).parent)
+    full_env["PATH"] = bindir + os.pathsep + full_env.get("PATH", "")
     full_env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
     full_env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
     federation = (f"num-supernodes={int(num_supernodes)} "

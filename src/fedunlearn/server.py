@@ -163,6 +163,9 @@ class Experiment:
             messages.append(Message(RecordDict({"arrays": arrays, "config": config}),
                                     dst_node_id=n, message_type="evaluate"))
         replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+        # Replies arrive in any order; fix it so the MIA's subsampling is reproducible.
+        parts = self.context.node_partitions
+        replies.sort(key=lambda m: parts.get(int(m.metadata.src_node_id), -1))
         sums = {"retain-correct": 0, "retain-total": 0, "forget-correct": 0, "forget-total": 0}
         members, targets = [], []
         for msg in replies:

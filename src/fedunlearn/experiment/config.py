@@ -1,0 +1,177 @@
+"""Hydra config -> Flower run-config: the one place where the two are mapped.
+
+The Hydra config groups in ``conf/`` mirror the library (``method/``, ``dataset/``,
+``model/``, ``forget/``, ``federation/``); Flower takes a flat run-config whose keys and
+defaults are declared once, in ``[tool.flwr.app.config]`` of ``pyproject.toml``.
+:data:`RUN_CONFIG_MAP` says which config path feeds which run-config key and with which
+type; :func:`to_run_config` applies it. ``tests/test_experiment_config.py`` composes
+``conf/config.yaml`` with its defaults and checks that the result equals the pyproject
+defaults key by key, so the two sources cannot drift apart silently.
+
+Some config values are for the runner only and never reach Flower: ``forget.ratio``
+(turned into ``forget.clients``), ``federation.num_supernodes`` and
+``federation.client_resources`` (the simulation's ``--federation-config``), ``verbose``
+and ``report``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..launch import project_root
+
+#: run-config key -> (dotted path in the composed Hydra config, type)
+RUN_CONFIG_MAP: dict[str, tuple[str, type]] = {
+    "method": ("method.name", str),
+    "seed": ("seed", int),
+    "output-dir": ("output_dir", str),
+    "checkpoint-dir": ("checkpoint_dir", str),
+    "device": ("device", str),
+    "dataset.name": ("dataset.name", str),
+    "dataset.root": ("dataset.root", str),
+    "dataset.download": ("dataset.download", bool),
+    "model.name": ("model.name", str),
+    "federation.num-clients": ("federation.num_clients", int),
+    "federation.partitioning": ("federation.partitioning", str),
+    "federation.alpha": ("federation.alpha", float),
+    "federation.val-fraction": ("federation.val_fraction", float),
+    "federation.batch-size": ("federation.batch_size", int),
+    "federation.local-epochs": ("federation.local_epochs", int),
+    "federation.momentum": ("federation.momentum", float),
+    "pretrain.rounds": ("federation.pretrain.rounds", int),
+    "pretrain.lr": ("federation.pretrain.lr", float),
+    "unlearn.rounds": ("federation.unlearn.rounds", int),
+    "unlearn.lr": ("method.unlearn.lr", float),
+    "unlearn.local-epochs": ("method.unlearn.local_epochs", int),
+    "unlearn.clip-norm": ("method.unlearn.clip_norm", float),
+    "negation.layers": ("method.negation.layers", str),
+    "negation.bias": ("method.negation.bias", bool),
+    "forget.scope": ("forget.scope", str),
+    "forget.clients": ("forget.clients", str),
+    "forget.classes": ("forget.classes", str),
+    "forget.fraction": ("forget.fraction", float),
+    "forget.sample-ids": ("forget.sample_ids", str),
+    "forget.data-of": ("forget.data_of", int),
+    "eval.every": ("eval.every", int),
+    "eval.mia-max-members": ("eval.mia_max_members", int),
+}
+
+_MISSING = object()
+
+
+def conf_dir() -> Path:
+    """The ``conf/`` directory next to the Flower App's ``pyproject.toml``."""
+    return project_root() / "conf"
+
+
+def _select(cfg: Mapping, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        if isinstance(node, (Mapping, DictConfig)) and part in node:
+            node = node[part]
+        else:
+            return _MISSING
+    return node
+
+
+def _cast(value: Any, kind: type, key: str, path: str) -> bool | int | float | str:
+    """A run-config value of ``kind`` (lists become comma-separated strings)."""
+    if kind is str:
+        if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+            return ",".join(str(v) for v in value)
+        if value is None:
+            return ""
+        return str(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError(f"{path}={value!r} (run-config {key}): expected true or false")
+    try:
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}={value!r} (run-config {key}): expected {kind.__name__}") from None
+
+
+def ratio_clients(ratio: float, num_clients: int) -> str:
+    """Target clients for a forget ratio: ``0..k-1`` with ``k = round(ratio * n)``.
+
+    ``ratio_clients(0.5, 10) == "0,1,2,3,4"``. At least one client, at most all.
+    """
+    ratio = float(ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"forget.ratio={ratio} must be in (0, 1]")
+    k = min(num_clients, max(1, math.floor(ratio * num_clients + 0.5 + 1e-9)))
+    return ",".join(str(i) for i in range(k))
+
+
+def to_run_config(cfg: Mapping | DictConfig) -> dict[str, bool | int | float | str]:
+    """Flatten a composed experiment config into a Flower run-config.
+
+    Only keys whose config path is present are passed on (a method without
+    hyperparameters, e.g. Retrain, passes no ``unlearn.*``: the app's defaults apply,
+    and that method ignores them). ``forget.ratio``, when set, determines
+    ``forget.clients``.
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, bool | int | float | str] = {}
+    for key, (path, kind) in RUN_CONFIG_MAP.items():
+        value = _select(cfg, path)
+        if value is _MISSING:
+            continue
+        out[key] = _cast(value, kind, key, path)
+    ratio = _select(cfg, "forget.ratio")
+    if ratio is not _MISSING and ratio is not None:
+        out["forget.clients"] = ratio_clients(ratio, int(out.get("federation.num-clients", 10)))
+    return out
+
+
+def federation_settings(cfg: Mapping | DictConfig) -> dict[str, int | float]:
+    """Simulation settings for :func:`fedunlearn.launch.flwr_run`.
+
+    ``num_supernodes`` (default: ``federation.num_clients``), ``num_cpus`` (integer, as
+    Flower requires) and ``num_gpus`` per ClientApp actor.
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    fed = cfg.get("federation", {}) or {}
+    res = fed.get("client_resources", {}) or {}
+    num_clients = int(fed.get("num_clients", 10))
+    num_supernodes = fed.get("num_supernodes")
+    num_cpus = res.get("num_cpus", 1)
+    if isinstance(num_cpus, bool) or float(num_cpus) != int(float(num_cpus)) or int(num_cpus) < 1:
+        raise ValueError(f"federation.client_resources.num_cpus={num_cpus!r} must be an "
+                         "integer >= 1 (Flower rejects fractions)")
+    num_gpus = float(res.get("num_gpus", 0.0))
+    if num_gpus < 0:
+        raise ValueError(f"federation.client_resources.num_gpus={num_gpus} must be >= 0")
+    return {"num_supernodes": int(num_supernodes if num_supernodes is not None else num_clients),
+            "num_cpus": int(num_cpus), "num_gpus": num_gpus}
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
+            config_dir: str | Path | None = None) -> DictConfig:
+    """Compose ``conf/config.yaml`` with ``overrides`` outside a Hydra app (tests, scripts).
+
+    ``hydra:`` interpolations are not available here; the returned config has no
+    ``hydra`` node.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(config_dir or conf_dir()).resolve()),
+                               version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -1,0 +1,323 @@
+"""``fedunlearn-experiment`` / ``python -m fedunlearn.experiment``: Hydra jobs and sweeps.
+
+One Hydra job is one ``flwr run`` simulation job::
+
+    python -m fedunlearn.experiment                                   # the default job
+    python -m fedunlearn.experiment method=not forget.ratio=0.5       # one job, one method
+    python -m fedunlearn.experiment -m method=retrain,ft,not forget.ratio=0.1,0.5,0.9 seed=0,1,2
+
+Each job flattens its composed config into the Flower run-config
+(:func:`fedunlearn.experiment.config.to_run_config`), writes ``run_config.json``, runs the
+app through :func:`fedunlearn.launch.flwr_run` (own ports, local SuperLink stopped after)
+with ``output-dir`` = the job directory, keeps the full Flower log in ``flwr.log`` and
+echoes only the phase/round lines. A failed job writes ``error.txt`` (the error and the
+tail of the log) and the sweep goes on; the command exits 1 at the end if any job failed.
+When the run or sweep ends, the report (:mod:`fedunlearn.experiment.report`) is written to
+``<run or sweep dir>/report`` (``report=false`` turns it off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ..launch import check_run_config, flwr_run
+from .config import conf_dir, federation_settings, to_run_config
+
+ERROR_FILE = "error.txt"
+LOG_FILE = "flwr.log"
+RUN_CONFIG_FILE = "run_config.json"
+TAIL_LINES = 40
+
+# What this process did (the basic launcher runs every job of a sweep in this process).
+_STATE: dict[str, list] = {"job_dirs": [], "failed": []}
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LEVEL = re.compile(r"^\s*(INFO|WARNING|ERROR|DEBUG|CRITICAL)\s*:\s*")
+_SHOWN = ("Results written", "REJECTED", "No valid unlearning request", "Exit Code",
+          "unhandled exception")
+
+
+class JobFailed(RuntimeError):
+    """A job that ran but did not produce its results (its message says why)."""
+
+
+# ---------------------------------------------------------------------------------------
+# progress output
+# ---------------------------------------------------------------------------------------
+def phase_markers() -> tuple[str, ...]:
+    """``[pretrain]``, ``[measure]`` and one ``[<method>]`` per registered method."""
+    from ..strategies import list_methods
+
+    return tuple(f"[{name}]" for name in ("pretrain", "measure", *list_methods()))
+
+
+class PhaseFilter:
+    """A stdout stand-in for ``flwr_run``'s echo: shows phase/round lines, drops the rest.
+
+    ``flwr_run`` writes the whole Flower log to ``flwr.log`` and echoes each line to
+    ``sys.stdout``; with this as ``sys.stdout`` the terminal shows only lines with a
+    phase marker (``[pretrain] round 5/30 test accuracy ...``), warnings, errors and the
+    final "Results written" line, prefixed with the job's tag.
+    """
+
+    def __init__(self, out, tag: str, markers: tuple[str, ...], verbose: bool = False):
+        self.out, self.tag, self.markers, self.verbose = out, tag, markers, verbose
+        self._buf = ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            self._line(line)
+        return len(text)
+
+    def _line(self, raw: str) -> None:
+        if self.verbose:
+            self.out.write(raw + "\n")
+            return
+        line = _ANSI.sub("", raw).rstrip()
+        level = _LEVEL.match(line)
+        message = line[level.end():] if level else line.strip()
+        important = level is not None and level.group(1) in ("ERROR", "CRITICAL")
+        if (important or any(m in message for m in self.markers)
+                or any(s in message for s in _SHOWN)):
+            self.out.write(f"{time.strftime('%H:%M:%S')} {self.tag} {message}\n")
+            self.out.flush()
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    try:
+        text = _ANSI.sub("", Path(path).read_text(errors="replace"))
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def sweep_size(argv: list[str]) -> int | None:
+    """Number of jobs the basic sweeper makes of ``argv`` (product of the sweeps)."""
+    try:
+        from hydra._internal.utils import get_args_parser
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.core.override_parser.types import ValueType
+
+        args, _ = get_args_parser().parse_known_args(argv[1:])
+        total = 1
+        for override in OverridesParser.create().parse_overrides(args.overrides):
+            if not override.is_sweep_override():
+                continue
+            if override.value_type not in (ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP):
+                return None  # glob sweeps depend on the config groups
+            total *= len(list(override.sweep_iterator()))
+        return total
+    except Exception:  # noqa: BLE001 - progress display only
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# one job
+# ---------------------------------------------------------------------------------------
+def _absolute(path: str, base: Path) -> str:
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def job_run_config(cfg: DictConfig | Mapping, job_dir: Path, base_dir: Path) -> dict:
+    """The job's run-config: flattened, output in the job dir, paths made absolute.
+
+    The ServerApp runs in another working directory (Flower installs the app under
+    ``$FLWR_HOME``), so relative paths are resolved against ``base_dir`` (where the
+    command was started).
+    """
+    run_config = to_run_config(cfg)
+    run_config["output-dir"] = _absolute(str(run_config.get("output-dir") or job_dir), base_dir)
+    for key in ("checkpoint-dir", "dataset.root"):
+        if run_config.get(key):
+            run_config[key] = _absolute(str(run_config[key]), base_dir)
+    return run_config
+
+
+def _flwr_env() -> dict[str, str]:
+    """``flwr run`` starts ``flower-superlink`` from PATH: put this Python's bin first."""
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    return {} if bindir in path.split(os.pathsep) else {"PATH": bindir + os.pathsep + path}
+
+
+def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]",
+            base_dir: str | Path | None = None, verbose: bool = False,
+            launcher: Callable[..., int] = flwr_run, out=None) -> bool:
+    """Run one experiment job in ``job_dir``; return whether it produced results.
+
+    Never raises for a failed job (bad config, ``flwr run`` failure, no results): it
+    writes ``error.txt`` with the error and the tail of ``flwr.log`` and returns False,
+    so that a sweep goes on with its next job. ``KeyboardInterrupt`` still stops it.
+    """
+    out = out or sys.stdout
+    job_dir = Path(job_dir).resolve()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    base = Path(base_dir or os.getcwd())
+    log_file = job_dir / LOG_FILE
+    start = time.perf_counter()
+    try:
+        run_config = job_run_config(cfg, job_dir, base)
+        fed = federation_settings(cfg)
+        if fed["num_supernodes"] != run_config.get("federation.num-clients", 10):
+            raise ValueError(
+                f"federation.num_supernodes={fed['num_supernodes']} but "
+                f"federation.num_clients={run_config.get('federation.num-clients', 10)}: "
+                "each simulated SuperNode holds one client's partition, they must be equal")
+        check_run_config(run_config)
+        (job_dir / RUN_CONFIG_FILE).write_text(json.dumps(
+            {"run_config": run_config, "federation": fed}, indent=2) + "\n")
+        out.write(f"{tag} run-config: " + " ".join(
+            f"{k}={run_config[k]}" for k in ("method", "dataset.name", "model.name", "seed",
+                                             "forget.scope", "forget.clients")
+            if k in run_config) + f"\n{tag} log: {log_file}\n")
+        out.flush()
+        filt = PhaseFilter(out, tag, phase_markers(), verbose=verbose)
+        with contextlib.redirect_stdout(filt):
+            rc = launcher(run_config, num_supernodes=fed["num_supernodes"],
+                          num_cpus=fed["num_cpus"], num_gpus=fed["num_gpus"],
+                          log_file=log_file, env=_flwr_env(), echo=True)
+        if rc != 0:
+            raise JobFailed(f"flwr run failed (exit code {rc})")
+        if not list(job_dir.rglob("results.json")):
+            hint = (" - no valid unlearning request (see no-request.json)"
+                    if (job_dir / "no-request.json").exists() else "")
+            raise JobFailed(f"the run ended without writing results.json{hint}")
+    except Exception as err:  # noqa: BLE001 - a failed job must not stop the sweep
+        detail = str(err) if isinstance(err, JobFailed) else traceback.format_exc()
+        tail = log_tail(log_file)
+        (job_dir / ERROR_FILE).write_text(
+            f"{type(err).__name__}: {err}\n\n{detail}\n\n--- last {TAIL_LINES} lines of "
+            f"{log_file} ---\n{tail}\n")
+        out.write(f"{tag} FAILED after {time.perf_counter() - start:.0f}s: "
+                  f"{type(err).__name__}: {err}\n")
+        if log_file.exists():
+            out.write("\n".join(f"{tag} | {line}" for line in tail.splitlines()[-15:]) + "\n")
+        out.write(f"{tag} details: {job_dir / ERROR_FILE}\n")
+        out.flush()
+        return False
+    (job_dir / ERROR_FILE).unlink(missing_ok=True)
+    out.write(f"{tag} done in {time.perf_counter() - start:.0f}s -> {job_dir}\n")
+    out.flush()
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Hydra entry point
+# ---------------------------------------------------------------------------------------
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> bool:
+    hc = HydraConfig.get()
+    job_dir = Path(hc.runtime.output_dir)
+    overrides = " ".join(hc.overrides.task) or "(defaults)"
+    if hc.mode == RunMode.MULTIRUN:
+        num = int(hc.job.num) + 1
+        total = sweep_size(sys.argv)
+        position = f"{num}/{total}" if total else f"{num}"
+        remaining = f", {total - num} after this one" if total else ""
+        tag = f"[job {position}]"
+        print(f"\n=== job {position}{remaining}: {overrides}", flush=True)
+    else:
+        tag = "[job]"
+        print(f"\n=== job: {overrides}", flush=True)
+    ok = run_job(cfg, job_dir, tag=tag, base_dir=hc.runtime.cwd, verbose=bool(cfg.get("verbose")))
+    _STATE["job_dirs"].append(str(job_dir))
+    if not ok:
+        _STATE["failed"].append(str(job_dir))
+    return ok
+
+
+class ReportCallback(Callback):
+    """At the end of a run or sweep: list failed jobs and write the report."""
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            root = Path(HydraConfig.get().runtime.output_dir)
+        except Exception:  # noqa: BLE001
+            root = Path(_STATE["job_dirs"][-1]) if _STATE["job_dirs"] else None
+        self._finish(config, root)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish(config, Path(str(config.hydra.sweep.dir)))
+
+    @staticmethod
+    def _finish(config: DictConfig, root: Path | None) -> None:
+        if root is None or not root.exists():
+            return
+        failed = sorted(root.rglob(ERROR_FILE))
+        if failed:
+            print(f"\n{len(failed)} job(s) failed:")
+            for path in failed:
+                first = path.read_text(errors="replace").splitlines()[:1]
+                print(f"  {path.parent}: {first[0] if first else ''}")
+        if not OmegaConf.select(config, "report", default=True):
+            return
+        from .report import write_report
+
+        try:
+            report = write_report(root)
+        except Exception as err:  # noqa: BLE001 - the results are there; say why no report
+            print(f"\nreport: not written ({type(err).__name__}: {err}); "
+                  f"run `fedunlearn-report {root}` to retry")
+            return
+        if report is not None:
+            print(f"\n{report.markdown}\nReport: {report.out_dir}")
+
+
+_METHOD_LIST = re.compile(r"^method=([A-Za-z0-9_]+(?:,[A-Za-z0-9_]+)+)$")
+
+
+def rewrite_method_list(argv: list[str]) -> list[str]:
+    """``method=a,b`` in a single (non ``-m``) run: one flwr job running both methods.
+
+    Hydra would reject the comma list outside a multirun; it becomes
+    ``method=compare method.name='a,b'``.
+    """
+    multirun = any(a in ("-m", "--multirun") or a == "hydra.mode=MULTIRUN" for a in argv)
+    if multirun:
+        return list(argv)
+    out = []
+    for arg in argv:
+        match = _METHOD_LIST.match(arg)
+        if match:
+            out += ["method=compare", f"method.name='{match.group(1)}'"]
+        else:
+            out.append(arg)
+    return out
+
+
+def main() -> None:
+    """Console script ``fedunlearn-experiment``; exits 1 if any job failed."""
+    sys.argv = rewrite_method_list(sys.argv)
+    hydra_main()
+    if _STATE["failed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""conf/ (Hydra) and [tool.flwr.app.config] (pyproject.toml) must not drift apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedunlearn.config import ExperimentConfig
+from fedunlearn.experiment.config import (RUN_CONFIG_MAP, compose, conf_dir,
+                                          federation_settings, ratio_clients, to_run_config)
+from fedunlearn.launch import default_run_config
+
+GROUPS = ("method", "dataset", "model", "forget", "federation")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def pyproject_defaults() -> dict:
+    return default_run_config()
+
+
+def test_defaults_compose_to_the_pyproject_run_config(pyproject_defaults):
+    """The top config with its defaults IS the README's default job: same keys, values, types."""
+    flat = to_run_config(compose())
+    unknown = sorted(set(flat) - set(pyproject_defaults))
+    assert not unknown, f"Hydra passes keys that [tool.flwr.app.config] lacks: {unknown}"
+    for key, value in flat.items():
+        default = pyproject_defaults[key]
+        assert value == default and type(value) is type(default), (
+            f"{key}: conf/ composes to {value!r} ({type(value).__name__}) but pyproject.toml "
+            f"says {default!r} ({type(default).__name__})")
+    missing = sorted(set(pyproject_defaults) - set(flat))
+    assert not missing, (
+        f"[tool.flwr.app.config] keys {missing} cannot be set from Hydra: add them to conf/ "
+        "and to fedunlearn.experiment.config.RUN_CONFIG_MAP")
+
+
+def test_every_mapped_key_is_a_run_config_key(pyproject_defaults):
+    assert set(RUN_CONFIG_MAP) <= set(pyproject_defaults)
+    for key, (_, kind) in RUN_CONFIG_MAP.items():
+        assert type(pyproject_defaults[key]) is kind, key
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_passes_only_known_keys_with_default_values(group, pyproject_defaults):
+    """Each option changes only what it is about; everything else keeps the app defaults."""
+    assert options(group), f"conf/{group}/ is empty"
+    base = to_run_config(compose())
+    for option in options(group):
+        flat = to_run_config(compose([f"{group}={option}"]))
+        assert set(flat) <= set(pyproject_defaults), (group, option)
+        changed = {k for k in flat if flat[k] != base.get(k)}
+        prefix = {"method": ("method", "unlearn.lr", "unlearn.local-epochs",
+                             "unlearn.clip-norm", "negation."),
+                  "dataset": ("dataset.",), "model": ("model.",), "forget": ("forget.",),
+                  "federation": ("federation.", "pretrain.", "unlearn.rounds")}[group]
+        assert all(k.startswith(prefix) for k in changed), (group, option, changed)
+        ExperimentConfig.from_run_config({**pyproject_defaults, **flat})  # valid
+
+
+def test_groups_mirror_the_library():
+    from fedunlearn.data import DATASETS
+    from fedunlearn.models import list_models
+    from fedunlearn.strategies import list_methods
+
+    assert set(options("dataset")) == set(DATASETS)
+    assert set(options("model")) == set(list_models())
+    assert set(list_methods()) <= set(options("method"))
+    assert {"client", "class", "instance"} <= set(options("forget"))
+    for option in options("method"):
+        name = compose([f"method={option}"]).method.name
+        assert set(name.split(",")) <= set(list_methods()), option
+
+
+def test_one_method_per_job_and_the_comma_list_job():
+    assert to_run_config(compose(["method=not"]))["method"] == "not"
+    flat = to_run_config(compose(["method=compare", "method.name='retrain,not'"]))
+    assert flat["method"] == "retrain,not"
+    retrain = to_run_config(compose(["method=retrain"]))
+    assert not any(k.startswith(("unlearn.lr", "negation.")) for k in retrain)
+    assert retrain["unlearn.rounds"] == 15  # the protocol lives in federation/
+
+
+@pytest.mark.parametrize("ratio,clients", [(0.1, "0"), (0.5, "0,1,2,3,4"),
+                                           (0.9, "0,1,2,3,4,5,6,7,8"), (1.0, ",".join(map(str, range(10))))])
+def test_forget_ratio_sets_the_target_clients(ratio, clients):
+    assert ratio_clients(ratio, 10) == clients
+    flat = to_run_config(compose([f"forget.ratio={ratio}", "forget.clients='7'"]))
+    assert flat["forget.clients"] == clients  # ratio wins over clients
+
+
+def test_forget_ratio_bounds_and_small_federations():
+    assert ratio_clients(0.1, 3) == "0"  # at least one target
+    assert ratio_clients(0.5, 3) == "0,1"
+    with pytest.raises(ValueError):
+        ratio_clients(0.0, 10)
+    with pytest.raises(ValueError):
+        ratio_clients(1.5, 10)
+
+
+def test_lists_and_numbers_become_run_config_strings():
+    flat = to_run_config(compose(["forget=class", "forget.ratio=null", "forget.clients=[0,2]",
+                                  "forget.classes=3"]))
+    assert flat["forget.clients"] == "0,2" and flat["forget.classes"] == "3"
+    assert flat["forget.scope"] == "class"
+    flat = to_run_config(compose(["method=not", "method.negation.layers=[conv1,conv2]"]))
+    assert flat["negation.layers"] == "conv1,conv2"
+    flat = to_run_config(compose(["federation.alpha=1", "method=ft", "method.unlearn.lr=1"]))
+    assert flat["federation.alpha"] == 1.0 and isinstance(flat["federation.alpha"], float)
+    with pytest.raises(ValueError, match="federation.num_clients"):
+        to_run_config(compose(["federation.num_clients=2.5"]))
+
+
+def test_federation_settings_carry_client_resources():
+    fed = federation_settings(compose())
+    assert fed == {"num_supernodes": 10, "num_cpus": 1, "num_gpus": 0.0}
+    fed = federation_settings(compose(["federation=tiny",
+                                       "federation.client_resources.num_gpus=0.25",
+                                       "federation.client_resources.num_cpus=2"]))
+    assert fed == {"num_supernodes": 3, "num_cpus": 2, "num_gpus": 0.25}
+    with pytest.raises(ValueError, match="integer"):
+        federation_settings(compose(["federation.client_resources.num_cpus=0.5"]))
+    # runner-only keys never reach the run-config
+    flat = to_run_config(compose(["federation.client_resources.num_gpus=1"]))
+    assert not any(k.endswith(("resources.num-gpus", "num-supernodes", "forget.ratio"))
+                   or "client_resources" in k for k in flat)
+    assert set(flat) <= set(default_run_config())
+
+
+def test_conf_dir_is_the_repo_conf():
+    assert conf_dir() == Path(__file__).resolve().parents[1] / "conf"

@@ -1,0 +1,127 @@
+"""End to end through ``flwr run`` (local simulation engine, Ray actors).
+
+Each job pays ~20 s of Flower/Ray start-up, so the jobs are few and small. Every job
+gets its own FLWR_HOME and ports, and ``flwr_run`` stops the SuperLink it started.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedunlearn.launch import flwr_run
+
+SMALL = {"dataset.name": "digits", "federation.num-clients": 5, "eval.every": 100}
+
+
+@pytest.fixture(scope="module")
+def flwr_env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flwr-home")
+    return {"FLWR_HOME": str(home)}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+def run(run_config: dict, out: Path, env: dict, num_supernodes: int = 5) -> str:
+    log = out.parent / f"{out.name}.log"
+    rc = flwr_run(dict(SMALL, **run_config, **{"output-dir": str(out)}),
+                  num_supernodes=num_supernodes, env=env, log_file=log, echo=False)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    return text
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def check_schema(res: dict, method: str) -> None:
+    assert res["method"] == method
+    for which in ("original", "unlearned"):
+        assert set(res[which]) == {"retain", "forget", "test", "mia"}, res[which]
+        for value in res[which].values():
+            assert 0.0 <= value <= 100.0
+    assert set(res["cost"]) >= {"rounds", "comm_bytes", "flops", "wall_s", "storage_bytes"}
+    assert res["cost"]["comm_bytes"] > 0 and res["cost"]["flops"] > 0
+    assert res["cost"]["storage_bytes"] == 0
+
+
+def test_method_list_then_checkpoint_reuse(tmp_path, flwr_env, ckpt):
+    common = {"pretrain.rounds": 4, "unlearn.rounds": 2, "checkpoint-dir": str(ckpt)}
+    out = tmp_path / "three"
+    log = run(dict(common, method="retrain,ft,not"), out, flwr_env)
+    results = {m: load(out / m / "results.json") for m in ("retrain", "ft", "not")}
+    for method, res in results.items():
+        check_schema(res, method)
+        assert res["request"] == [{"scope": "client", "partition_id": 0,
+                                   "node_id": res["request"][0]["node_id"]}]
+        assert res["original"] == results["retrain"]["original"]
+    assert results["retrain"]["cost"]["rounds"] == 4
+    assert results["not"]["cost"]["rounds"] == 2
+    # 4 of 5 clients train: bytes down and up per round are 4 model copies each.
+    per_round = results["not"]["cost"]["comm_bytes"] / 2
+    assert results["retrain"]["cost"]["comm_bytes"] == pytest.approx(4 * per_round)
+    assert results["not"]["notes"]["negated"] == ["conv1.weight", "conv1.bias"]
+    assert not results["not"]["pretrain"]["cached"]
+    table = (out / "comparison.md").read_text()
+    for method in ("retrain", "ft", "not"):
+        assert f"| {method} |" in table
+    assert "Avg. Gap" in table
+    assert "fedunlearn results" in log and "[not] round 2/2" in log
+
+    # Same pretraining config: the cached model is loaded, pretraining is skipped.
+    out2 = tmp_path / "again"
+    log2 = run(dict(common, method="not"), out2, flwr_env)
+    res = load(out2 / "results.json")
+    check_schema(res, "not")
+    assert res["pretrain"]["cached"] is True
+    assert res["pretrain"]["key"] == results["not"]["pretrain"]["key"]
+    assert res["original"] == results["not"]["original"]
+    assert "skipping pretraining" in log2 and "[pretrain] round" not in log2
+
+
+def test_every_client_forgets_one_class(tmp_path, flwr_env, ckpt):
+    out = tmp_path / "class"
+    run({"method": "not", "pretrain.rounds": 12, "unlearn.rounds": 8,
+         "checkpoint-dir": str(ckpt), "forget.scope": "class", "forget.classes": "3",
+         "forget.clients": "0,1,2,3,4"}, out, flwr_env)
+    res = load(out / "results.json")
+    check_schema(res, "not")
+    assert len(res["request"]) == 5
+    assert all(r["scope"] == "class" and r["classes"] == [3] for r in res["request"])
+    assert res["original"]["forget"] > 80.0
+    assert res["unlearned"]["forget"] < 5.0, res["unlearned"]
+    assert res["unlearned"]["retain"] > 90.0, res["unlearned"]
+
+
+def test_bad_request_rejected_and_valid_one_unlearned(tmp_path, flwr_env, ckpt):
+    # Clients 1 and 2 both ask to forget instances of partition 1: client 2's request
+    # is about another node's data and must be rejected; client 1's goes ahead.
+    out = tmp_path / "mixed"
+    log = run({"method": "ft", "pretrain.rounds": 2, "unlearn.rounds": 1,
+               "checkpoint-dir": str(ckpt), "forget.scope": "instance",
+               "forget.clients": "1,2", "forget.fraction": 0.2, "forget.data-of": 1},
+              out, flwr_env)
+    res = load(out / "results.json")
+    check_schema(res, "ft")
+    assert [(r["scope"], r["partition_id"]) for r in res["request"]] == [("instance", 1)]
+    assert res["request"][0]["num_samples"] > 0
+    assert len(res["rejected"]) == 1
+    assert "asked to forget partition 1, which belongs to node" in res["rejected"][0]["reason"]
+    assert "REJECTED" in log
+
+
+def test_only_bad_requests_run_completes(tmp_path, flwr_env, ckpt):
+    out = tmp_path / "bad"
+    log = run({"method": "not", "pretrain.rounds": 2, "checkpoint-dir": str(ckpt),
+               "forget.scope": "class", "forget.classes": "42", "forget.clients": "0,3"},
+              out, flwr_env)
+    payload = load(out / "no-request.json")
+    assert len(payload["rejected"]) == 2
+    assert all("[42] outside the label set 0..9" in r["reason"] for r in payload["rejected"])
+    assert "No valid unlearning request" in log
