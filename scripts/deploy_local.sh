@@ -22,6 +22,8 @@
 #   WORKDIR            scratch dir: FLWR_HOMEs, logs, pids  (default: mktemp -d; kept)
 #   FLWR_BIN_DIR       where flower-superlink/flower-supernode/flwr live
 #                      (default .venv/bin if it exists, else $PATH)
+#   NODE_CONFIG_<i>    extra node-config pairs for SuperNode i, e.g.
+#                      NODE_CONFIG_1='forget-scope="class" forget-classes="3"'
 #   RUN_TIMEOUT        seconds before `flwr run` is given up                (default 0: none)
 #
 # Every run-config pair given as an argument is passed to `flwr run --run-config`
@@ -191,6 +193,8 @@ for ((i = 0; i < NUM_NODES; i++)); do
         [[ -n "$FORGET_SAMPLE_IDS" ]] && node_config+=" forget-sample-ids=\"$FORGET_SAMPLE_IDS\""
         [[ -n "$FORGET_FRACTION" ]] && node_config+=" forget-fraction=$FORGET_FRACTION"
     fi
+    extra_var="NODE_CONFIG_$i"
+    [[ -n "${!extra_var:-}" ]] && node_config+=" ${!extra_var}"
     log "starting SuperNode $i (Runtime API on 127.0.0.1:${PORTS[i + 1]}): --node-config '$node_config'"
     mkdir -p "$WORKDIR/supernode-$i"
     FLWR_HOME="$WORKDIR/supernode-$i" start "$LOG_DIR/supernode-$i.log" \
@@ -215,6 +219,7 @@ log "flwr run . local-deployment --stream --run-config '$RUN_CONFIG'"
 RUN_CMD=("$FLWR_BIN_DIR/flwr" run . local-deployment --stream --run-config "$RUN_CONFIG")
 if [[ "$RUN_TIMEOUT" != 0 ]]; then RUN_CMD=(timeout "$RUN_TIMEOUT" "${RUN_CMD[@]}"); fi
 # In the background and `wait`ed for, so that SIGINT/SIGTERM run the trap at once.
+: > "$LOG_DIR/run.log"
 start "$LOG_DIR/run.log" "${RUN_CMD[@]}"
 RUN_PID="${STARTED[-1]}"
 tail -n +1 -f --pid="$RUN_PID" "$LOG_DIR/run.log" &

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backdoor import BackdoorConfig
+
 SCOPES = ("client", "class", "instance")
 PARTITIONINGS = ("iid", "dirichlet")
 
@@ -91,6 +93,7 @@ class ExperimentConfig:
     negate_layers: tuple[str, ...] = ()
     negate_bias: bool = True
     forget: ForgetConfig = field(default_factory=ForgetConfig)
+    backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     eval_every: int = 5
     mia_max_members: int = 2000
 
@@ -113,6 +116,15 @@ class ExperimentConfig:
             fraction=float(get("forget.fraction", f.fraction)),
             sample_ids=parse_int_list(get("forget.sample-ids", ""), "forget.sample-ids"),
             data_of=int(get("forget.data-of", f.data_of)),
+        )
+        b = d.backdoor
+        backdoor = BackdoorConfig(
+            clients=parse_int_list(get("backdoor.clients", ""), "backdoor.clients"),
+            fraction=float(get("backdoor.fraction", b.fraction)),
+            target=int(get("backdoor.target", b.target)),
+            patch_size=int(get("backdoor.patch-size", b.patch_size)),
+            position=str(get("backdoor.position", b.position)).strip().lower(),
+            value=str(get("backdoor.value", b.value)).strip().lower(),
         )
         cfg = cls(
             methods=tuple(m.lower() for m in methods),
@@ -140,6 +152,7 @@ class ExperimentConfig:
             negate_layers=parse_str_list(get("negation.layers", "")),
             negate_bias=bool(get("negation.bias", d.negate_bias)),
             forget=forget,
+            backdoor=backdoor,
             eval_every=int(get("eval.every", d.eval_every)),
             mia_max_members=int(get("eval.mia-max-members", d.mia_max_members)),
         )
@@ -194,6 +207,11 @@ class ExperimentConfig:
             raise ValueError(f"unlearn.clip-norm={self.unlearn_clip_norm} must be >= 0 (0: off)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device={self.device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+        self.backdoor.validate()
+        bad = [c for c in self.backdoor.clients if not 0 <= c < self.num_clients]
+        if bad:
+            raise ValueError(
+                f"backdoor.clients {bad} outside the partitions 0..{self.num_clients - 1}")
         # The request itself (scope, classes, ids) is validated by the server per
         # request, so that a bad request is rejected without stopping the run.
 
@@ -216,13 +234,10 @@ class ExperimentConfig:
             "seed": self.seed,
             "format": 1,
         }
-        fields.update(self.extra_pretrain_fields())
+        if self.backdoor.enabled:  # a planted backdoor changes the pretrained model
+            fields["backdoor"] = self.backdoor.describe()
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-    def extra_pretrain_fields(self) -> dict[str, Any]:
-        """Hook for settings that change pretraining (e.g. a planted backdoor)."""
-        return {}
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir:

@@ -202,6 +202,36 @@ def check_run_config(overrides: Mapping, app: str | Path | None = None) -> dict:
     return merged
 
 
+def preset_path(name: str, app: str | Path | None = None) -> Path:
+    """``presets/<name>.toml`` of the app (or ``name`` itself if it is a file)."""
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    root = Path(app or project_root()) / "presets"
+    path = root / f"{name}.toml"
+    if not path.exists():
+        known = sorted(p.stem for p in root.glob("*.toml"))
+        raise ValueError(f"preset {name!r} not found; available presets: {known}")
+    return path
+
+
+def load_preset(name: str, app: str | Path | None = None) -> dict:
+    """A preset's run-config values, flattened to dotted keys."""
+    import tomllib
+
+    out: dict = {}
+
+    def walk(prefix: str, table: Mapping) -> None:
+        for key, value in table.items():
+            if isinstance(value, Mapping):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk("", tomllib.loads(preset_path(name, app).read_text()))
+    return out
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
@@ -238,9 +268,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=1, help="CPUs per client actor")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per client actor")
     parser.add_argument("--app", default=None, help="Flower App directory")
+    parser.add_argument("--preset", default=None,
+                        help="run-config preset from presets/ (e.g. backdoor, "
+                             "class-forgetting); KEY=VALUE overrides still apply")
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.overrides)
     try:
+        overrides = load_preset(args.preset, args.app) if args.preset else {}
+        overrides.update(parse_overrides(args.overrides))
         check_run_config(overrides, args.app)
     except ValueError as err:
         parser.error(str(err))

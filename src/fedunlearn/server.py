@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from .backdoor import attack_success_rate, patch_size_for, trigger_value
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .client import federated_data, request_to_config
 from .config import ExperimentConfig
@@ -64,6 +65,8 @@ class Experiment:
                 info.num_classes)["train"],
             progress=self.progress)
         self.rejected: list[dict] = []
+        self.trigger = (trigger_value(cfg.backdoor, self.data.train)
+                        if cfg.backdoor.enabled else None)
 
     # -- helpers ----------------------------------------------------------------------
     def new_model(self) -> torch.nn.Module:
@@ -81,6 +84,17 @@ class Experiment:
 
     def preflight(self) -> None:
         """Fail before pretraining on settings that would only fail after it."""
+        bd, info = self.cfg.backdoor, self.data.info
+        if bd.enabled and not 0 <= bd.target < info.num_classes:
+            raise ValueError(f"backdoor.target={bd.target} outside the label set "
+                             f"0..{info.num_classes - 1}")
+        if bd.enabled:
+            patch_size_for(bd, info.image_size)
+            missing = sorted(set(bd.clients) - set(self.cfg.forget.clients))
+            if missing:
+                log(WARNING, "backdoor clients %s do not ask to be forgotten "
+                    "(forget.clients=%s): their backdoor stays in every method",
+                    missing, list(self.cfg.forget.clients))
         if "not" in self.cfg.methods:
             negate_layers(self.new_model(), self.example_input,
                           layers=list(self.cfg.negate_layers) or None,
@@ -185,13 +199,18 @@ class Experiment:
         test_feats = membership_features(logits, labels)
         member = np.concatenate(members) if members else np.zeros((0, 3))
         target = np.concatenate(targets) if targets else np.zeros((0, 3))
-        return {
+        out = {
             "retain": _pct(sums["retain-correct"], sums["retain-total"]),
             "forget": _pct(sums["forget-correct"], sums["forget-total"]),
             "test": accuracy_from_logits(logits, labels),
             "mia": mia_score(member, test_feats[self.attack_nonmembers], target,
                              test_feats[self.heldout_nonmembers], seed=cfg.seed),
         }
+        if self.trigger is not None:
+            out["asr"] = attack_success_rate(model, self.data.test, labels, cfg.backdoor,
+                                             self.trigger, self.data.info.image_size,
+                                             device=self.device)
+        return out
 
     def run(self) -> dict[str, dict]:
         cfg = self.cfg

@@ -23,6 +23,7 @@ from functools import lru_cache
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from ..backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
 from ..config import ExperimentConfig, parse_int_list
 from ..data import FederatedData, build_federated_data
 from ..metrics import membership_features, predict
@@ -86,6 +87,16 @@ class NodeView:
 
     def labels(self) -> np.ndarray:
         return np.asarray(self.data.train.targets)
+
+    def poison_transform(self) -> PoisonTransform | None:
+        """The backdoor this node plants when it trains, if it is a backdoor client."""
+        bd = self.cfg.backdoor
+        if self.partition_id not in bd.clients:
+            return None
+        ids = poisoned_ids(self.train_indices(), self.labels(), bd,
+                           seed=self.cfg.seed + 104_729 + self.partition_id)
+        return PoisonTransform(ids, patch_size_for(bd, self.data.info.image_size),
+                               bd.position, trigger_value(bd, self.data.train), bd.target)
 
     def new_model(self):
         info = self.data.info
@@ -190,6 +201,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         lr=float(config["lr"]), momentum=view.cfg.momentum, device=device,
         seed=int(config.get("seed", 0)) * 1000 + view.partition_id,
         clip_norm=float(config.get("clip-norm", 0.0)),
+        transform=view.poison_transform(),
     )
     metrics = MetricRecord({
         "num-examples": stats.num_examples,

@@ -126,7 +126,8 @@ def sweep_size(argv: list[str]) -> int | None:
         for override in OverridesParser.create().parse_overrides(args.overrides):
             if not override.is_sweep_override():
                 continue
-            if override.value_type not in (ValueType.CHOICE_SWEEP, ValueType.RANGE_SWEEP):
+            if override.value_type not in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP,
+                                           ValueType.RANGE_SWEEP):
                 return None  # glob sweeps depend on the config groups
             total *= len(list(override.sweep_iterator()))
         return total
