@@ -216,8 +216,11 @@ class ExperimentConfig:
         # request, so that a bad request is rejected without stopping the run.
 
     # -- derived values -----------------------------------------------------------
-    def pretrain_key(self) -> str:
-        """Hash of everything that determines the pretrained model."""
+    def pretrain_key(self, resolved: Mapping[str, Any] | None = None) -> str:
+        """Hash of everything that determines the pretrained model.
+
+        ``resolved`` adds values only known once the data is loaded (e.g. the backdoor's
+        actual patch size and trigger value when they are "auto")."""
         fields = {
             "dataset": self.dataset,
             "data_root": os.path.abspath(self.data_root) if self.data_root else "",
@@ -236,6 +239,7 @@ class ExperimentConfig:
         }
         if self.backdoor.enabled:  # a planted backdoor changes the pretrained model
             fields["backdoor"] = self.backdoor.describe()
+        fields.update(resolved or {})
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

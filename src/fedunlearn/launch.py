@@ -272,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run-config preset from presets/ (e.g. backdoor, "
                              "class-forgetting); KEY=VALUE overrides still apply")
     args = parser.parse_args(argv)
+    # SIGTERM -> SystemExit, so the `finally` that stops the SuperLink still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         overrides = load_preset(args.preset, args.app) if args.preset else {}
         overrides.update(parse_overrides(args.overrides))

@@ -107,11 +107,12 @@ def comparison_markdown(results: Sequence[dict]) -> str:
 
 def comparison_text(results: Sequence[dict], title: str = "fedunlearn results") -> str:
     """The comparison as a rich table rendered to plain text (for logs and terminals)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     header, rows = comparison_rows(results)
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     for h in header:
         table.add_column(h, justify="left" if h == "Method" else "right")
     for row in rows:

@@ -122,7 +122,12 @@ class Experiment:
     # -- phases -----------------------------------------------------------------------
     def pretrain(self) -> tuple[ArrayRecord, dict]:
         cfg = self.cfg
-        key = cfg.pretrain_key()
+        resolved = {}
+        if self.trigger is not None:
+            resolved["backdoor_resolved"] = {
+                "patch_size": patch_size_for(cfg.backdoor, self.data.info.image_size),
+                "value": [round(float(v), 6) for v in self.trigger]}
+        key = cfg.pretrain_key(resolved)
         path = checkpoint_path(cfg.resolved_checkpoint_dir(), key)
         cached = load_checkpoint(path)
         if cached is not None:
