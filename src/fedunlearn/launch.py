@@ -172,17 +172,17 @@ def default_run_config(app: str | Path | None = None) -> dict:
     import tomllib
 
     data = tomllib.loads((Path(app or project_root()) / "pyproject.toml").read_text())
+    return flatten(data["tool"]["flwr"]["app"]["config"])
+
+
+def flatten(table: Mapping, prefix: str = "") -> dict:
+    """Nested tables -> dotted keys, as Flower flattens run-config tables."""
     out: dict = {}
-
-    def walk(prefix: str, table: Mapping) -> None:
-        for key, value in table.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, Mapping):
-                walk(name + ".", value)
-            else:
-                out[name] = value
-
-    walk("", data["tool"]["flwr"]["app"]["config"])
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out
 
 
@@ -219,17 +219,7 @@ def load_preset(name: str, app: str | Path | None = None) -> dict:
     """A preset's run-config values, flattened to dotted keys."""
     import tomllib
 
-    out: dict = {}
-
-    def walk(prefix: str, table: Mapping) -> None:
-        for key, value in table.items():
-            if isinstance(value, Mapping):
-                walk(f"{prefix}{key}.", value)
-            else:
-                out[f"{prefix}{key}"] = value
-
-    walk("", tomllib.loads(preset_path(name, app).read_text()))
-    return out
+    return flatten(tomllib.loads(preset_path(name, app).read_text()))
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
