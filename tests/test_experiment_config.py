@@ -11,7 +11,7 @@ from fedunlearn.experiment.config import (RUN_CONFIG_MAP, compose, conf_dir,
                                           federation_settings, ratio_clients, to_run_config)
 from fedunlearn.launch import default_run_config
 
-GROUPS = ("method", "dataset", "model", "forget", "federation")
+GROUPS = ("method", "dataset", "model", "forget", "federation", "backdoor")
 
 
 def options(group: str) -> list[str]:
@@ -57,7 +57,8 @@ def test_every_option_passes_only_known_keys_with_default_values(group, pyprojec
         prefix = {"method": ("method", "unlearn.lr", "unlearn.local-epochs",
                              "unlearn.clip-norm", "negation."),
                   "dataset": ("dataset.",), "model": ("model.",), "forget": ("forget.",),
-                  "federation": ("federation.", "pretrain.", "unlearn.rounds")}[group]
+                  "federation": ("federation.", "pretrain.", "unlearn.rounds"),
+                  "backdoor": ("backdoor.",)}[group]
         assert all(k.startswith(prefix) for k in changed), (group, option, changed)
         ExperimentConfig.from_run_config({**pyproject_defaults, **flat})  # valid
 

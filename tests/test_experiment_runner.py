@@ -32,9 +32,9 @@ class FakeLauncher:
     def __init__(self, rc=0, write_results=True):
         self.rc, self.write_results, self.calls = rc, write_results, []
 
-    def __call__(self, run_config, *, num_supernodes, num_cpus, num_gpus, log_file, env, echo):
+    def __call__(self, run_config, *, num_supernodes, num_cpus, num_gpus, log_file, echo):
         self.calls.append(dict(run_config=run_config, num_supernodes=num_supernodes,
-                               num_cpus=num_cpus, num_gpus=num_gpus, env=env))
+                               num_cpus=num_cpus, num_gpus=num_gpus))
         with open(log_file, "a") as log:
             for line in LOG_LINES + (["Traceback: boom\n", "ValueError: bad\n"] if self.rc else []):
                 log.write(line)
@@ -180,3 +180,26 @@ def test_hydra_sweep_goes_on_after_failed_jobs(tmp_path):
     assert "=== job 2/2, 0 after this one" in proc.stdout
     assert "2 job(s) failed" in proc.stdout
     assert all("federation.batch-size" in e.read_text() for e in errors)
+
+
+def test_dry_run_writes_the_run_config_and_starts_nothing(tmp_path):
+    fake, out = FakeLauncher(), io.StringIO()
+    cfg = compose(["method=not", "forget.ratio=0.5", "dry_run=true"])
+    assert runner.run_job(cfg, tmp_path / "job", dry_run=True, launcher=fake, out=out)
+    assert not fake.calls
+    saved = json.loads((tmp_path / "job" / runner.RUN_CONFIG_FILE).read_text())
+    assert saved["run_config"]["forget.clients"] == "0,1,2,3,4"
+    arg = saved["run_config_arg"]
+    assert 'method="not"' in arg and 'forget.clients="0,1,2,3,4"' in arg and "seed=0" in arg
+    assert arg in out.getvalue()
+
+
+def test_results_from_an_earlier_run_do_not_count(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    old = job / "results.json"
+    old.write_text("{}")
+    os.utime(old, (1_000_000, 1_000_000))
+    assert not runner.run_job(compose(["federation=tiny"]), job,
+                              launcher=FakeLauncher(write_results=False), out=io.StringIO())
+    assert "without writing results.json" in (job / runner.ERROR_FILE).read_text()

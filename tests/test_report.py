@@ -201,3 +201,23 @@ def test_cli(tmp_path, capsys):
     # the report's own files are never read back as results
     assert rep.main([str(tmp_path), "--quiet"]) == 0
     assert len(rep.load_results(tmp_path)) == 4
+
+
+def test_a_planted_backdoor_is_its_own_setting(tmp_path):
+    bd = {"clients": [0], "fraction": 0.5, "target": 0, "patch_size": 0,
+          "position": "bottom-right", "value": "auto"}
+    for name, extra in (("clean", {"backdoor": {**bd, "clients": []}}), ("bd", {"backdoor": bd})):
+        for method in ("retrain", "not"):
+            metrics = {k: 90.0 for k in KEYS}
+            if name == "bd":
+                metrics["asr"] = 5.0 if method == "not" else 1.0
+            write(tmp_path / f"{name}_{method}" / "results.json",
+                  result(method, 0, metrics, extra_cfg=extra))
+    report = rep.write_report(tmp_path)
+    assert len(report.groups) == 2
+    backdoored = next(g for g in report.groups if g.setting["backdoor"])
+    assert "backdoor by clients 0 -> label 0" in backdoored.title
+    assert "asr" in backdoored.keys
+    assert next(r for r in backdoored.rows if r.method == "not").delta["asr"] == 4.0
+    clean = next(g for g in report.groups if not g.setting["backdoor"])
+    assert "asr" not in clean.keys and "backdoor" not in clean.title

@@ -1,7 +1,7 @@
 """Hydra config -> Flower run-config: the one place where the two are mapped.
 
 The Hydra config groups in ``conf/`` mirror the library (``method/``, ``dataset/``,
-``model/``, ``forget/``, ``federation/``); Flower takes a flat run-config whose keys and
+``model/``, ``forget/``, ``federation/``, ``backdoor/``); Flower takes a flat run-config whose keys and
 defaults are declared once, in ``[tool.flwr.app.config]`` of ``pyproject.toml``.
 :data:`RUN_CONFIG_MAP` says which config path feeds which run-config key and with which
 type; :func:`to_run_config` applies it. ``tests/test_experiment_config.py`` composes
@@ -57,6 +57,12 @@ RUN_CONFIG_MAP: dict[str, tuple[str, type]] = {
     "forget.fraction": ("forget.fraction", float),
     "forget.sample-ids": ("forget.sample_ids", str),
     "forget.data-of": ("forget.data_of", int),
+    "backdoor.clients": ("backdoor.clients", str),
+    "backdoor.fraction": ("backdoor.fraction", float),
+    "backdoor.target": ("backdoor.target", int),
+    "backdoor.patch-size": ("backdoor.patch_size", int),
+    "backdoor.position": ("backdoor.position", str),
+    "backdoor.value": ("backdoor.value", str),
     "eval.every": ("eval.every", int),
     "eval.mia-max-members": ("eval.mia_max_members", int),
 }

@@ -28,8 +28,8 @@ A setting without Retrain results gets empty Δ and Avg. Gap columns and a note.
 
 A setting is: dataset, model, forget scope, target clients (their number gives the forget
 ratio), forgotten classes (class-wise), forgotten fraction (instance-wise),
-partitioning, and the pretraining protocol (rounds, lr, batch size, ...), since all of
-these change the Retrain reference. Within a setting a row is a method; results of the
+partitioning, a planted backdoor, and the pretraining protocol (rounds, lr, batch size,
+...), since all of these change the Retrain reference. Within a setting a row is a method; results of the
 same method that differ in method settings (``unlearn_*``, ``negate_*``) get one row
 each, labelled with the differing values.
 """
@@ -128,10 +128,21 @@ def setting_of(result: dict) -> dict[str, Any]:
         "data_of": int(forget.get("data_of", -1)),
         "partitioning": partitioning,
         "alpha": cfg.get("alpha") if partitioning == "dirichlet" else None,
+        "backdoor": _backdoor(cfg.get("backdoor")),
     }
     for name in PROTOCOL_FIELDS:
         setting[name] = cfg.get(name)
     return setting
+
+
+def _backdoor(value: Any) -> str:
+    """A planted backdoor, compactly (it changes pretraining, hence the setting); "" if none."""
+    if not isinstance(value, dict) or not _ints(value.get("clients", ())):
+        return ""
+    clients = ",".join(str(c) for c in _ints(value["clients"]))
+    extra = ", ".join(f"{k}={value[k]}" for k in ("fraction", "patch_size", "position", "value")
+                      if k in value)
+    return f"clients {clients} -> label {value.get('target', 0)}" + (f" ({extra})" if extra else "")
 
 
 def _key(d: dict) -> tuple:
@@ -274,6 +285,9 @@ def _title(setting: dict, extras: Sequence[str]) -> tuple[str, str]:
         slug += f"-{s['partitioning']}" + (f"{s['alpha']}" if s["alpha"] is not None else "")
     else:
         title += ", IID"
+    if s.get("backdoor"):
+        title += f", backdoor by {s['backdoor'].split(' (')[0]}"
+        slug += "-backdoor" + s["backdoor"].split(" ")[1].replace(",", "+")
     for name in extras:
         title += f", {name}={_fmt_num(s[name])}"
         slug += f"-{name}{_fmt_num(s[name])}"
@@ -287,7 +301,7 @@ def _varying(settings: Sequence[dict], skip: Iterable[str]) -> list[str]:
 
 
 _IN_TITLE = ("dataset", "model", "scope", "targets", "num_clients", "ratio", "classes",
-             "fraction", "sample_ids", "partitioning", "alpha")
+             "fraction", "sample_ids", "partitioning", "alpha", "backdoor")
 
 
 def group_results(results: Sequence[tuple[Path, dict]]) -> list[Group]:
@@ -374,7 +388,7 @@ def group_markdown(group: Group, heading: str = "##", images: Sequence[str] = ()
 
 
 CSV_SETTING = ("dataset", "model", "scope", "targets", "num_clients", "ratio", "clients",
-               "classes", "fraction", "partitioning", "alpha")
+               "classes", "fraction", "partitioning", "alpha", "backdoor")
 
 
 def csv_header(keys: Sequence[str]) -> list[str]:
@@ -534,7 +548,7 @@ def plot_forget_ratio(name: str, members: Sequence[Group], path: Path) -> Path:
     ticks = sorted({100 * g.setting["ratio"] for g in members})
     for ax in (ax_gap, ax_comm):
         ax.set_xlabel("forget ratio (% of clients asking to be forgotten)")
-        ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+        ax.set_xticks(ticks, [f"{t:.3g}%" for t in ticks])
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
         if ax.get_legend_handles_labels()[0]:
@@ -559,7 +573,7 @@ def ratio_table(members: Sequence[Group]) -> str:
         for r in g.rows:
             if r.label not in labels:
                 labels.append(r.label)
-    head = "| Method | " + " | ".join(f"{100 * x:g}%: Avg. Gap / Comm. (B)" for x in ratios) + " |"
+    head = "| Method | " + " | ".join(f"{100 * x:.3g}%: Avg. Gap / Comm. (B)" for x in ratios) + " |"
     lines = [head, "|---|" + "---:|" * len(ratios)]
     for label in labels:
         cells = []

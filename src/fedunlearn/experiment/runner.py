@@ -35,7 +35,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ..launch import check_run_config, flwr_run
+from ..launch import check_run_config, flwr_run, run_config_arg
 from .config import conf_dir, federation_settings, to_run_config
 
 ERROR_FILE = "error.txt"
@@ -160,28 +160,23 @@ def job_run_config(cfg: DictConfig | Mapping, job_dir: Path, base_dir: Path) -> 
     return run_config
 
 
-def _flwr_env() -> dict[str, str]:
-    """``flwr run`` starts ``flower-superlink`` from PATH: put this Python's bin first."""
-    bindir = str(Path(sys.executable).parent)
-    path = os.environ.get("PATH", "")
-    return {} if bindir in path.split(os.pathsep) else {"PATH": bindir + os.pathsep + path}
-
-
 def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]",
-            base_dir: str | Path | None = None, verbose: bool = False,
+            base_dir: str | Path | None = None, verbose: bool = False, dry_run: bool = False,
             launcher: Callable[..., int] = flwr_run, out=None) -> bool:
     """Run one experiment job in ``job_dir``; return whether it produced results.
 
     Never raises for a failed job (bad config, ``flwr run`` failure, no results): it
     writes ``error.txt`` with the error and the tail of ``flwr.log`` and returns False,
     so that a sweep goes on with its next job. ``KeyboardInterrupt`` still stops it.
+    ``dry_run``: validate and write ``run_config.json`` (with the ``--run-config`` string
+    for ``flwr run``), start nothing.
     """
     out = out or sys.stdout
     job_dir = Path(job_dir).resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
     base = Path(base_dir or os.getcwd())
     log_file = job_dir / LOG_FILE
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time() - 1.0  # mtime granularity
     try:
         run_config = job_run_config(cfg, job_dir, base)
         fed = federation_settings(cfg)
@@ -192,7 +187,13 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
                 "each simulated SuperNode holds one client's partition, they must be equal")
         check_run_config(run_config)
         (job_dir / RUN_CONFIG_FILE).write_text(json.dumps(
-            {"run_config": run_config, "federation": fed}, indent=2) + "\n")
+            {"run_config": run_config, "federation": fed,
+             "run_config_arg": run_config_arg(run_config)}, indent=2) + "\n")
+        if dry_run:
+            out.write(f"{tag} dry run: --run-config '{run_config_arg(run_config)}'\n"
+                      f"{tag} written to {job_dir / RUN_CONFIG_FILE}\n")
+            out.flush()
+            return True
         out.write(f"{tag} run-config: " + " ".join(
             f"{k}={run_config[k]}" for k in ("method", "dataset.name", "model.name", "seed",
                                              "forget.scope", "forget.clients")
@@ -202,13 +203,15 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
         with contextlib.redirect_stdout(filt):
             rc = launcher(run_config, num_supernodes=fed["num_supernodes"],
                           num_cpus=fed["num_cpus"], num_gpus=fed["num_gpus"],
-                          log_file=log_file, env=_flwr_env(), echo=True)
+                          log_file=log_file, echo=True)
         if rc != 0:
             raise JobFailed(f"flwr run failed (exit code {rc})")
-        if not list(job_dir.rglob("results.json")):
+        results_dir = Path(run_config["output-dir"])
+        fresh = [p for p in results_dir.rglob("results.json") if p.stat().st_mtime >= started]
+        if not fresh:
             hint = (" - no valid unlearning request (see no-request.json)"
-                    if (job_dir / "no-request.json").exists() else "")
-            raise JobFailed(f"the run ended without writing results.json{hint}")
+                    if (results_dir / "no-request.json").exists() else "")
+            raise JobFailed(f"the run ended without writing results.json in {results_dir}{hint}")
     except Exception as err:  # noqa: BLE001 - a failed job must not stop the sweep
         detail = str(err) if isinstance(err, JobFailed) else traceback.format_exc()
         tail = log_tail(log_file)
@@ -246,7 +249,8 @@ def hydra_main(cfg: DictConfig) -> bool:
     else:
         tag = "[job]"
         print(f"\n=== job: {overrides}", flush=True)
-    ok = run_job(cfg, job_dir, tag=tag, base_dir=hc.runtime.cwd, verbose=bool(cfg.get("verbose")))
+    ok = run_job(cfg, job_dir, tag=tag, base_dir=hc.runtime.cwd, verbose=bool(cfg.get("verbose")),
+                 dry_run=bool(cfg.get("dry_run")))
     _STATE["job_dirs"].append(str(job_dir))
     if not ok:
         _STATE["failed"].append(str(job_dir))
