@@ -90,16 +90,21 @@ log() { printf '[deploy_local] %s\n' "$*" >&2; }
 
 descendants() {  # every descendant PID of $1, deepest last
     local child
-    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+    for child in $(pgrep -P "$1" 2>/dev/null); do
         echo "$child"
         descendants "$child"
     done
 }
 
 alive() {  # running and not a zombie
-    local state
-    state="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
-    [[ -n "$state" && "$state" != Z* ]]
+    local line
+    if [[ -d /proc/self ]]; then
+        { read -r line < "/proc/$1/stat"; } 2>/dev/null || return 1
+        line="${line##*) }"
+        [[ "${line:0:1}" != Z && "${line:0:1}" != X ]]
+    else
+        kill -0 "$1" 2>/dev/null
+    fi
 }
 
 cleanup() {
@@ -123,7 +128,7 @@ cleanup() {
             sleep 0.1
         done
         for pid in "${left[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-        for _ in $(seq 30); do
+        for _ in $(seq 50); do                  # and 5 s more for the descendants
             left=()
             for pid in "${all[@]}"; do alive "$pid" && left+=("$pid"); done
             ((${#left[@]})) || break
@@ -174,13 +179,38 @@ start "$LOG_DIR/superlink.log" "$FLWR_BIN_DIR/flower-superlink" --insecure \
     --host 127.0.0.1 --port "$SUPERLINK_PORT" \
     --disable-runtime-dependency-installation
 SUPERLINK_PID="${STARTED[-1]}"
-for _ in $(seq 300); do
-    curl -fsS -o /dev/null "http://$SUPERLINK/health" 2>/dev/null && break
-    alive "$SUPERLINK_PID" || { log "SuperLink exited:"; tail -n 30 "$LOG_DIR/superlink.log" >&2; exit 1; }
-    sleep 0.1
-done
-curl -fsS -o /dev/null "http://$SUPERLINK/health" \
-    || { log "SuperLink did not answer on $SUPERLINK"; exit 1; }
+if ! "$PYTHON" - "$SUPERLINK" "$SUPERLINK_PID" <<'EOF'
+import os, sys, time, urllib.request
+
+address, pid = sys.argv[1], int(sys.argv[2])
+
+def alive() -> bool:  # running and not a zombie
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and alive():
+    try:
+        urllib.request.urlopen(f"http://{address}/health", timeout=1)
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.1)
+sys.exit(1)
+EOF
+then
+    log "SuperLink did not come up on $SUPERLINK:"
+    tail -n 30 "$LOG_DIR/superlink.log" >&2
+    exit 1
+fi
 
 # --- SuperNodes -------------------------------------------------------------------------
 # Each SuperNode gets its own FLWR_HOME: its ClientApp processes install the app
@@ -216,6 +246,8 @@ EOF
 RUN_CONFIG="federation.num-clients=$NUM_NODES forget.clients=\"\" method=\"$METHOD\" output-dir=\"$OUTPUT_DIR\""
 for pair in "$@"; do RUN_CONFIG+=" $pair"; done
 log "flwr run . local-deployment --stream --run-config '$RUN_CONFIG'"
+STARTED_MARK="$WORKDIR/.run-started"
+touch "$STARTED_MARK"
 RUN_CMD=("$FLWR_BIN_DIR/flwr" run . local-deployment --stream --run-config "$RUN_CONFIG")
 if [[ "$RUN_TIMEOUT" != 0 ]]; then RUN_CMD=(timeout "$RUN_TIMEOUT" "${RUN_CMD[@]}"); fi
 # In the background and `wait`ed for, so that SIGINT/SIGTERM run the trap at once.
@@ -231,16 +263,12 @@ run_rc=$?
 wait "$TAIL_PID" 2>/dev/null
 set -e
 
-# `flwr run --stream` exits 0 even when the ServerApp failed: look at what it wrote.
-if [[ -f "$OUTPUT_DIR/results.json" ]]; then
-    results="$OUTPUT_DIR/results.json"
-elif compgen -G "$OUTPUT_DIR/*/results.json" > /dev/null; then
-    results="$(ls "$OUTPUT_DIR"/*/results.json | tr '\n' ' ')"
-elif [[ -f "$OUTPUT_DIR/no-request.json" ]]; then
-    results="$OUTPUT_DIR/no-request.json"
-else
-    results=""
-fi
+# `flwr run --stream` exits 0 even when the ServerApp failed: look at what it wrote
+# (only files written by this run count, in case OUTPUT_DIR is reused).
+results=""
+for f in "$OUTPUT_DIR/results.json" "$OUTPUT_DIR"/*/results.json "$OUTPUT_DIR/no-request.json"; do
+    [[ -f "$f" && "$f" -nt "$STARTED_MARK" ]] && results+="$f "
+done
 if [[ $run_rc -ne 0 ]] || grep -qE "Exit Code: [0-9]+|An unhandled exception occurred" "$LOG_DIR/run.log" \
         || [[ -z "$results" ]]; then
     log "run FAILED (flwr run exit status $run_rc); see $LOG_DIR/run.log and $LOG_DIR/superlink.log"
