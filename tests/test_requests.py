@@ -133,3 +133,16 @@ def test_client_answers_query_from_run_config_and_node_config():
     reply = handle_query(q, context(3, rc, **{"forget-scope": "class", "forget-classes": "x"}))
     assert reply.content[REQUEST_RECORD]["scope"] == "invalid"
     assert "'x'" in reply.content[REQUEST_RECORD]["error"]
+
+
+def test_partitions_must_be_held_by_exactly_one_node():
+    from fedunlearn.server import check_partitions
+
+    replies = [query_reply(10 + p, p, None) for p in range(NUM)]
+    assert check_partitions(replies, NUM) == {10: 0, 11: 1, 12: 2, 13: 3}
+    with pytest.raises(RuntimeError, match=r"partition 0 is held by several nodes \[10, 20\]"):
+        check_partitions(replies + [query_reply(20, 0, None)], NUM)
+    with pytest.raises(RuntimeError, match=r"no node holds partition\(s\) \[3\]"):
+        check_partitions(replies[:3], NUM)
+    with pytest.raises(RuntimeError, match="holds partition 7, outside 0..3"):
+        check_partitions(replies[:3] + [query_reply(13, 7, None)], NUM)

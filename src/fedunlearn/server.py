@@ -151,16 +151,22 @@ class Experiment:
         return arrays, {"key": key, "path": str(path), "cached": False,
                         "cost": strategy.cost.as_dict()}
 
-    def collect_requests(self, nodes: list[int]) -> dict[int, UnlearningRequest]:
-        """Ask every node for its unlearning request; keep the valid ones."""
+    def query(self, nodes: list[int]) -> list[Message]:
+        """Send ``query.unlearn`` to ``nodes``; every node answers with the partition it
+        holds and its unlearning request, if it has one."""
         messages = [Message(RecordDict(), dst_node_id=n, message_type=QUERY_UNLEARN)
                     for n in nodes]
-        replies = list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
-        accepted, self.rejected = collect_valid_requests(replies, self.data)
+        return list(self.grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+
+    def discover_partitions(self, nodes: list[int]) -> dict[int, int]:
+        """Which node holds which partition, checked before any training."""
+        self.context.node_partitions = check_partitions(self.query(nodes), self.cfg.num_clients)
+        return self.context.node_partitions
+
+    def collect_requests(self, nodes: list[int]) -> dict[int, UnlearningRequest]:
+        """Ask every node for its unlearning request; keep the valid ones."""
+        accepted, self.rejected = collect_valid_requests(self.query(nodes), self.data)
         self.context.requests = accepted
-        self.context.node_partitions = {
-            int(m.metadata.src_node_id): int(m.content[NODE_RECORD]["partition-id"])
-            for m in replies if not m.has_error() and NODE_RECORD in m.content}
         labels = np.asarray(self.data.train.targets)
         self.context.fully_forgotten = {
             n for n, r in accepted.items()
@@ -224,6 +230,7 @@ class Experiment:
         log(INFO, "fedunlearn: %s on %s/%s, %d clients (%s), methods: %s",
             cfg.forget.scope, cfg.dataset, cfg.model, cfg.num_clients, cfg.partitioning,
             ", ".join(cfg.methods))
+        self.discover_partitions(nodes)
         pretrained, pretrain_info = self.pretrain()
         accepted = self.collect_requests(nodes)
         if not accepted:
@@ -289,6 +296,43 @@ class PretrainStrategy(UnlearningStrategy):
 
     def clip_norm(self) -> float:
         return 0.0
+
+
+def check_partitions(replies, num_clients: int) -> dict[int, int]:
+    """node id -> partition id from ``query.unlearn`` replies.
+
+    Raises ``RuntimeError`` unless every partition ``0..num_clients-1`` is held by exactly
+    one node: a partition held twice would keep training on data that is being forgotten,
+    a missing one would silently shrink the federation.
+    """
+    node_partitions: dict[int, int] = {}
+    problems: list[str] = []
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            problems.append(f"node {node} failed to answer: {msg.error.reason}")
+        elif NODE_RECORD not in msg.content:
+            problems.append(f"node {node} did not say which partition it holds")
+        else:
+            node_partitions[node] = int(msg.content[NODE_RECORD]["partition-id"])
+    holders: dict[int, list[int]] = {}
+    for node, partition in sorted(node_partitions.items()):
+        holders.setdefault(partition, []).append(node)
+    for partition, nodes in sorted(holders.items()):
+        if len(nodes) > 1:
+            problems.append(f"partition {partition} is held by several nodes {nodes}")
+        if not 0 <= partition < num_clients:
+            problems.append(f"node {nodes[0]} holds partition {partition}, outside "
+                            f"0..{num_clients - 1} (federation.num-clients={num_clients})")
+    missing = sorted(set(range(num_clients)) - set(holders))
+    if missing:
+        problems.append(f"no node holds partition(s) {missing}")
+    if problems:
+        raise RuntimeError("the federation's partitions are inconsistent: "
+                           + "; ".join(problems)
+                           + ". Give each SuperNode a distinct node-config partition-id "
+                           "in 0..num-partitions-1.")
+    return node_partitions
 
 
 def collect_valid_requests(replies, data: FederatedData

@@ -16,10 +16,6 @@ import warnings
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 __all__ = ["membership_features", "mia_score", "split_nonmembers"]
 
@@ -105,7 +101,12 @@ def _subsample(rng: np.random.Generator, x: NDArray[np.float64], n: int) -> NDAr
     return x[np.sort(rng.choice(len(x), size=n, replace=False))]
 
 
-def _attack_model(seed: int) -> Pipeline:
+def _attack_model(seed: int):
+    # scikit-learn is imported here: clients only need membership_features.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     return make_pipeline(
         StandardScaler(),
         LogisticRegression(C=1.0, max_iter=1000, random_state=seed),
@@ -172,6 +173,8 @@ def mia_score(
 
     clf = _attack_model(seed)
     with warnings.catch_warnings():
+        from sklearn.exceptions import ConvergenceWarning
+
         warnings.simplefilter("ignore", category=ConvergenceWarning)
         clf.fit(x_fit, y_fit)
 

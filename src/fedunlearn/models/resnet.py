@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from torchvision.models import resnet18
 
 from fedunlearn.models.registry import register_model
 
@@ -37,6 +36,9 @@ def build_resnet18(num_classes: int, in_channels: int, image_size: int, **kwargs
     torch.nn.Module
         The ResNet-18.
     """
+    # Imported here: torchvision costs ~1 s of start-up in every ClientApp process.
+    from torchvision.models import resnet18
+
     model = resnet18(weights=None, num_classes=num_classes, **kwargs)
     if image_size <= SMALL_IMAGE_MAX:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from fedunlearn.models.registry import register_model
@@ -46,6 +44,8 @@ def build_vit(num_classes: int, in_channels: int, image_size: int, **kwargs: Any
             f"got {image_size}; use 'vit_tiny' for small images (e.g. 8x8 digits) "
             "or resize the images"
         )
+    import timm  # imported here: timm pulls in torchvision (slow ClientApp start-up)
+
     return timm.create_model(
         "vit_base_patch16_224",
         pretrained=False,
@@ -104,6 +104,8 @@ def build_vit_tiny(
             f"model 'vit_tiny' needs an image_size that is a multiple of its patch size "
             f"{patch_size}, got {image_size}; pass patch_size=... or resize the images"
         )
+    from timm.models.vision_transformer import VisionTransformer
+
     return VisionTransformer(
         img_size=image_size,
         patch_size=patch_size,
