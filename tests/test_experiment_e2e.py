@@ -17,21 +17,14 @@ from pathlib import Path
 import pytest
 
 from fedunlearn.experiment import report as rep
+from fedunlearn.launch import find_processes
 from fedunlearn.metrics import METRIC_KEYS, average_gap
 
 pytestmark = pytest.mark.slow
 
 
 def superlinks_using(marker: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "flower-superlink" in args and marker in args:
-            pids.append(int(proc.name))
-    return pids
+    return find_processes("flower-superlink", marker)
 
 
 def test_sweep_then_report(tmp_path):

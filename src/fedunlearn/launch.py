@@ -71,25 +71,23 @@ def run_config_arg(run_config: Mapping) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
 
 
-def superlink_pids(control_port: int) -> list[int]:
-    """PIDs of local SuperLink processes (and their SuperExec) bound to ``control_port``."""
-    marker = f"127.0.0.1:{control_port}"
+def find_processes(*needles: str) -> list[int]:
+    """PIDs of processes whose command line contains every one of ``needles``."""
     pids = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "flower-superlink" in args and marker in args:
+        if all(n in args for n in needles):
             pids.append(int(proc.name))
-    children = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "flower-superexec" in args and any(f"--parent-pid {p}" in args for p in pids):
-            children.append(int(proc.name))
+    return pids
+
+
+def superlink_pids(control_port: int) -> list[int]:
+    """PIDs of local SuperLink processes (and their SuperExec) bound to ``control_port``."""
+    pids = find_processes("flower-superlink", f"127.0.0.1:{control_port}")
+    children = [c for p in pids for c in find_processes("flower-superexec", f"--parent-pid {p}")]
     return pids + children
 
 

@@ -38,6 +38,7 @@ from .requests import (NODE_RECORD, QUERY_UNLEARN, REQUEST_RECORD, UnlearningReq
 from .results import (COMPARISON_FILE, comparison_markdown, comparison_text,
                       results_path, write_json)
 from .strategies import UnlearningContext, UnlearningStrategy, create_method
+from .strategies.base import PretrainingProtocol
 from .training import load_arrays, resolve_device, to_arrays
 
 NODE_WAIT_S = 300.0
@@ -279,23 +280,11 @@ class Experiment:
         }
 
 
-class PretrainStrategy(UnlearningStrategy):
+class PretrainStrategy(PretrainingProtocol, UnlearningStrategy):
     """FedAvg over all clients with the pretraining settings (no requests yet)."""
 
     name = "pretrain"
     uses_requests = False
-
-    def learning_rate(self) -> float:
-        return self.cfg.pretrain_lr
-
-    def local_epochs(self) -> int:
-        return self.cfg.local_epochs
-
-    def num_rounds(self) -> int:
-        return self.cfg.pretrain_rounds
-
-    def clip_norm(self) -> float:
-        return 0.0
 
 
 def check_partitions(replies, num_clients: int) -> dict[int, int]:

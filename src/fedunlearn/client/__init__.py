@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from ..backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
@@ -187,14 +188,31 @@ def split_local(view: NodeView, request: UnlearningRequest | None) -> tuple[np.n
     return np.setdiff1d(train, forget), forget
 
 
+@dataclass
+class _Job:
+    """What a train/evaluate message asks of this node, unpacked."""
+
+    view: NodeView
+    config: ConfigRecord
+    retained: np.ndarray
+    forget: np.ndarray
+    device: torch.device
+    model: torch.nn.Module
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> _Job:
+        view = NodeView.from_context(context)
+        config = msg.content["config"]
+        retained, forget = split_local(view, request_from_config(config, view.partition_id))
+        device = resolve_device(view.cfg.device)
+        model = load_arrays(view.new_model(), msg.content["arrays"]).to(device)
+        return cls(view, config, retained, forget, device, model)
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's retained training data."""
-    view = NodeView.from_context(context)
-    config = msg.content["config"]
-    request = request_from_config(config, view.partition_id)
-    retained, _ = split_local(view, request)
-    device = resolve_device(view.cfg.device)
-    model = load_arrays(view.new_model(), msg.content["arrays"])
+    job = _Job.from_message(msg, context)
+    view, config, retained, device, model = job.view, job.config, job.retained, job.device, job.model
     stats = train_local(
         model, view.data.train, retained,
         epochs=int(config["local-epochs"]), batch_size=view.cfg.batch_size,
@@ -214,12 +232,9 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Report retain/forget accuracy and MIA features on this node's own data."""
-    view = NodeView.from_context(context)
-    config = msg.content["config"]
-    request = request_from_config(config, view.partition_id)
-    retained, forget = split_local(view, request)
-    device = resolve_device(view.cfg.device)
-    model = load_arrays(view.new_model(), msg.content["arrays"]).to(device)
+    job = _Job.from_message(msg, context)
+    view, config, device, model = job.view, job.config, job.device, job.model
+    retained, forget = job.retained, job.forget
     max_members = int(config.get("max-members", 200))
     rng = np.random.default_rng(view.cfg.seed + 7919 * view.partition_id)
 

@@ -208,3 +208,22 @@ class UnlearningStrategy(FedAvg):
             metrics = msg.content["metrics"]
             self.cost.samples_processed += int(metrics.get("samples-processed", 0))
         return super().aggregate_train(server_round, replies)
+
+
+class PretrainingProtocol:
+    """Mixin: train with the pretraining settings (``pretrain.rounds``, ``pretrain.lr``,
+    ``federation.local-epochs``, no clipping). Used by pretraining and by Retrain."""
+
+    cfg: ExperimentConfig
+
+    def num_rounds(self) -> int:
+        return self.cfg.pretrain_rounds
+
+    def learning_rate(self) -> float:
+        return self.cfg.pretrain_lr
+
+    def local_epochs(self) -> int:
+        return self.cfg.local_epochs
+
+    def clip_norm(self) -> float:
+        return 0.0

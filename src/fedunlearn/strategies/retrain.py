@@ -7,11 +7,11 @@ from flwr.app import ArrayRecord
 
 from ..training import to_arrays
 from . import register_method
-from .base import UnlearningStrategy
+from .base import PretrainingProtocol, UnlearningStrategy
 
 
 @register_method("retrain")
-class Retrain(UnlearningStrategy):
+class Retrain(PretrainingProtocol, UnlearningStrategy):
     """The gold standard every other method is measured against.
 
     A freshly initialised model (seeded with ``seed``) trained for as many rounds as
@@ -23,15 +23,3 @@ class Retrain(UnlearningStrategy):
         # A different stream from pretraining's initialisation, same for every run.
         torch.manual_seed(self.cfg.seed + 1)
         return to_arrays(self.context.model_factory())
-
-    def num_rounds(self) -> int:
-        return self.cfg.pretrain_rounds
-
-    def learning_rate(self) -> float:
-        return self.cfg.pretrain_lr
-
-    def local_epochs(self) -> int:
-        return self.cfg.local_epochs
-
-    def clip_norm(self) -> float:
-        return 0.0
