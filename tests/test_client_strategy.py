@@ -139,3 +139,16 @@ def test_retrain_starts_from_scratch_and_not_negates_first_layer():
     assert not (fresh["conv1.weight"] == state["conv1.weight"]).all()
     assert create_method("retrain", ctx).num_rounds() == cfg.pretrain_rounds
     assert create_method("not", ctx).num_rounds() == cfg.unlearn_rounds
+
+
+def test_server_gives_up_waiting_for_missing_nodes_with_a_hint(monkeypatch):
+    import fedunlearn.server as server
+
+    monkeypatch.setattr(server, "NODE_STALL_S", 0.2)
+    monkeypatch.setattr(server.time, "sleep", lambda s: None)
+    exp = server.Experiment.__new__(server.Experiment)
+    exp.grid, exp.cfg = FakeGrid([1, 2]), ExperimentConfig.from_run_config(RC)
+    with pytest.raises(RuntimeError, match='only 2 of federation.num-clients=4.*num-supernodes=4'):
+        exp.wait_for_nodes()
+    exp.grid = FakeGrid([1, 2, 3, 4])
+    assert exp.wait_for_nodes() == [1, 2, 3, 4]

@@ -41,7 +41,7 @@ from .strategies import UnlearningContext, UnlearningStrategy, create_method
 from .strategies.base import PretrainingProtocol
 from .training import load_arrays, resolve_device, to_arrays
 
-NODE_WAIT_S = 300.0
+NODE_STALL_S = 60.0
 REPLY_TIMEOUT_S = 3600.0
 
 
@@ -102,22 +102,31 @@ class Experiment:
                           include_bias=self.cfg.negate_bias)
 
     def wait_for_nodes(self) -> list[int]:
+        """Wait until ``federation.num-clients`` nodes are connected.
+
+        Gives up once no new node has connected for ``NODE_STALL_S`` seconds (a
+        simulation has all its nodes at once; a deployment's nodes keep arriving)."""
         want = self.cfg.num_clients
-        start, last_log = time.monotonic(), -1e9
+        start = last_change = time.monotonic()
+        last_log, seen = -1e9, -1
         while True:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= want:
                 return nodes
-            waited = time.monotonic() - start
-            if waited > NODE_WAIT_S:
+            now = time.monotonic()
+            if len(nodes) != seen:
+                seen, last_change = len(nodes), now
+            if now - last_change > NODE_STALL_S:
                 raise RuntimeError(
                     f"only {len(nodes)} of federation.num-clients={want} nodes connected "
-                    f"after {NODE_WAIT_S:.0f}s; in simulation pass --federation-config "
-                    f"\"num-supernodes={want}\", on a deployment start {want} SuperNodes")
-            if waited - last_log >= 10:
-                log(INFO, "Waiting for nodes: %d of %d connected (simulation: "
-                    "num-supernodes must equal federation.num-clients)", len(nodes), want)
-                last_log = waited
+                    f"(none joined in the last {NODE_STALL_S:.0f}s): in simulation pass "
+                    f"--federation-config \"num-supernodes={want}\" (fedunlearn-run does), "
+                    f"on a deployment start {want} SuperNodes")
+            if now - last_log >= 10:
+                log(INFO, "Waiting for nodes: %d of %d connected after %.0fs (simulation: "
+                    "num-supernodes must equal federation.num-clients)", len(nodes), want,
+                    now - start)
+                last_log = now
             time.sleep(1.0)
 
     # -- phases -----------------------------------------------------------------------
