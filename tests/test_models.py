@@ -15,15 +15,7 @@ NUM_CLASSES = 10
 SMALL_FAMILIES = ["cnn", "resnet18", "vit_tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models run much faster on one intra-op thread, especially on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
