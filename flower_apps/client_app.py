@@ -1,11 +1,19 @@
-"""Flower ClientApp: wires Flower's message handlers to :mod:`fedunlearn.client`."""
+"""Flower ClientApp: wires Flower's message handlers to :mod:`fedunlearn.client`.
+
+Every client action registered in :mod:`fedunlearn.client.actions` is reachable as
+message type ``train.<action>`` (``default``, local training, as plain ``train``); a new
+action module needs no change here.
+"""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedunlearn.client import handle_evaluate, handle_query, handle_train
+from fedunlearn.client import action_handler, handle_evaluate, handle_query, list_actions
 
 app = ClientApp()
+
+for _action in list_actions():
+    app.train(_action)(action_handler(_action))
 
 
 @app.query("unlearn")
@@ -13,11 +21,6 @@ def unlearn_query(msg: Message, context: Context) -> Message:
     """Answer the server's ``query.unlearn``: which partition this node holds and its
     unlearning request, if it has one."""
     return handle_query(msg, context)
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    return handle_train(msg, context)
 
 
 @app.evaluate()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedunlearn.launch import default_run_config
 
@@ -46,3 +46,72 @@ class FakeGrid:
 
     def get_node_ids(self):
         return list(self.node_ids)
+
+
+# -- methods through the real ClientApp ---------------------------------------------------
+NUM = 4
+RC = run_config(**{"federation.num-clients": NUM, "dataset.name": "synthetic"})
+NODE = {n: n - 10 for n in range(10, 10 + NUM)}  # node id -> partition
+
+
+def train_msg(models: dict[str, ArrayRecord], config: dict, mtype: str,
+              request=None) -> Message:
+    """A train message as a ClientApp receives it, with ``request`` echoed."""
+    from fedunlearn.requests import request_to_config
+
+    cfg = ConfigRecord({"lr": 0.01, "local-epochs": 1, "clip-norm": 0.0, "seed": 3, **config})
+    if request is not None:
+        cfg.update(request_to_config(request))
+    return incoming(RecordDict({**models, "config": cfg}), mtype)
+
+
+class RecordingGrid:
+    """A Grid whose nodes answer with the real ClientApp; it keeps what crossed it."""
+
+    def __init__(self, app, rc: dict, nodes: dict[int, int]):
+        self.app, self.rc, self.nodes = app, rc, nodes
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for msg in messages:
+            self.sent.append(msg)
+            dst = msg.metadata.dst_node_id
+            inbound = incoming(msg.content, msg.metadata.message_type, dst_node_id=dst)
+            reply = self.app(inbound, context(self.nodes[dst], self.rc, node_id=dst))
+            self.replies.append(reply)
+            out.append(reply)
+        return list(reversed(out))  # arrival order is not send order
+
+
+def make_context(rc: dict, requests: dict):
+    """A server-side context for the synthetic 4-node federation of :data:`NODE`."""
+    from fedunlearn.client import NodeView
+    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.metrics import flops_per_sample
+    from fedunlearn.negation import example_input_for
+    from fedunlearn.strategies import UnlearningContext
+
+    cfg = ExperimentConfig.from_run_config(rc)
+    view = NodeView.from_context(context(0, rc))
+    info = view.data.info
+    flops = flops_per_sample(view.new_model(), (info.in_channels, info.image_size,
+                                                 info.image_size), info.num_classes)
+    return UnlearningContext(cfg=cfg, requests=requests, node_partitions=dict(NODE),
+                             model_factory=view.new_model,
+                             example_input=example_input_for(info.in_channels, info.image_size),
+                             flops_per_sample=flops["train"],
+                             forward_flops_per_sample=flops["forward"])
+
+
+def bytes_of(messages) -> int:
+    """Bytes of every ArrayRecord of ``messages``."""
+    from fedunlearn.metrics import arrayrecord_nbytes
+
+    return sum(arrayrecord_nbytes(r) for m in messages for r in m.content.array_records.values())
+
+

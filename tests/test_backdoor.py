@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import fedunlearn.client as client_mod
+import fedunlearn.client.actions.default as client_mod
 from fedunlearn.backdoor import (BackdoorConfig, PoisonTransform, attack_success_rate,
                                  patch_size_for, poisoned_ids, stamp_trigger, trigger_value)
 from fedunlearn.client import NodeView, handle_train

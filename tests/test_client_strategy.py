@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-import fedunlearn.client as client_mod
+import fedunlearn.client.actions.default as client_mod
 from fedunlearn.client import NodeView, handle_evaluate, handle_train, request_to_config
 from fedunlearn.config import ExperimentConfig
 from fedunlearn.metrics import arrayrecord_nbytes
@@ -104,7 +104,7 @@ def test_configure_train_excludes_client_wise_targets_and_echoes_requests(server
     assert strategy.cost.bytes_down == 3 * arrayrecord_nbytes(arrays)
     assert strategy.cost.rounds == 1
     # Replies add their real upload size and the samples they processed.
-    replies = [reply_from(n, RecordDict({"arrays": arrays, "metrics": client_mod.MetricRecord(
+    replies = [reply_from(n, RecordDict({"arrays": arrays, "metrics": MetricRecord(
         {"num-examples": 10, "samples-processed": 20})}), "train") for n in dst]
     agg, _ = strategy.aggregate_train(1, replies)
     assert agg is not None
@@ -127,7 +127,7 @@ def test_retrain_starts_from_scratch_and_not_negates_first_layer():
                             example_input=example_input_for(1, 8))
     pretrained = to_arrays(view.new_model())
     state = pretrained.to_torch_state_dict()
-    negated = create_method("not", ctx).initial_arrays(pretrained).to_torch_state_dict()
+    negated = create_method("not", ctx).unlearning_step(None, pretrained).to_torch_state_dict()
     first = [k for k in state if k.startswith("conv1.")]
     assert first == ["conv1.weight", "conv1.bias"]
     for k in state:
@@ -137,18 +137,15 @@ def test_retrain_starts_from_scratch_and_not_negates_first_layer():
             assert (negated[k] == state[k]).all()
     fresh = create_method("retrain", ctx).initial_arrays(pretrained).to_torch_state_dict()
     assert not (fresh["conv1.weight"] == state["conv1.weight"]).all()
-    assert create_method("retrain", ctx).num_rounds() == cfg.pretrain_rounds
-    assert create_method("not", ctx).num_rounds() == cfg.unlearn_rounds
+    assert create_method("retrain", ctx).recovery_phase().rounds == cfg.pretrain_rounds
+    assert create_method("not", ctx).recovery_phase().rounds == cfg.unlearn_rounds
 
 
 def test_server_gives_up_waiting_for_missing_nodes_with_a_hint(monkeypatch):
-    import fedunlearn.server as server
+    import fedunlearn.federation as federation
 
-    monkeypatch.setattr(server, "NODE_STALL_S", 0.2)
-    monkeypatch.setattr(server.time, "sleep", lambda s: None)
-    exp = server.Experiment.__new__(server.Experiment)
-    exp.grid, exp.cfg = FakeGrid([1, 2]), ExperimentConfig.from_run_config(RC)
+    monkeypatch.setattr(federation, "NODE_STALL_S", 0.2)
+    monkeypatch.setattr(federation.time, "sleep", lambda s: None)
     with pytest.raises(RuntimeError, match='only 2 of federation.num-clients=4.*num-supernodes=4'):
-        exp.wait_for_nodes()
-    exp.grid = FakeGrid([1, 2, 3, 4])
-    assert exp.wait_for_nodes() == [1, 2, 3, 4]
+        federation.wait_for_nodes(FakeGrid([1, 2]), 4)
+    assert federation.wait_for_nodes(FakeGrid([1, 2, 3, 4]), 4) == [1, 2, 3, 4]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
@@ -36,7 +35,7 @@ def test_defaults_match_pyproject():
 ])
 def test_bad_config_values_are_named(key, value, expected):
     with pytest.raises(ValueError) as err:
-        ExperimentConfig.from_run_config(run_config(**{key: value}))
+        check_run_config({key: value})
     assert expected in str(err.value)
 
 

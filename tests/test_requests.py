@@ -14,7 +14,7 @@ from fedunlearn.config import ExperimentConfig
 from fedunlearn.requests import (NODE_RECORD, REQUEST_RECORD, UnlearningRequest,
                                  forget_indices, retained_indices,
                                  validate_request)
-from fedunlearn.server import collect_valid_requests
+from fedunlearn.federation import collect_valid_requests
 
 from .helpers import context, incoming, reply_from, run_config
 
@@ -136,7 +136,7 @@ def test_client_answers_query_from_run_config_and_node_config():
 
 
 def test_partitions_must_be_held_by_exactly_one_node():
-    from fedunlearn.server import check_partitions
+    from fedunlearn.federation import check_partitions
 
     replies = [query_reply(10 + p, p, None) for p in range(NUM)]
     assert check_partitions(replies, NUM) == {10: 0, 11: 1, 12: 2, 13: 3}

@@ -40,7 +40,7 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def check_schema(res: dict, method: str) -> None:
+def check_schema(res: dict, method: str, stores: bool = False) -> None:
     assert res["method"] == method
     for which in ("original", "unlearned"):
         assert set(res[which]) == {"retain", "forget", "test", "mia"}, res[which]
@@ -48,7 +48,9 @@ def check_schema(res: dict, method: str) -> None:
             assert 0.0 <= value <= 100.0
     assert set(res["cost"]) >= {"rounds", "comm_bytes", "flops", "wall_s", "storage_bytes"}
     assert res["cost"]["comm_bytes"] > 0 and res["cost"]["flops"] > 0
-    assert res["cost"]["storage_bytes"] == 0
+    assert (res["cost"]["storage_bytes"] > 0) == stores
+    phases = res["cost"]["phases"]
+    assert sum(p["comm_bytes"] for p in phases.values()) == res["cost"]["comm_bytes"]
 
 
 def test_method_list_then_checkpoint_reuse(tmp_path, flwr_env, ckpt):
@@ -83,6 +85,21 @@ def test_method_list_then_checkpoint_reuse(tmp_path, flwr_env, ckpt):
     assert res["pretrain"]["key"] == results["not"]["pretrain"]["key"]
     assert res["original"] == results["not"]["original"]
     assert "skipping pretraining" in log2 and "[pretrain] round" not in log2
+
+
+def test_methods_where_the_target_takes_part(tmp_path, flwr_env, ckpt):
+    """PUF: the target runs its own client action in the unlearning step."""
+    out = tmp_path / "target-actions"
+    log = run({"method": "puf", "pretrain.rounds": 4, "unlearn.rounds": 2,
+               "checkpoint-dir": str(ckpt), "method-params": "puf.alpha=1.5"}, out, flwr_env)
+    puf = load(out / "results.json")
+    check_schema(puf, "puf")
+    unl, rec = puf["cost"]["phases"]["unlearning"], puf["cost"]["phases"]["recovery"]
+    model_bytes = rec["bytes_down"] // (4 * 2)  # 4 retained nodes, 2 rounds
+    assert rec["bytes_down"] == rec["bytes_up"] == 8 * model_bytes
+    assert unl["rounds"] == 1 and unl["comm_bytes"] == 2 * model_bytes  # target only
+    assert puf["params"]["alpha"] == 1.5
+    assert "[puf] applied -1.50" in log
 
 
 def test_every_client_forgets_one_class(tmp_path, flwr_env, ckpt):

@@ -52,6 +52,38 @@ def parse_str_list(value: Any) -> tuple[str, ...]:
     return tuple(p.strip() for p in str(value).split(",") if p.strip())
 
 
+def parse_method_params(text: str) -> dict[str, dict[str, str]]:
+    """``"puf.alpha=3 mode.momentum=0.9"`` -> ``{"puf": {"alpha": "3"}, "mode": {...}}``.
+
+    Pairs are separated by spaces or commas. Only the syntax is checked here; the values
+    are checked by each method's parameters class."""
+    out: dict[str, dict[str, str]] = {}
+    for item in str(text).replace(",", " ").split():
+        name, sep, value = item.partition("=")
+        method, dot, key = name.partition(".")
+        if not sep or not dot or not method or not key or not value:
+            raise ValueError(
+                f"method-params: {item!r} is not <method>.<key>=<value> (e.g. "
+                "'puf.alpha=2.0'; several pairs separated by spaces)")
+        method = method.strip().lower()
+        if key in out.setdefault(method, {}):
+            raise ValueError(f"method-params: {method}.{key} is given twice")
+        out[method][key] = value
+    return out
+
+
+def format_method_params(values: Mapping[str, Mapping[str, Any]]) -> str:
+    """Inverse of :func:`parse_method_params` (sorted, for stable keys and logs)."""
+    items = []
+    for method in sorted(values):
+        for key in sorted(values[method]):
+            value = values[method][key]
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            items.append(f"{method}.{key}={value}")
+    return " ".join(items)
+
+
 @dataclass(frozen=True)
 class ForgetConfig:
     """What the simulated clients ask to forget (run-config ``forget.*``)."""
@@ -96,6 +128,9 @@ class ExperimentConfig:
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     eval_every: int = 5
     mia_max_members: int = 2000
+    # (method, key, value-as-text) triples from run-config ``method-params``, sorted;
+    # each method's parameters class types and checks them (strategies/params.py).
+    method_params: tuple[tuple[str, str, str], ...] = ()
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -109,6 +144,7 @@ class ExperimentConfig:
             return rc.get(key, default)
 
         methods = parse_str_list(get("method", ",".join(d.methods)))
+        params = parse_method_params(get("method-params", ""))
         forget = ForgetConfig(
             scope=str(get("forget.scope", f.scope)).strip().lower(),
             clients=parse_int_list(get("forget.clients", "0"), "forget.clients"),
@@ -155,6 +191,8 @@ class ExperimentConfig:
             backdoor=backdoor,
             eval_every=int(get("eval.every", d.eval_every)),
             mia_max_members=int(get("eval.mia-max-members", d.mia_max_members)),
+            method_params=tuple(sorted((m, k, v) for m, kv in params.items()
+                                       for k, v in kv.items())),
         )
         cfg.validate()
         return cfg
@@ -163,15 +201,11 @@ class ExperimentConfig:
         """Raise ``ValueError`` naming the first bad value and what is allowed."""
         from .data import DATASETS
         from .models import list_models
-        from .strategies import list_methods
 
+        # Method names and method parameters are checked by the method registry
+        # (fedunlearn.strategies.check_methods), which knows every method.
         if not self.methods:
-            raise ValueError(f"method is empty; choose from {list_methods()}")
-        for m in self.methods:
-            if m not in list_methods():
-                raise ValueError(f"method={m!r} is unknown; choose from {list_methods()}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"method lists a method twice: {','.join(self.methods)}")
+            raise ValueError("method is empty; name at least one method")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset.name={self.dataset!r} is unknown; choose from {DATASETS}")
         if self.model not in list_models():
@@ -242,6 +276,16 @@ class ExperimentConfig:
         fields.update(resolved or {})
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def params_by_method(self) -> dict[str, dict[str, str]]:
+        """``method-params`` as ``{method: {key: value}}``."""
+        out: dict[str, dict[str, str]] = {}
+        for method, key, value in self.method_params:
+            out.setdefault(method, {})[key] = value
+        return out
+
+    def method_params_for(self, method: str) -> dict[str, str]:
+        return self.params_by_method().get(method, {})
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir:

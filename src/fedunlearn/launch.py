@@ -196,7 +196,9 @@ def check_run_config(overrides: Mapping, app: str | Path | None = None) -> dict:
     if unknown:
         raise ValueError(f"unknown run-config key(s) {unknown}; known keys: {sorted(merged)}")
     merged.update(overrides)
-    ExperimentConfig.from_run_config(merged)
+    from .strategies import check_methods
+
+    check_methods(ExperimentConfig.from_run_config(merged))
     return merged
 
 

@@ -32,6 +32,9 @@ SCOPES = ("client", "class", "instance")
 NODE_RECORD = "node"
 REQUEST_RECORD = "request"
 
+CONFIG_PREFIX = "forget."
+"""Prefix of the config entries that echo a node's accepted request back to it."""
+
 
 @dataclass(frozen=True)
 class UnlearningRequest:
@@ -179,3 +182,29 @@ def validate_request(request: UnlearningRequest, sender_partition: int,
                 "instance": "no sample id matched"}[request.scope]
         return f"empty forget set: {what}"
     return None
+
+
+def request_to_config(request: UnlearningRequest) -> dict:
+    """Config entries that tell a node what to leave out when it trains or evaluates.
+
+    The server echoes a node's *accepted* request in every train/evaluate config; the
+    node filters locally, so its forget data never leaves it."""
+    out = {CONFIG_PREFIX + "scope": request.scope}
+    if request.classes:
+        out[CONFIG_PREFIX + "classes"] = [int(c) for c in request.classes]
+    if request.sample_ids:
+        out[CONFIG_PREFIX + "sample-ids"] = [int(i) for i in request.sample_ids]
+    return out
+
+
+def request_from_config(config: Mapping, partition_id: int) -> UnlearningRequest | None:
+    """The node's accepted request as echoed in a train/evaluate config (inverse of
+    :func:`request_to_config`); ``None`` when the config carries none."""
+    scope = config.get(CONFIG_PREFIX + "scope")
+    if not scope:
+        return None
+    classes = config.get(CONFIG_PREFIX + "classes", [])
+    ids = config.get(CONFIG_PREFIX + "sample-ids", [])
+    return UnlearningRequest(scope=str(scope), partition_id=partition_id,
+                             classes=tuple(int(c) for c in classes),
+                             sample_ids=tuple(int(i) for i in ids))

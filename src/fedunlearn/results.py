@@ -8,10 +8,16 @@ Schema of ``results.json`` (one per method)::
       "rejected": [{"node_id": ..., "reason": "..."}],
       "original":  {"retain": %, "forget": %, "test": %, "mia": %},
       "unlearned": {"retain": %, "forget": %, "test": %, "mia": %},
-      "cost": {"rounds", "comm_bytes", "bytes_down", "bytes_up", "flops", "wall_s",
-               "storage_bytes"},
+      "params": {...},            # the method's parameters, typed
+      "cost": {"rounds", "comm_bytes", "bytes_down", "bytes_up", "messages_down",
+               "messages_up", "flops", "train_samples", "forward_samples",
+               "server_flops", "wall_s", "storage_bytes",
+               "phases": {"unlearning": {...same keys}, "recovery": {...}}},
       "config": {...}, "pretrain": {...}, "notes": {...}
     }
+
+A method that cannot serve the job's requests writes ``skipped.json`` (``method``,
+``skipped``: the reason, ``request``) instead.
 """
 
 from __future__ import annotations
@@ -26,7 +32,26 @@ from pathlib import Path
 from .metrics import METRIC_KEYS, average_gap, deltas
 
 RESULTS_FILE = "results.json"
+SKIPPED_FILE = "skipped.json"
 COMPARISON_FILE = "comparison.md"
+
+
+def result_record(strategy, context, rejected: list[dict], original: dict, unlearned: dict,
+                  pretrain_info: dict) -> dict:
+    """The ``results.json`` payload of one method."""
+    return {
+        "method": strategy.name,
+        "request": [dict(r.describe(), node_id=n)
+                    for n, r in sorted(context.requests.items())],
+        "rejected": rejected,
+        "original": original,
+        "unlearned": unlearned,
+        "params": strategy.params.as_dict(),
+        "cost": strategy.cost_dict(),
+        "pretrain": pretrain_info,
+        "notes": strategy.notes,
+        "config": context.cfg.to_dict(),
+    }
 
 
 def write_json(path: Path, payload: dict) -> Path:
@@ -72,10 +97,13 @@ def comparison_rows(results: Sequence[dict]) -> tuple[list[str], list[list[str]]
     if ref is not None:
         header.append("Avg. Gap")
     header += ["Comm. (B)", "FLOPs", "Rounds", "Wall (s)"]
+    stores = any(r["cost"].get("storage_bytes", 0) for r in results)
+    if stores:  # a method keeps state between rounds (e.g. MoDE's degradation model)
+        header.append("Storage (B)")
     rows = []
     original = results[0]["original"] if results else {}
     rows.append(["original (pretrained)"] + [_fmt(original.get(k)) for k in keys]
-                + ([""] if ref is not None else []) + ["", "", "", ""])
+                + ([""] if ref is not None else []) + [""] * (5 if stores else 4))
     for r in results:
         m = r["unlearned"]
         d = deltas(m, ref, keys) if ref is not None else {}
@@ -90,11 +118,17 @@ def comparison_rows(results: Sequence[dict]) -> tuple[list[str], list[list[str]]
         c = r["cost"]
         cells += [f"{c['comm_bytes']:.3g}", f"{c['flops']:.3g}", str(c["rounds"]),
                   f"{c['wall_s']:.1f}"]
+        if stores:
+            cells.append(f"{c.get('storage_bytes', 0):.3g}")
         rows.append([r["method"]] + cells)
     return header, rows
 
 
-def comparison_markdown(results: Sequence[dict]) -> str:
+def _skipped_lines(skipped: dict[str, str] | None) -> list[str]:
+    return [f"{method}: refused ({reason})" for method, reason in (skipped or {}).items()]
+
+
+def comparison_markdown(results: Sequence[dict], skipped: dict[str, str] | None = None) -> str:
     header, rows = comparison_rows(results)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -102,10 +136,12 @@ def comparison_markdown(results: Sequence[dict]) -> str:
     note = ("Values in %; (x) = |Δ| to Retrain; Avg. Gap = mean |Δ| over Retain, Forget, "
             "Test, MIA." if ref else
             "Values in %. Add `retrain` to the method list to get Δ and Avg. Gap.")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    extra = "".join(f"\n- {line}" for line in _skipped_lines(skipped))
+    return "\n".join(lines) + "\n\n" + note + "\n" + (extra[1:] + "\n" if extra else "")
 
 
-def comparison_text(results: Sequence[dict], title: str = "fedunlearn results") -> str:
+def comparison_text(results: Sequence[dict], title: str = "fedunlearn results",
+                    skipped: dict[str, str] | None = None) -> str:
     """The comparison as a rich table rendered to plain text (for logs and terminals)."""
     from rich import box
     from rich.console import Console
@@ -119,4 +155,6 @@ def comparison_text(results: Sequence[dict], title: str = "fedunlearn results") 
         table.add_row(*row)
     buf = io.StringIO()
     Console(file=buf, width=160, force_terminal=False, color_system=None).print(table)
+    for line in _skipped_lines(skipped):
+        buf.write(line + "\n")
     return buf.getvalue()

@@ -43,12 +43,13 @@ class TrainStats:
 def train_local(model: nn.Module, dataset: Dataset, indices: Sequence[int] | np.ndarray, *,
                 epochs: int, batch_size: int, lr: float, momentum: float,
                 device: torch.device, seed: int, clip_norm: float = 0.0,
-                transform=None) -> TrainStats:
+                weight_decay: float = 0.0, transform=None) -> TrainStats:
     """Train ``model`` in place with SGD on ``dataset[indices]``.
 
     ``clip_norm > 0`` clips the global gradient norm of every step: a guard that keeps a
     freshly negated model from diverging at a high learning rate. ``transform`` maps a
-    batch ``(x, y, ids)`` to a new ``(x, y)`` (used to plant a backdoor).
+    batch ``(x, y, ids)`` to a new ``(x, y)`` (used to plant a backdoor, or to replace
+    labels). ``weight_decay`` is SGD's (L2 on every parameter).
     """
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size == 0:
@@ -57,7 +58,8 @@ def train_local(model: nn.Module, dataset: Dataset, indices: Sequence[int] | np.
     generator = torch.Generator().manual_seed(int(seed))
     loader = DataLoader(_WithIds(dataset, indices), batch_size=batch_size, shuffle=True,
                         generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
     criterion = nn.CrossEntropyLoss()
     total_loss, seen = 0.0, 0
     for _ in range(epochs):

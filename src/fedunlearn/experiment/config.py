@@ -28,6 +28,7 @@ from ..launch import project_root
 #: run-config key -> (dotted path in the composed Hydra config, type)
 RUN_CONFIG_MAP: dict[str, tuple[str, type]] = {
     "method": ("method.name", str),
+    "method-params": ("method.params", str),  # flattened by _method_params_text
     "seed": ("seed", int),
     "output-dir": ("output_dir", str),
     "checkpoint-dir": ("checkpoint_dir", str),
@@ -109,6 +110,29 @@ def _cast(value: Any, kind: type, key: str, path: str) -> bool | int | float | s
         raise ValueError(f"{path}={value!r} (run-config {key}): expected {kind.__name__}") from None
 
 
+def _method_params_text(name: Any, params: Any) -> str:
+    """``method.params`` as the run-config string ``"<method>.<key>=<value> ..."``.
+
+    A method's yaml holds a flat mapping (``params: {alpha: 2.0}``) for its own
+    ``name``; a multi-method choice may hold one mapping per method
+    (``params: {puf: {alpha: 2.0}}``). A string is passed on as it is."""
+    from ..config import format_method_params
+
+    if params is None or params is _MISSING or (isinstance(params, Mapping) and not params):
+        return ""
+    if isinstance(params, str):
+        return params
+    if not isinstance(params, Mapping):
+        raise ValueError(f"method.params={params!r}: expected a mapping of parameter values")
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+        return format_method_params(params)
+    names = [n.strip() for n in str(name).split(",") if n.strip()]
+    if len(names) != 1:
+        raise ValueError(f"method.params for method.name={name!r}: with several methods, "
+                         "key the parameters by method ({puf: {alpha: 2.0}})")
+    return format_method_params({names[0]: params})
+
+
 def ratio_clients(ratio: float, num_clients: int) -> str:
     """Target clients for a forget ratio: ``0..k-1`` with ``k = round(ratio * n)``.
 
@@ -135,6 +159,9 @@ def to_run_config(cfg: Mapping | DictConfig) -> dict[str, bool | int | float | s
     for key, (path, kind) in RUN_CONFIG_MAP.items():
         value = _select(cfg, path)
         if value is _MISSING:
+            continue
+        if key == "method-params":
+            out[key] = _method_params_text(_select(cfg, "method.name"), value)
             continue
         out[key] = _cast(value, kind, key, path)
     ratio = _select(cfg, "forget.ratio")

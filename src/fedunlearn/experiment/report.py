@@ -63,12 +63,13 @@ PROTOCOL_FIELDS = ("val_fraction", "batch_size", "local_epochs", "momentum",
                    "pretrain_rounds", "pretrain_lr", "mia_max_members")
 # Method settings: they split a method's row, never the setting (Retrain ignores them).
 METHOD_FIELDS = ("unlearn_rounds", "unlearn_lr", "unlearn_local_epochs", "unlearn_clip_norm",
-                 "negate_layers", "negate_bias")
+                 "negate_layers", "negate_bias", "params")
+# "params" is the method's own typed parameters (results.json "params"), not a config field.
 COST_KEYS = ("comm_bytes", "flops", "rounds", "wall_s")
 STD_NOTE = ("mean ± std over seeds (sample std, ddof=1; 0 for one seed); (x) = |Δ| to "
             "Retrain; Avg. Gap = mean |Δ| over Retain, Forget, Test, MIA; "
             f"{BEST_MARK} = lowest Avg. Gap among non-Retrain methods. Accuracies and MIA "
-            "in %, Comm. in bytes, Comp. in FLOPs (unlearning phase).")
+            "in %, Comm. in bytes, Comp. in FLOPs (unlearning step + recovery).")
 NO_RETRAIN_NOTE = ("No Retrain results for this setting: Δ and Avg. Gap need the Retrain "
                    "reference (add method=retrain to the sweep).")
 
@@ -222,8 +223,9 @@ def build_rows(entries: Sequence[tuple[Path, dict]], keys: Sequence[str]) -> lis
         variants: dict[tuple, list[tuple[Path, dict]]] = {}
         for path, r in items:
             cfg = r.get("config", {}) or {}
+            source = dict(cfg, params=r.get("params") or {})
             variant = () if method == REFERENCE else tuple(
-                (f, json.dumps(cfg.get(f), sort_keys=True)) for f in METHOD_FIELDS)
+                (f, json.dumps(source.get(f), sort_keys=True)) for f in METHOD_FIELDS)
             variants.setdefault(variant, []).append((path, r))
         varying = [f for i, f in enumerate(METHOD_FIELDS)
                    if len({v[i][1] for v in variants if v}) > 1]

@@ -5,20 +5,33 @@ or a Hydra choice maps to a class in one place::
 
     from fedunlearn.strategies import create_method
     strategy = create_method("not", context)
+
+Every module of this package is imported by :func:`discover` (``pkgutil``): dropping a
+strategy file that uses :func:`register_method` into this folder is all it takes to add
+a method. Method names and method parameters are checked here (:func:`check_methods`),
+before Flower starts.
 """
 
 from __future__ import annotations
 
-from .base import CostMeter, UnlearningContext, UnlearningStrategy
+import importlib
+import pkgutil
+
+from ..config import ExperimentConfig
+from .base import CostMeter, Phase, UnlearningContext, UnlearningStrategy
+from .params import MethodParams
 
 _METHODS: dict[str, type[UnlearningStrategy]] = {}
+_INFRASTRUCTURE = {"base", "params"}
 
 
 def register_method(name: str):
     """Class decorator: make a strategy selectable as ``method=<name>``."""
+    if not name or not name.replace("_", "").isalnum() or name != name.lower():
+        raise ValueError(f"method name {name!r}: use lower-case letters, digits and '_'")
 
     def deco(cls: type[UnlearningStrategy]) -> type[UnlearningStrategy]:
-        if name in _METHODS:
+        if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"method {name!r} is already registered")
         cls.name = name
         _METHODS[name] = cls
@@ -27,11 +40,20 @@ def register_method(name: str):
     return deco
 
 
+def discover() -> None:
+    """Import every strategy module of this package (each registers its methods)."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _INFRASTRUCTURE:
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
 def list_methods() -> list[str]:
+    discover()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> type[UnlearningStrategy]:
+    discover()
     try:
         return _METHODS[name]
     except KeyError:
@@ -42,8 +64,28 @@ def create_method(name: str, context: UnlearningContext) -> UnlearningStrategy:
     return get_method(name)(context)
 
 
-# Built-in methods register themselves on import.
-from . import finetune, negation_not, retrain  # noqa: E402,F401
+def check_methods(cfg: ExperimentConfig) -> dict[str, MethodParams]:
+    """Check the job's method list and method parameters; return each method's params.
 
-__all__ = ["CostMeter", "UnlearningContext", "UnlearningStrategy", "create_method",
-           "get_method", "list_methods", "register_method"]
+    Raises ``ValueError`` naming the bad method, key or value and what is allowed."""
+    known = list_methods()
+    if not cfg.methods:
+        raise ValueError(f"method is empty; choose from {known}")
+    for m in cfg.methods:
+        if m not in known:
+            raise ValueError(f"method={m!r} is unknown; choose from {known}")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ValueError(f"method lists a method twice: {','.join(cfg.methods)}")
+    for m in cfg.params_by_method():
+        if m not in known:
+            raise ValueError(f"method-params names method {m!r}, which is unknown; "
+                             f"choose from {known}")
+        if m not in cfg.methods:
+            raise ValueError(f"method-params sets parameters of {m!r}, which this job does "
+                             f"not run (method={','.join(cfg.methods)})")
+    return {m: get_method(m).params_from_config(cfg) for m in cfg.methods}
+
+
+__all__ = ["CostMeter", "MethodParams", "Phase", "UnlearningContext", "UnlearningStrategy",
+           "check_methods", "create_method", "discover", "get_method", "list_methods",
+           "register_method"]

@@ -16,7 +16,8 @@ class Retrain(PretrainingProtocol, UnlearningStrategy):
 
     A freshly initialised model (seeded with ``seed``) trained for as many rounds as
     pretraining (``pretrain.rounds``, at ``pretrain.lr`` and ``federation.local-epochs``)
-    on the retained data only. Its cost is the whole retraining.
+    on the retained data only. Its cost is the whole retraining (phase ``training``).
+    Stores nothing; the targets never take part.
     """
 
     def initial_arrays(self, pretrained: ArrayRecord) -> ArrayRecord:

@@ -1,0 +1,174 @@
+"""Client actions: the named procedures a node runs when the server asks it to train.
+
+An action is a plain function ``fn(job: ActionJob) -> ActionResult`` in its own module
+of this package, registered with :func:`register_action`. Every module here is imported
+by :func:`discover` (``pkgutil``), and ``flower_apps/client_app.py`` registers every
+action with the ClientApp in one loop, so message type ``train.<name>`` reaches
+``<name>``; the plain ``train`` message type reaches the ``default`` action (local
+training on the retained data). Adding an action means adding a module here, nothing
+else.
+
+The job carries every model of the message (each ArrayRecord, loaded into a fresh
+model), the config, and this node's retained and forget split, computed locally from
+the accepted request the server echoed: the forget data never leaves the node. The
+reply carries exactly one ArrayRecord (``arrays``) and one MetricRecord with a fixed
+set of keys (Flower's FedAvg checks both): ``num-examples`` (the aggregation weight),
+``train-loss``, ``samples-processed`` (samples through forward + backward) and
+``forward-samples`` (forward-only passes, e.g. a frozen teacher's predictions).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
+from ...requests import request_from_config
+from ...training import load_arrays, resolve_device, to_arrays
+from ..node import NodeView, split_local
+
+MODEL_KEY = "arrays"
+"""The ArrayRecord key of the model an action starts from (and replies with)."""
+CONFIG_KEY = "config"
+DEFAULT_ACTION = "default"
+"""The action Flower routes the plain ``train`` message type to."""
+METRIC_KEYS = ("num-examples", "train-loss", "samples-processed", "forward-samples")
+
+
+@dataclass
+class ActionJob:
+    """What a train message asks of this node, unpacked.
+
+    ``models`` maps every ArrayRecord key of the message to a model on ``device``
+    (``models["arrays"]`` is the one to update); ``retained`` and ``forget`` are the
+    global ids of this node's training split without / within its accepted request.
+    """
+
+    view: NodeView
+    config: ConfigRecord
+    models: dict[str, nn.Module]
+    retained: np.ndarray
+    forget: np.ndarray
+    device: torch.device
+
+    @property
+    def model(self) -> nn.Module:
+        return self.models[MODEL_KEY]
+
+    @property
+    def seed(self) -> int:
+        """Per round and per node: every shuffle differs, and repeats exactly."""
+        return int(self.config.get("seed", 0)) * 1000 + self.view.partition_id
+
+    def lr(self) -> float:
+        return float(self.config["lr"])
+
+    def local_epochs(self) -> int:
+        return int(self.config["local-epochs"])
+
+    @classmethod
+    def from_message(cls, msg: Message, context: Context) -> ActionJob:
+        view = NodeView.from_context(context)
+        config = msg.content[CONFIG_KEY]
+        retained, forget = split_local(view, request_from_config(config, view.partition_id))
+        device = resolve_device(view.cfg.device)
+        models = {key: load_arrays(view.new_model(), record).to(device)
+                  for key, record in msg.content.array_records.items()}
+        if MODEL_KEY not in models:
+            raise ValueError(f"a train message must carry the model as ArrayRecord "
+                             f"{MODEL_KEY!r}; got {sorted(models)}")
+        return cls(view, config, models, retained, forget, device)
+
+
+@dataclass
+class ActionResult:
+    """What an action hands back: the model to reply with and what it cost."""
+
+    model: nn.Module
+    num_examples: int
+    loss: float = float("nan")
+    samples_processed: int = 0
+    forward_samples: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+Action = Callable[[ActionJob], ActionResult]
+_ACTIONS: dict[str, Action] = {}
+
+
+def register_action(name: str) -> Callable[[Action], Action]:
+    """Decorator: make ``fn`` reachable as Flower message type ``train.<name>``."""
+    if not name.isidentifier():
+        raise ValueError(f"action name {name!r} must be a Python identifier (Flower routes "
+                         "message types 'train.<name>' by identifier)")
+
+    def deco(fn: Action) -> Action:
+        if name in _ACTIONS and _ACTIONS[name] is not fn:
+            raise ValueError(f"client action {name!r} is already registered")
+        _ACTIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def discover() -> None:
+    """Import every module of this package (each registers its actions)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def list_actions() -> list[str]:
+    discover()
+    return sorted(_ACTIONS)
+
+
+def get_action(name: str) -> Action:
+    discover()
+    try:
+        return _ACTIONS[name]
+    except KeyError:
+        raise ValueError(f"client action {name!r} is unknown; registered: "
+                         f"{sorted(_ACTIONS)}") from None
+
+
+def message_type(action: str) -> str:
+    """The Flower message type that reaches ``action``."""
+    return "train" if action == DEFAULT_ACTION else f"train.{action}"
+
+
+def handle_action(name: str, msg: Message, context: Context) -> Message:
+    """Run action ``name`` on a train message and build the reply."""
+    action = get_action(name)
+    job = ActionJob.from_message(msg, context)
+    result = action(job)
+    loss = result.loss
+    metrics = MetricRecord({
+        "num-examples": int(result.num_examples),
+        "train-loss": 0.0 if loss is None or math.isnan(loss) else float(loss),
+        "samples-processed": int(result.samples_processed),
+        "forward-samples": int(result.forward_samples),
+    })
+    return Message(RecordDict({MODEL_KEY: to_arrays(result.model.cpu()),
+                               "metrics": metrics}), reply_to=msg)
+
+
+def action_handler(name: str) -> Callable[[Message, Context], Message]:
+    """A ClientApp handler for ``name`` (what ``app.train(name)`` registers)."""
+
+    def handler(msg: Message, context: Context) -> Message:
+        return handle_action(name, msg, context)
+
+    handler.__name__ = f"train_{name}"
+    return handler
+
+
+__all__ = ["ActionJob", "ActionResult", "DEFAULT_ACTION", "METRIC_KEYS", "MODEL_KEY",
+           "action_handler", "discover", "get_action", "handle_action", "list_actions",
+           "message_type", "register_action"]

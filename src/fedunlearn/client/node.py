@@ -1,0 +1,131 @@
+"""What a ClientApp knows about its node: config, data, partition, request, split.
+
+A node learns which partition it holds from its node-config (``partition-id``,
+``num-partitions``; the simulation engine sets both). It asks to be forgotten when
+
+* its node-config has ``forget-scope`` (a real SuperNode: ``forget-scope``,
+  ``forget-classes``, ``forget-sample-ids``, ``forget-fraction``), or
+* its partition id is in the run-config's ``forget.clients`` (simulation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from flwr.app import Context
+
+from ..backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
+from ..config import ExperimentConfig, parse_int_list
+from ..data import FederatedData, build_federated_data
+from ..models import create_model
+from ..requests import UnlearningRequest, forget_indices
+
+
+@lru_cache(maxsize=8)
+def _config(items: tuple) -> ExperimentConfig:
+    return ExperimentConfig.from_run_config(dict(items))
+
+
+def experiment_config(context: Context) -> ExperimentConfig:
+    return _config(tuple(sorted(context.run_config.items())))
+
+
+def federated_data(cfg: ExperimentConfig) -> FederatedData:
+    return build_federated_data(
+        cfg.dataset, cfg.num_clients, partitioning=cfg.partitioning, alpha=cfg.alpha,
+        val_fraction=cfg.val_fraction, seed=cfg.seed, root=cfg.data_root,
+        download=cfg.data_download,
+    )
+
+
+@dataclass
+class NodeView:
+    """What one node needs: its config, the data and which partition it holds."""
+
+    cfg: ExperimentConfig
+    data: FederatedData
+    partition_id: int
+
+    @classmethod
+    def from_context(cls, context: Context) -> NodeView:
+        cfg = experiment_config(context)
+        nc = context.node_config
+        if "partition-id" not in nc:
+            raise ValueError(
+                "node-config has no 'partition-id': start the SuperNode with "
+                "--node-config \"partition-id=<i> num-partitions=<n>\""
+            )
+        partition_id = int(nc["partition-id"])
+        num_partitions = int(nc.get("num-partitions", cfg.num_clients))
+        if num_partitions != cfg.num_clients:
+            raise ValueError(
+                f"node-config num-partitions={num_partitions} but the run expects "
+                f"federation.num-clients={cfg.num_clients}"
+            )
+        data = federated_data(cfg)
+        if not 0 <= partition_id < data.num_clients():
+            raise ValueError(
+                f"node-config partition-id={partition_id} outside 0..{data.num_clients() - 1}"
+            )
+        return cls(cfg=cfg, data=data, partition_id=partition_id)
+
+    def train_indices(self) -> np.ndarray:
+        return self.data.train_indices(self.partition_id)
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.data.train.targets)
+
+    def poison_transform(self) -> PoisonTransform | None:
+        """The backdoor this node plants when it trains, if it is a backdoor client."""
+        bd = self.cfg.backdoor
+        if self.partition_id not in bd.clients:
+            return None
+        ids = poisoned_ids(self.train_indices(), self.labels(), bd,
+                           seed=self.cfg.seed + 104_729 + self.partition_id)
+        return PoisonTransform(ids, patch_size_for(bd, self.data.info.image_size),
+                               bd.position, trigger_value(bd, self.data.train), bd.target)
+
+    def new_model(self):
+        info = self.data.info
+        return create_model(self.cfg.model, num_classes=info.num_classes,
+                            in_channels=info.in_channels, image_size=info.image_size)
+
+
+def own_request(view: NodeView, node_config) -> UnlearningRequest | None:
+    """The request this node makes, from its node-config or the run-config."""
+    cfg, pid = view.cfg, view.partition_id
+    if "forget-scope" in node_config:
+        scope = str(node_config["forget-scope"]).strip().lower()
+        classes = parse_int_list(node_config.get("forget-classes", ""), "forget-classes")
+        ids = parse_int_list(node_config.get("forget-sample-ids", ""), "forget-sample-ids")
+        fraction = float(node_config.get("forget-fraction", cfg.forget.fraction))
+        data_of = int(node_config.get("forget-data-of", -1))
+    elif pid in cfg.forget.clients:
+        f = cfg.forget
+        scope, classes, ids, fraction, data_of = f.scope, f.classes, f.sample_ids, f.fraction, f.data_of
+    else:
+        return None
+    if scope == "instance" and not ids:
+        ids = tuple(sample_fraction(view.train_indices(), fraction, seed=cfg.seed + pid))
+    return UnlearningRequest(scope=scope, partition_id=data_of if data_of >= 0 else pid,
+                             classes=tuple(classes), sample_ids=tuple(ids))
+
+
+def sample_fraction(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A deterministic random ``fraction`` of ``indices`` (sorted; empty if 0)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"forget fraction {fraction} must be in [0, 1]")
+    n = int(round(fraction * len(indices)))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(np.asarray(indices), size=n, replace=False))
+
+
+def split_local(view: NodeView, request: UnlearningRequest | None) -> tuple[np.ndarray, np.ndarray]:
+    """(retained, forget) global ids of this node's training split."""
+    train = view.train_indices()
+    if request is None:
+        return train, np.zeros(0, dtype=np.int64)
+    forget = forget_indices(request, train, view.labels())
+    return np.setdiff1d(train, forget), forget

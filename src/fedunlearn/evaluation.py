@@ -1,0 +1,106 @@
+"""Evaluation: retain/forget accuracy (federated), test accuracy, MIA and ASR (server).
+
+Nodes evaluate a model on their own data (the forget data never leaves them) and send
+counts plus membership features; the server adds test accuracy, fits the membership
+attack, and measures a backdoor's attack success rate when one is configured.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from .backdoor import attack_success_rate
+from .metrics import accuracy_from_logits, membership_features, mia_score, predict, split_nonmembers
+from .requests import request_to_config
+from .training import load_arrays
+
+REPLY_TIMEOUT_S = 3600.0
+
+
+class Evaluator:
+    """Measures models for one job.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    data : FederatedData
+    new_model : callable returning a fresh model
+    device : torch.device for server-side inference
+    trigger : the backdoor's resolved trigger value, or ``None`` without a backdoor
+    """
+
+    def __init__(self, cfg, data, new_model, device, trigger=None) -> None:
+        self.cfg, self.data, self.new_model, self.device = cfg, data, new_model, device
+        self.trigger = trigger
+        self.test_ids = np.arange(len(data.test))
+        self.attack_nonmembers, self.heldout_nonmembers = split_nonmembers(
+            len(data.test), seed=cfg.seed)
+
+    def progress(self, phase: str, server_round: int, arrays: ArrayRecord,
+                 num_rounds: int) -> MetricRecord:
+        """Test accuracy for the progress log."""
+        model = load_arrays(self.new_model(), arrays).to(self.device)
+        logits, labels = predict(model, self.data.test, self.test_ids, device=self.device)
+        acc = accuracy_from_logits(logits, labels)
+        log(INFO, "[%s] round %d/%d  test accuracy %.2f%%", phase, server_round, num_rounds, acc)
+        return MetricRecord({"test-accuracy": acc})
+
+    def evaluate(self, grid: Grid, arrays: ArrayRecord, requests: dict,
+                 node_partitions: dict[int, int]) -> dict:
+        """Retain/forget accuracy (federated), test accuracy and MIA (server)."""
+        cfg = self.cfg
+        nodes = sorted(grid.get_node_ids())
+        if node_partitions:
+            nodes = [n for n in nodes if n in node_partitions]
+        per_node = max(1, -(-cfg.mia_max_members // max(len(nodes), 1)))
+        messages = []
+        for n in nodes:
+            config = ConfigRecord({"max-members": per_node})
+            request = requests.get(n)
+            if request is not None:
+                config.update(request_to_config(request))
+            messages.append(Message(RecordDict({"arrays": arrays, "config": config}),
+                                    dst_node_id=n, message_type="evaluate"))
+        replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+        # Replies arrive in any order; fix it so the MIA's subsampling is reproducible.
+        replies.sort(key=lambda m: node_partitions.get(int(m.metadata.src_node_id), -1))
+        sums = {"retain-correct": 0, "retain-total": 0, "forget-correct": 0, "forget-total": 0}
+        members, targets = [], []
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "evaluation failed on node %s: %s", msg.metadata.src_node_id,
+                    msg.error.reason)
+                continue
+            m = msg.content["metrics"]
+            for k in sums:
+                sums[k] += int(m[k])
+            if "retain-features" in m:
+                members.append(np.asarray(m["retain-features"], dtype=np.float64).reshape(-1, 3))
+            if "forget-features" in m:
+                targets.append(np.asarray(m["forget-features"], dtype=np.float64).reshape(-1, 3))
+        model = load_arrays(self.new_model(), arrays).to(self.device)
+        logits, labels = predict(model, self.data.test, self.test_ids, device=self.device)
+        test_feats = membership_features(logits, labels)
+        member = np.concatenate(members) if members else np.zeros((0, 3))
+        target = np.concatenate(targets) if targets else np.zeros((0, 3))
+        out = {
+            "retain": _pct(sums["retain-correct"], sums["retain-total"]),
+            "forget": _pct(sums["forget-correct"], sums["forget-total"]),
+            "test": accuracy_from_logits(logits, labels),
+            "mia": mia_score(member, test_feats[self.attack_nonmembers], target,
+                             test_feats[self.heldout_nonmembers], seed=cfg.seed),
+        }
+        if self.trigger is not None:
+            out["asr"] = attack_success_rate(model, self.data.test, labels, cfg.backdoor,
+                                             self.trigger, self.data.info.image_size,
+                                             device=self.device)
+        return out
+
+
+def _pct(correct: int, total: int) -> float:
+    return 100.0 * correct / total if total else float("nan")
