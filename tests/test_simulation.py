@@ -88,18 +88,27 @@ def test_method_list_then_checkpoint_reuse(tmp_path, flwr_env, ckpt):
 
 
 def test_methods_where_the_target_takes_part(tmp_path, flwr_env, ckpt):
-    """PUF: the target runs its own client action in the unlearning step."""
+    """PUF and MoDE: the target runs its own client action, MoDE sends two models."""
     out = tmp_path / "target-actions"
-    log = run({"method": "puf", "pretrain.rounds": 4, "unlearn.rounds": 2,
-               "checkpoint-dir": str(ckpt), "method-params": "puf.alpha=1.5"}, out, flwr_env)
-    puf = load(out / "results.json")
+    log = run({"method": "puf,mode", "pretrain.rounds": 4, "unlearn.rounds": 2,
+               "checkpoint-dir": str(ckpt),
+               "method-params": "mode.degradation_rounds=1 mode.guidance_rounds=2"},
+              out, flwr_env)
+    puf, mode = load(out / "puf" / "results.json"), load(out / "mode" / "results.json")
     check_schema(puf, "puf")
-    unl, rec = puf["cost"]["phases"]["unlearning"], puf["cost"]["phases"]["recovery"]
-    model_bytes = rec["bytes_down"] // (4 * 2)  # 4 retained nodes, 2 rounds
-    assert rec["bytes_down"] == rec["bytes_up"] == 8 * model_bytes
+    check_schema(mode, "mode", stores=True)
+    model_bytes = mode["cost"]["storage_bytes"]
+    unl = puf["cost"]["phases"]["unlearning"]
     assert unl["rounds"] == 1 and unl["comm_bytes"] == 2 * model_bytes  # target only
-    assert puf["params"]["alpha"] == 1.5
-    assert "[puf] applied -1.50" in log
+    unl = mode["cost"]["phases"]["unlearning"]
+    # round 1: theta_d to 4 retained nodes and back, theta to 5 (+theta_d to the target)
+    # and back; round 2: the guidance exchange again.
+    assert unl["bytes_down"] == (4 + 5 + 1 + 5 + 1) * model_bytes
+    assert unl["bytes_up"] == (4 + 5 + 5) * model_bytes
+    assert unl["forward_samples"] > 0
+    assert mode["cost"]["phases"]["recovery"]["rounds"] == 2
+    assert mode["params"]["guidance_rounds"] == 2 and puf["params"]["alpha"] == 2.0
+    assert "[puf] applied -2.00" in log and "[mode] 2 guidance rounds done" in log
 
 
 def test_every_client_forgets_one_class(tmp_path, flwr_env, ckpt):
