@@ -16,8 +16,10 @@ from flwr.serverapp import Grid
 
 from .backdoor import attack_success_rate
 from .metrics import accuracy_from_logits, membership_features, mia_score, predict, split_nonmembers
+from .replies import parse_evaluate_reply
 from .requests import request_to_config
 from .training import load_arrays
+from .wire import WireError
 
 REPLY_TIMEOUT_S = 3600.0
 
@@ -76,13 +78,16 @@ class Evaluator:
                 log(WARNING, "evaluation failed on node %s: %s", msg.metadata.src_node_id,
                     msg.error.reason)
                 continue
-            m = msg.content["metrics"]
+            try:  # untrusted: a malformed reply is a failed node, never a crash
+                reply = parse_evaluate_reply(msg, max_members=per_node)
+            except WireError as err:
+                log(WARNING, "evaluation reply from node %s is malformed (counted as a failed "
+                    "node): %s", msg.metadata.src_node_id, err)
+                continue
             for k in sums:
-                sums[k] += int(m[k])
-            if "retain-features" in m:
-                members.append(np.asarray(m["retain-features"], dtype=np.float64).reshape(-1, 3))
-            if "forget-features" in m:
-                targets.append(np.asarray(m["forget-features"], dtype=np.float64).reshape(-1, 3))
+                sums[k] += reply.counts[k]
+            members.append(reply.retain_features)
+            targets.append(reply.forget_features)
         model = load_arrays(self.new_model(), arrays).to(self.device)
         logits, labels = predict(model, self.data.test, self.test_ids, device=self.device)
         test_feats = membership_features(logits, labels)

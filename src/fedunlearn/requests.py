@@ -14,15 +14,24 @@ request is rejected with a logged reason and the run goes on without it.
 
 Sample ids are indices into the dataset's training set (the same ids every client and
 the server derive from the deterministic partitioning).
+
+Parsing is strict (:mod:`.wire`): a request record has exactly the fields of its scope,
+with their exact types (``partition-id`` an int, ``classes`` and ``sample-ids`` lists of
+distinct ints, at most :data:`MAX_CLASSES` / :data:`MAX_SAMPLE_IDS` of them), or it is
+rejected with a reason naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ConfigRecord
+
+from .wire import WireError, exact_int, int_list, only_fields, require, str_list, text
 
 QUERY_UNLEARN = "query.unlearn"
 """Message type the server sends to collect unlearning requests."""
@@ -31,9 +40,35 @@ SCOPES = ("client", "class", "instance")
 
 NODE_RECORD = "node"
 REQUEST_RECORD = "request"
+QUERY_CONFIG = "config"
+"""ConfigRecord of a ``query.unlearn`` message: what the server allows (below)."""
+RUN_CONFIG_REQUESTS = "run-config-requests"
+"""Query flag: whether a node may ask through the run-config's ``forget.*`` (simulation
+only; on a deployment a request comes from the node's inbox or node-config)."""
+RECEIPT_RECORD = "receipt"
+"""A ``query.unlearn`` message carrying the server's verdict on inbox requests."""
+RECEIPT_ACK = "receipt-ack"
 
 CONFIG_PREFIX = "forget."
 """Prefix of the config entries that echo a node's accepted request back to it."""
+
+MAX_PARTITION_ID = 1_000_000
+MAX_CLASSES = 10_000
+"""Most labels one class-wise request may name."""
+MAX_ID = 2**40
+"""Largest magnitude of a class or sample id on the wire (safe for int64 arithmetic;
+whether an id exists is checked against the data by :func:`validate_request`)."""
+MAX_SAMPLE_IDS = 100_000
+"""Most sample ids one instance-wise request may name (a larger forget set is better
+served by a client-wise request)."""
+MAX_INBOX_IDS = 64
+"""Most inbox request ids one reply may carry (requests merged into one)."""
+INBOX_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+MAX_ERROR_CHARS = 500
+"""A node's own error report is cut to this many characters."""
+REQUEST_FIELDS = ("scope", "partition-id", "classes", "sample-ids", "inbox-ids")
+INVALID_SCOPE = "invalid"
+"""Scope of the record a node sends when it could not build its request (with ``error``)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +88,10 @@ class UnlearningRequest:
     node_id : int
         The node that sent the request; set by the server from the message metadata,
         never taken from the request's content.
+    inbox_ids : tuple of str
+        The ids of the node's inbox requests this request serves (empty when it came
+        from the node-config or the run-config); the server's verdict is sent back to
+        the node under these ids.
     """
 
     scope: str
@@ -60,34 +99,59 @@ class UnlearningRequest:
     classes: tuple[int, ...] = ()
     sample_ids: tuple[int, ...] = ()
     node_id: int = field(default=0, compare=False)
+    inbox_ids: tuple[str, ...] = field(default=(), compare=False)
 
     def to_config_record(self) -> ConfigRecord:
+        """The wire form: only the fields the scope uses."""
         record = ConfigRecord({"scope": self.scope, "partition-id": int(self.partition_id)})
-        if self.classes:
+        if self.scope == "class":
             record["classes"] = [int(c) for c in self.classes]
-        if self.sample_ids:
+        if self.scope == "instance":
             record["sample-ids"] = [int(i) for i in self.sample_ids]
+        if self.inbox_ids:
+            record["inbox-ids"] = list(self.inbox_ids)
         return record
 
     @classmethod
     def from_config_record(cls, record: Mapping, node_id: int = 0) -> UnlearningRequest:
-        """Parse a request record; raises ``ValueError`` on a malformed one."""
+        """Parse a request record strictly; raises :class:`~fedunlearn.wire.WireError`
+        (a ``ValueError``) naming the field, the value and what is allowed."""
         try:
-            scope = str(record["scope"])
-            partition_id = int(record["partition-id"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"malformed request record {dict(record)!r}: {err}") from None
-        classes = record.get("classes", [])
-        sample_ids = record.get("sample-ids", [])
-        classes = [classes] if isinstance(classes, int) else list(classes)
-        sample_ids = [sample_ids] if isinstance(sample_ids, int) else list(sample_ids)
-        return cls(
-            scope=scope,
-            partition_id=partition_id,
-            classes=tuple(int(c) for c in classes),
-            sample_ids=tuple(int(i) for i in sample_ids),
-            node_id=node_id,
-        )
+            return cls._parse(record, node_id)
+        except WireError as err:
+            raise err.with_prefix("malformed request record: ") from None
+
+    @classmethod
+    def _parse(cls, record: Mapping, node_id: int) -> UnlearningRequest:
+        if not isinstance(record, Mapping):
+            raise WireError("request", record, "expected a record")
+        only_fields(record, REQUEST_FIELDS, "request")
+        scope = text("scope", require(record, "scope", "expected one of " + ", ".join(SCOPES)),
+                     max_len=16, choices=SCOPES)
+        partition_id = exact_int("partition-id",
+                                 require(record, "partition-id", "expected an integer"),
+                                 lo=0, hi=MAX_PARTITION_ID)
+        classes: tuple[int, ...] = ()
+        sample_ids: tuple[int, ...] = ()
+        if "classes" in record:
+            if scope != "class":
+                raise WireError("classes", record["classes"],
+                                f"only a class-wise request names classes (scope is {scope!r})")
+            classes = int_list("classes", record["classes"], MAX_CLASSES, lo=-MAX_ID,
+                               hi=MAX_ID, show_range=False)
+        if "sample-ids" in record:
+            if scope != "instance":
+                raise WireError("sample-ids", record["sample-ids"],
+                                f"only an instance-wise request names sample ids (scope is "
+                                f"{scope!r})")
+            sample_ids = int_list("sample-ids", record["sample-ids"], MAX_SAMPLE_IDS,
+                                  lo=-MAX_ID, hi=MAX_ID, show_range=False)
+        inbox_ids: tuple[str, ...] = ()
+        if "inbox-ids" in record:
+            inbox_ids = str_list("inbox-ids", record["inbox-ids"], MAX_INBOX_IDS, 64,
+                                 INBOX_ID_PATTERN)
+        return cls(scope=scope, partition_id=partition_id, classes=classes,
+                   sample_ids=sample_ids, node_id=node_id, inbox_ids=inbox_ids)
 
     def describe(self) -> dict:
         """A JSON-friendly summary (used in results files)."""
@@ -97,6 +161,13 @@ class UnlearningRequest:
         if self.scope == "instance":
             out["num_samples"] = len(self.sample_ids)
         return out
+
+    def digest(self) -> str:
+        """SHA-256 of what the request names (scope, partition, classes, sorted ids):
+        proves which forget set was served without recording the ids themselves."""
+        blob = json.dumps([self.scope, int(self.partition_id), sorted(self.classes),
+                           sorted(self.sample_ids)], separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
 
 
 def forget_indices(request: UnlearningRequest, train_indices: np.ndarray,
@@ -190,21 +261,22 @@ def request_to_config(request: UnlearningRequest) -> dict:
     The server echoes a node's *accepted* request in every train/evaluate config; the
     node filters locally, so its forget data never leaves it."""
     out = {CONFIG_PREFIX + "scope": request.scope}
-    if request.classes:
+    if request.scope == "class":
         out[CONFIG_PREFIX + "classes"] = [int(c) for c in request.classes]
-    if request.sample_ids:
+    if request.scope == "instance":
         out[CONFIG_PREFIX + "sample-ids"] = [int(i) for i in request.sample_ids]
     return out
 
 
 def request_from_config(config: Mapping, partition_id: int) -> UnlearningRequest | None:
     """The node's accepted request as echoed in a train/evaluate config (inverse of
-    :func:`request_to_config`); ``None`` when the config carries none."""
+    :func:`request_to_config`); ``None`` when the config carries none. Parsed as
+    strictly as a request: a malformed echo raises ``ValueError``."""
     scope = config.get(CONFIG_PREFIX + "scope")
     if not scope:
         return None
-    classes = config.get(CONFIG_PREFIX + "classes", [])
-    ids = config.get(CONFIG_PREFIX + "sample-ids", [])
-    return UnlearningRequest(scope=str(scope), partition_id=partition_id,
-                             classes=tuple(int(c) for c in classes),
-                             sample_ids=tuple(int(i) for i in ids))
+    record: dict = {"scope": scope, "partition-id": partition_id}
+    for key in ("classes", "sample-ids"):
+        if CONFIG_PREFIX + key in config:
+            record[key] = config[CONFIG_PREFIX + key]
+    return UnlearningRequest.from_config_record(record)

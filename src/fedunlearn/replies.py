@@ -1,0 +1,188 @@
+"""Strict checks of what nodes reply: which partition they hold, trained models, evaluation
+counts.
+
+A reply is untrusted input. The server reads one only through these functions, which
+either return plain, checked values or raise :class:`~fedunlearn.wire.WireError` naming
+the field, the value and what is allowed. The caller then treats the node as failed for
+that round (:class:`fedunlearn.federation.GuardedGrid` turns such a reply into an error
+reply before any strategy sees it), so a malformed or hostile reply never crashes the
+ServerApp and never reaches an aggregate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, RecordDict
+
+from .client.actions import METRIC_KEYS as TRAIN_METRIC_KEYS
+from .client.actions import MODEL_KEY
+from .requests import MAX_PARTITION_ID, NODE_RECORD
+from .wire import (MissingField, WireError, exact_int, finite_number, number_list,
+                   only_fields, require)
+
+METRICS_KEY = "metrics"
+EVALUATE_COUNT_KEYS = ("retain-correct", "retain-total", "forget-correct", "forget-total")
+MIA_FEATURES = 3
+"""Membership features per sample (loss, true-label probability, entropy)."""
+MAX_COUNT = 10**12
+"""Upper bound of any sample count a node reports (far above any data set here)."""
+NODE_FIELDS = ("partition-id", "num-partitions")
+
+
+def parse_node_record(content: RecordDict) -> int:
+    """The partition a ``query.unlearn`` reply says its node holds."""
+    require(content, NODE_RECORD, "expected a record with the node's partition-id")
+    record = content.config_records.get(NODE_RECORD)
+    if record is None:
+        raise WireError(NODE_RECORD, type(content[NODE_RECORD]).__name__,
+                        "expected a ConfigRecord")
+    only_fields(record, NODE_FIELDS, NODE_RECORD)
+    partition = exact_int("partition-id", require(record, "partition-id", "expected an integer"),
+                          lo=0, hi=MAX_PARTITION_ID)
+    if "num-partitions" in record:
+        exact_int("num-partitions", record["num-partitions"], lo=1, hi=MAX_PARTITION_ID + 1)
+    return partition
+
+
+# -- train replies -----------------------------------------------------------------------
+def check_train_reply(reply: Message, sent: Message, max_examples: int | None = None) -> None:
+    """Check a train reply against the message it answers.
+
+    It must carry exactly one ArrayRecord, :data:`MODEL_KEY`, with the same arrays (names,
+    shapes, dtypes) as the model that was sent, every value finite, and exactly one
+    MetricRecord, ``metrics``, with exactly :data:`TRAIN_METRIC_KEYS`: ``num-examples``
+    an int in ``0..max_examples`` (the node's training split: FedAvg weights by it),
+    ``train-loss`` a finite number, the sample counts non-negative ints.
+    """
+    content = reply.content
+    arrays = dict(content.array_records)
+    if list(arrays) != [MODEL_KEY]:
+        raise WireError("array records", sorted(arrays), f"expected exactly [{MODEL_KEY!r}]")
+    expected = sent.content.array_records.get(MODEL_KEY)
+    check_arrays(arrays[MODEL_KEY], expected)
+    metrics = dict(content.metric_records)
+    if list(metrics) != [METRICS_KEY]:
+        raise WireError("metric records", sorted(metrics), f"expected exactly [{METRICS_KEY!r}]")
+    record = metrics[METRICS_KEY]
+    missing = [k for k in TRAIN_METRIC_KEYS if k not in record]
+    if missing:
+        raise MissingField(f"{METRICS_KEY}.{missing[0]}",
+                           "a train reply's metrics hold " + ", ".join(TRAIN_METRIC_KEYS))
+    only_fields(record, TRAIN_METRIC_KEYS, METRICS_KEY)
+    exact_int(f"{METRICS_KEY}.num-examples", record["num-examples"], lo=0,
+              hi=max_examples if max_examples is not None else MAX_COUNT)
+    finite_number(f"{METRICS_KEY}.train-loss", record["train-loss"])
+    for key in ("samples-processed", "forward-samples"):
+        exact_int(f"{METRICS_KEY}.{key}", record[key], lo=0, hi=MAX_COUNT)
+
+
+def check_arrays(record: ArrayRecord, expected: ArrayRecord | None) -> None:
+    """``record`` holds the arrays of ``expected`` (names, shapes, dtypes), all finite."""
+    names = list(record.keys())
+    if expected is not None and names != list(expected.keys()):
+        raise WireError(f"{MODEL_KEY} names", names,
+                        f"expected the {len(expected)} arrays of the model that was sent, "
+                        "in its order")
+    for name in names:
+        array = record[name]
+        try:
+            values = array.numpy()
+        except Exception as err:  # a corrupt buffer: np.load raises many kinds
+            raise WireError(f"{MODEL_KEY}.{name}", f"<{len(array.data)} bytes>",
+                            f"expected a NumPy array ({type(err).__name__}: "
+                            f"{str(err)[:80]})") from None
+        if expected is not None:
+            want = expected[name]
+            if tuple(values.shape) != tuple(want.shape) or str(values.dtype) != want.dtype:
+                raise WireError(f"{MODEL_KEY}.{name}", f"{values.dtype}{list(values.shape)}",
+                                f"expected {want.dtype}{list(want.shape)} as sent")
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            raise WireError(f"{MODEL_KEY}.{name}", "array with NaN or infinity",
+                            "expected finite values")
+        if values.dtype.kind not in "biufc":
+            raise WireError(f"{MODEL_KEY}.{name}", str(values.dtype),
+                            "expected a numeric array")
+
+
+# -- evaluate replies --------------------------------------------------------------------
+@dataclass
+class EvaluateReply:
+    """The checked content of one node's evaluate reply."""
+
+    counts: dict[str, int]
+    retain_features: np.ndarray = field(default_factory=lambda: np.zeros((0, MIA_FEATURES)))
+    forget_features: np.ndarray = field(default_factory=lambda: np.zeros((0, MIA_FEATURES)))
+
+
+def parse_evaluate_reply(reply: Message, max_members: int | None = None,
+                         expected_totals: Mapping[str, int] | None = None) -> EvaluateReply:
+    """Check an evaluate reply and return its counts and membership features.
+
+    The MetricRecord ``metrics`` must hold :data:`EVALUATE_COUNT_KEYS` as non-negative
+    ints with ``correct <= total``; when ``expected_totals`` is given (what the server
+    computes from the partition and the accepted request), ``retain-total`` and
+    ``forget-total`` must equal it. ``retain-features`` / ``forget-features``, when
+    present, are lists of finite numbers, :data:`MIA_FEATURES` per sample, at most one
+    row per counted sample (and at most ``max_members`` retained rows). Other keys are
+    ignored.
+    """
+    metrics = reply.content.metric_records.get(METRICS_KEY)
+    if metrics is None:
+        raise MissingField(METRICS_KEY, "an evaluate reply carries a MetricRecord 'metrics'")
+    counts = {}
+    for key in EVALUATE_COUNT_KEYS:
+        name = f"{METRICS_KEY}.{key}"
+        counts[key] = exact_int(name, require(metrics, key, "expected a sample count"),
+                                lo=0, hi=MAX_COUNT)
+    for part in ("retain", "forget"):
+        correct, total = counts[f"{part}-correct"], counts[f"{part}-total"]
+        if correct > total:
+            raise WireError(f"{METRICS_KEY}.{part}-correct", correct,
+                            f"expected at most {part}-total={total}")
+        if expected_totals is not None and f"{part}-total" in expected_totals:
+            want = int(expected_totals[f"{part}-total"])
+            if total != want:
+                raise WireError(f"{METRICS_KEY}.{part}-total", total,
+                                f"expected {want}, the size of the node's {part} set")
+    out = EvaluateReply(counts)
+    for part in ("retain", "forget"):
+        key = f"{part}-features"
+        if key not in metrics:
+            continue
+        rows = counts[f"{part}-total"]
+        if part == "retain" and max_members is not None:
+            rows = min(rows, max_members)
+        values = number_list(f"{METRICS_KEY}.{key}", metrics[key], rows * MIA_FEATURES)
+        if len(values) % MIA_FEATURES:
+            raise WireError(f"{METRICS_KEY}.{key}", metrics[key],
+                            f"expected {MIA_FEATURES} features per sample (a length that "
+                            f"is a multiple of {MIA_FEATURES})")
+        features = np.asarray(values, dtype=np.float64).reshape(-1, MIA_FEATURES)
+        setattr(out, f"{part}_features", features)
+    return out
+
+
+def check_evaluate_metrics(reply: Message) -> None:
+    """Any evaluate reply (e.g. a validation split): one MetricRecord ``metrics`` whose
+    counts (``*-correct``, ``*-total``, ``num-examples``) are non-negative ints with
+    ``correct <= total`` and whose other values are finite numbers or lists of them."""
+    metrics = reply.content.metric_records.get(METRICS_KEY)
+    if metrics is None:
+        raise MissingField(METRICS_KEY, "an evaluate reply carries a MetricRecord 'metrics'")
+    for key, value in metrics.items():
+        name = f"{METRICS_KEY}.{key}"
+        if key == "num-examples" or key.endswith(("-correct", "-total")):
+            exact_int(name, value, lo=0, hi=MAX_COUNT)
+        elif isinstance(value, list):
+            number_list(name, value, max_len=len(value))
+        else:
+            finite_number(name, value)
+    for key in metrics:
+        total_key = key[: -len("-correct")] + "-total"
+        if key.endswith("-correct") and total_key in metrics:
+            if metrics[key] > metrics[total_key]:
+                raise WireError(f"{METRICS_KEY}.{key}", metrics[key],
+                                f"expected at most {total_key}={metrics[total_key]}")
