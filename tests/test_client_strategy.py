@@ -105,7 +105,8 @@ def test_configure_train_excludes_client_wise_targets_and_echoes_requests(server
     assert strategy.cost.rounds == 1
     # Replies add their real upload size and the samples they processed.
     replies = [reply_from(n, RecordDict({"arrays": arrays, "metrics": MetricRecord(
-        {"num-examples": 10, "samples-processed": 20})}), "train") for n in dst]
+        {"num-examples": 10, "samples-processed": 20, "train-loss": 0.5,
+         "forward-samples": 0})}), "train") for n in dst]
     agg, _ = strategy.aggregate_train(1, replies)
     assert agg is not None
     assert strategy.cost.bytes_up == 3 * arrayrecord_nbytes(arrays)

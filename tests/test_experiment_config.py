@@ -57,7 +57,10 @@ def test_every_option_passes_only_known_keys_with_default_values(group, pyprojec
         prefix = {"method": ("method", "unlearn.lr", "unlearn.local-epochs",
                              "unlearn.clip-norm", "negation."),
                   "dataset": ("dataset.",), "model": ("model.",), "forget": ("forget.",),
-                  "federation": ("federation.", "pretrain.", "unlearn.rounds"),
+                  "federation": ("federation.", "pretrain.", "unlearn.rounds",
+                                 "unlearn.server-momentum", "unlearn.stop",
+                                 "unlearn.validate-every", "unlearn.target-gap",
+                                 "unlearn.patience", "unlearn.min-delta"),
                   "backdoor": ("backdoor.",)}[group]
         assert all(k.startswith(prefix) for k in changed), (group, option, changed)
         ExperimentConfig.from_run_config({**pyproject_defaults, **flat})  # valid

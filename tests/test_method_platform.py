@@ -151,7 +151,10 @@ def test_fixed_aggregation_order_whatever_the_arrival_order(app, server_identity
     strategy = create_method("ft", make_context(RC, {}))
     msgs = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, float(p) / 3,
                                                                            np.float32))}),
-                                "metrics": MetricRecord({"num-examples": 1 + p})}),
+                                "metrics": MetricRecord({"num-examples": 1 + p,
+                                                         "train-loss": 0.0,
+                                                         "samples-processed": 1 + p,
+                                                         "forward-samples": 0})}),
                     dst_node_id=n, message_type="train") for n, p in NODE.items()]
     replies = [incoming(m.content, "train", dst_node_id=0, src_node_id=m.metadata.dst_node_id)
                for m in msgs]
@@ -211,13 +214,20 @@ def test_a_method_refuses_scopes_it_cannot_serve_and_the_table_says_so():
 
 # -- discovery ---------------------------------------------------------------------------
 def test_a_dropped_in_strategy_file_and_action_module_are_registered(tmp_path):
-    """Discovery alone: no edit of the ClientApp, the registries or any config."""
-    import fedunlearn.client.actions as actions_pkg
-    import fedunlearn.strategies as strategies_pkg
+    """Discovery alone: no edit of the ClientApp, the registries or any config.
 
-    strategy_file = Path(strategies_pkg.__file__).parent / "zz_dropped_in.py"
-    action_file = Path(actions_pkg.__file__).parent / "zz_dropped_in_action.py"
-    strategy_file.write_text(textwrap.dedent('''
+    Works on a copy of the packages, so the source tree is never touched (other test
+    runs may be importing it)."""
+    import shutil
+
+    import fedunlearn
+
+    package = Path(fedunlearn.__file__).parent
+    shutil.copytree(package, tmp_path / "fedunlearn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(project_root() / "flower_apps", tmp_path / "flower_apps",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "fedunlearn" / "strategies" / "dropped_in.py").write_text(textwrap.dedent('''
         from . import register_method
         from .finetune import FineTune
 
@@ -225,22 +235,21 @@ def test_a_dropped_in_strategy_file_and_action_module_are_registered(tmp_path):
         class DroppedIn(FineTune):
             """A method that exists only as this file."""
     '''))
-    action_file.write_text(textwrap.dedent('''
+    (tmp_path / "fedunlearn" / "client" / "actions" / "dropped_in_action.py").write_text(
+        textwrap.dedent('''
         from . import ActionResult, register_action
 
         @register_action("dropped_in_action")
         def act(job):
             return ActionResult(job.model, 0)
     '''))
-    try:
-        code = ("import json; from fedunlearn.strategies import list_methods; "
-                "from flower_apps.client_app import app; "
-                "print(json.dumps([list_methods(), sorted(app._registered_funcs)]))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             cwd=project_root(), check=True).stdout
-        methods, handlers = json.loads(out.strip().splitlines()[-1])
-        assert "dropped_in" in methods
-        assert "train.dropped_in_action" in handlers
-    finally:
-        strategy_file.unlink()
-        action_file.unlink()
+    code = ("import json, fedunlearn; from fedunlearn.strategies import list_methods; "
+            "from flower_apps.client_app import app; "
+            "print(json.dumps([fedunlearn.__file__, list_methods(), "
+            "sorted(app._registered_funcs)]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, check=True).stdout
+    where, methods, handlers = json.loads(out.strip().splitlines()[-1])
+    assert Path(where).parent == tmp_path / "fedunlearn"  # the copy, not the source tree
+    assert "dropped_in" in methods
+    assert "train.dropped_in_action" in handlers

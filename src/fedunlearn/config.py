@@ -21,6 +21,7 @@ from .backdoor import BackdoorConfig
 
 SCOPES = ("client", "class", "instance")
 PARTITIONINGS = ("iid", "dirichlet")
+RECOVERY_STOPS = ("validation", "fixed")
 
 
 def parse_int_list(value: Any, key: str) -> tuple[int, ...]:
@@ -118,10 +119,16 @@ class ExperimentConfig:
     momentum: float = 0.9
     pretrain_rounds: int = 30
     pretrain_lr: float = 0.01
-    unlearn_rounds: int = 15
+    unlearn_rounds: int = 15  # the recovery budget (the maximum when stop="validation")
     unlearn_lr: float = 0.01
     unlearn_local_epochs: int = 1
     unlearn_clip_norm: float = 0.0
+    unlearn_server_momentum: float = 0.0
+    recovery_stop: str = "fixed"
+    recovery_validate_every: int = 1
+    recovery_target_gap: float = 1.0
+    recovery_patience: int = 3
+    recovery_min_delta: float = 0.1
     negate_layers: tuple[str, ...] = ()
     negate_bias: bool = True
     forget: ForgetConfig = field(default_factory=ForgetConfig)
@@ -185,6 +192,14 @@ class ExperimentConfig:
             unlearn_lr=float(get("unlearn.lr", d.unlearn_lr)),
             unlearn_local_epochs=int(get("unlearn.local-epochs", d.unlearn_local_epochs)),
             unlearn_clip_norm=float(get("unlearn.clip-norm", d.unlearn_clip_norm)),
+            unlearn_server_momentum=float(get("unlearn.server-momentum",
+                                              d.unlearn_server_momentum)),
+            recovery_stop=str(get("unlearn.stop", d.recovery_stop)).strip().lower(),
+            recovery_validate_every=int(get("unlearn.validate-every",
+                                            d.recovery_validate_every)),
+            recovery_target_gap=float(get("unlearn.target-gap", d.recovery_target_gap)),
+            recovery_patience=int(get("unlearn.patience", d.recovery_patience)),
+            recovery_min_delta=float(get("unlearn.min-delta", d.recovery_min_delta)),
             negate_layers=parse_str_list(get("negation.layers", "")),
             negate_bias=bool(get("negation.bias", d.negate_bias)),
             forget=forget,
@@ -220,6 +235,8 @@ class ExperimentConfig:
             "federation.local-epochs": self.local_epochs,
             "unlearn.local-epochs": self.unlearn_local_epochs,
             "eval.every": self.eval_every,
+            "unlearn.validate-every": self.recovery_validate_every,
+            "unlearn.patience": self.recovery_patience,
             "eval.mia-max-members": self.mia_max_members,
         }
         for key, value in positive.items():
@@ -237,6 +254,17 @@ class ExperimentConfig:
             raise ValueError(f"federation.momentum={self.momentum} must be in [0, 1)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"federation.val-fraction={self.val_fraction} must be in [0, 1)")
+        if not 0.0 <= self.unlearn_server_momentum < 1.0:
+            raise ValueError(f"unlearn.server-momentum={self.unlearn_server_momentum} must be "
+                             "in [0, 1) (0: plain FedAvg)")
+        if self.recovery_stop not in RECOVERY_STOPS:
+            raise ValueError(f"unlearn.stop={self.recovery_stop!r}; choose from "
+                             f"{RECOVERY_STOPS} (validation: stop when recovered, fixed: "
+                             "always unlearn.rounds)")
+        for key, value in {"unlearn.target-gap": self.recovery_target_gap,
+                           "unlearn.min-delta": self.recovery_min_delta}.items():
+            if not (value >= 0 and value < 100):
+                raise ValueError(f"{key}={value} must be in [0, 100) accuracy points")
         if self.unlearn_clip_norm < 0:
             raise ValueError(f"unlearn.clip-norm={self.unlearn_clip_norm} must be >= 0 (0: off)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -21,7 +21,8 @@ Definitions (every number is recomputed from the results files):
 * Δ = |mean(method) − mean(Retrain)| per metric, Retrain of the same setting;
 * Avg. Gap = :func:`fedunlearn.metrics.average_gap` of the method's means against
   Retrain's means: the mean of |Δ| over Retain, Forget, Test and MIA (not ASR);
-* Comm. = total bytes sent to and from clients in the unlearning phase
+* Comm. = total bytes sent to and from clients in the unlearning step, recovery and
+  recovery's validation
   (``cost.comm_bytes``), Comp. = its FLOPs (``cost.flops``), both means over seeds.
 
 A setting without Retrain results gets empty Δ and Avg. Gap columns and a note.
@@ -63,6 +64,8 @@ PROTOCOL_FIELDS = ("val_fraction", "batch_size", "local_epochs", "momentum",
                    "pretrain_rounds", "pretrain_lr", "mia_max_members")
 # Method settings: they split a method's row, never the setting (Retrain ignores them).
 METHOD_FIELDS = ("unlearn_rounds", "unlearn_lr", "unlearn_local_epochs", "unlearn_clip_norm",
+                 "unlearn_server_momentum", "recovery_stop", "recovery_validate_every",
+                 "recovery_target_gap", "recovery_patience", "recovery_min_delta",
                  "negate_layers", "negate_bias", "params")
 # "params" is the method's own typed parameters (results.json "params"), not a config field.
 COST_KEYS = ("comm_bytes", "flops", "rounds", "wall_s")

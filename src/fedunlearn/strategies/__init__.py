@@ -22,7 +22,7 @@ from .base import CostMeter, Phase, UnlearningContext, UnlearningStrategy
 from .params import MethodParams
 
 _METHODS: dict[str, type[UnlearningStrategy]] = {}
-_INFRASTRUCTURE = {"base", "params"}
+_INFRASTRUCTURE = {"base", "params", "stopping"}
 
 
 def register_method(name: str):

@@ -11,7 +11,8 @@
   :meth:`node_content` (the models it gets; more than one is allowed);
 * **phases**: :meth:`unlearning_step` (a no-op for FT, negation for NoT, a round at the
   targets for PUF and MoDE) and then :meth:`recovery_phase`, FedAvg rounds with their
-  own :class:`Phase` settings;
+  own :class:`Phase` settings (server momentum included: Flower's ``FedAvgM``), which
+  stop when the model is recovered (:mod:`.stopping`, federated validation);
 * **costs** (:class:`CostMeter`, one per phase): the bytes of every ArrayRecord of every
   message and reply, whatever path it takes (Flower's ``start()`` rounds or a direct
   :meth:`exchange`), FLOPs of trained (forward + backward) and forward-only samples,
@@ -24,6 +25,7 @@ discovery), plus its client action if it has one.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -33,7 +35,7 @@ from logging import INFO, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from ..client.actions import DEFAULT_ACTION, METRIC_KEYS, MODEL_KEY
@@ -42,6 +44,7 @@ from ..config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
 from ..requests import SCOPES, UnlearningRequest, request_to_config
 from .params import MethodParams
+from .stopping import FIXED, MAXIMUM, StoppingRule
 
 ROLES = ("retained", "targets", "all")
 REPLY_TIMEOUT_S = 3600.0
@@ -109,10 +112,14 @@ class Phase:
     weight_decay: float = 0.0
     action: str = DEFAULT_ACTION
     role: str = "retained"
+    server_momentum: float = 0.0
+    stop_early: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"phase role {self.role!r}; allowed: {ROLES}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(f"phase server_momentum={self.server_momentum} must be in [0, 1)")
 
     def config(self) -> ConfigRecord:
         return ConfigRecord({"lr": float(self.lr), "local-epochs": int(self.local_epochs),
@@ -139,11 +146,15 @@ class UnlearningContext:
     flops_per_sample: int = 0
     forward_flops_per_sample: int = 0
     progress: Callable[[str, int, ArrayRecord, int], MetricRecord | None] | None = None
+    original_arrays: ArrayRecord | None = None
     info: dict = field(default_factory=dict)
 
 
-class UnlearningStrategy(FedAvg):
-    """FedAvg over the nodes that may train, with roles, phases and metered costs.
+class UnlearningStrategy(FedAvgM):
+    """FedAvg(M) over the nodes that may train, with roles, phases and metered costs.
+
+    Flower's ``FedAvgM`` with the server momentum of the running :class:`Phase` (0 for
+    pretraining and Retrain: plain FedAvg).
 
     Parameters
     ----------
@@ -255,10 +266,13 @@ class UnlearningStrategy(FedAvg):
         return arrays
 
     def recovery_phase(self) -> Phase:
-        """FedAvg rounds on the retained data after the unlearning step."""
+        """FedAvgM rounds on the retained data after the unlearning step, stopped by the
+        validation rule unless ``unlearn.stop="fixed"``."""
         cfg = self.cfg
         return Phase("recovery", rounds=cfg.unlearn_rounds, lr=cfg.unlearn_lr,
-                     local_epochs=cfg.unlearn_local_epochs, clip_norm=cfg.unlearn_clip_norm)
+                     local_epochs=cfg.unlearn_local_epochs, clip_norm=cfg.unlearn_clip_norm,
+                     server_momentum=cfg.unlearn_server_momentum,
+                     stop_early=cfg.recovery_stop == "validation")
 
     def participants(self, role: str, grid: Grid) -> list[int]:
         """The nodes that take part in a round in ``role`` (sorted by node id).
@@ -321,31 +335,121 @@ class UnlearningStrategy(FedAvg):
         return arrays
 
     def run_phase(self, grid: Grid, arrays: ArrayRecord, phase: Phase) -> ArrayRecord:
-        """``phase.rounds`` FedAvg rounds (Flower's ``start()``) from ``arrays``."""
+        """Up to ``phase.rounds`` rounds of Flower's ``configure_train`` ->
+        ``send_and_receive`` -> ``aggregate_train`` from ``arrays``; with
+        ``phase.stop_early``, stopped by the validation rule (:mod:`.stopping`). What
+        happened goes into ``notes[phase.name]`` (rounds, why it stopped, the validation
+        history)."""
         if phase.rounds == 0:
             return arrays
         self.current_phase = phase
-        progress = self.context.progress
-        evaluate_fn = None
-        if progress is not None:
-            def evaluate_fn(server_round: int, current: ArrayRecord):
-                if server_round == 0:
-                    return None
-                if server_round % self.cfg.eval_every and server_round != phase.rounds:
-                    return None
-                return progress(self.phase, server_round, current, phase.rounds)
+        self.server_momentum = phase.server_momentum
+        self.server_learning_rate = 1.0
+        self.server_opt = phase.server_momentum != 0.0
+        self.current_arrays, self.momentum_vector = None, None  # a fresh server optimizer
+        rule = self.stopping_rule(grid) if phase.stop_early else None
+        every = self.cfg.recovery_validate_every
+        reason, done = (MAXIMUM if rule else FIXED), 0
         try:
-            result = self.start(grid, arrays, num_rounds=phase.rounds,
-                                train_config=phase.config(), evaluate_fn=evaluate_fn)
+            for rnd in range(1, phase.rounds + 1):
+                messages = list(self.configure_train(rnd, arrays, phase.config(), grid))
+                if not messages:
+                    raise RuntimeError(f"[{self.phase}] no node can take part in "
+                                       f"{phase.name} (role {phase.role})")
+                replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)
+                aggregated, _ = self.aggregate_train(rnd, replies)
+                if aggregated is None:
+                    log(WARNING, "[%s] round %d: no usable reply; the model is unchanged",
+                        self.phase, rnd)
+                else:
+                    arrays = aggregated
+                done = rnd
+                verdict = None
+                if rule is not None and (rnd % every == 0 or rnd == phase.rounds):
+                    accuracy = self.validate(grid, arrays)
+                    verdict = rule.update(rnd, accuracy)
+                    log(INFO, "[%s] round %d validation accuracy %.2f%% (target %.2f%%)%s",
+                        self.phase, rnd, accuracy, rule.target,
+                        f": stop, {verdict}" if verdict else "")
+                progress = self.context.progress
+                if progress is not None and (rnd % self.cfg.eval_every == 0
+                                             or rnd == phase.rounds or verdict):
+                    progress(self.phase, rnd, arrays, phase.rounds)
+                if verdict:
+                    reason = verdict
+                    break
         finally:
             self.current_phase = None
-        return result.arrays if result.arrays is not None else arrays
+        note = {"rounds": done, "max_rounds": phase.rounds, "stopped": reason,
+                "server_momentum": phase.server_momentum}
+        if rule is not None:
+            note["target"] = round(rule.target, 4)
+            note["validation"] = [[r, round(a, 4)] for r, a in rule.history]
+        self.notes[phase.name] = note
+        return arrays
+
+    def stopping_rule(self, grid: Grid) -> StoppingRule:
+        """The rule for this job: the target is the original model's validation accuracy
+        on the retained clients minus ``unlearn.target-gap``. The original is validated
+        once per job (shared by its methods, each charged its cost)."""
+        cfg, info = self.cfg, self.context.info
+        if "original_validation" not in info:
+            if self.context.original_arrays is None:
+                raise RuntimeError("the stopping rule needs the original model "
+                                   "(context.original_arrays)")
+            probe = CostMeter()
+            accuracy = self._validate(grid, self.context.original_arrays, probe)
+            info["original_validation"] = (accuracy, probe)
+        accuracy, probe = info["original_validation"]
+        meter = self.costs.setdefault("validation", CostMeter())
+        meter.add(probe)
+        self.notes["original_validation"] = round(accuracy, 4)
+        return StoppingRule(target=accuracy - cfg.recovery_target_gap,
+                            patience=cfg.recovery_patience, min_delta=cfg.recovery_min_delta)
+
+    def validate(self, grid: Grid, arrays: ArrayRecord) -> float:
+        """Federated validation accuracy (%) of ``arrays`` on the retained clients,
+        metered under ``validation``."""
+        return self._validate(grid, arrays, self.costs.setdefault("validation", CostMeter()))
+
+    def _validate(self, grid: Grid, arrays: ArrayRecord, meter: CostMeter) -> float:
+        nodes = self.participants("retained", grid)
+        messages = []
+        for node_id in nodes:
+            config = self.node_config(node_id, ConfigRecord({"split": "val"}))
+            messages.append(Message(RecordDict({MODEL_KEY: arrays, "config": config}),
+                                    dst_node_id=node_id, message_type="evaluate"))
+        correct = total = 0
+        meter.bytes_down += sum(arrayrecord_nbytes(arrays) for _ in messages)
+        meter.messages_down += len(messages)
+        for msg in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
+            if msg.has_error():
+                log(WARNING, "[%s] validation failed on node %s: %s", self.phase,
+                    msg.metadata.src_node_id, msg.error.reason)
+                continue
+            meter.messages_up += 1
+            meter.bytes_up += sum(arrayrecord_nbytes(r)
+                                  for r in msg.content.array_records.values())
+            try:
+                m = msg.content["metrics"]
+                c, t = int(m["val-correct"]), int(m["val-total"])
+            except (KeyError, TypeError, ValueError, OverflowError) as err:
+                log(WARNING, "[%s] malformed validation reply from node %s (%s): ignored",
+                    self.phase, msg.metadata.src_node_id, err)
+                continue
+            if not 0 <= c <= t:
+                log(WARNING, "[%s] validation reply from node %s reports %d of %d correct: "
+                    "ignored", self.phase, msg.metadata.src_node_id, c, t)
+                continue
+            correct, total = correct + c, total + t
+            meter.forward_samples += t
+        meter.forward_flops_per_sample = self.context.forward_flops_per_sample
+        return 100.0 * correct / total if total else float("nan")
 
     # Kept for callers of the one-phase API (pretraining).
     def train_rounds(self, grid: Grid, arrays: ArrayRecord, num_rounds: int) -> ArrayRecord:
         phase = self.recovery_phase()
-        phase = Phase(phase.name, num_rounds, phase.lr, phase.local_epochs, phase.clip_norm,
-                      phase.weight_decay, phase.action, phase.role)
+        phase = dataclasses.replace(phase, rounds=num_rounds)
         return self.run_phase(grid, arrays, phase)
 
     def round_config(self, phase: Phase, server_round: int) -> ConfigRecord:
@@ -375,6 +479,8 @@ class UnlearningStrategy(FedAvg):
         config["server-round"] = server_round
         config["seed"] = self.cfg.seed * 100_000 + server_round
         self.round_start = arrays  # the round's starting model, for methods that need deltas
+        if self.current_arrays is None:  # FedAvgM's reference point for server momentum
+            self.current_arrays = arrays
         messages = self.build_messages(arrays, phase, self.participants(phase.role, grid),
                                        server_round, config=config)
         for msg in messages:
@@ -395,12 +501,52 @@ class UnlearningStrategy(FedAvg):
         return sorted(replies, key=lambda m: (parts.get(int(m.metadata.src_node_id), -1),
                                               int(m.metadata.src_node_id)))
 
+    def reply_problem(self, msg: Message) -> str | None:
+        """Why a train reply cannot be aggregated (``None``: it can).
+
+        A reply must carry exactly one ArrayRecord (``arrays``) with the keys and shapes
+        of the model sent, and one MetricRecord with exactly the client actions' metric
+        keys and a positive, finite ``num-examples``."""
+        content = msg.content
+        if len(content.array_records) != 1 or MODEL_KEY not in content.array_records:
+            return f"expected one ArrayRecord {MODEL_KEY!r}, got {sorted(content.array_records)}"
+        if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
+            return f"expected one MetricRecord 'metrics', got {sorted(content.metric_records)}"
+        metrics = content["metrics"]
+        if set(metrics) != set(METRIC_KEYS):
+            return f"metric keys {sorted(metrics)}; expected {sorted(METRIC_KEYS)}"
+        for key in METRIC_KEYS:
+            value = metrics[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    value == value and abs(value) != float("inf")):
+                return f"metric {key}={value!r} is not a finite number"
+            if key != "train-loss" and value < 0:
+                return f"metric {key}={value!r} is negative"
+        if metrics["num-examples"] <= 0:
+            return "num-examples is 0: nothing to aggregate"
+        sent = self.current_arrays or self.round_start
+        if sent is not None:
+            got = content[MODEL_KEY]
+            if set(got) != set(sent):
+                return "the model's keys differ from the model sent"
+            bad = [k for k in sent if tuple(got[k].shape) != tuple(sent[k].shape)]
+            if bad:
+                return f"array shapes differ from the model sent: {bad[:3]}"
+        return None
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = self.order_replies(replies)
-        for msg in replies:
+        usable = []
+        for msg in self.order_replies(replies):
+            if not msg.has_error():
+                problem = self.reply_problem(msg)
+                if problem is not None:
+                    log(WARNING, "[%s] round %d: reply from node %s dropped: %s", self.phase,
+                        server_round, msg.metadata.src_node_id, problem)
+                    continue
             self.meter_up(msg)
-        return super().aggregate_train(server_round, replies)
+            usable.append(msg)
+        return super().aggregate_train(server_round, usable)
 
     def exchange(self, grid: Grid, messages: list[Message]) -> list[Message]:
         """Send ``messages`` and wait for the replies, metering both directions.

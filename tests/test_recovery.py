@@ -1,0 +1,108 @@
+"""Recovery: the validation stopping rule, server momentum, and hostile train replies."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedunlearn.requests import UnlearningRequest
+from fedunlearn.strategies import create_method
+from fedunlearn.strategies.stopping import PLATEAU, TARGET_REACHED, StoppingRule
+from fedunlearn.training import to_arrays
+
+from .helpers import NODE, RC, RecordingGrid, incoming, make_context
+
+
+def feed(rule: StoppingRule, accuracies) -> tuple[int | None, str | None]:
+    for rnd, acc in enumerate(accuracies, start=1):
+        verdict = rule.update(rnd, acc)
+        if verdict:
+            return rnd, verdict
+    return None, None
+
+
+def test_stops_when_the_target_is_reached():
+    assert feed(StoppingRule(target=94.0), [20, 60, 85, 93.9, 94.0, 99]) == (5, TARGET_REACHED)
+
+
+def test_stops_on_a_plateau_after_patience_validations():
+    rule = StoppingRule(target=95.0, patience=3, min_delta=0.5)
+    # 80 is the best; +0.4 and +0.3 are below min_delta, so 3 rounds without improvement.
+    assert feed(rule, [50, 80, 80.4, 80.3, 80.2]) == (5, PLATEAU)
+    # An improvement resets the count.
+    rule = StoppingRule(target=95.0, patience=2, min_delta=0.5)
+    assert feed(rule, [50, 60, 60, 70, 70, 70]) == (6, PLATEAU)
+
+
+def test_runs_to_the_maximum_while_improving():
+    rule = StoppingRule(target=99.0, patience=2, min_delta=0.1)
+    assert feed(rule, [10, 20, 30, 40, 50]) == (None, None)
+    assert [r for r, _ in rule.history] == [1, 2, 3, 4, 5]
+
+
+def test_nan_validations_count_as_no_improvement():
+    rule = StoppingRule(target=90.0, patience=2)
+    assert feed(rule, [50, math.nan, math.nan]) == (3, PLATEAU)
+
+
+@pytest.mark.parametrize("bad", [{"patience": 0}, {"min_delta": -1}])
+def test_bad_rule_settings(bad):
+    with pytest.raises(ValueError):
+        StoppingRule(target=1.0, **bad)
+
+
+def test_validated_recovery_through_the_client_app(server_identity, single_thread):
+    """A real recovery with the rule on: validation goes only to retained nodes, is
+    metered under its own phase, and results say why and when recovery stopped."""
+    from flower_apps.client_app import app
+
+    rc = {**RC, "unlearn.stop": "validation", "unlearn.rounds": 4, "unlearn.patience": 1,
+          "unlearn.server-momentum": 0.5, "unlearn.target-gap": 0.0}
+    request = UnlearningRequest("client", 0, node_id=10)
+    ctx = make_context(rc, {10: request})
+    strategy = create_method("ft", ctx)
+    ctx.original_arrays = to_arrays(ctx.model_factory())
+    grid = RecordingGrid(app, rc, NODE)
+    arrays = strategy.unlearn(grid, ctx.original_arrays)
+    assert set(arrays) == set(ctx.original_arrays)
+    note = strategy.notes["recovery"]
+    assert note["stopped"] in ("target reached", "plateau", "maximum")
+    assert 1 <= note["rounds"] <= 4 and note["server_momentum"] == 0.5
+    assert [r for r, _ in note["validation"]] == list(range(1, note["rounds"] + 1))
+    validations = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert {m.metadata.dst_node_id for m in validations} == {11, 12, 13}  # not the target
+    assert len(validations) == 3 * (note["rounds"] + 1)  # + the original, once
+    meter = strategy.costs["validation"]
+    model_bytes = sum(len(a.data) for a in ctx.original_arrays.values())
+    assert meter.bytes_down == len(validations) * model_bytes and meter.bytes_up == 0
+    assert strategy.costs["recovery"].rounds == note["rounds"]
+    assert strategy.cost_dict()["phases"]["validation"]["comm_bytes"] == meter.comm_bytes
+
+
+def test_malformed_train_replies_are_dropped_not_fatal(server_identity):
+    strategy = create_method("ft", make_context(RC, {}))
+    good = ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    strategy.current_arrays = good
+    ok = {"num-examples": 4, "train-loss": 0.1, "samples-processed": 4, "forward-samples": 0}
+
+    def reply(node, arrays, metrics):
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+        if arrays is not None:
+            content["arrays"] = arrays
+        return incoming(content, "train", dst_node_id=0, src_node_id=node)
+
+    replies = [
+        reply(10, good, ok),
+        reply(11, good, {"num-examples": 4}),                          # missing keys
+        reply(12, ArrayRecord({"w": Array(np.ones(5, np.float32))}), ok),  # wrong shape
+        reply(13, good, {**ok, "num-examples": float("inf")}),           # not finite
+        reply(10, ArrayRecord({"v": Array(np.ones(3, np.float32))}), ok),  # wrong keys
+        reply(11, None, ok),                                              # no model
+        reply(12, good, {**ok, "num-examples": 0}),                      # nothing to weigh
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.array_equal(arrays["w"].numpy(), np.ones(3, np.float32))
+    assert strategy.cost.messages_up == 1  # only the good reply was counted
