@@ -265,7 +265,9 @@ def test_average_gap_signs_and_nan() -> None:
     ref = {"retain": 90.0, "forget": 80.0, "test": 85.0, "mia": 50.0}
     m = {"retain": 88.0, "forget": 84.0, "test": float("nan"), "mia": 51.0}
     assert deltas(m, ref)["retain"] == pytest.approx(-2.0)
-    assert average_gap(m, ref) == pytest.approx((2.0 + 4.0 + 1.0) / 3)
-    assert average_gap({"retain": 88.0}, ref) == pytest.approx(2.0)  # missing keys skipped
+    assert math.isnan(average_gap(m, ref))  # test accuracy missing: no gap
+    assert average_gap({**m, "test": 86.0}, ref) == pytest.approx((2.0 + 4.0 + 1.0 + 1.0) / 4)
+    # A metric that could not be computed makes the gap missing, not a mean of fewer terms.
+    assert math.isnan(average_gap({"retain": 88.0}, ref))
     assert math.isnan(average_gap({k: float("nan") for k in METRIC_KEYS}, ref))
     assert average_gap(m, ref, keys=("forget",)) == pytest.approx(4.0)

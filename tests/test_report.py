@@ -221,3 +221,25 @@ def test_a_planted_backdoor_is_its_own_setting(tmp_path):
     assert next(r for r in backdoored.rows if r.method == "not").delta["asr"] == 4.0
     clean = next(g for g in report.groups if not g.setting["backdoor"])
     assert "asr" not in clean.keys and "backdoor" not in clean.title
+
+
+def test_a_result_with_a_missing_metric_has_no_gap_and_does_not_count(tmp_path):
+    """A seed whose forget accuracy could not be computed is left out of the means and
+    of the seed count; alone, it gives a missing gap (not a mean of fewer terms)."""
+    from fedunlearn.experiment.report import build_rows
+
+    def entry(method, seed, forget):
+        return (tmp_path / f"{method}{seed}.json",
+                {"method": method, "config": {"seed": seed},
+                 "unlearned": {"retain": 90.0, "forget": forget, "test": 85.0, "mia": 50.0},
+                 "cost": {"comm_bytes": 1, "flops": 1, "rounds": 1, "wall_s": 1.0}})
+
+    keys = ("retain", "forget", "test", "mia")
+    rows = build_rows([entry("retrain", 0, 80.0), entry("not", 0, float("nan")),
+                       entry("not", 1, 84.0)], keys)
+    not_row = next(r for r in rows if r.method == "not")
+    assert not_row.n == 1 and len(not_row.files) == 2
+    assert not_row.mean["retain"] == 90.0 and not_row.avg_gap == pytest.approx(1.0)
+    rows = build_rows([entry("retrain", 0, 80.0), entry("not", 0, float("nan"))], keys)
+    not_row = next(r for r in rows if r.method == "not")
+    assert not_row.n == 0 and math.isnan(not_row.avg_gap)

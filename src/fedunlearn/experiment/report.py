@@ -167,10 +167,12 @@ class Row:
     delta: dict[str, float] = field(default_factory=dict)
     avg_gap: float | None = None
     best: bool = False
+    contributing: int | None = None
 
     @property
     def n(self) -> int:
-        return len(self.files)
+        """Seeds that contributed: results whose every metric could be computed."""
+        return len(self.files) if self.contributing is None else self.contributing
 
     @property
     def is_reference(self) -> bool:
@@ -196,6 +198,13 @@ class Group:
     @property
     def best_rows(self) -> list[Row]:
         return [r for r in self.rows if r.best]
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -239,12 +248,17 @@ def build_rows(entries: Sequence[tuple[Path, dict]], keys: Sequence[str]) -> lis
                 values = dict(variant)
                 label += " (" + ", ".join(f"{f}={json.loads(values[f])}" for f in varying) + ")"
             mean, std, cost_mean, cost_std = {}, {}, {}, {}
+            # A result with a metric that could not be computed (a node failed its
+            # evaluation) contributes nothing: its other metrics would bias the means.
+            complete = [(p, r) for p, r in group
+                        if all(_finite(r["unlearned"].get(k)) for k in keys)]
             for k in keys:
-                mean[k], std[k] = mean_std(r["unlearned"].get(k) for _, r in group)
+                mean[k], std[k] = mean_std(r["unlearned"].get(k) for _, r in complete)
             for k in COST_KEYS:
                 cost_mean[k], cost_std[k] = mean_std((r.get("cost") or {}).get(k) for _, r in group)
             rows.append(Row(method=method, label=label, files=[p for p, _ in group],
-                            mean=mean, std=std, cost_mean=cost_mean, cost_std=cost_std))
+                            mean=mean, std=std, cost_mean=cost_mean, cost_std=cost_std,
+                            contributing=len(complete)))
     reference = next((r for r in rows if r.is_reference), None)
     if reference is not None:
         for row in rows:

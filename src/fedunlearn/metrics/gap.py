@@ -46,8 +46,9 @@ def average_gap(
 ) -> float:
     """Mean absolute delta to the reference (NoT "Avg. Gap").
 
-    ``Avg.Gap = (|dRetain| + |dForget| + |dTest| + |dMIA|) / 4``. Keys whose delta
-    is NaN (missing or NaN values) are skipped.
+    ``Avg.Gap = (|dRetain| + |dForget| + |dTest| + |dMIA|) / 4``. If any delta is
+    NaN (a metric missing or not computed on either side, e.g. a node failed its
+    evaluation) the gap is NaN: a mean of fewer terms would not be comparable.
 
     Parameters
     ----------
@@ -61,7 +62,9 @@ def average_gap(
     Returns
     -------
     float
-        The average gap in percentage points; NaN if no key has a finite delta.
+        The average gap in percentage points; NaN if any delta is NaN (or no keys).
     """
-    gaps = [abs(d) for d in deltas(metrics, reference, keys).values() if not math.isnan(d)]
-    return sum(gaps) / len(gaps) if gaps else float("nan")
+    gaps = [abs(d) for d in deltas(metrics, reference, keys).values()]
+    if not gaps or any(math.isnan(g) for g in gaps):
+        return float("nan")
+    return sum(gaps) / len(gaps)
