@@ -7,8 +7,9 @@ three rules bound it:
 
 * a step budget: at most ``param.max_steps`` steps (and ``param.epochs`` passes);
 * a stop rule: before each step the batch's loss is measured, and once it exceeds
-  ``param.loss_bound`` x ln(C) (ln C: the loss of a uniform guess over C classes) the
-  model already predicts that batch no better than chance and ascent stops;
+  ``param.loss_bound`` x ln(C) (ln C: the loss of a uniform guess over C classes; a
+  bound of 1 means "no better than chance on that batch") ascent stops, without a step
+  on that batch;
 * a guard: after every step the weights are checked, and if the loss, a gradient or a
   weight is not finite the last finite weights are restored and ascent stops. The reply
   never carries NaN or infinite weights.
