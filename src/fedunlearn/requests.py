@@ -45,6 +45,9 @@ QUERY_CONFIG = "config"
 RUN_CONFIG_REQUESTS = "run-config-requests"
 """Query flag: whether a node may ask through the run-config's ``forget.*`` (simulation
 only; on a deployment a request comes from the node's inbox or node-config)."""
+WANT_REQUEST = "want-request"
+"""Query flag: ``False`` when the server only asks which partition a node holds (the
+partition check before pretraining), so the node does not consult its inbox yet."""
 RECEIPT_RECORD = "receipt"
 """A ``query.unlearn`` message carrying the server's verdict on inbox requests."""
 RECEIPT_ACK = "receipt-ack"

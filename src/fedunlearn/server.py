@@ -29,11 +29,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from . import federation
+from .audit import AuditLog, audit_path
 from .backdoor import patch_size_for, trigger_value
 from .client import federated_data
 from .config import ExperimentConfig
 from .data import FederatedData
 from .evaluation import Evaluator
+from .ledger import Ledger
 from .metrics import flops_per_sample
 from .models import create_model
 from .negation import example_input_for
@@ -49,7 +51,11 @@ class Experiment:
     """One fedunlearn job on a Flower ``Grid``."""
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig) -> None:
-        self.grid = grid
+        # Run-config requests (forget.clients) name simulated clients: not on a deployment.
+        self.deployment = federation.is_deployment(grid)
+        self.ignored_forget_clients: tuple[int, ...] = ()
+        if self.deployment:
+            cfg, self.ignored_forget_clients = federation.without_run_config_requests(cfg)
         self.cfg = cfg
         self.method_params = check_methods(cfg)
         self.data: FederatedData = federated_data(cfg)
@@ -57,6 +63,9 @@ class Experiment:
         self.device = resolve_device(cfg.device)
         self.example_input = example_input_for(info.in_channels, info.image_size)
         self.output_dir = resolve_output_dir(cfg.output_dir)
+        audit = AuditLog(audit_path(self.output_dir), federation.run_id_of(grid))
+        self.grid = federation.GuardedGrid(grid, audit)  # the verified view, replies checked
+        self.ledger = Ledger(audit, self.grid, audit.run_id)
         self.trigger = (trigger_value(cfg.backdoor, self.data.train)
                         if cfg.backdoor.enabled else None)
         self.evaluator = Evaluator(cfg, self.data, self.new_model, self.device, self.trigger)
@@ -96,14 +105,17 @@ class Experiment:
     def discover_partitions(self, nodes: list[int]) -> dict[int, int]:
         """Which node holds which partition, checked before any training and kept."""
         self.context.node_partitions = federation.check_partitions(
-            federation.query(self.grid, nodes), self.cfg.num_clients)
+            federation.query(self.grid, nodes, not self.deployment, want_request=False),
+            self.cfg.num_clients)
+        self.grid.verify(self.context.node_partitions, self.data)
+        self.ledger.verified(self.context.node_partitions)
         return self.context.node_partitions
 
     def collect_requests(self, nodes: list[int]) -> dict[int, UnlearningRequest]:
         """Ask every node for its unlearning request; keep the valid ones."""
         accepted, self.rejected = federation.collect_valid_requests(
-            federation.query(self.grid, nodes), self.data,
-            verified=self.context.node_partitions or None)
+            federation.query(self.grid, nodes, not self.deployment), self.data,
+            verified=self.context.node_partitions or None, audit=self.ledger.audit)
         self.context.requests = accepted
         labels = np.asarray(self.data.train.targets)
         self.context.fully_forgotten = {
@@ -126,6 +138,7 @@ class Experiment:
 
     def run(self) -> dict[str, dict]:
         cfg = self.cfg
+        self.ledger.started(cfg, self.deployment, self.ignored_forget_clients)
         self.preflight()
         nodes = self.wait_for_nodes()
         log(INFO, "fedunlearn: %s on %s/%s, %d clients (%s), methods: %s",
@@ -134,6 +147,7 @@ class Experiment:
         self.discover_partitions(nodes)
         pretrained, pretrain_info = self.pretrain()
         accepted = self.collect_requests(nodes)
+        self.ledger.verdicts(accepted, self.rejected, pretrained)
         if not accepted:
             log(WARNING, "No valid unlearning request was received; nothing to unlearn.")
             write_json(self.output_dir / "no-request.json",
@@ -149,6 +163,7 @@ class Experiment:
                 strategies.append(strategy)
                 continue
             skipped[method] = reason
+            self.ledger.refused(method, reason)
             log(WARNING, "[%s] refused: %s; the other methods still run", method, reason)
             write_json(results_path(self.output_dir, method, several).with_name(SKIPPED_FILE),
                        {"method": method, "skipped": reason,
@@ -162,8 +177,10 @@ class Experiment:
             method = strategy.name
             log(INFO, "[%s] unlearning starts (params: %s)", method,
                 strategy.params.as_dict() or "none")
+            self.ledger.unlearning_started(strategy)
             unlearned_arrays = strategy.unlearn(self.grid, pretrained)
             unlearned = self.evaluate(unlearned_arrays)
+            self.ledger.unlearning_finished(strategy, unlearned_arrays, unlearned)
             log(INFO, "[%s] unlearned: %s", method, _short(unlearned))
             result = result_record(strategy, self.context, self.rejected, original,
                                    unlearned, pretrain_info)
@@ -190,7 +207,14 @@ def resolve_output_dir(output_dir: str) -> Path:
 
 def run_experiment(grid: Grid, run_config) -> dict[str, dict]:
     cfg = ExperimentConfig.from_run_config(run_config)
-    return Experiment(grid, cfg).run()
+    experiment = Experiment(grid, cfg)
+    try:
+        results = experiment.run()
+    except BaseException as err:
+        experiment.ledger.failed(err)
+        raise
+    experiment.ledger.finished(results, experiment.output_dir)
+    return results
 
 
 def _short(metrics: dict) -> str:

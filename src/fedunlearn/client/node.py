@@ -1,15 +1,20 @@
 """What a ClientApp knows about its node: config, data, partition, request, split.
 
 A node learns which partition it holds from its node-config (``partition-id``,
-``num-partitions``; the simulation engine sets both). It asks to be forgotten when
+``num-partitions``; the simulation engine sets both). It asks to be forgotten, in this
+order of precedence, when
 
+* its request inbox (node-config ``inbox``, see :mod:`fedunlearn.inbox`) holds pending
+  requests filed by its data owner with ``fedunlearn request file``;
 * its node-config has ``forget-scope`` (a real SuperNode: ``forget-scope``,
-  ``forget-classes``, ``forget-sample-ids``, ``forget-fraction``), or
-* its partition id is in the run-config's ``forget.clients`` (simulation).
+  ``forget-classes``, ``forget-sample-ids``, ``forget-fraction``);
+* its partition id is in the run-config's ``forget.clients`` and the server allows
+  run-config requests (simulations only: on a deployment a request comes from the node).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,6 +24,7 @@ from flwr.app import Context
 from ..backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
 from ..config import ExperimentConfig, parse_int_list
 from ..data import FederatedData, build_federated_data
+from ..inbox import INBOX_KEY, Inbox, InboxRequest
 from ..models import create_model
 from ..requests import UnlearningRequest, forget_indices
 
@@ -93,16 +99,22 @@ class NodeView:
                             in_channels=info.in_channels, image_size=info.image_size)
 
 
-def own_request(view: NodeView, node_config) -> UnlearningRequest | None:
-    """The request this node makes, from its node-config or the run-config."""
+def own_request(view: NodeView, node_config,
+                run_config_requests: bool = True) -> UnlearningRequest | None:
+    """The request this node makes: from its inbox, its node-config or (when
+    ``run_config_requests``, i.e. in a simulation) the run-config's ``forget.*``."""
     cfg, pid = view.cfg, view.partition_id
+    if INBOX_KEY in node_config:
+        request = inbox_request(view, node_inbox(node_config))
+        if request is not None:
+            return request
     if "forget-scope" in node_config:
         scope = str(node_config["forget-scope"]).strip().lower()
         classes = parse_int_list(node_config.get("forget-classes", ""), "forget-classes")
         ids = parse_int_list(node_config.get("forget-sample-ids", ""), "forget-sample-ids")
         fraction = float(node_config.get("forget-fraction", cfg.forget.fraction))
         data_of = int(node_config.get("forget-data-of", -1))
-    elif pid in cfg.forget.clients:
+    elif run_config_requests and pid in cfg.forget.clients:
         f = cfg.forget
         scope, classes, ids, fraction, data_of = f.scope, f.classes, f.sample_ids, f.fraction, f.data_of
     else:
@@ -110,7 +122,47 @@ def own_request(view: NodeView, node_config) -> UnlearningRequest | None:
     if scope == "instance" and not ids:
         ids = tuple(sample_fraction(view.train_indices(), fraction, seed=cfg.seed + pid))
     return UnlearningRequest(scope=scope, partition_id=data_of if data_of >= 0 else pid,
-                             classes=tuple(classes), sample_ids=tuple(ids))
+                             classes=tuple(classes) if scope == "class" else (),
+                             sample_ids=tuple(ids) if scope == "instance" else ())
+
+
+def node_inbox(node_config) -> Inbox:
+    """The inbox named by the node-config's ``inbox`` (created when missing)."""
+    value = node_config[INBOX_KEY]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"node-config inbox={value!r}: expected the inbox folder's absolute "
+                         "path as a string, e.g. inbox=\"/srv/fedunlearn/inbox\"")
+    return Inbox(value.strip())
+
+
+def inbox_request(view: NodeView, inbox: Inbox) -> UnlearningRequest | None:
+    """One request serving the inbox's pending batch (see :meth:`Inbox.pending_batch`),
+    carrying their inbox ids; ``None`` when nothing is pending."""
+    scope, batch, _ = inbox.pending_batch()
+    if not batch:
+        return None
+    classes: set[int] = set()
+    ids: set[int] = set()
+    for request in batch:
+        classes.update(request.classes)
+        ids.update(inbox_sample_ids(view, request))
+    return UnlearningRequest(
+        scope=scope, partition_id=view.partition_id,
+        classes=tuple(sorted(classes)) if scope == "class" else (),
+        sample_ids=tuple(sorted(ids)) if scope == "instance" else (),
+        inbox_ids=tuple(r.id for r in batch))
+
+
+def inbox_sample_ids(view: NodeView, request: InboxRequest) -> tuple[int, ...]:
+    """An instance-wise inbox request's ids: as filed, or its ``fraction`` of this
+    node's training split (seeded by the request id, so every job picks the same)."""
+    if request.scope != "instance":
+        return ()
+    if request.sample_ids:
+        return request.sample_ids
+    seed = view.cfg.seed + int(hashlib.sha256(request.id.encode()).hexdigest()[:8], 16)
+    return tuple(int(i) for i in sample_fraction(view.train_indices(), request.fraction or 0.0,
+                                                 seed=seed))
 
 
 def sample_fraction(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -1,25 +1,79 @@
-"""``query.unlearn``: the partition this node holds and its unlearning request, if any."""
+"""``query.unlearn``: the partition this node holds and its unlearning request, if any;
+and the server's verdicts on inbox requests, written back to the inbox as receipts."""
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from logging import WARNING
 
-from ..requests import NODE_RECORD, REQUEST_RECORD
-from .node import NodeView, own_request
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
+
+from ..inbox import INBOX_KEY, parse_receipt
+from ..requests import (INVALID_SCOPE, MAX_ERROR_CHARS, NODE_RECORD, QUERY_CONFIG,
+                        RECEIPT_ACK, RECEIPT_RECORD, REQUEST_RECORD, RUN_CONFIG_REQUESTS,
+                        WANT_REQUEST)
+from .node import NodeView, node_inbox, own_request
 
 
 def handle_query(msg: Message, context: Context) -> Message:
-    """Answer ``query.unlearn``: the partition this node holds and its request, if any."""
+    """Answer ``query.unlearn``.
+
+    A query with a ``receipt`` record carries the server's verdict on this node's inbox
+    requests: it is appended to each request's history. Any other query asks which
+    partition this node holds and what it wants forgotten: from its inbox, its
+    node-config, or (when the query's ``run-config-requests`` allows it) the run-config;
+    a query with ``want-request=False`` (the partition check) only asks the partition.
+    """
+    if RECEIPT_RECORD in msg.content:
+        return handle_receipt(msg, context)
     view = NodeView.from_context(context)
     content = RecordDict({NODE_RECORD: ConfigRecord({
         "partition-id": view.partition_id, "num-partitions": view.data.num_clients()})})
+    allow = True
+    if QUERY_CONFIG in msg.content:
+        query_config = msg.content[QUERY_CONFIG]
+        allow = query_config.get(RUN_CONFIG_REQUESTS, True) is True
+        if query_config.get(WANT_REQUEST, True) is False:  # the partition check only
+            return Message(content, reply_to=msg)
     try:
-        request = own_request(view, context.node_config)
+        request = own_request(view, context.node_config, run_config_requests=allow)
     except ValueError as err:
         # Report the problem instead of failing the node: the server rejects it by name.
         content[REQUEST_RECORD] = ConfigRecord(
-            {"scope": "invalid", "partition-id": view.partition_id, "error": str(err)})
+            {"scope": INVALID_SCOPE, "partition-id": view.partition_id,
+             "error": str(err)[:MAX_ERROR_CHARS]})
     else:
         if request is not None:
             content[REQUEST_RECORD] = request.to_config_record()
+            if request.inbox_ids:
+                inbox = node_inbox(context.node_config)
+                for request_id in request.inbox_ids:
+                    inbox.append_event(request_id, {
+                        "status": "sent", "run": int(context.run_id),
+                        "node": int(context.node_id), "partition": view.partition_id,
+                        "scope": request.scope, "digest": request.digest()})
     return Message(content, reply_to=msg)
+
+
+def handle_receipt(msg: Message, context: Context) -> Message:
+    """Append the server's verdict to the history of each inbox request it names."""
+    written = 0
+    try:
+        receipt = parse_receipt(msg.content[RECEIPT_RECORD])
+    except ValueError as err:
+        log(WARNING, "malformed receipt from the server ignored: %s", err)
+        return Message(RecordDict({RECEIPT_ACK: ConfigRecord({"written": 0,
+                                                              "error": str(err)[:500]})}),
+                       reply_to=msg)
+    if INBOX_KEY in context.node_config:
+        inbox = node_inbox(context.node_config)
+        event = {k: v for k, v in receipt.items() if k != "request_ids"}
+        event["node"] = int(context.node_id)
+        for request_id in receipt["request_ids"]:
+            if not (inbox.requests_dir / f"{request_id}.json").exists():
+                log(WARNING, "receipt for unknown inbox request %s ignored", request_id)
+                continue
+            inbox.append_event(request_id, event)
+            written += 1
+    return Message(RecordDict({RECEIPT_ACK: ConfigRecord({"written": written})}),
+                   reply_to=msg)

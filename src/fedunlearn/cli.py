@@ -1,0 +1,195 @@
+"""``fedunlearn``: the data owner's and the auditor's command.
+
+``fedunlearn request ...`` works on a SuperNode's request inbox (:mod:`.inbox`) while
+the SuperNode runs::
+
+    fedunlearn request file --inbox DIR --scope class --classes 3,5 [--note TEXT]
+    fedunlearn request file --inbox DIR --scope instance --sample-ids 12,40
+    fedunlearn request file --inbox DIR --scope instance --fraction 0.1
+    fedunlearn request file --inbox DIR --scope client
+    fedunlearn request list --inbox DIR [--json]
+    fedunlearn request show --inbox DIR ID [--json]     # the request and its receipts
+    fedunlearn request withdraw --inbox DIR ID
+
+``--inbox`` defaults to ``$FEDUNLEARN_INBOX``; it is the folder the SuperNode's
+node-config names (``inbox="/abs/path"``).
+
+``fedunlearn audit LOG [--run ID] [--event PREFIX] [--json]`` prints the server's audit
+log (:mod:`.audit`) as a table and checks its chain of records; it exits 1 when the
+chain is broken (a record removed, edited or inserted), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .audit import format_table, read_audit
+from .inbox import INBOX_ENV, Inbox, InboxEntry, InboxError
+
+
+def _ints(text: str, option: str) -> list[int]:
+    """``"3,5"`` -> ``[3, 5]`` (the command stays light: no torch import via config)."""
+    out = []
+    for part in str(text).replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise InboxError(f"{option}={text!r}: {part!r} is not an integer; expected "
+                             "comma-separated integers such as 3,5") from None
+    return out
+
+
+def _inbox(args, create: bool) -> Inbox:
+    root = args.inbox or os.environ.get(INBOX_ENV, "")
+    if not root:
+        raise InboxError(f"no inbox: pass --inbox DIR or set {INBOX_ENV} (the folder the "
+                         "SuperNode's node-config names as inbox=...)")
+    return Inbox(os.path.abspath(os.path.expanduser(root)), create=create)
+
+
+def _row(entry: InboxEntry) -> dict:
+    last = next((e for e in reversed(entry.events) if e["status"] == entry.status), {})
+    return {"id": entry.request.id, "filed": entry.request.filed_at, "scope": entry.request.scope,
+            "what": entry.request.what(), "status": entry.status,
+            "run": last.get("run", ""), "detail": last.get("reason") or last.get("method") or "",
+            "note": entry.request.note}
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    cells = [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                     for row in cells)
+
+
+def cmd_file(args) -> int:
+    inbox = _inbox(args, create=True)
+    request = inbox.file(args.scope, classes=_ints(args.classes, "--classes"),
+                         sample_ids=_ints(args.sample_ids, "--sample-ids"),
+                         fraction=args.fraction, note=args.note)
+    print(request.id)
+    print(f"filed: {request.what()} in {inbox.root}; the SuperNode sends it at the server's "
+          "next query", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args) -> int:
+    inbox = _inbox(args, create=False)
+    entries, problems = inbox.entries()
+    rows = [_row(e) for e in entries]
+    if args.json:
+        print(json.dumps({"requests": rows, "unreadable": problems}, indent=1))
+    else:
+        print(_table(rows, ["id", "filed", "what", "status", "run", "detail"]) if rows
+              else "no requests")
+        for line in problems:
+            print(f"unreadable: {line}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args) -> int:
+    entry = _inbox(args, create=False).entry(args.id)
+    if args.json:
+        print(json.dumps({"request": entry.request.to_json(), "status": entry.status,
+                          "receipts": entry.events}, indent=1))
+        return 0
+    r = entry.request
+    print(f"request {r.id}: {r.what()}, filed {r.filed_at}" + (f" ({r.note})" if r.note else ""))
+    print(f"status: {entry.status}")
+    for event in entry.events:
+        extra = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "status"))
+        print(f"  {event.get('time', '')}  {event['status']:<9} {extra}")
+    return 0
+
+
+def cmd_withdraw(args) -> int:
+    _inbox(args, create=False).withdraw(args.id)
+    print(f"withdrawn: {args.id} (takes effect at the server's next query)")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    path = Path(args.log)
+    if not path.exists():
+        raise InboxError(f"no audit log at {path}")
+    reading = read_audit(path)
+    records = reading.records
+    if args.run is not None:
+        records = [r for r in records if str(r.get("run")) == str(args.run)]
+    if args.event:
+        records = [r for r in records if str(r.get("event", "")).startswith(args.event)]
+    if args.json:
+        print(json.dumps({"records": records, "skipped": reading.skipped,
+                          "chain_breaks": reading.chain_breaks}, indent=1))
+    else:
+        print(format_table(records))
+        print(f"{len(records)} record(s); chain "
+              + ("intact" if reading.intact else f"BROKEN at {len(reading.chain_breaks)} place(s)"))
+    for line in reading.skipped + reading.chain_breaks:
+        print(line, file=sys.stderr)
+    return 0 if reading.intact else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedunlearn", description="Unlearning requests on a SuperNode's inbox; the "
+        "server's audit log.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    request = sub.add_parser("request", help="file, list, show or withdraw unlearning "
+                             "requests in a SuperNode's inbox")
+    rsub = request.add_subparsers(dest="action", required=True)
+
+    def inbox_arg(p):
+        p.add_argument("--inbox", default="", help=f"the inbox folder (default: ${INBOX_ENV})")
+
+    p = rsub.add_parser("file", help="file a new request")
+    inbox_arg(p)
+    p.add_argument("--scope", required=True, choices=["client", "class", "instance"])
+    p.add_argument("--classes", default="", help="class-wise: labels, e.g. 3,5")
+    p.add_argument("--sample-ids", default="", help="instance-wise: global training ids")
+    p.add_argument("--fraction", type=float, default=None,
+                   help="instance-wise without ids: this share of the node's training data")
+    p.add_argument("--note", default="", help="free text kept with the request")
+    p.set_defaults(fn=cmd_file)
+    p = rsub.add_parser("list", help="every request with its status")
+    inbox_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_list)
+    p = rsub.add_parser("show", help="one request and its receipts")
+    inbox_arg(p)
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_show)
+    p = rsub.add_parser("withdraw", help="withdraw a pending request")
+    inbox_arg(p)
+    p.add_argument("id")
+    p.set_defaults(fn=cmd_withdraw)
+
+    p = sub.add_parser("audit", help="print the server's audit log as a table")
+    p.add_argument("log", help="the audit log (e.g. <output-dir>/audit.jsonl)")
+    p.add_argument("--run", default=None, help="only this Flower run id")
+    p.add_argument("--event", default="", help="only events starting with this, e.g. request.")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, OSError) as err:  # InboxError and WireError are ValueErrors
+        print(f"fedunlearn {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""One verified view of the federation for the whole job, checked replies, requests from
+the nodes on a deployment, receipts and the audit trail: whole jobs
+(:func:`fedunlearn.server.run_experiment`) on a fake grid whose nodes answer with the
+real ClientApp and whose membership changes while the job runs.
+
+Each test reproduces one hole of the deployment path and shows it closed with the job
+completing:
+
+1. a client-wise target that restarts under a new node id (same node-config) after its
+   request was accepted is never trained or evaluated again;
+2. a second node claiming a partition another node holds (before the check: the job
+   refuses to start; after it: the impostor takes no part and its request is rejected,
+   the real holder's request is served);
+3. a node that replies malformed (train and evaluate) is a failed node for that round;
+4. on a deployment the run-config's default ``forget.clients="0"`` makes no request: the
+   request comes from a node's inbox, and the verdict comes back to it as a receipt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+
+import fedunlearn.federation as federation
+from fedunlearn.audit import read_audit
+from fedunlearn.inbox import Inbox
+from fedunlearn.server import run_experiment
+
+from .helpers import incoming, run_config
+
+NUM = 4
+RUN_ID = 4242
+
+
+@pytest.fixture(scope="module")
+def app():
+    from flower_apps.client_app import app as client_app
+
+    return client_app
+
+
+def job_config(tmp_path: Path, **overrides) -> dict:
+    return run_config(**{"federation.num-clients": NUM, "dataset.name": "synthetic",
+                         "pretrain.rounds": 2, "unlearn.rounds": 2, "method": "ft",
+                         "output-dir": str(tmp_path / "out"),
+                         "checkpoint-dir": str(tmp_path / "ck"),
+                         "eval.mia-max-members": 40, "eval.every": 100, **overrides})
+
+
+class LiveGrid:
+    """A federation on one thread: each node answers with the real ClientApp under its
+    own node-config; ``on_send(grid, messages)`` may change who is connected (restart a
+    node under a new id, let one join) before a batch is delivered; ``tamper(node,
+    reply)`` may replace a node's reply."""
+
+    def __init__(self, app, rc: dict, node_configs: dict[int, dict], on_send=None,
+                 tamper=None):
+        self.app, self.rc = app, rc
+        self.node_configs = dict(node_configs)
+        self.on_send, self.tamper = on_send, tamper
+        self.run = SimpleNamespace(run_id=RUN_ID)
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.batches = 0
+
+    def get_node_ids(self):
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if self.on_send is not None:
+            self.on_send(self, messages)
+        self.batches += 1
+        out = []
+        for msg in messages:
+            self.sent.append(msg)
+            dst = msg.metadata.dst_node_id
+            if dst not in self.node_configs:  # gone: Flower answers with an error reply
+                out.append(Message(Error(code=5, reason="node unavailable"), reply_to=msg))
+                continue
+            inbound = incoming(msg.content, msg.metadata.message_type, dst_node_id=dst)
+            ctx = Context(run_id=RUN_ID, node_id=dst, node_config=self.node_configs[dst],
+                          state=RecordDict(), run_config=self.rc)
+            reply = self.app(inbound, ctx)
+            if self.tamper is not None:
+                reply = self.tamper(dst, reply)
+            self.replies.append(reply)
+            out.append(reply)
+        return list(reversed(out))
+
+    def messages_to(self, node: int, category: str | None = None) -> list[Message]:
+        return [m for m in self.sent if m.metadata.dst_node_id == node
+                and (category is None or m.metadata.message_type.split(".")[0] == category)]
+
+
+def nodes_config(**extra_by_partition) -> dict[int, dict]:
+    """Node ``10+p`` holds partition ``p``; ``p<i>={...}`` adds node-config pairs."""
+    out = {}
+    for p in range(NUM):
+        out[10 + p] = {"partition-id": p, "num-partitions": NUM,
+                       **extra_by_partition.get(f"p{p}", {})}
+    return out
+
+
+def audit_events(out_dir: Path) -> list[dict]:
+    reading = read_audit(out_dir / "audit.jsonl")
+    assert reading.intact and not reading.skipped, (reading.chain_breaks, reading.skipped)
+    return reading.records
+
+
+def is_query(messages) -> bool:
+    return bool(messages) and messages[0].metadata.message_type == "query.unlearn"
+
+
+# -- 1. a restarted target does not come back ------------------------------------------------
+def test_restarted_target_under_a_new_node_id_takes_no_part(app, tmp_path, server_identity,
+                                                            single_thread, caplog):
+    """Node 10 (partition 0) asks for client-wise forgetting; once its request is accepted
+    it restarts as node 99 with the same node-config. Without the verified view, node 99
+    would train in every recovery round and its data would count as retained."""
+    rc = job_config(tmp_path)  # forget.clients="0": a simulation, partition 0 asks
+    queries = []
+
+    def restart_after_requests(grid, messages):
+        if is_query(messages) and "receipt" not in messages[0].content:
+            queries.append(len(messages))
+            return
+        if len(queries) == 2 and 10 in grid.node_configs:  # the requests are in
+            grid.node_configs[99] = grid.node_configs.pop(10)
+
+    grid = LiveGrid(app, rc, nodes_config(), on_send=restart_after_requests)
+    results = run_experiment(grid, rc)
+    assert set(results) == {"ft"}
+    res = results["ft"]
+    assert [(r["scope"], r["partition_id"], r["node_id"]) for r in res["request"]] == [
+        ("client", 0, 10)]
+    assert grid.messages_to(99) == [], "the restarted target must not be sent anything"
+    # Evaluation counted partitions 1..3 only as retained, and nothing as forget data:
+    # node 10 is gone, node 99 is a stranger.
+    evaluated = [m for m in grid.replies if m.metadata.message_type == "evaluate"
+                 and not m.has_error() and "retain-total" in m.content["metrics"]]
+    assert {m.metadata.src_node_id for m in evaluated} <= {10, 11, 12, 13}
+    assert all(m.metadata.src_node_id != 99 for m in grid.replies)
+    events = audit_events(tmp_path / "out")
+    excluded = [e for e in events if e["event"] == "node.excluded"]
+    assert [e["node"] for e in excluded] == [99]
+    assert "Node 99 is not in the verified federation" in caplog.text
+    assert res["unlearned"]["retain"] >= 0 and res["cost"]["rounds"] >= 1
+
+
+# -- 2. two nodes claiming one partition --------------------------------------------------
+def test_two_holders_of_one_partition_before_the_check_stop_the_job(app, tmp_path,
+                                                                    server_identity):
+    rc = job_config(tmp_path)
+    nodes = nodes_config()
+    nodes[77] = {"partition-id": 0, "num-partitions": NUM}
+    with pytest.raises(RuntimeError, match=r"partition 0 is held by several nodes \[10, 77\]"):
+        run_experiment(LiveGrid(app, rc, nodes), rc)
+    events = audit_events(tmp_path / "out")
+    assert [e["event"] for e in events] == ["job.started", "job.failed"]
+    assert "held by several nodes" in events[-1]["error"]
+
+
+def test_impostor_claiming_a_held_partition_takes_no_part(app, tmp_path, server_identity,
+                                                          single_thread):
+    """After the partition check, node 77 joins claiming partition 0 (held by node 10)
+    with a client-wise request; node 10 asks for class 1. Only node 10's request is
+    served, and node 77 is never sent anything (had its request arrived, it would be
+    rejected: see the next test)."""
+    rc = job_config(tmp_path, **{"forget.clients": "0", "forget.scope": "class",
+                                 "forget.classes": "1"})
+
+    def join_after_check(grid, messages):
+        if is_query(messages) and 77 not in grid.node_configs:
+            if sum(1 for m in grid.sent if m.metadata.message_type == "query.unlearn"):
+                grid.node_configs[77] = {"partition-id": 0, "num-partitions": NUM,
+                                         "forget-scope": "client"}
+
+    grid = LiveGrid(app, rc, nodes_config(), on_send=join_after_check)
+    res = run_experiment(grid, rc)["ft"]
+    assert [(r["node_id"], r["scope"], r["partition_id"]) for r in res["request"]] == [
+        (10, "class", 0)]
+    assert 77 in grid.node_configs
+    assert grid.messages_to(77) == [], "the impostor is asked, trained and evaluated never"
+    events = audit_events(tmp_path / "out")
+    assert any(e["event"] == "node.excluded" and e["node"] == 77 for e in events)
+
+
+def test_collect_requests_without_a_verified_map_refuses_shared_partitions(server_identity):
+    """Checked against the replies' own claims, a partition claimed twice serves neither
+    claimant's request: nobody can tell which holder is genuine."""
+    from flwr.app import ConfigRecord
+
+    from fedunlearn.client import federated_data
+    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.requests import NODE_RECORD, REQUEST_RECORD
+
+    from .helpers import reply_from
+
+    data = federated_data(ExperimentConfig.from_run_config(
+        run_config(**{"federation.num-clients": NUM})))
+
+    def reply(node, partition, request):
+        content = RecordDict({NODE_RECORD: ConfigRecord({"partition-id": partition,
+                                                         "num-partitions": NUM})})
+        if request:
+            content[REQUEST_RECORD] = ConfigRecord(request)
+        return reply_from(node, content)
+
+    replies = [reply(10, 0, {"scope": "client", "partition-id": 0}),
+               reply(77, 0, {"scope": "client", "partition-id": 0}),
+               reply(11, 1, {"scope": "client", "partition-id": 1})]
+    accepted, rejected = federation.collect_valid_requests(replies, data)
+    assert list(accepted) == [11]
+    assert {r["node_id"] for r in rejected} == {10, 77}
+    assert all("claimed by several nodes [10, 77]" in r["reason"] for r in rejected)
+    # Against the verified view, the stranger is rejected and the holder served.
+    accepted, rejected = federation.collect_valid_requests(
+        replies, data, verified={10: 0, 11: 1, 12: 2, 13: 3})
+    assert sorted(accepted) == [10, 11]
+    assert [r["node_id"] for r in rejected] == [77]
+    assert "not in the verified federation" in rejected[0]["reason"]
+
+
+# -- 3. malformed replies are failed nodes ------------------------------------------------
+def test_malformed_train_and_evaluate_replies_are_failed_nodes(app, tmp_path, server_identity,
+                                                               single_thread, caplog):
+    """Node 12 answers every train round without its metric keys and every evaluation with
+    a feature vector whose length is not a multiple of 3 (and node 13 once with NaN
+    weights). The job completes on the other nodes' replies."""
+    rc = job_config(tmp_path)
+    nan_sent = []
+
+    def tamper(node, reply):
+        if reply.has_error():
+            return reply
+        kind = reply.metadata.message_type.split(".")[0]
+        content = reply.content
+        if node == 12 and kind == "train":
+            return Message(RecordDict({"arrays": content["arrays"],
+                                       "metrics": MetricRecord({"loss": 0.5})}),
+                           metadata=reply.metadata)
+        if node == 12 and kind == "evaluate" and "retain-total" in content["metrics"]:
+            metrics = dict(content["metrics"])
+            metrics["retain-features"] = [0.1] * 7
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}),
+                           metadata=reply.metadata)
+        if node == 13 and kind == "train" and not nan_sent:
+            nan_sent.append(True)
+            arrays = content["arrays"]
+            name = next(iter(arrays.keys()))
+            values = arrays[name].numpy().copy()
+            values.flat[0] = float("nan")
+            from flwr.app import Array
+
+            arrays[name] = Array(values)
+        return reply
+
+    grid = LiveGrid(app, rc, nodes_config(), tamper=tamper)
+    res = run_experiment(grid, rc)["ft"]
+    assert res["cost"]["rounds"] >= 1 and 0 <= res["unlearned"]["test"] <= 100
+    assert "metrics.num-examples is missing" in caplog.text
+    assert "metrics.retain-features" in caplog.text and "multiple of 3" in caplog.text
+    assert "NaN or infinity" in caplog.text
+    refused = [e for e in audit_events(tmp_path / "out") if e["event"] == "reply.refused"]
+    assert {e["node"] for e in refused} == {12, 13}
+    assert {e["message_type"].split(".")[0] for e in refused} == {"train", "evaluate"}
+
+
+# -- 4. deployment: requests come from the nodes -------------------------------------------
+def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
+        app, tmp_path, server_identity, single_thread, monkeypatch, caplog):
+    """On a deployment (``is_deployment`` true) with the run-config's default
+    ``forget.clients="0"``, partition 0 asks for nothing; node 11's data owner filed a
+    class-wise request in its inbox, which is served, and whose receipts (sent, accepted,
+    honoured with the run and the model hash) come back to the inbox."""
+    monkeypatch.setattr(federation, "is_deployment", lambda grid: True)
+    rc = job_config(tmp_path)
+    assert rc["forget.clients"] == "0"
+    inbox = Inbox(tmp_path / "inbox-1")
+    filed = inbox.file("class", classes=[2], note="owner of partition 1")
+    grid = LiveGrid(app, rc, nodes_config(p1={"inbox": str(inbox.root)}))
+    res = run_experiment(grid, rc)["ft"]
+    assert [(r["node_id"], r["scope"], r["partition_id"], r.get("classes")) for r in
+            res["request"]] == [(11, "class", 1, [2])]
+    assert list(res["config"]["forget"]["clients"]) == []
+    assert "forget.clients=0 is ignored on a deployment" in caplog.text
+    # Queries told the nodes not to use the run-config's forget.* ...
+    queries = [m for m in grid.sent if m.metadata.message_type == "query.unlearn"
+               and "config" in m.content]
+    assert queries and all(m.content["config"]["run-config-requests"] is False
+                           for m in queries)
+    # ... and the receipts reached the inbox.
+    entry = inbox.entry(filed.id)
+    assert [e["status"] for e in entry.events] == ["sent", "accepted", "honoured"]
+    assert entry.status == "honoured" and not entry.pending
+    assert {e["run"] for e in entry.events} == {RUN_ID}
+    honoured = entry.events[-1]
+    events = audit_events(tmp_path / "out")
+    finished = next(e for e in events if e["event"] == "unlearning.finished")
+    assert honoured["model_sha256"] == finished["model_after"]
+    assert honoured["method"] == "ft" and honoured["rounds"] == finished["rounds"]
+    assert entry.events[1]["model_before_sha256"] == finished["model_before"]
+    names = [e["event"] for e in events]
+    assert names[:2] == ["job.started", "federation.verified"]
+    assert events[0]["deployment"] is True and events[0]["ignored_forget_clients"] == [0]
+    received = next(e for e in events if e["event"] == "request.received")
+    assert received["node"] == 11 and received["inbox_ids"] == [filed.id]
+    assert "sample_ids" not in received and len(received["digest"]) == 64
+    assert names.count("receipt.sent") == 2 and names[-1] == "job.finished"
+    assert all(e["run"] == RUN_ID for e in events)
+    # A second job finds nothing pending in the inbox: partition 1 asks for nothing.
+    rc2 = job_config(tmp_path, **{"output-dir": str(tmp_path / "out2")})
+    run_experiment(LiveGrid(app, rc2, nodes_config(p1={"inbox": str(inbox.root)})), rc2)
+    assert json.loads((tmp_path / "out2" / "no-request.json").read_text())["rejected"] == []
