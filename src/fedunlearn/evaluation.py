@@ -15,7 +15,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from .backdoor import attack_success_rate
-from .metrics import accuracy_from_logits, membership_features, mia_score, predict, split_nonmembers
+from .metrics import (MIA_MIN_SAMPLES, accuracy_from_logits, membership_features, mia_result,
+                      predict, split_nonmembers)
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
 from .training import load_arrays
@@ -53,8 +54,15 @@ class Evaluator:
         return MetricRecord({"test-accuracy": acc})
 
     def evaluate(self, grid: Grid, arrays: ArrayRecord, requests: dict,
-                 node_partitions: dict[int, int]) -> dict:
-        """Retain/forget accuracy (federated), test accuracy and MIA (server)."""
+                 node_partitions: dict[int, int], details: dict | None = None) -> dict:
+        """Retain/forget accuracy (federated), test accuracy and MIA (server).
+
+        If a node fails its evaluation, Retain, Forget and MIA are NaN (missing): a sum
+        over fewer nodes would be another metric. When every request is class-wise, the
+        MIA compares the forget samples with held-out test samples *of the forgotten
+        classes* (otherwise the attack would partly detect the class, not membership).
+        ``details``, when given, receives the MIA's sample counts and 95% interval, the
+        failed nodes, and whether the held-out set was class-matched."""
         cfg = self.cfg
         nodes = sorted(grid.get_node_ids())
         if node_partitions:
@@ -73,8 +81,11 @@ class Evaluator:
         replies.sort(key=lambda m: node_partitions.get(int(m.metadata.src_node_id), -1))
         sums = {"retain-correct": 0, "retain-total": 0, "forget-correct": 0, "forget-total": 0}
         members, targets = [], []
+        answered = {int(m.metadata.src_node_id) for m in replies}
+        failed = sorted(set(nodes) - answered)
         for msg in replies:
             if msg.has_error():
+                failed.append(int(msg.metadata.src_node_id))
                 log(WARNING, "evaluation failed on node %s: %s", msg.metadata.src_node_id,
                     msg.error.reason)
                 continue
@@ -83,6 +94,7 @@ class Evaluator:
             except WireError as err:
                 log(WARNING, "evaluation reply from node %s is malformed (counted as a failed "
                     "node): %s", msg.metadata.src_node_id, err)
+                failed.append(int(msg.metadata.src_node_id))
                 continue
             for k in sums:
                 sums[k] += reply.counts[k]
@@ -93,18 +105,44 @@ class Evaluator:
         test_feats = membership_features(logits, labels)
         member = np.concatenate(members) if members else np.zeros((0, 3))
         target = np.concatenate(targets) if targets else np.zeros((0, 3))
+        heldout = self.heldout_nonmembers
+        classes = forgotten_classes(requests)
+        if classes:
+            heldout = heldout[np.isin(labels[heldout], classes)]
+        mia = mia_result(member, test_feats[self.attack_nonmembers], target,
+                         test_feats[heldout], seed=cfg.seed)
         out = {
             "retain": _pct(sums["retain-correct"], sums["retain-total"]),
             "forget": _pct(sums["forget-correct"], sums["forget-total"]),
             "test": accuracy_from_logits(logits, labels),
-            "mia": mia_score(member, test_feats[self.attack_nonmembers], target,
-                             test_feats[self.heldout_nonmembers], seed=cfg.seed),
+            "mia": mia["score"],
         }
+        if failed:
+            log(WARNING, "evaluation failed on node(s) %s: Retain, Forget and MIA are "
+                "missing for this model", sorted(set(failed)))
+            out.update(retain=float("nan"), forget=float("nan"), mia=float("nan"))
+        elif mia["too_small"]:
+            log(WARNING, "MIA rests on %d forget and %d held-out samples (fewer than %d): "
+                "its 95%% interval is [%.1f, %.1f]", mia["n_forget"], mia["n_heldout"],
+                MIA_MIN_SAMPLES, *mia["ci95"])
+        if details is not None:
+            details.update(mia_n_forget=mia["n_forget"], mia_n_heldout=mia["n_heldout"],
+                           mia_ci95=[round(v, 2) for v in mia["ci95"]],
+                           mia_too_small=bool(mia["too_small"]),
+                           mia_class_matched=[int(c) for c in classes],
+                           failed_nodes=sorted(set(failed)))
         if self.trigger is not None:
             out["asr"] = attack_success_rate(model, self.data.test, labels, cfg.backdoor,
                                              self.trigger, self.data.info.image_size,
                                              device=self.device)
         return out
+
+
+def forgotten_classes(requests: dict) -> list[int]:
+    """The forgotten classes when every accepted request is class-wise, else ``[]``."""
+    if not requests or any(r.scope != "class" for r in requests.values()):
+        return []
+    return sorted({int(c) for r in requests.values() for c in r.classes})
 
 
 def _pct(correct: int, total: int) -> float:

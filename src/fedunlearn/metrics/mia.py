@@ -12,12 +12,18 @@ model still treats it like training data.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["membership_features", "mia_score", "split_nonmembers"]
+__all__ = ["MIA_MIN_SAMPLES", "membership_features", "mia_result", "mia_score",
+           "split_nonmembers"]
+
+MIA_MIN_SAMPLES = 50
+"""Below this many forget (or held-out) samples the score is too noisy to mean much:
+with 50 of each, the 95% interval of a balanced accuracy near 50 is about +-10 points."""
 
 
 def membership_features(logits: ArrayLike, labels: ArrayLike) -> NDArray[np.float64]:
@@ -155,12 +161,17 @@ def mia_score(
         ``target`` or ``heldout`` is empty, or when fewer than 2 samples of
         either class are available to fit the attack.
     """
+    return _attack(member, nonmember, target, heldout, seed)[0]
+
+
+def _attack(member, nonmember, target, heldout, seed) -> tuple[float, int, float, float]:
+    """(score, samples scored per side, TPR on target, TNR on held-out)."""
     mem, non, tgt, held = (_as_features(a) for a in (member, nonmember, target, heldout))
     if len(tgt) == 0 or len(held) == 0:
-        return float("nan")
+        return float("nan"), 0, math.nan, math.nan
     n_fit = min(len(mem), len(non))
     if n_fit < 2:
-        return float("nan")
+        return float("nan"), 0, math.nan, math.nan
     widths = {a.shape[1] for a in (mem, non, tgt, held)}
     if len(widths) != 1:
         raise ValueError(f"all feature arrays must have the same width, got {sorted(widths)}")
@@ -183,4 +194,24 @@ def mia_score(
     held = _subsample(rng, held, n_eval)
     tpr = float(np.mean(clf.predict(tgt) == 1))
     tnr = float(np.mean(clf.predict(held) == 0))
-    return 100.0 * (tpr + tnr) / 2.0
+    return 100.0 * (tpr + tnr) / 2.0, n_eval, tpr, tnr
+
+
+def mia_result(member: ArrayLike, nonmember: ArrayLike, target: ArrayLike,
+               heldout: ArrayLike, seed: int = 0) -> dict:
+    """:func:`mia_score` with what it rests on: ``{"score", "n_forget", "n_heldout",
+    "ci95", "too_small"}``.
+
+    ``n_forget`` / ``n_heldout`` are the samples actually scored (the larger side is
+    subsampled to the smaller); ``ci95`` is a normal-approximation 95% interval of the
+    balanced accuracy, ``100 * 1.96 * sqrt(TPR(1-TPR)/n + TNR(1-TNR)/n) / 2`` around the
+    score (clipped to [0, 100]); ``too_small`` is true below :data:`MIA_MIN_SAMPLES`.
+    """
+    score, n, tpr, tnr = _attack(member, nonmember, target, heldout, seed)
+    if math.isnan(score) or n == 0:
+        return {"score": score, "n_forget": 0, "n_heldout": 0, "ci95": [math.nan, math.nan],
+                "too_small": True}
+    half_width = 100.0 * 1.96 * math.sqrt(tpr * (1 - tpr) / n + tnr * (1 - tnr) / n) / 2.0
+    return {"score": score, "n_forget": int(n), "n_heldout": int(n),
+            "ci95": [max(0.0, score - half_width), min(100.0, score + half_width)],
+            "too_small": n < MIA_MIN_SAMPLES}
