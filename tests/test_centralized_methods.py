@@ -417,3 +417,50 @@ def test_centralized_preset_is_one_client_forgetting_a_random_tenth():
     assert set(methods) == {"retrain", "ft", "not", "randl", "ga", "badt", "l1_sparse",
                             "ssd", "salun"}
     check_run_config(preset)
+
+
+def test_the_report_labels_a_one_client_federation_as_centralized(tmp_path):
+    import json
+
+    from fedunlearn.experiment.report import display_name, write_report
+
+    def result(method, num_clients):
+        cfg = {"dataset": "digits", "model": "cnn", "num_clients": num_clients, "seed": 0,
+               "partitioning": "iid",
+               "forget": {"scope": "instance", "clients": [0], "classes": [],
+                          "fraction": 0.1, "sample_ids": [], "data_of": -1}}
+        metrics = {"retain": 99.0, "forget": 97.0, "test": 97.0, "mia": 50.0}
+        return {"method": method, "original": metrics, "unlearned": metrics, "config": cfg,
+                "cost": {"rounds": 1, "comm_bytes": 1.0, "flops": 1.0, "wall_s": 1.0}}
+
+    for n in (1, 10):
+        for method in ("retrain", "l1_sparse"):
+            path = tmp_path / f"{n}-{method}" / "results.json"
+            path.parent.mkdir()
+            path.write_text(json.dumps(result(method, n)))
+    report = write_report(tmp_path)
+    titles = sorted(g.title for g in report.groups)
+    assert titles == [
+        "digits / cnn / centralized (one client holds all training data), instance-wise, "
+        "fraction 0.1, IID",
+        "digits / cnn / instance-wise, 1 of 10 clients (forget ratio 0.1), fraction 0.1, IID"]
+    assert "ℓ1-sparse" in report.markdown and display_name("salun") == "SalUn"
+
+
+def test_the_closing_table_of_a_one_client_job_says_centralized():
+    from fedunlearn.results import comparison_markdown, comparison_text
+
+    def result(method, num_clients):
+        metrics = {"retain": 99.0, "forget": 97.0, "test": 97.0, "mia": 50.0}
+        return {"method": method, "original": metrics, "unlearned": metrics,
+                "config": {"num_clients": num_clients},
+                "cost": {"rounds": 1, "comm_bytes": 10, "flops": 5, "wall_s": 1.0}}
+
+    one = [result("retrain", 1), result("salun", 1)]
+    text = comparison_text(one)
+    assert "fedunlearn results (centralized: one client holds all training data)" in text
+    assert "Avg. Gap" in text and "FLOPs" in text and "salun" in text
+    assert "Centralized setting" in comparison_markdown(one)
+    federated = [result("retrain", 10), result("salun", 10)]
+    assert "centralized" not in comparison_text(federated)
+    assert "Centralized" not in comparison_markdown(federated)

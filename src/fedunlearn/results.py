@@ -124,6 +124,17 @@ def comparison_rows(results: Sequence[dict]) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
+def is_centralized(results: Sequence[dict]) -> bool:
+    """Whether the results come from a federation of one client holding all training
+    data: the centralized setting (the NoT paper's Table 2)."""
+    return bool(results) and all(int((r.get("config") or {}).get("num_clients", 0)) == 1
+                                 for r in results)
+
+
+CENTRALIZED_NOTE = ("Centralized setting: one client holds all training data; Comm. is the "
+                    "measured traffic of that client (the model down and up each round).")
+
+
 def _skipped_lines(skipped: dict[str, str] | None) -> list[str]:
     return [f"{method}: refused ({reason})" for method, reason in (skipped or {}).items()]
 
@@ -136,17 +147,22 @@ def comparison_markdown(results: Sequence[dict], skipped: dict[str, str] | None 
     note = ("Values in %; (x) = |Δ| to Retrain; Avg. Gap = mean |Δ| over Retain, Forget, "
             "Test, MIA." if ref else
             "Values in %. Add `retrain` to the method list to get Δ and Avg. Gap.")
+    if is_centralized(results):
+        note += " " + CENTRALIZED_NOTE
     extra = "".join(f"\n- {line}" for line in _skipped_lines(skipped))
     return "\n".join(lines) + "\n\n" + note + "\n" + (extra[1:] + "\n" if extra else "")
 
 
 def comparison_text(results: Sequence[dict], title: str = "fedunlearn results",
                     skipped: dict[str, str] | None = None) -> str:
-    """The comparison as a rich table rendered to plain text (for logs and terminals)."""
+    """The comparison as a rich table rendered to plain text (for logs and terminals);
+    the centralized setting says so in the title."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
+    if is_centralized(results):
+        title += " (centralized: one client holds all training data)"
     header, rows = comparison_rows(results)
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     for h in header:

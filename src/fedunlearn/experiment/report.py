@@ -57,7 +57,9 @@ REPORT_DIR = "report"
 REFERENCE = "retrain"
 BEST_MARK = "★"
 DISPLAY = {"retrain": "Retrain", "ft": "FT", "not": "NoT", "fedEraser": "FedEraser",
-           "fukd": "FUKD", "pgd": "PGD", "mode": "MoDE", "fcu": "FCU", "puf": "PUF"}
+           "fukd": "FUKD", "pgd": "PGD", "mode": "MoDE", "fcu": "FCU", "puf": "PUF",
+           "randl": "RandL", "ga": "GA", "badt": "BadT", "l1_sparse": "ℓ1-sparse",
+           "ssd": "SSD", "salun": "SalUn"}
 LABELS = {"retain": "Retain", "forget": "Forget", "test": "Test", "mia": "MIA", "asr": "ASR"}
 # Settings that change the Retrain reference: results differing in them are never averaged.
 PROTOCOL_FIELDS = ("val_fraction", "batch_size", "local_epochs", "momentum",
@@ -286,9 +288,14 @@ def _fmt_num(value: Any) -> str:
 def _title(setting: dict, extras: Sequence[str]) -> tuple[str, str]:
     s = setting
     scope = s["scope"]
-    title = (f"{s['dataset']} / {s['model']} / {scope}-wise, {s['targets']} of "
-             f"{s['num_clients']} clients (forget ratio {s['ratio']:.3g})")
-    slug = f"{s['dataset']}-{s['model']}-{scope}-{s['targets']}of{s['num_clients']}"
+    if s["num_clients"] == 1:  # one client holding all training data: the paper's Table 2
+        title = (f"{s['dataset']} / {s['model']} / centralized (one client holds all "
+                 f"training data), {scope}-wise")
+        slug = f"{s['dataset']}-{s['model']}-centralized-{scope}"
+    else:
+        title = (f"{s['dataset']} / {s['model']} / {scope}-wise, {s['targets']} of "
+                 f"{s['num_clients']} clients (forget ratio {s['ratio']:.3g})")
+        slug = f"{s['dataset']}-{s['model']}-{scope}-{s['targets']}of{s['num_clients']}"
     if scope == "class":
         title += f", classes {s['classes']}"
         slug += f"-classes{s['classes'].replace(',', '+')}"
