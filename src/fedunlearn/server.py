@@ -125,8 +125,11 @@ class Experiment:
         return accepted
 
     def evaluate(self, arrays: ArrayRecord) -> dict:
+        """The model's metrics; what the MIA rests on goes to ``last_measurement``."""
+        self.last_measurement: dict = {}
         return self.evaluator.evaluate(self.grid, arrays, self.context.requests,
-                                       self.context.node_partitions)
+                                       self.context.node_partitions,
+                                       details=self.last_measurement)
 
     def pretrain(self) -> tuple[ArrayRecord, dict]:
         resolved = {}
@@ -146,6 +149,7 @@ class Experiment:
             ", ".join(cfg.methods))
         self.discover_partitions(nodes)
         pretrained, pretrain_info = self.pretrain()
+        self.context.original_arrays = pretrained
         accepted = self.collect_requests(nodes)
         self.ledger.verdicts(accepted, self.rejected, pretrained)
         if not accepted:
@@ -171,6 +175,7 @@ class Experiment:
                                     for n, r in sorted(accepted.items())]})
         log(INFO, "[measure] original (pretrained) model")
         original = self.evaluate(pretrained)
+        original_measurement = self.last_measurement
         log(INFO, "[measure] original: %s", _short(original))
         results: dict[str, dict] = {}
         for strategy in strategies:
@@ -184,6 +189,8 @@ class Experiment:
             log(INFO, "[%s] unlearned: %s", method, _short(unlearned))
             result = result_record(strategy, self.context, self.rejected, original,
                                    unlearned, pretrain_info)
+            result["measurement"] = {"original": original_measurement,
+                                     "unlearned": self.last_measurement}
             path = write_json(results_path(self.output_dir, method, several), result)
             log(INFO, "[%s] wrote %s", method, path)
             results[method] = result
