@@ -146,3 +146,86 @@ def test_partitions_must_be_held_by_exactly_one_node():
         check_partitions(replies[:3], NUM)
     with pytest.raises(RuntimeError, match="holds partition 7, outside 0..3"):
         check_partitions(replies[:3] + [query_reply(13, 7, None)], NUM)
+
+
+# -- the malformed records of a hostile or broken node ------------------------------------
+@pytest.mark.parametrize("request_record, expected", [
+    # Used to raise an uncaught OverflowError / ValueError in the ServerApp.
+    ({"scope": "client", "partition-id": float("inf")}, "partition-id=inf (float)"),
+    ({"scope": "class", "partition-id": 0, "classes": [float("inf")]}, "inf (float) is not"),
+    ({"scope": "client", "partition-id": "zero"}, "partition-id='zero' (str)"),
+    # Used to be changed silently: 3.7 -> class 3, True -> class 1, "12" -> ids [1, 2].
+    ({"scope": "class", "partition-id": 0, "classes": [3.7]}, "3.7 (float) is not an integer"),
+    ({"scope": "class", "partition-id": 0, "classes": [True]}, "True (bool) is not an integer"),
+    ({"scope": "instance", "partition-id": 0, "sample-ids": "12"}, "sample-ids='12' (str)"),
+    ({"scope": "class", "partition-id": 0, "classes": [3, 3]}, "3 is repeated"),
+])
+def test_malformed_records_are_rejected_not_crashed_or_converted(data, request_record,
+                                                                 expected):
+    accepted, rejected = collect(data, {0: request_record,
+                                        1: {"scope": "client", "partition-id": 1}})
+    assert list(accepted) == [11]
+    assert expected in rejected[0]["reason"], rejected[0]["reason"]
+    assert rejected[0]["reason"].startswith("malformed request record: ")
+
+
+def test_a_million_copies_of_one_id_are_refused_and_never_sent_back(data):
+    own = int(data.train_indices(0)[0])
+    accepted, rejected = collect(data, {0: {"scope": "instance", "partition-id": 0,
+                                            "sample-ids": [own] * 1_000_000}})
+    assert accepted == {}
+    assert "(1000000 items)" in rejected[0]["reason"]
+    # A few repeated ids are refused too (they would be re-sent in every round).
+    _, rejected = collect(data, {0: {"scope": "instance", "partition-id": 0,
+                                     "sample-ids": [own, own]}})
+    assert f"{own} is repeated" in rejected[0]["reason"]
+
+
+def test_a_node_error_is_reported_shortened(data):
+    accepted, rejected = collect(data, {0: {"scope": "invalid", "partition-id": 0,
+                                            "error": "x" * 10_000}})
+    assert accepted == {}
+    assert rejected[0]["reason"].startswith("the node could not build its request: 'xxx")
+    assert len(rejected[0]["reason"]) < 600
+
+
+def test_evaluator_counts_a_malformed_evaluate_reply_as_a_failed_node(server_identity, caplog):
+    """The Evaluator's own parsing (here without the guarded grid): a reply without the
+    expected metric keys and one whose features are not in threes are failed nodes; the
+    measurement completes (a failed node makes Retain, Forget and MIA missing)."""
+    import math
+
+    from flwr.app import Message, MetricRecord
+    from flower_apps.client_app import app
+
+    from fedunlearn.client import NodeView
+    from fedunlearn.evaluation import Evaluator
+    from fedunlearn.training import to_arrays
+
+    from .helpers import NODE, RC, RecordingGrid
+
+    cfg = ExperimentConfig.from_run_config(RC)
+    new_model = NodeView.from_context(context(0, RC)).new_model
+    grid = RecordingGrid(app, RC, NODE)
+    deliver = grid.send_and_receive
+
+    def tampered(messages, timeout=None):
+        out = []
+        for reply in deliver(messages, timeout):
+            metrics = dict(reply.content["metrics"])
+            if reply.metadata.src_node_id == 10:
+                metrics = {"num-examples": metrics["num-examples"]}
+            if reply.metadata.src_node_id == 11:
+                metrics["retain-features"] = [0.5] * 4
+            out.append(Message(RecordDict({"metrics": MetricRecord(metrics)}),
+                               metadata=reply.metadata))
+        return out
+
+    grid.send_and_receive = tampered
+    caplog.set_level(logging.WARNING)
+    out = Evaluator(cfg, federated_data(cfg), new_model, "cpu").evaluate(
+        grid, to_arrays(new_model()), {}, dict(NODE))
+    assert 0 <= out["test"] <= 100
+    assert math.isnan(out["retain"])
+    assert "node 10 is malformed" in caplog.text and "retain-correct is missing" in caplog.text
+    assert "node 11 is malformed" in caplog.text and "multiple of 3" in caplog.text

@@ -293,12 +293,11 @@ class GuardedGrid(Grid):
     def check_evaluate(self, reply: Message, sent: Message, node: int) -> None:
         """An evaluate reply: the retain/forget counts (exactly the sizes the server
         derives from the node's partition and accepted request) and membership features
-        of :func:`~fedunlearn.replies.parse_evaluate_reply`, or, for any other evaluation
-        (e.g. a validation split), counts that are non-negative ints with
-        ``correct <= total`` and finite numbers."""
-        metrics = reply.content.metric_records.get("metrics")
+        of :func:`~fedunlearn.replies.parse_evaluate_reply`; for an evaluation of another
+        ``split`` (e.g. ``"val"``, the recovery stopping rule's), counts that are
+        non-negative ints with ``correct <= total`` and finite numbers."""
         config = sent.content.config_records.get("config", ConfigRecord())
-        if metrics is not None and "retain-total" in metrics and "split" not in config:
+        if "split" not in config:  # the retain/forget measurement
             parse_evaluate_reply(reply, max_members=_int_or_none(config.get("max-members")),
                                  expected_totals=self._expected_totals(node, config))
         else:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+from logging import WARNING
 
 import numpy as np
 from flwr.app import Context
+from flwr.common.logger import log
 
 from ..backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
 from ..config import ExperimentConfig, parse_int_list
@@ -138,7 +140,9 @@ def node_inbox(node_config) -> Inbox:
 def inbox_request(view: NodeView, inbox: Inbox) -> UnlearningRequest | None:
     """One request serving the inbox's pending batch (see :meth:`Inbox.pending_batch`),
     carrying their inbox ids; ``None`` when nothing is pending."""
-    scope, batch, _ = inbox.pending_batch()
+    scope, batch, problems = inbox.pending_batch()
+    for problem in problems:  # a hand-edited file: shown by `fedunlearn request list` too
+        log(WARNING, "inbox %s: unreadable request file %s", inbox.root, problem)
     if not batch:
         return None
     classes: set[int] = set()

@@ -37,7 +37,7 @@ def handle_query(msg: Message, context: Context) -> Message:
             return Message(content, reply_to=msg)
     try:
         request = own_request(view, context.node_config, run_config_requests=allow)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: an unreadable inbox
         # Report the problem instead of failing the node: the server rejects it by name.
         content[REQUEST_RECORD] = ConfigRecord(
             {"scope": INVALID_SCOPE, "partition-id": view.partition_id,
@@ -46,13 +46,21 @@ def handle_query(msg: Message, context: Context) -> Message:
         if request is not None:
             content[REQUEST_RECORD] = request.to_config_record()
             if request.inbox_ids:
-                inbox = node_inbox(context.node_config)
-                for request_id in request.inbox_ids:
-                    inbox.append_event(request_id, {
-                        "status": "sent", "run": int(context.run_id),
-                        "node": int(context.node_id), "partition": view.partition_id,
-                        "scope": request.scope, "digest": request.digest()})
+                record_sent(context, view.partition_id, request)
     return Message(content, reply_to=msg)
+
+
+def record_sent(context: Context, partition_id: int, request) -> None:
+    """Note in each inbox request's history that it went to the server in this run."""
+    inbox = node_inbox(context.node_config)
+    for request_id in request.inbox_ids:
+        try:
+            inbox.append_event(request_id, {
+                "status": "sent", "run": int(context.run_id), "node": int(context.node_id),
+                "partition": partition_id, "scope": request.scope,
+                "digest": request.digest()})
+        except OSError as err:  # the request still goes out; the receipt will follow
+            log(WARNING, "could not note inbox request %s as sent: %s", request_id, err)
 
 
 def handle_receipt(msg: Message, context: Context) -> Message:
