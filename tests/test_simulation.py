@@ -114,6 +114,34 @@ def test_methods_where_the_target_takes_part(tmp_path, flwr_env, ckpt):
     assert "[puf] applied -2.00" in log and "[mode] 2 guidance rounds done" in log
 
 
+def test_centralized_setting_runs_the_data_holders_methods(tmp_path, flwr_env, ckpt):
+    """One client holding all training data forgets a random 10% (the centralized
+    preset, tiny): RandL, GA and FCU run at that client, then recover there."""
+    from fedunlearn.launch import load_preset
+
+    out = tmp_path / "centralized"
+    rc = dict(load_preset("centralized"), **{
+        "method": "randl,ga,fcu", "pretrain.rounds": 4, "unlearn.rounds": 2,
+        "checkpoint-dir": str(ckpt),
+        "method-params": "randl.epochs=1 fcu.iterations=4 fcu.fusion_interval=2"})
+    log = run(rc, out, flwr_env, num_supernodes=1)
+    results = {m: load(out / m / "results.json") for m in ("randl", "ga", "fcu")}
+    for method, res in results.items():
+        check_schema(res, method)
+        assert [r["scope"] for r in res["request"]] == ["instance"]
+        assert res["config"]["num_clients"] == 1
+    model_bytes = results["ga"]["notes"]["target_temporary_bytes"]  # GA keeps one copy
+    for method in ("randl", "ga", "fcu"):
+        unl = results[method]["cost"]["phases"]["unlearning"]
+        assert unl["rounds"] == 1 and unl["comm_bytes"] == 2 * model_bytes
+        assert results[method]["cost"]["phases"]["recovery"]["rounds"] == 2
+    fcu = results["fcu"]["cost"]["phases"]["unlearning"]
+    assert fcu["forward_samples"] == 2 * fcu["train_samples"] > 0  # theta_o and theta_dn
+    assert results["fcu"]["notes"]["target_temporary_bytes"] == 2 * model_bytes
+    assert "fedunlearn results (centralized: one client holds all training data)" in log
+    assert "[gradient_ascent] partition 0:" in log
+
+
 def test_every_client_forgets_one_class(tmp_path, flwr_env, ckpt):
     out = tmp_path / "class"
     run({"method": "not", "pretrain.rounds": 12, "unlearn.rounds": 8,
