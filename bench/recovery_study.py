@@ -125,6 +125,91 @@ def stop_study(data, new, pretrained, retained, args) -> None:
                       flush=True)
 
 
+def trajectory(data, new, start_state, retained, rounds, beta, seed, negate=True):
+    """Per round: (validation, test, retain, forget) accuracy of recovery with server
+    momentum ``beta`` (validation on the retained clients' validation splits)."""
+    info = data.info
+    val = np.concatenate([data.val_indices(c) for c in retained])
+    train = np.concatenate([data.train_indices(c) for c in retained])
+    forget = np.concatenate([data.train_indices(c) for c in range(10) if c not in retained])
+    m = new()
+    m.load_state_dict(start_state)
+    if negate:
+        negate_layers(m, example_input_for(info.in_channels, info.image_size))
+    velocity, out = None, []
+    for r in range(1, rounds + 1):
+        start, avg = fedavg_round(m, data, retained, lr=0.01, momentum=0.9,
+                                  seed=seed * 100_000 + r)
+        if beta:
+            delta = {k: avg[k].double() - start[k].double() for k in avg}
+            velocity = delta if velocity is None else {
+                k: beta * velocity[k] + delta[k] for k in delta}
+            avg = {k: (start[k].double() + velocity[k]).to(start[k].dtype) for k in avg}
+        m.load_state_dict(avg)
+        out.append((accuracy_on(m, data, val), test_acc(m, data), accuracy_on(m, data, train),
+                    accuracy_on(m, data, forget)))
+    return out
+
+
+def apply_rule(traj, target, hold, patience, min_delta=0.1):
+    """The round a rule stops at (1-based) on a trajectory of validation accuracies."""
+    streak, best, since = 0, -1.0, 0
+    for r, (val, *_rest) in enumerate(traj, start=1):
+        streak = streak + 1 if val >= target else 0
+        if streak >= hold:
+            return r, "target"
+        if val > best + min_delta:
+            best, since = val, 0
+        else:
+            since += 1
+        if since >= patience:
+            return r, "plateau"
+    return len(traj), "max"
+
+
+def rule_sweep(args) -> None:
+    """Trajectories once per (setting, seed, beta); every rule evaluated on them."""
+    import itertools
+
+    settings = [("iid", 0.5), ("dirichlet", 0.3)]
+    betas = (0.0, 0.5, 0.7, 0.9)
+    rules = list(itertools.product((1.0, 0.0, -0.5), (1, 2), (3, 5)))
+    table: dict = {}
+    for (part, alpha), seed in itertools.product(settings, range(args.seeds)):
+        data = build_federated_data("digits", 10, partitioning=part, alpha=alpha, seed=seed)
+        info = data.info
+        new = lambda: create_model("cnn", num_classes=info.num_classes,  # noqa: E731
+                                   in_channels=info.in_channels, image_size=info.image_size)
+        torch.manual_seed(seed)
+        model = new()
+        run(model, data, list(range(10)), 30, 30, seed=seed)
+        pretrained = state(model)
+        retained = list(range(1, 10))
+        val = np.concatenate([data.val_indices(c) for c in retained])
+        original_val = accuracy_on(model, data, val)
+        torch.manual_seed(seed + 1)
+        scratch = state(new())
+        ref = trajectory(data, new, scratch, retained, 30, 0.0, seed, negate=False)[-1]
+        for beta in betas:
+            traj = trajectory(data, new, pretrained, retained, args.rounds, beta, seed)
+            fixed = traj[14]
+            table.setdefault((part, beta, "fixed 15"), []).append((15, fixed, ref))
+            for gap, hold, patience in rules:
+                r, why = apply_rule(traj, original_val - gap, hold, patience)
+                key = (part, beta, f"gap {gap:+.1f} hold {hold} patience {patience}")
+                table.setdefault(key, []).append((r, traj[r - 1], ref))
+        print(f"done {part} seed {seed}", flush=True)
+    print("setting    beta rule                              rounds  gap3(ret,fgt,test)  "
+          "test-ref")
+    for (part, beta, rule), rows in sorted(table.items()):
+        rounds = np.mean([r for r, _, _ in rows])
+        gap3 = np.mean([np.mean([abs(a - b) for a, b in zip(m[1:], ref[1:])])
+                        for _, m, ref in rows])
+        dtest = np.mean([m[1] - ref[1] for _, m, ref in rows])
+        print(f"{part:10s} {beta:.1f}  {rule:34s} {rounds:6.1f}  {gap3:8.2f}           "
+              f"{dtest:+6.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--partitioning", default="dirichlet")
@@ -135,8 +220,14 @@ def main() -> None:
     p.add_argument("--variants", default="")
     p.add_argument("--stop", action="store_true",
                    help="study the validation stopping rule instead of fixed budgets")
+    p.add_argument("--sweep", action="store_true",
+                   help="score stopping rules x server momentum on IID and Dirichlet 0.3")
+    p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.sweep:
+        rule_sweep(args)
+        return
     data = build_federated_data("digits", 10, partitioning=args.partitioning,
                                 alpha=args.alpha, seed=args.seed)
     info = data.info

@@ -106,3 +106,28 @@ def test_malformed_train_replies_are_dropped_not_fatal(server_identity):
     arrays, _ = strategy.aggregate_train(1, replies)
     assert np.array_equal(arrays["w"].numpy(), np.ones(3, np.float32))
     assert strategy.cost.messages_up == 1  # only the good reply was counted
+
+
+def test_validated_recovery_preset_is_a_valid_run_config():
+    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.launch import check_run_config, load_preset
+
+    rc = check_run_config({**load_preset("validated-recovery"),
+                           "federation.partitioning": "dirichlet"})
+    cfg = ExperimentConfig.from_run_config(rc)
+    assert cfg.recovery_stop == "validation" and cfg.unlearn_server_momentum == 0.5
+    assert cfg.recovery_target_gap == 0.0 and cfg.unlearn_rounds == 30
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("unlearn.stop", "never", "unlearn.stop='never'"),
+    ("unlearn.server-momentum", 1.0, "unlearn.server-momentum=1.0 must be in [0, 1)"),
+    ("unlearn.patience", 0, "unlearn.patience=0 must be >= 1"),
+    ("unlearn.target-gap", -1.0, "unlearn.target-gap=-1.0 must be in [0, 100)"),
+])
+def test_bad_recovery_settings_are_named(key, value, expected):
+    from fedunlearn.launch import check_run_config
+
+    with pytest.raises(ValueError) as err:
+        check_run_config({key: value})
+    assert expected in str(err.value)
