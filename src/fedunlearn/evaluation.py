@@ -105,12 +105,15 @@ class Evaluator:
         test_feats = membership_features(logits, labels)
         member = np.concatenate(members) if members else np.zeros((0, 3))
         target = np.concatenate(targets) if targets else np.zeros((0, 3))
-        heldout = self.heldout_nonmembers
+        attack, heldout = self.attack_nonmembers, self.heldout_nonmembers
         classes = forgotten_classes(requests)
         if classes:
-            heldout = heldout[np.isin(labels[heldout], classes)]
-        mia = mia_result(member, test_feats[self.attack_nonmembers], target,
-                         test_feats[heldout], seed=cfg.seed)
+            # The forgotten classes are scored on every test sample of theirs; the attack
+            # is fit on the other classes only, like the members (retained data) it sees.
+            attack = attack[~np.isin(labels[attack], classes)]
+            heldout = self.test_ids[np.isin(labels, classes)]
+        mia = mia_result(member, test_feats[attack], target, test_feats[heldout],
+                         seed=cfg.seed)
         out = {
             "retain": _pct(sums["retain-correct"], sums["retain-total"]),
             "forget": _pct(sums["forget-correct"], sums["forget-total"]),

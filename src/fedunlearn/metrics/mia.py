@@ -203,15 +203,24 @@ def mia_result(member: ArrayLike, nonmember: ArrayLike, target: ArrayLike,
     "ci95", "too_small"}``.
 
     ``n_forget`` / ``n_heldout`` are the samples actually scored (the larger side is
-    subsampled to the smaller); ``ci95`` is a normal-approximation 95% interval of the
-    balanced accuracy, ``100 * 1.96 * sqrt(TPR(1-TPR)/n + TNR(1-TNR)/n) / 2`` around the
-    score (clipped to [0, 100]); ``too_small`` is true below :data:`MIA_MIN_SAMPLES`.
+    subsampled to the smaller); ``ci95`` is a conservative 95% interval of the balanced
+    accuracy: the mean of the Wilson score intervals of TPR and TNR (it stays wide when a
+    rate is 0 or 1 on few samples, where a normal approximation collapses to a point);
+    ``too_small`` is true below :data:`MIA_MIN_SAMPLES`.
     """
     score, n, tpr, tnr = _attack(member, nonmember, target, heldout, seed)
     if math.isnan(score) or n == 0:
         return {"score": score, "n_forget": 0, "n_heldout": 0, "ci95": [math.nan, math.nan],
                 "too_small": True}
-    half_width = 100.0 * 1.96 * math.sqrt(tpr * (1 - tpr) / n + tnr * (1 - tnr) / n) / 2.0
+    (tpr_lo, tpr_hi), (tnr_lo, tnr_hi) = _wilson(tpr, n), _wilson(tnr, n)
     return {"score": score, "n_forget": int(n), "n_heldout": int(n),
-            "ci95": [max(0.0, score - half_width), min(100.0, score + half_width)],
+            "ci95": [100.0 * (tpr_lo + tnr_lo) / 2.0, 100.0 * (tpr_hi + tnr_hi) / 2.0],
             "too_small": n < MIA_MIN_SAMPLES}
+
+
+def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` observed on ``n`` samples."""
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
