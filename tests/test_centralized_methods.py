@@ -164,6 +164,24 @@ def test_several_targets_are_averaged_by_samples(app, server_identity, single_th
     assert np.allclose(out[key].numpy(), expected / sum(weights.values()), atol=1e-6)
 
 
+def test_a_target_that_does_not_answer_is_reported(app, server_identity, single_thread,
+                                                   caplog):
+    class Lossy(RecordingGrid):
+        def send_and_receive(self, messages, timeout=None):
+            return [r for m, r in zip(messages, super().send_and_receive(messages)[::-1])
+                    if m.metadata.dst_node_id != 11]
+
+    rc = {**RC, "method": "ssd"}
+    requests = {n: UnlearningRequest("class", p, classes=(3,), node_id=n)
+                for n, p in ((10, 0), (11, 1))}
+    strategy = create_method("ssd", make_context(rc, requests))
+    out = strategy.unlearning_step(Lossy(app, rc, NODE), to_arrays(
+        strategy.context.model_factory()))
+    assert strategy.notes["targets_asked"] == 2 and strategy.notes["targets_answered"] == 1
+    assert "target node(s) [11] returned no model" in caplog.text
+    assert all(np.isfinite(a.numpy()).all() for a in out.values())
+
+
 # -- RandL ---------------------------------------------------------------------------------
 def test_randl_labels_differ_from_the_true_ones(app, view, monkeypatch, single_thread):
     retained, forget = split(view)

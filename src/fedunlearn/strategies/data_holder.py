@@ -14,7 +14,7 @@ same code path runs the centralized methods there (preset ``centralized``).
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
@@ -101,7 +101,13 @@ class DataHolderUnlearning(UnlearningStrategy):
         usable = [m for m in replies if int(m.content["metrics"]["num-examples"]) > 0]
         if not usable:
             raise RuntimeError(f"{self.name}: no target returned a model from {self.action}")
+        answered = {int(m.metadata.src_node_id) for m in usable}
+        missing = sorted(set(targets) - answered)
+        if missing:  # their data was not unlearned by this step: say so
+            log(WARNING, "[%s] target node(s) %s returned no model from %s; the step "
+                "averages the other %d", self.name, missing, self.action, len(usable))
         self.notes["target_action"] = self.action
+        self.notes["targets_asked"] = len(targets)
         self.notes["targets_answered"] = len(usable)
         self.notes["target_temporary_bytes"] = self.temporary_bytes(arrays)
         log(INFO, "[%s] %d target(s) ran %s", self.name, len(usable), self.action)
