@@ -102,7 +102,7 @@ def frequency_fusion(unlearned: np.ndarray, original: np.ndarray, rho: float,
 def fuse_into(model: nn.Module, original: nn.Module, rho: float, preserve: str) -> list[str]:
     """Frequency-guided fusion of ``model`` with ``original``, in place: every Conv/Linear
     weight fused, every other tensor taken from ``original``. Returns the fused keys."""
-    fused_keys = {f"{name}.weight" for name, m in model.named_modules()
+    fused_keys = {f"{name}.weight" if name else "weight" for name, m in model.named_modules()
                   if isinstance(m, FUSED_TYPES) and getattr(m, "weight", None) is not None}
     reference = original.state_dict()
     state = model.state_dict()
