@@ -107,10 +107,21 @@ def test_puf_applies_the_negated_weighted_pseudo_gradient():
 
 
 # -- whole methods through the fake grid, metered ----------------------------------------
-@pytest.mark.parametrize("scope", ["client", "class"])
+def request_of(scope: str) -> UnlearningRequest:
+    """Partition 0's request (node 10) of each scope, on the synthetic federation."""
+    if scope == "client":
+        return UnlearningRequest("client", 0, node_id=10)
+    if scope == "class":
+        return UnlearningRequest("class", 0, classes=(1,), node_id=10)
+    from fedunlearn.client import NodeView
+
+    train = NodeView.from_context(context(0, RC)).train_indices()
+    return UnlearningRequest("instance", 0, sample_ids=tuple(train[::4].tolist()), node_id=10)
+
+
+@pytest.mark.parametrize("scope", ["client", "class", "instance"])
 def test_puf_unlearning_step_is_metered_both_ways(app, server_identity, single_thread, scope):
-    request = (UnlearningRequest("client", 0, node_id=10) if scope == "client"
-               else UnlearningRequest("class", 0, classes=(1,), node_id=10))
+    request = request_of(scope)
     rc = {**RC, "method": "puf", "method-params": "puf.alpha=1.5"}
     strategy = create_method("puf", make_context(rc, {10: request}))
     assert strategy.params.alpha == 1.5
@@ -133,7 +144,11 @@ def test_puf_unlearning_step_is_metered_both_ways(app, server_identity, single_t
         assert np.allclose(out[key].numpy(), expected, atol=1e-6)
     # Recovery: client-wise targets drop out, class-wise targets stay in.
     recovery = strategy.participants(strategy.recovery_phase().role, grid)
-    assert (10 in recovery) == (scope == "class")
+    assert (10 in recovery) == (scope != "client")
+    # The pseudo-gradient is computed on the forget set only.
+    forget = {"client": None, "class": None, "instance": len(request.sample_ids)}[scope]
+    if forget is not None:
+        assert grid.replies[0].content["metrics"]["num-examples"] == forget
 
 
 def test_not_step_is_server_side_and_costs_break_down_by_phase(server_identity):

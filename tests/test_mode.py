@@ -125,3 +125,32 @@ def test_bad_mode_parameters_are_rejected_before_flower_starts(params, expected)
     with pytest.raises(ValueError) as err:
         check_run_config({"method": "mode", "method-params": params})
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("scope", ["class", "instance"])
+def test_mode_serves_class_and_instance_requests(app, server_identity, single_thread, scope):
+    """The target guides on its forget samples and trains its retained ones normally,
+    and stays in recovery."""
+    from .test_method_platform import request_of
+
+    rc = {**RC, "method": "mode",
+          "method-params": "mode.degradation_rounds=1 mode.guidance_rounds=1"}
+    request = request_of(scope)
+    strategy = create_method("mode", make_context(rc, {10: request}))
+    assert strategy.refusal({10: request}) is None
+    grid = RecordingGrid(app, rc, NODE)
+    start = to_arrays(strategy.context.model_factory())
+    with strategy.cost_phase("unlearning"):
+        strategy.unlearning_step(grid, start)
+    by_node = {m.metadata.dst_node_id: m for m in grid.sent[4:]}  # the guidance round
+    assert by_node[10].metadata.message_type == "train.mode_guidance"
+    # Round 1's degradation training includes the target's retained data.
+    assert 10 in [m.metadata.dst_node_id for m in grid.sent[:4]]
+    guided = next(r for r in grid.replies if r.metadata.message_type == "train.mode_guidance")
+    view = NodeView.from_context(context(0, RC))
+    train = view.train_indices()
+    forget = (int((view.labels()[train] == 1).sum()) if scope == "class"
+              else len(request.sample_ids))
+    assert guided.content["metrics"]["forward-samples"] == forget
+    assert guided.content["metrics"]["num-examples"] == train.size
+    assert 10 in strategy.participants(strategy.recovery_phase().role, grid)
