@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
 # Run fedunlearn on a real Flower deployment on this machine (loopback only):
 # one `flower-superlink`, N `flower-supernode`s, then `flwr run . <connection> --stream`.
-# Node FORGET_NODE asks to be forgotten through its node-config (not through the
-# run-config: `forget.clients` is set empty so that only node-config requests count).
+#
+# By default the deployment is secured as a real one would be: a throwaway CA and
+# server certificate (TLS on every API), one ECDSA key pair per SuperNode, SuperNode
+# authentication on the SuperLink, and each SuperNode's public key registered with
+# `flwr supernode register` before it starts. Every SuperNode has a request inbox
+# (node-config `inbox=...`); node FORGET_NODE's data owner files its request there with
+# `fedunlearn request file` once the SuperNodes run, the server's verdicts come back to
+# the inbox as receipts, and the ServerApp writes an audit log ($OUTPUT_DIR/audit.jsonl).
+# The run-config's `forget.clients` keeps its default: a deployment ignores it (requests
+# come from the nodes).
 #
 # Usage (from the repository root):
 #   scripts/deploy_local.sh [run-config pairs...]
 #   scripts/deploy_local.sh 'pretrain.rounds=10' 'unlearn.rounds=5'
 #   NUM_NODES=5 FORGET_SCOPE=class FORGET_CLASSES=3 METHOD=retrain,ft,not scripts/deploy_local.sh
+#   STRANGER_NODES=1 scripts/deploy_local.sh   # plus a SuperNode whose key is not registered
+#   SECURE=0 FORGET_VIA=node-config scripts/deploy_local.sh   # insecure, node-config request
 #
 # Environment (all optional):
 #   NUM_NODES          SuperNodes to start and federation.num-clients      (default 3)
+#   SECURE             1: TLS + SuperNode authentication; 0: --insecure     (default 1)
+#   STRANGER_NODES     extra SuperNodes with unregistered keys claiming partition 0
+#                      (needs SECURE=1): the SuperLink must refuse them     (default 0)
 #   FORGET_NODE        partition id of the node that asks to be forgotten   (default 0;
 #                      "none" or -1: no node asks)
+#   FORGET_VIA         inbox: filed with `fedunlearn request file` once the SuperNodes
+#                      run; node-config: forget-* pairs in its node-config  (default inbox)
 #   FORGET_SCOPE       client | class | instance                           (default client)
 #   FORGET_CLASSES     e.g. "3" or "3,5" (class-wise)                      (default empty)
 #   FORGET_SAMPLE_IDS  e.g. "12,40" global training ids (instance-wise)   (default empty)
 #   FORGET_FRACTION    e.g. 0.1: share of the node's samples (instance-wise, no ids)
+#   INBOX_REQUEST_<i>  arguments of one more `fedunlearn request file` on SuperNode i's
+#                      inbox, e.g. INBOX_REQUEST_1='--scope class --classes 3'
 #   METHOD             run-config `method`                                 (default not)
 #   OUTPUT_DIR         run-config `output-dir`              (default $WORKDIR/results)
-#   WORKDIR            scratch dir: FLWR_HOMEs, logs, pids  (default: mktemp -d; kept)
-#   FLWR_BIN_DIR       where flower-superlink/flower-supernode/flwr live
+#   WORKDIR            scratch dir: FLWR_HOMEs, certificates and keys, inboxes, logs, pids
+#                      (default: mktemp -d; kept)
+#   FLWR_BIN_DIR       where flower-superlink/flower-supernode/flwr/fedunlearn live
 #                      (default .venv/bin if it exists, else $PATH)
 #   NODE_CONFIG_<i>    extra node-config pairs for SuperNode i, e.g.
 #                      NODE_CONFIG_1='forget-scope="class" forget-classes="3"'
@@ -34,15 +52,23 @@
 # (success, error, Ctrl-C, SIGTERM) every process this script started, and the
 # processes they started (SuperExec, ServerApp, ClientApp), is stopped by its PID.
 #
-# Exit status: 0 when the ServerApp finished and wrote its results file, 1 otherwise
-# (note that `flwr run --stream` itself exits 0 even when the ServerApp crashed).
+# In WORKDIR: certs/ (ca.crt, server.pem, supernode-<i> and supernode-<i>.pub),
+# inbox-<i>/ (SuperNode i's request inbox), node-ids ("<partition> <registered node id>"
+# lines), strangers ("<name> exited <status>" lines), logs/, pids.
+#
+# Exit status: 0 when the ServerApp finished and wrote its results file and every
+# unregistered SuperNode was refused, 1 otherwise (note that `flwr run --stream` itself
+# exits 0 even when the ServerApp crashed), 2 on bad settings.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
 NUM_NODES="${NUM_NODES:-3}"
+SECURE="${SECURE:-1}"
+STRANGER_NODES="${STRANGER_NODES:-0}"
 FORGET_NODE="${FORGET_NODE:-0}"
+FORGET_VIA="${FORGET_VIA:-inbox}"
 FORGET_SCOPE="${FORGET_SCOPE:-client}"
 FORGET_CLASSES="${FORGET_CLASSES:-}"
 FORGET_SAMPLE_IDS="${FORGET_SAMPLE_IDS:-}"
@@ -70,9 +96,27 @@ fi
 export PATH="$FLWR_BIN_DIR:$PATH"
 PYTHON="$FLWR_BIN_DIR/python"
 [[ -x "$PYTHON" ]] || PYTHON="$(command -v python3)"
+if [[ -x "$FLWR_BIN_DIR/fedunlearn" ]]; then
+    FEDUNLEARN=("$FLWR_BIN_DIR/fedunlearn")
+else  # an install without the console script
+    FEDUNLEARN=("$PYTHON" -m fedunlearn.cli)
+fi
 
 if ! [[ "$NUM_NODES" =~ ^[1-9][0-9]*$ ]]; then
     echo "NUM_NODES=$NUM_NODES must be a positive integer" >&2
+    exit 2
+fi
+if [[ "$SECURE" != 0 && "$SECURE" != 1 ]]; then
+    echo "SECURE=$SECURE must be 1 (TLS + SuperNode authentication) or 0 (insecure)" >&2
+    exit 2
+fi
+if ! [[ "$STRANGER_NODES" =~ ^[0-9]+$ ]] || { [[ "$SECURE" == 0 ]] && ((STRANGER_NODES > 0)); }; then
+    echo "STRANGER_NODES=$STRANGER_NODES must be a count and needs SECURE=1 (without" \
+         "SuperNode authentication nothing refuses an unregistered SuperNode)" >&2
+    exit 2
+fi
+if [[ "$FORGET_VIA" != inbox && "$FORGET_VIA" != node-config ]]; then
+    echo "FORGET_VIA=$FORGET_VIA must be inbox or node-config" >&2
     exit 2
 fi
 
@@ -169,20 +213,40 @@ for s in socks:
 EOF
 }
 
-read -r -a PORTS <<< "$(free_ports $((NUM_NODES + 1)))"
+read -r -a PORTS <<< "$(free_ports $((NUM_NODES + STRANGER_NODES + 1)))"
 SUPERLINK_PORT="${PORTS[0]}"
 SUPERLINK="127.0.0.1:$SUPERLINK_PORT"
+CERTS="$WORKDIR/certs"
+
+# --- Certificates and SuperNode keys (generated here, nothing is downloaded) ------------
+if [[ "$SECURE" == 1 ]]; then
+    key_names=()
+    for ((i = 0; i < NUM_NODES; i++)); do key_names+=(--node "$i"); done
+    for ((k = 0; k < STRANGER_NODES; k++)); do key_names+=(--node "stranger-$k"); done
+    "$PYTHON" "$REPO_ROOT/scripts/make_certs.py" "$CERTS" --host 127.0.0.1 --host localhost \
+        "${key_names[@]}"
+    log "throwaway CA, SuperLink certificate and SuperNode keys in $CERTS"
+    LINK_SECURITY=(--ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/server.pem"
+                   --ssl-keyfile "$CERTS/server.key" --enable-supernode-auth)
+    HEALTH_URL="https://$SUPERLINK/health"
+    SECURITY_NAME="TLS + SuperNode authentication"
+else
+    LINK_SECURITY=(--insecure)
+    HEALTH_URL="http://$SUPERLINK/health"
+    SECURITY_NAME="insecure"
+fi
 
 # --- SuperLink: Fleet, Control and Runtime HTTP APIs all on one port ------------------
-log "starting SuperLink on $SUPERLINK (insecure, loopback only)"
-start "$LOG_DIR/superlink.log" "$FLWR_BIN_DIR/flower-superlink" --insecure \
+log "starting SuperLink on $SUPERLINK ($SECURITY_NAME, loopback only)"
+start "$LOG_DIR/superlink.log" "$FLWR_BIN_DIR/flower-superlink" "${LINK_SECURITY[@]}" \
     --host 127.0.0.1 --port "$SUPERLINK_PORT" \
     --disable-runtime-dependency-installation
 SUPERLINK_PID="${STARTED[-1]}"
-if ! "$PYTHON" - "$SUPERLINK" "$SUPERLINK_PID" <<'EOF'
-import os, sys, time, urllib.request
+if ! "$PYTHON" - "$HEALTH_URL" "$SUPERLINK_PID" "$CERTS/ca.crt" <<'EOF'
+import os, ssl, sys, time, urllib.request
 
-address, pid = sys.argv[1], int(sys.argv[2])
+url, pid, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+context = ssl.create_default_context(cafile=ca) if url.startswith("https") else None
 
 def alive() -> bool:  # running and not a zombie
     if os.path.isdir("/proc/self"):
@@ -200,7 +264,7 @@ def alive() -> bool:  # running and not a zombie
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline and alive():
     try:
-        urllib.request.urlopen(f"http://{address}/health", timeout=1)
+        urllib.request.urlopen(url, timeout=1, context=context)
         sys.exit(0)
     except OSError:
         time.sleep(0.1)
@@ -212,12 +276,56 @@ then
     exit 1
 fi
 
+# --- Connection for the Flower CLI --------------------------------------------------------
+if [[ "$SECURE" == 1 ]]; then
+    CONNECTION_SECURITY="root-certificates = \"$CERTS/ca.crt\""
+else
+    CONNECTION_SECURITY="insecure = true"
+fi
+cat > "$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "local-deployment"
+
+[superlink.local-deployment]
+address = "$SUPERLINK"
+$CONNECTION_SECURITY
+EOF
+
+# --- SuperNode keys, registered before the SuperNodes start -------------------------------
+: > "$WORKDIR/node-ids"
+if [[ "$SECURE" == 1 ]]; then
+    for ((i = 0; i < NUM_NODES; i++)); do
+        out="$("$FLWR_BIN_DIR/flwr" supernode register "$CERTS/supernode-$i.pub" \
+               local-deployment 2>&1)" || {
+            log "registering SuperNode $i's public key failed:"
+            echo "$out" >&2
+            exit 1
+        }
+        node_id="$(grep -oE 'SuperNode [0-9]+ registered' <<< "$out" | grep -oE '[0-9]+' || true)"
+        echo "$i $node_id" >> "$WORKDIR/node-ids"
+        log "registered SuperNode $i's public key: node id $node_id"
+    done
+fi
+
 # --- SuperNodes -------------------------------------------------------------------------
 # Each SuperNode gets its own FLWR_HOME: its ClientApp processes install the app
 # bundle there, and nodes sharing one directory could race on the first message.
+start_supernode() {  # start_supernode <name> <port> <node-config>: key certs/supernode-<name>
+    local name="$1" port="$2" node_config="$3" security=(--insecure)
+    if [[ "$SECURE" == 1 ]]; then
+        security=(--root-certificates "$CERTS/ca.crt"
+                  --auth-supernode-private-key "$CERTS/supernode-$name")
+    fi
+    log "starting SuperNode $name (Runtime API on 127.0.0.1:$port): --node-config '$node_config'"
+    mkdir -p "$WORKDIR/supernode-$name"
+    FLWR_HOME="$WORKDIR/supernode-$name" start "$LOG_DIR/supernode-$name.log" \
+        "$FLWR_BIN_DIR/flower-supernode" "${security[@]}" --superlink "$SUPERLINK" \
+        --host 127.0.0.1 --port "$port" --node-config "$node_config"
+}
 for ((i = 0; i < NUM_NODES; i++)); do
-    node_config="partition-id=$i num-partitions=$NUM_NODES"
-    if [[ "$i" == "$FORGET_NODE" ]]; then
+    mkdir -p "$WORKDIR/inbox-$i"
+    node_config="partition-id=$i num-partitions=$NUM_NODES inbox=\"$WORKDIR/inbox-$i\""
+    if [[ "$i" == "$FORGET_NODE" && "$FORGET_VIA" == node-config ]]; then
         node_config+=" forget-scope=\"$FORGET_SCOPE\""
         [[ -n "$FORGET_CLASSES" ]] && node_config+=" forget-classes=\"$FORGET_CLASSES\""
         [[ -n "$FORGET_SAMPLE_IDS" ]] && node_config+=" forget-sample-ids=\"$FORGET_SAMPLE_IDS\""
@@ -225,25 +333,39 @@ for ((i = 0; i < NUM_NODES; i++)); do
     fi
     extra_var="NODE_CONFIG_$i"
     [[ -n "${!extra_var:-}" ]] && node_config+=" ${!extra_var}"
-    log "starting SuperNode $i (Runtime API on 127.0.0.1:${PORTS[i + 1]}): --node-config '$node_config'"
-    mkdir -p "$WORKDIR/supernode-$i"
-    FLWR_HOME="$WORKDIR/supernode-$i" start "$LOG_DIR/supernode-$i.log" \
-        "$FLWR_BIN_DIR/flower-supernode" --insecure --superlink "$SUPERLINK" \
-        --host 127.0.0.1 --port "${PORTS[i + 1]}" --node-config "$node_config"
+    start_supernode "$i" "${PORTS[i + 1]}" "$node_config"
+done
+STRANGER_PIDS=()
+for ((k = 0; k < STRANGER_NODES; k++)); do
+    start_supernode "stranger-$k" "${PORTS[NUM_NODES + k + 1]}" \
+        "partition-id=0 num-partitions=$NUM_NODES forget-scope=\"client\""
+    STRANGER_PIDS+=("${STARTED[-1]}")
 done
 
-# --- Connection for the Flower CLI --------------------------------------------------------
-cat > "$FLWR_HOME/config.toml" <<EOF
-[superlink]
-default = "local-deployment"
-
-[superlink.local-deployment]
-address = "$SUPERLINK"
-insecure = true
-EOF
+# --- Requests filed by the data owners, in the running SuperNodes' inboxes ---------------
+file_request() {  # file_request <partition> <`fedunlearn request file` arguments...>
+    local i="$1" id
+    shift
+    id="$("${FEDUNLEARN[@]}" request file --inbox "$WORKDIR/inbox-$i" "$@")"
+    log "filed inbox request $id on SuperNode $i: fedunlearn request file $*"
+}
+if [[ "$FORGET_VIA" == inbox && "$FORGET_NODE" =~ ^[0-9]+$ ]] && ((FORGET_NODE < NUM_NODES)); then
+    request_args=(--scope "$FORGET_SCOPE")
+    [[ -n "$FORGET_CLASSES" ]] && request_args+=(--classes "$FORGET_CLASSES")
+    [[ -n "$FORGET_SAMPLE_IDS" ]] && request_args+=(--sample-ids "$FORGET_SAMPLE_IDS")
+    [[ -n "$FORGET_FRACTION" ]] && request_args+=(--fraction "$FORGET_FRACTION")
+    file_request "$FORGET_NODE" "${request_args[@]}"
+fi
+for ((i = 0; i < NUM_NODES; i++)); do
+    extra_var="INBOX_REQUEST_$i"
+    if [[ -n "${!extra_var:-}" ]]; then
+        read -r -a request_args <<< "${!extra_var}"
+        file_request "$i" "${request_args[@]}"
+    fi
+done
 
 # --- Run ---------------------------------------------------------------------------------
-RUN_CONFIG="federation.num-clients=$NUM_NODES forget.clients=\"\" method=\"$METHOD\" output-dir=\"$OUTPUT_DIR\""
+RUN_CONFIG="federation.num-clients=$NUM_NODES method=\"$METHOD\" output-dir=\"$OUTPUT_DIR\""
 for pair in "$@"; do RUN_CONFIG+=" $pair"; done
 log "flwr run . local-deployment --stream --run-config '$RUN_CONFIG'"
 STARTED_MARK="$WORKDIR/.run-started"
@@ -275,3 +397,36 @@ if [[ $run_rc -ne 0 ]] || grep -qE "Exit Code: [0-9]+|An unhandled exception occ
     exit 1
 fi
 log "results: $results"
+
+# The SuperLink must have refused every SuperNode whose key was not registered.
+: > "$WORKDIR/strangers"
+refused_all=1
+for ((k = 0; k < ${#STRANGER_PIDS[@]}; k++)); do
+    pid="${STRANGER_PIDS[k]}"
+    if alive "$pid"; then
+        log "SuperNode stranger-$k (unregistered key) is still running: it was NOT refused"
+        echo "stranger-$k running" >> "$WORKDIR/strangers"
+        refused_all=0
+    else
+        set +e
+        wait "$pid"
+        code=$?
+        set -e
+        log "SuperNode stranger-$k (unregistered key) was refused: exit status $code"
+        echo "stranger-$k exited $code" >> "$WORKDIR/strangers"
+    fi
+done
+
+# What the data owners and the auditor can read now.
+for ((i = 0; i < NUM_NODES; i++)); do
+    if compgen -G "$WORKDIR/inbox-$i/requests/*.json" > /dev/null; then
+        log "SuperNode $i's inbox (fedunlearn request list --inbox $WORKDIR/inbox-$i):"
+        "${FEDUNLEARN[@]}" request list --inbox "$WORKDIR/inbox-$i" >&2 || true
+    fi
+done
+AUDIT_LOG="${FEDUNLEARN_AUDIT_LOG:-$OUTPUT_DIR/audit.jsonl}"
+if [[ -f "$AUDIT_LOG" ]]; then
+    log "audit log (fedunlearn audit $AUDIT_LOG):"
+    "${FEDUNLEARN[@]}" audit "$AUDIT_LOG" >&2 || true
+fi
+((refused_all)) || exit 1

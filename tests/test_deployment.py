@@ -1,16 +1,22 @@
-"""End to end on a real Flower deployment: ``flower-superlink`` + 3 ``flower-supernode``s.
+"""End to end on a secured Flower deployment: ``flower-superlink`` + 3 ``flower-supernode``s
+with TLS and SuperNode authentication, request inboxes, receipts and the audit log.
 
-``scripts/deploy_local.sh`` starts the SuperLink and the SuperNodes on loopback with
-ports of their own, writes the CLI connection into a private ``FLWR_HOME`` and runs
-``flwr run . <connection> --stream``. Node 0 asks to be forgotten through its
-node-config (``forget-scope="client"``), node 1 sends an invalid request (a class outside
-the label set) that the server must reject, and the run-config's ``forget.clients`` is
-empty, so only node-config requests count.
+``scripts/deploy_local.sh`` generates a throwaway CA, a SuperLink certificate and one
+ECDSA key pair per SuperNode (``scripts/make_certs.py``, nothing downloaded), starts the
+SuperLink with TLS and ``--enable-supernode-auth``, registers the SuperNodes' public keys
+(``flwr supernode register``), starts them with their private keys, and one more
+SuperNode whose key is not registered (it claims partition 0): the SuperLink must refuse
+it while the job completes. Once the SuperNodes run, node 0's data owner files a
+client-wise request and node 1's a request for a class that does not exist
+(``fedunlearn request file``, in each node's inbox). The run-config keeps the default
+``forget.clients="0"``, which a deployment ignores. After the run the test reads back the
+receipts on the nodes (``fedunlearn request list/show``) and checks the server's audit
+log record by record.
 
 In a deployment every message starts a fresh ``flwr-clientapp`` process (torch and
 fedunlearn imported again, 8-9 CPU-seconds each) and SuperNodes poll the SuperLink every
-3 s, so even this small job (3 pretraining rounds, 2 NoT rounds: 24 ClientApp processes,
-about 250 CPU-seconds in all) takes about 2.5 minutes on an idle 2-core machine.
+3 s, so even this small job (3 pretraining rounds, 2 NoT rounds, 3 receipts: 27 ClientApp
+processes) takes about 3 minutes on an idle 2-core machine.
 
 Every process the run starts, down to the SuperExec, ServerApp and ClientApp processes,
 is stopped by PID: by the script's trap, and if anything survives it, by the fixture's
@@ -32,7 +38,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "deploy_local.sh"
 BIN_DIR = Path(sys.executable).parent
-RUN_TIMEOUT_S = 540  # ~150 s on an idle 2-core machine, up to ~300 s on a busy one
+RUN_TIMEOUT_S = 900  # ~3 min on an idle 2-core machine, up to ~8 min on a busy one
 
 pytestmark = pytest.mark.skipif(
     not (BIN_DIR / "flower-supernode").exists() or sys.platform != "linux",
@@ -151,16 +157,28 @@ def deployment(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------------------
-def test_not_client_wise_request_from_node_config(tmp_path, deployment):
+def fedunlearn_cli(*args: str) -> str:
+    """Run the ``fedunlearn`` command as a data owner or auditor would."""
+    exe = BIN_DIR / "fedunlearn"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fedunlearn.cli"]
+    done = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done.stdout
+
+
+def test_secured_deployment_with_inbox_receipts_and_audit(tmp_path, deployment):
     out = tmp_path / "out"
     env = {
         "NUM_NODES": "3",
+        "SECURE": "1",
+        "STRANGER_NODES": "1",  # an unregistered key claiming partition 0
         "FORGET_NODE": "0",
+        "FORGET_VIA": "inbox",
         "FORGET_SCOPE": "client",
+        # Node 1's data owner asks for a class that does not exist: rejected by name.
+        "INBOX_REQUEST_1": "--scope class --classes 42",
         "METHOD": "not",
         "OUTPUT_DIR": str(out),
-        # Node 1 asks for a class that does not exist: the server must reject it by name.
-        "NODE_CONFIG_1": 'forget-scope="class" forget-classes="42"',
         # Flower's SuperExecs look for new ClientApp/ServerApp tasks every 1 s by default.
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
     }
@@ -173,33 +191,107 @@ def test_not_client_wise_request_from_node_config(tmp_path, deployment):
     log = deployment.output()
     assert rc == 0, log[-6000:]
     print(f"deployment run: {wall:.1f}s")
+    work = deployment.workdir
 
+    # --- TLS and SuperNode authentication ------------------------------------------------
+    registered = dict(line.split() for line in (work / "node-ids").read_text().splitlines())
+    assert sorted(registered) == ["0", "1", "2"]
+    node_of = {int(p): int(n) for p, n in registered.items()}
+    assert "TLS + SuperNode authentication" in log
+    connection = (work / "flwr-home" / "config.toml").read_text()
+    assert "root-certificates" in connection and "insecure" not in connection
+    stranger = (work / "strangers").read_text().split()
+    assert stranger[:2] == ["stranger-0", "exited"] and stranger[2] != "0", stranger
+    stranger_log = (work / "logs" / "supernode-stranger-0.log").read_text(errors="replace")
+    assert "Failed to activate SuperNode" in stranger_log, stranger_log[-2000:]
+
+    # --- Results: the request came from node 0's inbox, bound to its registered id -------
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "not"
-    assert len(res["request"]) == 1, res["request"]
-    request = res["request"][0]
-    assert (request["scope"], request["partition_id"]) == ("client", 0)
-    assert request["node_id"] > 0  # bound by the server to the sending SuperNode
+    assert [(r["scope"], r["partition_id"], r["node_id"]) for r in res["request"]] == [
+        ("client", 0, node_of[0])]
     assert len(res["rejected"]) == 1, res["rejected"]
-    assert res["rejected"][0]["node_id"] not in (0, request["node_id"])
-    assert "class(es) [42] outside the label set 0..9" in res["rejected"][0]["reason"]
+    rejected = res["rejected"][0]
+    assert rejected["node_id"] == node_of[1]
+    assert "class(es) [42] outside the label set 0..9" in rejected["reason"]
+    assert res["config"]["forget"]["clients"] == []  # the default "0" was ignored
+    assert "forget.clients=0 is ignored on a deployment" in log
     for which in ("original", "unlearned"):
-        assert set(res[which]) >= {"retain", "forget", "test", "mia"}, res[which]
         for key in ("retain", "forget", "test", "mia"):
             assert 0.0 <= res[which][key] <= 100.0, (which, key, res[which][key])
-    assert res["cost"]["comm_bytes"] > 0
-    assert res["cost"]["rounds"] == 2
+    assert res["cost"]["comm_bytes"] > 0 and res["cost"]["rounds"] == 2
     assert res["pretrain"]["cached"] is False
-    assert res["config"]["forget"]["clients"] == []  # only the node-config request counted
-
-    # What the operator sees in the streamed ServerApp log.
-    assert f"Unlearning request accepted from node {request['node_id']}" in log
-    assert (f"Unlearning request REJECTED from node {res['rejected'][0]['node_id']}: "
+    assert f"Unlearning request accepted from node {node_of[0]}" in log
+    assert (f"Unlearning request REJECTED from node {node_of[1]}: "
             "class(es) [42] outside the label set 0..9") in log
 
-    # The script started the SuperLink, 3 SuperNodes and `flwr run` (and those started
+    # --- Receipts, read back on the nodes with the data owner's command ------------------
+    inbox0 = json.loads(fedunlearn_cli("request", "list", "--inbox", str(work / "inbox-0"),
+                                       "--json"))["requests"]
+    inbox1 = json.loads(fedunlearn_cli("request", "list", "--inbox", str(work / "inbox-1"),
+                                       "--json"))["requests"]
+    assert [r["status"] for r in inbox0] == ["honoured"] and inbox0[0]["scope"] == "client"
+    assert [r["status"] for r in inbox1] == ["rejected"]
+    assert "outside the label set" in inbox1[0]["detail"]
+    shown = json.loads(fedunlearn_cli("request", "show", "--inbox", str(work / "inbox-0"),
+                                      inbox0[0]["id"], "--json"))
+    events = shown["receipts"]
+    assert [e["status"] for e in events] == ["sent", "accepted", "honoured"]
+    assert {e["node"] for e in events} == {node_of[0]}
+    run_id = events[0]["run"]
+    assert all(e["run"] == run_id for e in events)
+
+    # --- The audit log, record by record ------------------------------------------------
+    from fedunlearn.audit import read_audit
+
+    reading = read_audit(out / "audit.jsonl")
+    assert reading.intact and not reading.skipped, (reading.chain_breaks, reading.skipped)
+    records = reading.records
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    assert all(r["run"] == run_id for r in records)
+    by_event: dict[str, list[dict]] = {}
+    for r in records:
+        by_event.setdefault(r["event"], []).append(r)
+    order = [r["event"] for r in records]
+    assert order[0] == "job.started" and order[1] == "federation.verified"
+    assert order[-1] == "job.finished"
+    started = records[0]
+    assert started["deployment"] is True and started["ignored_forget_clients"] == [0]
+    assert started["methods"] == ["not"] and started["num_clients"] == 3
+    assert records[1]["nodes"] == {str(n): p for p, n in node_of.items()}
+    assert "node.excluded" not in by_event  # the stranger never got in
+    received = {r["node"]: r for r in by_event["request.received"]}
+    assert set(received) == {node_of[0], node_of[1]}
+    assert received[node_of[0]]["scope"] == "client"
+    assert received[node_of[0]]["inbox_ids"] == [inbox0[0]["id"]]
+    assert received[node_of[1]]["classes"] == [42]
+    assert all(len(r["digest"]) == 64 and "sample_ids" not in r for r in received.values())
+    assert [r["node"] for r in by_event["request.accepted"]] == [node_of[0]]
+    assert [(r["node"], r["reason"]) for r in by_event["request.rejected"]] == [
+        (node_of[1], rejected["reason"])]
+    verdicts = {(r["node"], r["status"]) for r in by_event["receipt.sent"]}
+    assert verdicts == {(node_of[0], "accepted"), (node_of[1], "rejected"),
+                        (node_of[0], "honoured")}
+    (begun,) = by_event["unlearning.started"]
+    (finished,) = by_event["unlearning.finished"]
+    assert begun["method"] == finished["method"] == "not"
+    assert begun["targets"] == [node_of[0]]
+    assert finished["rounds"] == 2 and finished["comm_bytes"] == res["cost"]["comm_bytes"]
+    assert finished["metrics"] == res["unlearned"]
+    assert begun["model_before"] == finished["model_before"] != finished["model_after"]
+    assert events[1]["model_before_sha256"] == finished["model_before"]
+    assert events[2]["model_sha256"] == finished["model_after"]
+    assert events[2]["method"] == "not" and events[2]["rounds"] == 2
+    assert order.index("request.accepted") < order.index("unlearning.started") < order.index(
+        "unlearning.finished")
+    table = fedunlearn_cli("audit", str(out / "audit.jsonl"))
+    assert table.splitlines()[-1] == f"{len(records)} record(s); chain intact"
+    for event in ("job.started", "request.rejected", "unlearning.finished", "receipt.sent"):
+        assert event in table
+
+    # The script started the SuperLink, 4 SuperNodes, `flwr run` (and those started
     # SuperExecs, the ServerApp and ClientApps), and stopped all of them itself.
-    assert len(deployment.recorded_pids()) >= 5, deployment.recorded_pids()
+    assert len(deployment.recorded_pids()) >= 6, deployment.recorded_pids()
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline and _processes_with_home_under(deployment.workdir):
         time.sleep(0.1)
@@ -210,3 +302,13 @@ def test_script_rejects_bad_node_count(tmp_path, deployment):
     rc = deployment.run([], {"NUM_NODES": "zero"}, timeout=30)
     assert rc == 2
     assert "NUM_NODES=zero must be a positive integer" in deployment.output()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SECURE": "yes"}, "SECURE=yes must be 1"),
+    ({"SECURE": "0", "STRANGER_NODES": "1"}, "needs SECURE=1"),
+    ({"FORGET_VIA": "email"}, "FORGET_VIA=email must be inbox or node-config"),
+])
+def test_script_rejects_bad_settings(tmp_path, deployment, env, message):
+    assert deployment.run([], env, timeout=30) == 2
+    assert message in deployment.output()

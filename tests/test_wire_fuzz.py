@@ -326,3 +326,17 @@ def test_replies_from_strangers_and_duplicates_are_dropped(data, server_identity
     assert sorted(m.metadata.src_node_id for m in out) == [10, 11]
     assert not any(m.has_error() for m in out)
 
+
+
+def test_deployment_is_told_from_simulation_by_the_grid():
+    """flwr 1.41: a deployment's ServerApp gets an ``HttpGrid`` (superlink/runtime/
+    run_serverapp.py), the simulation engine an ``InMemoryGrid`` (simulation/
+    run_simulation.py); a wrapped grid is looked through; a test double is a simulation."""
+    from flwr.superlink.grid import HttpGrid, InMemoryGrid
+
+    from fedunlearn.federation import is_deployment
+
+    http, memory = HttpGrid.__new__(HttpGrid), InMemoryGrid.__new__(InMemoryGrid)
+    assert is_deployment(http) and is_deployment(GuardedGrid(http))
+    assert not is_deployment(memory) and not is_deployment(GuardedGrid(memory))
+    assert not is_deployment(object())

@@ -234,7 +234,7 @@ class GuardedGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         out = []
         for reply in self.inner.pull_messages(message_ids):
-            sent = self._pushed.get(reply.metadata.reply_to_message_id)
+            sent = self._pushed.pop(reply.metadata.reply_to_message_id, None)
             out.append(self.checked(reply, sent) if sent is not None else reply)
         return out
 
@@ -498,9 +498,9 @@ def send_receipts(grid: Grid, receipts: Mapping[int, ConfigRecord], audit=None) 
         log(INFO, "Receipt (%s) for inbox request(s) %s written on node %d", record["status"],
             ", ".join(record["request-ids"]), node)
         if audit is not None:
+            extra = {"method": record["method"]} if "method" in record else {}
             audit.record("receipt.sent", node=node, status=record["status"],
-                         inbox_ids=list(record["request-ids"]), written=count,
-                         method=record.get("method"))
+                         inbox_ids=list(record["request-ids"]), written=count, **extra)
     return written
 
 
