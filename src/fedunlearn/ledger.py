@@ -10,7 +10,7 @@ method, the run and the hash of the unlearned model) once a method has unlearned
 from __future__ import annotations
 
 from collections.abc import Mapping
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
@@ -38,6 +38,8 @@ class Ledger:
         self.model_before = ""
 
     def started(self, cfg, deployment: bool, ignored_forget_clients=()) -> None:
+        log(INFO, "fedunlearn on a %s; audit log: %s", "deployment (SuperLink + SuperNodes): "
+            "requests come from the nodes" if deployment else "simulation", self.audit.path)
         self.audit.record("job.started", methods=list(cfg.methods), dataset=cfg.dataset,
                           model=cfg.model, num_clients=cfg.num_clients, deployment=deployment,
                           ignored_forget_clients=list(ignored_forget_clients))
