@@ -46,6 +46,7 @@ def pretrain(grid: Grid, context: UnlearningContext,
     with strategy.cost_phase("pretrain"):
         arrays = strategy.run_phase(grid, initial, strategy.recovery_phase())
     cost = strategy.cost.as_dict()
+    cost["round_s"] = strategy.notes.get("training", {}).get("round_s", [])
     meta = {"key": key, "config": cfg.to_dict(), "cost": cost,
             "created": _dt.datetime.now().isoformat(timespec="seconds")}
     save_checkpoint(path, arrays, meta)

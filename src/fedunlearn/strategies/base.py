@@ -349,9 +349,10 @@ class UnlearningStrategy(FedAvgM):
         self.current_arrays, self.momentum_vector = None, None  # a fresh server optimizer
         rule = self.stopping_rule(grid) if phase.stop_early else None
         every = self.cfg.recovery_validate_every
-        reason, done = (MAXIMUM if rule else FIXED), 0
+        reason, done, round_s = (MAXIMUM if rule else FIXED), 0, []
         try:
             for rnd in range(1, phase.rounds + 1):
+                started = time.perf_counter()
                 messages = list(self.configure_train(rnd, arrays, phase.config(), grid))
                 if not messages:
                     raise RuntimeError(f"[{self.phase}] no node can take part in "
@@ -364,6 +365,7 @@ class UnlearningStrategy(FedAvgM):
                 else:
                     arrays = aggregated
                 done = rnd
+                round_s.append(round(time.perf_counter() - started, 4))
                 verdict = None
                 if rule is not None and (rnd % every == 0 or rnd == phase.rounds):
                     accuracy = self.validate(grid, arrays)
@@ -381,7 +383,8 @@ class UnlearningStrategy(FedAvgM):
         finally:
             self.current_phase = None
         note = {"rounds": done, "max_rounds": phase.rounds, "stopped": reason,
-                "server_momentum": phase.server_momentum}
+                "server_momentum": phase.server_momentum,
+                "round_s": round_s}  # training rounds only (send, train, aggregate)
         if rule is not None:
             note["target"] = round(rule.target, 4)
             note["validation"] = [[r, round(a, 4)] for r, a in rule.history]
