@@ -170,7 +170,7 @@ def comparison_text(results: Sequence[dict], title: str = "fedunlearn results",
     for row in rows:
         table.add_row(*row)
     buf = io.StringIO()
-    Console(file=buf, width=160, force_terminal=False, color_system=None).print(table)
+    Console(file=buf, width=240, force_terminal=False, color_system=None).print(table)
     for line in _skipped_lines(skipped):
         buf.write(line + "\n")
     return buf.getvalue()
