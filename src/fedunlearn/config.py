@@ -135,6 +135,11 @@ class ExperimentConfig:
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     eval_every: int = 5
     mia_max_members: int = 2000
+    # Share of the training pool reserved for the server (in no partition), e.g. FUKD's
+    # unlabeled distillation data; part of the pretraining key.
+    server_data_fraction: float = 0.0
+    # Upper bound on a recorded training history (FedEraser, FUKD, PGD), in MB (1e6 B).
+    history_max_mb: float = 2048.0
     # (method, key, value-as-text) triples from run-config ``method-params``, sorted;
     # each method's parameters class types and checks them (strategies/params.py).
     method_params: tuple[tuple[str, str, str], ...] = ()
@@ -206,6 +211,8 @@ class ExperimentConfig:
             backdoor=backdoor,
             eval_every=int(get("eval.every", d.eval_every)),
             mia_max_members=int(get("eval.mia-max-members", d.mia_max_members)),
+            server_data_fraction=float(get("server-data.fraction", d.server_data_fraction)),
+            history_max_mb=float(get("history.max-mb", d.history_max_mb)),
             method_params=tuple(sorted((m, k, v) for m, kv in params.items()
                                        for k, v in kv.items())),
         )
@@ -265,6 +272,11 @@ class ExperimentConfig:
                            "unlearn.min-delta": self.recovery_min_delta}.items():
             if not (value >= 0 and value < 100):
                 raise ValueError(f"{key}={value} must be in [0, 100) accuracy points")
+        if not 0.0 <= self.server_data_fraction <= 0.5:
+            raise ValueError(f"server-data.fraction={self.server_data_fraction} must be in "
+                             "[0, 0.5] (0: the server holds no data)")
+        if not self.history_max_mb > 0 or self.history_max_mb != self.history_max_mb:
+            raise ValueError(f"history.max-mb={self.history_max_mb} must be > 0")
         if self.unlearn_clip_norm < 0:
             raise ValueError(f"unlearn.clip-norm={self.unlearn_clip_norm} must be >= 0 (0: off)")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -299,6 +311,8 @@ class ExperimentConfig:
             "seed": self.seed,
             "format": 1,
         }
+        if self.server_data_fraction > 0:  # fewer samples in the partitions
+            fields["server_data_fraction"] = self.server_data_fraction
         if self.backdoor.enabled:  # a planted backdoor changes the pretrained model
             fields["backdoor"] = self.backdoor.describe()
         fields.update(resolved or {})

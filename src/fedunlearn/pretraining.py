@@ -1,5 +1,11 @@
 """Pretraining: FedAvg from scratch over every client, or the cached model for the same
-pretraining config (keyed by everything that determines it, written atomically)."""
+pretraining config (keyed by everything that determines it, written atomically).
+
+When a method of the job needs a training history (:mod:`fedunlearn.history`), the
+history is recorded while pretraining runs and stored next to the checkpoint. A cached
+checkpoint without a history that covers the need is pretrained again, with recording
+(the log says why); a later job finds both.
+"""
 
 from __future__ import annotations
 
@@ -7,48 +13,104 @@ import datetime as _dt
 from logging import INFO
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from .audit import model_digest
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .client.actions import MODEL_KEY
+from .history import HistoryRecorder, HistorySpec, TrainingHistory, find_history, history_dir
 from .strategies.base import PretrainingProtocol, UnlearningContext, UnlearningStrategy
 from .training import to_arrays
 
 
 class PretrainStrategy(PretrainingProtocol, UnlearningStrategy):
-    """FedAvg over all clients with the pretraining settings (no requests yet)."""
+    """FedAvg over all clients with the pretraining settings (no requests yet); with a
+    ``recorder``, every aggregated round goes into the training history."""
 
     name = "pretrain"
     uses_requests = False
 
+    def __init__(self, context: UnlearningContext,
+                 recorder: HistoryRecorder | None = None) -> None:
+        super().__init__(context)
+        self.recorder = recorder
 
-def pretrain(grid: Grid, context: UnlearningContext,
-             resolved: dict | None = None) -> tuple[ArrayRecord, dict]:
+    def observe_replies(self, server_round: int, replies: list[Message]) -> None:
+        if self.recorder is None or self.round_start is None:
+            return
+        parts = self.context.node_partitions
+        self.recorder.observe(server_round, self.round_start, [
+            (parts[int(m.metadata.src_node_id)], m.content[MODEL_KEY],
+             int(m.content["metrics"]["num-examples"]))
+            for m in replies if int(m.metadata.src_node_id) in parts])
+
+
+def pretrain(grid: Grid, context: UnlearningContext, resolved: dict | None = None,
+             history: tuple[HistorySpec, list[str]] | None = None
+             ) -> tuple[ArrayRecord, dict]:
     """The pretrained model and a record of where it came from (``key``, ``path``,
-    ``cached``, ``cost``). ``resolved`` adds values known only once the data is loaded
-    (e.g. a backdoor's actual trigger) to the cache key."""
+    ``cached``, ``cost``; ``history`` when one is needed). ``resolved`` adds values known
+    only once the data is loaded (e.g. a backdoor's actual trigger) to the cache key.
+    ``history`` is ``(spec, methods that need it)``: the training history found or
+    recorded goes into ``context.history``."""
     cfg = context.cfg
     key = cfg.pretrain_key(resolved or {})
-    path = checkpoint_path(cfg.resolved_checkpoint_dir(), key)
+    directory = cfg.resolved_checkpoint_dir()
+    path = checkpoint_path(directory, key)
     cached = load_checkpoint(path)
+    spec, who = history if history is not None else (HistorySpec(), [])
+    found: TrainingHistory | None = None
+    if cached is not None and spec:
+        found = find_history(directory, key, spec, model_digest(cached[0]))
+        if found is None:
+            log(INFO, "[pretrain] the cached model %s has no training history with %s, "
+                "which %s need(s): pretraining again with recording", path,
+                spec.describe(), ", ".join(who))
+            cached = None
     if cached is not None:
         arrays, meta = cached
         log(INFO, "[pretrain] loaded cached model %s (key %s); skipping pretraining",
             path, key)
-        return arrays, {"key": key, "path": str(path), "cached": True,
-                        "cost": meta.get("cost", {})}
-    log(INFO, "[pretrain] FedAvg from scratch: %d rounds over all %d clients (key %s)",
-        cfg.pretrain_rounds, cfg.num_clients, key)
+        info = {"key": key, "path": str(path), "cached": True, "cost": meta.get("cost", {})}
+        if found is not None:
+            log(INFO, "[pretrain] loaded its training history %s (%s, %d bytes)",
+                found.directory, found.spec.describe(), found.nbytes())
+            context.history = found
+            info["history"] = _history_info(found, cached=True)
+        return arrays, info
+    log(INFO, "[pretrain] FedAvg from scratch: %d rounds over all %d clients (key %s)%s",
+        cfg.pretrain_rounds, cfg.num_clients, key,
+        f"; recording {spec.describe()}" if spec else "")
     torch.manual_seed(cfg.seed)
     initial = to_arrays(context.model_factory())
-    strategy = PretrainStrategy(context)
-    with strategy.cost_phase("pretrain"):
-        arrays = strategy.run_phase(grid, initial, strategy.recovery_phase())
+    recorder = HistoryRecorder(spec, history_dir(directory, key, spec)) if spec else None
+    strategy = PretrainStrategy(context, recorder)
+    try:
+        with strategy.cost_phase("pretrain"):
+            arrays = strategy.run_phase(grid, initial, strategy.recovery_phase())
+    except BaseException:
+        if recorder is not None:
+            recorder.abort()
+        raise
     cost = strategy.cost.as_dict()
     cost["round_s"] = strategy.notes.get("training", {}).get("round_s", [])
     meta = {"key": key, "config": cfg.to_dict(), "cost": cost,
             "created": _dt.datetime.now().isoformat(timespec="seconds")}
     save_checkpoint(path, arrays, meta)
     log(INFO, "[pretrain] saved %s", path)
-    return arrays, {"key": key, "path": str(path), "cached": False, "cost": cost}
+    info = {"key": key, "path": str(path), "cached": False, "cost": cost}
+    if recorder is not None:
+        recorded = recorder.finish({"pretrain_key": key, "model_sha256": model_digest(arrays),
+                                    "num_clients": cfg.num_clients})
+        log(INFO, "[pretrain] saved the training history %s (%s, %d bytes)",
+            recorded.directory, spec.describe(), recorded.nbytes())
+        context.history = recorded
+        info["history"] = _history_info(recorded, cached=False)
+    return arrays, info
+
+
+def _history_info(history: TrainingHistory, cached: bool) -> dict:
+    return {"path": str(history.directory), "recorded": history.spec.describe(),
+            "bytes": history.nbytes(), "rounds": history.rounds, "cached": cached}

@@ -43,7 +43,8 @@ from .pretraining import pretrain
 from .requests import UnlearningRequest, forget_indices
 from .results import (COMPARISON_FILE, SKIPPED_FILE, comparison_markdown, comparison_text,
                       result_record, results_path, write_json)
-from .strategies import UnlearningContext, check_methods, create_method, get_method
+from .strategies import (UnlearningContext, check_methods, create_method, get_method,
+                         history_spec)
 from .training import resolve_device
 
 
@@ -75,7 +76,8 @@ class Experiment:
         self.context = UnlearningContext(
             cfg=cfg, model_factory=self.new_model, example_input=self.example_input,
             flops_per_sample=flops["train"], forward_flops_per_sample=flops["forward"],
-            progress=self.evaluator.progress)
+            progress=self.evaluator.progress, data=self.data)
+        self.history_spec = history_spec(cfg, self.method_params)
         self.rejected: list[dict] = []
 
     def new_model(self) -> torch.nn.Module:
@@ -137,7 +139,7 @@ class Experiment:
             resolved["backdoor_resolved"] = {
                 "patch_size": patch_size_for(self.cfg.backdoor, self.data.info.image_size),
                 "value": [round(float(v), 6) for v in self.trigger]}
-        return pretrain(self.grid, self.context, resolved)
+        return pretrain(self.grid, self.context, resolved, history=self.history_spec)
 
     def run(self) -> dict[str, dict]:
         cfg = self.cfg

@@ -44,7 +44,7 @@ def federated_data(cfg: ExperimentConfig) -> FederatedData:
     return build_federated_data(
         cfg.dataset, cfg.num_clients, partitioning=cfg.partitioning, alpha=cfg.alpha,
         val_fraction=cfg.val_fraction, seed=cfg.seed, root=cfg.data_root,
-        download=cfg.data_download,
+        download=cfg.data_download, server_fraction=cfg.server_data_fraction,
     )
 
 

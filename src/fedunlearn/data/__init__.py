@@ -1,6 +1,7 @@
 """Datasets, their federated partitions and per-client train/val splits."""
 
 from fedunlearn.data.datasets import (
+    DATASET_SHAPES,
     DATASETS,
     ArrayDataset,
     DataInfo,
@@ -13,6 +14,7 @@ from fedunlearn.data.partition import PARTITIONING_SCHEMES, client_split, partit
 
 __all__ = [
     "DATASETS",
+    "DATASET_SHAPES",
     "PARTITIONING_SCHEMES",
     "ArrayDataset",
     "DataInfo",

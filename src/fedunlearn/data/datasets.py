@@ -21,6 +21,13 @@ from torch.utils.data import Dataset
 
 DATASETS: tuple[str, ...] = ("digits", "synthetic", "cifar10", "cifar100", "caltech101")
 
+#: (classes, channels, default image side) of each dataset, known without loading it:
+#: enough to build the model (e.g. to size a training history before any data exists).
+DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (10, 1, 8), "synthetic": (10, 1, 8), "cifar10": (10, 3, 32),
+    "cifar100": (100, 3, 32), "caltech101": (101, 3, 64),
+}
+
 # Fixed seeds: the train/test split and the synthetic data are the same in every
 # experiment, whatever the experiment seed, so test sets are comparable across runs.
 SPLIT_SEED = 0

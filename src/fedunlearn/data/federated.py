@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -26,6 +26,9 @@ class FederatedData:
         The global (server-side) test set.
     partitions : list[numpy.ndarray]
         Sorted global training indices of each client.
+    server_indices : numpy.ndarray
+        Sorted global training indices reserved for the server (e.g. FUKD's unlabeled
+        distillation data): in no partition. Empty unless a server fraction is set.
     val_fraction : float
         Share of each partition held out for validation.
     seed : int
@@ -39,6 +42,7 @@ class FederatedData:
     partitions: list[np.ndarray]
     val_fraction: float
     seed: int
+    server_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def num_clients(self) -> int:
         """Number of partitions (clients)."""
@@ -78,6 +82,7 @@ def build_federated_data(
     root: str = "",
     download: bool = False,
     image_size: int | None = None,
+    server_fraction: float = 0.0,
 ) -> FederatedData:
     """Load a dataset and partition its training set among ``num_clients`` clients.
 
@@ -105,6 +110,10 @@ def build_federated_data(
     image_size : int or None
         Image side passed to :func:`~fedunlearn.data.load_dataset` (e.g. 224 for
         a ViT); ``None`` keeps the dataset's default.
+    server_fraction : float
+        Share of the training pool reserved for the server before partitioning
+        (a seeded random draw, in no client's partition); 0 reserves nothing and
+        leaves the partitions exactly as without it.
 
     Returns
     -------
@@ -115,5 +124,30 @@ def build_federated_data(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     train, test, info = load_dataset(dataset, root=root, download=download, image_size=image_size)
     labels = np.asarray(getattr(train, "targets"), dtype=np.int64)
-    partitions = partition_indices(labels, num_clients, partitioning, alpha, seed)
-    return FederatedData(info, train, test, partitions, float(val_fraction), seed)
+    pool, server = server_split(len(labels), server_fraction, num_clients, seed)
+    partitions = [pool[p] for p in partition_indices(labels[pool], num_clients, partitioning,
+                                                     alpha, seed)]
+    return FederatedData(info, train, test, partitions, float(val_fraction), seed, server)
+
+
+def server_split(num_samples: int, fraction: float, num_clients: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(client pool, server share)``: sorted, disjoint global indices covering
+    ``0..num_samples-1``; the server share is ``round(fraction * num_samples)`` indices
+    drawn at random under ``seed`` (its own stream, independent of partitioning)."""
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"server-data.fraction={fraction} must be in [0, 1)")
+    everything = np.arange(num_samples, dtype=np.int64)
+    n_server = int(round(fraction * num_samples))
+    if fraction == 0.0 or n_server == 0:
+        if fraction > 0.0:
+            raise ValueError(f"server-data.fraction={fraction} of {num_samples} training "
+                             "samples reserves no sample; use a larger fraction")
+        return everything, np.zeros(0, dtype=np.int64)
+    if num_samples - n_server < num_clients:
+        raise ValueError(f"server-data.fraction={fraction} leaves {num_samples - n_server} "
+                         f"training samples for {num_clients} clients")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E7A]))
+    order = rng.permutation(num_samples)
+    return np.sort(order[n_server:]), np.sort(order[:n_server])

@@ -18,6 +18,7 @@ import importlib
 import pkgutil
 
 from ..config import ExperimentConfig
+from ..history import HistorySpec
 from .base import CostMeter, Phase, UnlearningContext, UnlearningStrategy
 from .params import MethodParams
 
@@ -83,9 +84,48 @@ def check_methods(cfg: ExperimentConfig) -> dict[str, MethodParams]:
         if m not in cfg.methods:
             raise ValueError(f"method-params sets parameters of {m!r}, which this job does "
                              f"not run (method={','.join(cfg.methods)})")
-    return {m: get_method(m).params_from_config(cfg) for m in cfg.methods}
+    params = {m: get_method(m).params_from_config(cfg) for m in cfg.methods}
+    for m, p in params.items():
+        get_method(m).check_config(cfg, p)
+    check_history_bound(cfg, params)
+    return params
+
+
+def history_spec(cfg: ExperimentConfig, params: dict[str, MethodParams] | None = None
+                 ) -> tuple[HistorySpec, list[str]]:
+    """What the job's methods need recorded during pretraining, and which need it."""
+    params = params if params is not None else {
+        m: get_method(m).params_from_config(cfg) for m in cfg.methods}
+    spec, who = HistorySpec(), []
+    for m in cfg.methods:
+        need = get_method(m).history_needs(params[m])
+        if need:
+            spec, who = spec.union(need), who + [m]
+    return spec, who
+
+
+def check_history_bound(cfg: ExperimentConfig, params: dict[str, MethodParams] | None = None
+                        ) -> dict[str, int] | None:
+    """Refuse, before any data is loaded, a training history larger than
+    ``history.max-mb`` (estimated from the model, the clients and the pretraining rounds);
+    return the estimate (``None``: no method of the job needs a history)."""
+    spec, who = history_spec(cfg, params)
+    if not spec:
+        return None
+    import torch
+
+    from ..data import DATASET_SHAPES
+    from ..history import check_bound, model_float_bytes
+    from ..models import create_model
+
+    classes, channels, size = DATASET_SHAPES[cfg.dataset]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = create_model(cfg.model, num_classes=classes, in_channels=channels,
+                             image_size=size)
+    return check_bound(spec, model_float_bytes(model), cfg.num_clients, cfg.pretrain_rounds,
+                       cfg.history_max_mb, who, model=f"{cfg.model} on {cfg.dataset}")
 
 
 __all__ = ["CostMeter", "MethodParams", "Phase", "UnlearningContext", "UnlearningStrategy",
-           "check_methods", "create_method", "discover", "get_method", "list_methods",
+           "check_history_bound", "check_methods", "create_method", "history_spec", "discover", "get_method", "list_methods",
            "register_method"]

@@ -43,6 +43,7 @@ from ..client.actions import message_type as action_message_type
 from ..config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
 from ..requests import SCOPES, UnlearningRequest, request_to_config
+from ..history import HistorySpec
 from .params import MethodParams
 from .stopping import FIXED, MAXIMUM, StoppingRule
 
@@ -148,6 +149,11 @@ class UnlearningContext:
     progress: Callable[[str, int, ArrayRecord, int], MetricRecord | None] | None = None
     original_arrays: ArrayRecord | None = None
     info: dict = field(default_factory=dict)
+    #: The training history recorded during pretraining (:mod:`fedunlearn.history`), when
+    #: a method of the job needs one.
+    history: object = None
+    #: The federation's data as the server holds it (``server_indices``: its own share).
+    data: object = None
 
 
 class UnlearningStrategy(FedAvgM):
@@ -173,6 +179,16 @@ class UnlearningStrategy(FedAvgM):
     scopes: tuple[str, ...] = SCOPES
     #: The method's parameters class (a frozen dataclass).
     Params: type[MethodParams] = MethodParams
+
+    @classmethod
+    def history_needs(cls, params: MethodParams) -> HistorySpec:
+        """What this method needs recorded during pretraining (default: nothing)."""
+        return HistorySpec()
+
+    @classmethod
+    def check_config(cls, cfg: ExperimentConfig, params: MethodParams) -> None:
+        """Refuse settings this method cannot run with, before Flower starts (raise
+        ``ValueError`` saying what to change)."""
 
     def __init__(self, context: UnlearningContext, phase: str | None = None,
                  params: MethodParams | None = None) -> None:
@@ -549,7 +565,12 @@ class UnlearningStrategy(FedAvgM):
                     continue
             self.meter_up(msg)
             usable.append(msg)
+        self.observe_replies(server_round, [m for m in usable if not m.has_error()])
         return super().aggregate_train(server_round, usable)
+
+    def observe_replies(self, server_round: int, replies: list[Message]) -> None:
+        """Called with the replies a round aggregates, in partition order (pretraining
+        records its training history here); default: nothing."""
 
     def exchange(self, grid: Grid, messages: list[Message]) -> list[Message]:
         """Send ``messages`` and wait for the replies, metering both directions.

@@ -1,0 +1,76 @@
+"""Methods that remember training: the shared base of FedEraser, FUKD and PGD.
+
+They read what pretraining recorded (:mod:`fedunlearn.history`), keyed by partition id.
+A recorded client update mixes everything the client trained on, so these methods
+remove whole clients: they serve client-wise requests and refuse the others up front.
+What they read of the history is their ``storage_bytes``: the server must keep it for
+as long as any client may ask to be forgotten.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord
+
+from ..history import TrainingHistory
+from ..requests import UnlearningRequest
+from .base import UnlearningStrategy
+
+
+class HistoryUnlearning(UnlearningStrategy):
+    """An :class:`UnlearningStrategy` that reads the training history."""
+
+    scopes = ("client",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._history: TrainingHistory | None = None
+
+    def refusal(self, requests: dict[int, UnlearningRequest]) -> str | None:
+        reason = super().refusal(requests)
+        if reason is not None:
+            reason += (" (its training history records whole-client updates, which mix a "
+                       "client's forget and retained data)")
+        return reason
+
+    @property
+    def history(self) -> TrainingHistory:
+        """This method's reader of the job's training history (its own byte count)."""
+        if self._history is None:
+            shared = self.context.history
+            need = self.history_needs(self.params)
+            if shared is None or not shared.spec.covers(need):
+                raise RuntimeError(f"{self.name} needs a training history with "
+                                   f"{need.describe()}, and pretraining recorded "
+                                   f"{shared.spec.describe() if shared else 'none'}")
+            self._history = shared.reader()
+        return self._history
+
+    def target_partitions(self) -> list[int]:
+        parts = self.context.node_partitions
+        return sorted(parts[n] for n in self.context.requests if n in parts)
+
+    def parameter_keys(self) -> list[str]:
+        """Names of the model's floating-point trainable parameters (buffers such as
+        BatchNorm statistics and integer counters are not)."""
+        return [n for n, p in self.context.model_factory().named_parameters()
+                if p.is_floating_point()]
+
+    def charge_storage(self) -> None:
+        """Storage: the history files this method read; noted with what they hold."""
+        h = self.history
+        self.meter.storage_bytes = max(self.meter.storage_bytes, h.bytes_read)
+        self.notes["history"] = {"path": str(h.directory), "files_read": sorted(h.files_read),
+                                 "bytes_read": h.bytes_read, "recorded": h.spec.describe()}
+
+
+def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord as writable torch tensors (copies)."""
+    return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+
+
+def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+__all__ = ["HistoryUnlearning", "to_record", "to_state"]
