@@ -119,6 +119,23 @@ def test_statistics_delta_gap_and_best_row(tmp_path):
     assert not (report.out_dir / "forget_ratio.png").exists()  # one ratio only
 
 
+def test_storage_bytes_is_a_column_for_every_method(tmp_path):
+    write_sweep(tmp_path, methods=("retrain", "ft"))
+    stored = result("federaser", 0, {k: DATA["retrain"][k][0] for k in KEYS})
+    stored["cost"]["storage_bytes"] = 79172130
+    write(tmp_path / "r01_federaser_0" / "results.json", stored)
+    report = rep.write_report(tmp_path)
+    gdir = report.out_dir / report.groups[0].slug
+    rows = {r["method"]: r for r in read_csv(gdir / "summary.csv")}
+    assert float(rows["federaser"]["storage_bytes"]) == 79172130
+    assert float(rows["ft"]["storage_bytes"]) == 0
+    md = (gdir / "summary.md").read_text()
+    assert "Storage (B) ↓" in md
+    line = next(x for x in md.splitlines() if "FedEraser" in x and x.startswith("|"))
+    assert "| 7.92e+07 |" in line
+    assert next(x for x in md.splitlines() if x.startswith("| FT ")).endswith("| 0 | 3 |")
+
+
 def test_missing_retrain_gives_empty_deltas_and_a_note(tmp_path):
     write_sweep(tmp_path, methods=("ft", "not"))
     report = rep.write_report(tmp_path)

@@ -114,6 +114,33 @@ def test_methods_where_the_target_takes_part(tmp_path, flwr_env, ckpt):
     assert "[puf] applied -2.00" in log and "[mode] 2 guidance rounds done" in log
 
 
+def test_methods_that_remember_training(tmp_path, flwr_env, ckpt):
+    """FedEraser, FUKD and PGD: pretraining records the history they need, next to the
+    checkpoint; each reports the history files it read as its storage."""
+    out = tmp_path / "history"
+    log = run({"method": "federaser,fukd,pgd", "pretrain.rounds": 4, "unlearn.rounds": 2,
+               "checkpoint-dir": str(ckpt), "server-data.fraction": 0.1,
+               "method-params": "fukd.epochs=1 pgd.epochs=1"}, out, flwr_env)
+    results = {m: load(out / m / "results.json") for m in ("federaser", "fukd", "pgd")}
+    history = Path(results["pgd"]["pretrain"]["history"]["path"])
+    files = json.loads((history / "manifest.json").read_text())["files"]
+    assert sorted(files) == ["last_local.pt"] + [f"round-0000{r}.pt" for r in (1, 2, 3, 4)] \
+        + ["update_sums.pt"]
+    read = {"federaser": [f for f in files if f.startswith("round-")],
+            "fukd": ["update_sums.pt"], "pgd": ["last_local.pt"]}
+    for method, res in results.items():
+        check_schema(res, method, stores=True)
+        assert res["cost"]["storage_bytes"] == sum(files[f] for f in read[method])
+        assert res["notes"]["history"]["files_read"] == read[method]
+    fed = results["federaser"]["cost"]["phases"]
+    assert fed["unlearning"]["rounds"] == 3 and fed.get("recovery", {}).get("rounds", 0) == 0
+    fukd = results["fukd"]["cost"]["phases"]["unlearning"]
+    assert fukd["comm_bytes"] == 0 and fukd["server_flops"] > 0  # server only
+    assert results["fukd"]["notes"]["distillation"]["server_samples"] == 144
+    assert results["pgd"]["cost"]["phases"]["unlearning"]["rounds"] == 1
+    assert "recording client updates every 1 round(s)" in log
+
+
 def test_centralized_setting_runs_the_data_holders_methods(tmp_path, flwr_env, ckpt):
     """One client holding all training data forgets a random 10% (the centralized
     preset, tiny): RandL, GA and FCU run at that client, then recover there."""

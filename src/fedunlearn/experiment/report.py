@@ -56,25 +56,27 @@ from ..results import RESULTS_FILE, metric_keys
 REPORT_DIR = "report"
 REFERENCE = "retrain"
 BEST_MARK = "★"
-DISPLAY = {"retrain": "Retrain", "ft": "FT", "not": "NoT", "fedEraser": "FedEraser",
+DISPLAY = {"retrain": "Retrain", "ft": "FT", "not": "NoT", "federaser": "FedEraser",
            "fukd": "FUKD", "pgd": "PGD", "mode": "MoDE", "fcu": "FCU", "puf": "PUF",
            "randl": "RandL", "ga": "GA", "badt": "BadT", "l1_sparse": "ℓ1-sparse",
            "ssd": "SSD", "salun": "SalUn"}
 LABELS = {"retain": "Retain", "forget": "Forget", "test": "Test", "mia": "MIA", "asr": "ASR"}
 # Settings that change the Retrain reference: results differing in them are never averaged.
 PROTOCOL_FIELDS = ("val_fraction", "batch_size", "local_epochs", "momentum",
-                   "pretrain_rounds", "pretrain_lr", "mia_max_members")
+                   "pretrain_rounds", "pretrain_lr", "mia_max_members", "server_data_fraction")
 # Method settings: they split a method's row, never the setting (Retrain ignores them).
 METHOD_FIELDS = ("unlearn_rounds", "unlearn_lr", "unlearn_local_epochs", "unlearn_clip_norm",
                  "unlearn_server_momentum", "recovery_stop", "recovery_validate_every",
                  "recovery_target_gap", "recovery_patience", "recovery_min_delta",
                  "negate_layers", "negate_bias", "params")
 # "params" is the method's own typed parameters (results.json "params"), not a config field.
-COST_KEYS = ("comm_bytes", "flops", "rounds", "wall_s")
+COST_KEYS = ("comm_bytes", "flops", "storage_bytes", "rounds", "wall_s")
 STD_NOTE = ("mean ± std over seeds (sample std, ddof=1; 0 for one seed); (x) = |Δ| to "
             "Retrain; Avg. Gap = mean |Δ| over Retain, Forget, Test, MIA; "
             f"{BEST_MARK} = lowest Avg. Gap among non-Retrain methods. Accuracies and MIA "
-            "in %, Comm. in bytes, Comp. in FLOPs (unlearning step + recovery).")
+            "in %, Comm. in bytes, Comp. in FLOPs (unlearning step + recovery), Storage in bytes "
+            "kept between rounds (the training history a method reads, MoDE's degradation "
+            "model; 0 for the others).")
 NO_RETRAIN_NOTE = ("No Retrain results for this setting: Δ and Avg. Gap need the Retrain "
                    "reference (add method=retrain to the sweep).")
 
@@ -376,11 +378,18 @@ def _e2(value: float | None) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.2e}"
 
 
+def _storage(value: float | None) -> str:
+    """What a method keeps between rounds: 0 for most, bytes otherwise."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    return "0" if value == 0 else f"{value:.2e}"
+
+
 def table_markdown(group: Group) -> str:
     """The setting's table in the layout of the paper's Table 1."""
     ref = group.reference is not None
     header = ["Method"] + [f"{LABELS.get(k, k)} (Δ↓)" for k in group.keys] + [
-        "Avg. Gap ↓", "Comm. (B) ↓", "Comp. (FLOPs) ↓", "Seeds"]
+        "Avg. Gap ↓", "Comm. (B) ↓", "Comp. (FLOPs) ↓", "Storage (B) ↓", "Seeds"]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in group.rows:
@@ -395,7 +404,7 @@ def table_markdown(group: Group) -> str:
         if row.best:
             name, gap = f"**{name}** {BEST_MARK}", f"**{gap}** {BEST_MARK}"
         cells += [gap, _e2(row.cost_mean["comm_bytes"]), _e2(row.cost_mean["flops"]),
-                  str(row.n)]
+                  _storage(row.cost_mean["storage_bytes"]), str(row.n)]
         lines.append("| " + " | ".join([name] + cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -422,7 +431,7 @@ def csv_header(keys: Sequence[str]) -> list[str]:
     for k in keys:
         head += [f"{k}_mean", f"{k}_std", f"{k}_delta"]
     return head + ["avg_gap", "best", "comm_bytes", "comm_bytes_std", "flops", "flops_std",
-                   "rounds", "wall_s", "files"]
+                   "storage_bytes", "rounds", "wall_s", "files"]
 
 
 def _num(value: float | None) -> str:
@@ -441,6 +450,7 @@ def csv_rows(group: Group, keys: Sequence[str]) -> list[list[str]]:
         cells += [_num(row.avg_gap), BEST_MARK if row.best else "",
                   _num(row.cost_mean["comm_bytes"]), _num(row.cost_std["comm_bytes"]),
                   _num(row.cost_mean["flops"]), _num(row.cost_std["flops"]),
+                  _num(row.cost_mean["storage_bytes"]),
                   _num(row.cost_mean["rounds"]), _num(row.cost_mean["wall_s"]),
                   ";".join(str(p) for p in row.files)]
         out.append(cells)

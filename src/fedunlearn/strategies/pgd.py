@@ -25,11 +25,13 @@ from .params import MethodParams
 
 @dataclass(frozen=True)
 class PGDParams(MethodParams):
-    """PGD's parameters (the reference notebook's values).
+    """PGD's parameters (the reference notebook's values, but the threshold).
 
     epochs, lr, momentum, clip_norm : the target's SGD ascent on its forget data.
     distance_threshold : early stop once ``|w - w_u|^2`` exceeds it (``w_u``: the
-        target's last local model). The reference's 2.2 is tied to its MNIST network.
+        target's last local model). It depends on the architecture: the reference's 2.2
+        (tuned for its MNIST network) wrecks the digits CNN (test accuracy 63% after
+        recovery); 0.5 is the measured default for it.
     radius_fraction, random_inits : the ball's squared radius is ``radius_fraction`` x
         the mean ``|w_ref - w_rand|^2`` over ``random_inits`` random initialisations.
     """
@@ -38,7 +40,7 @@ class PGDParams(MethodParams):
     lr: float = 0.01
     momentum: float = 0.9
     clip_norm: float = 5.0
-    distance_threshold: float = 2.2
+    distance_threshold: float = 0.5
     radius_fraction: float = 1.0 / 3.0
     random_inits: int = 10
 
