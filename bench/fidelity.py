@@ -28,7 +28,8 @@ from pathlib import Path
 
 from fedunlearn.experiment.report import (LABELS, display_name, group_results,
                                           load_results)
-from fedunlearn.launch import flwr_run, load_preset, parse_overrides, project_root
+from fedunlearn.launch import (check_run_config, flwr_run, load_preset, parse_overrides,
+                               project_root)
 from fedunlearn.strategies import get_method, list_methods
 
 SETTINGS = {
@@ -40,9 +41,20 @@ SETTINGS = {
 }
 
 
-def methods_for(scope: str, wanted: list[str] | None) -> list[str]:
-    names = wanted or list_methods()
-    return [m for m in names if scope in get_method(m).scopes]
+def methods_for(scope: str, wanted: list[str] | None, run_config: dict | None = None
+                ) -> list[str]:
+    """The methods serving ``scope`` that can run with ``run_config`` (e.g. FUKD needs
+    ``server-data.fraction`` > 0); the others are named and left out."""
+    names = [m for m in (wanted or list_methods()) if scope in get_method(m).scopes]
+    usable = []
+    for m in names:
+        try:
+            check_run_config({**(run_config or {}), "method": m})
+        except ValueError as err:
+            print(f"left out {m}: {err}", flush=True)
+            continue
+        usable.append(m)
+    return usable
 
 
 def _cell(mean: float, std: float) -> str:
@@ -95,7 +107,7 @@ def main() -> int:
     for name in args.settings.split(","):
         base, scope = SETTINGS[name]
         rc = dict(load_preset(base)) if isinstance(base, str) else dict(base)
-        rc["method"] = ",".join(methods_for(scope, wanted))
+        rc["method"] = ",".join(methods_for(scope, wanted, {**rc, **extra}))
         for seed in args.seeds.split(","):
             job = out / f"{name}-seed{seed}"
             run_config = {**rc, **extra, "seed": int(seed), "output-dir": str(job),
