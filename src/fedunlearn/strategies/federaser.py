@@ -123,6 +123,9 @@ class FedEraser(HistoryUnlearning):
         cfg, parts = self.cfg, self.context.node_partitions
         history = self.history
         rounds = history.stored_rounds(p.delta_t)
+        if not rounds:
+            raise RuntimeError(f"federaser: the training history {history.directory} holds "
+                               "no stored round (pretraining ran no round)")
         retained = self.participants("retained", grid)
         if not retained:
             raise RuntimeError("federaser: no retained node is connected for calibration")
