@@ -194,22 +194,22 @@ class HistoryRecorder:
         total = float(sum(n for _, _, n in replies))
         start_state = _state(start)
         floats = [k for k, v in start_state.items() if v.is_floating_point()]
+        locals_ = {pid: _state(local) for pid, local, _ in replies}
         if self.spec.updates_every and (rnd - 1) % self.spec.updates_every == 0:
-            updates = {pid: {k: (_state(local)[k] - start_state[k]) for k in floats}
-                       for pid, local, _ in replies}
+            updates = {pid: {k: state[k] - start_state[k] for k in floats}
+                       for pid, state in locals_.items()}
             torch.save({"round": rnd, "global": start_state, "updates": updates,
                         "num_examples": {pid: int(n) for pid, _, n in replies}},
                        self.tmp_dir / round_file(rnd))
         if self.spec.update_sums:
-            for pid, local, n in replies:
-                local_state = _state(local)
+            for pid, _, n in replies:
                 acc = self.sums.setdefault(pid, {k: torch.zeros_like(start_state[k])
                                                  for k in floats})
                 weight = n / total
                 for k in floats:
-                    acc[k] += weight * (local_state[k] - start_state[k])
+                    acc[k] += weight * (locals_[pid][k] - start_state[k])
         if self.spec.last_local:
-            self.last = {pid: _state(local) for pid, local, _ in replies}
+            self.last = locals_
             self.last_weights = {pid: n / total for pid, _, n in replies}
             self.last_round = rnd
 
