@@ -275,7 +275,7 @@ class ExperimentConfig:
         if not 0.0 <= self.server_data_fraction <= 0.5:
             raise ValueError(f"server-data.fraction={self.server_data_fraction} must be in "
                              "[0, 0.5] (0: the server holds no data)")
-        if not self.history_max_mb > 0 or self.history_max_mb != self.history_max_mb:
+        if not self.history_max_mb > 0:  # NaN too
             raise ValueError(f"history.max-mb={self.history_max_mb} must be > 0")
         if self.unlearn_clip_norm < 0:
             raise ValueError(f"unlearn.clip-norm={self.unlearn_clip_norm} must be >= 0 (0: off)")

@@ -35,9 +35,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord
+
+from .training import to_state
 
 MANIFEST = "manifest.json"
 UPDATE_SUMS_FILE = "update_sums.pt"
@@ -163,10 +164,6 @@ def _fmt(nbytes: float) -> str:
 
 
 # -- recording --------------------------------------------------------------------------
-def _state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in arrays.items()}
-
-
 class HistoryRecorder:
     """Records a :class:`HistorySpec` from the train replies of pretraining.
 
@@ -192,9 +189,9 @@ class HistoryRecorder:
             return
         self.rounds_seen = max(self.rounds_seen, rnd)
         total = float(sum(n for _, _, n in replies))
-        start_state = _state(start)
+        start_state = to_state(start)
         floats = [k for k, v in start_state.items() if v.is_floating_point()]
-        locals_ = {pid: _state(local) for pid, local, _ in replies}
+        locals_ = {pid: to_state(local) for pid, local, _ in replies}
         if self.spec.updates_every and (rnd - 1) % self.spec.updates_every == 0:
             updates = {pid: {k: state[k] - start_state[k] for k in floats}
                        for pid, state in locals_.items()}

@@ -27,6 +27,11 @@ def to_arrays(model: nn.Module) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
+def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord as writable torch tensors (copies, on the CPU)."""
+    return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+
+
 def load_arrays(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
     """Load an ArrayRecord into ``model`` (strict: every key must match)."""
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)

@@ -127,5 +127,5 @@ def check_history_bound(cfg: ExperimentConfig, params: dict[str, MethodParams] |
 
 
 __all__ = ["CostMeter", "MethodParams", "Phase", "UnlearningContext", "UnlearningStrategy",
-           "check_history_bound", "check_methods", "create_method", "history_spec", "discover", "get_method", "list_methods",
-           "register_method"]
+           "check_history_bound", "check_methods", "create_method", "discover", "get_method",
+           "history_spec", "list_methods", "register_method"]

@@ -16,9 +16,10 @@ from flwr.serverapp import Grid
 
 from ..client.actions import MODEL_KEY
 from ..history import HistorySpec
+from ..training import to_state
 from . import register_method
 from .base import Phase
-from .history_based import HistoryUnlearning, to_record, to_state
+from .history_based import HistoryUnlearning, to_record
 from .params import MethodParams
 
 NORM_SCOPES = ("layer", "model")
@@ -145,6 +146,8 @@ class FedEraser(HistoryUnlearning):
             model[k] += step
         numel = sum(model[k].numel() for k in keys)
         self.meter.extra_flops += 2 * numel * len(first)
+        # Floating-point buffers (e.g. BatchNorm statistics) come from the fresh aggregate.
+        buffers = [k for k in model if k not in keys and model[k].is_floating_point()]
         for rnd in rounds[1:]:
             _, updates, _ = history.round(rnd)
             self.meter.rounds += 1
@@ -166,8 +169,7 @@ class FedEraser(HistoryUnlearning):
                 raise RuntimeError(f"federaser: no retained node calibrated round {rnd}")
             for k, step in weighted_sum(calibrated, weights, keys).items():
                 model[k] += step
-            buffers = [k for k in model if k not in keys and model[k].is_floating_point()]
-            if buffers:  # e.g. BatchNorm statistics: the fresh aggregate's
+            if buffers:
                 model.update(weighted_sum(fresh_models, weights, buffers))
             self.meter.extra_flops += 6 * numel * len(calibrated)
             if self.context.progress is not None and (

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Subset
 
 from ..config import ExperimentConfig
 from ..history import HistorySpec
-from ..training import load_arrays, resolve_device, to_arrays
+from ..training import load_arrays, resolve_device, to_arrays, to_state
 from . import register_method
-from .history_based import HistoryUnlearning, to_record, to_state
+from .history_based import HistoryUnlearning, to_record
 from .params import MethodParams
 
 

@@ -64,13 +64,8 @@ class HistoryUnlearning(UnlearningStrategy):
                                  "bytes_read": h.bytes_read, "recorded": h.spec.describe()}
 
 
-def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ArrayRecord as writable torch tensors (copies)."""
-    return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
-
-
 def to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
-__all__ = ["HistoryUnlearning", "to_record", "to_state"]
+__all__ = ["HistoryUnlearning", "to_record"]

@@ -17,9 +17,10 @@ from flwr.serverapp import Grid
 from ..client.actions.projected_ascent import LAST_LOCAL_KEY
 from ..client.local_steps import params_to_config, random_model
 from ..history import HistorySpec
+from ..training import to_state
 from . import register_method
 from .base import Phase
-from .history_based import HistoryUnlearning, to_record, to_state
+from .history_based import HistoryUnlearning, to_record
 from .params import MethodParams
 
 
