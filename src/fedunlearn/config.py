@@ -119,11 +119,11 @@ class ExperimentConfig:
     momentum: float = 0.9
     pretrain_rounds: int = 30
     pretrain_lr: float = 0.01
-    unlearn_rounds: int = 15  # the recovery budget (the maximum when stop="validation")
+    unlearn_rounds: int = 12  # the recovery budget (the maximum when stop="validation")
     unlearn_lr: float = 0.01
     unlearn_local_epochs: int = 1
     unlearn_clip_norm: float = 0.0
-    unlearn_server_momentum: float = 0.0
+    unlearn_server_momentum: float = 0.5
     recovery_stop: str = "fixed"
     recovery_validate_every: int = 1
     recovery_target_gap: float = 1.0
