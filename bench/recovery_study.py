@@ -7,6 +7,11 @@ printing the test accuracy after every ``--every`` rounds next to Retrain from s
 
     python bench/recovery_study.py --partitioning dirichlet --alpha 0.3
     python bench/recovery_study.py --partitioning iid
+    python bench/recovery_study.py --defaults --seeds 10     # how the defaults were chosen
+
+``--defaults`` scores recovery settings (server momentum x local epochs, fixed budgets and
+the validation stopping rule) on IID and Dirichlet 0.3 over seeds 0..N-1 against a
+30-round Retrain: the table behind the recovery defaults (README, Recovery).
 
 Variants: the default (local SGD lr 0.01, momentum 0.9, FedAvg); server momentum
 (FedAvgM, server lr 1, beta 0.9 / 0.5); lower local learning rates; a local
@@ -22,7 +27,8 @@ import numpy as np
 import torch
 
 from fedunlearn.data import build_federated_data
-from fedunlearn.metrics import accuracy_from_logits, predict
+from fedunlearn.metrics import (accuracy_from_logits, membership_features, mia_result, predict,
+                                split_nonmembers)
 from fedunlearn.models import create_model
 from fedunlearn.negation import example_input_for, negate_layers
 from fedunlearn.training import train_local
@@ -32,14 +38,14 @@ def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def fedavg_round(model, data, clients, *, lr, momentum, seed, clip=0.0, batch=32):
+def fedavg_round(model, data, clients, *, lr, momentum, seed, clip=0.0, batch=32, epochs=1):
     start = state(model)
     total = 0
     acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in start.items()}
     for c in clients:
         model.load_state_dict(start)
         ids = data.train_indices(c)
-        train_local(model, data.train, ids, epochs=1, batch_size=batch, lr=lr,
+        train_local(model, data.train, ids, epochs=epochs, batch_size=batch, lr=lr,
                     momentum=momentum, device=torch.device("cpu"), seed=seed * 1000 + c,
                     clip_norm=clip)
         n = len(ids)
@@ -210,6 +216,152 @@ def rule_sweep(args) -> None:
               f"{dtest:+6.2f}")
 
 
+# ---- --defaults: which recovery setting serves IID and label-skewed data alike ----------
+
+#: name -> (server momentum, local epochs, rounds recorded)
+DEFAULT_VARIANTS = {
+    "FedAvg": (0.0, 1, 30), "FedAvgM 0.3": (0.3, 1, 30), "FedAvgM 0.5": (0.5, 1, 30),
+    "FedAvgM 0.7": (0.7, 1, 30), "FedAvgM 0.5, 3 local epochs": (0.5, 3, 15),
+}
+
+
+def five_metrics(model, data, val, train, forget, attack, heldout, seed):
+    """(validation, test, retain, forget accuracy, MIA) as the launcher computes them."""
+    acc = lambda logits, labels: 100.0 * float(  # noqa: E731
+        (np.asarray(logits).argmax(1) == np.asarray(labels)).mean())
+    lt, yt = predict(model, data.test, np.arange(len(data.test)))
+    lr_, yr = predict(model, data.train, train)
+    lf, yf = predict(model, data.train, forget)
+    lv, yv = predict(model, data.train, val)
+    test_feats, members = membership_features(lt, yt), membership_features(lr_, yr)
+    if len(members) > 2000:
+        members = members[np.random.default_rng(seed).choice(len(members), 2000, replace=False)]
+    mia = mia_result(members, test_feats[attack], membership_features(lf, yf),
+                     test_feats[heldout], seed=seed)["score"]
+    return (acc(lv, yv), acc(lt, yt), acc(lr_, yr), acc(lf, yf), mia)
+
+
+def recovery_trajectory(data, new, start_state, retained, ev, *, beta, epochs, rounds, seed,
+                        negate=True):
+    m = new()
+    m.load_state_dict(start_state)
+    if negate:
+        info = data.info
+        negate_layers(m, example_input_for(info.in_channels, info.image_size))
+    velocity, out = None, []
+    for r in range(1, rounds + 1):
+        start, avg = fedavg_round(m, data, retained, lr=0.01, momentum=0.9, epochs=epochs,
+                                  seed=seed * 100_000 + r)
+        if beta:
+            delta = {k: avg[k].double() - start[k].double() for k in avg
+                     if avg[k].is_floating_point()}
+            velocity = delta if velocity is None else {
+                k: beta * velocity[k] + delta[k] for k in delta}
+            avg = dict(avg)
+            avg.update({k: (start[k].double() + velocity[k]).to(start[k].dtype)
+                        for k in delta})
+        m.load_state_dict(avg)
+        out.append(ev(m))
+    return out
+
+
+def validation_stop(traj, target, every=1, patience=3, max_rounds=15, min_delta=0.1):
+    """fedunlearn's StoppingRule (target, plateau, maximum) on recorded validation accuracies."""
+    best, since = -float("inf"), 0
+    max_rounds = min(max_rounds, len(traj))
+    for r in range(1, max_rounds + 1):
+        if r % every and r != max_rounds:
+            continue
+        acc = traj[r - 1][0]
+        if acc >= target:
+            return r
+        if acc > best + min_delta:
+            best, since = acc, 0
+        else:
+            since += 1
+            best = max(best, acc)
+        if since >= patience:
+            return r
+    return max_rounds
+
+
+def defaults_study(args) -> None:
+    """Trajectories once per (setting, seed, variant), every rule scored on them."""
+    seeds = list(range(args.seeds))
+    traj: dict = {}
+    for (part, alpha), seed in [(s, k) for s in (("iid", 0.5), ("dirichlet", 0.3))
+                                for k in seeds]:
+        t0 = time.perf_counter()
+        data = build_federated_data("digits", 10, partitioning=part, alpha=alpha, seed=seed)
+        info = data.info
+        new = lambda: create_model("cnn", num_classes=info.num_classes,  # noqa: E731
+                                   in_channels=info.in_channels, image_size=info.image_size)
+        torch.manual_seed(seed)
+        model = new()
+        run(model, data, list(range(10)), 30, 30, seed=seed)
+        retained = list(range(1, 10))
+        val = np.concatenate([data.val_indices(c) for c in retained])
+        train = np.concatenate([data.train_indices(c) for c in retained])
+        attack, heldout = split_nonmembers(len(data.test), seed=seed)
+        ev = lambda m: five_metrics(m, data, val, train, data.train_indices(0),  # noqa: E731
+                                    attack, heldout, seed)
+        d = traj.setdefault((part, seed), {"orig": ev(model)})
+        torch.manual_seed(seed + 1)
+        d["retrain"] = recovery_trajectory(data, new, state(new()), retained, ev, beta=0.0,
+                                           epochs=1, rounds=30, seed=seed, negate=False)[-1]
+        for name, (beta, epochs, rounds) in DEFAULT_VARIANTS.items():
+            d[name] = recovery_trajectory(data, new, state(model), retained, ev, beta=beta,
+                                          epochs=epochs, rounds=rounds, seed=seed)
+        print(f"{part} seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
+    defaults_table(traj, seeds)
+
+
+def defaults_table(traj: dict, seeds: list[int]) -> None:
+    """Print the Markdown table of ``--defaults`` from the recorded trajectories."""
+
+    def gap4(m, ref):  # mean |difference| over Test, Retain, Forget, MIA
+        return float(np.mean([abs(a - b) for a, b in zip(m[1:], ref[1:])]))
+
+    def score(name, rule):
+        out = {}
+        for part in ("iid", "dirichlet"):
+            rows = []
+            for seed in seeds:
+                d = traj[(part, seed)]
+                t = d[name]
+                if rule[0] == "fixed":
+                    r = min(rule[1], len(t))
+                else:
+                    r = validation_stop(t, d["orig"][0] - rule[1], every=rule[2])
+                rows.append((r, gap4(t[r - 1], d["retrain"]), t[r - 1][1] - d["retrain"][1]))
+            out[part] = rows
+        return out
+
+    base = score("FedAvg", ("fixed", 15))["iid"]
+    print(f"\nseeds 0..{len(seeds) - 1}; gap = mean |d| over Test, Retain, Forget, MIA to a "
+          "30-round Retrain; paired = IID gap minus FedAvg-15's, mean ± standard error")
+    print("| recovery | rule | IID rounds | IID gap | paired | Dirichlet rounds | "
+          "Dirichlet \\|Test - Retrain's\\| | within 2 |")
+    print("|---|---|---|---|---|---|---|---|")
+    rules = [("fixed", n) for n in (4, 6, 10, 11, 12, 13, 15)] + [
+        ("validation", tg, every) for tg in (0.0, 0.5) for every in (1, 2)]
+    for name, (_beta, _epochs, rounds) in DEFAULT_VARIANTS.items():
+        for rule in rules:
+            if rule[0] == "fixed" and rule[1] > rounds:
+                continue
+            s = score(name, rule)
+            diff = np.array([g for _, g, _ in s["iid"]]) - np.array([g for _, g, _ in base])
+            dt = np.array([x for _, _, x in s["dirichlet"]])
+            label = (f"fixed {rule[1]}" if rule[0] == "fixed"
+                     else f"validation, target-gap {rule[1]}, every {rule[2]}")
+            print(f"| {name} | {label} | {np.mean([r for r, _, _ in s['iid']]):.1f} | "
+                  f"{np.mean([g for _, g, _ in s['iid']]):.2f} | "
+                  f"{diff.mean():+.2f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.2f} | "
+                  f"{np.mean([r for r, _, _ in s['dirichlet']]):.1f} | "
+                  f"{np.abs(dt).mean():.2f} | {int((np.abs(dt) <= 2).sum())}/{len(dt)} |",
+                  flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--partitioning", default="dirichlet")
@@ -223,8 +375,13 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true",
                    help="score stopping rules x server momentum on IID and Dirichlet 0.3")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--defaults", action="store_true",
+                   help="score server momentum x local epochs x stopping rules over --seeds")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.defaults:
+        defaults_study(args)
+        return
     if args.sweep:
         rule_sweep(args)
         return

@@ -119,6 +119,20 @@ def test_validated_recovery_preset_is_a_valid_run_config():
     assert cfg.recovery_target_gap == 0.0 and cfg.unlearn_rounds == 30
 
 
+def test_default_recovery_is_fedavgm_and_the_centralized_preset_keeps_plain_fine_tuning():
+    """The recovery protocol a user gets without options (README, Recovery), and the
+    centralized setting's fixed plain fine-tuning (Table 2), from the real run-config."""
+    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.launch import check_run_config, load_preset
+
+    cfg = ExperimentConfig.from_run_config(check_run_config({}))
+    assert (cfg.unlearn_rounds, cfg.unlearn_server_momentum) == (12, 0.5)
+    assert (cfg.recovery_stop, cfg.unlearn_local_epochs, cfg.unlearn_lr) == ("fixed", 1, 0.01)
+    central = ExperimentConfig.from_run_config(check_run_config(load_preset("centralized")))
+    assert (central.num_clients, central.unlearn_rounds) == (1, 15)
+    assert central.unlearn_server_momentum == 0.0
+
+
 @pytest.mark.parametrize("key, value, expected", [
     ("unlearn.stop", "never", "unlearn.stop='never'"),
     ("unlearn.server-momentum", 1.0, "unlearn.server-momentum=1.0 must be in [0, 1)"),
