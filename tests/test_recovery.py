@@ -116,7 +116,8 @@ def test_validated_recovery_preset_is_a_valid_run_config():
                            "federation.partitioning": "dirichlet"})
     cfg = ExperimentConfig.from_run_config(rc)
     assert cfg.recovery_stop == "validation" and cfg.unlearn_server_momentum == 0.5
-    assert cfg.recovery_target_gap == 0.0 and cfg.unlearn_rounds == 30
+    assert cfg.recovery_target_gap == 0.5 and cfg.unlearn_rounds == 15
+    assert cfg.unlearn_local_epochs == 3
 
 
 def test_default_recovery_is_fedavgm_and_the_centralized_preset_keeps_plain_fine_tuning():
