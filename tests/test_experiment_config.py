@@ -86,7 +86,7 @@ def test_one_method_per_job_and_the_comma_list_job():
     assert flat["method"] == "retrain,not"
     retrain = to_run_config(compose(["method=retrain"]))
     assert not any(k.startswith(("unlearn.lr", "negation.")) for k in retrain)
-    assert retrain["unlearn.rounds"] == 12  # the protocol lives in federation/
+    assert retrain["unlearn.rounds"] == 11  # the protocol lives in federation/
 
 
 @pytest.mark.parametrize("ratio,clients", [(0.1, "0"), (0.5, "0,1,2,3,4"),

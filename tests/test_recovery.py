@@ -127,7 +127,7 @@ def test_default_recovery_is_fedavgm_and_the_centralized_preset_keeps_plain_fine
     from fedunlearn.launch import check_run_config, load_preset
 
     cfg = ExperimentConfig.from_run_config(check_run_config({}))
-    assert (cfg.unlearn_rounds, cfg.unlearn_server_momentum) == (12, 0.5)
+    assert (cfg.unlearn_rounds, cfg.unlearn_server_momentum) == (11, 0.5)
     assert (cfg.recovery_stop, cfg.unlearn_local_epochs, cfg.unlearn_lr) == ("fixed", 1, 0.01)
     central = ExperimentConfig.from_run_config(check_run_config(load_preset("centralized")))
     assert (central.num_clients, central.unlearn_rounds) == (1, 15)

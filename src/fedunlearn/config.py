@@ -119,7 +119,7 @@ class ExperimentConfig:
     momentum: float = 0.9
     pretrain_rounds: int = 30
     pretrain_lr: float = 0.01
-    unlearn_rounds: int = 12  # the recovery budget (the maximum when stop="validation")
+    unlearn_rounds: int = 11  # the recovery budget (the maximum when stop="validation")
     unlearn_lr: float = 0.01
     unlearn_local_epochs: int = 1
     unlearn_clip_norm: float = 0.0
