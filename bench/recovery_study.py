@@ -362,9 +362,10 @@ def defaults_table(traj: dict, seeds: list[int]) -> None:
             dt = np.array([x for _, _, x, _ in s["dirichlet"]])
             label = (f"fixed {rule[1]}" if rule[0] == "fixed"
                      else f"validation, target-gap {rule[1]}, every {rule[2]}")
+            se = (f" ± {diff.std(ddof=1) / np.sqrt(len(diff)):.2f}" if len(diff) > 1 else "")
             print(f"| {name} | {label} | {np.mean([r for r, *_ in s['iid']]):.1f} | "
                   f"{np.mean([g for _, g, _, _ in s['iid']]):.2f} | {gap_of_means(s['iid']):.2f} | "
-                  f"{diff.mean():+.2f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.2f} | "
+                  f"{diff.mean():+.2f}{se} | "
                   f"{np.mean([r for r, *_ in s['dirichlet']]):.1f} | "
                   f"{np.abs(dt).mean():.2f} | {int((np.abs(dt) <= 2).sum())}/{len(dt)} | "
                   f"{gap_of_means(s['dirichlet']):.2f} |", flush=True)
