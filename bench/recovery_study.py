@@ -55,6 +55,29 @@ def fedavg_round(model, data, clients, *, lr, momentum, seed, clip=0.0, batch=32
     return start, {k: (v / total).to(start[k].dtype) for k, v in acc.items()}
 
 
+def server_momentum_step(start, avg, velocity, beta):
+    """FedAvgM's server step (server lr 1): ``velocity <- beta * velocity + (avg - start)``,
+    the new model ``start + velocity``; floating-point entries only. Returns both."""
+    delta = {k: avg[k].double() - start[k].double() for k in avg if avg[k].is_floating_point()}
+    velocity = delta if velocity is None else {k: beta * velocity[k] + delta[k] for k in delta}
+    avg = dict(avg)
+    avg.update({k: (start[k].double() + velocity[k]).to(start[k].dtype) for k in delta})
+    return avg, velocity
+
+
+def pretrained_digits(partitioning, alpha, seed):
+    """The digits federation of 10 clients, a CNN factory, and the CNN after 30 FedAvg
+    rounds over every client (the original model)."""
+    data = build_federated_data("digits", 10, partitioning=partitioning, alpha=alpha, seed=seed)
+    info = data.info
+    new = lambda: create_model("cnn", num_classes=info.num_classes,  # noqa: E731
+                               in_channels=info.in_channels, image_size=info.image_size)
+    torch.manual_seed(seed)
+    model = new()
+    run(model, data, list(range(10)), 30, 30, seed=seed)
+    return data, new, model
+
+
 def test_acc(model, data):
     logits, labels = predict(model, data.test, np.arange(len(data.test)))
     return accuracy_from_logits(logits, labels)
@@ -69,12 +92,7 @@ def run(model, data, clients, rounds, every, *, lr=0.01, momentum=0.9, server_mo
         start, avg = fedavg_round(model, data, clients, lr=lr_r, momentum=momentum,
                                   seed=seed * 100_000 + r, clip=clip)
         if server_momentum:
-            delta = {k: avg[k].double() - start[k].double() for k in avg}
-            if velocity is None:
-                velocity = delta
-            else:
-                velocity = {k: server_momentum * velocity[k] + delta[k] for k in delta}
-            avg = {k: (start[k].double() + velocity[k]).to(start[k].dtype) for k in avg}
+            avg, velocity = server_momentum_step(start, avg, velocity, server_momentum)
         model.load_state_dict(avg)
         if r % every == 0:
             out.append(test_acc(model, data))
@@ -106,11 +124,7 @@ def stop_study(data, new, pretrained, retained, args) -> None:
                     start, avg = fedavg_round(m, data, retained, lr=0.01, momentum=0.9,
                                               seed=args.seed * 100_000 + r)
                     if beta:
-                        delta = {k: avg[k].double() - start[k].double() for k in avg}
-                        velocity = delta if velocity is None else {
-                            k: beta * velocity[k] + delta[k] for k in delta}
-                        avg = {k: (start[k].double() + velocity[k]).to(start[k].dtype)
-                               for k in avg}
+                        avg, velocity = server_momentum_step(start, avg, velocity, beta)
                     m.load_state_dict(avg)
                     acc = accuracy_on(m, data, val)
                     streak = streak + 1 if acc >= target0 - gap else 0
@@ -134,27 +148,16 @@ def stop_study(data, new, pretrained, retained, args) -> None:
 def trajectory(data, new, start_state, retained, rounds, beta, seed, negate=True):
     """Per round: (validation, test, retain, forget) accuracy of recovery with server
     momentum ``beta`` (validation on the retained clients' validation splits)."""
-    info = data.info
     val = np.concatenate([data.val_indices(c) for c in retained])
     train = np.concatenate([data.train_indices(c) for c in retained])
     forget = np.concatenate([data.train_indices(c) for c in range(10) if c not in retained])
-    m = new()
-    m.load_state_dict(start_state)
-    if negate:
-        negate_layers(m, example_input_for(info.in_channels, info.image_size))
-    velocity, out = None, []
-    for r in range(1, rounds + 1):
-        start, avg = fedavg_round(m, data, retained, lr=0.01, momentum=0.9,
-                                  seed=seed * 100_000 + r)
-        if beta:
-            delta = {k: avg[k].double() - start[k].double() for k in avg}
-            velocity = delta if velocity is None else {
-                k: beta * velocity[k] + delta[k] for k in delta}
-            avg = {k: (start[k].double() + velocity[k]).to(start[k].dtype) for k in avg}
-        m.load_state_dict(avg)
-        out.append((accuracy_on(m, data, val), test_acc(m, data), accuracy_on(m, data, train),
-                    accuracy_on(m, data, forget)))
-    return out
+
+    def ev(m):
+        return (accuracy_on(m, data, val), test_acc(m, data), accuracy_on(m, data, train),
+                accuracy_on(m, data, forget))
+
+    return recovery_trajectory(data, new, start_state, retained, ev, beta=beta, epochs=1,
+                               rounds=rounds, seed=seed, negate=negate)
 
 
 def apply_rule(traj, target, hold, patience, min_delta=0.1):
@@ -182,13 +185,7 @@ def rule_sweep(args) -> None:
     rules = list(itertools.product((1.0, 0.0, -0.5), (1, 2), (3, 5)))
     table: dict = {}
     for (part, alpha), seed in itertools.product(settings, range(args.seeds)):
-        data = build_federated_data("digits", 10, partitioning=part, alpha=alpha, seed=seed)
-        info = data.info
-        new = lambda: create_model("cnn", num_classes=info.num_classes,  # noqa: E731
-                                   in_channels=info.in_channels, image_size=info.image_size)
-        torch.manual_seed(seed)
-        model = new()
-        run(model, data, list(range(10)), 30, 30, seed=seed)
+        data, new, model = pretrained_digits(part, alpha, seed)
         pretrained = state(model)
         retained = list(range(1, 10))
         val = np.concatenate([data.val_indices(c) for c in retained])
@@ -253,13 +250,7 @@ def recovery_trajectory(data, new, start_state, retained, ev, *, beta, epochs, r
         start, avg = fedavg_round(m, data, retained, lr=0.01, momentum=0.9, epochs=epochs,
                                   seed=seed * 100_000 + r)
         if beta:
-            delta = {k: avg[k].double() - start[k].double() for k in avg
-                     if avg[k].is_floating_point()}
-            velocity = delta if velocity is None else {
-                k: beta * velocity[k] + delta[k] for k in delta}
-            avg = dict(avg)
-            avg.update({k: (start[k].double() + velocity[k]).to(start[k].dtype)
-                        for k in delta})
+            avg, velocity = server_momentum_step(start, avg, velocity, beta)
         m.load_state_dict(avg)
         out.append(ev(m))
     return out
@@ -292,13 +283,7 @@ def defaults_study(args) -> None:
     for (part, alpha), seed in [(s, k) for s in (("iid", 0.5), ("dirichlet", 0.3))
                                 for k in seeds]:
         t0 = time.perf_counter()
-        data = build_federated_data("digits", 10, partitioning=part, alpha=alpha, seed=seed)
-        info = data.info
-        new = lambda: create_model("cnn", num_classes=info.num_classes,  # noqa: E731
-                                   in_channels=info.in_channels, image_size=info.image_size)
-        torch.manual_seed(seed)
-        model = new()
-        run(model, data, list(range(10)), 30, 30, seed=seed)
+        data, new, model = pretrained_digits(part, alpha, seed)
         retained = list(range(1, 10))
         val = np.concatenate([data.val_indices(c) for c in retained])
         train = np.concatenate([data.train_indices(c) for c in retained])
@@ -393,15 +378,9 @@ def main() -> None:
     if args.sweep:
         rule_sweep(args)
         return
-    data = build_federated_data("digits", 10, partitioning=args.partitioning,
-                                alpha=args.alpha, seed=args.seed)
-    info = data.info
-    new = lambda: create_model("cnn", num_classes=info.num_classes,  # noqa: E731
-                               in_channels=info.in_channels, image_size=info.image_size)
-    torch.manual_seed(args.seed)
-    model = new()
     t0 = time.perf_counter()
-    run(model, data, list(range(10)), 30, 30, seed=args.seed)
+    data, new, model = pretrained_digits(args.partitioning, args.alpha, args.seed)
+    info = data.info
     pretrained = state(model)
     print(f"pretrained test {test_acc(model, data):.2f} ({time.perf_counter() - t0:.0f}s)")
     retained = list(range(1, 10))
