@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from .audit import model_digest
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .client.actions import MODEL_KEY
+from .protocol import MODEL_KEY
 from .history import HistoryRecorder, HistorySpec, TrainingHistory, find_history, history_dir
 from .strategies.base import PretrainingProtocol, UnlearningContext, UnlearningStrategy
 from .training import to_arrays

@@ -17,16 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from .client.actions import METRIC_KEYS as TRAIN_METRIC_KEYS
-from .client.actions import MODEL_KEY
-from .requests import MAX_PARTITION_ID, NODE_RECORD
+from .protocol import EVALUATE_COUNT_KEYS, METRIC_KEYS as TRAIN_METRIC_KEYS, METRICS_KEY, MIA_FEATURES, MODEL_KEY, NODE_RECORD
+from .requests import MAX_PARTITION_ID
 from .wire import (MissingField, WireError, exact_int, finite_number, number_list,
                    only_fields, require)
 
-METRICS_KEY = "metrics"
-EVALUATE_COUNT_KEYS = ("retain-correct", "retain-total", "forget-correct", "forget-total")
-MIA_FEATURES = 3
-"""Membership features per sample (loss, true-label probability, entropy)."""
 MAX_COUNT = 10**12
 """Upper bound of any sample count a node reports (far above any data set here)."""
 NODE_FIELDS = ("partition-id", "num-partitions")

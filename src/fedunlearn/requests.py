@@ -33,27 +33,11 @@ from flwr.app import ConfigRecord
 
 from .wire import WireError, exact_int, int_list, only_fields, require, str_list, text
 
-QUERY_UNLEARN = "query.unlearn"
-"""Message type the server sends to collect unlearning requests."""
+from .protocol import (FORGET_PREFIX as CONFIG_PREFIX, INVALID_SCOPE, NODE_RECORD,  # noqa: F401
+                       QUERY_CONFIG, QUERY_UNLEARN, RECEIPT_ACK, RECEIPT_RECORD,
+                       REQUEST_RECORD, RUN_CONFIG_REQUESTS, WANT_REQUEST)
 
 SCOPES = ("client", "class", "instance")
-
-NODE_RECORD = "node"
-REQUEST_RECORD = "request"
-QUERY_CONFIG = "config"
-"""ConfigRecord of a ``query.unlearn`` message: what the server allows (below)."""
-RUN_CONFIG_REQUESTS = "run-config-requests"
-"""Query flag: whether a node may ask through the run-config's ``forget.*`` (simulation
-only; on a deployment a request comes from the node's inbox or node-config)."""
-WANT_REQUEST = "want-request"
-"""Query flag: ``False`` when the server only asks which partition a node holds (the
-partition check before pretraining), so the node does not consult its inbox yet."""
-RECEIPT_RECORD = "receipt"
-"""A ``query.unlearn`` message carrying the server's verdict on inbox requests."""
-RECEIPT_ACK = "receipt-ack"
-
-CONFIG_PREFIX = "forget."
-"""Prefix of the config entries that echo a node's accepted request back to it."""
 
 MAX_PARTITION_ID = 1_000_000
 MAX_CLASSES = 10_000
@@ -70,8 +54,6 @@ INBOX_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 MAX_ERROR_CHARS = 500
 """A node's own error report is cut to this many characters."""
 REQUEST_FIELDS = ("scope", "partition-id", "classes", "sample-ids", "inbox-ids")
-INVALID_SCOPE = "invalid"
-"""Scope of the record a node sends when it could not build its request (with ``error``)."""
 
 
 @dataclass(frozen=True)

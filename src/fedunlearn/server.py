@@ -31,9 +31,8 @@ from flwr.serverapp import Grid
 from . import federation
 from .audit import AuditLog, audit_path
 from .backdoor import patch_size_for, trigger_value
-from .client import federated_data
 from .config import ExperimentConfig
-from .data import FederatedData
+from .data import FederatedData, federated_data
 from .evaluation import Evaluator
 from .ledger import Ledger
 from .metrics import flops_per_sample

@@ -97,3 +97,16 @@ class _WithIds(Dataset):
     def __getitem__(self, i: int):
         x, y = self.subset[i]
         return x, int(y), int(self.indices[i])
+
+
+def random_model(new_model, seed: int) -> nn.Module:
+    """``new_model()`` initialised from ``seed`` (global RNG state left untouched), so
+    every node builds the same random model without it crossing the network."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return new_model()
+
+
+def parameter_nbytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters (buffers excluded)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -26,21 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-PARAM_PREFIX = "param."
-"""Config keys of a method's parameters: ``param.<field>``."""
-RANDOM_MODEL_SEED_KEY = "random-model-seed"
-"""Config key of the seed of the freshly initialised model some methods need."""
-
-
-def params_to_config(values: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
-    """A method's parameters as config entries ``param.<name>`` (scalars only)."""
-    out = {}
-    for name, value in values.items():
-        if not isinstance(value, (bool, int, float, str)):
-            raise TypeError(f"parameter {name}={value!r}: a config value must be bool, int, "
-                            "float or str")
-        out[PARAM_PREFIX + name] = value
-    return out
+from ..protocol import PARAM_PREFIX, RANDOM_MODEL_SEED_KEY, params_to_config  # noqa: F401
+from ..training import parameter_nbytes, random_model  # noqa: F401  (re-export)
 
 
 def method_param(config: Mapping, name: str, kind: type = float):
@@ -96,12 +83,6 @@ class _Transformed:
             yield x, y, ids
 
 
-def random_model(new_model, seed: int) -> nn.Module:
-    """``new_model()`` initialised from ``seed`` (global RNG state left untouched), so
-    every node builds the same random model without it crossing the network."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return new_model()
 
 
 def random_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator,
@@ -161,10 +142,6 @@ def weights_are_finite(model: nn.Module) -> bool:
 def l1_norm(model: nn.Module) -> torch.Tensor:
     """Sum of ``|w|`` over every parameter (normalisation parameters included)."""
     return sum(p.abs().sum() for p in model.parameters())
-
-
-def parameter_nbytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def require_local_data(action: str, forget: np.ndarray, retained: np.ndarray | None = None

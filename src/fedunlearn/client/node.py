@@ -25,7 +25,7 @@ from flwr.common.logger import log
 
 from ..backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
 from ..config import ExperimentConfig, parse_int_list
-from ..data import FederatedData, build_federated_data
+from ..data import FederatedData, federated_data
 from ..inbox import INBOX_KEY, Inbox, InboxRequest
 from ..models import create_model
 from ..requests import UnlearningRequest, forget_indices
@@ -38,14 +38,6 @@ def _config(items: tuple) -> ExperimentConfig:
 
 def experiment_config(context: Context) -> ExperimentConfig:
     return _config(tuple(sorted(context.run_config.items())))
-
-
-def federated_data(cfg: ExperimentConfig) -> FederatedData:
-    return build_federated_data(
-        cfg.dataset, cfg.num_clients, partitioning=cfg.partitioning, alpha=cfg.alpha,
-        val_fraction=cfg.val_fraction, seed=cfg.seed, root=cfg.data_root,
-        download=cfg.data_download, server_fraction=cfg.server_data_fraction,
-    )
 
 
 @dataclass

@@ -9,7 +9,7 @@ from fedunlearn.data.datasets import (
     load_dataset,
     stratified_split,
 )
-from fedunlearn.data.federated import FederatedData, build_federated_data
+from fedunlearn.data.federated import FederatedData, build_federated_data, federated_data
 from fedunlearn.data.partition import PARTITIONING_SCHEMES, client_split, partition_indices
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "FederatedData",
     "LabeledSubset",
     "build_federated_data",
+    "federated_data",
     "client_split",
     "load_dataset",
     "partition_indices",

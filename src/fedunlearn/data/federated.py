@@ -151,3 +151,12 @@ def server_split(num_samples: int, fraction: float, num_clients: int,
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E7A]))
     order = rng.permutation(num_samples)
     return np.sort(order[n_server:]), np.sort(order[:n_server])
+
+
+def federated_data(cfg) -> FederatedData:
+    """The federation's data for an experiment config (the harness's public partitions)."""
+    return build_federated_data(
+        cfg.dataset, cfg.num_clients, partitioning=cfg.partitioning, alpha=cfg.alpha,
+        val_fraction=cfg.val_fraction, seed=cfg.seed, root=cfg.data_root,
+        download=cfg.data_download, server_fraction=cfg.server_data_fraction,
+    )

@@ -38,8 +38,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from ..client.actions import DEFAULT_ACTION, METRIC_KEYS, MODEL_KEY
-from ..client.actions import message_type as action_message_type
+from ..protocol import DEFAULT_ACTION, METRIC_KEYS, MODEL_KEY
+from ..protocol import message_type as action_message_type
 from ..config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
 from ..requests import SCOPES, UnlearningRequest, request_to_config

@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..client.local_steps import RANDOM_MODEL_SEED_KEY, parameter_nbytes, params_to_config
+from ..protocol import RANDOM_MODEL_SEED_KEY, params_to_config
+from ..training import parameter_nbytes
 from ..metrics import arrayrecord_nbytes
 from ..requests import UnlearningRequest
 from .base import Phase, UnlearningStrategy

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord
 
-from ..client.actions.contrastive_fusion import PRESERVE
+from ..protocol import PRESERVE
 from . import register_method
 from .data_holder import DataHolderUnlearning
 from .params import MethodParams

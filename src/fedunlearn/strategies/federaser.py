@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..client.actions import MODEL_KEY
+from ..protocol import MODEL_KEY
 from ..history import HistorySpec
 from ..training import to_state
 from . import register_method

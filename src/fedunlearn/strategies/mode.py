@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..client.actions.mode_guidance import DEGRADATION_KEY
+from ..protocol import DEGRADATION_KEY
 from ..metrics import arrayrecord_nbytes
 from ..training import to_arrays
 from . import register_method

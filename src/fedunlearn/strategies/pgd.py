@@ -14,8 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..client.actions.projected_ascent import LAST_LOCAL_KEY
-from ..client.local_steps import params_to_config, random_model
+from ..protocol import LAST_LOCAL_KEY, params_to_config
+from ..training import random_model
 from ..history import HistorySpec
 from ..training import to_state
 from . import register_method

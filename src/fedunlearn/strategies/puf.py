@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..client.actions import MODEL_KEY
+from ..protocol import MODEL_KEY
 from . import register_method
 from .base import Phase, UnlearningStrategy
 from .params import MethodParams

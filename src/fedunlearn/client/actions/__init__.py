@@ -34,12 +34,7 @@ from ...requests import request_from_config
 from ...training import load_arrays, resolve_device, to_arrays
 from ..node import NodeView, split_local
 
-MODEL_KEY = "arrays"
-"""The ArrayRecord key of the model an action starts from (and replies with)."""
-CONFIG_KEY = "config"
-DEFAULT_ACTION = "default"
-"""The action Flower routes the plain ``train`` message type to."""
-METRIC_KEYS = ("num-examples", "train-loss", "samples-processed", "forward-samples")
+from ...protocol import CONFIG_KEY, DEFAULT_ACTION, METRIC_KEYS, MODEL_KEY, message_type
 
 
 @dataclass
@@ -136,11 +131,6 @@ def get_action(name: str) -> Action:
     except KeyError:
         raise ValueError(f"client action {name!r} is unknown; registered: "
                          f"{sorted(_ACTIONS)}") from None
-
-
-def message_type(action: str) -> str:
-    """The Flower message type that reaches ``action``."""
-    return "train" if action == DEFAULT_ACTION else f"train.{action}"
 
 
 def handle_action(name: str, msg: Message, context: Context) -> Message:

@@ -47,7 +47,7 @@ from ..local_steps import (RANDOM_MODEL_SEED_KEY, PenultimateFeatures, local_loa
                            method_param, random_model, require_local_data)
 from . import ActionJob, ActionResult, register_action
 
-PRESERVE = ("original_low", "unlearned_low")
+from ...protocol import PRESERVE
 FUSED_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 

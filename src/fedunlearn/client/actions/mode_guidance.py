@@ -17,7 +17,7 @@ import torch
 from ...training import train_local
 from . import ActionJob, ActionResult, register_action
 
-DEGRADATION_KEY = "degradation"
+from ...protocol import DEGRADATION_KEY
 
 
 @register_action("mode_guidance")

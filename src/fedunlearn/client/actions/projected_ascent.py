@@ -22,7 +22,7 @@ from torch import nn
 from ..local_steps import local_loader, method_param, require_local_data
 from . import ActionJob, ActionResult, register_action
 
-LAST_LOCAL_KEY = "last_local"
+from ...protocol import LAST_LOCAL_KEY
 """ArrayRecord key of the target's own last local model in a PGD message."""
 
 
