@@ -32,9 +32,8 @@ class PretrainStrategy(PretrainingProtocol, UnlearningStrategy):
     name = "pretrain"
     uses_requests = False
 
-    def __init__(self, context: UnlearningContext,
-                 recorder: HistoryRecorder | None = None) -> None:
-        super().__init__(context)
+    def __init__(self, *args, recorder: HistoryRecorder | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.recorder = recorder
 
     def observe_replies(self, server_round: int, replies: list[Message]) -> None:
@@ -86,7 +85,7 @@ def pretrain(grid: Grid, context: UnlearningContext, resolved: dict | None = Non
     torch.manual_seed(cfg.seed)
     initial = to_arrays(context.model_factory())
     recorder = HistoryRecorder(spec, history_dir(directory, key, spec)) if spec else None
-    strategy = PretrainStrategy(context, recorder)
+    strategy = PretrainStrategy.from_config(cfg, context, recorder=recorder)
     try:
         with strategy.cost_phase("pretrain"):
             arrays = strategy.run_phase(grid, initial, strategy.recovery_phase())

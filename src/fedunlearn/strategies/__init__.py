@@ -19,7 +19,8 @@ import pkgutil
 
 from ..config import ExperimentConfig
 from ..history import HistorySpec
-from .base import CostMeter, Phase, UnlearningContext, UnlearningStrategy
+from .base import (CostMeter, Phase, Recovery, Training, UnlearningContext,
+                   UnlearningFailed, UnlearningStrategy)
 from .params import MethodParams
 
 _METHODS: dict[str, type[UnlearningStrategy]] = {}
@@ -62,7 +63,8 @@ def get_method(name: str) -> type[UnlearningStrategy]:
 
 
 def create_method(name: str, context: UnlearningContext) -> UnlearningStrategy:
-    return get_method(name)(context)
+    """The harness's strategy for ``name``, built from ``context.cfg`` and bound to it."""
+    return get_method(name).from_config(context.cfg, context)
 
 
 def check_methods(cfg: ExperimentConfig) -> dict[str, MethodParams]:
@@ -126,6 +128,7 @@ def check_history_bound(cfg: ExperimentConfig, params: dict[str, MethodParams] |
                        cfg.history_max_mb, who, model=f"{cfg.model} on {cfg.dataset}")
 
 
-__all__ = ["CostMeter", "MethodParams", "Phase", "UnlearningContext", "UnlearningStrategy",
+__all__ = ["CostMeter", "MethodParams", "Phase", "Recovery", "Training", "UnlearningContext",
+           "UnlearningFailed", "UnlearningStrategy",
            "check_history_bound", "check_methods", "create_method", "discover", "get_method",
            "history_spec", "list_methods", "register_method"]

@@ -49,6 +49,102 @@ from .stopping import FIXED, MAXIMUM, StoppingRule
 
 ROLES = ("retained", "targets", "all")
 REPLY_TIMEOUT_S = 3600.0
+STOP_RULES = ("fixed", "validation")
+
+
+class UnlearningFailed(RuntimeError):
+    """A method could not finish: no model is returned, and the reason says why (which
+    node, which key, which round)."""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How every method but Retrain recovers after its unlearning step: FedAvgM rounds
+    on the retained data.
+
+    Parameters
+    ----------
+    rounds : int
+        Recovery rounds (the maximum when ``stop="validation"``).
+    lr, local_epochs, clip_norm : float, int, float
+        The nodes' local training (``clip_norm`` 0: no gradient clipping).
+    server_momentum : float
+        Flower's ``FedAvgM`` server momentum (0: plain FedAvg), server learning rate 1.
+    stop : str
+        ``"fixed"``: always ``rounds`` rounds; ``"validation"``: stop once the retained
+        nodes' validation accuracy is within ``target_gap`` points of the original
+        model's, or after ``patience`` validations without a ``min_delta`` improvement.
+    validate_every : int
+        Validate every k rounds (``stop="validation"``).
+    """
+
+    rounds: int = 11
+    lr: float = 0.01
+    local_epochs: int = 1
+    clip_norm: float = 0.0
+    server_momentum: float = 0.5
+    stop: str = "fixed"
+    validate_every: int = 1
+    target_gap: float = 1.0
+    patience: int = 3
+    min_delta: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_int("Recovery.rounds", self.rounds, 0)
+        _check_int("Recovery.local_epochs", self.local_epochs, 1)
+        _check_int("Recovery.validate_every", self.validate_every, 1)
+        _check_int("Recovery.patience", self.patience, 1)
+        _check_number("Recovery.lr", self.lr, lo=0.0, open_lo=True)
+        _check_number("Recovery.clip_norm", self.clip_norm, lo=0.0)
+        _check_number("Recovery.server_momentum", self.server_momentum, lo=0.0, hi=1.0)
+        _check_number("Recovery.target_gap", self.target_gap, lo=0.0)
+        _check_number("Recovery.min_delta", self.min_delta, lo=0.0)
+        if self.stop not in STOP_RULES:
+            raise ValueError(f"Recovery.stop={self.stop!r}; allowed: {', '.join(STOP_RULES)}")
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> Recovery:
+        return cls(rounds=cfg.unlearn_rounds, lr=cfg.unlearn_lr,
+                   local_epochs=cfg.unlearn_local_epochs, clip_norm=cfg.unlearn_clip_norm,
+                   server_momentum=cfg.unlearn_server_momentum, stop=cfg.recovery_stop,
+                   validate_every=cfg.recovery_validate_every,
+                   target_gap=cfg.recovery_target_gap, patience=cfg.recovery_patience,
+                   min_delta=cfg.recovery_min_delta)
+
+
+@dataclass(frozen=True)
+class Training:
+    """How the original model was trained: Retrain repeats it on the retained data,
+    FedEraser calibrates and MoDE degrades with its local settings."""
+
+    rounds: int = 30
+    lr: float = 0.01
+    local_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        _check_int("Training.rounds", self.rounds, 0)
+        _check_int("Training.local_epochs", self.local_epochs, 1)
+        _check_number("Training.lr", self.lr, lo=0.0, open_lo=True)
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> Training:
+        return cls(rounds=cfg.pretrain_rounds, lr=cfg.pretrain_lr,
+                   local_epochs=cfg.local_epochs)
+
+
+def _check_int(name: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {lo}")
+
+
+def _check_number(name: str, value, lo: float, hi: float | None = None,
+                  open_lo: bool = False) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and value == value and abs(value) != float("inf")
+          and (value > lo if open_lo else value >= lo) and (hi is None or value < hi))
+    if not ok:
+        bounds = f"{'>' if open_lo else '>='} {lo}" + (f" and < {hi}" if hi is not None else "")
+        raise ValueError(f"{name}={value!r}: expected a finite number {bounds}")
 
 
 @dataclass
@@ -138,7 +234,7 @@ class UnlearningContext:
     a ``MetricRecord`` (or ``None``).
     """
 
-    cfg: ExperimentConfig
+    cfg: ExperimentConfig | None = None
     requests: dict[int, UnlearningRequest] = field(default_factory=dict)
     fully_forgotten: set[int] = field(default_factory=set)
     node_partitions: dict[int, int] = field(default_factory=dict)
@@ -162,14 +258,35 @@ class UnlearningStrategy(FedAvgM):
     Flower's ``FedAvgM`` with the server momentum of the running :class:`Phase` (0 for
     pretraining and Retrain: plain FedAvg).
 
+    Built like Flower's own strategies, with explicit arguments; what a serving run
+    learns (the accepted requests, the verified nodes) is bound to it later with
+    :meth:`bind` (:func:`fedunlearn.serve` does this).
+
     Parameters
     ----------
-    context : UnlearningContext
-        Configuration, accepted requests and helpers.
+    recovery : Recovery, optional
+        The recovery rounds after the unlearning step (default: ``Recovery()``).
+    params : MethodParams or dict, optional
+        The method's own parameters (its ``Params`` class, or a dict of its fields;
+        default: the class's defaults).
+    training : Training, optional
+        How the original model was trained (Retrain repeats it; default ``Training()``).
+    model_fn : callable, optional
+        Builds a fresh, randomly initialised model (the user's ``Net``): NoT resolves
+        the layers to negate on it, Retrain starts from it.
+    example_input : torch.Tensor, optional
+        One input batch (e.g. ``torch.zeros(1, 3, 32, 32)``): NoT traces the layers'
+        execution order with it.
+    seed : int
+        Seeds every draw of the method (client shuffles, random models).
+    eval_every : int
+        Progress (server-side evaluation, when one is given) every N rounds.
+    device : str
+        Where server-side computation runs (``auto``, ``cpu``, ``cuda:N``).
+    context : UnlearningContext, optional
+        The serving state; :meth:`bind` sets it.
     phase : str, optional
         Name shown in progress logs (defaults to the method name).
-    params : MethodParams, optional
-        The method's parameters (defaults: parsed from ``cfg.method_params``).
     """
 
     name = "fedavg"
@@ -190,27 +307,92 @@ class UnlearningStrategy(FedAvgM):
         """Refuse settings this method cannot run with, before Flower starts (raise
         ``ValueError`` saying what to change)."""
 
-    def __init__(self, context: UnlearningContext, phase: str | None = None,
-                 params: MethodParams | None = None) -> None:
+    def __init__(self, recovery: Recovery | None = None,
+                 params: MethodParams | dict | None = None, *,
+                 training: Training | None = None, model_fn: Callable | None = None,
+                 example_input=None, seed: int = 0, eval_every: int = 5,
+                 device: str = "auto", context: UnlearningContext | None = None,
+                 phase: str | None = None) -> None:
         super().__init__(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
-        self.context = context
-        self.cfg = context.cfg
+        if recovery is not None and not isinstance(recovery, Recovery):
+            raise TypeError(f"recovery={recovery!r}: expected a fedunlearn.Recovery")
+        if training is not None and not isinstance(training, Training):
+            raise TypeError(f"training={training!r}: expected a fedunlearn.Training")
+        self.recovery = recovery if recovery is not None else Recovery()
+        self.training = training if training is not None else Training()
+        if params is None:
+            params = self.Params.from_values(self.name, {})
+        elif isinstance(params, dict):
+            params = self.Params.from_values(self.name, params)
+        elif not isinstance(params, self.Params):
+            raise TypeError(f"params={params!r}: {self.name} takes {self.Params.__name__} "
+                            "or a dict of its fields")
+        self.params = params
+        _check_int("seed", seed, 0)
+        _check_int("eval_every", eval_every, 1)
+        self.seed, self.eval_every, self.device = seed, eval_every, device
+        self._model_fn, self._example_input = model_fn, example_input
+        self.context = context if context is not None else UnlearningContext()
         self.phase = phase or self.name
-        self.params = params if params is not None else self.params_from_config(context.cfg)
         self.costs: dict[str, CostMeter] = {}
         self._cost_phase = "recovery"
         self.current_phase: Phase | None = None
         self.round_start: ArrayRecord | None = None
         self.notes: dict = {}
 
-    # -- parameters and up-front checks -------------------------------------------------
+    # -- construction from the harness's config, binding, up-front checks --------------
     @classmethod
     def params_from_config(cls, cfg: ExperimentConfig) -> MethodParams:
         return cls.Params.from_values(cls.name, cfg.method_params_for(cls.name))
 
     @classmethod
+    def config_kwargs(cls, cfg: ExperimentConfig) -> dict:
+        """Constructor arguments of this method that the harness's config sets besides
+        the shared ones (NoT: the layers to negate)."""
+        return {}
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, context: UnlearningContext | None = None,
+                    **kwargs) -> UnlearningStrategy:
+        """The strategy the experiment harness builds from its config."""
+        args = dict(recovery=Recovery.from_config(cfg), params=cls.params_from_config(cfg),
+                    training=Training.from_config(cfg), seed=cfg.seed,
+                    eval_every=cfg.eval_every, device=cfg.device, context=context)
+        args.update(cls.config_kwargs(cfg))
+        args.update(kwargs)
+        return cls(**args)
+
+    def bind(self, context: UnlearningContext) -> UnlearningStrategy:
+        """Attach what a serving run knows (requests, verified nodes, helpers)."""
+        self.context = context
+        return self
+
+    @property
+    def cfg(self) -> ExperimentConfig | None:
+        """The harness's config when the harness built this strategy (else ``None``)."""
+        return self.context.cfg
+
+    @property
+    def model_factory(self) -> Callable:
+        fn = self._model_fn or self.context.model_factory
+        if fn is None:
+            raise UnlearningFailed(f"{self.name} needs a model factory: pass model_fn=Net "
+                                   "(a callable building a fresh model)")
+        return fn
+
+    @property
+    def example_input(self):
+        if self._example_input is not None:
+            return self._example_input
+        return self.context.example_input
+
+    @classmethod
     def preflight(cls, context: UnlearningContext) -> None:
         """Fail before pretraining on settings that would only fail later."""
+
+    def check_ready(self) -> None:
+        """Fail before any round on settings this instance cannot run with (default:
+        nothing; NoT resolves its layers here)."""
 
     def refusal(self, requests: dict[int, UnlearningRequest]) -> str | None:
         """Why this method cannot serve ``requests`` (``None``: it can)."""
@@ -284,11 +466,10 @@ class UnlearningStrategy(FedAvgM):
     def recovery_phase(self) -> Phase:
         """FedAvgM rounds on the retained data after the unlearning step, stopped by the
         validation rule unless ``unlearn.stop="fixed"``."""
-        cfg = self.cfg
-        return Phase("recovery", rounds=cfg.unlearn_rounds, lr=cfg.unlearn_lr,
-                     local_epochs=cfg.unlearn_local_epochs, clip_norm=cfg.unlearn_clip_norm,
-                     server_momentum=cfg.unlearn_server_momentum,
-                     stop_early=cfg.recovery_stop == "validation")
+        r = self.recovery
+        return Phase("recovery", rounds=r.rounds, lr=r.lr, local_epochs=r.local_epochs,
+                     clip_norm=r.clip_norm, server_momentum=r.server_momentum,
+                     stop_early=r.stop == "validation")
 
     def participants(self, role: str, grid: Grid) -> list[int]:
         """The nodes that take part in a round in ``role`` (sorted by node id).
@@ -364,7 +545,7 @@ class UnlearningStrategy(FedAvgM):
         self.server_opt = phase.server_momentum != 0.0
         self.current_arrays, self.momentum_vector = None, None  # a fresh server optimizer
         rule = self.stopping_rule(grid) if phase.stop_early else None
-        every = self.cfg.recovery_validate_every
+        every = self.recovery.validate_every
         reason, done, round_s = (MAXIMUM if rule else FIXED), 0, []
         try:
             for rnd in range(1, phase.rounds + 1):
@@ -390,7 +571,7 @@ class UnlearningStrategy(FedAvgM):
                         self.phase, rnd, accuracy, rule.target,
                         f": stop, {verdict}" if verdict else "")
                 progress = self.context.progress
-                if progress is not None and (rnd % self.cfg.eval_every == 0
+                if progress is not None and (rnd % self.eval_every == 0
                                              or rnd == phase.rounds or verdict):
                     progress(self.phase, rnd, arrays, phase.rounds)
                 if verdict:
@@ -411,7 +592,7 @@ class UnlearningStrategy(FedAvgM):
         """The rule for this job: the target is the original model's validation accuracy
         on the retained clients minus ``unlearn.target-gap``. The original is validated
         once per job (shared by its methods, each charged its cost)."""
-        cfg, info = self.cfg, self.context.info
+        r, info = self.recovery, self.context.info
         if "original_validation" not in info:
             if self.context.original_arrays is None:
                 raise RuntimeError("the stopping rule needs the original model "
@@ -423,8 +604,8 @@ class UnlearningStrategy(FedAvgM):
         meter = self.costs.setdefault("validation", CostMeter())
         meter.add(probe)
         self.notes["original_validation"] = round(accuracy, 4)
-        return StoppingRule(target=accuracy - cfg.recovery_target_gap,
-                            patience=cfg.recovery_patience, min_delta=cfg.recovery_min_delta)
+        return StoppingRule(target=accuracy - r.target_gap, patience=r.patience,
+                            min_delta=r.min_delta)
 
     def validate(self, grid: Grid, arrays: ArrayRecord) -> float:
         """Federated validation accuracy (%) of ``arrays`` on the retained clients,
@@ -474,7 +655,7 @@ class UnlearningStrategy(FedAvgM):
     def round_config(self, phase: Phase, server_round: int) -> ConfigRecord:
         config = phase.config()
         config["server-round"] = server_round
-        config["seed"] = self.cfg.seed * 100_000 + server_round
+        config["seed"] = self.seed * 100_000 + server_round
         return config
 
     def build_messages(self, arrays: ArrayRecord, phase: Phase, nodes: Iterable[int],
@@ -496,7 +677,7 @@ class UnlearningStrategy(FedAvgM):
         phase = self.current_phase or self.recovery_phase()
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
-        config["seed"] = self.cfg.seed * 100_000 + server_round
+        config["seed"] = self.seed * 100_000 + server_round
         self.round_start = arrays  # the round's starting model, for methods that need deltas
         if self.current_arrays is None:  # FedAvgM's reference point for server momentum
             self.current_arrays = arrays
@@ -610,13 +791,12 @@ class PretrainingProtocol:
     """Mixin: train with the pretraining settings (``pretrain.rounds``, ``pretrain.lr``,
     ``federation.local-epochs``, no clipping). Used by pretraining and by Retrain."""
 
-    cfg: ExperimentConfig
+    training: Training
 
     def recovery_phase(self) -> Phase:
-        cfg = self.cfg
-        return Phase("training", rounds=cfg.pretrain_rounds, lr=cfg.pretrain_lr,
-                     local_epochs=cfg.local_epochs)
+        t = self.training
+        return Phase("training", rounds=t.rounds, lr=t.lr, local_epochs=t.local_epochs)
 
 
-__all__ = ["METRIC_KEYS", "ROLES", "CostMeter", "Phase", "PretrainingProtocol",
-           "UnlearningContext", "UnlearningStrategy"]
+__all__ = ["METRIC_KEYS", "ROLES", "CostMeter", "Phase", "PretrainingProtocol", "Recovery",
+           "Training", "UnlearningContext", "UnlearningFailed", "UnlearningStrategy"]

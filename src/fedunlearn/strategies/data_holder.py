@@ -68,14 +68,14 @@ class DataHolderUnlearning(UnlearningStrategy):
     # -- what the targets run ------------------------------------------------------------
     def unlearning_phase(self) -> Phase:
         p = self.params
-        return Phase("unlearning", rounds=1, lr=float(getattr(p, "lr", self.cfg.unlearn_lr)),
+        return Phase("unlearning", rounds=1, lr=float(getattr(p, "lr", self.recovery.lr)),
                      local_epochs=int(getattr(p, "epochs", 1)), action=self.action,
                      role="targets")
 
     def action_config(self) -> dict:
         """The method's parameters and the random-model seed, for the targets."""
         out = params_to_config(self.params.as_dict())
-        out[RANDOM_MODEL_SEED_KEY] = self.cfg.seed + RANDOM_MODEL_SEED_OFFSET
+        out[RANDOM_MODEL_SEED_KEY] = self.seed + RANDOM_MODEL_SEED_OFFSET
         return out
 
     def temporary_bytes(self, arrays: ArrayRecord) -> int:
@@ -86,7 +86,7 @@ class DataHolderUnlearning(UnlearningStrategy):
         return arrayrecord_nbytes(arrays)
 
     def parameter_bytes(self) -> int:
-        return parameter_nbytes(self.context.model_factory())
+        return parameter_nbytes(self.model_factory())
 
     def unlearning_step(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         targets = self.participants("targets", grid)

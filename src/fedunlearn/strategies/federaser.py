@@ -121,7 +121,7 @@ class FedEraser(HistoryUnlearning):
 
     def unlearning_step(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         p: FedEraserParams = self.params
-        cfg, parts = self.cfg, self.context.node_partitions
+        parts = self.context.node_partitions
         history = self.history
         rounds = history.stored_rounds(p.delta_t)
         if not rounds:
@@ -132,8 +132,8 @@ class FedEraser(HistoryUnlearning):
             raise RuntimeError("federaser: no retained node is connected for calibration")
         keep = {parts[n] for n in retained}
         keys = self.parameter_keys()
-        epochs = max(1, math.ceil(p.calibration_ratio * cfg.local_epochs))
-        calibration = Phase("unlearning", rounds=1, lr=cfg.pretrain_lr, local_epochs=epochs)
+        epochs = max(1, math.ceil(p.calibration_ratio * self.training.local_epochs))
+        calibration = Phase("unlearning", rounds=1, lr=self.training.lr, local_epochs=epochs)
 
         start, updates, counts = history.round(rounds[0])
         model = {k: v.clone() for k, v in start.items()}
@@ -173,9 +173,9 @@ class FedEraser(HistoryUnlearning):
                 model.update(weighted_sum(fresh_models, weights, buffers))
             self.meter.extra_flops += 6 * numel * len(calibrated)
             if self.context.progress is not None and (
-                    rnd == rounds[-1] or self.meter.rounds % self.cfg.eval_every == 0):
+                    rnd == rounds[-1] or self.meter.rounds % self.eval_every == 0):
                 self.context.progress(f"{self.phase}:replay", rnd, to_record(model),
-                                      self.cfg.pretrain_rounds)
+                                      self.training.rounds)
         self.charge_storage()
         self.notes["replayed_rounds"] = len(rounds)
         self.notes["calibration_epochs"] = epochs

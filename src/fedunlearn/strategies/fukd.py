@@ -135,7 +135,6 @@ class FUKD(HistoryUnlearning):
 
     def unlearning_step(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         p: FUKDParams = self.params
-        cfg = self.cfg
         sums = self.history.update_sums()
         targets = self.target_partitions()
         missing = [pid for pid in targets if pid not in sums]
@@ -150,13 +149,13 @@ class FUKD(HistoryUnlearning):
         server_ids = getattr(data, "server_indices", np.zeros(0, dtype=np.int64))
         if server_ids.size == 0:
             raise RuntimeError("fukd: the server holds no data (server-data.fraction=0)")
-        device = resolve_device(cfg.device)
-        student = load_arrays(self.context.model_factory(), to_record(subtracted))
-        teacher = load_arrays(self.context.model_factory(), arrays)
+        device = resolve_device(self.device)
+        student = load_arrays(self.model_factory(), to_record(subtracted))
+        teacher = load_arrays(self.model_factory(), arrays)
         loss, seen = distill(student, teacher, data.train, server_ids,
                              temperature=p.temperature, epochs=p.epochs, lr=p.lr,
                              momentum=p.momentum, batch_size=p.batch_size, device=device,
-                             seed=cfg.seed + 31)
+                             seed=self.seed + 31)
         # The student's forward + backward and the teacher's forward, per sample seen.
         self.meter.extra_flops += seen * (self.context.flops_per_sample
                                           + self.context.forward_flops_per_sample)

@@ -53,7 +53,7 @@ class HistoryUnlearning(UnlearningStrategy):
     def parameter_keys(self) -> list[str]:
         """Names of the model's floating-point trainable parameters (buffers such as
         BatchNorm statistics and integer counters are not)."""
-        return [n for n, p in self.context.model_factory().named_parameters()
+        return [n for n, p in self.model_factory().named_parameters()
                 if p.is_floating_point()]
 
     def charge_storage(self) -> None:

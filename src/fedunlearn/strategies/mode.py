@@ -92,21 +92,20 @@ class MoDE(UnlearningStrategy):
 
     def unlearning_step(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         p: MoDEParams = self.params
-        cfg = self.cfg
         targets = self.participants("targets", grid)
         if not targets:
             raise RuntimeError("mode: no target node is connected for memory guidance")
-        torch.manual_seed(cfg.seed + 2)  # its own stream, same for every run
-        degradation = to_arrays(self.context.model_factory())
+        torch.manual_seed(self.seed + 2)  # its own stream, same for every run
+        degradation = to_arrays(self.model_factory())
         self.meter.storage_bytes = arrayrecord_nbytes(degradation)
         deg_phase = Phase("unlearning", rounds=p.degradation_rounds, lr=p.degradation_lr,
-                          local_epochs=cfg.local_epochs,
+                          local_epochs=self.training.local_epochs,
                           weight_decay=p.degradation_weight_decay)
         guide_phase = Phase("unlearning", rounds=p.guidance_rounds, lr=p.guidance_lr,
-                            local_epochs=cfg.local_epochs, action="mode_guidance",
+                            local_epochs=self.training.local_epochs, action="mode_guidance",
                             role="targets")
-        normal_phase = Phase("unlearning", rounds=p.guidance_rounds, lr=cfg.unlearn_lr,
-                             local_epochs=cfg.unlearn_local_epochs)
+        normal_phase = Phase("unlearning", rounds=p.guidance_rounds, lr=self.recovery.lr,
+                             local_epochs=self.recovery.local_epochs)
         numel = sum(a.numpy().size for a in arrays.values())
         for rnd in range(1, p.guidance_rounds + 1):
             self.meter.rounds += 1
@@ -123,7 +122,7 @@ class MoDE(UnlearningStrategy):
             messages += self.build_messages(arrays, normal_phase, others, rnd)
             arrays = self.weighted_average(self.exchange(grid, messages))
             if self.context.progress is not None and (
-                    rnd % cfg.eval_every == 0 or rnd == p.guidance_rounds):
+                    rnd % self.eval_every == 0 or rnd == p.guidance_rounds):
                 self.context.progress(f"{self.phase}:unlearning", rnd, arrays,
                                       p.guidance_rounds)
         log(INFO, "[mode] %d guidance rounds done (%d with momentum degradation, lambda %.3f)",

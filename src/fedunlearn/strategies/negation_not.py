@@ -22,6 +22,14 @@ from .finetune import FineTune
 class NoT(FineTune):
     """Negate the chosen layers of the converged global model, then fine-tune.
 
+    Parameters (besides :class:`~fedunlearn.strategies.base.UnlearningStrategy`'s)
+    ----------
+    layers : list of str, optional
+        Module names to negate (default: the first layer in execution order, found by
+        tracing ``model_fn()`` on ``example_input``).
+    include_bias : bool
+        Negate the biases too (default ``True``).
+
     Eq. (3) of the paper: ``theta' = (-theta_l)_{l in L_neg} (+) (theta_l)_{l not in L_neg}``.
     ``L_neg`` defaults to the first layer in execution order (``negation.layers``
     overrides it with a comma-separated list of module names); weight and bias are
@@ -33,19 +41,37 @@ class NoT(FineTune):
     retained data. Stores nothing.
     """
 
+    def __init__(self, recovery=None, params=None, *, layers=None,
+                 include_bias: bool = True, **kwargs) -> None:
+        super().__init__(recovery, params, **kwargs)
+        if isinstance(layers, str):
+            layers = [s.strip() for s in layers.split(",") if s.strip()]
+        if layers is not None and not all(isinstance(n, str) and n for n in layers):
+            raise ValueError(f"layers={layers!r}: expected module names (strings), e.g. "
+                             "['conv1'], or None for the first layer in execution order")
+        self.layers = list(layers) if layers else None
+        self.include_bias = bool(include_bias)
+
+    @classmethod
+    def config_kwargs(cls, cfg) -> dict:
+        return {"layers": list(cfg.negate_layers) or None, "include_bias": cfg.negate_bias}
+
     @classmethod
     def preflight(cls, context: UnlearningContext) -> None:
         """Resolve the layers to negate on a fresh model: a bad ``negation.layers`` fails
         before pretraining, not after it."""
-        cfg = context.cfg
-        negate_layers(context.model_factory(), context.example_input,
-                      layers=list(cfg.negate_layers) or None, include_bias=cfg.negate_bias)
+        cls.from_config(context.cfg, context).check_ready()
+
+    def check_ready(self) -> None:
+        """Resolve the layers to negate on a fresh model (a bad layer name fails here,
+        before any round)."""
+        negate_layers(self.model_factory(), self.example_input, layers=self.layers,
+                      include_bias=self.include_bias)
 
     def negated(self, arrays: ArrayRecord) -> ArrayRecord:
-        model = load_arrays(self.context.model_factory(), arrays)
-        negated = negate_layers(model, self.context.example_input,
-                                layers=list(self.cfg.negate_layers) or None,
-                                include_bias=self.cfg.negate_bias)
+        model = load_arrays(self.model_factory(), arrays)
+        negated = negate_layers(model, self.example_input, layers=self.layers,
+                                include_bias=self.include_bias)
         params = dict(model.named_parameters())
         self.meter.extra_flops += sum(params[n].numel() for n in negated if n in params)
         self.notes["negated"] = negated

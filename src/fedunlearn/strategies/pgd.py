@@ -129,7 +129,7 @@ class PGD(HistoryUnlearning):
                                f"partition(s) {missing}")
         keys = self.parameter_keys()
         reference = reference_model(to_state(arrays), models, weights, target_pids, keys)
-        randoms = [random_model(self.context.model_factory, self.cfg.seed * 1000 + 17 + i)
+        randoms = [random_model(self.model_factory, self.seed * 1000 + 17 + i)
                    .state_dict() for i in range(p.random_inits)]
         radius = ball_radius(reference, randoms, keys, p.radius_fraction)
         numel = sum(reference[k].numel() for k in keys)

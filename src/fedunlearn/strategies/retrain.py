@@ -22,5 +22,5 @@ class Retrain(PretrainingProtocol, UnlearningStrategy):
 
     def initial_arrays(self, pretrained: ArrayRecord) -> ArrayRecord:
         # A different stream from pretraining's initialisation, same for every run.
-        torch.manual_seed(self.cfg.seed + 1)
-        return to_arrays(self.context.model_factory())
+        torch.manual_seed(self.seed + 1)
+        return to_arrays(self.model_factory())
