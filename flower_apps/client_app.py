@@ -26,3 +26,9 @@ def unlearn_query(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return handle_evaluate(msg, context)
+
+
+@app.evaluate("unlearn")
+def evaluate_unlearn(msg: Message, context: Context) -> Message:
+    """fedunlearn's measurement (``evaluate.unlearn``): the same handler."""
+    return handle_evaluate(msg, context)

@@ -141,7 +141,7 @@ def test_restarted_target_under_a_new_node_id_takes_no_part(app, tmp_path, serve
     assert grid.messages_to(99) == [], "the restarted target must not be sent anything"
     # Evaluation counted partitions 1..3 only as retained, and nothing as forget data:
     # node 10 is gone, node 99 is a stranger.
-    evaluated = [m for m in grid.replies if m.metadata.message_type == "evaluate"
+    evaluated = [m for m in grid.replies if m.metadata.message_type == "evaluate.unlearn"
                  and not m.has_error() and "retain-total" in m.content["metrics"]]
     assert {m.metadata.src_node_id for m in evaluated} <= {10, 11, 12, 13}
     assert all(m.metadata.src_node_id != 99 for m in grid.replies)

@@ -72,7 +72,7 @@ def test_validated_recovery_through_the_client_app(server_identity, single_threa
     assert note["stopped"] in ("target reached", "plateau", "maximum")
     assert 1 <= note["rounds"] <= 4 and note["server_momentum"] == 0.5
     assert [r for r, _ in note["validation"]] == list(range(1, note["rounds"] + 1))
-    validations = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    validations = [m for m in grid.sent if m.metadata.message_type == "evaluate.unlearn"]
     assert {m.metadata.dst_node_id for m in validations} == {11, 12, 13}  # not the target
     assert len(validations) == 3 * (note["rounds"] + 1)  # + the original, once
     meter = strategy.costs["validation"]

@@ -18,6 +18,7 @@ from .backdoor import attack_success_rate
 from .metrics import (MIA_MIN_SAMPLES, accuracy_from_logits, membership_features, mia_result,
                       predict, split_nonmembers)
 from .replies import parse_evaluate_reply
+from .protocol import EVALUATE_UNLEARN
 from .requests import request_to_config
 from .training import load_arrays
 from .wire import WireError
@@ -75,7 +76,7 @@ class Evaluator:
             if request is not None:
                 config.update(request_to_config(request))
             messages.append(Message(RecordDict({"arrays": arrays, "config": config}),
-                                    dst_node_id=n, message_type="evaluate"))
+                                    dst_node_id=n, message_type=EVALUATE_UNLEARN))
         replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
         # Replies arrive in any order; fix it so the MIA's subsampling is reproducible.
         replies.sort(key=lambda m: node_partitions.get(int(m.metadata.src_node_id), -1))

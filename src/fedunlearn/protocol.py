@@ -27,6 +27,13 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 DEFAULT_ACTION = "default"
 """The client action Flower routes the plain ``train`` message type to."""
+RETAINED_ACTION = "retained"
+"""``train.retained``: local training on the retained data, sent to a node with an
+accepted class- or instance-wise request (a plugin node's own ``@app.train()`` keeps
+the plain ``train`` messages, sent to nodes with nothing to forget)."""
+EVALUATE_UNLEARN = "evaluate.unlearn"
+"""fedunlearn's measurement (retain/forget counts, membership features, validation):
+its own message type, so a node's own ``@app.evaluate()`` is left alone."""
 
 
 def message_type(action: str) -> str:

@@ -42,14 +42,37 @@ def experiment_config(context: Context) -> ExperimentConfig:
 
 @dataclass
 class NodeView:
-    """What one node needs: its config, the data and which partition it holds."""
+    """What one node needs: its data, its model, its local training settings.
 
-    cfg: ExperimentConfig
-    data: FederatedData
-    partition_id: int
+    ``dataset`` is any map-style dataset yielding ``(x, y)``; ``train_ids`` and
+    ``val_ids`` are positions in it (the harness: global ids of a public training set; a
+    plugin node: its own training set, its validation set appended after it);
+    ``labels`` holds the label of every position. ``cfg`` is the harness's config (``None``
+    on a plugin node); ``partition_id`` seeds per-node draws (a plugin node: its
+    node-config ``partition-id`` or 0).
+    """
+
+    dataset: object
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    label_array: np.ndarray
+    model_fn: object
+    num_classes: int
+    partition_id: int = 0
+    batch_size: int = 32
+    momentum: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+    cfg: ExperimentConfig | None = None
+    data: FederatedData | None = None
+    train_fn: object = None
+    evaluate_fn: object = None
+    sample_ids: np.ndarray | None = None
+    """The data owner's id of each training sample (``None``: ids are positions)."""
 
     @classmethod
     def from_context(cls, context: Context) -> NodeView:
+        """The harness's node: partition ``partition-id`` of the run-config's data set."""
         cfg = experiment_config(context)
         nc = context.node_config
         if "partition-id" not in nc:
@@ -69,16 +92,36 @@ class NodeView:
             raise ValueError(
                 f"node-config partition-id={partition_id} outside 0..{data.num_clients() - 1}"
             )
-        return cls(cfg=cfg, data=data, partition_id=partition_id)
+        info = data.info
+
+        def new_model():
+            return create_model(cfg.model, num_classes=info.num_classes,
+                                in_channels=info.in_channels, image_size=info.image_size)
+
+        return cls(dataset=data.train, train_ids=data.train_indices(partition_id),
+                   val_ids=data.val_indices(partition_id),
+                   label_array=_labels(data.train), model_fn=new_model,
+                   num_classes=info.num_classes, partition_id=partition_id,
+                   batch_size=cfg.batch_size, momentum=cfg.momentum, seed=cfg.seed,
+                   device=cfg.device, cfg=cfg, data=data)
 
     def train_indices(self) -> np.ndarray:
-        return self.data.train_indices(self.partition_id)
+        return self.train_ids
+
+    def val_indices(self) -> np.ndarray:
+        return self.val_ids
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self.data.train.targets)
+        return self.label_array
+
+    def num_partitions(self) -> int | None:
+        return self.data.num_clients() if self.data is not None else None
 
     def poison_transform(self) -> PoisonTransform | None:
-        """The backdoor this node plants when it trains, if it is a backdoor client."""
+        """The backdoor this node plants when it trains, if it is a backdoor client
+        (the harness only)."""
+        if self.cfg is None:
+            return None
         bd = self.cfg.backdoor
         if self.partition_id not in bd.clients:
             return None
@@ -88,9 +131,26 @@ class NodeView:
                                bd.position, trigger_value(bd, self.data.train), bd.target)
 
     def new_model(self):
-        info = self.data.info
-        return create_model(self.cfg.model, num_classes=info.num_classes,
-                            in_channels=info.in_channels, image_size=info.image_size)
+        return self.model_fn()
+
+    def positions_of(self, ids) -> tuple[np.ndarray, list[int]]:
+        """Positions of the data owner's sample ``ids`` in the training split, and the
+        ids this node does not hold."""
+        ids = np.asarray(list(ids), dtype=np.int64)
+        if self.sample_ids is None:
+            held = np.isin(ids, self.train_ids)
+            return ids[held], [int(i) for i in ids[~held]]
+        lookup = {int(s): int(p) for s, p in zip(self.sample_ids, self.train_ids)}
+        missing = [int(i) for i in ids if int(i) not in lookup]
+        return np.asarray(sorted(lookup[int(i)] for i in ids if int(i) in lookup),
+                          dtype=np.int64), missing
+
+
+def _labels(dataset) -> np.ndarray:
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return np.asarray(targets, dtype=np.int64)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
 
 def own_request(view: NodeView, node_config,
@@ -106,15 +166,24 @@ def own_request(view: NodeView, node_config,
         scope = str(node_config["forget-scope"]).strip().lower()
         classes = parse_int_list(node_config.get("forget-classes", ""), "forget-classes")
         ids = parse_int_list(node_config.get("forget-sample-ids", ""), "forget-sample-ids")
-        fraction = float(node_config.get("forget-fraction", cfg.forget.fraction))
+        fraction = float(node_config.get("forget-fraction",
+                                         cfg.forget.fraction if cfg is not None else 0.1))
         data_of = int(node_config.get("forget-data-of", -1))
-    elif run_config_requests and pid in cfg.forget.clients:
+    elif run_config_requests and cfg is not None and pid in cfg.forget.clients:
         f = cfg.forget
         scope, classes, ids, fraction, data_of = f.scope, f.classes, f.sample_ids, f.fraction, f.data_of
     else:
         return None
+    if scope == "instance" and ids and view.sample_ids is not None:
+        positions, missing = view.positions_of(ids)
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:10])
+            more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+            raise ValueError(f"sample id(s) {shown}{more} are not in this node's training "
+                             f"set ({len(view.train_ids)} samples)")
+        ids = tuple(int(i) for i in positions)
     if scope == "instance" and not ids:
-        ids = tuple(sample_fraction(view.train_indices(), fraction, seed=cfg.seed + pid))
+        ids = tuple(sample_fraction(view.train_indices(), fraction, seed=view.seed + pid))
     return UnlearningRequest(scope=scope, partition_id=data_of if data_of >= 0 else pid,
                              classes=tuple(classes) if scope == "class" else (),
                              sample_ids=tuple(ids) if scope == "instance" else ())
@@ -156,7 +225,7 @@ def inbox_sample_ids(view: NodeView, request: InboxRequest) -> tuple[int, ...]:
         return ()
     if request.sample_ids:
         return request.sample_ids
-    seed = view.cfg.seed + int(hashlib.sha256(request.id.encode()).hexdigest()[:8], 16)
+    seed = view.seed + int(hashlib.sha256(request.id.encode()).hexdigest()[:8], 16)
     return tuple(int(i) for i in sample_fraction(view.train_indices(), request.fraction or 0.0,
                                                  seed=seed))
 

@@ -9,13 +9,41 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 
 from ..inbox import INBOX_KEY, parse_receipt
+import numpy as np
+
+from .. import protocol as P
 from ..requests import (INVALID_SCOPE, MAX_ERROR_CHARS, NODE_RECORD, QUERY_CONFIG,
                         RECEIPT_ACK, RECEIPT_RECORD, REQUEST_RECORD, RUN_CONFIG_REQUESTS,
-                        WANT_REQUEST)
+                        WANT_REQUEST, UnlearningRequest, forget_indices, validate_request)
 from .node import NodeView, node_inbox, own_request
 
 
-def handle_query(msg: Message, context: Context) -> Message:
+def node_report(view: NodeView, context: Context) -> ConfigRecord:
+    """What a node tells the server about itself: never its data. The harness's nodes
+    name their partition; every node reports its training split's size, its label set
+    and the labels it holds."""
+    record = ConfigRecord()
+    if view.cfg is not None:
+        record[P.PARTITION_ID] = view.partition_id
+        record[P.NUM_PARTITIONS] = view.num_partitions()
+    else:
+        if P.PARTITION_ID in context.node_config:
+            record[P.PARTITION_ID] = view.partition_id
+        record[P.NUM_TRAIN] = int(len(view.train_ids))
+        record[P.NUM_CLASSES] = int(view.num_classes)
+        held = np.unique(view.labels()[view.train_ids]) if len(view.train_ids) else []
+        record[P.CLASSES_HELD] = [int(c) for c in held]
+    return record
+
+
+def local_check(view: NodeView, request: UnlearningRequest) -> str | None:
+    """A plugin node's own check of its request against its own data (the server never
+    sees the data); ``None`` when valid."""
+    return validate_request(request, request.partition_id, {}, lambda _: view.train_ids,
+                            view.labels(), view.num_classes)
+
+
+def handle_query(msg: Message, context: Context, view_for=None) -> Message:
     """Answer ``query.unlearn``.
 
     A query with a ``receipt`` record carries the server's verdict on this node's inbox
@@ -26,9 +54,8 @@ def handle_query(msg: Message, context: Context) -> Message:
     """
     if RECEIPT_RECORD in msg.content:
         return handle_receipt(msg, context)
-    view = NodeView.from_context(context)
-    content = RecordDict({NODE_RECORD: ConfigRecord({
-        "partition-id": view.partition_id, "num-partitions": view.data.num_clients()})})
+    view = (view_for or NodeView.from_context)(context)
+    content = RecordDict({NODE_RECORD: node_report(view, context)})
     allow = True
     if QUERY_CONFIG in msg.content:
         query_config = msg.content[QUERY_CONFIG]
@@ -43,10 +70,21 @@ def handle_query(msg: Message, context: Context) -> Message:
             {"scope": INVALID_SCOPE, "partition-id": view.partition_id,
              "error": str(err)[:MAX_ERROR_CHARS]})
     else:
-        if request is not None:
-            content[REQUEST_RECORD] = request.to_config_record()
+        problem = None if request is None or view.cfg is not None else local_check(view, request)
+        if problem is not None:
+            record = ConfigRecord({"scope": INVALID_SCOPE, "partition-id": view.partition_id,
+                                   "error": problem[:MAX_ERROR_CHARS]})
             if request.inbox_ids:
-                record_sent(context, view.partition_id, request)
+                record["inbox-ids"] = list(request.inbox_ids)
+            content[REQUEST_RECORD] = record
+        elif request is not None:
+            content[REQUEST_RECORD] = request.to_config_record()
+            if view.cfg is None:
+                forget = forget_indices(request, view.train_ids, view.labels()).size
+                content[NODE_RECORD][P.NUM_FORGET] = int(forget)
+                content[NODE_RECORD][P.NUM_RETAINED] = int(len(view.train_ids) - forget)
+        if request is not None and request.inbox_ids:
+            record_sent(context, view.partition_id, request)
     return Message(content, reply_to=msg)
 
 

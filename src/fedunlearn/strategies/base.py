@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from ..protocol import DEFAULT_ACTION, METRIC_KEYS, MODEL_KEY
+from ..protocol import DEFAULT_ACTION, EVALUATE_UNLEARN, METRIC_KEYS, MODEL_KEY, RETAINED_ACTION
 from ..protocol import message_type as action_message_type
 from ..config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
@@ -504,7 +504,12 @@ class UnlearningStrategy(FedAvgM):
         return self.participants("retained", grid)
 
     def message_type(self, node_id: int, phase: Phase) -> str:
-        """Which client action ``node_id`` runs in ``phase``."""
+        """Which client action ``node_id`` runs in ``phase``: local training goes to
+        ``train.retained`` on a node with an accepted request (it leaves its forget set
+        out) and to the plain ``train`` elsewhere (a plugin node's own handler)."""
+        if (phase.action == DEFAULT_ACTION and self.uses_requests
+                and node_id in self.context.requests):
+            return action_message_type(RETAINED_ACTION)
         return action_message_type(phase.action)
 
     def node_config(self, node_id: int, config: ConfigRecord) -> ConfigRecord:
@@ -618,7 +623,7 @@ class UnlearningStrategy(FedAvgM):
         for node_id in nodes:
             config = self.node_config(node_id, ConfigRecord({"split": "val"}))
             messages.append(Message(RecordDict({MODEL_KEY: arrays, "config": config}),
-                                    dst_node_id=node_id, message_type="evaluate"))
+                                    dst_node_id=node_id, message_type=EVALUATE_UNLEARN))
         correct = total = 0
         meter.bytes_down += sum(arrayrecord_nbytes(arrays) for _ in messages)
         meter.messages_down += len(messages)

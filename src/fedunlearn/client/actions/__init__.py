@@ -69,11 +69,11 @@ class ActionJob:
         return int(self.config["local-epochs"])
 
     @classmethod
-    def from_message(cls, msg: Message, context: Context) -> ActionJob:
-        view = NodeView.from_context(context)
+    def from_message(cls, msg: Message, context: Context, view_for=None) -> ActionJob:
+        view = (view_for or NodeView.from_context)(context)
         config = msg.content[CONFIG_KEY]
         retained, forget = split_local(view, request_from_config(config, view.partition_id))
-        device = resolve_device(view.cfg.device)
+        device = resolve_device(view.device)
         models = {key: load_arrays(view.new_model(), record).to(device)
                   for key, record in msg.content.array_records.items()}
         if MODEL_KEY not in models:
@@ -133,10 +133,11 @@ def get_action(name: str) -> Action:
                          f"{sorted(_ACTIONS)}") from None
 
 
-def handle_action(name: str, msg: Message, context: Context) -> Message:
-    """Run action ``name`` on a train message and build the reply."""
+def handle_action(name: str, msg: Message, context: Context, view_for=None) -> Message:
+    """Run action ``name`` on a train message and build the reply (``view_for(context)``
+    gives the node's :class:`NodeView`; default: the harness's)."""
     action = get_action(name)
-    job = ActionJob.from_message(msg, context)
+    job = ActionJob.from_message(msg, context, view_for)
     result = action(job)
     loss = result.loss
     metrics = MetricRecord({
@@ -149,11 +150,11 @@ def handle_action(name: str, msg: Message, context: Context) -> Message:
                                "metrics": metrics}), reply_to=msg)
 
 
-def action_handler(name: str) -> Callable[[Message, Context], Message]:
+def action_handler(name: str, view_for=None) -> Callable[[Message, Context], Message]:
     """A ClientApp handler for ``name`` (what ``app.train(name)`` registers)."""
 
     def handler(msg: Message, context: Context) -> Message:
-        return handle_action(name, msg, context)
+        return handle_action(name, msg, context, view_for)
 
     handler.__name__ = f"train_{name}"
     return handler

@@ -58,7 +58,7 @@ def bad_teacher(job: ActionJob) -> ActionResult:
     incompetent.eval()
     forget_ids = torch.as_tensor(np.sort(job.forget))
     optimizer = torch.optim.Adam(student.parameters(), lr=method_param(config, "lr"))
-    batches = local_loader(view.data.train, ids, view.cfg.batch_size, job.seed,
+    batches = local_loader(view.dataset, ids, view.batch_size, job.seed,
                            transform=view.poison_transform())
     trained = forward = 0
     total = 0.0
@@ -67,7 +67,7 @@ def bad_teacher(job: ActionJob) -> ActionResult:
             x = x.to(device)
             is_forget = torch.isin(batch_ids, forget_ids).to(device)
             with torch.no_grad():
-                teacher_logits = torch.empty(len(x), view.data.info.num_classes,
+                teacher_logits = torch.empty(len(x), view.num_classes,
                                              device=device)
                 if is_forget.any():
                     teacher_logits[is_forget] = incompetent(x[is_forget])

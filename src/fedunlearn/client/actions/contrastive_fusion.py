@@ -139,7 +139,7 @@ def contrastive_fusion(job: ActionJob) -> ActionResult:
     original = copy.deepcopy(model).eval()
     downgraded = random_model(view.new_model, int(config[RANDOM_MODEL_SEED_KEY])).to(device)
     downgraded.eval()
-    batches = local_loader(view.data.train, job.forget, view.cfg.batch_size, job.seed,
+    batches = local_loader(view.dataset, job.forget, view.batch_size, job.seed,
                            transform=view.poison_transform())
     example = next(iter(batches))[0][:1].to(device)
     features = PenultimateFeatures(model, example)

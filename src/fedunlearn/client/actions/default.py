@@ -14,12 +14,41 @@ from . import ActionJob, ActionResult, register_action
 @register_action("default")
 def local_training(job: ActionJob) -> ActionResult:
     view, config = job.view, job.config
+    if view.train_fn is not None:
+        return user_training(job)
     stats = train_local(
-        job.model, view.data.train, job.retained,
-        epochs=job.local_epochs(), batch_size=view.cfg.batch_size, lr=job.lr(),
-        momentum=view.cfg.momentum, device=job.device, seed=job.seed,
+        job.model, view.dataset, job.retained,
+        epochs=job.local_epochs(), batch_size=view.batch_size, lr=job.lr(),
+        momentum=view.momentum, device=job.device, seed=job.seed,
         clip_norm=float(config.get("clip-norm", 0.0)),
         weight_decay=float(config.get("weight-decay", 0.0)),
         transform=view.poison_transform(),
     )
     return ActionResult(job.model, stats.num_examples, stats.loss, stats.samples_processed)
+
+
+@register_action("retained")
+def retained_training(job: ActionJob) -> ActionResult:
+    """``train.retained``: the same local training, under a name of its own, so a plugin
+    node's own ``@app.train()`` handler keeps serving plain ``train`` messages while a
+    node with an accepted request trains on its retained data only."""
+    return local_training(job)
+
+
+def user_training(job: ActionJob) -> ActionResult:
+    """The node owner's ``train_fn(model, loader, epochs, lr, device) -> loss`` (the
+    signature of Flower's quickstart-pytorch ``train``) on the retained data."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    view = job.view
+    ids = [int(i) for i in job.retained]
+    if not ids:
+        return ActionResult(job.model, 0, float("nan"), 0)
+    generator = torch.Generator().manual_seed(job.seed)
+    loader = DataLoader(Subset(view.dataset, ids), batch_size=view.batch_size, shuffle=True,
+                        generator=generator)
+    epochs = job.local_epochs()
+    loss = view.train_fn(job.model, loader, epochs, job.lr(), job.device)
+    loss = float(loss) if isinstance(loss, (int, float)) else float("nan")
+    return ActionResult(job.model, len(ids), loss, len(ids) * epochs)

@@ -99,13 +99,13 @@ def gradient_ascent_steps(model: nn.Module, batches, *, epochs: int, lr: float,
 def gradient_ascent(job: ActionJob) -> ActionResult:
     require_local_data("gradient_ascent", job.forget)
     view, config = job.view, job.config
-    num_classes = view.data.info.num_classes
+    num_classes = view.num_classes
     bound = method_param(config, "loss_bound") * math.log(num_classes)
-    batches = local_loader(view.data.train, job.forget, view.cfg.batch_size, job.seed,
+    batches = local_loader(view.dataset, job.forget, view.batch_size, job.seed,
                            transform=view.poison_transform())
     out = gradient_ascent_steps(
         job.model, batches, epochs=method_param(config, "epochs", int),
-        lr=method_param(config, "lr"), momentum=view.cfg.momentum,
+        lr=method_param(config, "lr"), momentum=view.momentum,
         max_steps=method_param(config, "max_steps", int), loss_bound=bound,
         clip_norm=method_param(config, "clip_norm"), device=job.device)
     log(INFO, "[gradient_ascent] partition %d: %d steps on %d forget samples, stopped by %s",

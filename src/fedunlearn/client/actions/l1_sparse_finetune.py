@@ -36,10 +36,10 @@ def l1_sparse_finetune(job: ActionJob) -> ActionResult:
     no_l1 = method_param(config, "no_l1_epochs", int)
     model = job.model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=method_param(config, "lr"),
-                                momentum=view.cfg.momentum,
+                                momentum=view.momentum,
                                 weight_decay=method_param(config, "weight_decay"))
     criterion = nn.CrossEntropyLoss()
-    batches = local_loader(view.data.train, job.retained, view.cfg.batch_size, job.seed,
+    batches = local_loader(view.dataset, job.retained, view.batch_size, job.seed,
                            transform=view.poison_transform())
     trained, total = 0, 0.0
     for epoch in range(epochs):

@@ -49,9 +49,9 @@ def memory_guidance(job: ActionJob) -> ActionResult:
 
     ids = np.union1d(job.retained, job.forget)
     stats = train_local(
-        job.model, view.data.train, ids,
-        epochs=job.local_epochs(), batch_size=view.cfg.batch_size, lr=job.lr(),
-        momentum=view.cfg.momentum, device=job.device, seed=job.seed, transform=guide,
+        job.model, view.dataset, ids,
+        epochs=job.local_epochs(), batch_size=view.batch_size, lr=job.lr(),
+        momentum=view.momentum, device=job.device, seed=job.seed, transform=guide,
     )
     return ActionResult(job.model, stats.num_examples, stats.loss, stats.samples_processed,
                         forward_samples=forward)

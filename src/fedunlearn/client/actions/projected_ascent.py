@@ -64,7 +64,7 @@ def projected_ascent(job: ActionJob) -> ActionResult:
     optimizer = torch.optim.SGD(params, lr=method_param(config, "lr"),
                                 momentum=method_param(config, "momentum"))
     criterion = nn.CrossEntropyLoss()
-    batches = local_loader(view.data.train, job.forget, view.cfg.batch_size, job.seed,
+    batches = local_loader(view.dataset, job.forget, view.batch_size, job.seed,
                            transform=view.poison_transform())
     seen, steps, projected, total, stop = 0, 0, 0, 0.0, "epochs"
     for _ in range(epochs):

@@ -21,9 +21,9 @@ def train_on_forget_data(job: ActionJob) -> ActionResult:
                          "no accepted request in the message config")
     view = job.view
     stats = train_local(
-        job.model, view.data.train, job.forget,
-        epochs=job.local_epochs(), batch_size=view.cfg.batch_size, lr=job.lr(),
-        momentum=view.cfg.momentum, device=job.device, seed=job.seed,
+        job.model, view.dataset, job.forget,
+        epochs=job.local_epochs(), batch_size=view.batch_size, lr=job.lr(),
+        momentum=view.momentum, device=job.device, seed=job.seed,
         transform=view.poison_transform(),
     )
     return ActionResult(job.model, stats.num_examples, stats.loss, stats.samples_processed)

@@ -29,7 +29,7 @@ def relabelling(job: ActionJob, exclude_true: bool, seed_offset: int = 1):
     forget = np.sort(job.forget)
     generator = torch.Generator().manual_seed(job.seed + seed_offset)
     new_labels = random_labels(torch.as_tensor(view.labels()[forget]),
-                               view.data.info.num_classes, generator, exclude_true)
+                               view.num_classes, generator, exclude_true)
     lookup = dict(zip(forget.tolist(), new_labels.tolist()))
     poison = view.poison_transform()
 
@@ -49,9 +49,9 @@ def random_label_finetune(job: ActionJob) -> ActionResult:
     view, config = job.view, job.config
     transform, _ = relabelling(job, method_param(config, "exclude_true_label", bool))
     stats = train_local(
-        job.model, view.data.train, np.union1d(job.retained, job.forget),
-        epochs=method_param(config, "epochs", int), batch_size=view.cfg.batch_size,
-        lr=method_param(config, "lr"), momentum=view.cfg.momentum, device=job.device,
+        job.model, view.dataset, np.union1d(job.retained, job.forget),
+        epochs=method_param(config, "epochs", int), batch_size=view.batch_size,
+        lr=method_param(config, "lr"), momentum=view.momentum, device=job.device,
         seed=job.seed, weight_decay=method_param(config, "weight_decay"),
         transform=transform,
     )

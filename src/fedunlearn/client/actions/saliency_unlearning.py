@@ -95,14 +95,14 @@ def saliency_unlearning(job: ActionJob) -> ActionResult:
     model = job.model
     poison = view.poison_transform()
     masks, seen_mask = saliency_mask(model, local_loader(
-        view.data.train, job.forget, view.cfg.batch_size, job.seed + 2, transform=poison),
+        view.dataset, job.forget, view.batch_size, job.seed + 2, transform=poison),
         method_param(config, "mask_ratio"), device)
     transform, _ = relabelling(job, method_param(config, "exclude_true_label", bool))
     ids = np.union1d(job.retained, job.forget)
-    batches = local_loader(view.data.train, ids, view.cfg.batch_size, job.seed,
+    batches = local_loader(view.dataset, ids, view.batch_size, job.seed,
                            transform=transform)
     loss, trained = masked_finetune(
         model, masks, batches, epochs=method_param(config, "epochs", int),
-        lr=method_param(config, "lr"), momentum=view.cfg.momentum,
+        lr=method_param(config, "lr"), momentum=view.momentum,
         weight_decay=method_param(config, "weight_decay"), device=device)
     return ActionResult(model, int(ids.size), loss, seen_mask + trained)

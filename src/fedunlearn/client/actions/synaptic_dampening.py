@@ -79,9 +79,9 @@ def synaptic_dampening(job: ActionJob) -> ActionResult:
     everything = np.union1d(job.retained, job.forget)
     poison = view.poison_transform()
     imp_all, seen_all = importance(model, local_loader(
-        view.data.train, everything, view.cfg.batch_size, job.seed, transform=poison), device)
+        view.dataset, everything, view.batch_size, job.seed, transform=poison), device)
     imp_forget, seen_forget = importance(model, local_loader(
-        view.data.train, job.forget, view.cfg.batch_size, job.seed + 1, transform=poison),
+        view.dataset, job.forget, view.batch_size, job.seed + 1, transform=poison),
         device)
     count = dampen(list(model.parameters()), imp_all, imp_forget,
                    method_param(config, "alpha"), method_param(config, "dampening"))
