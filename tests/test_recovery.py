@@ -96,7 +96,7 @@ def test_malformed_train_replies_are_dropped_not_fatal(server_identity):
 
     replies = [
         reply(10, good, ok),
-        reply(11, good, {"num-examples": 4}),                          # missing keys
+        reply(11, good, {"train_loss": 0.2}),                          # no num-examples
         reply(12, ArrayRecord({"w": Array(np.ones(5, np.float32))}), ok),  # wrong shape
         reply(13, good, {**ok, "num-examples": float("inf")}),           # not finite
         reply(10, ArrayRecord({"v": Array(np.ones(3, np.float32))}), ok),  # wrong keys
@@ -106,6 +106,46 @@ def test_malformed_train_replies_are_dropped_not_fatal(server_identity):
     arrays, _ = strategy.aggregate_train(1, replies)
     assert np.array_equal(arrays["w"].numpy(), np.ones(3, np.float32))
     assert strategy.cost.messages_up == 1  # only the good reply was counted
+
+
+def test_quickstart_metric_names_are_aggregated_with_fedunlearns(server_identity):
+    """A plugin node's own train handler replies with Flower's quickstart metric names;
+    fedunlearn's actions with their own. Both are aggregated in one round, weighted by
+    num-examples."""
+    strategy = create_method("ft", make_context(RC, {}))
+    strategy.current_arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+
+    def reply(node, value, metrics):
+        content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, value, np.float32))}),
+                              "metrics": MetricRecord(metrics)})
+        return incoming(content, "train", dst_node_id=0, src_node_id=node)
+
+    replies = [reply(10, 1.0, {"train_loss": 0.3, "num-examples": 1}),
+               reply(11, 4.0, {"num-examples": 3, "train-loss": 0.1, "samples-processed": 3,
+                               "forward-samples": 0})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), (1.0 * 1 + 4.0 * 3) / 4)
+    assert strategy.cost.messages_up == 2 and strategy.cost.samples_processed == 3
+
+
+def test_a_round_without_usable_replies_fails_naming_node_and_key(server_identity):
+    """No silent "model unchanged": the method raises, naming the node and the key."""
+    from fedunlearn.strategies import UnlearningFailed
+
+    class NoWeightGrid:
+        def get_node_ids(self):
+            return [10, 11]
+
+        def send_and_receive(self, messages, timeout=None):
+            return [incoming(RecordDict({"arrays": m.content["arrays"],
+                                         "metrics": MetricRecord({"train_loss": 0.1})}),
+                             "train", dst_node_id=0, src_node_id=m.metadata.dst_node_id)
+                    for m in messages]
+
+    ctx = make_context(RC, {})
+    strategy = create_method("ft", ctx)
+    with pytest.raises(UnlearningFailed, match=r"node 10: .*num-examples"):
+        strategy.unlearn(NoWeightGrid(), to_arrays(ctx.model_factory()))
 
 
 def test_validated_recovery_preset_is_a_valid_run_config():

@@ -208,10 +208,12 @@ def bad_train_replies(node: int) -> list[tuple[str, Message]]:
         for value in values:
             metrics = dict(good["metrics"], **{key: value})
             out.append((key, train_reply(node, model_record(), metrics)))
-    for key in good["metrics"]:
-        metrics = {k: v for k, v in good["metrics"].items() if k != key}
-        out.append((key, train_reply(node, model_record(), metrics)))
-    out.append(("metrics", train_reply(node, model_record(), dict(good["metrics"], extra=1.0))))
+    # Only the aggregation weight is required; other metrics must be finite numbers.
+    metrics = {k: v for k, v in good["metrics"].items() if k != "num-examples"}
+    out.append(("num-examples", train_reply(node, model_record(), metrics)))
+    out.append(("metrics", train_reply(node, model_record(), dict(good["metrics"], extra=NAN))))
+    out.append(("metrics", train_reply(node, model_record(),
+                                       {f"m{i}": 1.0 for i in range(70)} | {"num-examples": 1})))
     out.append(("metric records", train_reply(node, model_record(), None)))
     out.append(("metric records", train_reply(node, model_record(), good["metrics"],
                                               {"more": MetricRecord({"x": 1})})))

@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from .protocol import EVALUATE_COUNT_KEYS, METRIC_KEYS as TRAIN_METRIC_KEYS, METRICS_KEY, MIA_FEATURES, MODEL_KEY, NODE_RECORD
+from .protocol import (COST_METRICS, EVALUATE_COUNT_KEYS, MAX_METRICS, METRICS_KEY, MIA_FEATURES,
+                       MODEL_KEY, NODE_FIELDS, NODE_RECORD, NUM_EXAMPLES)
+from .protocol import METRIC_KEYS as TRAIN_METRIC_KEYS  # noqa: F401  (re-export)
 from .requests import MAX_PARTITION_ID
 from .wire import (MissingField, WireError, exact_int, finite_number, number_list,
                    only_fields, require)
 
 MAX_COUNT = 10**12
 """Upper bound of any sample count a node reports (far above any data set here)."""
-NODE_FIELDS = ("partition-id", "num-partitions")
 
 
 def parse_node_record(content: RecordDict) -> int:
@@ -59,19 +60,25 @@ def check_train_reply(reply: Message, sent: Message, max_examples: int | None = 
     expected = sent.content.array_records.get(MODEL_KEY)
     check_arrays(arrays[MODEL_KEY], expected)
     metrics = dict(content.metric_records)
-    if list(metrics) != [METRICS_KEY]:
-        raise WireError("metric records", sorted(metrics), f"expected exactly [{METRICS_KEY!r}]")
-    record = metrics[METRICS_KEY]
-    missing = [k for k in TRAIN_METRIC_KEYS if k not in record]
-    if missing:
-        raise MissingField(f"{METRICS_KEY}.{missing[0]}",
-                           "a train reply's metrics hold " + ", ".join(TRAIN_METRIC_KEYS))
-    only_fields(record, TRAIN_METRIC_KEYS, METRICS_KEY)
-    exact_int(f"{METRICS_KEY}.num-examples", record["num-examples"], lo=0,
+    if len(metrics) != 1:
+        raise WireError("metric records", sorted(metrics), "expected exactly one MetricRecord")
+    name, record = next(iter(metrics.items()))
+    if NUM_EXAMPLES not in record:
+        raise MissingField(f"{name}.{NUM_EXAMPLES}",
+                           "a train reply's metrics carry the aggregation weight")
+    if len(record) > MAX_METRICS:
+        raise WireError(name, f"<{len(record)} metrics>", f"expected at most {MAX_METRICS}")
+    exact_int(f"{name}.{NUM_EXAMPLES}", record[NUM_EXAMPLES], lo=0,
               hi=max_examples if max_examples is not None else MAX_COUNT)
-    finite_number(f"{METRICS_KEY}.train-loss", record["train-loss"])
-    for key in ("samples-processed", "forward-samples"):
-        exact_int(f"{METRICS_KEY}.{key}", record[key], lo=0, hi=MAX_COUNT)
+    for key, value in record.items():
+        if key == NUM_EXAMPLES:
+            continue
+        if key in COST_METRICS:
+            exact_int(f"{name}.{key}", value, lo=0, hi=MAX_COUNT)
+        elif isinstance(value, list):
+            number_list(f"{name}.{key}", value, max_len=len(value))
+        else:
+            finite_number(f"{name}.{key}", value)
 
 
 def check_arrays(record: ArrayRecord, expected: ArrayRecord | None) -> None:

@@ -38,7 +38,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from ..protocol import DEFAULT_ACTION, EVALUATE_UNLEARN, METRIC_KEYS, MODEL_KEY, RETAINED_ACTION
+from ..protocol import (COST_METRICS, DEFAULT_ACTION, EVALUATE_UNLEARN, METRIC_KEYS, MODEL_KEY,
+                        NUM_EXAMPLES, RETAINED_ACTION)
 from ..protocol import message_type as action_message_type
 from ..config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
@@ -451,8 +452,10 @@ class UnlearningStrategy(FedAvgM):
         self.meter.bytes_up += sum(arrayrecord_nbytes(r) for r in content.array_records.values())
         self.meter.messages_up += 1
         for metrics in content.metric_records.values():
-            self.meter.samples_processed += int(metrics.get("samples-processed", 0))
-            self.meter.forward_samples += int(metrics.get("forward-samples", 0))
+            processed = metrics.get("samples-processed", 0)
+            forward = metrics.get("forward-samples", 0)
+            self.meter.samples_processed += processed if isinstance(processed, int) else 0
+            self.meter.forward_samples += forward if isinstance(forward, int) else 0
 
     # -- hooks a method overrides -------------------------------------------------------
     def initial_arrays(self, pretrained: ArrayRecord) -> ArrayRecord:
@@ -560,12 +563,20 @@ class UnlearningStrategy(FedAvgM):
                     raise RuntimeError(f"[{self.phase}] no node can take part in "
                                        f"{phase.name} (role {phase.role})")
                 replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)
+                replies = list(replies)
                 aggregated, _ = self.aggregate_train(rnd, replies)
                 if aggregated is None:
-                    log(WARNING, "[%s] round %d: no usable reply; the model is unchanged",
-                        self.phase, rnd)
-                else:
-                    arrays = aggregated
+                    asked = sorted(int(m.metadata.dst_node_id) for m in messages)
+                    answered = {int(m.metadata.src_node_id) for m in replies}
+                    silent = [n for n in asked if n not in answered]
+                    why = list(getattr(self, "round_problems", []))
+                    if silent:
+                        why.append(f"node(s) {silent} did not answer")
+                    raise UnlearningFailed(
+                        f"[{self.phase}] {phase.name} round {rnd}: no usable reply from "
+                        f"nodes {asked} ({'; '.join(why) or 'no reply'}); the method "
+                        "stops here and returns no model")
+                arrays = aggregated
                 done = rnd
                 round_s.append(round(time.perf_counter() - started, 4))
                 verdict = None
@@ -710,25 +721,30 @@ class UnlearningStrategy(FedAvgM):
         """Why a train reply cannot be aggregated (``None``: it can).
 
         A reply must carry exactly one ArrayRecord (``arrays``) with the keys and shapes
-        of the model sent, and one MetricRecord with exactly the client actions' metric
-        keys and a positive, finite ``num-examples``."""
+        of the model sent, and one MetricRecord (any name, as Flower's FedAvg accepts)
+        with a positive, finite ``num-examples`` (the aggregation weight, as in Flower).
+        fedunlearn's cost metrics (``samples-processed``, ``forward-samples``) are
+        optional; any other metric (a user's ``train_loss``) must be a finite number."""
         content = msg.content
         if len(content.array_records) != 1 or MODEL_KEY not in content.array_records:
             return f"expected one ArrayRecord {MODEL_KEY!r}, got {sorted(content.array_records)}"
-        if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
-            return f"expected one MetricRecord 'metrics', got {sorted(content.metric_records)}"
-        metrics = content["metrics"]
-        if set(metrics) != set(METRIC_KEYS):
-            return f"metric keys {sorted(metrics)}; expected {sorted(METRIC_KEYS)}"
-        for key in METRIC_KEYS:
-            value = metrics[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    value == value and abs(value) != float("inf")):
-                return f"metric {key}={value!r} is not a finite number"
-            if key != "train-loss" and value < 0:
-                return f"metric {key}={value!r} is negative"
-        if metrics["num-examples"] <= 0:
-            return "num-examples is 0: nothing to aggregate"
+        if len(content.metric_records) != 1:
+            return f"expected one MetricRecord, got {sorted(content.metric_records)}"
+        metrics = next(iter(content.metric_records.values()))
+        if NUM_EXAMPLES not in metrics:
+            return (f"the reply's metrics have no {NUM_EXAMPLES!r} (keys: "
+                    f"{sorted(metrics)[:8]}): Flower's FedAvg weights every reply by it")
+        for key, value in metrics.items():
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                        v == v and abs(v) != float("inf")):
+                    return f"metric {key}={value!r} is not a finite number"
+            if key in (NUM_EXAMPLES, *COST_METRICS) and not (
+                    isinstance(value, int) and value >= 0):
+                return f"metric {key}={value!r} is not a non-negative integer"
+        if metrics[NUM_EXAMPLES] <= 0:
+            return f"{NUM_EXAMPLES} is 0: nothing to aggregate"
         sent = self.current_arrays or self.round_start
         if sent is not None:
             got = content[MODEL_KEY]
@@ -742,17 +758,22 @@ class UnlearningStrategy(FedAvgM):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         usable = []
+        self.round_problems = []
         for msg in self.order_replies(replies):
-            if not msg.has_error():
+            if msg.has_error():
+                self.round_problems.append(f"node {msg.metadata.src_node_id} failed: "
+                                           f"{msg.error.reason}")
+            else:
                 problem = self.reply_problem(msg)
                 if problem is not None:
                     log(WARNING, "[%s] round %d: reply from node %s dropped: %s", self.phase,
                         server_round, msg.metadata.src_node_id, problem)
+                    self.round_problems.append(f"node {msg.metadata.src_node_id}: {problem}")
                     continue
             self.meter_up(msg)
             usable.append(msg)
         self.observe_replies(server_round, [m for m in usable if not m.has_error()])
-        return super().aggregate_train(server_round, usable)
+        return super().aggregate_train(server_round, [normalized(m) for m in usable])
 
     def observe_replies(self, server_round: int, replies: list[Message]) -> None:
         """Called with the replies a round aggregates, in partition order (pretraining
@@ -790,6 +811,18 @@ class UnlearningStrategy(FedAvgM):
             self.phase, phase.name, phase.rounds, phase.lr, phase.action, phase.role)
         log(INFO, "\t└──> Excluded nodes (client-wise targets): %s",
             sorted(self.excluded_nodes()) or "none")
+
+
+def normalized(msg: Message) -> Message:
+    """A checked train reply reduced to what FedAvg aggregates (the model and
+    ``num-examples``), so replies with different metric names (a plugin node's own
+    handler and fedunlearn's actions in one round) pass Flower's consistency check."""
+    if msg.has_error():
+        return msg
+    metrics = next(iter(msg.content.metric_records.values()))
+    content = RecordDict({MODEL_KEY: msg.content[MODEL_KEY],
+                          "metrics": MetricRecord({NUM_EXAMPLES: int(metrics[NUM_EXAMPLES])})})
+    return Message(content, metadata=msg.metadata)
 
 
 class PretrainingProtocol:
