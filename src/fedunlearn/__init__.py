@@ -1,0 +1,39 @@
+"""fedunlearn: federated unlearning on Flower.
+
+Server side (a user's ServerApp)::
+
+    from fedunlearn import NoT, Recovery, serve
+    outcome = serve(grid, arrays, [NoT(Recovery(rounds=11), model_fn=Net)], output_dir="out")
+
+Node side (a user's ClientApp)::
+
+    from fedunlearn.client import attach
+    attach(app, model_fn=Net, data=lambda ctx: load_local(ctx))
+
+Importing :mod:`fedunlearn` loads the server side only (never :mod:`fedunlearn.client`).
+"""
+
+from __future__ import annotations
+
+_SERVER = {"serve": "service", "ServeOutcome": "service", "MethodOutcome": "service",
+           "load_model": "service", "Recovery": "strategies", "Training": "strategies",
+           "UnlearningFailed": "strategies", "UnlearningStrategy": "strategies",
+           "create_method": "strategies", "get_method": "strategies",
+           "list_methods": "strategies", "register_method": "strategies"}
+_METHODS = {"NoT": "not", "FineTune": "ft", "PUF": "puf", "Retrain": "retrain",
+            "MoDE": "mode", "FCU": "fcu"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _SERVER:
+        return getattr(importlib.import_module(f"{__name__}.{_SERVER[name]}"), name)
+    if name in _METHODS:
+        from .strategies import get_method
+
+        return get_method(_METHODS[name])
+    raise AttributeError(f"module 'fedunlearn' has no attribute {name!r}")
+
+
+__all__ = sorted([*_SERVER, *_METHODS])

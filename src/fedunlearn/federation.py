@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 
 from .data import FederatedData
 from .replies import (check_evaluate_metrics, check_train_reply, parse_evaluate_reply,
-                      parse_node_record)
+                      parse_node_record, parse_node_report)
 from .requests import (INBOX_ID_PATTERN, INVALID_SCOPE, MAX_ERROR_CHARS, MAX_INBOX_IDS,
                        QUERY_CONFIG, QUERY_UNLEARN, RECEIPT_ACK, RECEIPT_RECORD,
                        REQUEST_RECORD, RUN_CONFIG_REQUESTS, WANT_REQUEST, UnlearningRequest,
@@ -304,6 +304,8 @@ class GuardedGrid(Grid):
             check_evaluate_metrics(reply)
 
     def _train_size(self, node: int) -> int | None:
+        if node in getattr(self, "reports", {}) and "num-train" in self.reports[node]:
+            return int(self.reports[node]["num-train"])
         if self.data is None or node not in self.verified:
             return None
         return int(self.data.train_indices(self.verified[node]).size)
@@ -345,8 +347,9 @@ def _node_error(record) -> str:
     return f"the node could not build its request: {shorten(error, MAX_ERROR_CHARS)}"
 
 
-def collect_valid_requests(replies, data: FederatedData,
-                           verified: dict[int, int] | None = None, audit=None
+def collect_valid_requests(replies, data: FederatedData | None,
+                           verified: dict[int, int] | None = None, audit=None,
+                           reports: dict[int, dict] | None = None
                            ) -> tuple[dict[int, UnlearningRequest], list[dict]]:
     """Validate the requests in ``query.unlearn`` replies.
 
@@ -360,6 +363,12 @@ def collect_valid_requests(replies, data: FederatedData,
     malformed one is rejected with a reason naming the field, the value and what is
     allowed, never raised. With ``audit``, each request is recorded as received (with
     a digest of what it names, not the ids) and as accepted or rejected.
+
+    With ``data=None`` (a plugin server: it holds no client data), a request is checked
+    with what its node reports (:func:`~fedunlearn.replies.parse_node_report`, kept in
+    ``reports``): the node checked the ids against its own data, the server checks the
+    scope, the classes against the node's label set and that the forget set is not
+    empty.
 
     Returns ``(accepted, rejected)``: node id -> request, and one
     ``{"node_id", "reason"}`` per rejected request (plus ``inbox_ids`` when the request
@@ -375,7 +384,13 @@ def collect_valid_requests(replies, data: FederatedData,
                 msg.error.reason)
             continue
         try:
-            claims[node] = parse_node_record(msg.content)
+            if data is None:
+                report = parse_node_report(msg.content)
+                if reports is not None:
+                    reports[node] = report
+                claims[node] = report.get("partition-id", 0)
+            else:
+                claims[node] = parse_node_record(msg.content)
         except WireError as err:
             bad_claims[node] = str(err)
         if REQUEST_RECORD in msg.content:
@@ -389,7 +404,7 @@ def collect_valid_requests(replies, data: FederatedData,
         node_partitions = {n: p for n, p in claims.items() if n not in shared}
     else:
         node_partitions = dict(verified)
-    labels = np.asarray(data.train.targets)
+    labels = np.asarray(data.train.targets) if data is not None else None
     accepted: dict[int, UnlearningRequest] = {}
     rejected: list[dict] = []
     for node, record in raw:
@@ -420,8 +435,13 @@ def collect_valid_requests(replies, data: FederatedData,
             except WireError as err:
                 reason = str(err)
             else:
-                reason = validate_request(request, node_partitions[node], node_partitions,
-                                          data.train_indices, labels, data.info.num_classes)
+                if data is None:
+                    reason = validate_reported(request, node_partitions[node],
+                                               (reports or {}).get(node, {}))
+                else:
+                    reason = validate_request(request, node_partitions[node], node_partitions,
+                                              data.train_indices, labels,
+                                              data.info.num_classes)
         if audit is not None:
             audit.record("request.received", **_received(node, node_partitions.get(node),
                                                          request, inbox_ids))
@@ -441,6 +461,30 @@ def collect_valid_requests(replies, data: FederatedData,
                 audit.record("request.rejected", node=node, partition=node_partitions.get(node),
                              reason=reason)
     return accepted, rejected
+
+
+def validate_reported(request: UnlearningRequest, partition: int, report: dict) -> str | None:
+    """A plugin server's check of a request against what its node reported."""
+    if request.partition_id != partition:
+        return (f"the request names partition {request.partition_id}, but its node reports "
+                f"partition {partition}: a node can only have its own data forgotten")
+    if request.scope == "class":
+        if not request.classes:
+            return "class-wise request names no classes; set the classes to forget"
+        num_classes = report.get("num-classes")
+        bad = [c for c in request.classes if c < 0 or (num_classes and c >= num_classes)]
+        if bad:
+            shown = ", ".join(map(str, bad[:10])) + (f" (and {len(bad) - 10} more)"
+                                                     if len(bad) > 10 else "")
+            return f"class(es) {shown} outside the label set 0..{(num_classes or 1) - 1}"
+    if request.scope == "instance" and not request.sample_ids:
+        return "instance-wise request names no sample ids: the forget set is empty"
+    if "num-forget" not in report:
+        return ("the node did not report the size of its forget set (num-forget): it "
+                "cannot be checked")
+    if report["num-forget"] == 0:
+        return "empty forget set: the node holds none of the data the request names"
+    return None
 
 
 def _received(node: int, partition: int | None, request: UnlearningRequest | None,

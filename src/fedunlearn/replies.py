@@ -21,7 +21,7 @@ from .protocol import (COST_METRICS, EVALUATE_COUNT_KEYS, MAX_METRICS, METRICS_K
                        MODEL_KEY, NODE_FIELDS, NODE_RECORD, NUM_EXAMPLES)
 from .protocol import METRIC_KEYS as TRAIN_METRIC_KEYS  # noqa: F401  (re-export)
 from .requests import MAX_PARTITION_ID
-from .wire import (MissingField, WireError, exact_int, finite_number, number_list,
+from .wire import (MissingField, WireError, exact_int, finite_number, int_list, number_list,
                    only_fields, require)
 
 MAX_COUNT = 10**12
@@ -29,18 +29,43 @@ MAX_COUNT = 10**12
 
 
 def parse_node_record(content: RecordDict) -> int:
-    """The partition a ``query.unlearn`` reply says its node holds."""
-    require(content, NODE_RECORD, "expected a record with the node's partition-id")
+    """The partition a ``query.unlearn`` reply says its node holds (the harness)."""
+    report = parse_node_report(content)
+    if "partition-id" not in report:
+        raise MissingField("partition-id", "expected an integer")
+    return report["partition-id"]
+
+
+def parse_node_report(content: RecordDict) -> dict:
+    """What a ``query.unlearn`` reply's node record says, checked: ``partition-id`` and
+    ``num-partitions`` (the harness), ``num-train``, ``num-forget``, ``num-retained``
+    (counts), ``num-classes`` and ``classes-held`` (a plugin node's label set)."""
+    require(content, NODE_RECORD, "expected a record describing the node")
     record = content.config_records.get(NODE_RECORD)
     if record is None:
         raise WireError(NODE_RECORD, type(content[NODE_RECORD]).__name__,
                         "expected a ConfigRecord")
     only_fields(record, NODE_FIELDS, NODE_RECORD)
-    partition = exact_int("partition-id", require(record, "partition-id", "expected an integer"),
-                          lo=0, hi=MAX_PARTITION_ID)
+    out: dict = {}
+    if "partition-id" in record:
+        out["partition-id"] = exact_int("partition-id", record["partition-id"], lo=0,
+                                        hi=MAX_PARTITION_ID)
     if "num-partitions" in record:
-        exact_int("num-partitions", record["num-partitions"], lo=1, hi=MAX_PARTITION_ID + 1)
-    return partition
+        out["num-partitions"] = exact_int("num-partitions", record["num-partitions"], lo=1,
+                                          hi=MAX_PARTITION_ID + 1)
+    for key in ("num-train", "num-forget", "num-retained"):
+        if key in record:
+            out[key] = exact_int(key, record[key], lo=0, hi=MAX_COUNT)
+    if "num-classes" in record:
+        out["num-classes"] = exact_int("num-classes", record["num-classes"], lo=1, hi=MAX_COUNT)
+    if "classes-held" in record:
+        out["classes-held"] = int_list("classes-held", record["classes-held"], 100_000, lo=0,
+                                       hi=MAX_COUNT)
+    if "num-forget" in out and "num-train" in out and (
+            out["num-forget"] + out.get("num-retained", 0) != out["num-train"]):
+        raise WireError("num-retained", out.get("num-retained"),
+                        f"expected num-train - num-forget = {out['num-train'] - out['num-forget']}")
+    return out
 
 
 # -- train replies -----------------------------------------------------------------------

@@ -529,6 +529,28 @@ class UnlearningStrategy(FedAvgM):
         return RecordDict({MODEL_KEY: arrays, self.configrecord_key: config})
 
     # -- machinery ----------------------------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int | None = None,
+              timeout: float = REPLY_TIMEOUT_S, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None):
+        """Flower's ``Strategy.start``, made safe for an unlearning strategy: it runs
+        the unlearning step *and* recovery (:meth:`unlearn`) for the requests bound
+        with :meth:`bind`, and raises when none is bound, so it never silently
+        fine-tunes. ``num_rounds`` overrides the recovery rounds. Most users call
+        :func:`fedunlearn.serve`, which collects and checks the requests first."""
+        from flwr.serverapp.strategy import Result
+
+        if not self.context.requests and self.uses_requests:
+            raise RuntimeError(
+                f"{self.name}.start(): no accepted unlearning request is bound, so there "
+                "is nothing to unlearn (and plain fine-tuning would pass for unlearning). "
+                "Call fedunlearn.serve(grid, arrays, [strategy], output_dir=...), which "
+                "collects and checks the nodes' requests, or bind an UnlearningContext "
+                "with requests first")
+        if num_rounds is not None:
+            self.recovery = dataclasses.replace(self.recovery, rounds=int(num_rounds))
+        arrays = self.unlearn(grid, initial_arrays)
+        return Result(arrays=arrays)
+
     def unlearn(self, grid: Grid, pretrained: ArrayRecord) -> ArrayRecord:
         """Run the whole procedure: unlearning step, then recovery; return the model."""
         arrays = self.initial_arrays(pretrained)

@@ -1,0 +1,287 @@
+"""Unlearning from a user's own ServerApp: :func:`serve`.
+
+A Flower user trains with their own strategy (Flower's ``FedAvg`` or any other), then
+calls :func:`serve` with the grid, their current model and one or more fedunlearn
+strategies. It
+
+1. asks every node for its unlearning request (``query.unlearn``): a node answers with
+   what its data owner filed (its inbox, its node-config) and with counts about its own
+   data (how many samples it holds, forgets and keeps; which labels), never the data;
+2. checks each request with what the nodes reported and fixes the federation's view
+   (a node that joins later or under a new id takes no part);
+3. runs each strategy from the user's model (the unlearning step, then recovery),
+   asks the targets how the unlearned model does on their forget and retained data,
+   writes the model atomically (``<output_dir>/<method>/model.pt`` with its SHA-256),
+   and records everything in the audit log and the inbox receipts;
+4. returns a :class:`ServeOutcome`: the unlearned ``ArrayRecord`` (of the last method
+   that finished), a report of every request and method, and each method's outcome.
+
+The server never needs the nodes' data. A method that cannot serve the requests is
+refused up front with the reason; a method that fails mid-way is reported as failed
+(``failed.json`` with the reason) and returns no model; the other methods still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from . import federation
+from .audit import AuditLog, audit_path, model_digest
+from .ledger import Ledger
+from .protocol import EVALUATE_UNLEARN, MODEL_KEY
+from .requests import request_to_config
+from .strategies.base import UnlearningContext, UnlearningFailed, UnlearningStrategy
+
+MODEL_FILE = "model.pt"
+RESULT_FILE = "results.json"
+FAILED_FILE = "failed.json"
+
+
+@dataclass
+class MethodOutcome:
+    """What one method did: its model (``None`` if it failed or was refused)."""
+
+    method: str
+    status: str  # "honoured", "refused" or "failed"
+    arrays: ArrayRecord | None = None
+    reason: str = ""
+    model_path: str = ""
+    model_sha256: str = ""
+    rounds: int = 0
+    comm_bytes: int = 0
+    flops: int = 0
+    wall_s: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    """``test`` (from ``evaluate_fn``), ``forget`` and ``retain`` (accuracy % reported by
+    the target nodes on their own forget / retained data)."""
+    notes: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "status": self.status, "reason": self.reason,
+                "model_path": self.model_path, "model_sha256": self.model_sha256,
+                "rounds": self.rounds, "comm_bytes": self.comm_bytes, "flops": self.flops,
+                "wall_s": round(self.wall_s, 3), "metrics": self.metrics,
+                "notes": self.notes}
+
+
+@dataclass
+class ServeOutcome:
+    """The result of :func:`serve`."""
+
+    arrays: ArrayRecord
+    """The unlearned model of the last method that finished (the input model when no
+    request was accepted or no method finished)."""
+    methods: dict[str, MethodOutcome]
+    report: dict
+
+    @property
+    def honoured(self) -> bool:
+        return any(m.status == "honoured" for m in self.methods.values())
+
+    def table(self) -> str:
+        """One line per method: test, forget and retain accuracy, rounds, bytes, model."""
+        rows = [f"{'method':<10} {'status':<9} {'test':>7} {'forget':>7} {'retain':>7} "
+                f"{'rounds':>6} {'comm (B)':>10}  model (sha256)"]
+        for m in self.methods.values():
+            def pct(key):
+                v = m.metrics.get(key)
+                return f"{v:7.2f}" if isinstance(v, float) and v == v else f"{'-':>7}"
+            model = f"{m.model_path} ({m.model_sha256[:12]})" if m.model_path else m.reason
+            rows.append(f"{m.method:<10} {m.status:<9} {pct('test')} {pct('forget')} "
+                        f"{pct('retain')} {m.rounds:>6} {m.comm_bytes:>10.3g}  {model}")
+        return "\n".join(rows)
+
+
+def serve(grid: Grid, arrays: ArrayRecord,
+          strategies: UnlearningStrategy | Sequence[UnlearningStrategy], *,
+          output_dir: str | os.PathLike, evaluate_fn: Callable | None = None,
+          run_id: int | None = None, audit: bool = True) -> ServeOutcome:
+    """Collect the nodes' unlearning requests and serve them with ``strategies``.
+
+    Parameters
+    ----------
+    grid : Grid
+        The grid of the user's ``@app.main()``.
+    arrays : ArrayRecord
+        The current global model (e.g. ``FedAvg(...).start(...).arrays``).
+    strategies : UnlearningStrategy or list of them
+        Built with explicit arguments, e.g. ``NoT(Recovery(rounds=11), model_fn=Net)``;
+        each runs from ``arrays``.
+    output_dir : path
+        Where each method's ``model.pt`` and ``results.json`` (or ``failed.json``) and the
+        audit log (``audit.jsonl``) go.
+    evaluate_fn : callable, optional
+        ``evaluate_fn(arrays) -> dict`` or ``-> float`` on the server's own data (e.g.
+        ``{"test": 97.2}``, accuracy in %); the server holds no client data, so test
+        accuracy comes only from here.
+    """
+    if isinstance(strategies, UnlearningStrategy):
+        strategies = [strategies]
+    strategies = list(strategies)
+    if not strategies:
+        raise ValueError("serve() needs at least one unlearning strategy")
+    for s in strategies:
+        if not isinstance(s, UnlearningStrategy):
+            raise TypeError(f"{s!r} is not a fedunlearn strategy (UnlearningStrategy)")
+    names = [s.name for s in strategies]
+    if len(set(names)) != len(names):
+        raise ValueError(f"serve() got a method twice: {names}")
+    if not isinstance(arrays, ArrayRecord) or not len(arrays):
+        raise ValueError("arrays must be the model's non-empty ArrayRecord")
+    for s in strategies:
+        s.check_ready()
+    out = Path(output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    run = federation.run_id_of(grid) if run_id is None else int(run_id)
+    log_ = AuditLog(audit_path(out), run)
+    guarded = federation.GuardedGrid(grid, log_ if audit else None)
+    ledger = Ledger(log_, guarded, run)
+    log_.record("serve.started", methods=names, model_before=model_digest(arrays))
+
+    nodes = sorted(guarded.get_node_ids())
+    if not nodes:
+        raise RuntimeError("serve(): no node is connected to the grid")
+    replies = federation.query(guarded, nodes, run_config_requests=False)
+    reports: dict[int, dict] = {}
+    accepted, rejected = federation.collect_valid_requests(
+        replies, None, audit=log_, reports=reports)
+    answered = sorted(reports)
+    view = {n: reports[n].get("partition-id", i) for i, n in enumerate(answered)}
+    guarded.verify(view)
+    guarded.reports = reports
+    ledger.verified(view)
+    ledger.verdicts(accepted, rejected, arrays)
+    report = {"nodes": answered, "accepted": [dict(r.describe(), node_id=n)
+                                              for n, r in sorted(accepted.items())],
+              "rejected": rejected, "model_before": model_digest(arrays)}
+    outcomes: dict[str, MethodOutcome] = {}
+    if not accepted:
+        log(INFO, "fedunlearn.serve: no valid unlearning request (%d rejected); the model "
+            "is unchanged", len(rejected))
+        log_.record("serve.finished", honoured=[])
+        return ServeOutcome(arrays, outcomes, report)
+    fully = {n for n, r in accepted.items() if reports.get(n, {}).get("num-retained", 1) == 0}
+    context = UnlearningContext(requests=accepted, fully_forgotten=fully,
+                                node_partitions=view, original_arrays=arrays)
+    final = arrays
+    for strategy in strategies:
+        name = strategy.name
+        strategy.bind(context)
+        reason = strategy.refusal(accepted)
+        if reason is not None:
+            ledger.refused(name, reason)
+            log(WARNING, "[%s] refused: %s", name, reason)
+            outcomes[name] = MethodOutcome(name, "refused", reason=reason)
+            _write_json(out / name / FAILED_FILE, outcomes[name].as_dict())
+            continue
+        log(INFO, "[%s] unlearning starts for node(s) %s", name, sorted(accepted))
+        ledger.unlearning_started(strategy)
+        started = time.perf_counter()
+        try:
+            unlearned = strategy.unlearn(guarded, arrays)
+        except (UnlearningFailed, RuntimeError, ValueError) as err:
+            reason = f"{type(err).__name__}: {err}"
+            log(WARNING, "[%s] FAILED: %s", name, reason)
+            log_.record("unlearning.failed", method=name, reason=reason[:2000])
+            outcomes[name] = MethodOutcome(name, "failed", reason=reason,
+                                           wall_s=time.perf_counter() - started)
+            _write_json(out / name / FAILED_FILE, outcomes[name].as_dict())
+            continue
+        cost = strategy.cost
+        metrics = target_metrics(guarded, unlearned, accepted)
+        if evaluate_fn is not None:
+            value = evaluate_fn(unlearned)
+            metrics.update(value if isinstance(value, dict) else {"test": float(value)})
+        path, digest = save_model(out / name / MODEL_FILE, unlearned)
+        ledger.unlearning_finished(strategy, unlearned, metrics)
+        outcome = MethodOutcome(name, "honoured", unlearned, model_path=str(path),
+                                model_sha256=digest, rounds=cost.rounds,
+                                comm_bytes=cost.comm_bytes, flops=cost.flops,
+                                wall_s=time.perf_counter() - started, metrics=metrics,
+                                notes=_jsonable(strategy.notes))
+        outcomes[name] = outcome
+        _write_json(out / name / RESULT_FILE, dict(outcome.as_dict(), request=report["accepted"],
+                                                  cost=strategy.cost_dict()))
+        log(INFO, "[%s] honoured: %s; model %s (sha256 %s)", name,
+            ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), path, digest[:12])
+        final = unlearned
+    log_.record("serve.finished",
+                honoured=[n for n, o in outcomes.items() if o.status == "honoured"],
+                failed=[n for n, o in outcomes.items() if o.status == "failed"])
+    return ServeOutcome(final, outcomes, report)
+
+
+def target_metrics(grid, arrays: ArrayRecord, requests: dict) -> dict:
+    """Forget and retain accuracy (%) of ``arrays``, measured by the target nodes on
+    their own data (counts only come back)."""
+    messages = []
+    for node, request in sorted(requests.items()):
+        config = ConfigRecord({"max-members": 0})
+        config.update(request_to_config(request))
+        messages.append(Message(RecordDict({MODEL_KEY: arrays, "config": config}),
+                                dst_node_id=node, message_type=EVALUATE_UNLEARN))
+    sums = {"forget-correct": 0, "forget-total": 0, "retain-correct": 0, "retain-total": 0}
+    failed = []
+    for reply in grid.send_and_receive(messages, timeout=federation.REPLY_TIMEOUT_S):
+        if reply.has_error():
+            failed.append(int(reply.metadata.src_node_id))
+            continue
+        metrics = reply.content.metric_records.get("metrics", MetricRecord())
+        for key in sums:
+            value = metrics.get(key, 0)
+            sums[key] += value if isinstance(value, int) else 0
+    out = {}
+    for part in ("forget", "retain"):
+        total = sums[f"{part}-total"]
+        out[part] = 100.0 * sums[f"{part}-correct"] / total if total and not failed else float("nan")
+    if failed:
+        log(WARNING, "target node(s) %s did not measure the unlearned model", failed)
+    return out
+
+
+def save_model(path: Path, arrays: ArrayRecord) -> tuple[Path, str]:
+    """Write ``arrays`` as a torch state dict, atomically; return the path and the
+    model's SHA-256 (:func:`fedunlearn.audit.model_digest`, the hash the audit log and
+    the receipts name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(arrays.to_torch_state_dict(), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path, model_digest(arrays)
+
+
+def load_model(path: str | os.PathLike) -> ArrayRecord:
+    """A model written by :func:`save_model`, as an ``ArrayRecord``."""
+    return ArrayRecord(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+__all__ = ["MethodOutcome", "ServeOutcome", "load_model", "save_model", "serve",
+           "target_metrics"]

@@ -1,0 +1,334 @@
+"""fedunlearn as a plugin: a Flower user's own app (their Net, data, train loop, ClientApp
+handlers and FedAvg) adds unlearning through the public API only. The user's package is
+written to a temp dir outside fedunlearn and imported from there."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from flwr.app import Context, Message, Metadata, RecordDict
+
+USER_TASK = '''
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv1(x)).flatten(1))
+
+
+class Blobs(Dataset):
+    """Four classes of 8x8 images, each a bright quadrant plus noise."""
+
+    def __init__(self, n, seed):
+        rng = np.random.default_rng(seed)
+        self.y = rng.integers(0, 4, size=n)
+        x = rng.normal(0, 0.3, size=(n, 1, 8, 8)).astype(np.float32)
+        for i, c in enumerate(self.y):
+            r, q = divmod(int(c), 2)
+            x[i, 0, r * 4:(r + 1) * 4, q * 4:(q + 1) * 4] += 1.5
+        self.x = torch.from_numpy(x)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def load_data(partition_id):
+    return Blobs(48, seed=100 + partition_id), Blobs(16, seed=200 + partition_id)
+
+
+def train(net, trainloader, epochs, lr, device):
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    net.train()
+    total = 0.0
+    for _ in range(epochs):
+        for x, y in trainloader:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            total += float(loss)
+    return total / max(1, len(trainloader) * epochs)
+
+
+def test(net, dataset):
+    net.eval()
+    with torch.no_grad():
+        pred = net(dataset.x).argmax(1).numpy()
+    return 100.0 * float((pred == dataset.y).mean())
+'''
+
+USER_CLIENT = '''
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch.utils.data import DataLoader
+
+from fedunlearn.client import attach
+from userapp.task import Net, load_data, train
+
+app = ClientApp()
+
+
+@app.train()
+def train_fn(msg: Message, context: Context):
+    """Flower quickstart's handler, unchanged: its own metric names."""
+    model = Net()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    trainset, _ = load_data(context.node_config["partition-id"])
+    loss = train(model, DataLoader(trainset, batch_size=16, shuffle=True), 1,
+                 msg.content["config"]["lr"], "cpu")
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "metrics": MetricRecord({"train_loss": loss,
+                                                   "num-examples": len(trainset)})})
+    return Message(content=content, reply_to=msg)
+
+
+attach(app, model_fn=Net, data=lambda ctx: load_data(ctx.node_config["partition-id"]),
+       train_fn=train)
+'''
+
+
+@pytest.fixture()
+def userapp(tmp_path, monkeypatch, server_identity, single_thread):
+    pkg = tmp_path / "userapp"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "task.py").write_text(USER_TASK)
+    (pkg / "client_app.py").write_text(USER_CLIENT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.startswith("userapp")]:
+        del sys.modules[name]
+    return importlib.import_module("userapp.client_app"), importlib.import_module("userapp.task")
+
+
+class UserGrid:
+    """The user's federation in one process: every message reaches the user's ClientApp
+    with that node's Context (node-config and state kept across messages)."""
+
+    def __init__(self, app, num_nodes=4, inboxes=None):
+        self.app = app
+        self.contexts = {
+            100 + i: Context(run_id=7, node_id=100 + i,
+                             node_config={"partition-id": i,
+                                          **({"inbox": str(inboxes[i])} if inboxes and i in inboxes else {})},
+                             state=RecordDict(), run_config={})
+            for i in range(num_nodes)}
+        self.sent = []
+
+    @property
+    def run(self):
+        raise AttributeError("no run")
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for msg in messages:
+            self.sent.append(msg)
+            dst = int(msg.metadata.dst_node_id)
+            md = Metadata(run_id=7, message_id=f"m{len(self.sent)}", src_node_id=0,
+                          dst_node_id=dst, reply_to_message_id="", group_id="",
+                          created_at=time.time(), ttl=3600,
+                          message_type=msg.metadata.message_type)
+            reply = self.app(Message(msg.content, metadata=md), self.contexts[dst])
+            out.append(reply)
+        return out
+
+
+def fedavg(grid, task, rounds=3):
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    import torch
+    torch.manual_seed(0)
+    result = FedAvg(fraction_train=1.0, fraction_evaluate=0.0).start(
+        grid, ArrayRecord(task.Net().state_dict()), num_rounds=rounds,
+        train_config=ConfigRecord({"lr": 0.05}))
+    return result.arrays
+
+
+def file_request(tmp_path, node, **fields):
+    from fedunlearn.inbox import Inbox
+
+    inbox = Inbox(str(tmp_path / f"inbox-{node}"))
+    return inbox, inbox.file(**fields)
+
+
+def test_user_app_serves_client_and_class_wise_requests(userapp, tmp_path):
+    from fedunlearn import FineTune, NoT, PUF, Recovery, load_model, serve
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inbox0 = Inbox(str(tmp_path / "inbox-0"))
+    request_id = inbox0.file(scope="client").id
+    grid = UserGrid(client_app.app, inboxes={0: tmp_path / "inbox-0"})
+    arrays = fedavg(grid, task)
+    testset = task.Blobs(64, seed=999)
+
+    def evaluate(a):
+        net = task.Net()
+        net.load_state_dict(a.to_torch_state_dict())
+        return {"test": task.test(net, testset)}
+
+    recovery = Recovery(rounds=2, server_momentum=0.0, lr=0.05)
+    out = tmp_path / "out"
+    before = len(grid.sent)
+    outcome = serve(grid, arrays, [NoT(recovery, model_fn=task.Net,
+                                       example_input=__import__("torch").zeros(1, 1, 8, 8)),
+                                   FineTune(recovery), PUF(recovery)],
+                    output_dir=out, evaluate_fn=evaluate)
+    print(outcome.table())
+    assert outcome.report["accepted"][0]["node_id"] == 100
+    for name in ("not", "ft", "puf"):
+        m = outcome.methods[name]
+        assert m.status == "honoured", m.reason
+        assert m.metrics["test"] > 50.0 and 0.0 <= m.metrics["forget"] <= 100.0
+        saved = load_model(m.model_path)
+        from fedunlearn.audit import model_digest
+        assert model_digest(saved) == m.model_sha256
+        assert json.loads((out / name / "results.json").read_text())["model_sha256"] == m.model_sha256
+    # Client-wise: the target never trained in recovery; retained nodes ran the user's
+    # own train handler (plain "train", quickstart metric names).
+    train_msgs = [m for m in grid.sent[before:] if m.metadata.message_type == "train"]
+    assert train_msgs and all(int(m.metadata.dst_node_id) != 100 for m in train_msgs)
+    events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert "request.accepted" in events and events.count("unlearning.finished") == 3
+    history = Inbox(str(tmp_path / "inbox-0")).events(request_id)
+    assert [e["status"] for e in history][-1] == "honoured"
+
+
+def test_class_wise_request_trains_on_retained_data_and_bad_ids_are_rejected(userapp, tmp_path):
+    from fedunlearn import NoT, Recovery, serve
+    from fedunlearn.inbox import Inbox
+    import torch
+
+    client_app, task = userapp
+    Inbox(str(tmp_path / "i1")).file(scope="class", classes=[2])
+    bad = Inbox(str(tmp_path / "i2")).file(scope="instance", sample_ids=[5, 4000]).id
+    grid = UserGrid(client_app.app, inboxes={1: tmp_path / "i1", 2: tmp_path / "i2"})
+    arrays = fedavg(grid, task, rounds=2)
+    before = len(grid.sent)
+    outcome = serve(grid, arrays, NoT(Recovery(rounds=2, lr=0.05), model_fn=task.Net,
+                                      example_input=torch.zeros(1, 1, 8, 8)),
+                    output_dir=tmp_path / "out")
+    assert [a["node_id"] for a in outcome.report["accepted"]] == [101]
+    assert outcome.report["accepted"][0]["classes"] == [2]
+    (rej,) = outcome.report["rejected"]
+    assert rej["node_id"] == 102 and "4000" in rej["reason"]
+    status = Inbox(str(tmp_path / "i2")).events(bad)[-1]
+    assert status["status"] == "rejected" and "4000" in status["reason"]
+    m = outcome.methods["not"]
+    # Measured by node 1 on its own class-2 samples (other nodes still hold class 2, so
+    # a model that forgot node 1's data alone still recognises the class).
+    assert m.status == "honoured" and 0.0 <= m.metrics["forget"] <= 100.0
+    assert 0.0 <= m.metrics["retain"] <= 100.0
+    # The class-wise target trained with fedunlearn's retained-data handler.
+    kinds = {(int(x.metadata.dst_node_id), x.metadata.message_type) for x in grid.sent[before:]}
+    assert (101, "train.retained") in kinds and (100, "train") in kinds
+
+
+def test_a_node_without_num_examples_fails_the_method_by_name(userapp, tmp_path):
+    from fedunlearn import FineTune, Recovery, serve
+    from fedunlearn.inbox import Inbox
+    from flwr.app import ArrayRecord, MetricRecord
+
+    client_app, task = userapp
+    Inbox(str(tmp_path / "i0")).file(scope="client")
+    grid = UserGrid(client_app.app, inboxes={0: tmp_path / "i0"})
+    arrays = fedavg(grid, task, rounds=1)
+    real = client_app.app._registered_funcs["train.default"]
+
+    def no_weight(msg, context):
+        reply = real(msg, context)
+        return Message(RecordDict({"arrays": reply.content["arrays"],
+                                   "metrics": MetricRecord({"train_loss": 0.1})}), reply_to=msg)
+
+    client_app.app._registered_funcs["train.default"] = no_weight
+    outcome = serve(grid, arrays, FineTune(Recovery(rounds=1)), output_dir=tmp_path / "o")
+    m = outcome.methods["ft"]
+    assert m.status == "failed" and m.arrays is None
+    assert "node 101" in m.reason and "num-examples" in m.reason
+    assert (tmp_path / "o" / "ft" / "failed.json").exists()
+    assert not (tmp_path / "o" / "ft" / "model.pt").exists()
+
+
+def test_start_on_an_unbound_unlearning_strategy_raises(userapp):
+    from fedunlearn import NoT
+
+    _, task = userapp
+    from flwr.app import ArrayRecord
+    with pytest.raises(RuntimeError, match="serve"):
+        NoT(model_fn=task.Net).start(None, ArrayRecord(task.Net().state_dict()), num_rounds=3)
+
+
+def test_server_side_import_does_not_load_the_client_side():
+    code = ("import sys, fedunlearn, fedunlearn.service, fedunlearn.server, "
+            "fedunlearn.strategies as s; s.list_methods(); from fedunlearn import NoT, serve; "
+            "print('fedunlearn.client' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_strategy_and_an_action_from_outside_the_package(tmp_path, monkeypatch,
+                                                           server_identity):
+    pkg = tmp_path / "myplugin"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        from fedunlearn.strategies import register_method
+        from fedunlearn.strategies.finetune import FineTune
+        from fedunlearn.client import register_action, ActionResult
+
+        @register_action("halve")
+        def halve(job):
+            for p in job.model.parameters():
+                p.data.mul_(0.5)
+            return ActionResult(job.model, num_examples=len(job.retained))
+
+        @register_method("halving_ft")
+        class HalvingFT(FineTune):
+            """FT whose recovery runs the outside action."""
+            def recovery_phase(self):
+                import dataclasses
+                return dataclasses.replace(super().recovery_phase(), action="halve")
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("myplugin")
+    from fedunlearn.strategies import get_method, list_methods
+    from fedunlearn.client import list_actions
+
+    assert "halving_ft" in list_methods() and "halve" in list_actions()
+    from .helpers import NODE, RC, RecordingGrid, make_context
+    from flower_apps.client_app import app
+    from fedunlearn.client import action_handler
+    from fedunlearn.training import to_arrays
+    import numpy as np
+
+    if "train.halve" not in app._registered_funcs:
+        app.train("halve")(action_handler("halve"))
+    ctx = make_context(RC, {})
+    strategy = get_method("halving_ft").from_config(ctx.cfg, ctx)
+    from fedunlearn.strategies import Recovery
+    strategy.recovery = Recovery(rounds=1, server_momentum=0.0)
+    start = to_arrays(ctx.model_factory())
+    out = strategy.unlearn(RecordingGrid(app, RC, NODE), start)
+    key = next(iter(start))
+    assert np.allclose(out[key].numpy(), 0.5 * start[key].numpy())
