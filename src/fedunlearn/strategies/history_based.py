@@ -27,6 +27,9 @@ class HistoryUnlearning(UnlearningStrategy):
         self._history: TrainingHistory | None = None
 
     def refusal(self, requests: dict[int, UnlearningRequest]) -> str | None:
+        if self.context.history is None and self.context.cfg is None:
+            return (f"{self.name} needs the training history recorded while the model was "
+                    "trained, and none is bound to this serving run")
         reason = super().refusal(requests)
         if reason is not None:
             reason += (" (its training history records whole-client updates, which mix a "
