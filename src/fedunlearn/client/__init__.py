@@ -22,7 +22,7 @@ from .actions import (ActionJob, ActionResult, action_handler, handle_action, li
 from .evaluate import handle_evaluate
 from .node import (NodeView, experiment_config, federated_data, own_request,
                    sample_fraction, split_local)
-from .plugin import attach
+from .plugin import attach, node_dataset
 from .query import handle_query
 
 
@@ -32,7 +32,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 
 
 __all__ = [
-    "ActionJob", "ActionResult", "NodeView", "action_handler", "attach", "experiment_config",
+    "ActionJob", "ActionResult", "NodeView", "action_handler", "attach", "node_dataset", "experiment_config",
     "federated_data", "handle_action", "handle_evaluate", "handle_query", "handle_train",
     "list_actions", "own_request", "register_action", "request_from_config",
     "request_to_config", "sample_fraction", "split_local",

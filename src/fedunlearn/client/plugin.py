@@ -95,6 +95,20 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
     return app
 
 
+def node_dataset(context: Context):
+    """``(train, val)`` from this node's node-config ``dataset-path`` (Flower's examples'
+    convention), with optional ``image-column`` / ``label-column``: pass it as
+    ``attach(app, data=node_dataset, ...)``. See :mod:`fedunlearn.data.local`."""
+    from ..data.local import load_local_dataset
+
+    nc = context.node_config
+    if "dataset-path" not in nc:
+        raise ValueError("node-config has no 'dataset-path': start the SuperNode with "
+                         "--node-config \"dataset-path='/path/to/data'\"")
+    return load_local_dataset(str(nc["dataset-path"]), str(nc.get("image-column", "")),
+                              str(nc.get("label-column", "")))
+
+
 def build_view(context, model_fn, data, val_data, labels, num_classes, train_fn,
                sample_ids, batch_size, momentum, seed, device) -> NodeView:
     """The node's :class:`NodeView` over the user's data."""
@@ -149,4 +163,4 @@ def _check_dataset(name: str, dataset) -> None:
                         f"__len__) yielding (x, y), got {type(dataset).__name__}")
 
 
-__all__ = ["attach", "build_view"]
+__all__ = ["attach", "build_view", "node_dataset"]
