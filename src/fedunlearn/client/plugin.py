@@ -26,6 +26,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from ..inbox import INBOX_KEY
 from ..protocol import DEFAULT_ACTION, QUERY_UNLEARN
 from .actions import action_handler, list_actions
 from .evaluate import handle_evaluate
@@ -37,7 +38,8 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
            data: Any, val_data: Any = None, labels: Any = None,
            num_classes: int | None = None, train_fn: Callable | None = None,
            sample_ids: Any = None, batch_size: int = 32, momentum: float = 0.9,
-           seed: int = 0, device: str = "auto") -> ClientApp:
+           seed: int = 0, device: str = "auto",
+           inbox: Callable[[Context], str] | None = None) -> ClientApp:
     """Register fedunlearn's handlers on ``app``; return ``app``.
 
     Parameters
@@ -62,6 +64,9 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
         ``train``); default: fedunlearn's SGD (``batch_size``, ``momentum``).
     sample_ids : sequence of int or callable, optional
         The data owner's id of each training sample (default: its position).
+    inbox : callable, optional
+        ``inbox(context) -> folder``: the node's request inbox when its node-config has
+        no ``inbox`` (e.g. a per-node folder in a simulation).
     """
     if not isinstance(app, ClientApp):
         raise TypeError(f"attach() takes the user's flwr ClientApp, got {type(app).__name__}")
@@ -86,6 +91,8 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
 
     @app.query(name)
     def unlearn_query(msg: Message, context: Context) -> Message:
+        if inbox is not None and INBOX_KEY not in context.node_config:
+            context.node_config[INBOX_KEY] = str(inbox(context))
         return handle_query(msg, context, view_for)
 
     @app.evaluate("unlearn")

@@ -1,0 +1,1 @@
+"""unlearningexample: Flower's quickstart-pytorch layout with fedunlearn added."""

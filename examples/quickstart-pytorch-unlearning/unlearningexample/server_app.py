@@ -1,0 +1,40 @@
+"""unlearningexample: the user's ServerApp (Flower's FedAvg), then unlearning (+)."""
+
+from pathlib import Path
+import tempfile
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from torch.utils.data import DataLoader
+
+from fedunlearn import FineTune, NoT, PUF, Recovery, serve  # +
+from unlearningexample.task import Net, load_test, test
+
+app = ServerApp()
+
+
+def evaluate(arrays: ArrayRecord) -> dict:
+    net = Net()
+    net.load_state_dict(arrays.to_torch_state_dict())
+    _, acc = test(net, DataLoader(load_test(), batch_size=128), "cpu")
+    return {"test": 100.0 * acc}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    torch.manual_seed(0)
+    result = FedAvg(fraction_train=rc["fraction-train"]).start(
+        grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
+        train_config=ConfigRecord({"lr": rc["lr"]}), num_rounds=rc["num-server-rounds"])
+    print(f"after FedAvg: test accuracy {evaluate(result.arrays)['test']:.2f}%")
+
+    recovery = Recovery(rounds=rc["recovery-rounds"], lr=rc["lr"], server_momentum=0.5)  # +
+    methods = {"not": NoT(recovery, model_fn=Net, example_input=torch.zeros(1, 1, 8, 8)),  # +
+               "ft": FineTune(recovery), "puf": PUF(recovery)}  # +
+    out = rc["output-dir"] or tempfile.mkdtemp(prefix="unlearning-")
+    outcome = serve(grid, result.arrays, [methods[m] for m in rc["methods"].split(",")],  # +
+                    output_dir=out, evaluate_fn=evaluate)  # +
+    print(outcome.table())  # +
