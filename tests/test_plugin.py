@@ -64,7 +64,7 @@ def train(net, trainloader, epochs, lr, device):
             loss = nn.functional.cross_entropy(net(x), y)
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
     return total / max(1, len(trainloader) * epochs)
 
 
@@ -332,3 +332,27 @@ def test_a_strategy_and_an_action_from_outside_the_package(tmp_path, monkeypatch
     out = strategy.unlearn(RecordingGrid(app, RC, NODE), start)
     key = next(iter(start))
     assert np.allclose(out[key].numpy(), 0.5 * start[key].numpy())
+
+
+def test_the_example_app_under_flwr_run(tmp_path):
+    """examples/quickstart-pytorch-unlearning end to end on Flower's simulation engine:
+    the user's FedAvg, then node 0's inbox request served by NoT and PUF."""
+    from pathlib import Path
+
+    from fedunlearn.audit import model_digest
+    from fedunlearn.launch import flwr_run
+    from fedunlearn.service import load_model
+
+    app = Path(__file__).resolve().parents[1] / "examples" / "quickstart-pytorch-unlearning"
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    rc = flwr_run({"num-server-rounds": 3, "recovery-rounds": 2, "methods": "not,puf",
+                   "output-dir": str(out), "inbox-root": str(tmp_path / "inboxes")},
+                  num_supernodes=4, app=app, env={"FLWR_HOME": str(tmp_path / "home")},
+                  log_file=log, echo=False)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    for method in ("not", "puf"):
+        res = json.loads((out / method / "results.json").read_text())
+        assert res["status"] == "honoured" and res["rounds"] >= 2
+        assert model_digest(load_model(out / method / "model.pt")) == res["model_sha256"]
+    assert "Receipt (honoured)" in text and "not        honoured" in text
