@@ -356,3 +356,35 @@ def test_the_example_app_under_flwr_run(tmp_path):
         assert res["status"] == "honoured" and res["rounds"] >= 2
         assert model_digest(load_model(out / method / "model.pt")) == res["model_sha256"]
     assert "Receipt (honoured)" in text and "not        honoured" in text
+
+
+def test_start_on_a_bound_not_negates_before_recovery(server_identity):
+    import numpy as np
+
+    from fedunlearn import NoT
+    from fedunlearn.requests import UnlearningRequest
+    from fedunlearn.training import to_arrays
+
+    from .helpers import RC, make_context
+
+    ctx = make_context(RC, {10: UnlearningRequest("client", 0, node_id=10)})
+    strategy = NoT(model_fn=ctx.model_factory, example_input=ctx.example_input).bind(ctx)
+    start = to_arrays(ctx.model_factory())
+    result = strategy.start(None, start, num_rounds=0)
+    first = strategy.notes["negated"][0]
+    assert np.allclose(result.arrays[first].numpy(), -start[first].numpy())
+    assert strategy.recovery.rounds == 0
+
+
+def test_strategy_arguments_are_checked_by_name():
+    from fedunlearn import PUF, Recovery
+
+    with pytest.raises(ValueError, match="Recovery.lr=-1"):
+        Recovery(lr=-1)
+    with pytest.raises(ValueError, match="Recovery.stop='sometimes'"):
+        Recovery(stop="sometimes")
+    with pytest.raises(ValueError, match="alpha"):
+        PUF(params={"alpha": -2.0})
+    with pytest.raises(ValueError, match="has no parameter 'beta'"):
+        PUF(params={"beta": 1.0})
+    assert PUF(params={"alpha": 3.0}).params.alpha == 3.0
