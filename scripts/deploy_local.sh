@@ -43,6 +43,10 @@
 #   NODE_CONFIG_<i>    extra node-config pairs for SuperNode i, e.g.
 #                      NODE_CONFIG_1='forget-scope="class" forget-classes="3"'
 #   RUN_TIMEOUT        seconds before `flwr run` is given up                (default 0: none)
+#   APP                the Flower app to run: this repository (the harness) or another
+#                      app's folder, e.g. examples/quickstart-pytorch-unlearning; for
+#                      another app only output-dir and the arguments go into its
+#                      run-config                                          (default .)
 #
 # Every run-config pair given as an argument is passed to `flwr run --run-config`
 # after the script's own (later keys win), e.g. 'dataset.name="digits"' pretrain.rounds=5.
@@ -75,6 +79,7 @@ FORGET_SAMPLE_IDS="${FORGET_SAMPLE_IDS:-}"
 FORGET_FRACTION="${FORGET_FRACTION:-}"
 METHOD="${METHOD:-not}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-0}"
+APP="${APP:-.}"
 WORKDIR="${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/fedunlearn-deploy.XXXXXX")}"
 mkdir -p "$WORKDIR"
 WORKDIR="$(cd "$WORKDIR" && pwd)"
@@ -365,12 +370,16 @@ for ((i = 0; i < NUM_NODES; i++)); do
 done
 
 # --- Run ---------------------------------------------------------------------------------
-RUN_CONFIG="federation.num-clients=$NUM_NODES method=\"$METHOD\" output-dir=\"$OUTPUT_DIR\""
+if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]]; then
+    RUN_CONFIG="federation.num-clients=$NUM_NODES method=\"$METHOD\" output-dir=\"$OUTPUT_DIR\""
+else  # a user's app: its own run-config keys
+    RUN_CONFIG="output-dir=\"$OUTPUT_DIR\""
+fi
 for pair in "$@"; do RUN_CONFIG+=" $pair"; done
-log "flwr run . local-deployment --stream --run-config '$RUN_CONFIG'"
+log "flwr run $APP local-deployment --stream --run-config '$RUN_CONFIG'"
 STARTED_MARK="$WORKDIR/.run-started"
 touch "$STARTED_MARK"
-RUN_CMD=("$FLWR_BIN_DIR/flwr" run . local-deployment --stream --run-config "$RUN_CONFIG")
+RUN_CMD=("$FLWR_BIN_DIR/flwr" run "$APP" local-deployment --stream --run-config "$RUN_CONFIG")
 if [[ "$RUN_TIMEOUT" != 0 ]]; then RUN_CMD=(timeout "$RUN_TIMEOUT" "${RUN_CMD[@]}"); fi
 # In the background and `wait`ed for, so that SIGINT/SIGTERM run the trap at once.
 : > "$LOG_DIR/run.log"

@@ -312,3 +312,87 @@ def test_script_rejects_bad_node_count(tmp_path, deployment):
 def test_script_rejects_bad_settings(tmp_path, deployment, env, message):
     assert deployment.run([], env, timeout=30) == 2
     assert message in deployment.output()
+
+
+# ---------------------------------------------------------------------------------------
+# A user's own app on a deployment: nodes bring their own data (dataset-path)
+# ---------------------------------------------------------------------------------------
+def _write_node_data(root: Path, partition: int, num_partitions: int) -> None:
+    """Node ``partition``'s private data as an on-disk Hugging Face folder."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    part = np.array_split(np.random.default_rng(42).permutation(len(y)), num_partitions)[partition]
+    cut = int(0.8 * len(part))
+
+    def table(ids):
+        return Dataset.from_dict({"img": (x[ids] / 16.0).reshape(-1, 8, 8).tolist(),
+                                  "label": y[ids].tolist()})
+
+    DatasetDict({"train": table(part[:cut]), "test": table(part[cut:])}).save_to_disk(str(root))
+
+
+def _serverapp_opens(roots: list[Path], stop, seen: list[str]) -> None:
+    """Record every file under ``roots`` that a ServerApp process holds open."""
+    while not stop.is_set():
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if b"flwr-serverapp" not in (entry / "cmdline").read_bytes():
+                    continue
+                for fd in (entry / "fd").iterdir():
+                    target = os.readlink(fd)
+                    if any(target.startswith(str(r)) for r in roots):
+                        seen.append(target)
+            except OSError:
+                continue
+        time.sleep(0.2)
+
+
+def test_user_app_on_a_deployment_with_private_data_folders(tmp_path, deployment):
+    """examples/quickstart-pytorch-unlearning on a SuperLink and 3 SuperNodes, each
+    reading its own dataset-path folder; the ServerApp's run-config names none of them,
+    and no ServerApp process ever holds a file of them open."""
+    import threading
+
+    data = [tmp_path / "node-data" / f"node-{i}" for i in range(3)]
+    for i, root in enumerate(data):
+        _write_node_data(root, i, 3)
+    env = {"NUM_NODES": "3", "SECURE": "0", "FORGET_NODE": "none",
+           "APP": str(REPO / "examples" / "quickstart-pytorch-unlearning"),
+           "OUTPUT_DIR": str(tmp_path / "out"), "RUN_TIMEOUT": str(RUN_TIMEOUT_S),
+           "INBOX_REQUEST_1": "--scope class --classes 3",
+           "INBOX_REQUEST_0": "--scope instance --sample-ids 0,1,2",
+           "INBOX_REQUEST_2": "--scope instance --sample-ids 5,9999"}
+    for i, root in enumerate(data):
+        env[f"NODE_CONFIG_{i}"] = f"dataset-path=\"{root}\""
+    stop, seen = threading.Event(), []
+    watcher = threading.Thread(target=_serverapp_opens, args=(data, stop, seen), daemon=True)
+    watcher.start()
+    try:
+        code = deployment.run(['num-server-rounds=2', 'recovery-rounds=1', 'methods="not"'],
+                              env, timeout=RUN_TIMEOUT_S + 60)
+    finally:
+        stop.set()
+        watcher.join()
+    output = deployment.output()
+    assert code == 0, output[-6000:]
+    assert not seen, f"the ServerApp opened node data: {sorted(set(seen))}"
+    run_line = next(line for line in output.splitlines() if "--run-config" in line)
+    assert "node-data" not in run_line
+    res = json.loads((tmp_path / "out" / "not" / "results.json").read_text())
+    assert res["status"] == "honoured"
+    scopes = sorted(r["scope"] for r in res["request"])
+    assert scopes == ["class", "instance"]
+    work = deployment.workdir
+    listed = {i: fedunlearn_cli("request", "list", "--inbox", str(work / f"inbox-{i}"))
+              for i in range(3)}
+    assert "honoured" in listed[0] and "honoured" in listed[1]
+    assert "rejected" in listed[2]
+    (request_file,) = (work / "inbox-2" / "requests").glob("*.json")
+    shown = fedunlearn_cli("request", "show", "--inbox", str(work / "inbox-2"),
+                           request_file.stem)
+    assert "9999" in shown
