@@ -311,6 +311,16 @@ def test_a_strategy_and_an_action_from_outside_the_package(tmp_path, monkeypatch
                 return dataclasses.replace(super().recovery_phase(), action="halve")
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
+    # Test isolation only: the outside method and action leave the registries (and the
+    # harness's ClientApp) as they were once this test ends.
+    import fedunlearn.client.actions as actions_pkg
+    import fedunlearn.strategies as strategies_pkg
+    from flower_apps.client_app import app as harness_app
+
+    monkeypatch.setattr(strategies_pkg, "_METHODS", dict(strategies_pkg._METHODS))
+    monkeypatch.setattr(actions_pkg, "_ACTIONS", dict(actions_pkg._ACTIONS))
+    monkeypatch.setattr(harness_app, "_registered_funcs", dict(harness_app._registered_funcs))
+    monkeypatch.delitem(sys.modules, "myplugin", raising=False)
     importlib.import_module("myplugin")
     from fedunlearn.strategies import get_method, list_methods
     from fedunlearn.client import list_actions
