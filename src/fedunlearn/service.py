@@ -33,7 +33,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -41,7 +41,10 @@ from . import federation
 from .audit import AuditLog, audit_path, model_digest
 from .ledger import Ledger
 from .protocol import EVALUATE_UNLEARN, MODEL_KEY
+from .replies import parse_evaluate_reply
 from .requests import request_to_config
+from .results import write_json
+from .wire import WireError
 from .strategies.base import UnlearningContext, UnlearningFailed, UnlearningStrategy
 
 MODEL_FILE = "model.pt"
@@ -184,7 +187,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
             ledger.refused(name, reason)
             log(WARNING, "[%s] refused: %s", name, reason)
             outcomes[name] = MethodOutcome(name, "refused", reason=reason)
-            _write_json(out / name / FAILED_FILE, outcomes[name].as_dict())
+            write_json(out / name / FAILED_FILE, outcomes[name].as_dict())
             continue
         log(INFO, "[%s] unlearning starts for node(s) %s", name, sorted(accepted))
         ledger.unlearning_started(strategy)
@@ -197,7 +200,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
             log_.record("unlearning.failed", method=name, reason=reason[:2000])
             outcomes[name] = MethodOutcome(name, "failed", reason=reason,
                                            wall_s=time.perf_counter() - started)
-            _write_json(out / name / FAILED_FILE, outcomes[name].as_dict())
+            write_json(out / name / FAILED_FILE, outcomes[name].as_dict())
             continue
         cost = strategy.cost
         metrics = target_metrics(guarded, unlearned, accepted)
@@ -212,7 +215,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
                                 wall_s=time.perf_counter() - started, metrics=metrics,
                                 notes=_jsonable(strategy.notes))
         outcomes[name] = outcome
-        _write_json(out / name / RESULT_FILE, dict(outcome.as_dict(), request=report["accepted"],
+        write_json(out / name / RESULT_FILE, dict(outcome.as_dict(), request=report["accepted"],
                                                   cost=strategy.cost_dict()))
         log(INFO, "[%s] honoured: %s; model %s (sha256 %s)", name,
             ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), path, digest[:12])
@@ -235,13 +238,15 @@ def target_metrics(grid, arrays: ArrayRecord, requests: dict) -> dict:
     sums = {"forget-correct": 0, "forget-total": 0, "retain-correct": 0, "retain-total": 0}
     failed = []
     for reply in grid.send_and_receive(messages, timeout=federation.REPLY_TIMEOUT_S):
-        if reply.has_error():
+        try:
+            if reply.has_error():
+                raise WireError("reply", reply.error.reason, "expected the node's counts")
+            counts = parse_evaluate_reply(reply, max_members=0).counts
+        except WireError:
             failed.append(int(reply.metadata.src_node_id))
             continue
-        metrics = reply.content.metric_records.get("metrics", MetricRecord())
         for key in sums:
-            value = metrics.get(key, 0)
-            sums[key] += value if isinstance(value, int) else 0
+            sums[key] += counts[key]
     out = {}
     for part in ("forget", "retain"):
         total = sums[f"{part}-total"]
@@ -270,13 +275,6 @@ def save_model(path: Path, arrays: ArrayRecord) -> tuple[Path, str]:
 def load_model(path: str | os.PathLike) -> ArrayRecord:
     """A model written by :func:`save_model`, as an ``ArrayRecord``."""
     return ArrayRecord(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _jsonable(value):

@@ -45,6 +45,7 @@ from ..config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
 from ..requests import SCOPES, UnlearningRequest, request_to_config
 from ..history import HistorySpec
+from ..wire import WireError, exact_int, finite_number
 from .params import MethodParams
 from .stopping import FIXED, MAXIMUM, StoppingRule
 
@@ -134,18 +135,17 @@ class Training:
 
 
 def _check_int(name: str, value, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name}={value!r}: expected an integer >= {lo}")
+    exact_int(name, value, lo=lo)
 
 
 def _check_number(name: str, value, lo: float, hi: float | None = None,
                   open_lo: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and value == value and abs(value) != float("inf")
-          and (value > lo if open_lo else value >= lo) and (hi is None or value < hi))
-    if not ok:
+    """A finite number ``>= lo`` (``> lo`` with ``open_lo``) and ``< hi``: the bounds
+    :func:`~fedunlearn.wire.finite_number` (inclusive ones) cannot say."""
+    value = finite_number(name, value, lo=lo)
+    if (open_lo and value == lo) or (hi is not None and value >= hi):
         bounds = f"{'>' if open_lo else '>='} {lo}" + (f" and < {hi}" if hi is not None else "")
-        raise ValueError(f"{name}={value!r}: expected a finite number {bounds}")
+        raise WireError(name, value, f"expected a finite number {bounds}")
 
 
 @dataclass
