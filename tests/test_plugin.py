@@ -398,3 +398,90 @@ def test_strategy_arguments_are_checked_by_name():
     with pytest.raises(ValueError, match="has no parameter 'beta'"):
         PUF(params={"beta": 1.0})
     assert PUF(params={"alpha": 3.0}).params.alpha == 3.0
+
+
+def test_history_methods_serve_from_a_keeper_around_the_users_fedavg(userapp, tmp_path):
+    """FedEraser, FUKD and PGD on the plugin path: the user's FedAvg wrapped in a
+    HistoryKeeper records what they need; serve() replays it."""
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedunlearn import FUKD, PGD, FedEraser, HistoryKeeper, Recovery, load_model, serve
+    from fedunlearn.audit import model_digest
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    Inbox(str(tmp_path / "i2")).file(scope="client")
+    grid = UserGrid(client_app.app, inboxes={2: tmp_path / "i2"})
+    recovery = Recovery(rounds=1, server_momentum=0.0, lr=0.05)
+    methods = [FedEraser(recovery, params={"delta_t": 2}),
+               FUKD(recovery, params={"epochs": 1}, server_data=task.Blobs(32, seed=5)),
+               PGD(recovery)]
+    keeper = HistoryKeeper(FedAvg(fraction_train=1.0, fraction_evaluate=0.0),
+                           methods=methods, directory=tmp_path / "history", max_mb=5)
+    torch.manual_seed(0)
+    result = keeper.start(grid, ArrayRecord(task.Net().state_dict()), num_rounds=3,
+                          train_config=ConfigRecord({"lr": 0.05}))
+    manifest = keeper.history.manifest
+    assert manifest["rounds"] == 3 and manifest["keyed_by"] == "node-id"
+    assert manifest["model_sha256"] == model_digest(result.arrays)
+    # Rounds 1 and 3 stored (delta_t=2), update sums and last local models per node.
+    names = sorted(p.name for p in (tmp_path / "history").iterdir())
+    assert names == ["last_local.pt", "manifest.json", "round-00001.pt", "round-00003.pt",
+                     "update_sums.pt"]
+    outcome = serve(grid, result.arrays, methods, output_dir=tmp_path / "out",
+                    history=keeper, model_fn=task.Net,
+                    example_input=torch.zeros(1, 1, 8, 8))
+    print(outcome.table())
+    for name in ("federaser", "fukd", "pgd"):
+        m = outcome.methods[name]
+        assert m.status == "honoured", m.reason
+        assert m.flops > 0
+        assert model_digest(load_model(m.model_path)) == m.model_sha256
+    assert outcome.methods["fukd"].notes["subtracted_partitions"] == [102]
+    # The user's train handler counts no samples: FLOPs estimated from num-examples x
+    # the local epochs asked, and said so in the cost.
+    cost = json.loads((tmp_path / "out" / "federaser" / "results.json").read_text())["cost"]
+    assert cost["estimated_train_samples"] == cost["train_samples"] > 0
+    # The target (node 102) never trained in FedEraser's calibration or FUKD's recovery.
+    assert all(int(x.metadata.dst_node_id) != 102 for x in grid.sent[-20:]
+               if x.metadata.message_type == "train")
+
+
+def test_history_methods_are_refused_without_a_matching_history(userapp, tmp_path):
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedunlearn import FUKD, PGD, FedEraser, HistoryKeeper, Recovery, serve
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    Inbox(str(tmp_path / "i0")).file(scope="client")
+    grid = UserGrid(client_app.app, inboxes={0: tmp_path / "i0"})
+    # Too large for the bound: refused before the first round, nothing written.
+    with pytest.raises(ValueError, match="history.max-mb|over the bound"):
+        HistoryKeeper(FedAvg(), methods=[FedEraser()], directory=tmp_path / "big",
+                      max_mb=0.001).start(grid, ArrayRecord(task.Net().state_dict()),
+                                          num_rounds=5)
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(ValueError, match="nothing to record"):
+        HistoryKeeper(FedAvg(), methods=[], directory=tmp_path / "h")
+    keeper = HistoryKeeper(FedAvg(fraction_evaluate=0.0), methods=[PGD(), FUKD()],
+                           directory=tmp_path / "h")
+    result = keeper.start(grid, ArrayRecord(task.Net().state_dict()), num_rounds=1,
+                          train_config=ConfigRecord({"lr": 0.05}))
+    recovery = Recovery(rounds=1)
+    outcome = serve(grid, result.arrays, [FedEraser(recovery), FUKD(recovery)],
+                    output_dir=tmp_path / "o", history=keeper)
+    assert outcome.methods["federaser"].status == "refused"
+    assert "client updates every 1 round" in outcome.methods["federaser"].reason
+    assert "server_data" in outcome.methods["fukd"].reason
+    # A model other than the one the recorded training ended with: refused by hash.
+    other = ArrayRecord(task.Net().state_dict())
+    outcome = serve(grid, other, PGD(recovery), output_dir=tmp_path / "o2", history=keeper)
+    assert outcome.methods["pgd"].status == "refused"
+    assert "different model" in outcome.methods["pgd"].reason
+    outcome = serve(grid, result.arrays, PGD(recovery), output_dir=tmp_path / "o3")
+    assert "HistoryKeeper" in outcome.methods["pgd"].reason

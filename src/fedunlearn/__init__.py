@@ -16,12 +16,14 @@ Importing :mod:`fedunlearn` loads the server side only (never :mod:`fedunlearn.c
 from __future__ import annotations
 
 _SERVER = {"serve": "service", "ServeOutcome": "service", "MethodOutcome": "service",
-           "load_model": "service", "Recovery": "strategies", "Training": "strategies",
+           "load_model": "service", "HistoryKeeper": "recording", "HistorySpec": "history",
+           "Recovery": "strategies", "Training": "strategies",
            "UnlearningFailed": "strategies", "UnlearningStrategy": "strategies",
            "create_method": "strategies", "get_method": "strategies",
            "list_methods": "strategies", "register_method": "strategies"}
 _METHODS = {"NoT": "not", "FineTune": "ft", "PUF": "puf", "Retrain": "retrain",
-            "MoDE": "mode", "FCU": "fcu"}
+            "MoDE": "mode", "FCU": "fcu", "FedEraser": "federaser", "FUKD": "fukd",
+            "PGD": "pgd"}
 
 
 def __getattr__(name: str):

@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 from . import federation
 from .audit import AuditLog, audit_path, model_digest
 from .ledger import Ledger
+from .metrics import flops_per_sample
 from .protocol import EVALUATE_UNLEARN, MODEL_KEY
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
@@ -96,20 +97,21 @@ class ServeOutcome:
     def table(self) -> str:
         """One line per method: test, forget and retain accuracy, rounds, bytes, model."""
         rows = [f"{'method':<10} {'status':<9} {'test':>7} {'forget':>7} {'retain':>7} "
-                f"{'rounds':>6} {'comm (B)':>10}  model (sha256)"]
+                f"{'rounds':>6} {'comm (B)':>10} {'FLOPs':>9}  model (sha256)"]
         for m in self.methods.values():
             def pct(key):
                 v = m.metrics.get(key)
                 return f"{v:7.2f}" if isinstance(v, float) and v == v else f"{'-':>7}"
             model = f"{m.model_path} ({m.model_sha256[:12]})" if m.model_path else m.reason
             rows.append(f"{m.method:<10} {m.status:<9} {pct('test')} {pct('forget')} "
-                        f"{pct('retain')} {m.rounds:>6} {m.comm_bytes:>10.3g}  {model}")
+                        f"{pct('retain')} {m.rounds:>6} {m.comm_bytes:>10.3g} {m.flops:>9.3g}  {model}")
         return "\n".join(rows)
 
 
 def serve(grid: Grid, arrays: ArrayRecord,
           strategies: UnlearningStrategy | Sequence[UnlearningStrategy], *,
           output_dir: str | os.PathLike, evaluate_fn: Callable | None = None,
+          history=None, model_fn: Callable | None = None, example_input=None,
           run_id: int | None = None, audit: bool = True) -> ServeOutcome:
     """Collect the nodes' unlearning requests and serve them with ``strategies``.
 
@@ -129,6 +131,14 @@ def serve(grid: Grid, arrays: ArrayRecord,
         ``evaluate_fn(arrays) -> dict`` or ``-> float`` on the server's own data (e.g.
         ``{"test": 97.2}``, accuracy in %); the server holds no client data, so test
         accuracy comes only from here.
+    history : HistoryKeeper or TrainingHistory, optional
+        The training history FedEraser, FUKD and PGD replay: the
+        :class:`fedunlearn.HistoryKeeper` that wrapped the strategy which trained
+        ``arrays`` (or its ``.history``). Without one those methods are refused.
+    model_fn, example_input : optional
+        The model factory and one input batch, to count FLOPs
+        (``torch.utils.flop_counter``); default: those of the first strategy given both.
+        Without them the report's FLOPs count only server-side arithmetic.
     """
     if isinstance(strategies, UnlearningStrategy):
         strategies = [strategies]
@@ -145,14 +155,38 @@ def serve(grid: Grid, arrays: ArrayRecord,
         raise ValueError("arrays must be the model's non-empty ArrayRecord")
     for s in strategies:
         s.check_ready()
+    if history is not None and hasattr(history, "spec") and hasattr(history, "directory") \
+            and not hasattr(history, "manifest"):
+        if history.history is None:
+            raise ValueError("serve(history=...): the HistoryKeeper has recorded nothing yet "
+                             "(call keeper.start(grid, arrays, num_rounds) first)")
+        history = history.history
+    if history is not None and not hasattr(history, "manifest"):
+        raise TypeError(f"history={history!r}: expected a fedunlearn.HistoryKeeper or a "
+                        "TrainingHistory")
+    if model_fn is None or example_input is None:
+        for s in strategies:
+            if s._model_fn is not None and s._example_input is not None:
+                model_fn, example_input = s._model_fn, s._example_input
+                break
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = federation.run_id_of(grid) if run_id is None else int(run_id)
     log_ = AuditLog(audit_path(out), run)
     guarded = federation.GuardedGrid(grid, log_ if audit else None)
     ledger = Ledger(log_, guarded, run)
-    log_.record("serve.started", methods=names, model_before=model_digest(arrays))
+    log_.record("serve.started", methods=names, model_before=model_digest(arrays),
+                history=str(history.directory) if history is not None else None)
+    try:
+        return _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
+                      model_fn, example_input)
+    except BaseException as err:
+        log_.record("serve.failed", error=f"{type(err).__name__}: {err}"[:1000])
+        raise
 
+
+def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history, model_fn,
+           example_input) -> ServeOutcome:
     nodes = sorted(guarded.get_node_ids())
     if not nodes:
         raise RuntimeError("serve(): no node is connected to the grid")
@@ -176,8 +210,20 @@ def serve(grid: Grid, arrays: ArrayRecord,
         log_.record("serve.finished", honoured=[])
         return ServeOutcome(arrays, outcomes, report)
     fully = {n for n, r in accepted.items() if reports.get(n, {}).get("num-retained", 1) == 0}
+    flops = {"train": 0, "forward": 0}
+    if model_fn is not None and example_input is not None:
+        classes = max((int(r.get("num-classes", 0)) for r in reports.values()), default=0)
+        with torch.random.fork_rng(devices=[]):  # the user's random state stays as it was
+            model = model_fn()
+            if not classes:
+                with torch.no_grad():
+                    classes = int(model.eval()(example_input[:1]).shape[-1])
+            flops = flops_per_sample(model, tuple(example_input.shape[1:]), classes)
     context = UnlearningContext(requests=accepted, fully_forgotten=fully,
-                                node_partitions=view, original_arrays=arrays)
+                                node_partitions=view, original_arrays=arrays,
+                                model_factory=model_fn, example_input=example_input,
+                                flops_per_sample=flops["train"],
+                                forward_flops_per_sample=flops["forward"], history=history)
     final = arrays
     for strategy in strategies:
         name = strategy.name

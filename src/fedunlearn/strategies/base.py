@@ -39,7 +39,7 @@ from flwr.serverapp.strategy import FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from ..protocol import (COST_METRICS, DEFAULT_ACTION, EVALUATE_UNLEARN, METRIC_KEYS, MODEL_KEY,
-                        NUM_EXAMPLES, RETAINED_ACTION)
+                        FORWARD_SAMPLES, NUM_EXAMPLES, RETAINED_ACTION, SAMPLES_PROCESSED)
 from ..protocol import message_type as action_message_type
 from ..config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
@@ -167,6 +167,9 @@ class CostMeter:
     extra_flops: int = 0
     messages_down: int = 0
     messages_up: int = 0
+    #: Of ``samples_processed``, those estimated as ``num-examples x local-epochs`` for
+    #: replies that did not count their own (a user's train handler).
+    estimated_samples: int = 0
 
     @property
     def comm_bytes(self) -> int:
@@ -180,7 +183,7 @@ class CostMeter:
     def add(self, other: CostMeter) -> None:
         """Add ``other``'s counts (storage: the larger of the two; both are peaks)."""
         for f in ("rounds", "bytes_down", "bytes_up", "samples_processed", "forward_samples",
-                  "extra_flops", "messages_down", "messages_up"):
+                  "extra_flops", "messages_down", "messages_up", "estimated_samples"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.wall_s += other.wall_s
         self.storage_bytes = max(self.storage_bytes, other.storage_bytes)
@@ -191,7 +194,9 @@ class CostMeter:
                 "messages_down": self.messages_down, "messages_up": self.messages_up,
                 "flops": self.flops, "train_samples": self.samples_processed,
                 "forward_samples": self.forward_samples, "server_flops": self.extra_flops,
-                "wall_s": round(self.wall_s, 3), "storage_bytes": self.storage_bytes}
+                "wall_s": round(self.wall_s, 3), "storage_bytes": self.storage_bytes,
+                **({"estimated_train_samples": self.estimated_samples}
+                   if self.estimated_samples else {})}
 
 
 @dataclass(frozen=True)
@@ -340,6 +345,7 @@ class UnlearningStrategy(FedAvgM):
         self.current_phase: Phase | None = None
         self.round_start: ArrayRecord | None = None
         self.notes: dict = {}
+        self._asked_epochs: dict[int, int] = {}
 
     # -- construction from the harness's config, binding, up-front checks --------------
     @classmethod
@@ -451,6 +457,16 @@ class UnlearningStrategy(FedAvgM):
         content = msg.content
         self.meter.bytes_up += sum(arrayrecord_nbytes(r) for r in content.array_records.values())
         self.meter.messages_up += 1
+        epochs = self._asked_epochs.pop(int(msg.metadata.src_node_id), None)
+        if epochs is not None and not any(
+                SAMPLES_PROCESSED in m or FORWARD_SAMPLES in m
+                for m in content.metric_records.values()):
+            # A reply that does not count its own work (the user's train handler): it
+            # trained its num-examples for the local epochs it was asked to.
+            n = next((m[NUM_EXAMPLES] for m in content.metric_records.values()
+                      if isinstance(m.get(NUM_EXAMPLES), int)), 0)
+            self.meter.samples_processed += max(n, 0) * epochs
+            self.meter.estimated_samples += max(n, 0) * epochs
         for metrics in content.metric_records.values():
             processed = metrics.get("samples-processed", 0)
             forward = metrics.get("forward-samples", 0)
@@ -702,7 +718,10 @@ class UnlearningStrategy(FedAvgM):
         """One message per node: its action, config and content (plus ``extra`` models)."""
         config = config if config is not None else self.round_config(phase, server_round)
         messages = []
+        epochs = config.get("local-epochs", 1)
         for node_id in nodes:
+            if self.message_type(node_id, phase).startswith("train"):
+                self._asked_epochs[node_id] = int(epochs) if isinstance(epochs, int) else 1
             content = self.node_content(node_id, arrays, self.node_config(node_id, config))
             for key, record in (extra or {}).items():
                 content[key] = record

@@ -130,7 +130,7 @@ class FedEraser(HistoryUnlearning):
         retained = self.participants("retained", grid)
         if not retained:
             raise RuntimeError("federaser: no retained node is connected for calibration")
-        keep = {parts[n] for n in retained}
+        keep = {self.history_key(n) for n in retained}
         keys = self.parameter_keys()
         epochs = max(1, math.ceil(p.calibration_ratio * self.training.local_epochs))
         calibration = Phase("unlearning", rounds=1, lr=self.training.lr, local_epochs=epochs)
@@ -155,7 +155,8 @@ class FedEraser(HistoryUnlearning):
                 to_record(model), calibration, retained, rnd))
             calibrated, weights, fresh_models = {}, {}, {}
             for msg in replies:
-                pid = parts.get(int(msg.metadata.src_node_id))
+                src = int(msg.metadata.src_node_id)
+                pid = self.history_key(src) if src in parts else None
                 if pid not in updates:
                     log(WARNING, "[federaser] round %d: no stored update of partition %s; "
                         "its calibration is left out", rnd, pid)

@@ -123,6 +123,35 @@ class FUKD(HistoryUnlearning):
     def history_needs(cls, params: FUKDParams) -> HistorySpec:
         return HistorySpec(update_sums=True)
 
+    def __init__(self, *args, server_data=None, **kwargs) -> None:
+        """``server_data``: the server's own unlabeled data to distil on, a map-style
+        dataset yielding ``(x, y)`` (labels unused), in no client's training set; the
+        harness gives its reserved share (``server-data.fraction``)."""
+        super().__init__(*args, **kwargs)
+        if server_data is not None and not (hasattr(server_data, "__getitem__")
+                                            and hasattr(server_data, "__len__")):
+            raise TypeError(f"server_data: expected a map-style dataset yielding (x, y), got "
+                            f"{type(server_data).__name__}")
+        if server_data is not None and len(server_data) == 0:
+            raise ValueError("server_data is empty: FUKD distils on the server's own data")
+        self.server_data = server_data
+
+    def distillation_data(self) -> tuple[object, np.ndarray]:
+        """``(dataset, indices)`` the server distils on (``None`` dataset: none)."""
+        if self.server_data is not None:
+            return self.server_data, np.arange(len(self.server_data), dtype=np.int64)
+        data = self.context.data
+        ids = getattr(data, "server_indices", np.zeros(0, dtype=np.int64))
+        return (data.train if ids.size else None), ids
+
+    def refusal(self, requests) -> str | None:
+        reason = super().refusal(requests)
+        if reason is None and self.context.cfg is None and self.distillation_data()[0] is None:
+            reason = ("fukd distils on unlabeled data the server holds, and it was given "
+                      "none: pass FUKD(..., server_data=<a dataset in no client's training "
+                      "set>)")
+        return reason
+
     @classmethod
     def check_config(cls, cfg: ExperimentConfig, params: FUKDParams) -> None:
         if cfg.server_data_fraction <= 0:
@@ -145,14 +174,14 @@ class FUKD(HistoryUnlearning):
         subtracted = subtract_updates(to_state(arrays), [sums[pid] for pid in targets], keys)
         numel = sum(subtracted[k].numel() for k in keys)
         self.meter.extra_flops += numel * len(targets)
-        data = self.context.data
-        server_ids = getattr(data, "server_indices", np.zeros(0, dtype=np.int64))
-        if server_ids.size == 0:
-            raise RuntimeError("fukd: the server holds no data (server-data.fraction=0)")
+        dataset, server_ids = self.distillation_data()
+        if dataset is None:
+            raise RuntimeError("fukd: the server holds no data to distil on (pass "
+                               "server_data=, or server-data.fraction > 0 in the harness)")
         device = resolve_device(self.device)
         student = load_arrays(self.model_factory(), to_record(subtracted))
         teacher = load_arrays(self.model_factory(), arrays)
-        loss, seen = distill(student, teacher, data.train, server_ids,
+        loss, seen = distill(student, teacher, dataset, server_ids,
                              temperature=p.temperature, epochs=p.epochs, lr=p.lr,
                              momentum=p.momentum, batch_size=p.batch_size, device=device,
                              seed=self.seed + 31)

@@ -27,9 +27,31 @@ class HistoryUnlearning(UnlearningStrategy):
         self._history: TrainingHistory | None = None
 
     def refusal(self, requests: dict[int, UnlearningRequest]) -> str | None:
-        if self.context.history is None and self.context.cfg is None:
+        shared = self.context.history
+        if shared is None and self.context.cfg is None:
             return (f"{self.name} needs the training history recorded while the model was "
-                    "trained, and none is bound to this serving run")
+                    "trained, and none is bound to this serving run (wrap your training "
+                    "strategy in fedunlearn.HistoryKeeper and pass serve(..., history=keeper))")
+        need = self.history_needs(self.params)
+        if shared is not None and not shared.spec.covers(need):
+            return (f"{self.name} needs a training history with {need.describe()}, and the "
+                    f"one bound ({shared.directory}) recorded {shared.spec.describe()}")
+        recorded = shared.manifest.get("model_sha256") if shared is not None else None
+        original = self.context.original_arrays
+        if recorded and original is not None and self.context.cfg is None:
+            from ..audit import model_digest
+
+            if model_digest(original) != recorded:
+                return (f"{self.name} replays the training history {shared.directory}, "
+                        f"which ended at the model with SHA-256 {recorded[:12]}, and is "
+                        f"asked to unlearn from a different model ({model_digest(original)[:12]}):"
+                        " serve the model the recorded training produced")
+        if shared is not None and shared.manifest.get("keyed_by") == "node-id":
+            missing = sorted(n for n in requests if n not in self.recorded_keys(shared))
+            if missing:
+                return (f"{self.name}: the training history {shared.directory} holds "
+                        f"nothing of node(s) {missing} (a node that joined later or under "
+                        "a new id)")
         reason = super().refusal(requests)
         if reason is not None:
             reason += (" (its training history records whole-client updates, which mix a "
@@ -49,9 +71,28 @@ class HistoryUnlearning(UnlearningStrategy):
             self._history = shared.reader()
         return self._history
 
+    def history_key(self, node_id: int) -> int:
+        """The key of ``node_id``'s records in the history: its partition id (the
+        harness's pretraining) or the node id itself (a :class:`fedunlearn.HistoryKeeper`
+        around a user's strategy)."""
+        if self.history.manifest.get("keyed_by") == "node-id":
+            return int(node_id)
+        return self.context.node_partitions[node_id]
+
+    @staticmethod
+    def recorded_keys(history: TrainingHistory) -> set[int]:
+        """The keys (node or partition ids) the history holds records of."""
+        if history.spec.update_sums:
+            return set(history.reader().update_sums())
+        if history.spec.last_local:
+            return set(history.reader().last_local()[0])
+        return {k for r in history.stored_rounds(history.spec.updates_every)
+                for k in history.reader().round(r)[1]}
+
     def target_partitions(self) -> list[int]:
+        """The history keys of the target nodes."""
         parts = self.context.node_partitions
-        return sorted(parts[n] for n in self.context.requests if n in parts)
+        return sorted(self.history_key(n) for n in self.context.requests if n in parts)
 
     def parameter_keys(self) -> list[str]:
         """Names of the model's floating-point trainable parameters (buffers such as

@@ -117,12 +117,11 @@ class PGD(HistoryUnlearning):
 
     def unlearning_step(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         p: PGDParams = self.params
-        parts = self.context.node_partitions
         targets = self.participants("targets", grid)
         if not targets:
             raise RuntimeError("pgd: no target node is connected for projected ascent")
         models, weights = self.history.last_local()
-        target_pids = [parts[n] for n in targets]
+        target_pids = [self.history_key(n) for n in targets]
         missing = [pid for pid in target_pids if pid not in models]
         if missing:
             raise RuntimeError(f"pgd: the training history holds no last local model of "
@@ -134,7 +133,7 @@ class PGD(HistoryUnlearning):
         radius = ball_radius(reference, randoms, keys, p.radius_fraction)
         numel = sum(reference[k].numel() for k in keys)
         self.meter.extra_flops += numel * (3 * len(target_pids) + 3 * p.random_inits)
-        self._last_local = {n: to_record(models[parts[n]]) for n in targets}
+        self._last_local = {n: to_record(models[self.history_key(n)]) for n in targets}
         phase = Phase("unlearning", rounds=1, lr=p.lr, local_epochs=p.epochs,
                       action="projected_ascent", role="targets")
         config = self.round_config(phase, 1)
