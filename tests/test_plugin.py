@@ -485,3 +485,39 @@ def test_history_methods_are_refused_without_a_matching_history(userapp, tmp_pat
     assert "different model" in outcome.methods["pgd"].reason
     outcome = serve(grid, result.arrays, PGD(recovery), output_dir=tmp_path / "o3")
     assert "HistoryKeeper" in outcome.methods["pgd"].reason
+
+
+def test_inbox_instance_requests_use_the_data_owners_own_sample_ids(userapp, tmp_path):
+    """attach(sample_ids=...): ids filed in the inbox are the data owner's, mapped to
+    positions on the node; an id the node does not hold is rejected on its receipt."""
+    import torch
+    from flwr.clientapp import ClientApp
+
+    from fedunlearn import NoT, Recovery, serve
+    from fedunlearn.client import attach
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    app = ClientApp()
+    app._registered_funcs["train.default"] = client_app.app._registered_funcs["train.default"]
+    attach(app, model_fn=task.Net,
+           data=lambda ctx: task.load_data(ctx.node_config["partition-id"]),
+           sample_ids=lambda ctx: [7000 + 10 * i for i in range(48)], train_fn=task.train)
+    good = Inbox(str(tmp_path / "i1")).file(scope="instance", sample_ids=[7000, 7050]).id
+    bad = Inbox(str(tmp_path / "i2")).file(scope="instance", sample_ids=[5]).id
+    grid = UserGrid(app, inboxes={1: tmp_path / "i1", 2: tmp_path / "i2"})
+    arrays = fedavg(grid, task, rounds=1)
+    outcome = serve(grid, arrays, NoT(Recovery(rounds=1, lr=0.05), model_fn=task.Net,
+                                      example_input=torch.zeros(1, 1, 8, 8)),
+                    output_dir=tmp_path / "out")
+    (accepted,) = outcome.report["accepted"]
+    assert accepted["node_id"] == 101 and accepted["num_samples"] == 2
+    from fedunlearn.protocol import FORGET_SAMPLE_IDS
+    echoed = {tuple(m.content["config"][FORGET_SAMPLE_IDS]) for m in grid.sent
+              if int(m.metadata.dst_node_id) == 101 and "config" in m.content
+              and FORGET_SAMPLE_IDS in m.content["config"]}
+    assert echoed == {(0, 5)}  # positions of the owner's ids 7000 and 7050
+    assert outcome.methods["not"].status == "honoured"
+    assert Inbox(str(tmp_path / "i1")).events(good)[-1]["status"] == "honoured"
+    verdict = Inbox(str(tmp_path / "i2")).events(bad)[-1]
+    assert verdict["status"] == "rejected" and "sample id(s) 5 are not" in verdict["reason"]

@@ -189,6 +189,15 @@ def own_request(view: NodeView, node_config,
                              sample_ids=tuple(ids) if scope == "instance" else ())
 
 
+class RequestProblem(ValueError):
+    """A node's own request that it cannot make, with the inbox requests it came from
+    (their receipts carry the reason)."""
+
+    def __init__(self, message: str, inbox_ids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.inbox_ids = tuple(inbox_ids)
+
+
 def node_inbox(node_config) -> Inbox:
     """The inbox named by the node-config's ``inbox`` (created when missing)."""
     value = node_config[INBOX_KEY]
@@ -211,6 +220,17 @@ def inbox_request(view: NodeView, inbox: Inbox) -> UnlearningRequest | None:
     for request in batch:
         classes.update(request.classes)
         ids.update(inbox_sample_ids(view, request))
+    if scope == "instance" and view.sample_ids is not None:
+        # The data owner's ids (attach(sample_ids=...)) -> positions in the training set.
+        filed = {i for r in batch for i in r.sample_ids}
+        positions, missing = view.positions_of(sorted(filed))
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:10])
+            more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+            raise RequestProblem(
+                f"sample id(s) {shown}{more} are not in this node's training set "
+                f"({len(view.train_ids)} samples)", tuple(r.id for r in batch))
+        ids = (ids - filed) | {int(p) for p in positions}
     return UnlearningRequest(
         scope=scope, partition_id=view.partition_id,
         classes=tuple(sorted(classes)) if scope == "class" else (),

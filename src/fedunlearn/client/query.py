@@ -69,6 +69,8 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
         content[REQUEST_RECORD] = ConfigRecord(
             {"scope": INVALID_SCOPE, "partition-id": view.partition_id,
              "error": str(err)[:MAX_ERROR_CHARS]})
+        if getattr(err, "inbox_ids", ()):
+            content[REQUEST_RECORD]["inbox-ids"] = list(err.inbox_ids)
     else:
         problem = None if request is None or view.cfg is not None else local_check(view, request)
         if problem is not None:
