@@ -258,3 +258,16 @@ def test_a_partial_history_line_is_skipped_and_sealed(inbox):
     inbox.append_event(a.id, {"status": "accepted", "run": 1})
     assert [e["status"] for e in inbox.entry(a.id).events] == ["sent", "accepted"]
     assert path.read_bytes().count(b"\n") == 3
+
+
+def test_at_most_64_requests_go_out_at_once_and_the_rest_wait(tmp_path):
+    """65 pending class-wise requests: one query carries the 64 oldest (what one record
+    may hold); the 65th stays pending for the next query."""
+    from fedunlearn.inbox import Inbox
+    from fedunlearn.requests import MAX_INBOX_IDS
+
+    box = Inbox(str(tmp_path / "box"))
+    ids = [box.file(scope="class", classes=[3]).id for _ in range(MAX_INBOX_IDS + 1)]
+    scope, batch, problems = box.pending_batch()
+    assert scope == "class" and not problems
+    assert len(batch) == MAX_INBOX_IDS and ids[-1] not in {r.id for r in batch}

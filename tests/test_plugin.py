@@ -521,3 +521,33 @@ def test_inbox_instance_requests_use_the_data_owners_own_sample_ids(userapp, tmp
     assert Inbox(str(tmp_path / "i1")).events(good)[-1]["status"] == "honoured"
     verdict = Inbox(str(tmp_path / "i2")).events(bad)[-1]
     assert verdict["status"] == "rejected" and "sample id(s) 5 are not" in verdict["reason"]
+
+
+def test_one_bad_inbox_request_does_not_sink_the_good_ones(userapp, tmp_path):
+    """Node 2's inbox holds a valid instance-wise request and one naming an id it does
+    not hold: the node rejects the bad one on its own receipt, the good one is served."""
+    import torch
+
+    from fedunlearn import NoT, Recovery, serve
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inbox = Inbox(str(tmp_path / "i2"))
+    good = inbox.file(scope="instance", sample_ids=[5, 8, 17]).id
+    bad = inbox.file(scope="instance", sample_ids=[9, 2 ** 40]).id
+    grid = UserGrid(client_app.app, inboxes={2: tmp_path / "i2"})
+    arrays = fedavg(grid, task, rounds=1)
+    out = tmp_path / "out"
+    outcome = serve(grid, arrays, NoT(Recovery(rounds=1, lr=0.05), model_fn=task.Net,
+                                      example_input=torch.zeros(1, 1, 8, 8)),
+                    output_dir=out)
+    (accepted,) = outcome.report["accepted"]
+    assert accepted["node_id"] == 102 and accepted["num_samples"] == 3
+    (rejected,) = outcome.report["rejected"]
+    assert rejected["inbox_ids"] == [bad] and str(2 ** 40) in rejected["reason"]
+    assert outcome.methods["not"].status == "honoured"
+    assert [e["status"] for e in inbox.events(good)][-1] == "honoured"
+    verdict = inbox.events(bad)[-1]
+    assert verdict["status"] == "rejected" and str(2 ** 40) in verdict["reason"]
+    audit = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "request.rejected" and r.get("by") == "node" for r in audit)

@@ -36,6 +36,7 @@ from .requests import (INBOX_ID_PATTERN, INVALID_SCOPE, MAX_ERROR_CHARS, MAX_INB
                        QUERY_CONFIG, QUERY_UNLEARN, RECEIPT_ACK, RECEIPT_RECORD,
                        REQUEST_RECORD, RUN_CONFIG_REQUESTS, WANT_REQUEST, UnlearningRequest,
                        forget_indices, request_from_config, validate_request)
+from .protocol import REJECTED_RECORD
 from .wire import WireError, only_fields, shorten, str_list
 
 NODE_STALL_S = 60.0
@@ -347,6 +348,21 @@ def _node_error(record) -> str:
     return f"the node could not build its request: {shorten(error, MAX_ERROR_CHARS)}"
 
 
+def _node_rejections(record) -> list[tuple[str, str]]:
+    """``(inbox id, reason)`` per inbox request the node's own check refused (its
+    ``rejected`` record)."""
+    if not hasattr(record, "keys"):
+        raise WireError(REJECTED_RECORD, record, "expected a ConfigRecord")
+    only_fields(record, ("inbox-ids", "reasons"), REJECTED_RECORD)
+    ids = str_list("inbox-ids", record.get("inbox-ids"), MAX_INBOX_IDS, 64, INBOX_ID_PATTERN)
+    reasons = record.get("reasons")
+    if (not isinstance(reasons, (list, tuple)) or len(reasons) != len(ids)
+            or not all(isinstance(r, str) for r in reasons)):
+        raise WireError("reasons", reasons, f"expected {len(ids)} strings, one reason per "
+                        "inbox id")
+    return [(i, shorten(r, MAX_ERROR_CHARS)) for i, r in zip(ids, reasons)]
+
+
 def collect_valid_requests(replies, data: FederatedData | None,
                            verified: dict[int, int] | None = None, audit=None,
                            reports: dict[int, dict] | None = None
@@ -377,6 +393,7 @@ def collect_valid_requests(replies, data: FederatedData | None,
     claims: dict[int, int] = {}
     bad_claims: dict[int, str] = {}
     raw: list[tuple[int, object]] = []
+    node_refused: dict[int, list[tuple[str, str]]] = {}
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         if msg.has_error():
@@ -395,6 +412,13 @@ def collect_valid_requests(replies, data: FederatedData | None,
             bad_claims[node] = str(err)
         if REQUEST_RECORD in msg.content:
             raw.append((node, msg.content.config_records.get(REQUEST_RECORD)))
+        if REJECTED_RECORD in msg.content:
+            try:
+                node_refused[node] = _node_rejections(
+                    msg.content.config_records.get(REJECTED_RECORD))
+            except WireError as err:
+                log(WARNING, "node %d: malformed record of requests it refused ignored: %s",
+                    node, err)
     shared: dict[int, list[int]] = {}
     if verified is None:
         holders: dict[int, list[int]] = {}
@@ -460,6 +484,16 @@ def collect_valid_requests(replies, data: FederatedData | None,
             if audit is not None:
                 audit.record("request.rejected", node=node, partition=node_partitions.get(node),
                              reason=reason)
+    for node, refused in sorted(node_refused.items()):
+        for inbox_id, reason in refused:
+            reason = f"the node's own check: {reason}"
+            rejected.append({"node_id": node, "reason": reason, "inbox_ids": [inbox_id]})
+            log(WARNING, "Unlearning request %s REJECTED by node %d: %s", inbox_id, node,
+                reason)
+            if audit is not None:
+                audit.record("request.rejected", node=node,
+                             partition=node_partitions.get(node), reason=reason,
+                             inbox_ids=[inbox_id], by="node")
     return accepted, rejected
 
 
@@ -517,10 +551,22 @@ def receipt_record(inbox_ids: Iterable[str], status: str, run_id: int, **fields)
     return record
 
 
-def send_receipts(grid: Grid, receipts: Mapping[int, ConfigRecord], audit=None) -> int:
-    """Send each node its receipt (a ``query.unlearn`` carrying a ``receipt`` record);
-    returns how many inbox entries the nodes wrote. A node that fails is logged: the
-    verdict stays in the server's audit log."""
+def send_receipts(grid: Grid, receipts: Mapping[int, ConfigRecord | list[ConfigRecord]],
+                  audit=None) -> int:
+    """Send each node its receipt(s) (a ``query.unlearn`` carrying a ``receipt`` record
+    each; a node with several verdicts, e.g. one request accepted and one rejected, gets
+    them one after the other); returns how many inbox entries the nodes wrote. A node that
+    fails is logged: the verdict stays in the server's audit log."""
+    lists = {node: (list(r) if isinstance(r, (list, tuple)) else [r])
+             for node, r in receipts.items()}
+    written = 0
+    for wave in range(max((len(v) for v in lists.values()), default=0)):
+        written += _send_receipt_wave(grid, {n: v[wave] for n, v in lists.items()
+                                             if len(v) > wave}, audit)
+    return written
+
+
+def _send_receipt_wave(grid: Grid, receipts: Mapping[int, ConfigRecord], audit) -> int:
     if not receipts:
         return 0
     nodes = set(grid.get_node_ids())

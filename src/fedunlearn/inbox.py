@@ -261,10 +261,12 @@ class Inbox:
         pending = [e.request for e in entries if e.pending]
         if not pending:
             return "", [], problems
+        # At most MAX_INBOX_IDS go out at once (what one record may carry); the rest stay
+        # pending for the next query.
         if any(r.scope == "client" for r in pending):
-            return "client", pending, problems
+            return "client", pending[:MAX_INBOX_IDS], problems
         scope = pending[0].scope
-        return scope, [r for r in pending if r.scope == scope], problems
+        return scope, [r for r in pending if r.scope == scope][:MAX_INBOX_IDS], problems
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

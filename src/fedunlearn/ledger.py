@@ -53,16 +53,16 @@ class Ledger:
         while checking, by :func:`federation.collect_valid_requests`)."""
         self.requests = dict(accepted)
         self.model_before = model_digest(pretrained)
-        receipts = {}
+        receipts: dict[int, list] = {}
         for node, request in accepted.items():
             if request.inbox_ids:
-                receipts[node] = federation.receipt_record(
+                receipts.setdefault(node, []).append(federation.receipt_record(
                     request.inbox_ids, "accepted", self.run_id,
-                    model_before_sha256=self.model_before)
+                    model_before_sha256=self.model_before))
         for entry in rejected:
             if entry.get("inbox_ids"):
-                receipts[entry["node_id"]] = federation.receipt_record(
-                    entry["inbox_ids"], "rejected", self.run_id, reason=entry["reason"])
+                receipts.setdefault(entry["node_id"], []).append(federation.receipt_record(
+                    entry["inbox_ids"], "rejected", self.run_id, reason=entry["reason"]))
         self._send(receipts)
 
     def refused(self, method: str, reason: str) -> None:

@@ -136,6 +136,9 @@ before pretraining), so the node does not consult its inbox yet."""
 RECEIPT_RECORD = "receipt"
 """A ``query.unlearn`` message carrying the server's verdict on inbox requests."""
 RECEIPT_ACK = "receipt-ack"
+REJECTED_RECORD = "rejected"
+"""ConfigRecord of a ``query.unlearn`` reply: inbox requests the node's own check refused
+(``inbox-ids`` and ``reasons``, parallel lists); the others still go in ``request``."""
 INVALID_SCOPE = "invalid"
 """Scope of the request record a node sends when its own check refused the request
 (with ``error``: the reason)."""

@@ -28,7 +28,7 @@ from ..config import ExperimentConfig, parse_int_list
 from ..data import FederatedData, federated_data
 from ..inbox import INBOX_KEY, Inbox, InboxRequest
 from ..models import create_model
-from ..requests import UnlearningRequest, forget_indices
+from ..requests import UnlearningRequest, forget_indices, validate_request
 
 
 @lru_cache(maxsize=8)
@@ -153,13 +153,14 @@ def _labels(dataset) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
 
-def own_request(view: NodeView, node_config,
-                run_config_requests: bool = True) -> UnlearningRequest | None:
+def own_request(view: NodeView, node_config, run_config_requests: bool = True,
+                rejected: list | None = None) -> UnlearningRequest | None:
     """The request this node makes: from its inbox, its node-config or (when
-    ``run_config_requests``, i.e. in a simulation) the run-config's ``forget.*``."""
+    ``run_config_requests``, i.e. in a simulation) the run-config's ``forget.*``.
+    Inbox requests the node itself refuses go to ``rejected`` (see :func:`inbox_request`)."""
     cfg, pid = view.cfg, view.partition_id
     if INBOX_KEY in node_config:
-        request = inbox_request(view, node_inbox(node_config))
+        request = inbox_request(view, node_inbox(node_config), rejected)
         if request is not None:
             return request
     if "forget-scope" in node_config:
@@ -207,14 +208,44 @@ def node_inbox(node_config) -> Inbox:
     return Inbox(value.strip())
 
 
-def inbox_request(view: NodeView, inbox: Inbox) -> UnlearningRequest | None:
+def inbox_request(view: NodeView, inbox: Inbox,
+                  rejected: list | None = None) -> UnlearningRequest | None:
     """One request serving the inbox's pending batch (see :meth:`Inbox.pending_batch`),
-    carrying their inbox ids; ``None`` when nothing is pending."""
+    carrying their inbox ids; ``None`` when nothing (valid) is pending. A plugin node's
+    requests that fail its own check go to ``rejected`` as ``(inbox id, reason)``."""
     scope, batch, problems = inbox.pending_batch()
     for problem in problems:  # a hand-edited file: shown by `fedunlearn request list` too
         log(WARNING, "inbox %s: unreadable request file %s", inbox.root, problem)
     if not batch:
         return None
+    if view.cfg is None:
+        # A plugin node checks each request on its own data: a bad one is rejected on its
+        # own receipt and does not sink the others.
+        good = []
+        for request in batch:
+            try:
+                reason = local_check(view, _merged(view, scope, [request]))
+            except RequestProblem as err:
+                reason = str(err)
+            if reason is None:
+                good.append(request)
+            elif rejected is not None:
+                rejected.append((request.id, reason))
+        batch = good
+        if not batch:
+            return None
+    return _merged(view, scope, batch)
+
+
+def local_check(view: NodeView, request: UnlearningRequest) -> str | None:
+    """A plugin node's own check of its request against its own data (the server never
+    sees the data); ``None`` when valid."""
+    return validate_request(request, request.partition_id, {}, lambda _: view.train_ids,
+                            view.labels(), view.num_classes)
+
+
+def _merged(view: NodeView, scope: str, batch: list[InboxRequest]) -> UnlearningRequest:
+    """One request serving ``batch`` (inbox requests of one scope)."""
     classes: set[int] = set()
     ids: set[int] = set()
     for request in batch:

@@ -14,8 +14,8 @@ import numpy as np
 from .. import protocol as P
 from ..requests import (INVALID_SCOPE, MAX_ERROR_CHARS, NODE_RECORD, QUERY_CONFIG,
                         RECEIPT_ACK, RECEIPT_RECORD, REQUEST_RECORD, RUN_CONFIG_REQUESTS,
-                        WANT_REQUEST, UnlearningRequest, forget_indices, validate_request)
-from .node import NodeView, node_inbox, own_request
+                        WANT_REQUEST, forget_indices)
+from .node import NodeView, local_check, node_inbox, own_request
 
 
 def node_report(view: NodeView, context: Context) -> ConfigRecord:
@@ -34,13 +34,6 @@ def node_report(view: NodeView, context: Context) -> ConfigRecord:
         held = np.unique(view.labels()[view.train_ids]) if len(view.train_ids) else []
         record[P.CLASSES_HELD] = [int(c) for c in held]
     return record
-
-
-def local_check(view: NodeView, request: UnlearningRequest) -> str | None:
-    """A plugin node's own check of its request against its own data (the server never
-    sees the data); ``None`` when valid."""
-    return validate_request(request, request.partition_id, {}, lambda _: view.train_ids,
-                            view.labels(), view.num_classes)
 
 
 def handle_query(msg: Message, context: Context, view_for=None) -> Message:
@@ -62,8 +55,10 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
         allow = query_config.get(RUN_CONFIG_REQUESTS, True) is True
         if query_config.get(WANT_REQUEST, True) is False:  # the partition check only
             return Message(content, reply_to=msg)
+    refused: list[tuple[str, str]] = []
     try:
-        request = own_request(view, context.node_config, run_config_requests=allow)
+        request = own_request(view, context.node_config, run_config_requests=allow,
+                              rejected=refused)
     except (ValueError, OSError) as err:  # OSError: an unreadable inbox
         # Report the problem instead of failing the node: the server rejects it by name.
         content[REQUEST_RECORD] = ConfigRecord(
@@ -87,6 +82,10 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
                 content[NODE_RECORD][P.NUM_RETAINED] = int(len(view.train_ids) - forget)
         if request is not None and request.inbox_ids:
             record_sent(context, view.partition_id, request)
+    if refused:
+        content[P.REJECTED_RECORD] = ConfigRecord(
+            {"inbox-ids": [i for i, _ in refused],
+             "reasons": [reason[:MAX_ERROR_CHARS] for _, reason in refused]})
     return Message(content, reply_to=msg)
 
 
