@@ -33,7 +33,11 @@
 #   FORGET_SAMPLE_IDS  e.g. "12,40" global training ids (instance-wise)   (default empty)
 #   FORGET_FRACTION    e.g. 0.1: share of the node's samples (instance-wise, no ids)
 #   INBOX_REQUEST_<i>  arguments of one more `fedunlearn request file` on SuperNode i's
-#                      inbox, e.g. INBOX_REQUEST_1='--scope class --classes 3'
+#                      inbox, e.g. INBOX_REQUEST_1='--scope class --classes 3'; several
+#                      requests separated by ';', filed in that order
+#   RUNS               jobs (`flwr run`) one after the other on the same SuperLink and
+#                      SuperNodes (a node's inbox sends one scope per job); with RUNS>1
+#                      job k writes to $OUTPUT_DIR/run-<k>                   (default 1)
 #   METHOD             run-config `method`                                 (default not)
 #   OUTPUT_DIR         run-config `output-dir`              (default $WORKDIR/results)
 #   WORKDIR            scratch dir: FLWR_HOMEs, certificates and keys, inboxes, logs, pids
@@ -79,6 +83,7 @@ FORGET_SAMPLE_IDS="${FORGET_SAMPLE_IDS:-}"
 FORGET_FRACTION="${FORGET_FRACTION:-}"
 METHOD="${METHOD:-not}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-0}"
+RUNS="${RUNS:-1}"
 APP="${APP:-.}"
 WORKDIR="${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/fedunlearn-deploy.XXXXXX")}"
 mkdir -p "$WORKDIR"
@@ -109,6 +114,10 @@ fi
 
 if ! [[ "$NUM_NODES" =~ ^[1-9][0-9]*$ ]]; then
     echo "NUM_NODES=$NUM_NODES must be a positive integer" >&2
+    exit 2
+fi
+if ! [[ "$RUNS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "RUNS=$RUNS must be a positive integer (jobs to run one after the other)" >&2
     exit 2
 fi
 if [[ "$SECURE" != 0 && "$SECURE" != 1 ]]; then
@@ -364,48 +373,62 @@ fi
 for ((i = 0; i < NUM_NODES; i++)); do
     extra_var="INBOX_REQUEST_$i"
     if [[ -n "${!extra_var:-}" ]]; then
-        read -r -a request_args <<< "${!extra_var}"
-        file_request "$i" "${request_args[@]}"
+        IFS=';' read -r -a node_requests <<< "${!extra_var}"
+        for one in "${node_requests[@]}"; do
+            read -r -a request_args <<< "$one"
+            ((${#request_args[@]})) && file_request "$i" "${request_args[@]}"
+        done
     fi
 done
 
 # --- Run ---------------------------------------------------------------------------------
-if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]]; then
-    RUN_CONFIG="federation.num-clients=$NUM_NODES method=\"$METHOD\" output-dir=\"$OUTPUT_DIR\""
-else  # a user's app: its own run-config keys
-    RUN_CONFIG="output-dir=\"$OUTPUT_DIR\""
-fi
-for pair in "$@"; do RUN_CONFIG+=" $pair"; done
-log "flwr run $APP local-deployment --stream --run-config '$RUN_CONFIG'"
-STARTED_MARK="$WORKDIR/.run-started"
-touch "$STARTED_MARK"
-RUN_CMD=("$FLWR_BIN_DIR/flwr" run "$APP" local-deployment --stream --run-config "$RUN_CONFIG")
-if [[ "$RUN_TIMEOUT" != 0 ]]; then RUN_CMD=(timeout "$RUN_TIMEOUT" "${RUN_CMD[@]}"); fi
-# In the background and `wait`ed for, so that SIGINT/SIGTERM run the trap at once.
-: > "$LOG_DIR/run.log"
-start "$LOG_DIR/run.log" "${RUN_CMD[@]}"
-RUN_PID="${STARTED[-1]}"
-tail -n +1 -f --pid="$RUN_PID" "$LOG_DIR/run.log" &
-TAIL_PID=$!
-STARTED+=("$TAIL_PID")
-set +e
-wait "$RUN_PID"
-run_rc=$?
-wait "$TAIL_PID" 2>/dev/null
-set -e
+run_job() {  # run_job <k> <output dir>: one `flwr run`; fails the script if the job failed
+    local k="$1" out="$2" run_config pair run_log results f run_rc
+    if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]]; then
+        run_config="federation.num-clients=$NUM_NODES method=\"$METHOD\" output-dir=\"$out\""
+    else  # a user's app: its own run-config keys
+        run_config="output-dir=\"$out\""
+    fi
+    for pair in "${RUN_ARGS[@]}"; do run_config+=" $pair"; done
+    run_log="$LOG_DIR/run.log"
+    ((RUNS > 1)) && run_log="$LOG_DIR/run-$k.log"
+    log "job $k/$RUNS: flwr run $APP local-deployment --stream --run-config '$run_config'"
+    touch "$STARTED_MARK"
+    RUN_CMD=("$FLWR_BIN_DIR/flwr" run "$APP" local-deployment --stream --run-config "$run_config")
+    if [[ "$RUN_TIMEOUT" != 0 ]]; then RUN_CMD=(timeout "$RUN_TIMEOUT" "${RUN_CMD[@]}"); fi
+    # In the background and `wait`ed for, so that SIGINT/SIGTERM run the trap at once.
+    : > "$run_log"
+    start "$run_log" "${RUN_CMD[@]}"
+    RUN_PID="${STARTED[-1]}"
+    tail -n +1 -f --pid="$RUN_PID" "$run_log" &
+    TAIL_PID=$!
+    STARTED+=("$TAIL_PID")
+    set +e
+    wait "$RUN_PID"
+    run_rc=$?
+    wait "$TAIL_PID" 2>/dev/null
+    set -e
+    ((RUNS > 1)) && cat "$run_log" >> "$LOG_DIR/run.log"
 
-# `flwr run --stream` exits 0 even when the ServerApp failed: look at what it wrote
-# (only files written by this run count, in case OUTPUT_DIR is reused).
-results=""
-for f in "$OUTPUT_DIR/results.json" "$OUTPUT_DIR"/*/results.json "$OUTPUT_DIR/no-request.json"; do
-    [[ -f "$f" && "$f" -nt "$STARTED_MARK" ]] && results+="$f "
+    # `flwr run --stream` exits 0 even when the ServerApp failed: look at what it wrote
+    # (only files written by this run count, in case the output dir is reused).
+    results=""
+    for f in "$out/results.json" "$out"/*/results.json "$out/no-request.json"; do
+        [[ -f "$f" && "$f" -nt "$STARTED_MARK" ]] && results+="$f "
+    done
+    if [[ $run_rc -ne 0 ]] || grep -qE "Exit Code: [0-9]+|An unhandled exception occurred" "$run_log" \
+            || [[ -z "$results" ]]; then
+        log "job $k FAILED (flwr run exit status $run_rc); see $run_log and $LOG_DIR/superlink.log"
+        exit 1
+    fi
+    log "job $k results: $results"
+}
+RUN_ARGS=("$@")
+STARTED_MARK="$WORKDIR/.run-started"
+if ((RUNS > 1)); then : > "$LOG_DIR/run.log"; fi
+for ((k = 1; k <= RUNS; k++)); do
+    if ((RUNS > 1)); then run_job "$k" "$OUTPUT_DIR/run-$k"; else run_job 1 "$OUTPUT_DIR"; fi
 done
-if [[ $run_rc -ne 0 ]] || grep -qE "Exit Code: [0-9]+|An unhandled exception occurred" "$LOG_DIR/run.log" \
-        || [[ -z "$results" ]]; then
-    log "run FAILED (flwr run exit status $run_rc); see $LOG_DIR/run.log and $LOG_DIR/superlink.log"
-    exit 1
-fi
-log "results: $results"
 
 # The SuperLink must have refused every SuperNode whose key was not registered.
 : > "$WORKDIR/strangers"
@@ -433,9 +456,10 @@ for ((i = 0; i < NUM_NODES; i++)); do
         "${FEDUNLEARN[@]}" request list --inbox "$WORKDIR/inbox-$i" >&2 || true
     fi
 done
-AUDIT_LOG="${FEDUNLEARN_AUDIT_LOG:-$OUTPUT_DIR/audit.jsonl}"
-if [[ -f "$AUDIT_LOG" ]]; then
-    log "audit log (fedunlearn audit $AUDIT_LOG):"
-    "${FEDUNLEARN[@]}" audit "$AUDIT_LOG" >&2 || true
-fi
+for AUDIT_LOG in "${FEDUNLEARN_AUDIT_LOG:-$OUTPUT_DIR/audit.jsonl}" "$OUTPUT_DIR"/run-*/audit.jsonl; do
+    if [[ -f "$AUDIT_LOG" ]]; then
+        log "audit log (fedunlearn audit $AUDIT_LOG):"
+        "${FEDUNLEARN[@]}" audit "$AUDIT_LOG" >&2 || true
+    fi
+done
 ((refused_all)) || exit 1

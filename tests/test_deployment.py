@@ -355,18 +355,20 @@ def _serverapp_opens(roots: list[Path], stop, seen: list[str]) -> None:
 def test_user_app_on_a_deployment_with_private_data_folders(tmp_path, deployment):
     """examples/quickstart-pytorch-unlearning on a SuperLink and 3 SuperNodes, each
     reading its own dataset-path folder; the ServerApp's run-config names none of them,
-    and no ServerApp process ever holds a file of them open."""
+    and no ServerApp process ever holds a file of them open. Node 1's data owner files a
+    class-wise request, then an instance-wise one (ids local to node 1) and one naming
+    an id node 1 does not hold; two jobs on the same federation serve them in turn (an
+    inbox sends one scope per job)."""
     import threading
 
     data = [tmp_path / "node-data" / f"node-{i}" for i in range(3)]
     for i, root in enumerate(data):
         _write_node_data(root, i, 3)
-    env = {"NUM_NODES": "3", "SECURE": "0", "FORGET_NODE": "none",
+    env = {"NUM_NODES": "3", "SECURE": "0", "FORGET_NODE": "none", "RUNS": "2",
            "APP": str(REPO / "examples" / "quickstart-pytorch-unlearning"),
            "OUTPUT_DIR": str(tmp_path / "out"), "RUN_TIMEOUT": str(RUN_TIMEOUT_S),
-           "INBOX_REQUEST_1": "--scope class --classes 3",
-           "INBOX_REQUEST_0": "--scope instance --sample-ids 0,1,2",
-           "INBOX_REQUEST_2": "--scope instance --sample-ids 5,9999"}
+           "INBOX_REQUEST_1": ("--scope class --classes 3;--scope instance --sample-ids 0,1,2;"
+                               "--scope instance --sample-ids 5,9999")}
     for i, root in enumerate(data):
         env[f"NODE_CONFIG_{i}"] = f"dataset-path=\"{root}\""
     stop, seen = threading.Event(), []
@@ -374,25 +376,29 @@ def test_user_app_on_a_deployment_with_private_data_folders(tmp_path, deployment
     watcher.start()
     try:
         code = deployment.run(['num-server-rounds=2', 'recovery-rounds=1', 'methods="not"'],
-                              env, timeout=RUN_TIMEOUT_S + 60)
+                              env, timeout=2 * RUN_TIMEOUT_S + 60)
     finally:
         stop.set()
         watcher.join()
     output = deployment.output()
     assert code == 0, output[-6000:]
     assert not seen, f"the ServerApp opened node data: {sorted(set(seen))}"
-    run_line = next(line for line in output.splitlines() if "--run-config" in line)
-    assert "node-data" not in run_line
-    res = json.loads((tmp_path / "out" / "not" / "results.json").read_text())
-    assert res["status"] == "honoured"
-    scopes = sorted(r["scope"] for r in res["request"])
-    assert scopes == ["class", "instance"]
-    work = deployment.workdir
-    listed = {i: fedunlearn_cli("request", "list", "--inbox", str(work / f"inbox-{i}"))
-              for i in range(3)}
-    assert "honoured" in listed[0] and "honoured" in listed[1]
-    assert "rejected" in listed[2]
-    (request_file,) = (work / "inbox-2" / "requests").glob("*.json")
-    shown = fedunlearn_cli("request", "show", "--inbox", str(work / "inbox-2"),
-                           request_file.stem)
-    assert "9999" in shown
+    run_lines = [line for line in output.splitlines() if "--run-config" in line]
+    assert len(run_lines) == 2 and not any("node-data" in line for line in run_lines)
+    served = []
+    for job in (1, 2):
+        res = json.loads((tmp_path / "out" / f"run-{job}" / "not" / "results.json").read_text())
+        assert res["status"] == "honoured"
+        served.append([(r["node_id"] > 0, r["scope"]) for r in res["request"]])
+    assert served == [[(True, "class")], [(True, "instance")]]
+    inbox = deployment.workdir / "inbox-1"
+    files = sorted((inbox / "requests").glob("*.json"))
+    statuses = {}
+    for f in files:
+        shown = fedunlearn_cli("request", "show", "--inbox", str(inbox), f.stem)
+        request = json.loads(f.read_text())
+        statuses[tuple(request.get("sample_ids") or request.get("classes"))] = shown
+    assert "honoured" in statuses[(3,)] and "honoured" in statuses[(0, 1, 2)]
+    rejected = statuses[(5, 9999)]
+    assert "rejected" in rejected and "sample id(s) 9999 are not in" in rejected
+    assert "honoured" not in rejected

@@ -360,7 +360,8 @@ def _node_rejections(record) -> list[tuple[str, str]]:
             or not all(isinstance(r, str) for r in reasons)):
         raise WireError("reasons", reasons, f"expected {len(ids)} strings, one reason per "
                         "inbox id")
-    return [(i, shorten(r, MAX_ERROR_CHARS)) for i, r in zip(ids, reasons)]
+    return [(i, r if len(r) <= MAX_ERROR_CHARS else r[:MAX_ERROR_CHARS] + "...")
+            for i, r in zip(ids, reasons)]
 
 
 def collect_valid_requests(replies, data: FederatedData | None,
