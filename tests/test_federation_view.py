@@ -317,3 +317,89 @@ def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
     rc2 = job_config(tmp_path, **{"output-dir": str(tmp_path / "out2")})
     run_experiment(LiveGrid(app, rc2, nodes_config(p1={"inbox": str(inbox.root)})), rc2)
     assert json.loads((tmp_path / "out2" / "no-request.json").read_text())["rejected"] == []
+
+
+# -- 5. the harness's server checks requests with what the nodes report -------------------
+class _NoPartitions:
+    """The server's data with the client partitions out of reach: any read of a
+    partition's ids fails the test."""
+
+    def __init__(self, data):
+        self._data = data
+
+    def __getattr__(self, name):
+        if name in ("train_indices", "val_indices", "partitions"):
+            raise AssertionError(f"the server read the client partitions ({name})")
+        return getattr(self._data, name)
+
+
+def test_the_harness_server_checks_requests_without_the_client_partitions(
+        app, tmp_path, server_identity, single_thread, monkeypatch):
+    """Node 11 asks for class 1, node 12 for an id it does not hold: the server accepts
+    and rejects them from the nodes' reports (same reasons as before), bounds replies by
+    the reported counts, and never reads a partition of its own copy of the data."""
+    import fedunlearn.server as server
+
+    real = server.federated_data
+    monkeypatch.setattr(server, "federated_data", lambda cfg: _NoPartitions(real(cfg)))
+    from fedunlearn.client import NodeView
+
+    from .helpers import context as node_context
+
+    rc = job_config(tmp_path, **{"forget.clients": "", "forget.scope": "class"})
+    foreign = int(NodeView.from_context(node_context(3, rc)).train_ids[0])  # partition 3's
+    nodes = nodes_config(p1={"forget-scope": "class", "forget-classes": "1"},
+                         p2={"forget-scope": "instance", "forget-sample-ids": str(foreign)})
+    grid = LiveGrid(app, rc, nodes)
+    res = run_experiment(grid, rc)["ft"]
+    assert [(r["scope"], r["node_id"]) for r in res["request"]] == [("class", 11)]
+    (rejected,) = res["rejected"]
+    assert rejected["node_id"] == 12
+    assert f"sample id(s) {foreign} are not in partition 2's training split" in rejected["reason"]
+    # Measured on the nodes, bounded by what they reported: every count came back.
+    assert res["measurement"]["unlearned"]["failed_nodes"] == []
+    assert 0.0 <= res["unlearned"]["forget"] <= 100.0
+
+
+def test_harness_nodes_that_hold_their_own_data_folders(app, tmp_path, server_identity,
+                                                       single_thread, monkeypatch):
+    """fedunlearn's own ClientApp on nodes whose node-config names a dataset-path folder:
+    they train and evaluate on it (not on the run-config's partitions), report counts,
+    and a request filed on node 11 is checked on the node and served; the server never
+    reads a partition and does not use the shared pretraining cache for them."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+    from sklearn.datasets import load_digits
+
+    import fedunlearn.server as server
+
+    real = server.federated_data
+    monkeypatch.setattr(server, "federated_data", lambda cfg: _NoPartitions(real(cfg)))
+    x, y = load_digits(return_X_y=True)
+    parts = np.array_split(np.random.default_rng(7).permutation(len(y)), NUM)
+    roots = {}
+    for p, ids in enumerate(parts):
+        ids = ids[:120]
+        roots[p] = tmp_path / f"node-{p}"
+        DatasetDict({"train": Dataset.from_dict({"img": (x[ids[:100]] / 16.0).reshape(-1, 8, 8).tolist(),
+                                                 "label": y[ids[:100]].tolist()}),
+                     "test": Dataset.from_dict({"img": (x[ids[100:]] / 16.0).reshape(-1, 8, 8).tolist(),
+                                                "label": y[ids[100:]].tolist()})}
+                    ).save_to_disk(str(roots[p]))
+    inbox = Inbox(str(tmp_path / "inbox-1"))
+    filed = inbox.file(scope="instance", sample_ids=[0, 1, 2, 3])
+    rc = job_config(tmp_path, **{"dataset.name": "digits", "forget.clients": ""})
+    nodes = nodes_config(**{f"p{p}": {"dataset-path": str(root)} for p, root in roots.items()})
+    nodes[11]["inbox"] = str(inbox.root)
+    grid = LiveGrid(app, rc, nodes)
+    res = run_experiment(grid, rc)["ft"]
+    assert [(r["scope"], r["node_id"], r["num_samples"]) for r in res["request"]] == [
+        ("instance", 11, 4)]
+    assert res["pretrain"]["cached"] is False
+    assert str(tmp_path / "out" / "pretrained") in res["pretrain"]["path"]
+    assert res["measurement"]["unlearned"]["failed_nodes"] == []
+    assert inbox.events(filed.id)[-1]["status"] == "honoured"
+    # Every train reply was bounded by the node's own training set (100 samples).
+    train = [m for m in grid.replies if m.metadata.message_type.startswith("train")
+             and not m.has_error()]
+    assert train and all(0 < int(m.content["metrics"]["num-examples"]) <= 100 for m in train)

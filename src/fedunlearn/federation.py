@@ -35,7 +35,8 @@ from .replies import (check_evaluate_metrics, check_train_reply, parse_evaluate_
 from .requests import (INBOX_ID_PATTERN, INVALID_SCOPE, MAX_ERROR_CHARS, MAX_INBOX_IDS,
                        QUERY_CONFIG, QUERY_UNLEARN, RECEIPT_ACK, RECEIPT_RECORD,
                        REQUEST_RECORD, RUN_CONFIG_REQUESTS, WANT_REQUEST, UnlearningRequest,
-                       forget_indices, request_from_config, validate_request)
+                       check_request_shape, empty_forget_reason, forget_indices,
+                       ids_not_held_reason, request_from_config, validate_request)
 from .protocol import REJECTED_RECORD
 from .wire import WireError, only_fields, shorten, str_list
 
@@ -185,6 +186,8 @@ class GuardedGrid(Grid):
         self.audit = audit
         self.verified: dict[int, int] = {}
         self.data: FederatedData | None = None
+        #: node id -> what the node reported about its own data (reply bounds).
+        self.reports: dict[int, dict] = {}
         self._excluded: set[int] = set()
         self._departed: set[int] = set()
         self._pushed: dict[str, Message] = {}
@@ -305,16 +308,28 @@ class GuardedGrid(Grid):
             check_evaluate_metrics(reply)
 
     def _train_size(self, node: int) -> int | None:
-        if node in getattr(self, "reports", {}) and "num-train" in self.reports[node]:
+        if node in self.reports and "num-train" in self.reports[node]:
             return int(self.reports[node]["num-train"])
         if self.data is None or node not in self.verified:
             return None
         return int(self.data.train_indices(self.verified[node]).size)
 
     def _expected_totals(self, node: int, config) -> dict[str, int] | None:
-        if self.data is None or node not in self.verified:
+        if node not in self.verified:
             return None
         partition = self.verified[node]
+        report = self.reports.get(node)
+        if report is not None and "num-train" in report:
+            # What the node reported: its training split and its accepted request's counts.
+            request = request_from_config(config, partition)
+            if request is None:
+                return {"retain-total": report["num-train"], "forget-total": 0}
+            if "num-forget" in report:
+                return {"retain-total": report["num-retained"],
+                        "forget-total": report["num-forget"]}
+            return None
+        if self.data is None:
+            return None
         train = self.data.train_indices(partition)
         request = request_from_config(config, partition)
         forget = 0 if request is None else int(
@@ -362,6 +377,22 @@ def _node_rejections(record) -> list[tuple[str, str]]:
                         "inbox id")
     return [(i, r if len(r) <= MAX_ERROR_CHARS else r[:MAX_ERROR_CHARS] + "...")
             for i, r in zip(ids, reasons)]
+
+
+def node_reports(replies, nodes: Mapping[int, int] | None = None) -> dict[int, dict]:
+    """node id -> what its ``query.unlearn`` reply reports about its own data
+    (:func:`~fedunlearn.replies.parse_node_report`), for the nodes in ``nodes`` (all when
+    ``None``); a failed or malformed reply reports nothing."""
+    out = {}
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error() or (nodes is not None and node not in nodes):
+            continue
+        try:
+            out[node] = parse_node_report(msg.content)
+        except WireError as err:
+            log(WARNING, "node %d: malformed node report ignored: %s", node, err)
+    return out
 
 
 def collect_valid_requests(replies, data: FederatedData | None,
@@ -462,7 +493,7 @@ def collect_valid_requests(replies, data: FederatedData | None,
             else:
                 if data is None:
                     reason = validate_reported(request, node_partitions[node],
-                                               (reports or {}).get(node, {}))
+                                               (reports or {}).get(node, {}), node_partitions)
                 else:
                     reason = validate_request(request, node_partitions[node], node_partitions,
                                               data.train_indices, labels,
@@ -498,27 +529,23 @@ def collect_valid_requests(replies, data: FederatedData | None,
     return accepted, rejected
 
 
-def validate_reported(request: UnlearningRequest, partition: int, report: dict) -> str | None:
-    """A plugin server's check of a request against what its node reported."""
-    if request.partition_id != partition:
-        return (f"the request names partition {request.partition_id}, but its node reports "
-                f"partition {partition}: a node can only have its own data forgotten")
-    if request.scope == "class":
-        if not request.classes:
-            return "class-wise request names no classes; set the classes to forget"
-        num_classes = report.get("num-classes")
-        bad = [c for c in request.classes if c < 0 or (num_classes and c >= num_classes)]
-        if bad:
-            shown = ", ".join(map(str, bad[:10])) + (f" (and {len(bad) - 10} more)"
-                                                     if len(bad) > 10 else "")
-            return f"class(es) {shown} outside the label set 0..{(num_classes or 1) - 1}"
-    if request.scope == "instance" and not request.sample_ids:
-        return "instance-wise request names no sample ids: the forget set is empty"
+def validate_reported(request: UnlearningRequest, partition: int, report: dict,
+                      node_partitions: Mapping[int, int] | None = None) -> str | None:
+    """A server's check of a request with what its node reported about its own data
+    (:func:`~fedunlearn.replies.parse_node_report`), never the data: the same checks and
+    reasons as :func:`~fedunlearn.requests.validate_request`."""
+    reason = check_request_shape(request, partition, node_partitions or {},
+                                 report.get("num-classes"))
+    if reason is not None:
+        return reason
+    if request.scope == "instance" and report.get("num-ids-not-held", 0):
+        return ids_not_held_reason(report.get("ids-not-held", []), report["num-ids-not-held"],
+                                   partition, report.get("num-train", 0))
     if "num-forget" not in report:
         return ("the node did not report the size of its forget set (num-forget): it "
                 "cannot be checked")
     if report["num-forget"] == 0:
-        return "empty forget set: the node holds none of the data the request names"
+        return empty_forget_reason(request)
     return None
 
 

@@ -47,18 +47,21 @@ class PretrainStrategy(PretrainingProtocol, UnlearningStrategy):
 
 
 def pretrain(grid: Grid, context: UnlearningContext, resolved: dict | None = None,
-             history: tuple[HistorySpec, list[str]] | None = None
-             ) -> tuple[ArrayRecord, dict]:
+             history: tuple[HistorySpec, list[str]] | None = None,
+             directory=None) -> tuple[ArrayRecord, dict]:
     """The pretrained model and a record of where it came from (``key``, ``path``,
     ``cached``, ``cost``; ``history`` when one is needed). ``resolved`` adds values known
     only once the data is loaded (e.g. a backdoor's actual trigger) to the cache key.
     ``history`` is ``(spec, methods that need it)``: the training history found or
-    recorded goes into ``context.history``."""
+    recorded goes into ``context.history``. With ``directory`` (a job of its own, e.g.
+    nodes that hold their own data: the config does not say what they hold) nothing is
+    loaded from a cache: the model is pretrained and saved there."""
     cfg = context.cfg
     key = cfg.pretrain_key(resolved or {})
-    directory = cfg.resolved_checkpoint_dir()
+    use_cache = directory is None
+    directory = cfg.resolved_checkpoint_dir() if directory is None else directory
     path = checkpoint_path(directory, key)
-    cached = load_checkpoint(path)
+    cached = load_checkpoint(path) if use_cache else None
     spec, who = history if history is not None else (HistorySpec(), [])
     found: TrainingHistory | None = None
     if cached is not None and spec:

@@ -122,8 +122,11 @@ CLASSES_HELD = "classes-held"
 """Node report: the labels present in its training split."""
 NUM_CLASSES = "num-classes"
 """Node report: the size of its label set (what class ids may be)."""
+IDS_NOT_HELD, NUM_IDS_NOT_HELD = "ids-not-held", "num-ids-not-held"
+"""Node report: an instance-wise request's ids the node does not hold (the first 10) and
+how many there are."""
 NODE_FIELDS = (PARTITION_ID, NUM_PARTITIONS, NUM_TRAIN, NUM_FORGET, NUM_RETAINED,
-               CLASSES_HELD, NUM_CLASSES)
+               CLASSES_HELD, NUM_CLASSES, IDS_NOT_HELD, NUM_IDS_NOT_HELD)
 REQUEST_RECORD = "request"
 QUERY_CONFIG = "config"
 """ConfigRecord of a ``query.unlearn`` message: what the server allows (below)."""

@@ -61,6 +61,12 @@ def parse_node_report(content: RecordDict) -> dict:
     if "classes-held" in record:
         out["classes-held"] = int_list("classes-held", record["classes-held"], 100_000, lo=0,
                                        hi=MAX_COUNT)
+    if "num-ids-not-held" in record:
+        out["num-ids-not-held"] = exact_int("num-ids-not-held", record["num-ids-not-held"],
+                                            lo=0, hi=MAX_COUNT)
+    if "ids-not-held" in record:
+        out["ids-not-held"] = int_list("ids-not-held", record["ids-not-held"], 10,
+                                       lo=-MAX_COUNT, hi=MAX_COUNT)
     if "num-forget" in out and "num-train" in out and (
             out["num-forget"] + out.get("num-retained", 0) != out["num-train"]):
         raise WireError("num-retained", out.get("num-retained"),

@@ -201,6 +201,25 @@ def validate_request(request: UnlearningRequest, sender_partition: int,
     num_classes : int
         Size of the label set.
     """
+    reason = check_request_shape(request, sender_partition, node_partitions, num_classes)
+    if reason is not None:
+        return reason
+    train_ids = np.asarray(train_indices_of(sender_partition), dtype=np.int64)
+    if request.scope == "instance":
+        outside = np.setdiff1d(np.asarray(request.sample_ids, dtype=np.int64), train_ids)
+        if outside.size:
+            return ids_not_held_reason(outside[:10].tolist(), int(outside.size),
+                                       sender_partition, int(train_ids.size))
+    if forget_indices(request, train_ids, labels).size == 0:
+        return empty_forget_reason(request)
+    return None
+
+
+def check_request_shape(request: UnlearningRequest, sender_partition: int,
+                        node_partitions: Mapping[int, int], num_classes: int | None
+                        ) -> str | None:
+    """The checks that need no data: the scope, whose data the request names, the
+    classes against the label set, an instance-wise request's ids not empty."""
     node = request.node_id
     if request.scope not in SCOPES:
         return f"unknown scope {request.scope!r}; allowed: {', '.join(SCOPES)}"
@@ -212,32 +231,32 @@ def validate_request(request: UnlearningRequest, sender_partition: int,
             f"{request.partition_id}, which belongs to {owner}: a node can only have "
             "its own data forgotten"
         )
-    train_ids = np.asarray(train_indices_of(sender_partition), dtype=np.int64)
     if request.scope == "class":
         if not request.classes:
             return "class-wise request names no classes; set the classes to forget"
-        bad = [c for c in request.classes if not 0 <= c < num_classes]
+        bad = [c for c in request.classes if c < 0 or (num_classes and c >= num_classes)]
         if bad:
-            return (
-                f"class(es) {bad} outside the label set 0..{num_classes - 1}"
-            )
-    if request.scope == "instance":
-        if not request.sample_ids:
-            return "instance-wise request names no sample ids: the forget set is empty"
-        outside = np.setdiff1d(np.asarray(request.sample_ids, dtype=np.int64), train_ids)
-        if outside.size:
-            shown = ", ".join(str(i) for i in outside[:10])
-            more = f" (and {outside.size - 10} more)" if outside.size > 10 else ""
-            return (
-                f"sample id(s) {shown}{more} are not in partition {sender_partition}'s "
-                f"training split ({train_ids.size} samples)"
-            )
-    if forget_indices(request, train_ids, labels).size == 0:
-        what = {"client": "it has no training data",
-                "class": f"it has no training samples of class(es) {list(request.classes)}",
-                "instance": "no sample id matched"}[request.scope]
-        return f"empty forget set: {what}"
+            more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+            return (f"class(es) {bad[:10]}{more} outside the label set "
+                    f"0..{(num_classes or 1) - 1}")
+    if request.scope == "instance" and not request.sample_ids:
+        return "instance-wise request names no sample ids: the forget set is empty"
     return None
+
+
+def ids_not_held_reason(shown_ids, count: int, partition: int, num_train: int) -> str:
+    """Why an instance-wise request naming ids its node does not hold is rejected."""
+    shown = ", ".join(str(i) for i in shown_ids[:10])
+    more = f" (and {count - 10} more)" if count > 10 else ""
+    return (f"sample id(s) {shown}{more} are not in partition {partition}'s training split "
+            f"({num_train} samples)")
+
+
+def empty_forget_reason(request: UnlearningRequest) -> str:
+    what = {"client": "it has no training data",
+            "class": f"it has no training samples of class(es) {list(request.classes)}",
+            "instance": "no sample id matched"}[request.scope]
+    return f"empty forget set: {what}"
 
 
 def request_to_config(request: UnlearningRequest) -> dict:

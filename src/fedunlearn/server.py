@@ -22,7 +22,6 @@ import datetime as _dt
 from logging import INFO, WARNING
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
@@ -39,7 +38,7 @@ from .metrics import flops_per_sample
 from .models import create_model
 from .negation import example_input_for
 from .pretraining import pretrain
-from .requests import UnlearningRequest, forget_indices
+from .requests import UnlearningRequest
 from .results import (COMPARISON_FILE, SKIPPED_FILE, comparison_markdown, comparison_text,
                       result_record, results_path, write_json)
 from .strategies import (UnlearningContext, check_methods, create_method, get_method,
@@ -105,24 +104,30 @@ class Experiment:
 
     def discover_partitions(self, nodes: list[int]) -> dict[int, int]:
         """Which node holds which partition, checked before any training and kept."""
-        self.context.node_partitions = federation.check_partitions(
-            federation.query(self.grid, nodes, not self.deployment, want_request=False),
-            self.cfg.num_clients)
-        self.grid.verify(self.context.node_partitions, self.data)
+        replies = list(federation.query(self.grid, nodes, not self.deployment,
+                                        want_request=False))
+        self.context.node_partitions = federation.check_partitions(replies,
+                                                                   self.cfg.num_clients)
+        # Reply bounds come from what the nodes report about their own data, never from
+        # the server's copy of the partitions.
+        self.grid.verify(self.context.node_partitions)
+        self.grid.reports = federation.node_reports(replies, self.context.node_partitions)
         self.ledger.verified(self.context.node_partitions)
         return self.context.node_partitions
 
     def collect_requests(self, nodes: list[int]) -> dict[int, UnlearningRequest]:
-        """Ask every node for its unlearning request; keep the valid ones."""
+        """Ask every node for its unlearning request; keep the valid ones, checked with
+        what each node reports about its own data (counts, never the data)."""
+        reports: dict[int, dict] = {}
         accepted, self.rejected = federation.collect_valid_requests(
-            federation.query(self.grid, nodes, not self.deployment), self.data,
-            verified=self.context.node_partitions or None, audit=self.ledger.audit)
+            federation.query(self.grid, nodes, not self.deployment), None,
+            verified=self.context.node_partitions or None, audit=self.ledger.audit,
+            reports=reports)
+        self.grid.reports.update({n: r for n, r in reports.items()
+                                  if n in self.context.node_partitions})
         self.context.requests = accepted
-        labels = np.asarray(self.data.train.targets)
-        self.context.fully_forgotten = {
-            n for n, r in accepted.items()
-            if forget_indices(r, self.data.train_indices(r.partition_id), labels).size
-            == self.data.train_indices(r.partition_id).size}
+        self.context.fully_forgotten = {n for n in accepted
+                                        if reports.get(n, {}).get("num-retained", 1) == 0}
         return accepted
 
     def evaluate(self, arrays: ArrayRecord) -> dict:
@@ -138,6 +143,16 @@ class Experiment:
             resolved["backdoor_resolved"] = {
                 "patch_size": patch_size_for(self.cfg.backdoor, self.data.info.image_size),
                 "value": [round(float(v), 6) for v in self.trigger]}
+        own = sorted(n for n, r in self.grid.reports.items() if "num-partitions" not in r)
+        if own:
+            # Nodes with data of their own (dataset-path): the config does not say what
+            # they hold, so no cached model stands for it.
+            directory = self.output_dir / "pretrained"
+            log(INFO, "[pretrain] node(s) %s hold data of their own (dataset-path): "
+                "pretraining for this job only, saved in %s (the shared cache is not used)",
+                own, directory)
+            return pretrain(self.grid, self.context, resolved, history=self.history_spec,
+                            directory=directory)
         return pretrain(self.grid, self.context, resolved, history=self.history_spec)
 
     def run(self) -> dict[str, dict]:

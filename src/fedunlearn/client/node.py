@@ -87,6 +87,8 @@ class NodeView:
                 f"node-config num-partitions={num_partitions} but the run expects "
                 f"federation.num-clients={cfg.num_clients}"
             )
+        if "dataset-path" in nc:
+            return local_view(context, cfg)
         data = federated_data(cfg)
         if not 0 <= partition_id < data.num_clients():
             raise ValueError(
@@ -144,6 +146,45 @@ class NodeView:
         missing = [int(i) for i in ids if int(i) not in lookup]
         return np.asarray(sorted(lookup[int(i)] for i in ids if int(i) in lookup),
                           dtype=np.int64), missing
+
+
+def local_view(context: Context, cfg: ExperimentConfig) -> NodeView:
+    """A harness node that holds its own data (node-config ``dataset-path``): the
+    run-config's model (``model`` on ``dataset.name``'s shape) trained on the folder's
+    samples. Its requests come from its inbox or node-config, checked on the node; the
+    run-config's ``forget.clients`` and backdoor do not apply to it."""
+    from ..data import DATASET_SHAPES
+    from .plugin import build_view, node_dataset
+
+    key = (int(context.run_id), int(context.node_id), str(context.node_config["dataset-path"]),
+           cfg.dataset, cfg.model)
+    if key in _LOCAL_VIEWS:
+        return _LOCAL_VIEWS[key]
+    classes, channels, size = DATASET_SHAPES[cfg.dataset]
+
+    def new_model():
+        return create_model(cfg.model, num_classes=classes, in_channels=channels,
+                            image_size=size)
+
+    view = build_view(context, new_model, node_dataset, None, None, classes, None, None,
+                      cfg.batch_size, cfg.momentum, cfg.seed, cfg.device)
+    path = context.node_config["dataset-path"]
+    if len(view.dataset):
+        shape = tuple(view.dataset[0][0].shape)
+        if shape != (channels, size, size):
+            raise ValueError(f"dataset-path {path}: samples of shape {shape}, but the run's "
+                             f"model takes {cfg.dataset}'s ({channels}, {size}, {size}); "
+                             "give the node data of the run's data set's shape")
+    if view.label_array.size and int(view.label_array.max()) >= classes:
+        raise ValueError(f"dataset-path {path}: label {int(view.label_array.max())} outside "
+                         f"{cfg.dataset}'s label set 0..{classes - 1}")
+    if len(_LOCAL_VIEWS) >= 8:
+        _LOCAL_VIEWS.clear()
+    _LOCAL_VIEWS[key] = view
+    return view
+
+
+_LOCAL_VIEWS: dict[tuple, NodeView] = {}
 
 
 def _labels(dataset) -> np.ndarray:

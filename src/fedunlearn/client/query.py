@@ -26,14 +26,27 @@ def node_report(view: NodeView, context: Context) -> ConfigRecord:
     if view.cfg is not None:
         record[P.PARTITION_ID] = view.partition_id
         record[P.NUM_PARTITIONS] = view.num_partitions()
-    else:
-        if P.PARTITION_ID in context.node_config:
-            record[P.PARTITION_ID] = view.partition_id
-        record[P.NUM_TRAIN] = int(len(view.train_ids))
-        record[P.NUM_CLASSES] = int(view.num_classes)
-        held = np.unique(view.labels()[view.train_ids]) if len(view.train_ids) else []
-        record[P.CLASSES_HELD] = [int(c) for c in held]
+    elif P.PARTITION_ID in context.node_config:
+        record[P.PARTITION_ID] = view.partition_id
+    record[P.NUM_TRAIN] = int(len(view.train_ids))
+    record[P.NUM_CLASSES] = int(view.num_classes)
+    held = np.unique(view.labels()[view.train_ids]) if len(view.train_ids) else []
+    record[P.CLASSES_HELD] = [int(c) for c in held]
     return record
+
+
+def request_counts(view: NodeView, request) -> dict:
+    """What the server needs to check a request without the data: how many training
+    samples it forgets and keeps, and an instance-wise request's ids the node does not
+    hold (the first 10, and how many)."""
+    forget = int(forget_indices(request, view.train_ids, view.labels()).size)
+    out = {P.NUM_FORGET: forget, P.NUM_RETAINED: int(len(view.train_ids) - forget)}
+    if request.scope == "instance":
+        outside = np.setdiff1d(np.asarray(request.sample_ids, dtype=np.int64), view.train_ids)
+        if outside.size:
+            out[P.NUM_IDS_NOT_HELD] = int(outside.size)
+            out[P.IDS_NOT_HELD] = [int(i) for i in outside[:10]]
+    return out
 
 
 def handle_query(msg: Message, context: Context, view_for=None) -> Message:
@@ -76,10 +89,7 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
             content[REQUEST_RECORD] = record
         elif request is not None:
             content[REQUEST_RECORD] = request.to_config_record()
-            if view.cfg is None:
-                forget = forget_indices(request, view.train_ids, view.labels()).size
-                content[NODE_RECORD][P.NUM_FORGET] = int(forget)
-                content[NODE_RECORD][P.NUM_RETAINED] = int(len(view.train_ids) - forget)
+            content[NODE_RECORD].update(request_counts(view, request))
         if request is not None and request.inbox_ids:
             record_sent(context, view.partition_id, request)
     if refused:
