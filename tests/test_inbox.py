@@ -270,4 +270,11 @@ def test_at_most_64_requests_go_out_at_once_and_the_rest_wait(tmp_path):
     ids = [box.file(scope="class", classes=[3]).id for _ in range(MAX_INBOX_IDS + 1)]
     scope, batch, problems = box.pending_batch()
     assert scope == "class" and not problems
-    assert len(batch) == MAX_INBOX_IDS and ids[-1] not in {r.id for r in batch}
+    assert len(batch) == MAX_INBOX_IDS
+    (waiting,) = set(ids) - {r.id for r in batch}
+    latest = max(r.filed_at for r in batch)
+    assert box.entry(waiting).request.filed_at >= latest  # the newest waits
+    for r in batch:  # the server's verdict on the 64 that went out
+        box.append_event(r.id, {"status": "honoured", "run": 1, "node": 5})
+    scope, batch, _ = box.pending_batch()
+    assert [r.id for r in batch] == [waiting]
