@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedunlearn.cli import main as cli
 from fedunlearn.client import federated_data, handle_query
@@ -260,21 +260,91 @@ def test_a_partial_history_line_is_skipped_and_sealed(inbox):
     assert path.read_bytes().count(b"\n") == 3
 
 
-def test_at_most_64_requests_go_out_at_once_and_the_rest_wait(tmp_path):
-    """65 pending class-wise requests: one query carries the 64 oldest (what one record
-    may hold); the 65th stays pending for the next query."""
+def test_at_most_max_inbox_ids_go_out_at_once_and_the_rest_wait(tmp_path, monkeypatch):
+    """More pending requests than one record may carry: one query carries the oldest
+    MAX_INBOX_IDS (here lowered to 5); the newest waits and goes out once they are
+    decided."""
+    import fedunlearn.inbox as inbox_module
     from fedunlearn.inbox import Inbox
-    from fedunlearn.requests import MAX_INBOX_IDS
 
+    monkeypatch.setattr(inbox_module, "MAX_INBOX_IDS", 5)
     box = Inbox(str(tmp_path / "box"))
-    ids = [box.file(scope="class", classes=[3]).id for _ in range(MAX_INBOX_IDS + 1)]
+    ids = [box.file(scope="class", classes=[3]).id for _ in range(6)]
     scope, batch, problems = box.pending_batch()
     assert scope == "class" and not problems
-    assert len(batch) == MAX_INBOX_IDS
+    assert len(batch) == 5
     (waiting,) = set(ids) - {r.id for r in batch}
     latest = max(r.filed_at for r in batch)
     assert box.entry(waiting).request.filed_at >= latest  # the newest waits
-    for r in batch:  # the server's verdict on the 64 that went out
+    for r in batch:  # the server's verdict on the 5 that went out
         box.append_event(r.id, {"status": "honoured", "run": 1, "node": 5})
     scope, batch, _ = box.pending_batch()
     assert [r.id for r in batch] == [waiting]
+
+
+def test_filing_never_replaces_an_existing_request(tmp_path, monkeypatch):
+    """Two filings that draw the same id: the second gets a fresh one, the first stays."""
+    import fedunlearn.inbox as inbox_module
+    from fedunlearn.inbox import Inbox
+
+    box = Inbox(str(tmp_path / "box"))
+    draws = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
+    monkeypatch.setattr(inbox_module, "_new_token", lambda: next(draws))
+    monkeypatch.setattr(inbox_module, "_now", lambda: "2026-12-02T10:00:00.000+00:00")
+    first = box.file(scope="class", classes=[3])
+    second = box.file(scope="instance", sample_ids=[4])
+    assert first.id.endswith("aaaaaa") and second.id.endswith("bbbbbb")
+    assert box.entry(first.id).request.scope == "class"
+    assert box.entry(second.id).request.scope == "instance"
+
+
+def test_symbolic_links_in_the_inbox_are_refused_and_nothing_is_written_outside(tmp_path):
+    from fedunlearn.client.query import handle_receipt
+    from fedunlearn.federation import receipt_record
+    from fedunlearn.inbox import Inbox, InboxError
+    from fedunlearn.requests import RECEIPT_RECORD
+
+    box = Inbox(str(tmp_path / "box"))
+    real = box.file(scope="class", classes=[3])
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("")
+    (box.receipts_dir / f"{real.id}.jsonl").symlink_to(outside)
+    # A request file linked to a file outside the inbox is not a request.
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text((box.requests_dir / f"{real.id}.json").read_text()
+                       .replace(real.id, "20261202T000000Z-ffffff"))
+    (box.requests_dir / "20261202T000000Z-ffffff.json").symlink_to(foreign)
+    entries, problems = box.entries()
+    assert [e.request.id for e in entries] == []  # the real one's history is a link
+    assert any("symbolic link" in p for p in problems)
+    with pytest.raises(InboxError, match="symbolic link"):
+        box.append_event(real.id, {"status": "withdrawn"})
+    receipt = receipt_record([real.id, "20261202T000000Z-ffffff"], "accepted", 3)
+    msg = incoming(RecordDict({RECEIPT_RECORD: receipt}), "query.unlearn")
+    ctx = Context(run_id=3, node_id=1, node_config={"inbox": str(box.root)},
+                  state=RecordDict(), run_config={})
+    reply = handle_receipt(msg, ctx)
+    assert reply.content["receipt-ack"]["written"] == 0
+    assert outside.read_text() == "" and "accepted" not in foreign.read_text()
+    linked_dir = tmp_path / "box2"
+    (linked_dir).mkdir()
+    (linked_dir / "requests").symlink_to(tmp_path)
+    with pytest.raises(InboxError, match="symbolic link"):
+        Inbox(str(linked_dir))
+
+
+def test_a_harness_node_rejects_a_bad_request_of_a_batch_alone(inbox):
+    """One good and one bad instance-wise request pending on a harness node: the bad one
+    goes back as the node's own rejection, the good one is the request."""
+    from fedunlearn.client import NodeView
+
+    view = NodeView.from_context(context(1, RC, inbox=str(inbox.root)))
+    own = [int(i) for i in view.train_ids[:3]]
+    good = inbox.file("instance", sample_ids=own)
+    bad = inbox.file("instance", sample_ids=[own[0], 2 ** 40])
+    reply = ask(inbox)
+    request = sent_request(reply)
+    assert request.inbox_ids == (good.id,) and sorted(request.sample_ids) == sorted(own)
+    refused = reply.content["rejected"]
+    assert list(refused["inbox-ids"]) == [bad.id]
+    assert str(2 ** 40) in refused["reasons"][0] and len(refused["reasons"][0]) < 300

@@ -551,3 +551,22 @@ def test_one_bad_inbox_request_does_not_sink_the_good_ones(userapp, tmp_path):
     assert verdict["status"] == "rejected" and str(2 ** 40) in verdict["reason"]
     audit = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
     assert any(r["event"] == "request.rejected" and r.get("by") == "node" for r in audit)
+
+
+def test_two_hundred_pending_requests_all_get_a_verdict_in_one_job(userapp, tmp_path):
+    import torch
+
+    from fedunlearn import NoT, Recovery, serve
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inbox = Inbox(str(tmp_path / "i1"))
+    ids = [inbox.file(scope="class", classes=[c % 2]).id for c in range(200)]
+    grid = UserGrid(client_app.app, inboxes={1: tmp_path / "i1"})
+    arrays = fedavg(grid, task, rounds=1)
+    outcome = serve(grid, arrays, NoT(Recovery(rounds=1, lr=0.05), model_fn=task.Net,
+                                      example_input=torch.zeros(1, 1, 8, 8)),
+                    output_dir=tmp_path / "out")
+    assert outcome.methods["not"].status == "honoured"
+    assert outcome.report["accepted"][0]["classes"] == [0, 1]
+    assert {inbox.entry(i).status for i in ids} == {"honoured"}

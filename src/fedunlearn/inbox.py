@@ -174,18 +174,25 @@ class Inbox:
         elif not self.requests_dir.is_dir():
             raise InboxError(f"{root} is not a request inbox (no requests/ folder); file a "
                              "request first or check the path")
+        for folder in (self.requests_dir, self.receipts_dir):
+            if folder.is_symlink():
+                raise InboxError(f"{folder} is a symbolic link: an inbox's requests/ and "
+                                 "receipts/ must be folders inside it")
 
     # -- the data owner's side ----------------------------------------------------------
     def file(self, scope: str, classes: Sequence[int] = (), sample_ids: Sequence[int] = (),
              fraction: float | None = None, note: str = "") -> InboxRequest:
         """Check and store a new request; returns it (with its id)."""
-        now = _now()
-        stamp = now.replace("-", "").replace(":", "").split(".")[0]
-        request = InboxRequest.build(f"{stamp}Z-{secrets.token_hex(3)}", now, scope,
-                                     list(classes), list(sample_ids), fraction, note)
-        _write_atomic(self.requests_dir / f"{request.id}.json",
-                      json.dumps(request.to_json(), indent=1).encode() + b"\n")
-        return request
+        for _ in range(_ID_TRIES):
+            now = _now()
+            stamp = now.replace("-", "").replace(":", "").split(".")[0]
+            request = InboxRequest.build(f"{stamp}Z-{_new_token()}", now, scope,
+                                         list(classes), list(sample_ids), fraction, note)
+            path = self.requests_dir / f"{request.id}.json"
+            if _write_new(path, json.dumps(request.to_json(), indent=1).encode() + b"\n"):
+                return request
+        raise InboxError(f"could not find a free request id in {self.requests_dir} after "
+                         f"{_ID_TRIES} tries")
 
     def withdraw(self, request_id: str) -> dict:
         """Withdraw a pending request; a final one cannot be withdrawn."""
@@ -205,13 +212,14 @@ class Inbox:
         out, problems = [], []
         for path in sorted(self.requests_dir.glob("*.json")):
             try:
-                request = InboxRequest.from_json(json.loads(path.read_text()))
+                request = InboxRequest.from_json(json.loads(_read(path)))
                 if request.id != path.stem:
                     raise WireError("id", request.id, f"expected {path.stem!r}, the file's name")
+                events = self.events(request.id)
             except (OSError, ValueError) as err:
                 problems.append(f"{path.name}: {err}")
                 continue
-            out.append(InboxEntry(request, self.events(request.id)))
+            out.append(InboxEntry(request, events))
         out.sort(key=lambda e: (e.request.filed_at, e.request.id))
         return out, problems
 
@@ -220,16 +228,16 @@ class Inbox:
         path = self.requests_dir / f"{request_id}.json"
         if not path.exists():
             raise InboxError(f"no request {request_id!r} in {self.root}")
-        return InboxEntry(InboxRequest.from_json(json.loads(path.read_text())),
+        return InboxEntry(InboxRequest.from_json(json.loads(_read(path))),
                           self.events(request_id))
 
     def events(self, request_id: str) -> list[dict]:
         """The request's history; a partial last line (a crash mid-write) is skipped."""
         path = self.receipts_dir / f"{request_id}.jsonl"
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             return []
         out = []
-        for line in path.read_bytes().split(b"\n"):
+        for line in _read(path).split(b"\n"):
             try:
                 record = json.loads(line)
             except ValueError:
@@ -243,7 +251,7 @@ class Inbox:
         record = {"time": _now(), **record}
         line = json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
         path = self.receipts_dir / f"{request_id}.jsonl"
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = _open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             size = os.fstat(fd).st_size
             sealed = size == 0 or os.pread(fd, 1, size - 1) == b"\n"
@@ -269,20 +277,56 @@ class Inbox:
         return scope, [r for r in pending if r.scope == scope][:MAX_INBOX_IDS], problems
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+_ID_TRIES = 20
+
+
+def _new_token() -> str:
+    return secrets.token_hex(3)
+
+
+def _open(path: Path, flags: int) -> int:
+    """``os.open`` that never follows a symbolic link (the inbox's files are its own)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o640)
+    except OSError as err:
+        if path.is_symlink():
+            raise InboxError(f"{path} is a symbolic link: refused (an inbox file operation "
+                             "never leaves the inbox folder)") from err
+        raise
+
+
+def _read(path: Path) -> bytes:
+    fd = _open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, data: bytes) -> bool:
+    """Write ``path`` atomically unless it exists (then ``False``: nothing replaced)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    try:
+        os.link(tmp, path)  # fails if path exists (a file or a link): never replaces
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return True
 
 
 def _now() -> str:

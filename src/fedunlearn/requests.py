@@ -48,8 +48,9 @@ whether an id exists is checked against the data by :func:`validate_request`).""
 MAX_SAMPLE_IDS = 100_000
 """Most sample ids one instance-wise request may name (a larger forget set is better
 served by a client-wise request)."""
-MAX_INBOX_IDS = 64
-"""Most inbox request ids one reply may carry (requests merged into one)."""
+MAX_INBOX_IDS = 1000
+"""Most inbox request ids one reply may carry (requests merged into one); a node with
+more pending sends the oldest this many and the rest at the next query."""
 INBOX_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 MAX_ERROR_CHARS = 500
 """A node's own error report is cut to this many characters."""

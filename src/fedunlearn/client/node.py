@@ -252,16 +252,18 @@ def node_inbox(node_config) -> Inbox:
 def inbox_request(view: NodeView, inbox: Inbox,
                   rejected: list | None = None) -> UnlearningRequest | None:
     """One request serving the inbox's pending batch (see :meth:`Inbox.pending_batch`),
-    carrying their inbox ids; ``None`` when nothing (valid) is pending. A plugin node's
-    requests that fail its own check go to ``rejected`` as ``(inbox id, reason)``."""
+    carrying their inbox ids; ``None`` when nothing (valid) is pending. When several are
+    pending, those that fail the node's own check go to ``rejected`` as
+    ``(inbox id, reason)``."""
     scope, batch, problems = inbox.pending_batch()
     for problem in problems:  # a hand-edited file: shown by `fedunlearn request list` too
         log(WARNING, "inbox %s: unreadable request file %s", inbox.root, problem)
     if not batch:
         return None
-    if view.cfg is None:
-        # A plugin node checks each request on its own data: a bad one is rejected on its
-        # own receipt and does not sink the others.
+    if len(batch) > 1:
+        # Several requests to merge: the node checks each on its own data, so a bad one
+        # is rejected on its own receipt and does not sink the others. (A single request
+        # goes out as it is and gets the server's verdict.)
         good = []
         for request in batch:
             try:

@@ -108,7 +108,7 @@ def record_sent(context: Context, partition_id: int, request) -> None:
                 "status": "sent", "run": int(context.run_id), "node": int(context.node_id),
                 "partition": partition_id, "scope": request.scope,
                 "digest": request.digest()})
-        except OSError as err:  # the request still goes out; the receipt will follow
+        except (OSError, ValueError) as err:  # the request still goes out
             log(WARNING, "could not note inbox request %s as sent: %s", request_id, err)
 
 
@@ -127,10 +127,15 @@ def handle_receipt(msg: Message, context: Context) -> Message:
         event = {k: v for k, v in receipt.items() if k != "request_ids"}
         event["node"] = int(context.node_id)
         for request_id in receipt["request_ids"]:
-            if not (inbox.requests_dir / f"{request_id}.json").exists():
+            request_file = inbox.requests_dir / f"{request_id}.json"
+            if not request_file.exists() or request_file.is_symlink():
                 log(WARNING, "receipt for unknown inbox request %s ignored", request_id)
                 continue
-            inbox.append_event(request_id, event)
+            try:
+                inbox.append_event(request_id, event)
+            except (OSError, ValueError) as err:  # e.g. a symbolic link: refused
+                log(WARNING, "receipt for inbox request %s not written: %s", request_id, err)
+                continue
             written += 1
     return Message(RecordDict({RECEIPT_ACK: ConfigRecord({"written": written})}),
                    reply_to=msg)
