@@ -229,3 +229,19 @@ def test_evaluator_counts_a_malformed_evaluate_reply_as_a_failed_node(server_ide
     assert math.isnan(out["retain"])
     assert "node 10 is malformed" in caplog.text and "retain-correct is missing" in caplog.text
     assert "node 11 is malformed" in caplog.text and "multiple of 3" in caplog.text
+
+
+def test_a_reason_stays_short_however_many_values_are_bad(data):
+    """Classes 0..9999 on a 10-class data set: the reason names the first offending
+    classes and how many more, on the server with data and from node reports alike."""
+    from fedunlearn.federation import validate_reported
+    from fedunlearn.requests import UnlearningRequest
+
+    accepted, rejected = collect(data, {1: {"scope": "class", "partition-id": 1,
+                                            "classes": list(range(10_000))}})
+    (entry,) = rejected
+    assert "[10, 11, 12, 13, 14, 15, 16, 17, 18, 19] (and 9980 more) outside" in entry["reason"]
+    assert len(entry["reason"]) < 200
+    reason = validate_reported(UnlearningRequest("class", 1, classes=tuple(range(10_000))), 1,
+                               {"num-classes": 10, "num-train": 50, "num-forget": 5})
+    assert reason == entry["reason"]
