@@ -149,7 +149,12 @@ def test_restarted_target_under_a_new_node_id_takes_no_part(app, tmp_path, serve
     excluded = [e for e in events if e["event"] == "node.excluded"]
     assert [e["node"] for e in excluded] == [99]
     assert "Node 99 is not in the verified federation" in caplog.text
-    assert res["unlearned"]["retain"] >= 0 and res["cost"]["rounds"] >= 1
+    # Node 10 left after its request was accepted: it is a failed node of the unlearned
+    # model's evaluation, so Retain / Forget / MIA are missing, not measured on fewer nodes.
+    assert res["measurement"]["unlearned"]["failed_nodes"] == [10]
+    assert res["unlearned"]["retain"] is None or res["unlearned"]["retain"] != res["unlearned"]["retain"]
+    assert [e["node"] for e in events if e["event"] == "node.departed"] == [10]
+    assert res["cost"]["rounds"] >= 1
 
 
 # -- 2. two nodes claiming one partition --------------------------------------------------
@@ -403,3 +408,74 @@ def test_harness_nodes_that_hold_their_own_data_folders(app, tmp_path, server_id
     train = [m for m in grid.replies if m.metadata.message_type.startswith("train")
              and not m.has_error()]
     assert train and all(0 < int(m.content["metrics"]["num-examples"]) <= 100 for m in train)
+
+
+# -- 6. a retained node that drops out during recovery ------------------------------------
+def test_a_retained_node_that_drops_out_is_a_failed_node_not_a_smaller_federation(
+        app, tmp_path, server_identity, single_thread):
+    """Node 12 (retained) leaves during the recovery rounds: every later round and the
+    unlearned model's evaluation count it as failed; Retain / Forget / MIA of the
+    unlearned model are missing (the original was measured over all nodes), never a
+    number over fewer nodes; the audit log records the departure."""
+    rc = job_config(tmp_path, **{"unlearn.rounds": 3})
+    state = {"queries": 0, "recovery_rounds": 0}
+
+    def drop_during_recovery(grid, messages):
+        if is_query(messages) and "receipt" not in messages[0].content:
+            state["queries"] += 1
+        elif state["queries"] == 2 and messages and \
+                messages[0].metadata.message_type.startswith("train"):
+            state["recovery_rounds"] += 1
+            if state["recovery_rounds"] == 2:
+                grid.node_configs.pop(12, None)
+
+    grid = LiveGrid(app, rc, nodes_config(), on_send=drop_during_recovery)
+    res = run_experiment(grid, rc)["ft"]
+    assert res["measurement"]["original"]["failed_nodes"] == []
+    assert res["measurement"]["unlearned"]["failed_nodes"] == [12]
+    for key in ("retain", "forget", "mia"):
+        value = res["unlearned"][key]
+        assert value is None or value != value, (key, value)
+    assert res["unlearned"]["test"] > 0  # the server's own test set needs no node
+    events = audit_events(tmp_path / "out")
+    departed = [e for e in events if e["event"] == "node.departed"]
+    assert [(e["node"], e["partition"]) for e in departed] == [(12, 2)]
+    assert res["departed_nodes"] == [12]
+    # Node 12 was never sent anything after it left (the grid answered for it).
+    assert all(int(m.metadata.dst_node_id) != 12 for m in grid.sent[-4:])
+
+
+# -- 7. one method's failure is that method's ---------------------------------------------
+def test_a_method_whose_target_left_fails_alone_and_the_job_says_so(
+        app, tmp_path, server_identity, single_thread):
+    """method=puf,ft; node 10 (the client-wise target, asking through its inbox) leaves
+    just before PUF's unlearning round: PUF fails with the reason in its failed.json,
+    the audit log and the receipt; FT still runs and writes its results; the job raises
+    naming PUF."""
+    from fedunlearn.strategies import UnlearningFailed
+
+    inbox = Inbox(str(tmp_path / "inbox-0"))
+    filed = inbox.file(scope="client")
+    rc = job_config(tmp_path, **{"method": "puf,ft", "forget.clients": ""})
+
+    def leave_before_puf(grid, messages):
+        if messages and messages[0].metadata.message_type == "train.pseudo_gradient":
+            grid.node_configs.pop(10, None)
+
+    grid = LiveGrid(app, rc, nodes_config(p0={"inbox": str(inbox.root)}),
+                    on_send=leave_before_puf)
+    with pytest.raises(UnlearningFailed, match="puf"):
+        run_experiment(grid, rc)
+    out = tmp_path / "out"
+    failed = json.loads((out / "puf" / "failed.json").read_text())
+    assert "no target" in failed["failed"] and "[10] left the federation" in failed["failed"]
+    assert failed["departed_nodes"] == [10]
+    assert not (out / "puf" / "results.json").exists()
+    ft = json.loads((out / "ft" / "results.json").read_text())
+    assert ft["method"] == "ft" and ft["departed_nodes"] == [10]
+    events = [e["event"] for e in audit_events(out)]
+    assert "unlearning.failed" in events and events.count("unlearning.finished") == 1
+    statuses = [e["status"] for e in inbox.events(filed.id)]
+    # Node 10 left, so no receipt reached it after PUF's failure: the audit log holds the
+    # verdict, and the request stays pending for the next job.
+    assert statuses[:2] == ["sent", "accepted"] and inbox.entry(filed.id).pending

@@ -23,7 +23,7 @@ from .requests import request_to_config
 from .training import load_arrays
 from .wire import WireError
 
-REPLY_TIMEOUT_S = 3600.0
+from .protocol import REPLY_TIMEOUT_S  # noqa: E402
 
 
 class Evaluator:
@@ -65,9 +65,9 @@ class Evaluator:
         ``details``, when given, receives the MIA's sample counts and 95% interval, the
         failed nodes, and whether the held-out set was class-matched."""
         cfg = self.cfg
-        nodes = sorted(grid.get_node_ids())
-        if node_partitions:
-            nodes = [n for n in nodes if n in node_partitions]
+        # Every node of the verified view, connected or not: one that left is a failed
+        # node (its metrics missing), never a smaller federation measured as the same.
+        nodes = sorted(node_partitions) if node_partitions else sorted(grid.get_node_ids())
         per_node = max(1, -(-cfg.mia_max_members // max(len(nodes), 1)))
         messages = []
         for n in nodes:

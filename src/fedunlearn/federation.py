@@ -26,6 +26,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -37,11 +38,11 @@ from .requests import (INBOX_ID_PATTERN, INVALID_SCOPE, MAX_ERROR_CHARS, MAX_INB
                        REQUEST_RECORD, RUN_CONFIG_REQUESTS, WANT_REQUEST, UnlearningRequest,
                        check_request_shape, empty_forget_reason, forget_indices,
                        ids_not_held_reason, request_from_config, validate_request)
-from .protocol import REJECTED_RECORD
+from .protocol import REJECTED_RECORD, REPLY_TIMEOUT_S
 from .wire import WireError, only_fields, shorten, str_list
 
 NODE_STALL_S = 60.0
-REPLY_TIMEOUT_S = 3600.0
+
 MALFORMED_REPLY = 1001
 """``Error.code`` of a reply the server refused as malformed (Flower's own codes are < 100)."""
 
@@ -224,10 +225,24 @@ class GuardedGrid(Grid):
             if self.audit is not None:
                 self.audit.record("node.excluded", node=node, reason=reason)
         for node in sorted(set(self.verified) - connected - self._departed):
-            self._departed.add(node)
-            log(WARNING, "Node %d (partition %d) is no longer connected; a node that comes "
-                "back under a new id takes no part in this job", node, self.verified[node])
+            self._departed_now(node, "no longer connected")
         return [n for n in nodes if n in self.verified]
+
+    def _departed_now(self, node: int, how: str) -> None:
+        if node in self._departed:
+            return
+        self._departed.add(node)
+        log(WARNING, "Node %d (partition %s) left the federation (%s): it is a failed node "
+            "in every round and evaluation from now on; a node that comes back under a new "
+            "id takes no part in this job", node, self.verified.get(node), how)
+        if self.audit is not None:
+            self.audit.record("node.departed", node=node, partition=self.verified.get(node),
+                              how=how)
+
+    @property
+    def departed(self) -> list[int]:
+        """Verified nodes that left (no longer connected, or no reply when asked)."""
+        return sorted(self._departed)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         allowed = self._allowed(messages)
@@ -244,17 +259,45 @@ class GuardedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
+        """Send, wait, check. Every message asked of a verified node gets exactly one
+        reply: the node's (checked), or an error reply naming why there is none (the node
+        left the federation, or no reply within the timeout); an error the SuperLink
+        sends on a node's behalf counts as that node's."""
         allowed = self._allowed(messages)
+        out: list[Message] = []
+        if self.verified:
+            connected = set(self.inner.get_node_ids())
+            for node in sorted(set(self.verified) - connected):
+                self._departed_now(node, "no longer connected")
+            gone = [m for m in allowed if int(m.metadata.dst_node_id) in self._departed]
+            allowed = [m for m in allowed if int(m.metadata.dst_node_id) not in self._departed]
+            out += [_no_reply(m, "the node left the federation") for m in gone]
+        timeout = REPLY_TIMEOUT_S if timeout is None else min(timeout, REPLY_TIMEOUT_S)
         sent = {int(m.metadata.dst_node_id): m for m in allowed}
-        out, seen = [], set()
-        for reply in self.inner.send_and_receive(allowed, timeout=timeout):
+        replies = list(self.inner.send_and_receive(allowed, timeout=timeout)) if allowed else []
+        by_id = {m.metadata.message_id: m for m in allowed if m.metadata.message_id}
+        seen: set[int] = set()
+        for reply in replies:
             src = int(reply.metadata.src_node_id)
+            origin = by_id.get(reply.metadata.reply_to_message_id)
+            if origin is not None and int(origin.metadata.dst_node_id) != src:
+                # An error the SuperLink sends for a node (e.g. it stopped answering).
+                src = int(origin.metadata.dst_node_id)
+                reason = (reply.error.reason if reply.has_error()
+                          else "a reply from another node")
+                reply = _no_reply(origin, f"the SuperLink answered for it: {reason}")
             if src not in sent or src in seen:
                 log(WARNING, "Dropped a reply from node %d: %s", src,
                     "a second reply" if src in seen else "it was not asked")
                 continue
             seen.add(src)
             out.append(self.checked(reply, sent[src]))
+        for node in sorted(set(sent) - seen):  # a straggler fails this message only
+            out.append(_no_reply(sent[node], f"no reply within {timeout:g} s"))
+        if self.verified and allowed:  # who left while this exchange ran
+            connected = set(self.inner.get_node_ids())
+            for node in sorted(set(sent) - connected):
+                self._departed_now(node, "no longer connected")
         return out
 
     # -- checks ---------------------------------------------------------------------------
@@ -335,6 +378,13 @@ class GuardedGrid(Grid):
         forget = 0 if request is None else int(
             forget_indices(request, train, np.asarray(self.data.train.targets)).size)
         return {"retain-total": int(train.size) - forget, "forget-total": forget}
+
+
+def _no_reply(sent: Message, why: str) -> Message:
+    """The error reply standing for a node's missing one (it failed this message)."""
+    node = int(sent.metadata.dst_node_id)
+    log(WARNING, "Node %d failed %s: %s", node, sent.metadata.message_type, why)
+    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=why), reply_to=sent)
 
 
 def _int_or_none(value) -> int | None:

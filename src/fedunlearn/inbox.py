@@ -44,7 +44,9 @@ INBOX_KEY = "inbox"
 """Node-config key naming the inbox folder (an absolute path on the node's machine)."""
 INBOX_ENV = "FEDUNLEARN_INBOX"
 """Default of ``fedunlearn request --inbox``."""
-PENDING = ("filed", "sent", "accepted")
+PENDING = ("filed", "sent", "accepted", "failed")
+"""``failed``: a method could not serve the request (the receipt says which and why); it
+stays pending, so the next job asks again, unless another method honours it."""
 FINAL = ("rejected", "honoured", "withdrawn")
 STATUSES = PENDING + FINAL
 MAX_NOTE_CHARS = 500
@@ -342,7 +344,7 @@ def parse_receipt(record: Any) -> dict:
         "request_ids": list(str_list("request-ids", require(record, "request-ids", "ids"),
                                      MAX_INBOX_IDS, 64, INBOX_ID_PATTERN)),
         "status": text("status", require(record, "status", "a verdict"), 16,
-                       choices=("accepted", "rejected", "honoured")),
+                       choices=("accepted", "rejected", "honoured", "failed")),
         # Flower run ids are unsigned 64-bit: they travel as decimal strings.
         "run": int(text("run", require(record, "run", "the run id"), 20, pattern=r"[0-9]{1,20}")),
     }

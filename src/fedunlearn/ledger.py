@@ -87,6 +87,16 @@ class Ledger:
                         rounds=cost.rounds, comm_bytes=cost.comm_bytes)
                     for node, r in self.requests.items() if r.inbox_ids})
 
+    def unlearning_failed(self, strategy, reason: str) -> None:
+        """Audit a method that could not finish; tell the inbox requests it did not
+        serve them (they stay pending unless another method honours them)."""
+        self.audit.record("unlearning.failed", method=strategy.name, reason=reason[:2000],
+                          model_before=self.model_before)
+        self._send({node: federation.receipt_record(
+                        r.inbox_ids, "failed", self.run_id, method=strategy.name,
+                        reason=f"{strategy.name} could not serve the request: {reason}")
+                    for node, r in self.requests.items() if r.inbox_ids})
+
     def finished(self, results: Mapping[str, dict], output_dir) -> None:
         self.audit.record("job.finished", methods=list(results), output_dir=str(output_dir))
 

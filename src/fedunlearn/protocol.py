@@ -139,6 +139,9 @@ before pretraining), so the node does not consult its inbox yet."""
 RECEIPT_RECORD = "receipt"
 """A ``query.unlearn`` message carrying the server's verdict on inbox requests."""
 RECEIPT_ACK = "receipt-ack"
+REPLY_TIMEOUT_S = 600.0
+"""The one reply timeout (seconds) of every exchange the server makes: a node that has
+not answered by then failed that message."""
 REJECTED_RECORD = "rejected"
 """ConfigRecord of a ``query.unlearn`` reply: inbox requests the node's own check refused
 (``inbox-ids`` and ``reasons``, parallel lists); the others still go in ``request``."""

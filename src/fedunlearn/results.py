@@ -33,6 +33,8 @@ from .metrics import METRIC_KEYS, average_gap, deltas
 
 RESULTS_FILE = "results.json"
 SKIPPED_FILE = "skipped.json"
+FAILED_FILE = "failed.json"
+"""Written instead of results.json by a method that could not finish (with the reason)."""
 COMPARISON_FILE = "comparison.md"
 
 

@@ -39,10 +39,10 @@ from .models import create_model
 from .negation import example_input_for
 from .pretraining import pretrain
 from .requests import UnlearningRequest
-from .results import (COMPARISON_FILE, SKIPPED_FILE, comparison_markdown, comparison_text,
-                      result_record, results_path, write_json)
-from .strategies import (UnlearningContext, check_methods, create_method, get_method,
-                         history_spec)
+from .results import (COMPARISON_FILE, FAILED_FILE, SKIPPED_FILE, comparison_markdown,
+                      comparison_text, result_record, results_path, write_json)
+from .strategies import (UnlearningContext, UnlearningFailed, check_methods, create_method,
+                         get_method, history_spec)
 from .training import resolve_device
 
 
@@ -194,12 +194,30 @@ class Experiment:
         original_measurement = self.last_measurement
         log(INFO, "[measure] original: %s", _short(original))
         results: dict[str, dict] = {}
+        failed: dict[str, str] = {}
         for strategy in strategies:
             method = strategy.name
             log(INFO, "[%s] unlearning starts (params: %s)", method,
                 strategy.params.as_dict() or "none")
             self.ledger.unlearning_started(strategy)
-            unlearned_arrays = strategy.unlearn(self.grid, pretrained)
+            try:
+                unlearned_arrays = strategy.unlearn(self.grid, pretrained)
+            except (UnlearningFailed, RuntimeError, ValueError) as err:
+                # This method's failure is this method's: the others still run, and the
+                # job fails at the end, naming it.
+                reason = f"{type(err).__name__}: {err}"
+                if self.grid.departed:
+                    reason += f" (node(s) {self.grid.departed} left the federation)"
+                log(WARNING, "[%s] FAILED: %s; the other methods still run", method, reason)
+                self.ledger.unlearning_failed(strategy, reason)
+                failed[method] = reason
+                skipped[method] = f"FAILED: {reason}"
+                write_json(results_path(self.output_dir, method, several).with_name(FAILED_FILE),
+                           {"method": method, "failed": reason,
+                            "departed_nodes": self.grid.departed,
+                            "request": [dict(r.describe(), node_id=n)
+                                        for n, r in sorted(accepted.items())]})
+                continue
             unlearned = self.evaluate(unlearned_arrays)
             self.ledger.unlearning_finished(strategy, unlearned_arrays, unlearned)
             log(INFO, "[%s] unlearned: %s", method, _short(unlearned))
@@ -207,6 +225,9 @@ class Experiment:
                                    unlearned, pretrain_info)
             result["measurement"] = {"original": original_measurement,
                                      "unlearned": self.last_measurement}
+            # Verified nodes that left the federation so far (failed in every round and
+            # evaluation since; see the audit log's node.departed).
+            result["departed_nodes"] = self.grid.departed
             path = write_json(results_path(self.output_dir, method, several), result)
             log(INFO, "[%s] wrote %s", method, path)
             results[method] = result
@@ -217,6 +238,10 @@ class Experiment:
         for line in comparison_text(ordered, skipped=skipped).splitlines():
             log(INFO, "%s", line)
         log(INFO, "Results written to %s", self.output_dir)
+        if failed:
+            raise UnlearningFailed("method(s) failed: " + "; ".join(
+                f"{m}: {r}" for m, r in failed.items()) + f" (the others' results are in "
+                f"{self.output_dir})")
         return results
 
 

@@ -44,13 +44,12 @@ from .metrics import flops_per_sample
 from .protocol import EVALUATE_UNLEARN, MODEL_KEY
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
-from .results import write_json
+from .results import FAILED_FILE, write_json
 from .wire import WireError
 from .strategies.base import UnlearningContext, UnlearningFailed, UnlearningStrategy
 
 MODEL_FILE = "model.pt"
 RESULT_FILE = "results.json"
-FAILED_FILE = "failed.json"
 
 
 @dataclass
@@ -243,7 +242,7 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
         except (UnlearningFailed, RuntimeError, ValueError) as err:
             reason = f"{type(err).__name__}: {err}"
             log(WARNING, "[%s] FAILED: %s", name, reason)
-            log_.record("unlearning.failed", method=name, reason=reason[:2000])
+            ledger.unlearning_failed(strategy, reason)
             outcomes[name] = MethodOutcome(name, "failed", reason=reason,
                                            wall_s=time.perf_counter() - started)
             write_json(out / name / FAILED_FILE, outcomes[name].as_dict())

@@ -50,7 +50,7 @@ from .params import MethodParams
 from .stopping import FIXED, MAXIMUM, StoppingRule
 
 ROLES = ("retained", "targets", "all")
-REPLY_TIMEOUT_S = 3600.0
+from ..protocol import REPLY_TIMEOUT_S  # noqa: E402
 STOP_RULES = ("fixed", "validation")
 
 
@@ -494,7 +494,9 @@ class UnlearningStrategy(FedAvgM):
         """The nodes that take part in a round in ``role`` (sorted by node id).
 
         Only nodes of the verified federation take part (when one is known): a node
-        that joined later or under a new id is left out."""
+        that joined later or under a new id is left out, and a verified node that left
+        is still asked (the grid answers for it with an error: it is a failed node of
+        the round, never silently a smaller federation)."""
         nodes = set(grid.get_node_ids())
         known = self.context.node_partitions
         if known:
@@ -502,7 +504,7 @@ class UnlearningStrategy(FedAvgM):
             if strangers:
                 log(WARNING, "nodes %s are not in the verified federation; they take no "
                     "part", sorted(strangers))
-            nodes &= set(known)
+            nodes = set(known)
         if role == "all":
             return sorted(nodes)
         if role == "targets":
