@@ -43,3 +43,47 @@ def test_bad_input_exits_before_starting_flower(capsys):
 
 def test_no_superlink_on_an_unused_port():
     assert superlink_pids(1) == []
+
+
+class _FakeFlwr:
+    """``flwr run --stream`` that prints ``lines`` and exits 0 (as it does even when the
+    ServerApp was killed)."""
+
+    def __init__(self, lines):
+        self.stdout = iter(lines)
+
+    def wait(self):
+        return 0
+
+
+def test_a_serverapp_that_never_finished_fails_the_launcher(monkeypatch, capsys):
+    import fedunlearn.launch as launch
+
+    for lines, expected in ((["[not] unlearning starts\n"], 1),
+                            (["Results written to /tmp/x\n"], 0),
+                            (["An unhandled exception occurred\n"], 1)):
+        monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, _l=lines, **k: _FakeFlwr(_l))
+        rc = launch.flwr_run({}, num_supernodes=2, ports=(1, 2), echo=False,
+                             finished_marker=launch.HARNESS_FINISHED)
+        assert rc == expected, lines
+    # Without a marker (another app), flwr run's own verdict stands.
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: _FakeFlwr(["x\n"]))
+    assert launch.flwr_run({}, num_supernodes=2, ports=(1, 2), echo=False) == 0
+    assert "the ServerApp did not finish" in capsys.readouterr().err
+
+
+def test_the_next_run_records_an_interrupted_one(tmp_path):
+    from fedunlearn.audit import AuditLog, read_audit
+
+    log = AuditLog(tmp_path / "audit.jsonl", run_id=1)
+    assert log.note_interrupted() is None  # an empty log: nothing to say
+    log.record("job.started", methods=["not"])
+    log.record("unlearning.started", method="not")  # then the ServerApp was killed
+    nxt = AuditLog(tmp_path / "audit.jsonl", run_id=2)
+    record = nxt.note_interrupted()
+    assert record["interrupted_run"] == 1 and record["last_event"] == "unlearning.started"
+    assert nxt.note_interrupted() is None  # said once
+    nxt.record("job.finished", methods=["not"])
+    assert AuditLog(tmp_path / "audit.jsonl", run_id=3).note_interrupted() is None
+    reading = read_audit(tmp_path / "audit.jsonl")
+    assert reading.intact and [r["event"] for r in reading.records][2] == "job.interrupted"

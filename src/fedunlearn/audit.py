@@ -83,6 +83,11 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+TERMINAL_EVENTS = ("job.finished", "job.failed", "serve.finished", "serve.failed",
+                   "job.interrupted")
+"""Events that end a run's records in the log."""
+
+
 class AuditLog:
     """Append-only JSONL audit log.
 
@@ -114,6 +119,37 @@ class AuditLog:
         finally:
             os.close(fd)  # also releases the lock
         return record
+
+    def last_record(self) -> dict | None:
+        """The log's last complete record (``None`` for an empty or missing log)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            start = max(0, size - _TAIL_BYTES)
+            for line in reversed(os.pread(fd, size - start, start).split(b"\n")):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("seq"), int):
+                    return record
+            return None
+        finally:
+            os.close(fd)
+
+    def note_interrupted(self) -> dict | None:
+        """When the log's last run did not end (no ``job.finished``/``job.failed``/
+        ``serve.finished``/``serve.failed``: its ServerApp was killed or lost), record
+        ``job.interrupted`` for it before this run starts; return that record."""
+        last = self.last_record()
+        if last is None or last.get("event") in TERMINAL_EVENTS:
+            return None
+        return self.record("job.interrupted", interrupted_run=last.get("run"),
+                           last_event=last.get("event"), last_seq=last.get("seq"),
+                           last_time=last.get("time"))
 
     @staticmethod
     def _tail(fd: int) -> tuple[int, str, bool]:

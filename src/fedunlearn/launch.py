@@ -26,6 +26,9 @@ from pathlib import Path
 
 # `flwr run --stream` exits 0 even when the ServerApp fails; its log says so instead.
 _FAILURE = re.compile(r"Exit Code: (\d+)|An unhandled exception occurred")
+# What the harness's ServerApp logs when it finished: without it the ServerApp died (e.g.
+# killed) while `flwr run --stream` still exits 0.
+HARNESS_FINISHED = re.compile(r"Results written to |No valid unlearning request was received")
 
 FLWR_ENV_DEFAULTS = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -117,8 +120,12 @@ def stop_pids(pids: Sequence[int], timeout: float = 10.0) -> None:
 def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1,
              num_gpus: float = 0.0, app: str | Path | None = None,
              ports: tuple[int, int] | None = None, env: Mapping[str, str] | None = None,
-             log_file: str | Path | None = None, echo: bool = True) -> int:
+             log_file: str | Path | None = None, echo: bool = True,
+             finished_marker: re.Pattern | None = None) -> int:
     """Run one simulation job through ``flwr run --stream`` and stop its SuperLink.
+
+    With ``finished_marker`` (e.g. :data:`HARNESS_FINISHED`), a job whose output never
+    matches it is a failure (exit code 1) even when ``flwr run`` exits 0.
 
     Returns ``flwr run``'s exit code. Output goes to stdout (``echo``) and/or
     ``log_file``.
@@ -149,15 +156,24 @@ def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         assert proc.stdout is not None
-        failed = False
+        failed = finished = False
         for line in proc.stdout:
             failed = failed or bool(_FAILURE.search(line))
+            finished = finished or bool(finished_marker and finished_marker.search(line))
             if echo:
                 sys.stdout.write(line)
                 sys.stdout.flush()
             if log:
                 log.write(line)
         rc = proc.wait()
+        if rc == 0 and not failed and finished_marker is not None and not finished:
+            message = ("fedunlearn: the ServerApp did not finish (no closing line in its "
+                       "output: it was killed or lost); no results were written for the "
+                       "methods it had not finished")
+            sys.stderr.write(message + "\n")
+            if log:
+                log.write(message + "\n")
+            return 1
         return rc if rc != 0 else (1 if failed else 0)
     finally:
         if log:
@@ -272,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
     return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                    num_gpus=args.num_gpus, app=args.app)
+                    num_gpus=args.num_gpus, app=args.app,
+                    finished_marker=HARNESS_FINISHED if args.app is None else None)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,21 @@ class Ledger:
         self.requests: dict[int, UnlearningRequest] = {}
         self.model_before = ""
 
+    def interrupted(self) -> None:
+        """Say so in the log (and the job's log) when the previous run on this audit log
+        did not end."""
+        try:
+            record = self.audit.note_interrupted()
+        except OSError as err:
+            log(WARNING, "could not read the audit log's last record: %s", err)
+            return
+        if record is not None:
+            log(WARNING, "The previous run on this audit log (run %s) did not finish: its "
+                "last record is %s (seq %s); recorded as job.interrupted",
+                record["interrupted_run"], record["last_event"], record["last_seq"])
+
     def started(self, cfg, deployment: bool, ignored_forget_clients=()) -> None:
+        self.interrupted()
         log(INFO, "fedunlearn on a %s; audit log: %s", "deployment (SuperLink + SuperNodes): "
             "requests come from the nodes" if deployment else "simulation", self.audit.path)
         self.audit.record("job.started", methods=list(cfg.methods), dataset=cfg.dataset,

@@ -174,6 +174,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
     log_ = AuditLog(audit_path(out), run)
     guarded = federation.GuardedGrid(grid, log_ if audit else None)
     ledger = Ledger(log_, guarded, run)
+    ledger.interrupted()
     log_.record("serve.started", methods=names, model_before=model_digest(arrays),
                 history=str(history.directory) if history is not None else None)
     try:
