@@ -154,8 +154,9 @@ def serve(grid: Grid, arrays: ArrayRecord,
         raise ValueError("arrays must be the model's non-empty ArrayRecord")
     for s in strategies:
         s.check_ready()
-    if history is not None and hasattr(history, "spec") and hasattr(history, "directory") \
-            and not hasattr(history, "manifest"):
+    from .recording import HistoryKeeper
+
+    if isinstance(history, HistoryKeeper):
         if history.history is None:
             raise ValueError("serve(history=...): the HistoryKeeper has recorded nothing yet "
                              "(call keeper.start(grid, arrays, num_rounds) first)")
