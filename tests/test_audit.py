@@ -3,6 +3,7 @@ shows removed or edited records, crash-tolerant reading, and ``fedunlearn audit`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -10,7 +11,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 import fedunlearn.audit as audit_mod
-from fedunlearn.audit import AuditLog, audit_path, model_digest, read_audit
+from fedunlearn.audit import (AuditLog, audit_path, check_anchors, head_path, model_digest,
+                              read_audit, receipt_anchors)
+from fedunlearn.inbox import Inbox
 from fedunlearn.cli import main as cli
 
 
@@ -22,7 +25,7 @@ def test_records_are_appended_chained_and_fsynced(tmp_path, monkeypatch):
     first = log.record("job.started", methods=["not"], deployment=True)
     log.record("request.received", node=10, partition=0, scope="class", classes={3, 1},
                num_ids=0, digest="ab" * 32, score=float("nan"), count=np.int64(4))
-    assert len(synced) == 2  # one fsync per record, before record() returns
+    assert len(synced) == 4  # the record and its head file, before record() returns
     lines = (tmp_path / "sub" / "audit.jsonl").read_bytes().splitlines()
     assert len(lines) == 2
     second = json.loads(lines[1])
@@ -65,11 +68,111 @@ def test_removed_or_edited_records_break_the_chain(tmp_path, capsys):
     path.write_text("\n".join([lines[0], json.dumps(edited, separators=(",", ":")),
                                lines[2], lines[3]]) + "\n")
     reading = read_audit(path)
-    assert not reading.intact and "line 3" in reading.chain_breaks[0]
+    assert reading.chain_breaks == ["line 2 (seq 1) was edited after it was written "
+                                    "(line 3's prev no longer matches it)"]
     assert cli(["audit", str(path)]) == 1
     assert "chain BROKEN" in capsys.readouterr().out
     path.write_text("\n".join([lines[0], lines[2], lines[3]]) + "\n")  # one removed
-    assert not read_audit(path).intact
+    breaks = read_audit(path).chain_breaks
+    assert breaks == ["line 2 (seq 2): record(s) seq 1..1 are missing after line 1 (removed)"]
+    path.write_text("\n".join([lines[0], lines[2], lines[1], lines[3]]) + "\n")  # moved
+    assert "line 3 (seq 1): out of order after seq 2 (a record was inserted or moved)" in \
+        read_audit(path).chain_breaks
+
+
+def _rechain(lines: list[str]) -> list[str]:
+    """What someone with write access to the log does to hide an edit: recompute every
+    ``prev`` (and the head file)."""
+    out, prev = [], "0" * 64
+    for line in lines:
+        record = json.loads(line)
+        record["prev"] = prev
+        text = json.dumps(record, separators=(",", ":"))
+        prev = hashlib.sha256(text.encode()).hexdigest()
+        out.append(text)
+    return out
+
+
+def _events(log: AuditLog, n: int = 4) -> list[str]:
+    for event in ("job.started", "request.accepted", "unlearning.finished", "job.finished")[:n]:
+        log.record(event, node=10)
+    return log.path.read_text().splitlines()
+
+
+def test_the_head_file_shows_a_cut_tail_and_an_edited_last_record(tmp_path, capsys):
+    path = tmp_path / "audit.jsonl"
+    lines = _events(AuditLog(path, run_id=1))
+    head = json.loads(head_path(path).read_text())
+    assert head["seq"] == 3 and head["sha256"] == hashlib.sha256(lines[3].encode()).hexdigest()
+    assert read_audit(path).intact and not read_audit(path).notes
+    # The last two records deleted.
+    path.write_text("\n".join(lines[:2]) + "\n")
+    assert read_audit(path).chain_breaks == [
+        "line 2: the log ends at seq 1 but its head file names seq 3: record(s) seq 2..3 "
+        "were cut"]
+    assert cli(["audit", str(path)]) == 1
+    assert "were cut" in capsys.readouterr().err
+    # The last record edited.
+    edited = json.loads(lines[3])
+    edited["event"] = "job.failed"
+    path.write_text("\n".join(lines[:3] + [json.dumps(edited, separators=(",", ":"))]) + "\n")
+    assert read_audit(path).chain_breaks == [
+        "line 4 (seq 3), the last record, was edited after it was written (it no longer "
+        "matches the head file)"]
+    # The last record replaced by a partial line (a crash is not an excuse: the head
+    # names a record the log no longer holds whole).
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:30])
+    reading = read_audit(path)
+    assert "incomplete last record" in reading.skipped[0]
+    assert "record(s) seq 3..3 were cut" in reading.chain_breaks[0]
+    # A writer that died between the record and its head file: noted, not a break.
+    path.write_text("\n".join(lines) + "\n")
+    head_path(path).write_text(json.dumps({"seq": 2, "sha256": hashlib.sha256(
+        lines[2].encode()).hexdigest(), "time": "t"}))
+    reading = read_audit(path)
+    assert reading.intact and "seq 3..3 were appended after the head file" in reading.notes[0]
+    # No head file (an older log, or a copy without it): said, not a break.
+    head_path(path).unlink()
+    reading = read_audit(path)
+    assert reading.intact and "no head file" in reading.notes[0]
+
+
+def test_a_recomputed_chain_is_caught_by_a_receipt_anchor(tmp_path, capsys):
+    """Rewriting the chain and the head file hides an edit from the log's own checks;
+    the chain head a receipt carries does not move."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, run_id=1)
+    lines = _events(log, 3)
+    seq, digest = log.head()
+    assert seq == 2 and digest == hashlib.sha256(lines[2].encode()).hexdigest()
+    inbox = Inbox(tmp_path / "inbox")
+    request = inbox.file("class", classes=[3])
+    inbox.append_event(request.id, {"status": "honoured", "run": 1, "audit_seq": seq,
+                                    "audit_sha256": digest})
+    log.record("receipt.sent", node=10)
+    assert cli(["audit", str(path), "--inbox", str(inbox.root)]) == 0
+    assert "1 receipt anchor(s) checked" in capsys.readouterr().out
+    # An edit before the anchor, the chain and the head file recomputed.
+    lines = path.read_text().splitlines()
+    edited = json.loads(lines[1])
+    edited["event"] = "request.rejected"
+    lines[1] = json.dumps(edited, separators=(",", ":"))
+    lines = _rechain(lines)
+    path.write_text("\n".join(lines) + "\n")
+    head_path(path).write_text(json.dumps(
+        {"seq": 3, "sha256": hashlib.sha256(lines[3].encode()).hexdigest(), "time": "t"}))
+    assert read_audit(path).intact  # the log's own checks are fooled ...
+    assert cli(["audit", str(path), "--inbox", str(inbox.root)]) == 1  # ... the receipt not
+    err = capsys.readouterr().err
+    assert f"line 3 (seq 2) is not the record receipt {request.id}.jsonl line 1" in err
+    assert "edited or rewritten at or before it" in err
+    # A log cut below the anchor, head file and all.
+    path.write_text("\n".join(lines[:2]) + "\n")
+    head_path(path).unlink()
+    reading = read_audit(path)
+    problems = check_anchors(reading, receipt_anchors(inbox.receipts_dir))
+    assert problems == [f"receipt {request.id}.jsonl line 1 (honoured, run 1): the log holds "
+                        "no record seq 2 (cut or removed after the receipt was sent)"]
 
 
 def test_the_audit_command_prints_a_table(tmp_path, capsys):

@@ -27,6 +27,7 @@ from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 
 import fedunlearn.federation as federation
 from fedunlearn.audit import read_audit
+from fedunlearn.cli import main as cli
 from fedunlearn.inbox import Inbox
 from fedunlearn.server import run_experiment
 
@@ -318,10 +319,27 @@ def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
     assert "sample_ids" not in received and len(received["digest"]) == 64
     assert names.count("receipt.sent") == 2 and names[-1] == "job.finished"
     assert all(e["run"] == RUN_ID for e in events)
+    # Each receipt carries the audit chain's head when it was sent: the data owner checks
+    # the server's log against it.
+    log = tmp_path / "out" / "audit.jsonl"
+    seqs = [e["audit_seq"] for e in entry.events[1:]]
+    assert seqs == sorted(seqs) and all(len(e["audit_sha256"]) == 64 for e in entry.events[1:])
+    assert events[seqs[-1]]["event"] == "unlearning.finished"
+    assert cli(["audit", str(log), "--inbox", str(inbox.root)]) == 0
     # A second job finds nothing pending in the inbox: partition 1 asks for nothing.
     rc2 = job_config(tmp_path, **{"output-dir": str(tmp_path / "out2")})
     run_experiment(LiveGrid(app, rc2, nodes_config(p1={"inbox": str(inbox.root)})), rc2)
     assert json.loads((tmp_path / "out2" / "no-request.json").read_text())["rejected"] == []
+    # The last records of the first job's log removed: the head file says so; the same
+    # cut with the head file rewritten is caught by the receipt.
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:seqs[-1]]))
+    assert cli(["audit", str(log)]) == 1
+    head = read_audit(log, head=False)
+    (tmp_path / "out" / "audit.jsonl.head").write_text(json.dumps(
+        {"seq": head.records[-1]["seq"], "sha256": head.digests[head.records[-1]["seq"]][1]}))
+    assert cli(["audit", str(log)]) == 0
+    assert cli(["audit", str(log), "--inbox", str(inbox.root)]) == 1
 
 
 # -- 5. the harness's server checks requests with what the nodes report -------------------

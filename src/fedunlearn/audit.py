@@ -23,6 +23,18 @@ record removed or edited later breaks the chain and :func:`read_audit` says wher
 A crash can leave at most a partial last line; the next writer seals it with a newline
 and chains to the last complete record, and readers skip and report it.
 
+The chain alone cannot show a cut tail or an edited last record (no record follows
+them), nor a log rewritten with a recomputed chain. Two anchors outside the log do:
+
+* the **head file** ``<log>.head`` (JSON: ``seq``, ``sha256`` of the last record's line,
+  ``time``), replaced atomically after every record, so a log that ends before the head
+  or whose last line differs from it was cut or edited;
+* the **receipts**: every verdict sent to a node's inbox carries the chain's head at
+  that moment (``audit-seq``, ``audit-sha256``). A data owner holding a receipt proves
+  that the log still holds that record, unchanged: a cut, an edit at or before it, or a
+  rewrite of the chain (head file included) no longer matches
+  (``fedunlearn audit LOG --inbox DIR``, :func:`check_anchors`).
+
 ``fedunlearn audit LOG`` prints a log as a table (:func:`format_table`).
 """
 
@@ -47,6 +59,7 @@ without it each job writes ``<output-dir>/audit.jsonl``."""
 AUDIT_FILE = "audit.jsonl"
 GENESIS = "0" * 64
 """``prev`` of a log's first record."""
+HEAD_SUFFIX = ".head"
 _TAIL_BYTES = 1 << 16
 
 
@@ -54,6 +67,12 @@ def audit_path(output_dir: Path) -> Path:
     """``$FEDUNLEARN_AUDIT_LOG`` when set, else ``<output_dir>/audit.jsonl``."""
     env = os.environ.get(AUDIT_ENV, "").strip()
     return Path(env).expanduser().resolve() if env else Path(output_dir) / AUDIT_FILE
+
+
+def head_path(log_path: Path) -> Path:
+    """The head file of an audit log: ``<log>.head``."""
+    log_path = Path(log_path)
+    return log_path.with_name(log_path.name + HEAD_SUFFIX)
 
 
 def model_digest(arrays: ArrayRecord) -> str:
@@ -116,9 +135,36 @@ class AuditLog:
                               allow_nan=False).encode() + b"\n"
             os.write(fd, (b"" if sealed else b"\n") + line)
             os.fsync(fd)
+            self._write_head(seq, _line_digest(line), record["time"])  # still under the lock
         finally:
             os.close(fd)  # also releases the lock
         return record
+
+    def head(self) -> tuple[int, str] | None:
+        """``(seq, sha256)`` of the log's last complete record: what a receipt carries so
+        its holder can check the log later (``None`` for an empty or missing log)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            seq, digest, _ = self._tail(fd)
+        finally:
+            os.close(fd)
+        return None if digest == GENESIS else (seq - 1, digest)
+
+    def _write_head(self, seq: int, digest: str, time: str) -> None:
+        """Replace ``<log>.head`` atomically (write a temporary file, fsync, rename)."""
+        target = head_path(self.path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        data = json.dumps({"seq": seq, "sha256": digest, "time": time}).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
 
     def last_record(self) -> dict | None:
         """The log's last complete record (``None`` for an empty or missing log)."""
@@ -179,20 +225,29 @@ class AuditLog:
 
 @dataclass
 class AuditReading:
-    """What :func:`read_audit` found: the records and every problem, by line."""
+    """What :func:`read_audit` found: the records and every problem, by line.
+
+    ``chain_breaks`` are proofs of tampering (a record removed, edited, inserted, a cut
+    tail, a log that no longer matches its head file or a receipt); ``skipped`` are lines
+    that could not be read (a crash mid-write) and ``notes`` are what the reader could not
+    check (no head file: a log written before head files, or a copy without it)."""
 
     records: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     chain_breaks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    digests: dict[int, tuple[int, str]] = field(default_factory=dict)
+    """seq -> (line number, SHA-256 of the record's line)."""
 
     @property
     def intact(self) -> bool:
         return not self.chain_breaks
 
 
-def read_audit(path: Path) -> AuditReading:
-    """Read an audit log, skipping (and reporting) partial or unreadable lines and
-    checking the ``prev`` chain."""
+def read_audit(path: Path, head: bool = True) -> AuditReading:
+    """Read an audit log, skipping (and reporting) partial or unreadable lines, checking
+    the ``prev`` chain and the ``seq`` numbering record by record, and, with ``head``,
+    the log's end against its head file (``<log>.head``)."""
     out = AuditReading()
     data = Path(path).read_bytes()
     lines = data.split(b"\n")
@@ -202,7 +257,7 @@ def read_audit(path: Path) -> AuditReading:
         out.skipped.append(f"line {len(lines)}: incomplete last record (the writer stopped "
                            "mid-record); ignored")
         lines.pop()
-    prev = GENESIS
+    prev, prev_seq, prev_number = GENESIS, -1, 0
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -212,12 +267,113 @@ def read_audit(path: Path) -> AuditReading:
             out.skipped.append(f"line {number}: not a complete JSON record "
                                f"({line[:40]!r}); ignored")
             continue
-        if record.get("prev") != prev:
+        seq = record.get("seq")
+        seq_ok = isinstance(seq, int) and not isinstance(seq, bool)
+        if seq_ok and seq > prev_seq + 1:
             out.chain_breaks.append(
-                f"line {number} (seq {record.get('seq')}): prev does not match the record "
-                "before it (a record was removed, edited or inserted)")
+                f"line {number} (seq {seq}): record(s) seq {prev_seq + 1}..{seq - 1} are "
+                f"missing after line {prev_number or 'start'} (removed)")
+        elif not seq_ok or seq <= prev_seq:
+            out.chain_breaks.append(
+                f"line {number} (seq {seq}): out of order after seq {prev_seq} (a record "
+                "was inserted or moved)")
+        elif record.get("prev") != prev:
+            where = (f"line {prev_number} (seq {prev_seq}) was edited after it was written "
+                     f"(line {number}'s prev no longer matches it)" if prev_number
+                     else f"line {number} (seq {seq}): prev is not the log's start")
+            out.chain_breaks.append(where)
         prev = _line_digest(line)
+        if seq_ok:
+            prev_seq, prev_number = seq, number
+            out.digests.setdefault(seq, (number, prev))
         out.records.append(record)
+    if head:
+        _check_head(Path(path), out, prev_seq, prev_number, prev)
+    return out
+
+
+def _check_head(path: Path, out: AuditReading, last_seq: int, last_number: int,
+                last_digest: str) -> None:
+    hp = head_path(path)
+    try:
+        saved = json.loads(hp.read_bytes())
+        seq, digest = saved["seq"], saved["sha256"]
+        if not isinstance(seq, int) or not isinstance(digest, str):
+            raise ValueError("seq/sha256 of the wrong type")
+    except FileNotFoundError:
+        if out.records:
+            out.notes.append(f"no head file ({hp.name}): the log's end is not anchored (a "
+                             "cut tail or an edited last record would not show)")
+        return
+    except (ValueError, KeyError, TypeError) as err:
+        out.chain_breaks.append(f"head file {hp}: unreadable ({err})")
+        return
+    if seq > last_seq:
+        out.chain_breaks.append(
+            f"line {last_number or 'start'}: the log ends at seq {last_seq} but its head "
+            f"file names seq {seq}: record(s) seq {last_seq + 1}..{seq} were cut")
+    elif seq == last_seq and digest != last_digest:
+        out.chain_breaks.append(
+            f"line {last_number} (seq {seq}), the last record, was edited after it was "
+            "written (it no longer matches the head file)")
+    elif seq < last_seq:
+        number, found = out.digests.get(seq, (None, None))
+        if found != digest:
+            out.chain_breaks.append(
+                f"line {number} (seq {seq}) no longer matches the head file (edited)"
+                if number else f"the head file names seq {seq}, which the log does not hold")
+        else:
+            out.notes.append(f"record(s) seq {seq + 1}..{last_seq} were appended after the "
+                             "head file was last written (a writer that died between the two, "
+                             "or records added by hand)")
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A point of the chain someone outside the server holds: a receipt's
+    ``audit-seq``/``audit-sha256`` and where it came from."""
+
+    seq: int
+    sha256: str
+    source: str
+
+
+def check_anchors(reading: AuditReading, anchors: list[Anchor]) -> list[str]:
+    """Each anchor the log no longer matches, as a sentence (also added to
+    ``reading.chain_breaks``): the record is gone (cut) or its line changed (edited, or
+    the chain rewritten from there)."""
+    problems = []
+    for anchor in anchors:
+        number, digest = reading.digests.get(anchor.seq, (None, None))
+        if number is None:
+            problems.append(f"{anchor.source}: the log holds no record seq {anchor.seq} "
+                            "(cut or removed after the receipt was sent)")
+        elif digest != anchor.sha256:
+            problems.append(f"line {number} (seq {anchor.seq}) is not the record "
+                            f"{anchor.source} was sent with: the log was edited or rewritten "
+                            "at or before it")
+    reading.chain_breaks.extend(problems)
+    return problems
+
+
+def receipt_anchors(receipts_dir: Path) -> list[Anchor]:
+    """The anchors in an inbox's receipts (``<inbox>/receipts/*.jsonl``): every receipt
+    event that carries ``audit_seq`` and ``audit_sha256``."""
+    out = []
+    for path in sorted(Path(receipts_dir).glob("*.jsonl")):
+        if path.is_symlink():
+            continue
+        for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            seq, digest = event.get("audit_seq"), event.get("audit_sha256")
+            if isinstance(seq, int) and isinstance(digest, str):
+                out.append(Anchor(seq, digest, f"receipt {path.name} line {number} "
+                                  f"({event.get('status')}, run {event.get('run')})"))
     return out
 
 

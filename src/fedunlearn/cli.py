@@ -14,9 +14,11 @@ the SuperNode runs::
 ``--inbox`` defaults to ``$FEDUNLEARN_INBOX``; it is the folder the SuperNode's
 node-config names (``inbox="/abs/path"``).
 
-``fedunlearn audit LOG [--run ID] [--event PREFIX] [--json]`` prints the server's audit
-log (:mod:`.audit`) as a table and checks its chain of records; it exits 1 when the
-chain is broken (a record removed, edited or inserted), 0 otherwise.
+``fedunlearn audit LOG [--run ID] [--event PREFIX] [--json] [--inbox DIR ...]`` prints
+the server's audit log (:mod:`.audit`) as a table and checks its chain of records, its
+end against the head file beside it and, with ``--inbox``, against the chain heads the
+inbox's receipts carry; it exits 1 when any check fails (a record removed, edited or
+inserted, a cut tail, a log rewritten since a receipt), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-from .audit import format_table, read_audit
+from .audit import check_anchors, format_table, read_audit, receipt_anchors
 from .inbox import INBOX_ENV, Inbox, InboxEntry, InboxError
 
 
@@ -120,6 +122,14 @@ def cmd_audit(args) -> int:
     if not path.exists():
         raise InboxError(f"no audit log at {path}")
     reading = read_audit(path)
+    anchors = []
+    for folder in args.inbox or ():
+        receipts = Inbox(Path(folder).expanduser().resolve(), create=False).receipts_dir
+        found = receipt_anchors(receipts)
+        if not found:
+            reading.notes.append(f"{receipts}: no receipt carries an audit anchor")
+        anchors += found
+    check_anchors(reading, anchors)
     records = reading.records
     if args.run is not None:
         records = [r for r in records if str(r.get("run")) == str(args.run)]
@@ -127,12 +137,15 @@ def cmd_audit(args) -> int:
         records = [r for r in records if str(r.get("event", "")).startswith(args.event)]
     if args.json:
         print(json.dumps({"records": records, "skipped": reading.skipped,
-                          "chain_breaks": reading.chain_breaks}, indent=1))
+                          "chain_breaks": reading.chain_breaks, "notes": reading.notes,
+                          "anchors_checked": len(anchors)}, indent=1))
     else:
         print(format_table(records))
+        checked = f", {len(anchors)} receipt anchor(s) checked" if args.inbox else ""
         print(f"{len(records)} record(s); chain "
-              + ("intact" if reading.intact else f"BROKEN at {len(reading.chain_breaks)} place(s)"))
-    for line in reading.skipped + reading.chain_breaks:
+              + ("intact" if reading.intact else f"BROKEN at {len(reading.chain_breaks)} place(s)")
+              + checked)
+    for line in reading.skipped + reading.notes + reading.chain_breaks:
         print(line, file=sys.stderr)
     return 0 if reading.intact else 1
 
@@ -178,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="only this Flower run id")
     p.add_argument("--event", default="", help="only events starting with this, e.g. request.")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--inbox", action="append", default=[],
+                   help="check the log against the audit anchors of this inbox's receipts "
+                   "(repeatable)")
     p.set_defaults(fn=cmd_audit)
     return parser
 

@@ -644,10 +644,19 @@ def send_receipts(grid: Grid, receipts: Mapping[int, ConfigRecord | list[ConfigR
     return written
 
 
+def _anchored(record: ConfigRecord, seq: int, digest: str) -> ConfigRecord:
+    out = ConfigRecord(dict(record))
+    out["audit-seq"], out["audit-sha256"] = int(seq), digest
+    return out
+
+
 def _send_receipt_wave(grid: Grid, receipts: Mapping[int, ConfigRecord], audit) -> int:
     if not receipts:
         return 0
     nodes = set(grid.get_node_ids())
+    anchor = audit.head() if audit is not None else None
+    if anchor is not None:  # the chain's head now: the data owner can check the log later
+        receipts = {node: _anchored(record, *anchor) for node, record in receipts.items()}
     messages = [Message(RecordDict({RECEIPT_RECORD: record}), dst_node_id=node,
                         message_type=QUERY_UNLEARN)
                 for node, record in sorted(receipts.items()) if node in nodes]

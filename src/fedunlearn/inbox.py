@@ -52,7 +52,8 @@ STATUSES = PENDING + FINAL
 MAX_NOTE_CHARS = 500
 REQUEST_FILE_FIELDS = ("id", "filed_at", "scope", "classes", "sample_ids", "fraction", "note")
 RECEIPT_FIELDS = ("request-ids", "status", "run", "reason", "method", "model-sha256",
-                  "model-before-sha256", "server-time", "rounds", "comm-bytes")
+                  "model-before-sha256", "server-time", "rounds", "comm-bytes", "audit-seq",
+                  "audit-sha256")
 """Fields of the ``receipt`` record the server sends with ``query.unlearn``."""
 
 
@@ -351,8 +352,11 @@ def parse_receipt(record: Any) -> dict:
     for key in ("reason", "method", "model-sha256", "model-before-sha256", "server-time"):
         if key in record:
             out[key.replace("-", "_")] = text(key, record[key], 600)
-    for key in ("rounds", "comm-bytes"):
+    for key in ("rounds", "comm-bytes", "audit-seq"):
         if key in record:
             out[key.replace("-", "_")] = exact_int(key, record[key], lo=0, hi=2**62)
+    if "audit-sha256" in record:
+        out["audit_sha256"] = text("audit-sha256", record["audit-sha256"], 64,
+                                   pattern=r"[0-9a-f]{64}")
     return out
 
