@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,93 @@ from .backdoor import BackdoorConfig
 SCOPES = ("client", "class", "instance")
 PARTITIONINGS = ("iid", "dirichlet")
 RECOVERY_STOPS = ("validation", "fixed")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_ROUNDS = 100_000
+MAX_COUNT = 10_000_000
+MAX_LR = 100.0
+MAX_REPLY_TIMEOUT_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric run-config key (both ends included unless open)."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+
+    def describe(self) -> str:
+        text = f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+    def check(self, key: str, value: float) -> None:
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value)
+              and (value > self.lo if self.lo_open else value >= self.lo)
+              and (value < self.hi if self.hi_open else value <= self.hi))
+        if not ok:
+            raise ValueError(f"{key}={value!r} must be in {self.describe()}")
+
+
+def _first(values, limit: int = 5) -> str:
+    """``[a, b, c]`` or ``[a, b, c, d, e, ... (N in all)]``: a bounded list for a message."""
+    values = list(values)
+    shown = ", ".join(map(str, values[:limit]))
+    return f"[{shown}]" if len(values) <= limit else f"[{shown}, ... ({len(values)} in all)]"
+
+
+def read_int(key: str, value: Any) -> int:
+    """A run-config integer: an int, or a string of one (never a bool or a float)."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise ValueError(f"{key}={value!r}: expected an integer")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if re.fullmatch(r"[+-]?[0-9]{1,30}", text):
+        return int(text)
+    raise ValueError(f"{key}={_brief(value)}: expected an integer")
+
+
+def read_float(key: str, value: Any) -> float:
+    """A run-config number: an int or a float (or a string of one), finite."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: expected a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key}={_brief(value)}: expected a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{key}={_brief(value)}: expected a finite number")
+    return number
+
+
+def read_str(key: str, value: Any) -> str:
+    """A run-config string (numbers are taken as their text; bools are refused)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: expected text")
+    text = str(value)
+    if len(text) > 100_000 or "\x00" in text:
+        raise ValueError(f"{key}={_brief(value)}: expected text without NUL, at most "
+                         "100000 characters")
+    return text
+
+
+def read_bool(key: str, value: Any) -> bool:
+    """A run-config flag: a bool, or the text true/false."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError(f"{key}={_brief(value)}: expected true or false")
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_int_list(value: Any, key: str) -> tuple[int, ...]:
@@ -117,6 +206,7 @@ class ExperimentConfig:
     batch_size: int = 32
     local_epochs: int = 1
     momentum: float = 0.9
+    reply_timeout: float = 600.0  # seconds the server waits for the nodes' replies
     pretrain_rounds: int = 30
     pretrain_lr: float = 0.01
     unlearn_rounds: int = 11  # the recovery budget (the maximum when stop="validation")
@@ -147,81 +237,133 @@ class ExperimentConfig:
     # -- construction -------------------------------------------------------------
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
-        """Build from a flat Flower run-config (missing keys take the defaults)."""
+        """Build from a flat Flower run-config (missing keys take the defaults).
+
+        Every value is type-checked (an integer key takes an integer, or a string of
+        one; a number key takes an int or a finite float; a flag takes a bool) and
+        range-checked (:meth:`validate`); a bad one raises ``ValueError`` naming the
+        key, the value and what is allowed."""
         rc = dict(run_config)
         d = cls()
         f = d.forget
+        b = d.backdoor
 
         def get(key: str, default: Any) -> Any:
             return rc.get(key, default)
 
-        methods = parse_str_list(get("method", ",".join(d.methods)))
-        params = parse_method_params(get("method-params", ""))
+        def i(key: str, default: int) -> int:
+            return read_int(key, get(key, default))
+
+        def x(key: str, default: float) -> float:
+            return read_float(key, get(key, default))
+
+        def t(key: str, default: str) -> str:
+            return read_str(key, get(key, default))
+
+        def flag(key: str, default: bool) -> bool:
+            return read_bool(key, get(key, default))
+
+        methods = parse_str_list(t("method", ",".join(d.methods)))
+        params = parse_method_params(t("method-params", ""))
         forget = ForgetConfig(
-            scope=str(get("forget.scope", f.scope)).strip().lower(),
+            scope=t("forget.scope", f.scope).strip().lower(),
             clients=parse_int_list(get("forget.clients", "0"), "forget.clients"),
             classes=parse_int_list(get("forget.classes", ""), "forget.classes"),
-            fraction=float(get("forget.fraction", f.fraction)),
+            fraction=x("forget.fraction", f.fraction),
             sample_ids=parse_int_list(get("forget.sample-ids", ""), "forget.sample-ids"),
-            data_of=int(get("forget.data-of", f.data_of)),
+            data_of=i("forget.data-of", f.data_of),
         )
-        b = d.backdoor
         backdoor = BackdoorConfig(
             clients=parse_int_list(get("backdoor.clients", ""), "backdoor.clients"),
-            fraction=float(get("backdoor.fraction", b.fraction)),
-            target=int(get("backdoor.target", b.target)),
-            patch_size=int(get("backdoor.patch-size", b.patch_size)),
-            position=str(get("backdoor.position", b.position)).strip().lower(),
-            value=str(get("backdoor.value", b.value)).strip().lower(),
+            fraction=x("backdoor.fraction", b.fraction),
+            target=i("backdoor.target", b.target),
+            patch_size=i("backdoor.patch-size", b.patch_size),
+            position=t("backdoor.position", b.position).strip().lower(),
+            value=t("backdoor.value", b.value).strip().lower(),
         )
         cfg = cls(
             methods=tuple(m.lower() for m in methods),
-            seed=int(get("seed", d.seed)),
-            output_dir=str(get("output-dir", d.output_dir)),
-            checkpoint_dir=str(get("checkpoint-dir", d.checkpoint_dir)),
-            device=str(get("device", d.device)),
-            dataset=str(get("dataset.name", d.dataset)).lower(),
-            data_root=str(get("dataset.root", d.data_root)),
-            data_download=bool(get("dataset.download", d.data_download)),
-            model=str(get("model.name", d.model)).lower(),
-            num_clients=int(get("federation.num-clients", d.num_clients)),
-            partitioning=str(get("federation.partitioning", d.partitioning)).lower(),
-            alpha=float(get("federation.alpha", d.alpha)),
-            val_fraction=float(get("federation.val-fraction", d.val_fraction)),
-            batch_size=int(get("federation.batch-size", d.batch_size)),
-            local_epochs=int(get("federation.local-epochs", d.local_epochs)),
-            momentum=float(get("federation.momentum", d.momentum)),
-            pretrain_rounds=int(get("pretrain.rounds", d.pretrain_rounds)),
-            pretrain_lr=float(get("pretrain.lr", d.pretrain_lr)),
-            unlearn_rounds=int(get("unlearn.rounds", d.unlearn_rounds)),
-            unlearn_lr=float(get("unlearn.lr", d.unlearn_lr)),
-            unlearn_local_epochs=int(get("unlearn.local-epochs", d.unlearn_local_epochs)),
-            unlearn_clip_norm=float(get("unlearn.clip-norm", d.unlearn_clip_norm)),
-            unlearn_server_momentum=float(get("unlearn.server-momentum",
-                                              d.unlearn_server_momentum)),
-            recovery_stop=str(get("unlearn.stop", d.recovery_stop)).strip().lower(),
-            recovery_validate_every=int(get("unlearn.validate-every",
-                                            d.recovery_validate_every)),
-            recovery_target_gap=float(get("unlearn.target-gap", d.recovery_target_gap)),
-            recovery_patience=int(get("unlearn.patience", d.recovery_patience)),
-            recovery_min_delta=float(get("unlearn.min-delta", d.recovery_min_delta)),
-            negate_layers=parse_str_list(get("negation.layers", "")),
-            negate_bias=bool(get("negation.bias", d.negate_bias)),
+            seed=i("seed", d.seed),
+            output_dir=t("output-dir", d.output_dir),
+            checkpoint_dir=t("checkpoint-dir", d.checkpoint_dir),
+            device=t("device", d.device).strip().lower(),
+            dataset=t("dataset.name", d.dataset).lower(),
+            data_root=t("dataset.root", d.data_root),
+            data_download=flag("dataset.download", d.data_download),
+            model=t("model.name", d.model).lower(),
+            num_clients=i("federation.num-clients", d.num_clients),
+            partitioning=t("federation.partitioning", d.partitioning).lower(),
+            alpha=x("federation.alpha", d.alpha),
+            val_fraction=x("federation.val-fraction", d.val_fraction),
+            batch_size=i("federation.batch-size", d.batch_size),
+            local_epochs=i("federation.local-epochs", d.local_epochs),
+            momentum=x("federation.momentum", d.momentum),
+            reply_timeout=x("federation.reply-timeout", d.reply_timeout),
+            pretrain_rounds=i("pretrain.rounds", d.pretrain_rounds),
+            pretrain_lr=x("pretrain.lr", d.pretrain_lr),
+            unlearn_rounds=i("unlearn.rounds", d.unlearn_rounds),
+            unlearn_lr=x("unlearn.lr", d.unlearn_lr),
+            unlearn_local_epochs=i("unlearn.local-epochs", d.unlearn_local_epochs),
+            unlearn_clip_norm=x("unlearn.clip-norm", d.unlearn_clip_norm),
+            unlearn_server_momentum=x("unlearn.server-momentum", d.unlearn_server_momentum),
+            recovery_stop=t("unlearn.stop", d.recovery_stop).strip().lower(),
+            recovery_validate_every=i("unlearn.validate-every", d.recovery_validate_every),
+            recovery_target_gap=x("unlearn.target-gap", d.recovery_target_gap),
+            recovery_patience=i("unlearn.patience", d.recovery_patience),
+            recovery_min_delta=x("unlearn.min-delta", d.recovery_min_delta),
+            negate_layers=parse_str_list(t("negation.layers", "")),
+            negate_bias=flag("negation.bias", d.negate_bias),
             forget=forget,
             backdoor=backdoor,
-            eval_every=int(get("eval.every", d.eval_every)),
-            mia_max_members=int(get("eval.mia-max-members", d.mia_max_members)),
-            server_data_fraction=float(get("server-data.fraction", d.server_data_fraction)),
-            history_max_mb=float(get("history.max-mb", d.history_max_mb)),
+            eval_every=i("eval.every", d.eval_every),
+            mia_max_members=i("eval.mia-max-members", d.mia_max_members),
+            server_data_fraction=x("server-data.fraction", d.server_data_fraction),
+            history_max_mb=x("history.max-mb", d.history_max_mb),
             method_params=tuple(sorted((m, k, v) for m, kv in params.items()
                                        for k, v in kv.items())),
         )
         cfg.validate()
         return cfg
 
+    def ranges(self) -> dict[str, tuple[Any, Range]]:
+        """Each numeric run-config key: its value here and its allowed range."""
+        return {
+            "seed": (self.seed, Range(0, MAX_SEED)),
+            "federation.num-clients": (self.num_clients, Range(1, MAX_COUNT)),
+            "federation.batch-size": (self.batch_size, Range(1, MAX_COUNT)),
+            "federation.local-epochs": (self.local_epochs, Range(1, MAX_ROUNDS)),
+            "federation.alpha": (self.alpha, Range(0, 1e6, lo_open=True)),
+            "federation.val-fraction": (self.val_fraction, Range(0, 1, hi_open=True)),
+            "federation.momentum": (self.momentum, Range(0, 1, hi_open=True)),
+            "federation.reply-timeout": (self.reply_timeout, Range(0, MAX_REPLY_TIMEOUT_S,
+                                                                   lo_open=True)),
+            "pretrain.rounds": (self.pretrain_rounds, Range(0, MAX_ROUNDS)),
+            "pretrain.lr": (self.pretrain_lr, Range(0, MAX_LR, lo_open=True)),
+            "unlearn.rounds": (self.unlearn_rounds, Range(0, MAX_ROUNDS)),
+            "unlearn.lr": (self.unlearn_lr, Range(0, MAX_LR, lo_open=True)),
+            "unlearn.local-epochs": (self.unlearn_local_epochs, Range(1, MAX_ROUNDS)),
+            "unlearn.clip-norm": (self.unlearn_clip_norm, Range(0, 1e6, note="0: off")),
+            "unlearn.server-momentum": (self.unlearn_server_momentum,
+                                        Range(0, 1, hi_open=True, note="0: plain FedAvg")),
+            "unlearn.validate-every": (self.recovery_validate_every, Range(1, MAX_ROUNDS)),
+            "unlearn.target-gap": (self.recovery_target_gap,
+                                   Range(0, 100, hi_open=True, note="accuracy points")),
+            "unlearn.patience": (self.recovery_patience, Range(1, MAX_ROUNDS)),
+            "unlearn.min-delta": (self.recovery_min_delta,
+                                  Range(0, 100, hi_open=True, note="accuracy points")),
+            "eval.every": (self.eval_every, Range(1, MAX_ROUNDS)),
+            "eval.mia-max-members": (self.mia_max_members, Range(1, MAX_COUNT)),
+            "server-data.fraction": (self.server_data_fraction,
+                                     Range(0, 0.5, note="0: the server holds no data")),
+            "history.max-mb": (self.history_max_mb, Range(0, 1e7, lo_open=True)),
+            "forget.fraction": (self.forget.fraction, Range(0, 1, lo_open=True)),
+            "forget.data-of": (self.forget.data_of,
+                               Range(-1, self.num_clients - 1, note="-1: the client's own")),
+        }
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value and what is allowed."""
-        from .data import DATASETS
+        from .data import DATASET_TRAIN_SIZES, DATASETS
         from .models import list_models
 
         # Method names and method parameters are checked by the method registry
@@ -236,58 +378,36 @@ class ExperimentConfig:
             raise ValueError(
                 f"federation.partitioning={self.partitioning!r}; choose from {PARTITIONINGS}"
             )
-        positive = {
-            "federation.num-clients": self.num_clients,
-            "federation.batch-size": self.batch_size,
-            "federation.local-epochs": self.local_epochs,
-            "unlearn.local-epochs": self.unlearn_local_epochs,
-            "eval.every": self.eval_every,
-            "unlearn.validate-every": self.recovery_validate_every,
-            "unlearn.patience": self.recovery_patience,
-            "eval.mia-max-members": self.mia_max_members,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{key}={value} must be >= 1")
-        for key, value in {"pretrain.rounds": self.pretrain_rounds,
-                           "unlearn.rounds": self.unlearn_rounds}.items():
-            if value < 0:
-                raise ValueError(f"{key}={value} must be >= 0")
-        for key, value in {"pretrain.lr": self.pretrain_lr, "unlearn.lr": self.unlearn_lr,
-                           "federation.alpha": self.alpha}.items():
-            if not value > 0:
-                raise ValueError(f"{key}={value} must be > 0")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"federation.momentum={self.momentum} must be in [0, 1)")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"federation.val-fraction={self.val_fraction} must be in [0, 1)")
-        if not 0.0 <= self.unlearn_server_momentum < 1.0:
-            raise ValueError(f"unlearn.server-momentum={self.unlearn_server_momentum} must be "
-                             "in [0, 1) (0: plain FedAvg)")
+        for key, (value, allowed) in self.ranges().items():
+            allowed.check(key, value)
+        pool = int(DATASET_TRAIN_SIZES[self.dataset] * (1.0 - self.server_data_fraction))
+        if self.num_clients > pool:
+            raise ValueError(
+                f"federation.num-clients={self.num_clients}: {self.dataset} has {pool} "
+                "training samples for the clients; use at most that many clients (each "
+                "partition needs data)")
         if self.recovery_stop not in RECOVERY_STOPS:
             raise ValueError(f"unlearn.stop={self.recovery_stop!r}; choose from "
                              f"{RECOVERY_STOPS} (validation: stop when recovered, fixed: "
                              "always unlearn.rounds)")
-        for key, value in {"unlearn.target-gap": self.recovery_target_gap,
-                           "unlearn.min-delta": self.recovery_min_delta}.items():
-            if not (value >= 0 and value < 100):
-                raise ValueError(f"{key}={value} must be in [0, 100) accuracy points")
-        if not 0.0 <= self.server_data_fraction <= 0.5:
-            raise ValueError(f"server-data.fraction={self.server_data_fraction} must be in "
-                             "[0, 0.5] (0: the server holds no data)")
-        if not self.history_max_mb > 0:  # NaN too
-            raise ValueError(f"history.max-mb={self.history_max_mb} must be > 0")
-        if self.unlearn_clip_norm < 0:
-            raise ValueError(f"unlearn.clip-norm={self.unlearn_clip_norm} must be >= 0 (0: off)")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"device={self.device!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+        if self.forget.scope not in SCOPES:
+            raise ValueError(f"forget.scope={self.forget.scope!r}; choose from {SCOPES}")
+        for key, ids in (("forget.clients", self.forget.clients),
+                         ("backdoor.clients", self.backdoor.clients)):
+            bad = [c for c in ids if not 0 <= c < self.num_clients]
+            if bad:
+                raise ValueError(f"{key}: {_first(bad)} outside the partitions "
+                                 f"0..{self.num_clients - 1}")
+        for key, ids in (("forget.classes", self.forget.classes),
+                         ("forget.sample-ids", self.forget.sample_ids)):
+            bad = [c for c in ids if c < 0]
+            if bad:
+                raise ValueError(f"{key}: {_first(bad)} negative; expected labels/ids >= 0")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device={self.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         self.backdoor.validate()
-        bad = [c for c in self.backdoor.clients if not 0 <= c < self.num_clients]
-        if bad:
-            raise ValueError(
-                f"backdoor.clients {bad} outside the partitions 0..{self.num_clients - 1}")
-        # The request itself (scope, classes, ids) is validated by the server per
-        # request, so that a bad request is rejected without stopping the run.
+        # Whether a request names classes or samples the data holds is checked by the
+        # server per request, so that a bad request is rejected without stopping the run.
 
     # -- derived values -----------------------------------------------------------
     def pretrain_key(self, resolved: Mapping[str, Any] | None = None) -> str:

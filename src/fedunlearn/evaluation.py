@@ -23,7 +23,7 @@ from .requests import request_to_config
 from .training import load_arrays
 from .wire import WireError
 
-from .protocol import REPLY_TIMEOUT_S  # noqa: E402
+from .protocol import reply_timeout  # noqa: E402
 
 
 class Evaluator:
@@ -77,7 +77,7 @@ class Evaluator:
                 config.update(request_to_config(request))
             messages.append(Message(RecordDict({"arrays": arrays, "config": config}),
                                     dst_node_id=n, message_type=EVALUATE_UNLEARN))
-        replies = list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+        replies = list(grid.send_and_receive(messages, timeout=reply_timeout(grid)))
         # Replies arrive in any order; fix it so the MIA's subsampling is reproducible.
         replies.sort(key=lambda m: node_partitions.get(int(m.metadata.src_node_id), -1))
         sums = {"retain-correct": 0, "retain-total": 0, "forget-correct": 0, "forget-total": 0}

@@ -38,7 +38,7 @@ from .requests import (INBOX_ID_PATTERN, INVALID_SCOPE, MAX_ERROR_CHARS, MAX_INB
                        REQUEST_RECORD, RUN_CONFIG_REQUESTS, WANT_REQUEST, UnlearningRequest,
                        check_request_shape, empty_forget_reason, forget_indices,
                        ids_not_held_reason, request_from_config, validate_request)
-from .protocol import REJECTED_RECORD, REPLY_TIMEOUT_S
+from .protocol import REJECTED_RECORD, REPLY_TIMEOUT_S, reply_timeout
 from .wire import WireError, only_fields, shorten, str_list
 
 NODE_STALL_S = 60.0
@@ -108,7 +108,7 @@ def query(grid: Grid, nodes: list[int], run_config_requests: bool = True,
     messages = [Message(RecordDict({QUERY_CONFIG: config}), dst_node_id=n,
                         message_type=QUERY_UNLEARN)
                 for n in nodes]
-    return list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+    return list(grid.send_and_receive(messages, timeout=reply_timeout(grid)))
 
 
 def check_partitions(replies, num_clients: int) -> dict[int, int]:
@@ -182,9 +182,12 @@ class GuardedGrid(Grid):
         Where ``node.excluded`` and ``reply.refused`` events go.
     """
 
-    def __init__(self, grid: Grid, audit=None) -> None:
+    def __init__(self, grid: Grid, audit=None, reply_timeout: float = REPLY_TIMEOUT_S) -> None:
+        if not (isinstance(reply_timeout, (int, float)) and 0 < reply_timeout < float("inf")):
+            raise ValueError(f"reply_timeout={reply_timeout!r}: expected seconds > 0")
         self.inner = grid
         self.audit = audit
+        self.reply_timeout = float(reply_timeout)
         self.verified: dict[int, int] = {}
         self.data: FederatedData | None = None
         #: node id -> what the node reported about its own data (reply bounds).
@@ -272,7 +275,7 @@ class GuardedGrid(Grid):
             gone = [m for m in allowed if int(m.metadata.dst_node_id) in self._departed]
             allowed = [m for m in allowed if int(m.metadata.dst_node_id) not in self._departed]
             out += [_no_reply(m, "the node left the federation") for m in gone]
-        timeout = REPLY_TIMEOUT_S if timeout is None else min(timeout, REPLY_TIMEOUT_S)
+        timeout = self.reply_timeout if timeout is None else min(timeout, self.reply_timeout)
         sent = {int(m.metadata.dst_node_id): m for m in allowed}
         replies = list(self.inner.send_and_receive(allowed, timeout=timeout)) if allowed else []
         by_id = {m.metadata.message_id: m for m in allowed if m.metadata.message_id}
@@ -661,7 +664,7 @@ def _send_receipt_wave(grid: Grid, receipts: Mapping[int, ConfigRecord], audit) 
                         message_type=QUERY_UNLEARN)
                 for node, record in sorted(receipts.items()) if node in nodes]
     written = 0
-    for reply in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
+    for reply in grid.send_and_receive(messages, timeout=reply_timeout(grid)):
         node = int(reply.metadata.src_node_id)
         record = receipts[node]
         if reply.has_error():

@@ -140,8 +140,16 @@ RECEIPT_RECORD = "receipt"
 """A ``query.unlearn`` message carrying the server's verdict on inbox requests."""
 RECEIPT_ACK = "receipt-ack"
 REPLY_TIMEOUT_S = 600.0
-"""The one reply timeout (seconds) of every exchange the server makes: a node that has
-not answered by then failed that message."""
+"""The default reply timeout (seconds) of every exchange the server makes: a node that
+has not answered by then failed that message. A job sets its own
+(run-config ``federation.reply-timeout``, ``serve(reply_timeout=)``) on its grid."""
+
+
+def reply_timeout(grid) -> float:
+    """The reply timeout of ``grid``: the one the job set on its verified grid
+    (:class:`fedunlearn.federation.GuardedGrid`), else :data:`REPLY_TIMEOUT_S`."""
+    value = getattr(grid, "reply_timeout", None)
+    return float(value) if isinstance(value, (int, float)) and value > 0 else REPLY_TIMEOUT_S
 REJECTED_RECORD = "rejected"
 """ConfigRecord of a ``query.unlearn`` reply: inbox requests the node's own check refused
 (``inbox-ids`` and ``reasons``, parallel lists); the others still go in ``request``."""

@@ -63,7 +63,8 @@ class Experiment:
         self.example_input = example_input_for(info.in_channels, info.image_size)
         self.output_dir = resolve_output_dir(cfg.output_dir)
         audit = AuditLog(audit_path(self.output_dir), federation.run_id_of(grid))
-        self.grid = federation.GuardedGrid(grid, audit)  # the verified view, replies checked
+        # The verified view, replies checked, one reply timeout for every exchange.
+        self.grid = federation.GuardedGrid(grid, audit, cfg.reply_timeout)
         self.ledger = Ledger(audit, self.grid, audit.run_id)
         self.trigger = (trigger_value(cfg.backdoor, self.data.train)
                         if cfg.backdoor.enabled else None)

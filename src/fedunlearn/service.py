@@ -41,7 +41,7 @@ from . import federation
 from .audit import AuditLog, audit_path, model_digest
 from .ledger import Ledger
 from .metrics import flops_per_sample
-from .protocol import EVALUATE_UNLEARN, MODEL_KEY
+from .protocol import EVALUATE_UNLEARN, MODEL_KEY, REPLY_TIMEOUT_S, reply_timeout
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
 from .results import FAILED_FILE, write_json
@@ -111,7 +111,8 @@ def serve(grid: Grid, arrays: ArrayRecord,
           strategies: UnlearningStrategy | Sequence[UnlearningStrategy], *,
           output_dir: str | os.PathLike, evaluate_fn: Callable | None = None,
           history=None, model_fn: Callable | None = None, example_input=None,
-          run_id: int | None = None, audit: bool = True) -> ServeOutcome:
+          run_id: int | None = None, audit: bool = True,
+          reply_timeout: float = REPLY_TIMEOUT_S) -> ServeOutcome:
     """Collect the nodes' unlearning requests and serve them with ``strategies``.
 
     Parameters
@@ -138,6 +139,9 @@ def serve(grid: Grid, arrays: ArrayRecord,
         The model factory and one input batch, to count FLOPs
         (``torch.utils.flop_counter``); default: those of the first strategy given both.
         Without them the report's FLOPs count only server-side arithmetic.
+    reply_timeout : float
+        Seconds to wait for the nodes' replies in any exchange (default 600): a node
+        that has not answered by then failed that round.
     """
     if isinstance(strategies, UnlearningStrategy):
         strategies = [strategies]
@@ -173,7 +177,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
     out.mkdir(parents=True, exist_ok=True)
     run = federation.run_id_of(grid) if run_id is None else int(run_id)
     log_ = AuditLog(audit_path(out), run)
-    guarded = federation.GuardedGrid(grid, log_ if audit else None)
+    guarded = federation.GuardedGrid(grid, log_ if audit else None, reply_timeout)
     ledger = Ledger(log_, guarded, run)
     ledger.interrupted()
     log_.record("serve.started", methods=names, model_before=model_digest(arrays),
@@ -284,7 +288,7 @@ def target_metrics(grid, arrays: ArrayRecord, requests: dict) -> dict:
                                 dst_node_id=node, message_type=EVALUATE_UNLEARN))
     sums = {"forget-correct": 0, "forget-total": 0, "retain-correct": 0, "retain-total": 0}
     failed = []
-    for reply in grid.send_and_receive(messages, timeout=federation.REPLY_TIMEOUT_S):
+    for reply in grid.send_and_receive(messages, timeout=reply_timeout(grid)):
         try:
             if reply.has_error():
                 raise WireError("reply", reply.error.reason, "expected the node's counts")

@@ -2,6 +2,7 @@
 
 from fedunlearn.data.datasets import (
     DATASET_SHAPES,
+    DATASET_TRAIN_SIZES,
     DATASETS,
     ArrayDataset,
     DataInfo,
@@ -15,6 +16,7 @@ from fedunlearn.data.partition import PARTITIONING_SCHEMES, client_split, partit
 __all__ = [
     "DATASETS",
     "DATASET_SHAPES",
+    "DATASET_TRAIN_SIZES",
     "PARTITIONING_SCHEMES",
     "ArrayDataset",
     "DataInfo",

@@ -28,6 +28,14 @@ DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
     "cifar100": (100, 3, 32), "caltech101": (101, 3, 64),
 }
 
+#: Training samples of each dataset (the pool the clients' partitions are drawn from),
+#: known without loading it: the bound on federation.num-clients. Caltech-101: 8677
+#: images, 80% of them (stratified) for training.
+DATASET_TRAIN_SIZES: dict[str, int] = {
+    "digits": 1437, "synthetic": 800, "cifar10": 50_000, "cifar100": 50_000,
+    "caltech101": 6941,
+}
+
 # Fixed seeds: the train/test split and the synthetic data are the same in every
 # experiment, whatever the experiment seed, so test sets are comparable across runs.
 SPLIT_SEED = 0

@@ -44,6 +44,7 @@ RUN_CONFIG_MAP: dict[str, tuple[str, type]] = {
     "federation.batch-size": ("federation.batch_size", int),
     "federation.local-epochs": ("federation.local_epochs", int),
     "federation.momentum": ("federation.momentum", float),
+    "federation.reply-timeout": ("federation.reply_timeout", float),
     "pretrain.rounds": ("federation.pretrain.rounds", int),
     "pretrain.lr": ("federation.pretrain.lr", float),
     "unlearn.rounds": ("federation.unlearn.rounds", int),

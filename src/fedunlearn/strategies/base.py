@@ -50,7 +50,7 @@ from .params import MethodParams
 from .stopping import FIXED, MAXIMUM, StoppingRule
 
 ROLES = ("retained", "targets", "all")
-from ..protocol import REPLY_TIMEOUT_S  # noqa: E402
+from ..protocol import REPLY_TIMEOUT_S, reply_timeout  # noqa: E402
 STOP_RULES = ("fixed", "validation")
 
 
@@ -602,7 +602,7 @@ class UnlearningStrategy(FedAvgM):
                 if not messages:
                     raise RuntimeError(f"[{self.phase}] no node can take part in "
                                        f"{phase.name} (role {phase.role})")
-                replies = grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)
+                replies = grid.send_and_receive(messages, timeout=reply_timeout(grid))
                 replies = list(replies)
                 aggregated, _ = self.aggregate_train(rnd, replies)
                 if aggregated is None:
@@ -678,7 +678,7 @@ class UnlearningStrategy(FedAvgM):
         correct = total = 0
         meter.bytes_down += sum(arrayrecord_nbytes(arrays) for _ in messages)
         meter.messages_down += len(messages)
-        for msg in grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S):
+        for msg in grid.send_and_receive(messages, timeout=reply_timeout(grid)):
             if msg.has_error():
                 log(WARNING, "[%s] validation failed on node %s: %s", self.phase,
                     msg.metadata.src_node_id, msg.error.reason)
@@ -829,7 +829,7 @@ class UnlearningStrategy(FedAvgM):
         are logged."""
         for msg in messages:
             self.meter_down(msg.content)
-        replies = self.order_replies(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S))
+        replies = self.order_replies(grid.send_and_receive(messages, timeout=reply_timeout(grid)))
         ok = []
         for msg in replies:
             if msg.has_error():
