@@ -134,6 +134,16 @@ if [[ "$FORGET_VIA" != inbox && "$FORGET_VIA" != node-config ]]; then
     exit 2
 fi
 
+# The run-config is checked before anything starts (every key's type and range, the
+# device, the output folder): a bad value exits 2 naming it.
+if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]]; then
+    if ! "$PYTHON" -m fedunlearn.launch --check "federation.num-clients=$NUM_NODES" \
+            "method=$METHOD" "output-dir=$OUTPUT_DIR" "$@" > /dev/null; then
+        echo "bad run-config (see above); nothing was started" >&2
+        exit 2
+    fi
+fi
+
 # Environment of every Flower process: a private FLWR_HOME, no `uv sync` of the app's
 # dependencies at run time (they are already installed here), no update check/telemetry.
 export FLWR_HOME="$WORKDIR/flwr-home"
@@ -419,6 +429,14 @@ run_job() {  # run_job <k> <output dir>: one `flwr run`; fails the script if the
     if [[ $run_rc -ne 0 ]] || grep -qE "Exit Code: [0-9]+|An unhandled exception occurred" "$run_log" \
             || [[ -z "$results" ]]; then
         log "job $k FAILED (flwr run exit status $run_rc); see $run_log and $LOG_DIR/superlink.log"
+        exit 1
+    fi
+    # The harness's ServerApp logs a closing line; without it it was killed or lost
+    # (`flwr run --stream` still exits 0), even if some methods had written results.
+    if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]] \
+            && ! grep -qE "Results written to |No valid unlearning request was received" "$run_log"; then
+        log "job $k FAILED: the ServerApp did not finish (no closing line in $run_log: it was" \
+            "killed or lost); the methods it had not finished wrote no results"
         exit 1
     fi
     log "job $k results: $results"

@@ -371,3 +371,12 @@ def test_caltech101_missing_files(tmp_path: Path) -> None:
     assert not (tmp_path / "caltech101").exists()  # no side effects on the user's folder
     with pytest.raises(ValueError, match="root"):
         load_dataset("caltech101")
+
+
+def test_the_known_training_sizes_match_the_loaded_data():
+    """federation.num-clients is bounded before any data is loaded by these sizes."""
+    from fedunlearn.data import DATASET_TRAIN_SIZES
+
+    for name in ("digits", "synthetic"):
+        train, _, info = load_dataset(name)
+        assert DATASET_TRAIN_SIZES[name] == len(train) == info.num_train

@@ -314,6 +314,17 @@ def test_script_rejects_bad_settings(tmp_path, deployment, env, message):
     assert message in deployment.output()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["unlearn.lr=inf"], "unlearn.lr=inf: expected a finite number"),
+    (["negation.layers=doesnotexist"], "negation.layers='doesnotexist': unknown layer"),
+])
+def test_script_checks_the_run_config_before_starting_anything(tmp_path, deployment, args,
+                                                               message):
+    assert deployment.run(args, {"SECURE": "0"}, timeout=60) == 2
+    assert message in deployment.output() and "nothing was started" in deployment.output()
+    assert not (deployment.workdir / "logs" / "superlink.log").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # A user's own app on a deployment: nodes bring their own data (dataset-path)
 # ---------------------------------------------------------------------------------------

@@ -32,9 +32,11 @@ class FakeLauncher:
     def __init__(self, rc=0, write_results=True):
         self.rc, self.write_results, self.calls = rc, write_results, []
 
-    def __call__(self, run_config, *, num_supernodes, num_cpus, num_gpus, log_file, echo):
+    def __call__(self, run_config, *, num_supernodes, num_cpus, num_gpus, log_file, echo,
+                 finished_marker):
         self.calls.append(dict(run_config=run_config, num_supernodes=num_supernodes,
-                               num_cpus=num_cpus, num_gpus=num_gpus))
+                               num_cpus=num_cpus, num_gpus=num_gpus,
+                               finished_marker=finished_marker))
         with open(log_file, "a") as log:
             for line in LOG_LINES + (["Traceback: boom\n", "ValueError: bad\n"] if self.rc else []):
                 log.write(line)
@@ -61,6 +63,8 @@ def test_job_hands_the_flattened_config_to_flower(tmp_path):
     assert rc["checkpoint-dir"] == str(tmp_path / "ckpt")  # relative to where we started
     assert rc["dataset.root"] == str(tmp_path / "data")
     assert (call["num_supernodes"], call["num_cpus"], call["num_gpus"]) == (3, 1, 0.5)
+    # A ServerApp that dies without its closing line fails the job, whatever flwr run says.
+    assert call["finished_marker"].search("Results written to /x")
     saved = json.loads((job / runner.RUN_CONFIG_FILE).read_text())
     assert saved["run_config"] == rc and saved["federation"]["num_gpus"] == 0.5
     shown = out.getvalue()
@@ -116,7 +120,8 @@ def test_num_gpus_reaches_flowers_federation_config(tmp_path, monkeypatch):
             out = Path(cmd[cmd.index("--run-config") + 1].split('output-dir="')[1].split('"')[0])
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text("{}")
-            self.stdout = iter(["INFO :      [ft] round 1/1\n"])
+            self.stdout = iter(["INFO :      [ft] round 1/1\n",
+                                f"INFO :      Results written to {out}\n"])
 
         def wait(self):
             return 0

@@ -43,7 +43,11 @@ class Range:
     note: str = ""
 
     def describe(self) -> str:
-        text = f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+        text = (f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}"
+                f"{')' if self.hi_open else ']'}")
         return f"{text} ({self.note})" if self.note else text
 
     def check(self, key: str, value: float) -> None:
@@ -390,6 +394,10 @@ class ExperimentConfig:
             raise ValueError(f"unlearn.stop={self.recovery_stop!r}; choose from "
                              f"{RECOVERY_STOPS} (validation: stop when recovered, fixed: "
                              "always unlearn.rounds)")
+        if self.recovery_stop == "validation" and self.val_fraction == 0:
+            raise ValueError("unlearn.stop='validation' needs validation data: "
+                             "federation.val-fraction=0.0 leaves the clients none; set "
+                             "federation.val-fraction > 0 or unlearn.stop='fixed'")
         if self.forget.scope not in SCOPES:
             raise ValueError(f"forget.scope={self.forget.scope!r}; choose from {SCOPES}")
         for key, ids in (("forget.clients", self.forget.clients),

@@ -214,8 +214,36 @@ def check_run_config(overrides: Mapping, app: str | Path | None = None) -> dict:
     merged.update(overrides)
     from .strategies import check_methods
 
-    check_methods(ExperimentConfig.from_run_config(merged))
+    cfg = ExperimentConfig.from_run_config(merged)
+    check_methods(cfg)
+    check_machine(cfg)
     return merged
+
+
+def check_machine(cfg) -> None:
+    """What only this machine can tell, before Flower starts: the device exists and the
+    output and checkpoint folders can be written. Raises ``ValueError`` naming the key."""
+    import torch
+
+    if cfg.device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(cfg.device.partition(":")[2] or 0)
+        if index >= count:
+            have = (f"CUDA devices 0..{count - 1}" if count else "no CUDA device")
+            raise ValueError(f"device={cfg.device!r}: this machine has {have}; use "
+                             "'auto', 'cpu' or an existing 'cuda:N'")
+    folders = [("checkpoint-dir", cfg.resolved_checkpoint_dir())]
+    if cfg.output_dir:
+        folders.insert(0, ("output-dir", Path(cfg.output_dir).expanduser()))
+    for key, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".fedunlearn-write-check-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"{key}={str(folder)!r} is not a folder this user can write "
+                             f"({err.strerror or err}); give a writable folder") from None
 
 
 def preset_path(name: str, app: str | Path | None = None) -> Path:
@@ -277,6 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default=None,
                         help="run-config preset from presets/ (e.g. backdoor, "
                              "class-forgetting); KEY=VALUE overrides still apply")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the run-config (every key, this machine's device "
+                             "and folders) and exit: 0 when it is good, 2 naming the bad "
+                             "value")
     args = parser.parse_args(argv)
     # SIGTERM -> SystemExit, so the `finally` that stops the SuperLink still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -286,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_run_config(overrides, args.app)
     except ValueError as err:
         parser.error(str(err))
+    if args.check:
+        print("run-config OK")
+        return 0
     n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
     return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
                     num_gpus=args.num_gpus, app=args.app,

@@ -35,7 +35,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ..launch import check_run_config, flwr_run, run_config_arg
+from ..launch import HARNESS_FINISHED, check_run_config, flwr_run, run_config_arg
 from .config import conf_dir, federation_settings, to_run_config
 
 ERROR_FILE = "error.txt"
@@ -203,7 +203,7 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
         with contextlib.redirect_stdout(filt):
             rc = launcher(run_config, num_supernodes=fed["num_supernodes"],
                           num_cpus=fed["num_cpus"], num_gpus=fed["num_gpus"],
-                          log_file=log_file, echo=True)
+                          log_file=log_file, echo=True, finished_marker=HARNESS_FINISHED)
         if rc != 0:
             raise JobFailed(f"flwr run failed (exit code {rc})")
         results_dir = Path(run_config["output-dir"])

@@ -57,6 +57,25 @@ class NoT(FineTune):
         return {"layers": list(cfg.negate_layers) or None, "include_bias": cfg.negate_bias}
 
     @classmethod
+    def check_config(cls, cfg, params) -> None:
+        """``negation.layers`` names layers of the run's model (resolved on a fresh one,
+        built from the data set's shape): a typo fails before Flower starts."""
+        if not cfg.negate_layers:
+            return
+        from ..data import DATASET_SHAPES
+        from ..models import create_model
+        from ..negation import example_input_for
+
+        classes, channels, size = DATASET_SHAPES[cfg.dataset]
+        model = create_model(cfg.model, num_classes=classes, in_channels=channels,
+                             image_size=size)
+        try:
+            negate_layers(model, example_input_for(channels, size),
+                          layers=list(cfg.negate_layers), include_bias=cfg.negate_bias)
+        except ValueError as err:
+            raise ValueError(f"negation.layers={','.join(cfg.negate_layers)!r}: {err}") from None
+
+    @classmethod
     def preflight(cls, context: UnlearningContext) -> None:
         """Resolve the layers to negate on a fresh model: a bad ``negation.layers`` fails
         before pretraining, not after it."""
