@@ -426,8 +426,7 @@ run_job() {  # run_job <k> <output dir>: one `flwr run`; fails the script if the
     for f in "$out/results.json" "$out"/*/results.json "$out/no-request.json"; do
         [[ -f "$f" && "$f" -nt "$STARTED_MARK" ]] && results+="$f "
     done
-    if [[ $run_rc -ne 0 ]] || grep -qE "Exit Code: [0-9]+|An unhandled exception occurred" "$run_log" \
-            || [[ -z "$results" ]]; then
+    if [[ $run_rc -ne 0 ]] || grep -qE "Exit Code: [0-9]+|An unhandled exception occurred" "$run_log"; then
         log "job $k FAILED (flwr run exit status $run_rc); see $run_log and $LOG_DIR/superlink.log"
         exit 1
     fi
@@ -437,6 +436,10 @@ run_job() {  # run_job <k> <output dir>: one `flwr run`; fails the script if the
             && ! grep -qE "Results written to |No valid unlearning request was received" "$run_log"; then
         log "job $k FAILED: the ServerApp did not finish (no closing line in $run_log: it was" \
             "killed or lost); the methods it had not finished wrote no results"
+        exit 1
+    fi
+    if [[ -z "$results" ]]; then
+        log "job $k FAILED: no results file written by this run in $out; see $run_log"
         exit 1
     fi
     log "job $k results: $results"

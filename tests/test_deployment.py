@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def _processes_with_home_under(root: Path) -> list[int]:
     no other process on the machine has.
     """
     prefix = f"FLWR_HOME={root}/".encode()
+    exact = f"FLWR_HOME={root}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -74,7 +76,7 @@ def _processes_with_home_under(root: Path) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if any(var.startswith(prefix) for var in environ.split(b"\0")) and _running(
+        if any(var.startswith(prefix) or var == exact for var in environ.split(b"\0")) and _running(
                 int(entry.name)):
             found.append(int(entry.name))
     return found
@@ -118,6 +120,48 @@ class Deployment:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"deploy_local.sh ran over {timeout:.0f}s:\n{self.output()[-4000:]}")
+
+    def start(self, args: list[str], env: dict[str, str]) -> None:
+        """Start the script without waiting (see :meth:`wait`)."""
+        full_env = dict(os.environ, WORKDIR=str(self.workdir), FLWR_BIN_DIR=str(BIN_DIR),
+                        **env)
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                ["bash", str(SCRIPT), *args], cwd=REPO, env=full_env, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"deploy_local.sh ran over {timeout:.0f}s:\n{self.output()[-4000:]}")
+
+    def wait_for_log(self, pattern: str, after: str | None = None, timeout: float = 600) -> None:
+        """Block until the job's log (``logs/run.log``) has a line matching ``pattern``
+        (after the first line matching ``after``, when given)."""
+        regex, start = re.compile(pattern), re.compile(after) if after else None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            path = self.workdir / "logs" / "run.log"
+            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+            if start is not None:
+                begin = next((i for i, line in enumerate(lines) if start.search(line)), None)
+                lines = [] if begin is None else lines[begin:]
+            if any(regex.search(line) for line in lines):
+                return
+            if self.proc.poll() is not None:
+                pytest.fail(f"the deployment ended before {pattern!r}:\n{self.output()[-4000:]}")
+            time.sleep(0.2)
+        pytest.fail(f"no {pattern!r} in the job's log within {timeout:.0f}s")
+
+    def kill_supernode(self, name: str) -> list[int]:
+        """``kill -9`` SuperNode ``name`` and every process it started (its ClientApps):
+        the machine is gone."""
+        pids = _processes_with_home_under(self.workdir / f"supernode-{name}")
+        assert pids, f"no process of SuperNode {name}"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -288,6 +332,11 @@ def test_secured_deployment_with_inbox_receipts_and_audit(tmp_path, deployment):
     assert table.splitlines()[-1] == f"{len(records)} record(s); chain intact"
     for event in ("job.started", "request.rejected", "unlearning.finished", "receipt.sent"):
         assert event in table
+    # The data owners check the log against the chain heads their receipts carry.
+    anchored = fedunlearn_cli("audit", str(out / "audit.jsonl"), "--inbox",
+                              str(work / "inbox-0"), "--inbox", str(work / "inbox-1"))
+    assert anchored.splitlines()[-1].endswith("receipt anchor(s) checked")
+    assert "; chain intact, " in anchored.splitlines()[-1]
 
     # The script started the SuperLink, 4 SuperNodes, `flwr run` (and those started
     # SuperExecs, the ServerApp and ClientApps), and stopped all of them itself.
@@ -296,6 +345,94 @@ def test_secured_deployment_with_inbox_receipts_and_audit(tmp_path, deployment):
     while time.monotonic() < deadline and _processes_with_home_under(deployment.workdir):
         time.sleep(0.1)
     assert not _processes_with_home_under(deployment.workdir)
+
+
+def test_nodes_killed_mid_job_fail_their_method_and_their_metrics(tmp_path, deployment):
+    """``method=puf,not`` on 3 insecure SuperNodes. Node 0's data owner asks to be
+    forgotten (client-wise, inbox). Node 0's SuperNode is killed (``kill -9``, with its
+    ClientApps) as PUF's unlearning round starts: PUF, which needs the target, fails with
+    the departed node in its ``failed.json`` and the audit log; NoT still runs. Node 2's
+    SuperNode is killed after NoT's first recovery round: the later rounds count it as
+    failed, and the unlearned model's Retain / Forget / MIA are missing (the original
+    was measured over every node), never a number over fewer nodes. The job exits 1."""
+    out = tmp_path / "out"
+    env = {"NUM_NODES": "3", "SECURE": "0", "FORGET_NODE": "0", "FORGET_SCOPE": "client",
+           "METHOD": "puf,not", "OUTPUT_DIR": str(out),
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
+    args = ["pretrain.rounds=2", "unlearn.rounds=3", "eval.every=1",
+            "eval.mia-max-members=200", f'checkpoint-dir="{tmp_path / "checkpoints"}"']
+    start = time.monotonic()
+    deployment.start(args, env)
+    deployment.wait_for_log(r"\[puf\] unlearning starts")
+    deployment.kill_supernode("0")
+    deployment.wait_for_log(r"\[not\] round 1/3", after=r"\[not\] unlearning starts")
+    deployment.kill_supernode("2")
+    rc = deployment.wait(RUN_TIMEOUT_S)
+    print(f"deployment with two kills: {time.monotonic() - start:.1f}s")
+    log = deployment.output()
+    assert rc == 1, log[-6000:]
+    assert "job 1 FAILED" in log
+    events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    node_of = {p: int(n) for n, p in next(e for e in events
+                                          if e["event"] == "federation.verified")["nodes"].items()}
+    departed = [(e["node"], e["partition"]) for e in events if e["event"] == "node.departed"]
+    assert departed == [(node_of[0], 0), (node_of[2], 2)], departed
+
+    # PUF could not finish: its failure, with the node that left, and no result.
+    failed = json.loads((out / "puf" / "failed.json").read_text())
+    assert "no target" in failed["failed"], failed["failed"]
+    assert f"[{node_of[0]}] left the federation" in failed["failed"]
+    assert failed["departed_nodes"] == [node_of[0]]
+    assert not (out / "puf" / "results.json").exists()
+    puf_failed = next(e for e in events if e["event"] == "unlearning.failed")
+    assert puf_failed["method"] == "puf" and "left the federation" in puf_failed["reason"]
+
+    # NoT finished; node 2 is failed from round 2 on, and the metrics it would have
+    # changed are missing.
+    res = json.loads((out / "not" / "results.json").read_text())
+    assert res["measurement"]["original"]["failed_nodes"] == []
+    assert node_of[2] in res["measurement"]["unlearned"]["failed_nodes"]
+    for key in ("retain", "forget", "mia"):
+        value = res["unlearned"][key]
+        assert value is None or value != value, (key, value)
+    assert 0 < res["unlearned"]["test"] <= 100  # the server's own test set needs no node
+    assert sorted(res["departed_nodes"]) == sorted([node_of[0], node_of[2]])
+    assert [e["method"] for e in events if e["event"] == "unlearning.finished"] == ["not"]
+    assert "job.failed" in [e["event"] for e in events]
+    # The target's verdict stays in the server's log (node 0 is gone: no receipt reached
+    # it); its request stays pending for the next job.
+    listed = json.loads(fedunlearn_cli("request", "list", "--inbox",
+                                       str(deployment.workdir / "inbox-0"), "--json"))
+    assert [r["status"] for r in listed["requests"]] == ["accepted"], listed
+
+
+def test_a_killed_serverapp_fails_the_job_and_the_next_run_says_so(tmp_path, deployment):
+    """``kill -9`` of the ServerApp during pretraining: ``flwr run --stream`` exits 0,
+    the script exits 1 saying the ServerApp did not finish; the job's audit log ends
+    without a terminal record, and the next run on it records ``job.interrupted``."""
+    from fedunlearn.audit import TERMINAL_EVENTS, AuditLog, read_audit
+
+    out = tmp_path / "out"
+    env = {"NUM_NODES": "2", "SECURE": "0", "METHOD": "not", "OUTPUT_DIR": str(out),
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
+    deployment.start(["pretrain.rounds=3", "eval.every=1",
+                      f'checkpoint-dir="{tmp_path / "checkpoints"}"'], env)
+    deployment.wait_for_log(r"\[pretrain\] round 1/3")
+    serverapps = [pid for pid in _processes_with_home_under(deployment.workdir)
+                  if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert serverapps
+    for pid in serverapps:
+        os.kill(pid, signal.SIGKILL)
+    rc = deployment.wait(RUN_TIMEOUT_S)
+    log = deployment.output()
+    assert rc == 1, log[-4000:]
+    assert "the ServerApp did not finish" in log
+    path = out / "audit.jsonl"
+    reading = read_audit(path)
+    assert reading.intact and reading.records[-1]["event"] not in TERMINAL_EVENTS
+    record = AuditLog(path, run_id=99).note_interrupted()
+    assert record["event"] == "job.interrupted"
+    assert record["interrupted_run"] == reading.records[-1]["run"]
 
 
 def test_script_rejects_bad_node_count(tmp_path, deployment):

@@ -497,3 +497,19 @@ def test_a_method_whose_target_left_fails_alone_and_the_job_says_so(
     # Node 10 left, so no receipt reached it after PUF's failure: the audit log holds the
     # verdict, and the request stays pending for the next job.
     assert statuses[:2] == ["sent", "accepted"] and inbox.entry(filed.id).pending
+
+
+# -- 8. many pending requests on one node -------------------------------------------------
+def test_sixty_five_pending_inbox_requests_all_get_a_verdict_in_one_harness_job(
+        app, tmp_path, server_identity, single_thread, monkeypatch):
+    """65 class-wise requests pending in node 11's inbox (more than a record once took):
+    one harness job on a deployment serves them all, one receipt each."""
+    monkeypatch.setattr(federation, "is_deployment", lambda grid: True)
+    inbox = Inbox(tmp_path / "inbox-1")
+    ids = [inbox.file("class", classes=[c % 3]).id for c in range(65)]
+    rc = job_config(tmp_path, **{"unlearn.rounds": 1})
+    res = run_experiment(LiveGrid(app, rc, nodes_config(p1={"inbox": str(inbox.root)})),
+                         rc)["ft"]
+    assert [(r["node_id"], r["classes"]) for r in res["request"]] == [(11, [0, 1, 2])]
+    assert {inbox.entry(i).status for i in ids} == {"honoured"}
+    assert all(inbox.entry(i).events[-1]["audit_seq"] >= 0 for i in ids)
