@@ -6,11 +6,14 @@ local training (1 epoch, SGD lr 0.01, momentum 0.9, batch 32) and number of roun
 1. a plain PyTorch loop over the clients in one process (no Flower);
 2. a plain Flower ServerApp/ClientApp with Flower's own ``FedAvg``
    (``bench/plain_flower``), through ``flwr run`` on the simulation engine;
-3. fedunlearn's pretraining (``fedunlearn-run`` with an empty checkpoint cache).
+3. fedunlearn's pretraining (``fedunlearn-run`` with an empty checkpoint cache);
+4. the same fedunlearn pretraining on the in-process engine (``--engine local``: the
+   same strategies and ClientApp handlers in this process, no Ray, no SuperLink).
 
 Flower start-up (Ray actors, SuperLink) is excluded: the plain app runs one warm-up round
 before its timed rounds, fedunlearn's nodes are warm from the partition check. Prints the
-per-round time of each and the ratios fedunlearn / Flower and Flower / PyTorch::
+per-round time of each and the ratios fedunlearn / Flower, Flower / PyTorch and
+in-process engine / PyTorch::
 
     python bench/overhead.py --rounds 10
 """
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from fedunlearn.data import build_federated_data
+from fedunlearn.engine import local_run
 from fedunlearn.launch import flwr_run, project_root
 from fedunlearn.models import create_model
 from fedunlearn.training import train_local
@@ -73,16 +77,21 @@ def plain_flower(rounds: int, clients: int, seed: int, work: Path) -> float:
     return statistics.median(np.diff(stamps).tolist())
 
 
-def fedunlearn_pretraining(rounds: int, clients: int, seed: int, work: Path) -> float:
-    out = work / "fedunlearn"
-    rc = flwr_run({"method": "ft", "unlearn.rounds": 1, "pretrain.rounds": rounds,
-                   "federation.num-clients": clients, "seed": seed,
-                   "eval.every": 10_000, "output-dir": str(out),
-                   "checkpoint-dir": str(work / "ck")}, num_supernodes=clients,
-                  app=project_root(), env={"FLWR_HOME": str(work / "home-fu")},
-                  log_file=work / "fedunlearn.log", echo=False)
+def fedunlearn_pretraining(rounds: int, clients: int, seed: int, work: Path,
+                           engine: str = "flower") -> float:
+    out = work / f"fedunlearn-{engine}"
+    run_config = {"method": "ft", "unlearn.rounds": 1, "pretrain.rounds": rounds,
+                  "federation.num-clients": clients, "seed": seed,
+                  "eval.every": 10_000, "output-dir": str(out),
+                  "checkpoint-dir": str(work / f"ck-{engine}")}
+    log = work / f"fedunlearn-{engine}.log"
+    if engine == "local":
+        rc = local_run(run_config, num_supernodes=clients, log_file=log, echo=False)
+    else:
+        rc = flwr_run(run_config, num_supernodes=clients, app=project_root(),
+                      env={"FLWR_HOME": str(work / "home-fu")}, log_file=log, echo=False)
     if rc != 0:
-        sys.exit(f"fedunlearn run failed (exit {rc}); see {work / 'fedunlearn.log'}")
+        sys.exit(f"fedunlearn run ({engine}) failed (exit {rc}); see {log}")
     cost = json.loads((out / "results.json").read_text())["pretrain"]["cost"]
     # Round 1 is the first training in each Ray actor; the plain app's warm-up round
     # absorbs the same one-time cost, so it is left out on both sides.
@@ -97,7 +106,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2,
                    help="alternate the three ways this many times; the fastest of each counts")
     args = p.parse_args()
-    loops, flowers, ours_all = [], [], []
+    loops, flowers, ours_all, locals_ = [], [], [], []
     threads = torch.get_num_threads()
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="fu-overhead-") as tmp:
@@ -107,17 +116,24 @@ def main() -> None:
             torch.set_num_threads(threads)
             flowers.append(plain_flower(args.rounds, args.clients, args.seed, work))
             ours_all.append(fedunlearn_pretraining(args.rounds, args.clients, args.seed, work))
+            torch.set_num_threads(1)  # the loop's setting: the same compute per client
+            locals_.append(fedunlearn_pretraining(args.rounds, args.clients, args.seed, work,
+                                                  engine="local"))
+            torch.set_num_threads(threads)
         print(f"repeat {i + 1}: loop {loops[-1]:.3f}, Flower {flowers[-1]:.3f}, "
-              f"fedunlearn {ours_all[-1]:.3f} s/round", flush=True)
-    loop, flower, ours = min(loops), min(flowers), min(ours_all)
+              f"fedunlearn {ours_all[-1]:.3f}, in-process {locals_[-1]:.3f} s/round",
+              flush=True)
+    loop, flower, ours, local = min(loops), min(flowers), min(ours_all), min(locals_)
     print(f"{args.clients} clients, {args.rounds} rounds, digits CNN, 1 local epoch")
     print("| training | s / round |")
     print("|---|---|")
     print(f"| plain PyTorch loop (one process) | {loop:.3f} |")
     print(f"| plain Flower ServerApp/ClientApp, Flower FedAvg | {flower:.3f} |")
     print(f"| fedunlearn pretraining | {ours:.3f} |")
+    print(f"| fedunlearn pretraining, in-process engine (--engine local) | {local:.3f} |")
     print(f"\nfedunlearn / plain Flower: {ours / flower:.2f}x; "
-          f"plain Flower / PyTorch loop: {flower / loop:.2f}x")
+          f"plain Flower / PyTorch loop: {flower / loop:.2f}x; "
+          f"in-process engine / PyTorch loop: {local / loop:.2f}x")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fedunlearn.engine import local_run
 from fedunlearn.launch import flwr_run
 
 SMALL = {"dataset.name": "digits", "federation.num-clients": 5, "eval.every": 100}
@@ -34,6 +35,19 @@ def run(run_config: dict, out: Path, env: dict, num_supernodes: int = 5) -> str:
     text = log.read_text()
     assert rc == 0, text[-3000:]
     return text
+
+
+_VOLATILE = {"wall_s", "round_s", "path", "node_id", "output_dir", "checkpoint_dir"}
+
+
+def comparable(value):
+    """A results.json without what differs between two runs of one job: wall times,
+    file paths, node ids (Flower draws them)."""
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [comparable(v) for v in value]
+    return value
 
 
 def load(path: Path) -> dict:
@@ -75,6 +89,16 @@ def test_method_list_then_checkpoint_reuse(tmp_path, flwr_env, ckpt):
         assert f"| {method} |" in table
     assert "Avg. Gap" in table
     assert "fedunlearn results" in log and "[not] round 2/2" in log
+
+    # The in-process engine runs the same job (pretraining from scratch too) to the same
+    # numbers: every metric, cost and note of results.json, bar wall times and ids.
+    local_out, local_ckpt = tmp_path / "local", tmp_path / "local-ckpt"
+    rc = local_run({**SMALL, **common, "method": "retrain,ft,not",
+                    "output-dir": str(local_out), "checkpoint-dir": str(local_ckpt)},
+        num_supernodes=5, log_file=tmp_path / "local.log", echo=False)
+    assert rc == 0, (tmp_path / "local.log").read_text()[-3000:]
+    for method, res in results.items():
+        assert comparable(load(local_out / method / "results.json")) == comparable(res), method
 
     # Same pretraining config: the cached model is loaded, pretraining is skipped.
     out2 = tmp_path / "again"

@@ -1,4 +1,5 @@
-"""``fedunlearn-run``: one ``flwr run`` simulation job, started and cleaned up.
+"""``fedunlearn-run``: one ``flwr run`` simulation job, started and cleaned up (or, with
+``--engine local``, the same job in this process: :mod:`fedunlearn.engine`).
 
 ``flwr run .`` starts a detached local SuperLink that keeps running after the job and is
 reused by later jobs on the same ports. This wrapper gives each job its own ports (or
@@ -305,6 +306,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default=None,
                         help="run-config preset from presets/ (e.g. backdoor, "
                              "class-forgetting); KEY=VALUE overrides still apply")
+    parser.add_argument("--engine", choices=("flower", "local"), default="flower",
+                        help="flower: `flwr run` on Flower's simulation engine (Ray actors, "
+                             "GPUs per actor; the default); local: the in-process engine "
+                             "(the same strategies and ClientApp handlers in this process, "
+                             "no Ray, no SuperLink: the same results, much faster for "
+                             "small models)")
     parser.add_argument("--check", action="store_true",
                         help="only check the run-config (every key, this machine's device "
                              "and folders) and exit: 0 when it is good, 2 naming the bad "
@@ -322,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("run-config OK")
         return 0
     n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
+    if args.engine == "local":
+        from .engine import local_run
+
+        return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                         num_gpus=args.num_gpus, app=args.app)
     return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
                     num_gpus=args.num_gpus, app=args.app,
                     finished_marker=HARNESS_FINISHED if args.app is None else None)
