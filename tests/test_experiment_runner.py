@@ -208,3 +208,19 @@ def test_results_from_an_earlier_run_do_not_count(tmp_path):
     assert not runner.run_job(compose(["federation=tiny"]), job,
                               launcher=FakeLauncher(write_results=False), out=io.StringIO())
     assert "without writing results.json" in (job / runner.ERROR_FILE).read_text()
+
+
+def test_a_job_on_the_in_process_engine(tmp_path):
+    """``engine=local``: the runner's job runs in this process (no flwr run), with its
+    results, log and closing lines as under Flower."""
+    cfg = compose(["method=ft", "federation=tiny", "engine=local", "dataset=synthetic",
+                   f"checkpoint_dir={tmp_path / 'ck'}", "eval.mia_max_members=40"])
+    assert runner.launcher_for(cfg.engine) is not launch.flwr_run
+    out = io.StringIO()
+    assert runner.run_job(cfg, tmp_path / "job", base_dir=tmp_path, out=out,
+                          launcher=runner.launcher_for(cfg.engine))
+    res = json.loads((tmp_path / "job" / "results.json").read_text())
+    assert res["method"] == "ft" and res["cost"]["rounds"] == 1
+    assert "Results written to" in (tmp_path / "job" / runner.LOG_FILE).read_text()
+    with pytest.raises(ValueError, match="engine='ray'; choose from"):
+        runner.launcher_for("ray")

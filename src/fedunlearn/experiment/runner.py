@@ -231,6 +231,17 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
     return True
 
 
+def launcher_for(engine) -> Callable[..., int]:
+    """The job launcher of ``engine``: ``flower`` (``flwr run``, the default) or ``local``
+    (the in-process engine, :func:`fedunlearn.engine.local_run`)."""
+    from ..engine import ENGINES, local_run
+
+    engine = "flower" if engine in (None, "") else str(engine)
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; choose from {ENGINES}")
+    return local_run if engine == "local" else flwr_run
+
+
 # ---------------------------------------------------------------------------------------
 # Hydra entry point
 # ---------------------------------------------------------------------------------------
@@ -250,7 +261,7 @@ def hydra_main(cfg: DictConfig) -> bool:
         tag = "[job]"
         print(f"\n=== job: {overrides}", flush=True)
     ok = run_job(cfg, job_dir, tag=tag, base_dir=hc.runtime.cwd, verbose=bool(cfg.get("verbose")),
-                 dry_run=bool(cfg.get("dry_run")))
+                 dry_run=bool(cfg.get("dry_run")), launcher=launcher_for(cfg.get("engine")))
     _STATE["job_dirs"].append(str(job_dir))
     if not ok:
         _STATE["failed"].append(str(job_dir))
