@@ -110,16 +110,8 @@ class Deployment:
         self.proc: subprocess.Popen | None = None
 
     def run(self, args: list[str], env: dict[str, str], timeout: float) -> int:
-        full_env = dict(os.environ, WORKDIR=str(self.workdir), FLWR_BIN_DIR=str(BIN_DIR),
-                        **env)
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                ["bash", str(SCRIPT), *args], cwd=REPO, env=full_env, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"deploy_local.sh ran over {timeout:.0f}s:\n{self.output()[-4000:]}")
+        self.start(args, env)
+        return self.wait(timeout)
 
     def start(self, args: list[str], env: dict[str, str]) -> None:
         """Start the script without waiting (see :meth:`wait`)."""
