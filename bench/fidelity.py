@@ -14,6 +14,7 @@ communication; FLOPs; each method's cost as a ratio to Retrain's) to ``--out``/f
 and prints it::
 
     python bench/fidelity.py                         # 4 settings x 3 seeds
+    python bench/fidelity.py --engine local          # the same, in-process
     python bench/fidelity.py --settings iid-client,dirichlet-client --seeds 0 -- unlearn.stop=validation
 """
 
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedunlearn.engine import local_run
 from fedunlearn.experiment.report import (LABELS, display_name, group_results,
                                           load_results)
 from fedunlearn.launch import (check_run_config, flwr_run, load_preset, parse_overrides,
@@ -95,6 +97,9 @@ def main() -> int:
     p.add_argument("--methods", default="", help="default: every method serving the scope")
     p.add_argument("--out", default="")
     p.add_argument("--checkpoint-dir", default="")
+    p.add_argument("--engine", choices=("flower", "local"), default="flower",
+                   help="flower: one `flwr run` per job; local: the in-process engine "
+                        "(the same jobs and numbers, no Ray start-up)")
     p.add_argument("overrides", nargs="*", help="extra run-config KEY=VALUE for every job")
     args = p.parse_args()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -115,7 +120,8 @@ def main() -> int:
             if args.checkpoint_dir:
                 run_config["checkpoint-dir"] = args.checkpoint_dir
             t0 = time.perf_counter()
-            code = flwr_run(run_config, num_supernodes=10, log_file=out / f"{job.name}.log",
+            launcher = local_run if args.engine == "local" else flwr_run
+            code = launcher(run_config, num_supernodes=10, log_file=out / f"{job.name}.log",
                             echo=False)
             print(f"{job.name}: exit {code} in {time.perf_counter() - t0:.0f}s "
                   f"({rc['method']})", flush=True)
