@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .arrays import to_numpy
+
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
 
@@ -80,7 +82,7 @@ def model_digest(arrays: ArrayRecord) -> str:
     h = hashlib.sha256()
     for name, array in arrays.items():
         h.update(json.dumps([name, array.dtype, list(array.shape)]).encode())
-        h.update(array.numpy().tobytes())
+        h.update(to_numpy(array).tobytes())
     return h.hexdigest()
 
 

@@ -33,10 +33,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Error, Message, Metadata,
+                      MetricRecord, RecordDict)
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid
+
+from .arrays import copy_record
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -128,7 +131,7 @@ class LocalGrid(Grid):
                       src_node_id=SUPERLINK_NODE_ID, dst_node_id=dst, reply_to_message_id="",
                       group_id=sent.group_id, created_at=time.time(), ttl=sent.ttl,
                       message_type=sent.message_type)
-        inbound = Message(copy.deepcopy(msg.content), metadata=md)
+        inbound = Message(copy_content(msg.content), metadata=md)
         sent.__dict__["_message_id"] = message_id  # as the SuperLink sets it
         if dst not in self.contexts:
             return Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
@@ -149,6 +152,22 @@ class LocalGrid(Grid):
                                  reason=f"the ClientApp returned {type(reply).__name__}, "
                                  "not a Message"), reply_to=inbound)
         return reply
+
+
+def copy_content(content: RecordDict) -> RecordDict:
+    """A copy of a message's content that shares nothing mutable with it: new records,
+    new Arrays (an Array's bytes are immutable and shared), lists in config and metric
+    records copied. What ``copy.deepcopy`` gives, without walking every object."""
+    out = RecordDict()
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord):
+            out[key] = copy_record(record)  # new Arrays, the same (immutable) bytes
+        elif isinstance(record, (ConfigRecord, MetricRecord)):
+            out[key] = type(record)({k: list(v) if isinstance(v, list) else v
+                                     for k, v in record.items()})
+        else:
+            out[key] = copy.deepcopy(record)
+    return out
 
 
 @contextlib.contextmanager

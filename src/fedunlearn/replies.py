@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from .arrays import records, to_numpy
 from .protocol import (COST_METRICS, EVALUATE_COUNT_KEYS, MAX_METRICS, METRICS_KEY, MIA_FEATURES,
                        MODEL_KEY, NODE_FIELDS, NODE_RECORD, NUM_EXAMPLES)
 from .protocol import METRIC_KEYS as TRAIN_METRIC_KEYS  # noqa: F401  (re-export)
@@ -85,12 +86,12 @@ def check_train_reply(reply: Message, sent: Message, max_examples: int | None = 
     ``train-loss`` a finite number, the sample counts non-negative ints.
     """
     content = reply.content
-    arrays = dict(content.array_records)
+    arrays = records(content, ArrayRecord)
     if list(arrays) != [MODEL_KEY]:
         raise WireError("array records", sorted(arrays), f"expected exactly [{MODEL_KEY!r}]")
-    expected = sent.content.array_records.get(MODEL_KEY)
+    expected = records(sent.content, ArrayRecord).get(MODEL_KEY)
     check_arrays(arrays[MODEL_KEY], expected)
-    metrics = dict(content.metric_records)
+    metrics = records(content, MetricRecord)
     if len(metrics) != 1:
         raise WireError("metric records", sorted(metrics), "expected exactly one MetricRecord")
     name, record = next(iter(metrics.items()))
@@ -122,7 +123,7 @@ def check_arrays(record: ArrayRecord, expected: ArrayRecord | None) -> None:
     for name in names:
         array = record[name]
         try:
-            values = array.numpy()
+            values = to_numpy(array, writable=False)
         except Exception as err:  # a corrupt buffer: np.load raises many kinds
             raise WireError(f"{MODEL_KEY}.{name}", f"<{len(array.data)} bytes>",
                             f"expected a NumPy array ({type(err).__name__}: "

@@ -69,11 +69,27 @@ class NodeView:
     evaluate_fn: object = None
     sample_ids: np.ndarray | None = None
     """The data owner's id of each training sample (``None``: ids are positions)."""
+    model_key: tuple | None = None
+    """What determines ``model_fn()``'s architecture when fedunlearn builds it (the
+    harness: model name and data shape), so that a node may load a message's model into
+    an instance it built before (:mod:`.actions`); ``None``: always a fresh one."""
 
     @classmethod
     def from_context(cls, context: Context) -> NodeView:
-        """The harness's node: partition ``partition-id`` of the run-config's data set."""
-        cfg = experiment_config(context)
+        """The harness's node: partition ``partition-id`` of the run-config's data set
+        (built once per run, node-config and run-config in this process)."""
+        items = tuple(sorted(context.run_config.items()))
+        key = (int(context.run_id), tuple(sorted(context.node_config.items())), items)
+        view = _VIEWS.get(key)
+        if view is None:
+            view = cls._build(context, _config(items))
+            if len(_VIEWS) >= 4096:
+                _VIEWS.clear()
+            _VIEWS[key] = view
+        return view
+
+    @classmethod
+    def _build(cls, context: Context, cfg: ExperimentConfig) -> NodeView:
         nc = context.node_config
         if "partition-id" not in nc:
             raise ValueError(
@@ -105,7 +121,8 @@ class NodeView:
                    label_array=_labels(data.train), model_fn=new_model,
                    num_classes=info.num_classes, partition_id=partition_id,
                    batch_size=cfg.batch_size, momentum=cfg.momentum, seed=cfg.seed,
-                   device=cfg.device, cfg=cfg, data=data)
+                   device=cfg.device, cfg=cfg, data=data,
+                   model_key=(cfg.model, info.num_classes, info.in_channels, info.image_size))
 
     def train_indices(self) -> np.ndarray:
         return self.train_ids
@@ -185,6 +202,7 @@ def local_view(context: Context, cfg: ExperimentConfig) -> NodeView:
 
 
 _LOCAL_VIEWS: dict[tuple, NodeView] = {}
+_VIEWS: dict[tuple, NodeView] = {}
 
 
 def _labels(dataset) -> np.ndarray:

@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from ..arrays import decoded, records
 from ..protocol import (COST_METRICS, DEFAULT_ACTION, EVALUATE_UNLEARN, METRIC_KEYS, MODEL_KEY,
                         FORWARD_SAMPLES, NUM_EXAMPLES, RETAINED_ACTION, SAMPLES_PROCESSED)
 from ..protocol import message_type as action_message_type
@@ -447,7 +448,8 @@ class UnlearningStrategy(FedAvgM):
             self._cost_phase = previous
 
     def meter_down(self, content: RecordDict) -> None:
-        self.meter.bytes_down += sum(arrayrecord_nbytes(r) for r in content.array_records.values())
+        self.meter.bytes_down += sum(arrayrecord_nbytes(r)
+                                     for r in records(content, ArrayRecord).values())
         self.meter.messages_down += 1
 
     def meter_up(self, msg: Message) -> None:
@@ -455,19 +457,21 @@ class UnlearningStrategy(FedAvgM):
         if msg.has_error():
             return
         content = msg.content
-        self.meter.bytes_up += sum(arrayrecord_nbytes(r) for r in content.array_records.values())
+        metric_records = records(content, MetricRecord).values()
+        self.meter.bytes_up += sum(arrayrecord_nbytes(r)
+                                   for r in records(content, ArrayRecord).values())
         self.meter.messages_up += 1
         epochs = self._asked_epochs.pop(int(msg.metadata.src_node_id), None)
         if epochs is not None and not any(
                 SAMPLES_PROCESSED in m or FORWARD_SAMPLES in m
-                for m in content.metric_records.values()):
+                for m in metric_records):
             # A reply that does not count its own work (the user's train handler): it
             # trained its num-examples for the local epochs it was asked to.
-            n = next((m[NUM_EXAMPLES] for m in content.metric_records.values()
+            n = next((m[NUM_EXAMPLES] for m in metric_records
                       if isinstance(m.get(NUM_EXAMPLES), int)), 0)
             self.meter.samples_processed += max(n, 0) * epochs
             self.meter.estimated_samples += max(n, 0) * epochs
-        for metrics in content.metric_records.values():
+        for metrics in metric_records:
             processed = metrics.get("samples-processed", 0)
             forward = metrics.get("forward-samples", 0)
             self.meter.samples_processed += processed if isinstance(processed, int) else 0
@@ -769,11 +773,12 @@ class UnlearningStrategy(FedAvgM):
         fedunlearn's cost metrics (``samples-processed``, ``forward-samples``) are
         optional; any other metric (a user's ``train_loss``) must be a finite number."""
         content = msg.content
-        if len(content.array_records) != 1 or MODEL_KEY not in content.array_records:
-            return f"expected one ArrayRecord {MODEL_KEY!r}, got {sorted(content.array_records)}"
-        if len(content.metric_records) != 1:
-            return f"expected one MetricRecord, got {sorted(content.metric_records)}"
-        metrics = next(iter(content.metric_records.values()))
+        array_records, metric_records = records(content, ArrayRecord), records(content, MetricRecord)
+        if len(array_records) != 1 or MODEL_KEY not in array_records:
+            return f"expected one ArrayRecord {MODEL_KEY!r}, got {sorted(array_records)}"
+        if len(metric_records) != 1:
+            return f"expected one MetricRecord, got {sorted(metric_records)}"
+        metrics = next(iter(metric_records.values()))
         if NUM_EXAMPLES not in metrics:
             return (f"the reply's metrics have no {NUM_EXAMPLES!r} (keys: "
                     f"{sorted(metrics)[:8]}): Flower's FedAvg weights every reply by it")
@@ -862,8 +867,8 @@ def normalized(msg: Message) -> Message:
     handler and fedunlearn's actions in one round) pass Flower's consistency check."""
     if msg.has_error():
         return msg
-    metrics = next(iter(msg.content.metric_records.values()))
-    content = RecordDict({MODEL_KEY: msg.content[MODEL_KEY],
+    metrics = next(iter(records(msg.content, MetricRecord).values()))
+    content = RecordDict({MODEL_KEY: decoded(msg.content[MODEL_KEY]),
                           "metrics": MetricRecord({NUM_EXAMPLES: int(metrics[NUM_EXAMPLES])})})
     return Message(content, metadata=msg.metadata)
 

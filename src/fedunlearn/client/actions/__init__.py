@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
+from ...arrays import records
 from ...requests import request_from_config
 from ...training import load_arrays, resolve_device, to_arrays
 from ..node import NodeView, split_local
@@ -52,6 +53,7 @@ class ActionJob:
     retained: np.ndarray
     forget: np.ndarray
     device: torch.device
+    borrowed: list = field(default_factory=list)
 
     @property
     def model(self) -> nn.Module:
@@ -69,17 +71,41 @@ class ActionJob:
         return int(self.config["local-epochs"])
 
     @classmethod
-    def from_message(cls, msg: Message, context: Context, view_for=None) -> ActionJob:
+    def from_message(cls, msg: Message, context: Context, view_for=None,
+                     reuse: bool = False) -> ActionJob:
+        """Unpack ``msg``. With ``reuse`` (actions registered with ``reuses_models``),
+        a harness node loads the message's models into instances kept from an earlier
+        message of this process (every parameter and buffer is overwritten, so the
+        result is the same as with fresh ones, without building a model per message)."""
         view = (view_for or NodeView.from_context)(context)
         config = msg.content[CONFIG_KEY]
         retained, forget = split_local(view, request_from_config(config, view.partition_id))
         device = resolve_device(view.device)
-        models = {key: load_arrays(view.new_model(), record).to(device)
-                  for key, record in msg.content.array_records.items()}
+        reuse = reuse and view.model_key is not None and view.train_fn is None
+        models, borrowed = {}, []
+        for key, record in records(msg.content, ArrayRecord).items():
+            spare = (view.model_key, str(device), key)
+            model = _SPARE_MODELS.pop(spare, None) if reuse else None
+            if model is None:
+                model = view.new_model()
+            else:  # as a fresh model would be: training mode, trainable, no gradients
+                model.train()
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                    p.grad = None
+            load_arrays(model, record)
+            if not (reuse and getattr(model, "_fedunlearn_device", None) == device):
+                model = model.to(device)
+            if reuse:
+                model._fedunlearn_device = device
+                borrowed.append((spare, model))
+            models[key] = model
         if MODEL_KEY not in models:
             raise ValueError(f"a train message must carry the model as ArrayRecord "
                              f"{MODEL_KEY!r}; got {sorted(models)}")
-        return cls(view, config, models, retained, forget, device)
+        job = cls(view, config, models, retained, forget, device)
+        job.borrowed = borrowed
+        return job
 
 
 @dataclass
@@ -96,10 +122,16 @@ class ActionResult:
 
 Action = Callable[[ActionJob], ActionResult]
 _ACTIONS: dict[str, Action] = {}
+_REUSING: set[str] = set()
+_SPARE_MODELS: dict[tuple, nn.Module] = {}
 
 
-def register_action(name: str) -> Callable[[Action], Action]:
-    """Decorator: make ``fn`` reachable as Flower message type ``train.<name>``."""
+def register_action(name: str, reuses_models: bool = False) -> Callable[[Action], Action]:
+    """Decorator: make ``fn`` reachable as Flower message type ``train.<name>``.
+
+    ``reuses_models``: the action only trains its models' parameters in place (no hooks,
+    no frozen layers, no change of structure), so the node may hand it models kept from
+    an earlier message (see :meth:`ActionJob.from_message`)."""
     if not name.isidentifier():
         raise ValueError(f"action name {name!r} must be a Python identifier (Flower routes "
                          "message types 'train.<name>' by identifier)")
@@ -108,15 +140,25 @@ def register_action(name: str) -> Callable[[Action], Action]:
         if name in _ACTIONS and _ACTIONS[name] is not fn:
             raise ValueError(f"client action {name!r} is already registered")
         _ACTIONS[name] = fn
+        if reuses_models:
+            _REUSING.add(name)
         return fn
 
     return deco
 
 
+_discovered = False
+
+
 def discover() -> None:
-    """Import every module of this package (each registers its actions)."""
+    """Import every module of this package (each registers its actions); once per
+    process (the package's modules do not change while it runs)."""
+    global _discovered
+    if _discovered:
+        return
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
+    _discovered = True
 
 
 def list_actions() -> list[str]:
@@ -137,7 +179,7 @@ def handle_action(name: str, msg: Message, context: Context, view_for=None) -> M
     """Run action ``name`` on a train message and build the reply (``view_for(context)``
     gives the node's :class:`NodeView`; default: the harness's)."""
     action = get_action(name)
-    job = ActionJob.from_message(msg, context, view_for)
+    job = ActionJob.from_message(msg, context, view_for, reuse=name in _REUSING)
     result = action(job)
     loss = result.loss
     metrics = MetricRecord({
@@ -146,8 +188,12 @@ def handle_action(name: str, msg: Message, context: Context, view_for=None) -> M
         "samples-processed": int(result.samples_processed),
         "forward-samples": int(result.forward_samples),
     })
-    return Message(RecordDict({MODEL_KEY: to_arrays(result.model.cpu()),
-                               "metrics": metrics}), reply_to=msg)
+    reply = Message(RecordDict({MODEL_KEY: to_arrays(result.model),  # CPU copies
+                                "metrics": metrics}), reply_to=msg)
+    for spare, model in job.borrowed:  # the reply holds copies: the models are free
+        if len(_SPARE_MODELS) < 16:
+            _SPARE_MODELS[spare] = model
+    return reply
 
 
 def action_handler(name: str, view_for=None) -> Callable[[Message, Context], Message]:

@@ -11,7 +11,7 @@ from ...training import train_local
 from . import ActionJob, ActionResult, register_action
 
 
-@register_action("default")
+@register_action("default", reuses_models=True)
 def local_training(job: ActionJob) -> ActionResult:
     view, config = job.view, job.config
     if view.train_fn is not None:
@@ -27,7 +27,7 @@ def local_training(job: ActionJob) -> ActionResult:
     return ActionResult(job.model, stats.num_examples, stats.loss, stats.samples_processed)
 
 
-@register_action("retained")
+@register_action("retained", reuses_models=True)
 def retained_training(job: ActionJob) -> ActionResult:
     """``train.retained``: the same local training, under a name of its own, so a plugin
     node's own ``@app.train()`` handler keeps serving plain ``train`` messages while a
