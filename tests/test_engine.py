@@ -97,6 +97,13 @@ def test_fedunlearn_run_on_the_local_engine(tmp_path, monkeypatch, capsys):
     assert res["request"][0]["partition_id"] == 0
     shown = capsys.readouterr().out
     assert "fedunlearn results" in shown and "Results written to" in shown
+    # One screen: no per-round lines (the progress display has them), everything in the
+    # job's log file, without colour codes.
+    assert len(shown.splitlines()) < 40, shown
+    assert "aggregate_train" not in shown and "fedunlearn-progress" not in shown
+    log = (out / "job.log").read_text()
+    assert "aggregate_train: Received" in log and "[pretrain] round 2/2" in log
+    assert "\x1b[" not in log
 
 
 def test_a_failing_job_on_the_local_engine_exits_1(tmp_path, capsys):

@@ -33,15 +33,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import (ArrayRecord, ConfigRecord, Context, Error, Message, Metadata,
                       MetricRecord, RecordDict)
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid
-
-from .arrays import copy_record
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from .arrays import copy_record
 
 ENGINES = ("flower", "local")
 """``flower``: ``flwr run`` on Flower's simulation engine (Ray); ``local``: in-process."""
@@ -259,9 +260,14 @@ def local_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 
               finished_marker=None) -> int:
     """:func:`fedunlearn.launch.flwr_run`'s counterpart on the in-process engine: run
     the job, its log to stdout (``echo``) and ``log_file``; return 0, or 1 when the
-    ServerApp raised (its traceback in the log). ``num_cpus``/``num_gpus`` are Ray's and
-    do not apply: the job uses this process's threads and devices."""
-    del num_cpus, finished_marker  # the ServerApp returns or raises: nothing to infer
+    ServerApp raised (its traceback in the log). ``num_cpus`` is the number of torch
+    threads the job runs with (what a Ray actor with that many CPUs gets; one is fastest
+    for small models and leaves the machine's other cores alone); ``num_gpus`` does not
+    apply: the job uses the run-config's ``device`` in this process."""
+    del finished_marker  # the ServerApp returns or raises: nothing to infer
+    if isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1:
+        raise ValueError(f"num_cpus={num_cpus!r}: expected a positive integer (the threads "
+                         "the nodes' handlers use, as a Ray actor's CPUs)")
     if num_gpus:
         log(logging.WARNING, "--num-gpus=%s does not apply to the in-process engine: "
             "the job uses device=%s in this process", num_gpus,
@@ -272,6 +278,8 @@ def local_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 
     for h in console:
         FLOWER_LOGGER.removeHandler(h)
     FLOWER_LOGGER.addHandler(handler)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num_cpus)  # as Ray gives an actor its CPUs
     try:
         run_app(run_config, num_supernodes, app)
         return 0
@@ -279,6 +287,7 @@ def local_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 
         log(logging.ERROR, "The ServerApp raised:\n%s", traceback.format_exc())
         return 1
     finally:
+        torch.set_num_threads(threads)
         FLOWER_LOGGER.removeHandler(handler)
         for h in console:
             FLOWER_LOGGER.addHandler(h)

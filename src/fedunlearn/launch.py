@@ -14,6 +14,7 @@ Everything after the options is passed on as run-config, e.g.::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -24,6 +25,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from .console import strip_colours
 
 # `flwr run --stream` exits 0 even when the ServerApp fails; its log says so instead.
 _FAILURE = re.compile(r"Exit Code: (\d+)|An unhandled exception occurred")
@@ -128,8 +131,8 @@ def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1
     With ``finished_marker`` (e.g. :data:`HARNESS_FINISHED`), a job whose output never
     matches it is a failure (exit code 1) even when ``flwr run`` exits 0.
 
-    Returns ``flwr run``'s exit code. Output goes to stdout (``echo``) and/or
-    ``log_file``.
+    Returns ``flwr run``'s exit code. Output goes to stdout (``echo``, as it comes)
+    and/or ``log_file`` (without colour codes).
     """
     http_port, control_port = ports or free_port_pair()
     full_env = dict(os.environ)
@@ -165,7 +168,7 @@ def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1
                 sys.stdout.write(line)
                 sys.stdout.flush()
             if log:
-                log.write(line)
+                log.write(strip_colours(line))
         rc = proc.wait()
         if rc == 0 and not failed and finished_marker is not None and not finished:
             message = ("fedunlearn: the ServerApp did not finish (no closing line in its "
@@ -312,6 +315,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(the same strategies and ClientApp handlers in this process, "
                              "no Ray, no SuperLink: the same results, much faster for "
                              "small models)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the whole log as it comes (Flower's per-round lines, "
+                             "Ray's notes) instead of the progress display; the log file "
+                             "has everything either way")
+    parser.add_argument("--log-file", default=None,
+                        help="the job's full log (default: <output-dir>/job.log when "
+                             "output-dir is set)")
     parser.add_argument("--check", action="store_true",
                         help="only check the run-config (every key, this machine's device "
                              "and folders) and exit: 0 when it is good, 2 naming the bad "
@@ -329,14 +339,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("run-config OK")
         return 0
     n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
-    if args.engine == "local":
-        from .engine import local_run
+    log_file = args.log_file
+    if log_file is None and overrides.get("output-dir"):
+        log_file = Path(str(overrides["output-dir"])).expanduser() / "job.log"
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    from .console import JobConsole
 
-        return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                         num_gpus=args.num_gpus, app=args.app)
-    return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                    num_gpus=args.num_gpus, app=args.app,
-                    finished_marker=HARNESS_FINISHED if args.app is None else None)
+    with JobConsole(sys.stdout, verbose=args.verbose) as console, \
+            contextlib.redirect_stdout(console):
+        if args.engine == "local":
+            from .engine import local_run
+
+            return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                             num_gpus=args.num_gpus, app=args.app, log_file=log_file)
+        return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                        num_gpus=args.num_gpus, app=args.app, log_file=log_file,
+                        finished_marker=HARNESS_FINISHED if args.app is None else None)
 
 
 if __name__ == "__main__":

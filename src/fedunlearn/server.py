@@ -32,6 +32,7 @@ from .audit import AuditLog, audit_path
 from .backdoor import patch_size_for, trigger_value
 from .config import ExperimentConfig
 from .data import FederatedData, federated_data
+from .console import emit
 from .evaluation import Evaluator
 from .ledger import Ledger
 from .metrics import flops_per_sample
@@ -75,9 +76,20 @@ class Experiment:
         self.context = UnlearningContext(
             cfg=cfg, model_factory=self.new_model, example_input=self.example_input,
             flops_per_sample=flops["train"], forward_flops_per_sample=flops["forward"],
-            progress=self.evaluator.progress, data=self.data)
+            progress=self.progress, on_round=self.on_round, data=self.data)
         self.history_spec = history_spec(cfg, self.method_params)
         self.rejected: list[dict] = []
+
+    def progress(self, phase: str, server_round: int, arrays, num_rounds: int):
+        """Test accuracy in the log and in the progress display (:mod:`.console`)."""
+        metrics = self.evaluator.progress(phase, server_round, arrays, num_rounds)
+        emit("round", phase=phase, round=server_round, rounds=num_rounds,
+             test=round(float(metrics["test-accuracy"]), 4))
+        return metrics
+
+    @staticmethod
+    def on_round(phase: str, server_round: int, num_rounds: int) -> None:
+        emit("round", phase=phase, round=server_round, rounds=num_rounds)
 
     def new_model(self) -> torch.nn.Module:
         info = self.data.info
@@ -196,10 +208,11 @@ class Experiment:
         log(INFO, "[measure] original: %s", _short(original))
         results: dict[str, dict] = {}
         failed: dict[str, str] = {}
-        for strategy in strategies:
+        for index, strategy in enumerate(strategies, start=1):
             method = strategy.name
             log(INFO, "[%s] unlearning starts (params: %s)", method,
                 strategy.params.as_dict() or "none")
+            emit("phase", phase=method, index=index, of=len(strategies))
             self.ledger.unlearning_started(strategy)
             try:
                 unlearned_arrays = strategy.unlearn(self.grid, pretrained)

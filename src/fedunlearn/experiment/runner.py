@@ -35,6 +35,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from ..console import JobConsole
 from ..launch import HARNESS_FINISHED, check_run_config, flwr_run, run_config_arg
 from .config import conf_dir, federation_settings, to_run_config
 
@@ -47,7 +48,6 @@ TAIL_LINES = 40
 _STATE: dict[str, list] = {"job_dirs": [], "failed": []}
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_LEVEL = re.compile(r"^\s*(INFO|WARNING|ERROR|DEBUG|CRITICAL)\s*:\s*")
 _SHOWN = ("Results written", "REJECTED", "No valid unlearning request", "Exit Code",
           "unhandled exception")
 
@@ -66,44 +66,21 @@ def phase_markers() -> tuple[str, ...]:
     return tuple(f"[{name}]" for name in ("pretrain", "measure", *list_methods()))
 
 
-class PhaseFilter:
-    """A stdout stand-in for ``flwr_run``'s echo: shows phase/round lines, drops the rest.
-
-    ``flwr_run`` writes the whole Flower log to ``flwr.log`` and echoes each line to
-    ``sys.stdout``; with this as ``sys.stdout`` the terminal shows only lines with a
-    phase marker (``[pretrain] round 5/30 test accuracy ...``), warnings, errors and the
-    final "Results written" line, prefixed with the job's tag.
+class PhaseFilter(JobConsole):
+    """The echo target of a Hydra job (:class:`fedunlearn.console.JobConsole`): a progress
+    bar for the running phase, and of the rest of the log only the lines with a phase
+    marker (``[measure] original: ...``, ``[not] unlearned: ...``), errors and the final
+    "Results written" line, each after the time of day and the job's tag. ``verbose``:
+    every line as it came. The job's log file (``flwr.log``) has everything.
     """
 
     def __init__(self, out, tag: str, markers: tuple[str, ...], verbose: bool = False):
-        self.out, self.tag, self.markers, self.verbose = out, tag, markers, verbose
-        self._buf = ""
+        self.markers = markers
+        super().__init__(out, verbose=verbose, tag=tag, show=self._shown)
 
-    def write(self, text: str) -> int:
-        self._buf += text
-        while "\n" in self._buf:
-            line, self._buf = self._buf.split("\n", 1)
-            self._line(line)
-        return len(text)
-
-    def _line(self, raw: str) -> None:
-        if self.verbose:
-            self.out.write(raw + "\n")
-            return
-        line = _ANSI.sub("", raw).rstrip()
-        level = _LEVEL.match(line)
-        message = line[level.end():] if level else line.strip()
-        important = level is not None and level.group(1) in ("ERROR", "CRITICAL")
-        if (important or any(m in message for m in self.markers)
-                or any(s in message for s in _SHOWN)):
-            self.out.write(f"{time.strftime('%H:%M:%S')} {self.tag} {message}\n")
-            self.out.flush()
-
-    def flush(self) -> None:
-        self.out.flush()
-
-    def isatty(self) -> bool:
-        return False
+    def _shown(self, message: str) -> bool:
+        return (any(m in message for m in self.markers)
+                or any(s in message for s in _SHOWN))
 
 
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -199,8 +176,8 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
                                              "forget.scope", "forget.clients")
             if k in run_config) + f"\n{tag} log: {log_file}\n")
         out.flush()
-        filt = PhaseFilter(out, tag, phase_markers(), verbose=verbose)
-        with contextlib.redirect_stdout(filt):
+        with PhaseFilter(out, tag, phase_markers(), verbose=verbose) as filt, \
+                contextlib.redirect_stdout(filt):
             rc = launcher(run_config, num_supernodes=fed["num_supernodes"],
                           num_cpus=fed["num_cpus"], num_gpus=fed["num_gpus"],
                           log_file=log_file, echo=True, finished_marker=HARNESS_FINISHED)

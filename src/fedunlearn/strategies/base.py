@@ -250,6 +250,9 @@ class UnlearningContext:
     flops_per_sample: int = 0
     forward_flops_per_sample: int = 0
     progress: Callable[[str, int, ArrayRecord, int], MetricRecord | None] | None = None
+    #: ``on_round(phase, round, num_rounds)`` after every training round that
+    #: ``progress`` did not measure (e.g. to drive a progress display).
+    on_round: Callable[[str, int, int], None] | None = None
     original_arrays: ArrayRecord | None = None
     info: dict = field(default_factory=dict)
     #: The training history recorded during pretraining (:mod:`fedunlearn.history`), when
@@ -630,10 +633,12 @@ class UnlearningStrategy(FedAvgM):
                     log(INFO, "[%s] round %d validation accuracy %.2f%% (target %.2f%%)%s",
                         self.phase, rnd, accuracy, rule.target,
                         f": stop, {verdict}" if verdict else "")
-                progress = self.context.progress
+                progress, on_round = self.context.progress, self.context.on_round
                 if progress is not None and (rnd % self.eval_every == 0
                                              or rnd == phase.rounds or verdict):
                     progress(self.phase, rnd, arrays, phase.rounds)
+                elif on_round is not None:
+                    on_round(self.phase, rnd, phase.rounds)
                 if verdict:
                     reason = verdict
                     break
