@@ -380,3 +380,34 @@ def test_the_known_training_sizes_match_the_loaded_data():
     for name in ("digits", "synthetic"):
         train, _, info = load_dataset(name)
         assert DATASET_TRAIN_SIZES[name] == len(train) == info.num_train
+
+
+def test_synthetic_data_has_a_size_setting_for_many_clients():
+    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.data import load_dataset
+    from tests.helpers import run_config
+
+    default_train, default_test, info = load_dataset("synthetic")
+    assert (len(default_train), len(default_test), info.num_train) == (800, 200, 800)
+    same, _, _ = load_dataset("synthetic", size=800)  # the default size is the same draw
+    assert np.array_equal(np.asarray(same.targets), np.asarray(default_train.targets))
+    big, test, info = load_dataset("synthetic", size=20_000)
+    assert (len(big), len(test), info.num_train) == (20_000, 200, 20_000)
+    with pytest.raises(ValueError, match="dataset.size=5 applies to synthetic only"):
+        load_dataset("digits", size=5)
+    # 1,000 clients need more than synthetic's 800 samples: the size setting gives them.
+    rc = run_config(**{"dataset.name": "synthetic", "federation.num-clients": 1000})
+    with pytest.raises(ValueError, match="federation.num-clients=1000: synthetic has 800"):
+        ExperimentConfig.from_run_config(rc)
+    cfg = ExperimentConfig.from_run_config({**rc, "dataset.size": 20_000})
+    assert cfg.data_size == 20_000
+    with pytest.raises(ValueError, match="dataset.size=100 applies to synthetic only"):
+        ExperimentConfig.from_run_config(run_config(**{"dataset.size": 100}))
+    with pytest.raises(ValueError, match="dataset.size"):
+        ExperimentConfig.from_run_config({**rc, "dataset.size": -1})
+    # Without a size the pretraining cache key is what it always was.
+    base = ExperimentConfig.from_run_config(run_config(**{"dataset.name": "synthetic"}))
+    sized = ExperimentConfig.from_run_config(run_config(**{"dataset.name": "synthetic",
+                                                           "dataset.size": 900}))
+    assert base.pretrain_key() == "cb281f572aa2284a"  # as before the setting existed
+    assert sized.pretrain_key() != base.pretrain_key()

@@ -28,6 +28,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
 MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_ROUNDS = 100_000
 MAX_COUNT = 10_000_000
+MAX_SYNTHETIC_SIZE = 1_000_000  # dataset.size: 1M 8x8 samples are ~256 MB
 MAX_LR = 100.0
 MAX_REPLY_TIMEOUT_S = 86_400.0
 
@@ -202,6 +203,7 @@ class ExperimentConfig:
     dataset: str = "digits"
     data_root: str = ""
     data_download: bool = False
+    data_size: int = 0  # synthetic's training samples (0: its default)
     model: str = "cnn"
     num_clients: int = 10
     partitioning: str = "iid"
@@ -294,6 +296,7 @@ class ExperimentConfig:
             dataset=t("dataset.name", d.dataset).lower(),
             data_root=t("dataset.root", d.data_root),
             data_download=flag("dataset.download", d.data_download),
+            data_size=i("dataset.size", d.data_size),
             model=t("model.name", d.model).lower(),
             num_clients=i("federation.num-clients", d.num_clients),
             partitioning=t("federation.partitioning", d.partitioning).lower(),
@@ -334,6 +337,8 @@ class ExperimentConfig:
         return {
             "seed": (self.seed, Range(0, MAX_SEED)),
             "federation.num-clients": (self.num_clients, Range(1, MAX_COUNT)),
+            "dataset.size": (self.data_size, Range(0, MAX_SYNTHETIC_SIZE,
+                                                   note="0: the data set's own size")),
             "federation.batch-size": (self.batch_size, Range(1, MAX_COUNT)),
             "federation.local-epochs": (self.local_epochs, Range(1, MAX_ROUNDS)),
             "federation.alpha": (self.alpha, Range(0, 1e6, lo_open=True)),
@@ -384,7 +389,11 @@ class ExperimentConfig:
             )
         for key, (value, allowed) in self.ranges().items():
             allowed.check(key, value)
-        pool = int(DATASET_TRAIN_SIZES[self.dataset] * (1.0 - self.server_data_fraction))
+        if self.data_size and self.dataset != "synthetic":
+            raise ValueError(f"dataset.size={self.data_size} applies to synthetic only; "
+                             f"{self.dataset} has its own size (use dataset.size=0)")
+        size = self.data_size or DATASET_TRAIN_SIZES[self.dataset]
+        pool = int(size * (1.0 - self.server_data_fraction))
         if self.num_clients > pool:
             raise ValueError(
                 f"federation.num-clients={self.num_clients}: {self.dataset} has {pool} "
@@ -438,6 +447,7 @@ class ExperimentConfig:
             "lr": self.pretrain_lr,
             "seed": self.seed,
             "format": 1,
+            **({"data_size": self.data_size} if self.data_size else {}),
         }
         if self.server_data_fraction > 0:  # fewer samples in the partitions
             fields["server_data_fraction"] = self.server_data_fraction

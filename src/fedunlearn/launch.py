@@ -320,8 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "Ray's notes) instead of the progress display; the log file "
                              "has everything either way")
     parser.add_argument("--log-file", default=None,
-                        help="the job's full log (default: <output-dir>/job.log when "
-                             "output-dir is set)")
+                        help="the job's full log, without colour codes (default: "
+                             "<output-dir>/job.log)")
     parser.add_argument("--check", action="store_true",
                         help="only check the run-config (every key, this machine's device "
                              "and folders) and exit: 0 when it is good, 2 naming the bad "
@@ -340,6 +340,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
     log_file = args.log_file
+    if args.app is None and not overrides.get("output-dir"):
+        # The harness's default (~/fedunlearn-results/<time>), chosen here so that the
+        # job's log file goes beside its results.
+        from .server import resolve_output_dir
+
+        overrides["output-dir"] = str(resolve_output_dir(""))
     if log_file is None and overrides.get("output-dir"):
         log_file = Path(str(overrides["output-dir"])).expanduser() / "job.log"
     if log_file is not None:

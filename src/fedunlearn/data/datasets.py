@@ -36,6 +36,9 @@ DATASET_TRAIN_SIZES: dict[str, int] = {
     "caltech101": 6941,
 }
 
+#: Training samples of ``synthetic`` unless ``dataset.size`` says otherwise.
+SYNTHETIC_TRAIN_SIZE = 800
+
 # Fixed seeds: the train/test split and the synthetic data are the same in every
 # experiment, whatever the experiment seed, so test sets are comparable across runs.
 SPLIT_SEED = 0
@@ -156,7 +159,8 @@ class LabeledSubset(Dataset):
 
 
 def load_dataset(
-    name: str, root: str = "", download: bool = False, image_size: int | None = None
+    name: str, root: str = "", download: bool = False, image_size: int | None = None,
+    size: int = 0,
 ) -> tuple[Dataset, Dataset, DataInfo]:
     """Load a dataset's train and test splits by name.
 
@@ -172,6 +176,11 @@ def load_dataset(
     image_size : int or None
         Side of the square images returned; ``None`` keeps the dataset's
         default (8 for digits/synthetic, 32 for CIFAR, 64 for Caltech-101).
+    size : int
+        Training samples of ``synthetic`` (0: its default, 800; the test split stays
+        200): enough data for federations of thousands of clients. The first 800
+        samples of a larger set are not those of the default one (one draw). Other
+        data sets have their own size: 0 only.
 
     Returns
     -------
@@ -190,6 +199,14 @@ def load_dataset(
         raise ValueError(f"Unknown dataset {name!r}; choose one of {list(DATASETS)}")
     if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"dataset.size={size!r}: expected an integer >= 0 (0: the data "
+                         "set's own size)")
+    if name == "synthetic":
+        return _load_synthetic(root, download, image_size, size)
+    if size:
+        raise ValueError(f"dataset.size={size} applies to synthetic only; {name} has its "
+                         "own size (use dataset.size=0)")
     return _LOADERS[name](root, download, image_size)
 
 
@@ -267,10 +284,11 @@ def _load_digits(
 
 
 def _load_synthetic(
-    root: str, download: bool, image_size: int | None
+    root: str, download: bool, image_size: int | None, size: int = 0
 ) -> tuple[Dataset, Dataset, DataInfo]:
-    """Class prototypes plus Gaussian noise: tiny, fast and easy to learn (for tests)."""
-    num_classes, num_train, num_test, side = 10, 800, 200, 8
+    """Class prototypes plus Gaussian noise: tiny, fast and easy to learn (for tests and
+    for federations of many clients: ``size`` training samples, default 800)."""
+    num_classes, num_train, num_test, side = 10, size or SYNTHETIC_TRAIN_SIZE, 200, 8
     rng = np.random.default_rng(SYNTHETIC_SEED)
     prototypes = rng.normal(0.0, 1.0, size=(num_classes, 1, side, side))
     n = num_train + num_test

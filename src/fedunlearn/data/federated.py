@@ -83,6 +83,7 @@ def build_federated_data(
     download: bool = False,
     image_size: int | None = None,
     server_fraction: float = 0.0,
+    size: int = 0,
 ) -> FederatedData:
     """Load a dataset and partition its training set among ``num_clients`` clients.
 
@@ -114,6 +115,9 @@ def build_federated_data(
         Share of the training pool reserved for the server before partitioning
         (a seeded random draw, in no client's partition); 0 reserves nothing and
         leaves the partitions exactly as without it.
+    size : int
+        Training samples of ``synthetic`` (0: its default); see
+        :func:`~fedunlearn.data.load_dataset`.
 
     Returns
     -------
@@ -122,7 +126,8 @@ def build_federated_data(
     """
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    train, test, info = load_dataset(dataset, root=root, download=download, image_size=image_size)
+    train, test, info = load_dataset(dataset, root=root, download=download,
+                                     image_size=image_size, size=size)
     labels = np.asarray(getattr(train, "targets"), dtype=np.int64)
     pool, server = server_split(len(labels), server_fraction, num_clients, seed)
     partitions = [pool[p] for p in partition_indices(labels[pool], num_clients, partitioning,
@@ -159,4 +164,5 @@ def federated_data(cfg) -> FederatedData:
         cfg.dataset, cfg.num_clients, partitioning=cfg.partitioning, alpha=cfg.alpha,
         val_fraction=cfg.val_fraction, seed=cfg.seed, root=cfg.data_root,
         download=cfg.data_download, server_fraction=cfg.server_data_fraction,
+        size=cfg.data_size,
     )

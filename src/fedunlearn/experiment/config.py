@@ -36,6 +36,7 @@ RUN_CONFIG_MAP: dict[str, tuple[str, type]] = {
     "dataset.name": ("dataset.name", str),
     "dataset.root": ("dataset.root", str),
     "dataset.download": ("dataset.download", bool),
+    "dataset.size": ("dataset.size", int),
     "model.name": ("model.name", str),
     "federation.num-clients": ("federation.num_clients", int),
     "federation.partitioning": ("federation.partitioning", str),
