@@ -95,7 +95,26 @@ def from_numpy(ndarray: np.ndarray) -> Array:
         _headers[key] = (header, built.dtype, built.shape)
         return built
     header, dtype, shape = known
-    return Array(dtype=dtype, shape=shape, stype=SType.NUMPY, data=header + ndarray.tobytes())
+    return _new_array(dtype, shape, b"".join((header, ndarray.data)))
+
+
+def _plain_fields() -> bool:
+    probe = Array(dtype="float32", shape=(1,), stype=SType.NUMPY, data=b"\0" * 4)
+    return set(probe.__dict__) == {"_is_dirty", "dtype", "shape", "stype", "data"}
+
+
+_PLAIN = _plain_fields()  # this Flower's Array holds exactly these fields after __init__
+
+
+def _new_array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
+    """``Array(dtype=..., shape=..., stype=SType.NUMPY, data=...)`` for values already
+    known to be valid (the checks of ``Array.__init__`` cost more than the rest)."""
+    if not _PLAIN:
+        return Array(dtype=dtype, shape=shape, stype=SType.NUMPY, data=data)
+    array = Array.__new__(Array)
+    array.__dict__.update(_is_dirty=True, dtype=dtype, shape=shape, stype=SType.NUMPY,
+                          data=data)
+    return array
 
 
 def state_dict(record: ArrayRecord) -> OrderedDict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from ...arrays import records
+from ...arrays import records, to_numpy
 from ...requests import request_from_config
 from ...training import load_arrays, resolve_device, to_arrays
 from ..node import NodeView, split_local
@@ -93,7 +94,8 @@ class ActionJob:
                 for p in model.parameters():
                     p.requires_grad_(True)
                     p.grad = None
-            load_arrays(model, record)
+            if not (reuse and _load_reused(model, record)):
+                load_arrays(model, record)
             if not (reuse and getattr(model, "_fedunlearn_device", None) == device):
                 model = model.to(device)
             if reuse:
@@ -124,6 +126,38 @@ Action = Callable[[ActionJob], ActionResult]
 _ACTIONS: dict[str, Action] = {}
 _REUSING: set[str] = set()
 _SPARE_MODELS: dict[tuple, nn.Module] = {}
+
+
+def _load_reused(model: nn.Module, record: ArrayRecord) -> bool:
+    """Copy ``record`` into a model kept from an earlier message, tensor by tensor, when
+    its names, shapes and dtypes are exactly the model's (what a strict
+    ``load_state_dict`` would accept); ``False`` (nothing loaded) otherwise."""
+    targets = getattr(model, "_fedunlearn_targets", None)
+    if targets is None:
+        targets = list(model.state_dict(keep_vars=True).items())
+        model._fedunlearn_targets = targets
+    if len(targets) != len(record):
+        return False
+    sources = []
+    for (name, target), (key, array) in zip(targets, record.items()):
+        if name != key:
+            return False
+        values = to_numpy(array, writable=False)
+        if values.shape != tuple(target.shape) or values.dtype != _NUMPY_DTYPES.get(
+                target.dtype):
+            return False
+        sources.append(values)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only sources: only read here
+        for (_, target), values in zip(targets, sources):
+            target.copy_(torch.from_numpy(values))
+    return True
+
+
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+                 torch.float16: np.dtype(np.float16), torch.int64: np.dtype(np.int64),
+                 torch.int32: np.dtype(np.int32), torch.uint8: np.dtype(np.uint8),
+                 torch.bool: np.dtype(np.bool_)}
 
 
 def register_action(name: str, reuses_models: bool = False) -> Callable[[Action], Action]:
