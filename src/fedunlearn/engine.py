@@ -278,6 +278,9 @@ def local_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 
     for h in console:
         FLOWER_LOGGER.removeHandler(h)
     FLOWER_LOGGER.addHandler(handler)
+    # The job's lines go to the echo stream and the log file only, not also to handlers
+    # an embedding program put on the root logger (Hydra's job logging).
+    propagate, FLOWER_LOGGER.propagate = FLOWER_LOGGER.propagate, False
     threads = torch.get_num_threads()
     torch.set_num_threads(num_cpus)  # as Ray gives an actor its CPUs
     try:
@@ -288,6 +291,7 @@ def local_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 
         return 1
     finally:
         torch.set_num_threads(threads)
+        FLOWER_LOGGER.propagate = propagate
         FLOWER_LOGGER.removeHandler(handler)
         for h in console:
             FLOWER_LOGGER.addHandler(h)

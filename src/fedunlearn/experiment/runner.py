@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -237,6 +238,9 @@ def hydra_main(cfg: DictConfig) -> bool:
     else:
         tag = "[job]"
         print(f"\n=== job: {overrides}", flush=True)
+    # Hydra logs the root logger at INFO; importing Flower's server side in this process
+    # (engine=local) makes alembic announce its plugins there.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     ok = run_job(cfg, job_dir, tag=tag, base_dir=hc.runtime.cwd, verbose=bool(cfg.get("verbose")),
                  dry_run=bool(cfg.get("dry_run")), launcher=launcher_for(cfg.get("engine")))
     _STATE["job_dirs"].append(str(job_dir))
