@@ -19,6 +19,12 @@ the server's audit log (:mod:`.audit`) as a table and checks its chain of record
 end against the head file beside it and, with ``--inbox``, against the chain heads the
 inbox's receipts carry; it exits 1 when any check fails (a record removed, edited or
 inserted, a cut tail, a log rewritten since a receipt), 0 otherwise.
+
+``fedunlearn cka --data digits --model cnn REF=PATH NAME=PATH ... --out DIR`` compares
+saved models (torch state dicts, e.g. ``<output_dir>/<method>/model.pt``) with the
+first one, layer by layer: linear CKA of each traced layer's activations on the first
+``--samples`` test images (:mod:`.analysis`, the NoT paper's Figure 3). It writes
+``DIR/cka.json``, ``DIR/cka.md`` and ``DIR/cka.png`` and prints the table.
 """
 
 from __future__ import annotations
@@ -150,10 +156,42 @@ def cmd_audit(args) -> int:
     return 0 if reading.intact else 1
 
 
+def _named_path(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> ``(NAME, PATH)``; a bare path is named after its folder when the
+    file is ``model.pt`` (``out/ft/model.pt`` -> ``ft``), else after the file."""
+    name, sep, path = text.partition("=")
+    if sep and name and path:
+        return name, path
+    if sep:
+        raise ValueError(f"{text!r}: expected NAME=PATH, e.g. ft=out/ft/model.pt")
+    p = Path(text)
+    return (p.parent.name if p.name == "model.pt" and p.parent.name else p.stem), text
+
+
+def cmd_cka(args) -> int:
+    from .analysis import run_cka  # torch and matplotlib only for this command
+
+    models = [_named_path(m) for m in args.models]
+    if len(models) < 2:
+        raise ValueError("name the reference and at least one model: REF=PATH NAME=PATH ...")
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
+    if layers:  # the top-level module (a ViT's cls_token, pos_embed) as the table shows it
+        layers = ["" if x == "(top level)" else x for x in layers]
+    result = run_cka(args.data, args.model, models[0], models[1:], args.out,
+                     samples=args.samples, batch_size=args.batch_size, layers=layers,
+                     root=args.root, image_size=args.image_size)
+    print(result["table"], end="")
+    if result["samples"] < args.samples:
+        print(f"note: the {args.data} test split has {result['samples']} images; all of them "
+              f"were used (--samples {args.samples})", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in result["paths"].values()), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedunlearn", description="Unlearning requests on a SuperNode's inbox; the "
-        "server's audit log.")
+        "server's audit log; CKA of saved models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     request = sub.add_parser("request", help="file, list, show or withdraw unlearning "
@@ -195,6 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the log against the audit anchors of this inbox's receipts "
                    "(repeatable)")
     p.set_defaults(fn=cmd_audit)
+
+    p = sub.add_parser("cka", help="per-layer linear CKA of saved models against a "
+                       "reference (the NoT paper's Figure 3)")
+    p.add_argument("models", nargs="+", metavar="NAME=PATH",
+                   help="torch state dicts; the first is the reference")
+    p.add_argument("--data", required=True, help="data set, e.g. digits")
+    p.add_argument("--model", required=True, help="model name, e.g. cnn")
+    p.add_argument("--out", required=True, help="folder for cka.json, cka.md, cka.png")
+    p.add_argument("--samples", type=int, default=500,
+                   help="use the first N test images (default 500)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--layers", default="", help="only these layers, comma-separated "
+                   "as the table names them (default: every traced layer)")
+    p.add_argument("--root", default="", help="data folder (CIFAR, Caltech-101)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side, if the models were trained on resized images")
+    p.set_defaults(fn=cmd_cka)
     return parser
 
 
