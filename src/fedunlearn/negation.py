@@ -310,6 +310,7 @@ def select_negation_params(
     example_input: torch.Tensor,
     layers: Sequence[str] | None = None,
     include_bias: bool = True,
+    refuse_cancelling: bool = True,
 ) -> list[str]:
     """Resolve a NoT layer selection into full parameter names, without modifying anything.
 
@@ -328,6 +329,10 @@ def select_negation_params(
         If False, parameters of selected layers named ``bias`` (or ending in
         ``_bias``) are skipped, so only weights (scales, embeddings, ...) are
         negated. Explicitly named parameters are always kept.
+    refuse_cancelling : bool, optional
+        Refuse a convolution/linear layer selected together with the normalisation
+        right after it (True, for negation, whose two sign flips cancel); another
+        perturbation (noise, re-initialisation) does not cancel and passes False.
 
     Returns
     -------
@@ -372,7 +377,8 @@ def select_negation_params(
     modules = dict(model.named_modules())
     for prev, nxt in itertools.pairwise(traced):
         if (
-            prev.name in touched
+            refuse_cancelling
+            and prev.name in touched
             and nxt.name in touched
             and is_affine_layer(modules[prev.name])
             and is_norm_layer(modules[nxt.name])
