@@ -231,6 +231,7 @@ class ExperimentConfig:
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     eval_every: int = 5
     mia_max_members: int = 2000
+    eval_trajectory: bool = False  # measure every round of every method (results: trajectory)
     # Share of the training pool reserved for the server (in no partition), e.g. FUKD's
     # unlabeled distillation data; part of the pretraining key.
     server_data_fraction: float = 0.0
@@ -324,6 +325,7 @@ class ExperimentConfig:
             backdoor=backdoor,
             eval_every=i("eval.every", d.eval_every),
             mia_max_members=i("eval.mia-max-members", d.mia_max_members),
+            eval_trajectory=flag("eval.trajectory", d.eval_trajectory),
             server_data_fraction=x("server-data.fraction", d.server_data_fraction),
             history_max_mb=x("history.max-mb", d.history_max_mb),
             method_params=tuple(sorted((m, k, v) for m, kv in params.items()

@@ -19,11 +19,12 @@ record of what they did:
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -76,13 +77,26 @@ class Experiment:
         self.context = UnlearningContext(
             cfg=cfg, model_factory=self.new_model, example_input=self.example_input,
             flops_per_sample=flops["train"], forward_flops_per_sample=flops["forward"],
-            progress=self.progress, on_round=self.on_round, data=self.data)
+            progress=self.progress, on_round=self.on_round, data=self.data,
+            trajectory=cfg.eval_trajectory)
+        self.trajectories: dict[str, list[dict]] = {}
         self.history_spec = history_spec(cfg, self.method_params)
         self.rejected: list[dict] = []
 
     def progress(self, phase: str, server_round: int, arrays, num_rounds: int):
-        """Test accuracy in the log and in the progress display (:mod:`.console`)."""
-        metrics = self.evaluator.progress(phase, server_round, arrays, num_rounds)
+        """Test accuracy in the log and in the progress display (:mod:`.console`); with
+        ``eval.trajectory``, every metric of a method's model, kept for its results."""
+        if self.cfg.eval_trajectory and phase != "pretrain":
+            saved = getattr(self, "last_measurement", None)
+            measured = self.evaluate(arrays)
+            self.last_measurement = saved
+            self.trajectories.setdefault(phase, []).append(
+                {"round": server_round, **{k: _finite(v) for k, v in measured.items()}})
+            log(INFO, "[%s] round %d/%d  %s", phase, server_round, num_rounds,
+                _short(measured))
+            metrics = MetricRecord({"test-accuracy": float(measured["test"])})
+        else:
+            metrics = self.evaluator.progress(phase, server_round, arrays, num_rounds)
         emit("round", phase=phase, round=server_round, rounds=num_rounds,
              test=round(float(metrics["test-accuracy"]), 4))
         return metrics
@@ -239,6 +253,10 @@ class Experiment:
                                    unlearned, pretrain_info)
             result["measurement"] = {"original": original_measurement,
                                      "unlearned": self.last_measurement}
+            if cfg.eval_trajectory:
+                retrain = (unlearned if method == "retrain"
+                           else results.get("retrain", {}).get("unlearned"))
+                result["trajectory"] = trajectory_of(method, self.trajectories, retrain)
             # Verified nodes that left the federation so far (failed in every round and
             # evaluation since; see the audit log's node.departed).
             result["departed_nodes"] = self.grid.departed
@@ -257,6 +275,30 @@ class Experiment:
                 f"{m}: {r}" for m, r in failed.items()) + f" (the others' results are in "
                 f"{self.output_dir})")
         return results
+
+
+def _finite(value):
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+TRAJECTORY_METRICS = ("retain", "forget", "test", "mia")
+
+
+def trajectory_of(method: str, trajectories: dict[str, list[dict]],
+                  retrain: dict | None) -> dict[str, list[dict]]:
+    """A method's measured rounds by phase (``<method>`` for its recovery, e.g.
+    ``federaser:replay`` for a phase of its own); with Retrain's final metrics, each
+    point's ``gap``: the mean |difference| over the metrics both have."""
+    out = {}
+    for phase in [p for p in trajectories if p == method or p.startswith(method + ":")]:
+        points = trajectories.pop(phase)
+        for point in points:
+            if retrain:
+                diffs = [abs(point[k] - retrain[k]) for k in TRAJECTORY_METRICS
+                         if point.get(k) is not None and _finite(retrain.get(k)) is not None]
+                point["gap"] = round(sum(diffs) / len(diffs), 4) if diffs else None
+        out[phase] = points
+    return out
 
 
 def resolve_output_dir(output_dir: str) -> Path:

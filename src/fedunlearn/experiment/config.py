@@ -74,6 +74,7 @@ RUN_CONFIG_MAP: dict[str, tuple[str, type]] = {
     "backdoor.value": ("backdoor.value", str),
     "eval.every": ("eval.every", int),
     "eval.mia-max-members": ("eval.mia_max_members", int),
+    "eval.trajectory": ("eval.trajectory", bool),
     "server-data.fraction": ("server_data.fraction", float),
     "history.max-mb": ("history.max_mb", float),
 }

@@ -253,6 +253,9 @@ class UnlearningContext:
     #: ``on_round(phase, round, num_rounds)`` after every training round that
     #: ``progress`` did not measure (e.g. to drive a progress display).
     on_round: Callable[[str, int, int], None] | None = None
+    #: Call ``progress`` on the model a phase starts from (round 0) and after every round,
+    #: not only every ``eval_every`` rounds (per-round trajectories).
+    trajectory: bool = False
     original_arrays: ArrayRecord | None = None
     info: dict = field(default_factory=dict)
     #: The training history recorded during pretraining (:mod:`fedunlearn.history`), when
@@ -601,6 +604,10 @@ class UnlearningStrategy(FedAvgM):
         self.current_arrays, self.momentum_vector = None, None  # a fresh server optimizer
         rule = self.stopping_rule(grid) if phase.stop_early else None
         every = self.recovery.validate_every
+        progress, on_round = self.context.progress, self.context.on_round
+        trajectory = self.context.trajectory and progress is not None
+        if trajectory:
+            progress(self.phase, 0, arrays, phase.rounds)
         reason, done, round_s = (MAXIMUM if rule else FIXED), 0, []
         try:
             for rnd in range(1, phase.rounds + 1):
@@ -633,8 +640,7 @@ class UnlearningStrategy(FedAvgM):
                     log(INFO, "[%s] round %d validation accuracy %.2f%% (target %.2f%%)%s",
                         self.phase, rnd, accuracy, rule.target,
                         f": stop, {verdict}" if verdict else "")
-                progress, on_round = self.context.progress, self.context.on_round
-                if progress is not None and (rnd % self.eval_every == 0
+                if progress is not None and (trajectory or rnd % self.eval_every == 0
                                              or rnd == phase.rounds or verdict):
                     progress(self.phase, rnd, arrays, phase.rounds)
                 elif on_round is not None:

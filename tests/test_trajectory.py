@@ -1,0 +1,46 @@
+"""Per-round trajectories (eval.trajectory): every method measured after its unlearning
+step and after every round, with the Avg. Gap to Retrain's final metrics, and nothing
+else of the job changed by the measuring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedunlearn.engine import local_run
+
+SMALL = {"dataset.name": "synthetic", "federation.num-clients": 3, "pretrain.rounds": 2,
+         "unlearn.rounds": 2, "eval.mia-max-members": 40, "method": "retrain,not"}
+
+
+def _job(tmp_path, name: str, **extra) -> dict:
+    out = tmp_path / name
+    rc = local_run({**SMALL, **extra, "output-dir": str(out),
+                    "checkpoint-dir": str(tmp_path / "ck")},
+                   num_supernodes=3, log_file=tmp_path / f"{name}.log", echo=False)
+    assert rc == 0, (tmp_path / f"{name}.log").read_text()[-2000:]
+    return {m: json.loads((out / m / "results.json").read_text()) for m in ("retrain", "not")}
+
+
+def test_every_round_is_measured_and_the_job_is_otherwise_the_same(tmp_path):
+    traced = _job(tmp_path, "traced", **{"eval.trajectory": True})
+    plain = _job(tmp_path, "plain")
+    for method in ("retrain", "not"):
+        assert traced[method]["unlearned"] == plain[method]["unlearned"]
+        assert traced[method]["cost"]["comm_bytes"] == plain[method]["cost"]["comm_bytes"]
+        assert "trajectory" not in plain[method]
+    not_points = traced["not"]["trajectory"]["not"]
+    assert [p["round"] for p in not_points] == [0, 1, 2]
+    retrain_final = traced["retrain"]["unlearned"]
+    for point in not_points:
+        assert set(point) >= {"round", "retain", "forget", "test", "mia", "gap"}
+        expected = sum(abs(point[k] - retrain_final[k]) for k in
+                       ("retain", "forget", "test", "mia")) / 4
+        assert point["gap"] == pytest.approx(expected, abs=1e-3)
+    # the last point is the unlearned model itself
+    assert {k: not_points[-1][k] for k in retrain_final} == pytest.approx(
+        traced["not"]["unlearned"])
+    retrain_points = traced["retrain"]["trajectory"]["retrain"]
+    assert [p["round"] for p in retrain_points] == [0, 1, 2]
+    assert retrain_points[-1]["gap"] == pytest.approx(0.0, abs=1e-6)
