@@ -150,3 +150,42 @@ def test_a_perturbation_registered_outside_the_package_runs_in_a_job(tmp_path):
     notes = json.loads((out / "results.json").read_text())["notes"]
     assert notes["perturbation"] == "halve_for_test"
     assert notes["perturbed"] == ["conv1.weight", "conv1.bias"] and "negated" not in notes
+
+
+def test_vit_layers_for_the_layer_ablation():
+    """Figure 4's choices on a timm ViT: the patch projection (first layer), the
+    positional embedding (a parameter) and one head's query rows of the first block."""
+    from fedunlearn.models import create_model
+    from fedunlearn.negation import example_input_for, negate_layers
+
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny", num_classes=10, in_channels=1, image_size=8)
+    x = example_input_for(1, 8)
+    assert select_negation_params(vit, x) == ["patch_embed.proj.weight", "patch_embed.proj.bias"]
+    assert select_negation_params(vit, x, ["pos_embed"]) == ["pos_embed"]
+    heads, width = vit.blocks[0].attn.num_heads, vit.blocks[0].attn.head_dim
+    for head in (0, 1):
+        rows = f"[{head * width}:{(head + 1) * width}]"
+        assert select_negation_params(vit, x, [f"blocks.0.attn.qkv:q{head}"]) == [
+            f"blocks.0.attn.qkv.weight{rows}", f"blocks.0.attn.qkv.bias{rows}"]
+    before = vit.blocks[0].attn.qkv.weight.detach().clone()
+    negate_layers(vit, x, ["blocks.0.attn.qkv:q1"], include_bias=False)
+    after = vit.blocks[0].attn.qkv.weight.detach()
+    q1 = slice(width, 2 * width)
+    assert torch.equal(after[q1], -before[q1])
+    mask = torch.ones(before.shape[0], dtype=torch.bool)
+    mask[q1] = False
+    assert torch.equal(after[mask], before[mask])  # other heads, keys and values kept
+    # reinit of the rows: a fresh model's rows, the rest untouched
+    fresh = create_model("vit_tiny", num_classes=10, in_channels=1, image_size=8)
+    context = PerturbationContext(torch.Generator(), fresh.state_dict, {})
+    names = select_negation_params(vit, x, ["blocks.0.attn.qkv:q0"], include_bias=False)
+    kept = vit.blocks[0].attn.qkv.weight.detach().clone()
+    perturb(vit, names, "reinit", context)
+    now = vit.blocks[0].attn.qkv.weight.detach()
+    assert torch.equal(now[:width], fresh.blocks[0].attn.qkv.weight.detach()[:width])
+    assert torch.equal(now[width:], kept[width:])
+    with pytest.raises(ValueError, match=f"heads 0..{heads - 1}"):
+        select_negation_params(vit, x, [f"blocks.0.attn.qkv:q{heads}"])
+    with pytest.raises(ValueError, match="not a fused q/k/v projection"):
+        select_negation_params(vit, x, ["blocks.0.attn.proj:q0"])

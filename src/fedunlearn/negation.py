@@ -52,6 +52,8 @@ __all__ = [
     "negate_layers",
     "negate_state",
     "select_negation_params",
+    "spec_view",
+    "split_spec",
     "trace_layers",
 ]
 
@@ -300,6 +302,51 @@ def _describe(names: Sequence[str]) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
+_HEAD_QUERY = re.compile(r"^(?P<layer>.+):q(?P<head>\d+)$")
+_SLICE = re.compile(r"^(?P<param>.+)\[(?P<start>\d+):(?P<stop>\d+)\]$")
+
+
+def split_spec(spec: str) -> tuple[str, slice | None]:
+    """``"blocks.0.attn.qkv.weight[16:32]"`` -> ``("blocks.0.attn.qkv.weight",
+    slice(16, 32))`` (rows of a parameter); a plain parameter name -> ``(name, None)``."""
+    match = _SLICE.match(spec)
+    if match is None:
+        return spec, None
+    return match["param"], slice(int(match["start"]), int(match["stop"]))
+
+
+def spec_view(params: Mapping[str, torch.Tensor], spec: str) -> torch.Tensor:
+    """The tensor a selection entry names (a view of its rows for a slice)."""
+    name, rows = split_spec(spec)
+    return params[name] if rows is None else params[name][rows]
+
+
+def _head_query_specs(model: nn.Module, layer: str, head: int, traced_names: set[str],
+                      include_bias: bool) -> list[str]:
+    """The query rows of attention head ``head`` in the fused ``q, k, v`` projection
+    ``layer`` (timm's ``blocks.<i>.attn.qkv``: rows ``[q heads..., k heads..., v heads...]``,
+    the attention module above it has ``num_heads``)."""
+    if layer not in traced_names:
+        raise ValueError(f"{layer}:q{head}: {layer!r} is not a layer of the model")
+    modules = dict(model.named_modules())
+    attention = modules.get(layer.rpartition(".")[0])
+    linear = modules[layer]
+    heads = getattr(attention, "num_heads", None)
+    if not isinstance(linear, nn.Linear) or not isinstance(heads, int) or \
+            linear.out_features % (3 * heads):
+        raise ValueError(f"{layer}:q{head}: {layer!r} is not a fused q/k/v projection under "
+                         "an attention module with num_heads (e.g. timm's "
+                         "blocks.0.attn.qkv)")
+    if not 0 <= head < heads:
+        raise ValueError(f"{layer}:q{head}: the attention has heads 0..{heads - 1}")
+    width = linear.out_features // (3 * heads)
+    rows = f"[{head * width}:{(head + 1) * width}]"
+    specs = [f"{layer}.weight{rows}"]
+    if include_bias and linear.bias is not None:
+        specs.append(f"{layer}.bias{rows}")
+    return specs
+
+
 def _is_bias(param_name: str) -> bool:
     local = param_name.rsplit(".", 1)[-1]
     return local == "bias" or local.endswith("_bias")
@@ -323,7 +370,10 @@ def select_negation_params(
     layers : sequence of str, optional
         Layer names as reported by :func:`trace_layers`; an entry may also be a
         full parameter name (e.g. ``"pos_embed"``) to select that parameter
-        alone. ``None`` or an empty sequence selects the first layer in
+        alone, or ``<qkv layer>:q<h>`` (e.g. ``"blocks.0.attn.qkv:q0"``) for the
+        query rows of attention head ``h`` (0-based) of a fused q/k/v projection,
+        returned as row slices ``"blocks.0.attn.qkv.weight[0:16]"`` (see
+        :func:`split_spec`). ``None`` or an empty sequence selects the first layer in
         execution order (the paper's default).
     include_bias : bool, optional
         If False, parameters of selected layers named ``bias`` (or ending in
@@ -362,6 +412,11 @@ def select_negation_params(
         elif entry in layer_of_param:
             params = [entry]
             touched.add(layer_of_param[entry])
+        elif _HEAD_QUERY.match(entry):
+            match = _HEAD_QUERY.match(entry)
+            params = _head_query_specs(model, match["layer"], int(match["head"]),
+                                       set(by_name), include_bias)
+            touched.add(match["layer"])
         else:
             raise ValueError(
                 f"unknown layer {entry!r} for negation; layers in execution order: "
@@ -424,13 +479,14 @@ def negate_layers(
     """
     names = select_negation_params(model, example_input, layers, include_bias)
     params = dict(model.named_parameters(remove_duplicate=False))
-    done: set[int] = set()
+    done: set[tuple] = set()
     with torch.no_grad():
-        for name in names:
-            param = params[name]
-            if id(param) not in done:  # tied parameters are negated once
-                param.neg_()
-                done.add(id(param))
+        for spec in names:
+            name, rows = split_spec(spec)
+            key = (id(params[name]), None if rows is None else (rows.start, rows.stop))
+            if key not in done:  # tied parameters are negated once
+                spec_view(params, spec).neg_()
+                done.add(key)
     return names
 
 

@@ -61,6 +61,16 @@ class PerturbationContext:
     fresh_state: Callable[[], Mapping[str, torch.Tensor]]
     params: Mapping[str, Any] = field(default_factory=dict)
 
+    def fresh_value(self, spec: str) -> torch.Tensor:
+        """A freshly initialised model's value for a selection entry (a parameter name
+        or rows of one, ``"blocks.0.attn.qkv.weight[0:16]"``)."""
+        from .negation import spec_view, split_spec
+
+        fresh = self.fresh_state()
+        if split_spec(spec)[0] not in fresh:
+            raise ValueError(f"reinit: a fresh model has no parameter {spec!r}")
+        return spec_view(fresh, spec).detach().clone()
+
 
 def register_perturbation(name: str) -> Callable[[Perturbation], Perturbation]:
     """Decorator: make ``fn(name, value, context) -> tensor`` the perturbation ``name``."""
@@ -90,23 +100,28 @@ def get_perturbation(name: str) -> Perturbation:
 
 def perturb(model: torch.nn.Module, names: list[str], perturbation: str,
             context: PerturbationContext) -> list[str]:
-    """Apply ``perturbation`` to the parameters ``names`` of ``model`` in place (tied
-    parameters once); returns ``names``. A result of another shape or dtype is refused."""
+    """Apply ``perturbation`` to the selection ``names`` of ``model`` in place (parameter
+    names, or rows of one: :func:`fedunlearn.negation.split_spec`; tied parameters
+    once); returns ``names``. A result of another shape is refused."""
+    from .negation import spec_view, split_spec
+
     fn = get_perturbation(perturbation)
     params = dict(model.named_parameters(remove_duplicate=False))
-    done: set[int] = set()
+    done: set[tuple] = set()
     with torch.no_grad():
         for name in names:
-            param = params[name]
-            if id(param) in done:
+            param_name, rows = split_spec(name)
+            key = (id(params[param_name]), None if rows is None else (rows.start, rows.stop))
+            if key in done:
                 continue
-            new = fn(name, param.detach().clone(), context)
-            if not isinstance(new, torch.Tensor) or new.shape != param.shape:
+            target = spec_view(params, name)
+            new = fn(name, target.detach().clone(), context)
+            if not isinstance(new, torch.Tensor) or new.shape != target.shape:
                 raise ValueError(f"perturbation {perturbation!r} returned "
                                  f"{getattr(new, 'shape', type(new).__name__)} for {name} "
-                                 f"of shape {tuple(param.shape)}")
-            param.copy_(new.to(dtype=param.dtype, device=param.device))
-            done.add(id(param))
+                                 f"of shape {tuple(target.shape)}")
+            target.copy_(new.to(dtype=target.dtype, device=target.device))
+            done.add(key)
     return names
 
 
@@ -122,10 +137,7 @@ def unchanged(name: str, value: torch.Tensor, context: PerturbationContext) -> t
 
 @register_perturbation("reinit")
 def reinit(name: str, value: torch.Tensor, context: PerturbationContext) -> torch.Tensor:
-    fresh = context.fresh_state()
-    if name not in fresh:
-        raise ValueError(f"reinit: a fresh model has no parameter {name!r}")
-    return fresh[name].detach().clone()
+    return context.fresh_value(name)
 
 
 @register_perturbation("noise")

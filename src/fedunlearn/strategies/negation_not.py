@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..negation import select_negation_params
+from ..negation import select_negation_params, spec_view, split_spec
 from ..perturbations import CANCELLING, PerturbationContext, list_perturbations, perturb
 from ..training import load_arrays, to_arrays
 from . import register_method
@@ -146,7 +146,8 @@ class NoT(FineTune):
             fresh_state=self._fresh_state, params=self.params.as_dict())
         perturb(model, chosen, how, context)
         params = dict(model.named_parameters())
-        self.meter.extra_flops += sum(params[n].numel() for n in chosen if n in params)
+        self.meter.extra_flops += sum(spec_view(params, n).numel() for n in chosen
+                                      if split_spec(n)[0] in params)
         self.notes["perturbation"] = how
         self.notes["perturbed"] = chosen
         if how == "negate":
