@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fedunlearn.engine import local_run
 
@@ -41,6 +42,18 @@ def test_every_round_is_measured_and_the_job_is_otherwise_the_same(tmp_path):
     # the last point is the unlearned model itself
     assert {k: not_points[-1][k] for k in retrain_final} == pytest.approx(
         traced["not"]["unlearned"])
+    # every method's model is saved (its hash in results.json), and with the trajectory
+    # the model NoT's unlearning step made: the pretrained model with conv1 negated
+    from fedunlearn import load_model
+    from fedunlearn.audit import model_digest
+
+    for method in ("retrain", "not"):
+        saved = traced[method]["model"]
+        assert model_digest(load_model(saved["path"])) == saved["sha256"]
+    negated = load_model(tmp_path / "traced" / "not" / "model-round0.pt")
+    pretrained = torch.load(traced["not"]["pretrain"]["path"], weights_only=True)["state"]
+    assert torch.equal(torch.from_numpy(negated["conv1.weight"].numpy()), -pretrained["conv1.weight"])
+    assert torch.equal(torch.from_numpy(negated["fc2.weight"].numpy()), pretrained["fc2.weight"])
     retrain_points = traced["retrain"]["trajectory"]["retrain"]
     assert [p["round"] for p in retrain_points] == [0, 1, 2]
     assert retrain_points[-1]["gap"] == pytest.approx(0.0, abs=1e-6)

@@ -40,6 +40,7 @@ from .metrics import flops_per_sample
 from .models import create_model
 from .negation import example_input_for
 from .pretraining import pretrain
+from .service import MODEL_FILE, save_model
 from .requests import UnlearningRequest
 from .results import (COMPARISON_FILE, FAILED_FILE, SKIPPED_FILE, comparison_markdown,
                       comparison_text, result_record, results_path, write_json)
@@ -92,6 +93,10 @@ class Experiment:
             self.last_measurement = saved
             self.trajectories.setdefault(phase, []).append(
                 {"round": server_round, **{k: _finite(v) for k, v in measured.items()}})
+            if server_round == 0 and ":" not in phase:  # the model its unlearning step made
+                several = len(self.cfg.methods) > 1
+                save_model(results_path(self.output_dir, phase, several).with_name(
+                    ROUND0_MODEL_FILE), arrays)
             log(INFO, "[%s] round %d/%d  %s", phase, server_round, num_rounds,
                 _short(measured))
             metrics = MetricRecord({"test-accuracy": float(measured["test"])})
@@ -253,6 +258,10 @@ class Experiment:
                                    unlearned, pretrain_info)
             result["measurement"] = {"original": original_measurement,
                                      "unlearned": self.last_measurement}
+            model_path, digest = save_model(
+                results_path(self.output_dir, method, several).with_name(MODEL_FILE),
+                unlearned_arrays)
+            result["model"] = {"path": str(model_path), "sha256": digest}
             if cfg.eval_trajectory:
                 retrain = (unlearned if method == "retrain"
                            else results.get("retrain", {}).get("unlearned"))
@@ -282,6 +291,9 @@ def _finite(value):
 
 
 TRAJECTORY_METRICS = ("retain", "forget", "test", "mia")
+ROUND0_MODEL_FILE = "model-round0.pt"
+"""With ``eval.trajectory``: the model a method's unlearning step produced, before
+recovery (NoT's negated model), beside its ``model.pt``."""
 
 
 def trajectory_of(method: str, trajectories: dict[str, list[dict]],
