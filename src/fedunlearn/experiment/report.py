@@ -12,7 +12,16 @@ several sweeps), groups them by setting and writes to ``<dir>/report`` (or ``--o
 * ``<setting>/metrics.png``: the metrics and the two costs per method side by side, error
   bars = std (the paper's Figure 1);
 * ``forget_ratio.png`` when settings differ only in the forget ratio (number of target
-  clients): Average Gap and communication per method against the ratio (Figure 6).
+  clients): Average Gap and communication per method against the ratio (Figure 6);
+* when NoT results carry per-round trajectories (``eval.trajectory=true``):
+  ``<setting>/gap_by_perturbation.png`` (Figure 4: Avg. Gap to Retrain against rounds,
+  one line per perturbation at the layer selection with the most perturbations) and
+  ``<setting>/gap_by_layer.png`` (Figure 5: one line per perturbed layer selection at
+  the perturbation with the most selections, negate on ties), mean ± std over seeds
+  (shaded), their numbers (round 0, a few rounds, the end) in the summaries and per
+  round in ``<setting>/gap_trajectory.csv``. A point without ``gap`` (Retrain ran in
+  another job, as in a sweep) gets it here from the Retrain result of the same setting
+  and seed; a trajectory with neither is skipped with a note.
 
 Definitions (every number is recomputed from the results files):
 
@@ -622,6 +631,329 @@ def ratio_table(members: Sequence[Group]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# trajectories: Avg. Gap to Retrain against rounds (the NoT paper's Figures 4 and 5)
+# ---------------------------------------------------------------------------------------
+TRAJECTORY_METHOD = "not"
+PERTURBATION_ORDER = ("negate", "none", "reinit", "noise", "flip", "rotate")
+# NoT's settings besides the perturbation and the layer selection: they split a line.
+_REST_FIELDS = tuple(f for f in METHOD_FIELDS if f not in ("negate_layers", "params"))
+GAP_NOTE = ("Avg. Gap to Retrain = mean |Δ| over Retain, Forget, Test and MIA between the "
+            "model after that round (round 0: right after the perturbation, before any "
+            "recovery round) and Retrain's final model of the same seed; mean ± std over "
+            "seeds (ddof=1), End = each seed's last round.")
+
+
+def perturbation_of(result: dict) -> str:
+    """NoT's perturbation: ``params.perturbation``, ``notes.perturbation``, else negate."""
+    for part in ("params", "notes"):
+        value = (result.get(part) or {}).get("perturbation")
+        if value:
+            return str(value)
+    return "negate"
+
+
+def layers_of(result: dict) -> str:
+    """The perturbed layer selection: module names from ``notes.perturbed`` (``.weight``
+    and ``.bias`` folded into their module), else ``config.negate_layers``, else
+    ``first layer``."""
+    names = (result.get("notes") or {}).get("perturbed") or []
+    if isinstance(names, str):
+        names = [names]
+    if not names:
+        names = _str_list((result.get("config") or {}).get("negate_layers"))
+    modules: list[str] = []
+    for name in names:
+        module = re.sub(r"\.(weight|bias)$", "", str(name))
+        if module not in modules:
+            modules.append(module)
+    return "+".join(modules) if modules else "first layer"
+
+
+def _str_list(value: Any) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [p for p in re.split(r"[,;\s]+", value.strip()) if p]
+    return [str(v) for v in value]
+
+
+def _perturbation_order(name: str) -> tuple:
+    return (PERTURBATION_ORDER.index(name) if name in PERTURBATION_ORDER
+            else len(PERTURBATION_ORDER), name)
+
+
+@dataclass
+class GapLine:
+    """One NoT variant's Avg. Gap over rounds: one series per results file (seed)."""
+
+    perturbation: str
+    layers: str
+    rest: tuple
+    series: list[tuple[int, list[tuple[int, float]]]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({seed for seed, _ in self.series})
+
+    @property
+    def n(self) -> int:
+        return len(self.series)
+
+    def rounds(self) -> list[int]:
+        return sorted({r for _, pts in self.series for r, _ in pts})
+
+    def at(self, rnd: int) -> tuple[float, float, int]:
+        """Mean, std and count over the series that measured round ``rnd``."""
+        vals = [g for _, pts in self.series for r, g in pts if r == rnd]
+        return (*mean_std(vals), len(vals))
+
+    def end(self) -> tuple[float, float, list[int]]:
+        """Mean and std of each series' last point, and the last rounds."""
+        lasts = [max(pts) for _, pts in self.series if pts]
+        return (*mean_std(g for _, g in lasts), sorted({r for r, _ in lasts}))
+
+
+@dataclass
+class GapTrajectories:
+    """A setting's NoT lines, and what the report did about missing gaps."""
+
+    lines: list[GapLine]
+    notes: list[str]
+    from_job: int = 0       # trajectories whose gap the job wrote (Retrain in the job)
+    computed: int = 0       # trajectories whose gap the report computed (separate Retrain)
+
+
+def _retrain_references(entries: Sequence[tuple[Path, dict]]) -> dict[int, dict[str, float]]:
+    """Per seed: Retrain's final metrics (the mean over its results files of that seed)."""
+    per_seed: dict[int, list[dict]] = {}
+    for _, r in entries:
+        if r.get("method") == REFERENCE:
+            seed = int((r.get("config") or {}).get("seed", 0))
+            per_seed.setdefault(seed, []).append(r.get("unlearned") or {})
+    return {seed: {k: mean_std(u.get(k) for u in found)[0] for k in METRIC_KEYS}
+            for seed, found in per_seed.items()}
+
+
+def _gap_to(point: dict, reference: dict[str, float]) -> float | None:
+    """The mean |difference| over the metrics both have (as the job computes it)."""
+    diffs = [abs(float(point[k]) - reference[k]) for k in METRIC_KEYS
+             if _finite(point.get(k)) and _finite(reference.get(k))]
+    return sum(diffs) / len(diffs) if diffs else None
+
+
+def gap_trajectories(entries: Sequence[tuple[Path, dict]]) -> GapTrajectories:
+    """The NoT trajectories of one setting's results, as Avg. Gap to Retrain per round.
+
+    A point's gap is the trajectory's own ``gap`` (Retrain ran earlier in the same job)
+    or, when missing, computed here from the Retrain result of the same setting and seed
+    (``entries`` are one setting's results, so only the seed is matched here). A
+    trajectory with neither is skipped with a note."""
+    refs = _retrain_references(entries)
+    lines: dict[tuple, GapLine] = {}
+    notes: list[str] = []
+    from_job = computed = 0
+    skipped: list[str] = []
+    for path, r in entries:
+        if r.get("method") != TRAJECTORY_METHOD:
+            continue
+        points = (r.get("trajectory") or {}).get(TRAJECTORY_METHOD)
+        if not isinstance(points, list) or not points:
+            continue
+        cfg = r.get("config") or {}
+        seed = int(cfg.get("seed", 0))
+        series: list[tuple[int, float]] = []
+        own = used_ref = False
+        for point in points:
+            if not isinstance(point, dict) or not _finite(point.get("round")):
+                continue
+            gap = point.get("gap")
+            if _finite(gap):
+                own = True
+                series.append((int(point["round"]), float(gap)))
+                continue
+            gap = _gap_to(point, refs[seed]) if seed in refs else None
+            if gap is None:
+                series = []
+                break
+            used_ref = True
+            series.append((int(point["round"]), gap))
+        if not series:
+            skipped.append(f"`{path}` (seed {seed})")
+            continue
+        from_job += own and not used_ref
+        computed += used_ref
+        params = {k: v for k, v in (r.get("params") or {}).items() if k != "perturbation"}
+        rest = tuple((f, json.dumps(cfg.get(f), sort_keys=True)) for f in _REST_FIELDS) + (
+            ("params", json.dumps(params, sort_keys=True)),)
+        key = (perturbation_of(r), layers_of(r), rest)
+        line = lines.setdefault(key, GapLine(*key))
+        line.series.append((seed, sorted(dict(series).items())))
+        line.files.append(path)
+    if skipped:
+        notes.append(f"{len(skipped)} NoT trajectory(ies) skipped: no `gap` in the trajectory "
+                     "and no Retrain result of the same setting and seed under the report's "
+                     "root (add method=retrain with eval.trajectory=true or a separate "
+                     "method=retrain job): " + ", ".join(skipped) + ".")
+        for s in skipped:
+            print(f"report: skipping the trajectory of {s}: no gap and no Retrain result "
+                  "of the same setting and seed", file=sys.stderr)
+    if computed:
+        notes.append(f"The gap of {computed} trajectory(ies) was computed here against the "
+                     "separate Retrain result of the same setting and seed (final Retain, "
+                     "Forget, Test, MIA).")
+    ordered = sorted(lines.values(), key=lambda l: (_perturbation_order(l.perturbation),
+                                                    l.layers, l.rest))
+    return GapTrajectories(lines=ordered, notes=notes, from_job=from_job, computed=computed)
+
+
+def _pick(lines: Sequence[GapLine], fixed: str, varied: str, prefer: str | None) -> str:
+    """The value of ``fixed`` (layers or perturbation) under which ``varied`` takes the
+    most values (then: ``prefer``, the most results files, the first by name)."""
+    values: dict[str, tuple[set, int]] = {}
+    for line in lines:
+        seen, n = values.get(getattr(line, fixed), (set(), 0))
+        values[getattr(line, fixed)] = (seen | {getattr(line, varied)}, n + line.n)
+    return min(values, key=lambda v: (-len(values[v][0]), v != prefer, -values[v][1], v))
+
+
+def gap_figure_lines(traj: GapTrajectories, by: str) -> tuple[list[GapLine], str]:
+    """The lines of ``gap_by_perturbation`` (``by="perturbation"``: one per perturbation at
+    the layer selection with the most perturbations) or ``gap_by_layer`` (``by="layers"``:
+    one per layer selection at the perturbation with the most layer selections, negate on
+    ties); labelled, and what is held fixed."""
+    if not traj.lines:
+        return [], ""
+    fixed = "layers" if by == "perturbation" else "perturbation"
+    value = _pick(traj.lines, fixed, by, None if fixed == "layers" else "negate")
+    chosen = [l for l in traj.lines if getattr(l, fixed) == value]
+    varying = [i for i, (f, _) in enumerate(chosen[0].rest)
+               if len({l.rest[i][1] for l in chosen}) > 1]
+    out = []
+    for line in chosen:
+        label = getattr(line, by)
+        if varying:
+            label += " (" + ", ".join(f"{line.rest[i][0]}={json.loads(line.rest[i][1])}"
+                                      for i in varying) + ")"
+        out.append(GapLine(line.perturbation, line.layers, line.rest, line.series,
+                           line.files, label))
+    what = f"perturbed layers: {value}" if fixed == "layers" else f"perturbation: {value}"
+    return out, what
+
+
+def _checkpoints(lines: Sequence[GapLine]) -> list[int]:
+    """Round 0, a few rounds in between (every round up to 5), not the last."""
+    last = max((max(l.rounds()) for l in lines if l.rounds()), default=0)
+    if last <= 5:
+        return list(range(last))
+    return sorted({0} | {int(last * f + 0.5) for f in (0.25, 0.5, 0.75)} - {last})
+
+
+def _pm(mean: float, std: float) -> str:
+    return "—" if not math.isfinite(mean) else f"{_f2(mean)} ± {_f2(std)}"
+
+
+def gap_table(lines: Sequence[GapLine], name: str) -> str:
+    """Avg. Gap to Retrain at round 0, a few rounds and the end, one row per line."""
+    rounds = _checkpoints(lines)
+    head = [name, "Seeds"] + [f"Round {r}" for r in rounds] + ["End"]
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for line in lines:
+        cells = [line.label, str(line.n)]
+        for rnd in rounds:
+            mean, std, n = line.at(rnd)
+            cells.append(_pm(mean, std) + ("" if n in (0, line.n) else f" (n={n})"))
+        mean, std, lasts = line.end()
+        span = (f"{lasts[0]}" if len(lasts) == 1 else f"{lasts[0]}–{lasts[-1]}") if lasts else "?"
+        cells.append(f"{_pm(mean, std)} (round {span})")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_gap(lines: Sequence[GapLine], path: Path, title: str) -> Path:
+    """Avg. Gap to Retrain against rounds, one line per variant, ±std shaded."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    cmap = colormaps["tab10"]
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for i, line in enumerate(lines):
+        stats = [(r, *line.at(r)) for r in line.rounds()]
+        xs = [r for r, m, _, _ in stats if math.isfinite(m)]
+        means = [m for _, m, _, _ in stats if math.isfinite(m)]
+        stds = [0.0 if not math.isfinite(s) else s for _, m, s, _ in stats if math.isfinite(m)]
+        color = cmap(i % 10)
+        ax.plot(xs, means, marker="o", markersize=3, color=color,
+                label=f"{line.label} (n={line.n})")
+        if line.n > 1:
+            ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
+                            [m + s for m, s in zip(means, stds)], color=color, alpha=0.2,
+                            linewidth=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (0 = right after the perturbation)")
+    ax.set_ylabel("Avg. Gap to Retrain (percentage points)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+GAP_FIGURES = (("perturbation", "gap_by_perturbation.png", "Perturbation"),
+               ("layers", "gap_by_layer.png", "Perturbed layers"))
+
+
+def write_gap_csv(path: Path, figures: Sequence[tuple[str, list[GapLine]]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["figure", "label", "perturbation", "layers", "round", "gap_mean",
+                     "gap_std", "seeds"])
+    for fname, lines in figures:
+        for line in lines:
+            for rnd in line.rounds():
+                mean, std, n = line.at(rnd)
+                writer.writerow([fname, line.label, line.perturbation, line.layers, rnd,
+                                 _num(mean), _num(std), n])
+    path.write_text(buf.getvalue())
+
+
+def draw_gap_figures(group: Group, traj: GapTrajectories,
+                     gdir: Path) -> tuple[list[tuple[str, str, str, list[GapLine]]], list[Path]]:
+    """Draw the setting's gap figures (and ``gap_trajectory.csv``) into ``gdir``:
+    ``(file name, line kind, what is fixed, lines)`` per figure, and the files written."""
+    figures, files = [], []
+    for by, fname, name in GAP_FIGURES:
+        lines, what = gap_figure_lines(traj, by)
+        if not lines:
+            continue
+        seeds = sorted({s for line in lines for s in line.seeds})
+        files.append(plot_gap(lines, gdir / fname, f"{group.title}\nNoT, {what}; "
+                              f"mean ± std over seeds {seeds}"))
+        figures.append((fname, name, what, lines))
+    if figures:
+        write_gap_csv(gdir / "gap_trajectory.csv", [(f, lines) for f, _, _, lines in figures])
+        files.append(gdir / "gap_trajectory.csv")
+    return figures, files
+
+
+def gap_markdown(group: Group, traj: GapTrajectories,
+                 figures: Sequence[tuple[str, str, str, list[GapLine]]],
+                 heading: str, prefix: str = "") -> str:
+    """The numbers behind the gap figures (images under ``prefix``), and the notes."""
+    parts = [f"{heading} {group.title}: Avg. Gap to Retrain over rounds (NoT)\n"]
+    for fname, name, what, lines in figures:
+        parts.append(f"By {name.lower()} ({what}):\n\n{gap_table(lines, name)}\n"
+                     f"![{Path(fname).stem}]({prefix}{fname})\n")
+    parts.append("\n\n".join([GAP_NOTE, *traj.notes]) + "\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------
 @dataclass
@@ -644,14 +976,25 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report 
     files: list[Path] = []
     sections = [f"# fedunlearn report\n\n{len(results)} results file(s) under `{root}`, "
                 f"{len(groups)} setting(s).\n"]
+    by_setting: dict[tuple, list[tuple[Path, dict]]] = {}
+    for path, r in results:
+        by_setting.setdefault(_key(setting_of(r)), []).append((path, r))
     for g in groups:
         gdir = out / g.slug
         gdir.mkdir(parents=True, exist_ok=True)
         png = plot_metrics(g, gdir / "metrics.png")
-        (gdir / "summary.md").write_text(group_markdown(g, "#", images=["metrics.png"]))
+        group_md = group_markdown(g, "#", images=["metrics.png"])
         write_csv(gdir / "summary.csv", [g])
         files += [gdir / "summary.md", gdir / "summary.csv", png]
         sections.append(group_markdown(g, "##", images=[f"{g.slug}/metrics.png"]))
+        # Per-round trajectories (eval.trajectory=true): the NoT paper's Figures 4 and 5.
+        traj = gap_trajectories(by_setting.get(_key(g.setting), []))
+        if traj.lines or traj.notes:
+            figures, gap_files = draw_gap_figures(g, traj, gdir)
+            group_md += "\n" + gap_markdown(g, traj, figures, "##")
+            files += gap_files
+            sections.append(gap_markdown(g, traj, figures, "###", prefix=f"{g.slug}/"))
+        (gdir / "summary.md").write_text(group_md)
     families = ratio_families(groups)
     for name, members in families:
         fname = "forget_ratio.png" if len(families) == 1 else f"forget_ratio-{name}.png"
@@ -668,8 +1011,9 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedunlearn-report",
-        description="Tables (summary.md/.csv) and plots (metrics.png, forget_ratio.png) "
-                    "from every results.json under a directory, in the NoT paper's layout.")
+        description="Tables (summary.md/.csv) and plots (metrics.png, forget_ratio.png; "
+                    "gap_by_perturbation.png, gap_by_layer.png from trajectories) from "
+                    "every results.json under a directory, in the NoT paper's layout.")
     parser.add_argument("root", help="a sweep dir, job dir, or any folder of results")
     parser.add_argument("--out", default=None, help="output folder (default: <root>/report)")
     parser.add_argument("--quiet", action="store_true", help="do not print the tables")
