@@ -57,7 +57,8 @@ def train_local(model: nn.Module, dataset: Dataset, indices: Sequence[int] | np.
     ``clip_norm > 0`` clips the global gradient norm of every step: a guard that keeps a
     freshly negated model from diverging at a high learning rate. ``transform`` maps a
     batch ``(x, y, ids)`` to a new ``(x, y)`` (used to plant a backdoor, or to replace
-    labels). ``weight_decay`` is SGD's (L2 on every parameter).
+    labels). ``weight_decay`` is SGD's (L2 on every parameter). Parameters with
+    ``requires_grad`` False are not trained (not in the optimizer).
     """
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size == 0:
@@ -66,8 +67,10 @@ def train_local(model: nn.Module, dataset: Dataset, indices: Sequence[int] | np.
     generator = torch.Generator().manual_seed(int(seed))
     loader = DataLoader(_WithIds(dataset, indices), batch_size=batch_size, shuffle=True,
                         generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay)
+    # Frozen parameters (requires_grad False, e.g. the ``frozen`` action's) stay out of
+    # the optimizer; every parameter trains otherwise, as before.
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                momentum=momentum, weight_decay=weight_decay)
     criterion = nn.CrossEntropyLoss()
     total_loss, seen = 0.0, 0
     for _ in range(epochs):
