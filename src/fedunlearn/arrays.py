@@ -129,9 +129,23 @@ def record_from_state(state) -> ArrayRecord:
     return _record((k, from_numpy(v.detach().cpu().numpy())) for k, v in state.items())
 
 
+def _record_store_ok() -> bool:
+    probe = ArrayRecord()
+    probe["x"] = Array(dtype="float32", shape=(1,), stype=SType.NUMPY, data=b"\0" * 4)
+    store = probe.__dict__.get("_data")
+    return isinstance(store, dict) and list(store) == ["x"] and probe.is_dirty
+
+
+_STORE = _record_store_ok()  # this Flower's ArrayRecord keeps its items in a plain dict
+
+
 def _record(items) -> ArrayRecord:
-    # ArrayRecord(dict) would copy every Array once more; these are ours already.
+    """An ArrayRecord of ``(str, Array)`` pairs we built ourselves: without
+    ``ArrayRecord(dict)``'s copy of every Array and its per-item type checks."""
     record = ArrayRecord()
+    if _STORE:
+        record.__dict__["_data"].update(items)
+        return record
     for key, array in items:
         record[key] = array
     return record
