@@ -189,3 +189,20 @@ def test_vit_layers_for_the_layer_ablation():
         select_negation_params(vit, x, [f"blocks.0.attn.qkv:q{heads}"])
     with pytest.raises(ValueError, match="not a fused q/k/v projection"):
         select_negation_params(vit, x, ["blocks.0.attn.proj:q0"])
+
+
+def test_a_sweep_job_finds_a_perturbation_registered_outside(tmp_path):
+    """The Hydra runner's job (as ``-m method.params.perturbation=...`` makes it) on the
+    in-process engine, with a perturbation this test module registered."""
+    import io
+
+    from fedunlearn.experiment import runner
+
+    cfg = compose(["method=not", "method.params.perturbation=halve_for_test",
+                   "federation=tiny", "dataset=synthetic", "eval.mia_max_members=40",
+                   f"checkpoint_dir={tmp_path / 'ck'}"])
+    out = io.StringIO()
+    assert runner.run_job(cfg, tmp_path / "job", base_dir=tmp_path, launcher=local_run,
+                          out=out), out.getvalue()
+    notes = json.loads((tmp_path / "job" / "results.json").read_text())["notes"]
+    assert notes["perturbation"] == "halve_for_test"
