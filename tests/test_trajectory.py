@@ -57,3 +57,19 @@ def test_every_round_is_measured_and_the_job_is_otherwise_the_same(tmp_path):
     retrain_points = traced["retrain"]["trajectory"]["retrain"]
     assert [p["round"] for p in retrain_points] == [0, 1, 2]
     assert retrain_points[-1]["gap"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_report_draws_cka_from_the_saved_models(tmp_path):
+    """``fedunlearn-report`` on a job with trajectories: the NoT paper's Figure 3 (CKA of
+    each layer to the original model) from the models the job saved."""
+    from fedunlearn.experiment.report import write_report
+
+    _job(tmp_path, "traced", **{"eval.trajectory": True})
+    report = write_report(tmp_path / "traced")
+    pngs = [p for p in report.files if p.name == "cka.png"]
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (pngs[0].parent.parent / "summary.md").read_text()
+    assert "CKA to the original model" in text and "NoT@0" in text and "Retrain@end" in text
+    # negation flips the first layer's sign: linear CKA does not see a sign
+    row = next(line for line in text.splitlines() if line.startswith("| conv1 "))
+    assert float(row.split("|")[2]) == 1.0

@@ -53,6 +53,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors come in many types
         raise ValueError(f"{str(p)!r} is not a torch state dict: {err}") from None
+    if isinstance(state, Mapping) and isinstance(state.get("state"), Mapping):
+        state = state["state"]  # a pretraining checkpoint: {"state": ..., "meta": ...}
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ValueError(f"{str(p)!r} holds a {type(state).__name__}, not a state dict "
