@@ -41,11 +41,14 @@ def test_sweep_then_report(tmp_path):
     assert proc.returncode == 0, out[-6000:]
     assert not superlinks_using(str(flwr_home)), "a local SuperLink was left running"
 
-    # progress: job i/4, the phase lines, nothing failed
+    # progress: job i/4, the phase lines (the rounds drive the progress bar and stay in
+    # each job's flwr.log), nothing failed
     for i in range(1, 5):
         assert f"=== job {i}/4, {4 - i} after this one" in proc.stdout
-    assert "[pretrain]" in proc.stdout and "[retrain] round" in proc.stdout
+    assert "[pretrain]" in proc.stdout and "[retrain] unlearned" in proc.stdout
     assert "[not] negated" in proc.stdout
+    assert "[retrain] round" not in proc.stdout and "fedunlearn-progress" not in proc.stdout
+    assert any("[retrain] round" in p.read_text() for p in sweep.rglob("flwr.log"))
     assert not list(sweep.rglob("error.txt")), out[-4000:]
 
     # one job dir per job, results.json in it, shared pretrained models
