@@ -46,7 +46,6 @@ in a row) and negative target gaps (``Recovery.target_gap`` is >= 0).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
@@ -57,10 +56,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.common.logger import FLOWER_LOGGER
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedunlearn.config import ExperimentConfig
-from fedunlearn.engine import LocalGrid, load_components
+from fedunlearn.engine import LocalGrid, load_components, server_identity
 from fedunlearn.launch import project_root
 from fedunlearn.server import Experiment
 from fedunlearn.strategies import get_method
@@ -71,16 +69,10 @@ NUM_CLIENTS = 10
 FORGOTTEN = 0  # client 0 asks to be forgotten (client-wise): clients 1..9 are retained
 
 
-@contextlib.contextmanager
 def server_side(run_id: int):
     """The ServerApp's task identity (messages built by the server carry it), as
     Flower's own ServerApp runtimes and ``fedunlearn.engine.run_app`` set it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    return server_identity(run_id)
 
 
 class Job:

@@ -184,13 +184,19 @@ def _node_identity(node_id: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _server_identity(run_id: int) -> Iterator[None]:
+def server_identity(run_id: int) -> Iterator[None]:
+    """The ServerApp's task identity for ``run_id`` while the block runs (messages the
+    server side builds carry it, as in Flower's ServerApp process): for code that drives
+    strategies on a :class:`LocalGrid` itself instead of through :func:`run_app`."""
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
     try:
         yield
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+_server_identity = server_identity  # the former private name
 
 
 def load_components(app: str | Path) -> tuple[Any, Any, dict]:
@@ -233,7 +239,7 @@ def run_app(run_config: Mapping[str, Any], num_nodes: int, app: str | Path | Non
     grid = LocalGrid(client_app, num_nodes, merged, node_configs, run_id)
     context = Context(run_id=grid.run.run_id, node_id=0, node_config={},
                       state=RecordDict(), run_config=merged)
-    with _server_identity(grid.run.run_id):
+    with server_identity(grid.run.run_id):
         server_app(grid, context)
     return grid
 
