@@ -1,6 +1,8 @@
-"""End to end through ``flwr run`` (local simulation engine, Ray actors).
+"""End to end through ``flwr run`` (local simulation engine, Ray actors), one job per
+family of methods; the harness's own request logic runs on the in-process engine, whose
+results equal flwr run's (compared in the first test).
 
-Each job pays ~20 s of Flower/Ray start-up, so the jobs are few and small. Every job
+Each ``flwr run`` job pays ~20 s of Flower/Ray start-up, so the jobs are few and small. Every job
 gets its own FLWR_HOME and ports, and ``flwr_run`` stops the SuperLink it started.
 """
 
@@ -28,10 +30,18 @@ def ckpt(tmp_path_factory):
     return tmp_path_factory.mktemp("checkpoints")
 
 
-def run(run_config: dict, out: Path, env: dict, num_supernodes: int = 5) -> str:
+def run(run_config: dict, out: Path, env: dict, num_supernodes: int = 5,
+        engine: str = "flower") -> str:
+    """One job: ``flwr run`` (``engine="flower"``) or, for the harness's own logic
+    (requests, scopes), the in-process engine, whose results equal flwr run's
+    (test_method_list_then_checkpoint_reuse compares them), without Ray's start-up."""
     log = out.parent / f"{out.name}.log"
-    rc = flwr_run(dict(SMALL, **run_config, **{"output-dir": str(out)}),
-                  num_supernodes=num_supernodes, env=env, log_file=log, echo=False)
+    run_config = dict(SMALL, **run_config, **{"output-dir": str(out)})
+    if engine == "local":
+        rc = local_run(run_config, num_supernodes=num_supernodes, log_file=log, echo=False)
+    else:
+        rc = flwr_run(run_config, num_supernodes=num_supernodes, env=env, log_file=log,
+                      echo=False)
     text = log.read_text()
     assert rc == 0, text[-3000:]
     return text
@@ -197,7 +207,7 @@ def test_every_client_forgets_one_class(tmp_path, flwr_env, ckpt):
     out = tmp_path / "class"
     run({"method": "not", "pretrain.rounds": 12, "unlearn.rounds": 8,
          "checkpoint-dir": str(ckpt), "forget.scope": "class", "forget.classes": "3",
-         "forget.clients": "0,1,2,3,4"}, out, flwr_env)
+         "forget.clients": "0,1,2,3,4"}, out, flwr_env, engine="local")
     res = load(out / "results.json")
     check_schema(res, "not")
     assert len(res["request"]) == 5
@@ -214,7 +224,7 @@ def test_bad_request_rejected_and_valid_one_unlearned(tmp_path, flwr_env, ckpt):
     log = run({"method": "ft", "pretrain.rounds": 2, "unlearn.rounds": 1,
                "checkpoint-dir": str(ckpt), "forget.scope": "instance",
                "forget.clients": "1,2", "forget.fraction": 0.2, "forget.data-of": 1},
-              out, flwr_env)
+              out, flwr_env, engine="local")
     res = load(out / "results.json")
     check_schema(res, "ft")
     assert [(r["scope"], r["partition_id"]) for r in res["request"]] == [("instance", 1)]
@@ -228,7 +238,7 @@ def test_only_bad_requests_run_completes(tmp_path, flwr_env, ckpt):
     out = tmp_path / "bad"
     log = run({"method": "not", "pretrain.rounds": 2, "checkpoint-dir": str(ckpt),
                "forget.scope": "class", "forget.classes": "42", "forget.clients": "0,3"},
-              out, flwr_env)
+              out, flwr_env, engine="local")
     payload = load(out / "no-request.json")
     assert len(payload["rejected"]) == 2
     assert all("[42] outside the label set 0..9" in r["reason"] for r in payload["rejected"])
