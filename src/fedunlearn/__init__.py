@@ -20,7 +20,9 @@ _SERVER = {"serve": "service", "ServeOutcome": "service", "MethodOutcome": "serv
            "Recovery": "strategies", "Training": "strategies",
            "UnlearningFailed": "strategies", "UnlearningStrategy": "strategies",
            "create_method": "strategies", "get_method": "strategies",
-           "list_methods": "strategies", "register_method": "strategies"}
+           "list_methods": "strategies", "register_method": "strategies",
+           "UnlearningService": "live", "ServiceConfig": "live", "ServiceOutcome": "live",
+           "ServiceError": "live", "read_versions": "live"}
 _METHODS = {"NoT": "not", "FineTune": "ft", "PUF": "puf", "Retrain": "retrain",
             "MoDE": "mode", "FCU": "fcu", "FedEraser": "federaser", "FUKD": "fukd",
             "PGD": "pgd"}

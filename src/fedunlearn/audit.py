@@ -105,7 +105,7 @@ def _json_safe(value: Any) -> Any:
 
 
 TERMINAL_EVENTS = ("job.finished", "job.failed", "serve.finished", "serve.failed",
-                   "job.interrupted")
+                   "service.finished", "service.failed", "job.interrupted")
 """Events that end a run's records in the log."""
 
 

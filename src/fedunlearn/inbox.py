@@ -53,7 +53,7 @@ MAX_NOTE_CHARS = 500
 REQUEST_FILE_FIELDS = ("id", "filed_at", "scope", "classes", "sample_ids", "fraction", "note")
 RECEIPT_FIELDS = ("request-ids", "status", "run", "reason", "method", "model-sha256",
                   "model-before-sha256", "server-time", "rounds", "comm-bytes", "audit-seq",
-                  "audit-sha256")
+                  "audit-sha256", "version", "round", "deadline-missed")
 """Fields of the ``receipt`` record the server sends with ``query.unlearn``."""
 
 
@@ -352,7 +352,7 @@ def parse_receipt(record: Any) -> dict:
     for key in ("reason", "method", "model-sha256", "model-before-sha256", "server-time"):
         if key in record:
             out[key.replace("-", "_")] = text(key, record[key], 600)
-    for key in ("rounds", "comm-bytes", "audit-seq"):
+    for key in ("rounds", "comm-bytes", "audit-seq", "version", "round", "deadline-missed"):
         if key in record:
             out[key.replace("-", "_")] = exact_int(key, record[key], lo=0, hi=2**62)
     if "audit-sha256" in record:

@@ -23,6 +23,8 @@ rejected with a reason naming the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 from collections.abc import Mapping
@@ -154,6 +156,38 @@ class UnlearningRequest:
         blob = json.dumps([self.scope, int(self.partition_id), sorted(self.classes),
                            sorted(self.sample_ids)], separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+def merge_conflict(earlier: UnlearningRequest, later: UnlearningRequest) -> str | None:
+    """Why ``later`` cannot be served on top of ``earlier`` for the same node (``None``:
+    it can). A client-wise request covers everything; class- and instance-wise requests
+    merge with their own scope only (one forget set per node is echoed in training)."""
+    if earlier.scope == "client":
+        return "the node's data was already forgotten client-wise in this federation"
+    if later.scope in ("client", earlier.scope):
+        return None
+    what = (f"classes {list(earlier.classes)}" if earlier.scope == "class"
+            else f"{len(earlier.sample_ids)} sample id(s)")
+    return (f"the node already forgets {what} ({earlier.scope}-wise) in this federation; a "
+            f"{later.scope}-wise request on top of it is not supported: file a "
+            f"{earlier.scope}-wise or a client-wise request")
+
+
+def merge_requests(earlier: UnlearningRequest, later: UnlearningRequest) -> UnlearningRequest:
+    """One node's forget set after ``later`` is served on top of ``earlier``: the union
+    (client-wise covers everything). Raises ``ValueError`` for scopes that do not merge
+    (:func:`merge_conflict`)."""
+    if earlier.scope == "client" or later.scope == "client":
+        base = later if later.scope == "client" else earlier
+        return dataclasses.replace(base, inbox_ids=tuple(dict.fromkeys(
+            earlier.inbox_ids + later.inbox_ids)))
+    reason = merge_conflict(earlier, later)
+    if reason is not None:
+        raise ValueError(reason)
+    return dataclasses.replace(
+        later, classes=tuple(sorted(set(earlier.classes) | set(later.classes))),
+        sample_ids=tuple(sorted(set(earlier.sample_ids) | set(later.sample_ids))),
+        inbox_ids=tuple(dict.fromkeys(earlier.inbox_ids + later.inbox_ids)))
 
 
 def forget_indices(request: UnlearningRequest, train_indices: np.ndarray,

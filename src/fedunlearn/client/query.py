@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 
 from ..inbox import INBOX_KEY, parse_receipt
+from ..metrics import predict
 import numpy as np
 
 from .. import protocol as P
@@ -59,7 +60,7 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
     a query with ``want-request=False`` (the partition check) only asks the partition.
     """
     if RECEIPT_RECORD in msg.content:
-        return handle_receipt(msg, context)
+        return handle_receipt(msg, context, view_for)
     view = (view_for or NodeView.from_context)(context)
     content = RecordDict({NODE_RECORD: node_report(view, context)})
     allow = True
@@ -112,8 +113,14 @@ def record_sent(context: Context, partition_id: int, request) -> None:
             log(WARNING, "could not note inbox request %s as sent: %s", request_id, err)
 
 
-def handle_receipt(msg: Message, context: Context) -> Message:
-    """Append the server's verdict to the history of each inbox request it names."""
+def handle_receipt(msg: Message, context: Context, view_for=None) -> Message:
+    """Append the server's verdict to the history of each inbox request it names.
+
+    An ``honoured`` receipt that carries the published model (service mode) is checked
+    here, on the node, before it is written: the model's SHA-256 against the one the
+    receipt names, and its accuracy and loss on this node's forget and retained data
+    (:func:`node_check`). The check goes into every named request's receipt and back to
+    the server in the acknowledgement; the data never leaves the node."""
     written = 0
     try:
         receipt = parse_receipt(msg.content[RECEIPT_RECORD])
@@ -122,6 +129,16 @@ def handle_receipt(msg: Message, context: Context) -> Message:
         return Message(RecordDict({RECEIPT_ACK: ConfigRecord({"written": 0,
                                                               "error": str(err)[:500]})}),
                        reply_to=msg)
+    ack = ConfigRecord()
+    check = None
+    if receipt["status"] == "honoured" and P.MODEL_KEY in msg.content.array_records:
+        try:
+            check = node_check(msg, context, receipt, view_for)
+        except (ValueError, RuntimeError, KeyError) as err:
+            log(WARNING, "could not check the published model: %s", err)
+            check = {"error": str(err)[:300]}
+        for key, value in check.items():
+            ack[f"check-{key}"] = value
     if INBOX_KEY in context.node_config:
         inbox = node_inbox(context.node_config)
         event = {k: v for k, v in receipt.items() if k != "request_ids"}
@@ -131,11 +148,55 @@ def handle_receipt(msg: Message, context: Context) -> Message:
             if not request_file.exists() or request_file.is_symlink():
                 log(WARNING, "receipt for unknown inbox request %s ignored", request_id)
                 continue
+            entry_event = dict(event)
+            if check is not None:
+                entry_event["check"] = dict(check)
+                waited = _since_filed(inbox, request_id)
+                if waited is not None:
+                    entry_event["filed_to_honoured_s"] = waited
             try:
-                inbox.append_event(request_id, event)
+                inbox.append_event(request_id, entry_event)
             except (OSError, ValueError) as err:  # e.g. a symbolic link: refused
                 log(WARNING, "receipt for inbox request %s not written: %s", request_id, err)
                 continue
             written += 1
-    return Message(RecordDict({RECEIPT_ACK: ConfigRecord({"written": written})}),
-                   reply_to=msg)
+    ack["written"] = written
+    return Message(RecordDict({RECEIPT_ACK: ack}), reply_to=msg)
+
+
+def node_check(msg: Message, context: Context, receipt: dict, view_for=None) -> dict:
+    """The node's own check of a published model (an ``honoured`` receipt's ``arrays``,
+    with the honoured request echoed in its ``config``): does the model hash to the
+    SHA-256 the receipt names, and how does it do on the forget data and on the data the
+    node keeps (accuracy in %, mean cross-entropy; ``nan`` for an empty set)."""
+    import torch
+
+    from ..audit import model_digest
+    from .actions import ActionJob
+
+    arrays = msg.content[P.MODEL_KEY]
+    out: dict = {"model-sha256-ok": model_digest(arrays) == receipt.get("model_sha256")}
+    job = ActionJob.from_message(msg, context, view_for)
+    for name, ids in (("forget", job.forget), ("retain", job.retained)):
+        logits, labels = predict(job.model, job.view.dataset, ids, device=job.device)
+        total = int(len(ids))
+        out[f"{name}-total"] = total
+        if total:  # an empty set (a client-wise target keeps nothing) reports no accuracy
+            lt = torch.as_tensor(logits)
+            yt = torch.as_tensor(labels)
+            out[f"{name}-accuracy"] = round(100.0 * float((lt.argmax(1) == yt).float().mean()), 4)
+            out[f"{name}-loss"] = round(float(torch.nn.functional.cross_entropy(lt, yt)), 6)
+    return out
+
+
+def _since_filed(inbox, request_id: str) -> float | None:
+    """Seconds from the data owner's filing of ``request_id`` to now."""
+    import datetime as dt
+
+    try:
+        filed = dt.datetime.fromisoformat(inbox.entry(request_id).request.filed_at)
+    except (ValueError, OSError, KeyError):
+        return None
+    if filed.tzinfo is None:
+        filed = filed.replace(tzinfo=dt.timezone.utc)
+    return round((dt.datetime.now(dt.timezone.utc) - filed).total_seconds(), 3)

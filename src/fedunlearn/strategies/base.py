@@ -44,7 +44,7 @@ from ..protocol import (COST_METRICS, DEFAULT_ACTION, EVALUATE_UNLEARN, METRIC_K
 from ..protocol import message_type as action_message_type
 from ..config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
-from ..requests import SCOPES, UnlearningRequest, request_to_config
+from ..requests import SCOPES, UnlearningRequest, merge_requests, request_to_config
 from ..history import HistorySpec
 from ..wire import WireError, exact_int, finite_number
 from .params import MethodParams
@@ -263,6 +263,13 @@ class UnlearningContext:
     history: object = None
     #: The federation's data as the server holds it (``server_indices``: its own share).
     data: object = None
+    #: Requests honoured earlier in the same federation (service mode): they still shape
+    #: who trains on what (a client-wise one excludes its node, a class- or instance-wise
+    #: one keeps its node on its retained data), but their nodes are not this step's
+    #: targets.
+    served: dict[int, UnlearningRequest] = field(default_factory=dict)
+    #: Nodes whose served requests cover all of their training data.
+    served_fully: set[int] = field(default_factory=set)
 
 
 class UnlearningStrategy(FedAvgM):
@@ -526,10 +533,22 @@ class UnlearningStrategy(FedAvgM):
     def excluded_nodes(self) -> set[int]:
         """Nodes with nothing retained: client-wise targets, and any node whose request
         covers all of its training data."""
+        served = self.context.served
+        gone = {n for n, r in served.items() if r.scope == "client"} | set(
+            self.context.served_fully)
         if not self.uses_requests:
-            return set()
+            return gone
         client_wise = {n for n, r in self.context.requests.items() if r.scope == "client"}
-        return client_wise | set(self.context.fully_forgotten)
+        return client_wise | set(self.context.fully_forgotten) | gone
+
+    def shaping_request(self, node_id: int) -> UnlearningRequest | None:
+        """The request that decides what ``node_id`` trains on: this step's (when the
+        method uses requests) merged with what it had honoured before (service mode)."""
+        current = self.context.requests.get(node_id) if self.uses_requests else None
+        earlier = self.context.served.get(node_id)
+        if earlier is None or current is None:
+            return current if current is not None else earlier
+        return merge_requests(earlier, current)
 
     def training_nodes(self, grid: Grid) -> list[int]:
         return self.participants("retained", grid)
@@ -538,15 +557,14 @@ class UnlearningStrategy(FedAvgM):
         """Which client action ``node_id`` runs in ``phase``: local training goes to
         ``train.retained`` on a node with an accepted request (it leaves its forget set
         out) and to the plain ``train`` elsewhere (a plugin node's own handler)."""
-        if (phase.action == DEFAULT_ACTION and self.uses_requests
-                and node_id in self.context.requests):
+        if phase.action == DEFAULT_ACTION and self.shaping_request(node_id) is not None:
             return action_message_type(RETAINED_ACTION)
         return action_message_type(phase.action)
 
     def node_config(self, node_id: int, config: ConfigRecord) -> ConfigRecord:
         """The config for one node: the shared config plus its accepted request."""
         out = ConfigRecord(dict(config))
-        request = self.context.requests.get(node_id) if self.uses_requests else None
+        request = self.shaping_request(node_id)
         if request is not None:
             out.update(request_to_config(request))
         return out
