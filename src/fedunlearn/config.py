@@ -240,6 +240,18 @@ class ExperimentConfig:
     # (method, key, value-as-text) triples from run-config ``method-params``, sorted;
     # each method's parameters class types and checks them (strategies/params.py).
     method_params: tuple[tuple[str, str, str], ...] = ()
+    # Service mode (service.rounds > 0): train continuously and serve requests as they
+    # arrive (fedunlearn.live); the output dir holds the checkpoint and the versions.
+    service_rounds: int = 0
+    service_query_every: int = 1
+    service_min_replies: float = 1.0
+    service_round_retries: int = 2
+    service_validate_every: int = 0
+    service_deadline_rounds: int = 0
+    service_deadline_days: float = 30.0
+    service_method_retries: int = 2
+    service_retry_after: int = 1
+    service_wall_s: float = 0.0
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -330,6 +342,16 @@ class ExperimentConfig:
             history_max_mb=x("history.max-mb", d.history_max_mb),
             method_params=tuple(sorted((m, k, v) for m, kv in params.items()
                                        for k, v in kv.items())),
+            service_rounds=i("service.rounds", d.service_rounds),
+            service_query_every=i("service.query-every", d.service_query_every),
+            service_min_replies=x("service.min-replies", d.service_min_replies),
+            service_round_retries=i("service.round-retries", d.service_round_retries),
+            service_validate_every=i("service.validate-every", d.service_validate_every),
+            service_deadline_rounds=i("service.deadline-rounds", d.service_deadline_rounds),
+            service_deadline_days=x("service.deadline-days", d.service_deadline_days),
+            service_method_retries=i("service.method-retries", d.service_method_retries),
+            service_retry_after=i("service.retry-after", d.service_retry_after),
+            service_wall_s=x("service.wall-s", d.service_wall_s),
         )
         cfg.validate()
         return cfg
@@ -371,6 +393,22 @@ class ExperimentConfig:
             "forget.data-of": (self.forget.data_of,
                                Range(-1, self.num_clients - 1, note="-1: the client's own")),
         }
+
+    def service_config(self):
+        """The :class:`fedunlearn.live.ServiceConfig` of the run-config's ``service.*``
+        (training as in pretraining: ``pretrain.lr``, ``federation.local-epochs``)."""
+        from .live import ServiceConfig
+
+        return ServiceConfig(
+            rounds=self.service_rounds, wall_s=self.service_wall_s,
+            query_every=self.service_query_every, lr=self.pretrain_lr,
+            local_epochs=self.local_epochs, min_replies=self.service_min_replies,
+            round_retries=self.service_round_retries,
+            validate_every=self.service_validate_every,
+            deadline_rounds=self.service_deadline_rounds,
+            deadline_days=self.service_deadline_days,
+            method_retries=self.service_method_retries,
+            retry_after=self.service_retry_after, seed=self.seed)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value and what is allowed."""
@@ -425,6 +463,11 @@ class ExperimentConfig:
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"device={self.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         self.backdoor.validate()
+        if self.service_rounds:
+            self.service_config()  # raises naming the bad service.* key
+            if len(self.methods) != 1:
+                raise ValueError(f"method={','.join(self.methods)}: service mode "
+                                 "(service.rounds > 0) serves with one method; name one")
         # Whether a request names classes or samples the data holds is checked by the
         # server per request, so that a bad request is rejected without stopping the run.
 

@@ -32,7 +32,8 @@ from .console import strip_colours
 _FAILURE = re.compile(r"Exit Code: (\d+)|An unhandled exception occurred")
 # What the harness's ServerApp logs when it finished: without it the ServerApp died (e.g.
 # killed) while `flwr run --stream` still exits 0.
-HARNESS_FINISHED = re.compile(r"Results written to |No valid unlearning request was received")
+HARNESS_FINISHED = re.compile(r"Results written to |No valid unlearning request was received|"
+                              r"\[service\] stopped at round ")
 
 FLWR_ENV_DEFAULTS = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",

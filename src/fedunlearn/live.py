@@ -137,11 +137,11 @@ class ServiceConfig:
                      "method_retries", "publish_every", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"service {name}={value!r}: expected an integer >= 0")
+                raise ValueError(f"{_key(name)}={value!r}: expected an integer >= 0")
         for name in ("query_every", "local_epochs", "retry_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"service {name}={value!r}: expected an integer >= 1")
+                raise ValueError(f"{_key(name)}={value!r}: expected an integer >= 1")
         for name, lo, hi in (("wall_s", 0.0, None), ("lr", 0.0, None),
                              ("server_momentum", 0.0, 1.0), ("min_replies", 0.0, None),
                              ("deadline_days", 0.0, None), ("warn_at", 0.0, 1.0)):
@@ -149,13 +149,11 @@ class ServiceConfig:
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value < lo or (hi is not None and value > hi)):
                 allowed = f"a number in [{lo}, {hi}]" if hi is not None else f"a number >= {lo}"
-                raise ValueError(f"service {name}={value!r}: expected {allowed}")
+                raise ValueError(f"{_key(name)}={value!r}: expected {allowed}")
         if self.lr == 0.0:
-            raise ValueError("service lr=0.0: expected a learning rate > 0")
-        if 0 < self.min_replies < 1 or self.min_replies == 0:
-            pass
-        elif self.min_replies != int(self.min_replies):
-            raise ValueError(f"service min_replies={self.min_replies!r}: expected a count "
+            raise ValueError(f"{_key('lr')}=0.0: expected a learning rate > 0")
+        if self.min_replies > 1 and self.min_replies != int(self.min_replies):
+            raise ValueError(f"{_key('min_replies')}={self.min_replies!r}: expected a count "
                              "(1, 2, ...) or a share between 0 and 1")
 
     def required(self, asked: int) -> int:
@@ -374,6 +372,9 @@ class UnlearningService:
     context_defaults : dict, optional
         Extra :class:`UnlearningContext` fields for every step (the harness passes its
         experiment config).
+    note_interrupted : bool
+        Record ``job.interrupted`` when the audit log's last run did not end (the
+        harness does this itself before its partition check).
     """
 
     def __init__(self, method: UnlearningStrategy, *, state_dir: str | os.PathLike,
@@ -382,7 +383,7 @@ class UnlearningService:
                  stop: Callable[[], bool] | None = None,
                  on_round: Callable[[int, dict], None] | None = None,
                  reply_timeout: float = REPLY_TIMEOUT_S, run_config_requests: bool = False,
-                 context_defaults: dict | None = None) -> None:
+                 context_defaults: dict | None = None, note_interrupted: bool = True) -> None:
         if not isinstance(method, UnlearningStrategy):
             raise TypeError(f"method={method!r}: expected a fedunlearn strategy "
                             "(e.g. fedunlearn.NoT(...))")
@@ -403,6 +404,7 @@ class UnlearningService:
         self.reply_timeout = reply_timeout
         self.run_config_requests = bool(run_config_requests)
         self.context_defaults = dict(context_defaults or {})
+        self.note_interrupted = note_interrupted
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, grid: Grid, arrays: ArrayRecord) -> ServiceOutcome:
@@ -974,6 +976,8 @@ class UnlearningService:
                                f"(its keys {s.model_keys[:3]}..., given {list(arrays)[:3]}...)")
 
     def _interrupted(self, audit: AuditLog) -> None:
+        if not self.note_interrupted:
+            return
         try:
             record = audit.note_interrupted()
         except OSError as err:
@@ -983,6 +987,11 @@ class UnlearningService:
             log(WARNING, "[service] the previous run on %s (run %s) did not finish: its last "
                 "record is %s (seq %s)", audit.path, record["interrupted_run"],
                 record["last_event"], record["last_seq"])
+
+
+def _key(name: str) -> str:
+    """A ServiceConfig field as the error names it: the field and its run-config key."""
+    return f"ServiceConfig {name} (run-config service.{name.replace('_', '-')})"
 
 
 def _what(r: UnlearningRequest) -> str:

@@ -324,6 +324,8 @@ def resolve_output_dir(output_dir: str) -> Path:
 def run_experiment(grid: Grid, run_config) -> dict[str, dict]:
     cfg = ExperimentConfig.from_run_config(run_config)
     experiment = Experiment(grid, cfg)
+    if cfg.service_rounds:
+        return run_service(experiment)
     try:
         results = experiment.run()
     except BaseException as err:
@@ -331,6 +333,56 @@ def run_experiment(grid: Grid, run_config) -> dict[str, dict]:
         raise
     experiment.ledger.finished(results, experiment.output_dir)
     return results
+
+
+def run_service(experiment: Experiment) -> dict:
+    """Service mode on the harness (run-config ``service.rounds`` > 0): pretrain (or
+    resume from ``<output-dir>/checkpoint.pt``), then train continuously and serve the
+    nodes' requests as they arrive with the one configured method
+    (:class:`fedunlearn.live.UnlearningService`); the output dir is the service's state
+    directory (checkpoint, versions, audit log)."""
+    from .live import CHECKPOINT_FILE, UnlearningService
+
+    cfg, out = experiment.cfg, experiment.output_dir
+    experiment.ledger.interrupted()
+    experiment.preflight()
+    nodes = experiment.wait_for_nodes()
+    log(INFO, "fedunlearn service mode: %s on %s/%s, %d clients, method %s, %d rounds; "
+        "state in %s", cfg.forget.scope, cfg.dataset, cfg.model, cfg.num_clients,
+        cfg.methods[0], cfg.service_rounds, out)
+    experiment.discover_partitions(nodes)
+    if (out / CHECKPOINT_FILE).exists():
+        arrays = ArrayRecord(experiment.new_model().state_dict())  # checked against it
+    else:
+        arrays, _ = experiment.pretrain()
+    strategy = create_method(cfg.methods[0], experiment.context)
+    evaluator = experiment.evaluator
+
+    def evaluate(a):
+        return {"test": float(evaluator.progress("service", 0, a, 0)["test-accuracy"])}
+
+    def on_round(rnd, info):
+        emit("round", phase="service", round=rnd, rounds=cfg.service_rounds)
+
+    context = {k: getattr(experiment.context, k) for k in ("cfg", "data", "on_round")}
+    service = UnlearningService(
+        strategy, state_dir=out, config=cfg.service_config(), evaluate_fn=evaluate,
+        model_fn=experiment.new_model, example_input=experiment.example_input,
+        on_round=on_round, reply_timeout=cfg.reply_timeout,
+        run_config_requests=not experiment.deployment, context_defaults=context,
+        note_interrupted=False)
+    emit("phase", phase="service", index=1, of=1)
+    outcome = service.run(experiment.grid.inner, arrays)
+    summary = {"round": outcome.round, "version": outcome.version,
+               "stopped": outcome.stopped, "resumed_from": outcome.resumed_from,
+               "steps": outcome.steps, "failed": outcome.failed, "pending": outcome.pending,
+               "departed_nodes": service.grid.departed}
+    write_json(out / "service.json", summary)
+    if outcome.failed:
+        raise UnlearningFailed("service: request(s) failed: " + "; ".join(
+            f"node {f['node']}: {f['reason']}" for f in outcome.failed)
+            + f" (see {out / 'audit.jsonl'})")
+    return summary
 
 
 def _short(metrics: dict) -> str:
