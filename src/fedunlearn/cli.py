@@ -20,6 +20,11 @@ end against the head file beside it and, with ``--inbox``, against the chain hea
 inbox's receipts carry; it exits 1 when any check fails (a record removed, edited or
 inserted, a cut tail, a log rewritten since a receipt), 0 otherwise.
 
+``fedunlearn versions DIR [--request ID] [--json]`` lists the versions a service
+(:mod:`.live`) published in its state directory: version, round, kind, SHA-256, the
+requests each honours and the target nodes' own checks; ``--request`` keeps the versions
+that honour one inbox request.
+
 ``fedunlearn cka --data digits --model cnn REF=PATH NAME=PATH ... --out DIR`` compares
 saved models (torch state dicts, e.g. ``<output_dir>/<method>/model.pt``) with the
 first one, layer by layer: linear CKA of each traced layer's activations on the first
@@ -112,8 +117,56 @@ def cmd_show(args) -> int:
     print(f"request {r.id}: {r.what()}, filed {r.filed_at}" + (f" ({r.note})" if r.note else ""))
     print(f"status: {entry.status}")
     for event in entry.events:
-        extra = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "status"))
+        extra = ", ".join(f"{k}={v}" for k, v in event.items()
+                          if k not in ("time", "status", "check"))
         print(f"  {event.get('time', '')}  {event['status']:<9} {extra}")
+        check = event.get("check")
+        if isinstance(check, dict):
+            def pct(key):
+                v = check.get(key)
+                return "-" if v is None else f"{v:.2f}%"
+
+            def loss(key):
+                v = check.get(key)
+                return "" if v is None else f" (loss {v:.4f})"
+            print(f"      node's check of version {event.get('version', '?')}: model hash "
+                  f"{'matches' if check.get('model-sha256-ok') else 'DOES NOT MATCH'}; forget "
+                  f"data {pct('forget-accuracy')}{loss('forget-loss')} on "
+                  f"{check.get('forget-total', 0)} sample(s), retained data "
+                  f"{pct('retain-accuracy')}{loss('retain-loss')} on "
+                  f"{check.get('retain-total', 0)} sample(s)"
+                  + (f"; filed -> honoured {event['filed_to_honoured_s']:.1f} s"
+                     if isinstance(event.get("filed_to_honoured_s"), (int, float)) else ""))
+    return 0
+
+
+def cmd_versions(args) -> int:
+    from .live import honoured_by, read_versions
+
+    versions = read_versions(Path(args.state_dir).expanduser())
+    if args.request:
+        versions = honoured_by(versions, args.request)
+        if not versions:
+            raise InboxError(f"no version in {args.state_dir} honours request {args.request}")
+    if args.json:
+        print(json.dumps({"versions": versions}, indent=1))
+        return 0
+    rows = []
+    for v in versions:
+        honours = "; ".join(
+            f"node {h['node']} {h['scope']}"
+            + (f" {h['classes']}" if h.get("classes") else "")
+            + (f" ({', '.join(h['inbox_ids'])})" if h.get("inbox_ids") else "")
+            for h in v.get("honours", [])) or "-"
+        checks = "; ".join(
+            f"node {n}: hash {'ok' if c.get('model-sha256-ok') else 'MISMATCH'}, forget "
+            f"{c.get('forget-accuracy', '-')}%, retained {c.get('retain-accuracy', '-')}%"
+            for n, c in v.get("node_checks", {}).items()) or "-"
+        test = v.get("metrics", {}).get("test")
+        rows.append({"version": v["version"], "round": v["round"], "kind": v["kind"],
+                     "sha256": v["sha256"][:12], "test": "-" if test is None else f"{test:.2f}",
+                     "honours": honours, "node check": checks})
+    print(_table(rows, ["version", "round", "kind", "sha256", "test", "honours", "node check"]))
     return 0
 
 
@@ -233,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the log against the audit anchors of this inbox's receipts "
                    "(repeatable)")
     p.set_defaults(fn=cmd_audit)
+
+    p = sub.add_parser("versions", help="the versions a service published (service mode)")
+    p.add_argument("state_dir", help="the service's state directory (its output dir)")
+    p.add_argument("--request", default="", help="only the versions that honour this "
+                   "inbox request id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_versions)
 
     p = sub.add_parser("cka", help="per-layer linear CKA of saved models against a "
                        "reference (the NoT paper's Figure 3)")

@@ -444,6 +444,7 @@ class UnlearningService:
             self.audit.record("service.resumed", method=self.method.name,
                               model=model_digest(self.arrays),
                               pending=len(self.state.pending))
+            self.rejoin_simulation(grid)
             self.grid.verify(self.state.view)
             self.grid.reports = dict(self.state.reports)
             self.flush_outbox()
@@ -506,6 +507,47 @@ class UnlearningService:
         self.grid.reports = reports
         self.state.view, self.state.reports = view, reports
         self.audit.record("federation.verified", nodes=dict(sorted(view.items())))
+
+    def rejoin_simulation(self, grid: Grid) -> None:
+        """A resumed *simulation* gets new node ids (every node restarted with the new
+        run): when none of the checkpoint's nodes is connected, the nodes are matched by
+        the partition each reports, and only when every partition of the checkpoint is
+        claimed by exactly one node. A deployment is never remapped: SuperNodes keep
+        their ids across ServerApp restarts, and a node that comes back under a new id
+        stays outside the federation (a forgotten node never trains again)."""
+        view = self.state.view
+        connected = set(grid.get_node_ids())
+        if not view or set(view) & connected or federation.is_deployment(grid):
+            return
+        replies = federation.query(grid, sorted(connected), run_config_requests=False,
+                                   want_request=False)
+        reports = federation.node_reports(replies)
+        claims: dict[int, list[int]] = {}
+        for node, report in reports.items():
+            if "partition-id" in report:
+                claims.setdefault(int(report["partition-id"]), []).append(node)
+        if sorted(claims) != sorted(view.values()) or any(len(v) > 1 for v in claims.values()):
+            raise ServiceError(
+                f"none of the checkpoint's nodes {sorted(view)} is connected, and the "
+                f"connected nodes' partitions {sorted(claims)} do not match the "
+                f"checkpoint's {sorted(view.values())} one to one: cannot resume this "
+                f"federation from {self.state_dir}")
+        new = {old: claims[part][0] for old, part in view.items()}
+        s = self.state
+        s.view = {new[n]: p for n, p in view.items()}
+        s.reports = {new[n]: reports[new[n]] for n in view}
+        for p in s.pending:
+            p.node = new[p.node]
+            p.request = dataclasses.replace(p.request, node_id=p.node)
+        s.served = {new[n]: dataclasses.replace(r, node_id=new[n]) for n, r in s.served.items()}
+        s.served_fully = {new[n] for n in s.served_fully}
+        s.seen = {(new.get(n, n), d) for n, d in s.seen}
+        for item in s.outbox:
+            item["node"] = new.get(item["node"], item["node"])
+        log(INFO, "[service] a new simulation run: nodes matched to the checkpoint's by "
+            "partition (%d nodes)", len(new))
+        self.audit.record("federation.rejoined", nodes={str(v): view[k] for k, v in new.items()},
+                          previous={str(k): p for k, p in view.items()})
 
     def trainable(self) -> list[int]:
         gone = {n for n, r in self.state.served.items() if r.scope == "client"}
