@@ -38,6 +38,10 @@
 #   RUNS               jobs (`flwr run`) one after the other on the same SuperLink and
 #                      SuperNodes (a node's inbox sends one scope per job); with RUNS>1
 #                      job k writes to $OUTPUT_DIR/run-<k>                   (default 1)
+#   RESTARTS           when a job's ServerApp dies (killed, lost: no closing line), run
+#                      the job again with the same run-config on the same output dir, up
+#                      to this many times, as a supervisor would; a service-mode job
+#                      (service.rounds > 0) resumes from its checkpoint       (default 0)
 #   METHOD             run-config `method`                                 (default not)
 #   OUTPUT_DIR         run-config `output-dir`              (default $WORKDIR/results)
 #   WORKDIR            scratch dir: FLWR_HOMEs, certificates and keys, inboxes, logs, pids
@@ -84,6 +88,7 @@ FORGET_FRACTION="${FORGET_FRACTION:-}"
 METHOD="${METHOD:-not}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-0}"
 RUNS="${RUNS:-1}"
+RESTARTS="${RESTARTS:-0}"
 APP="${APP:-.}"
 WORKDIR="${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/fedunlearn-deploy.XXXXXX")}"
 mkdir -p "$WORKDIR"
@@ -118,6 +123,10 @@ if ! [[ "$NUM_NODES" =~ ^[1-9][0-9]*$ ]]; then
 fi
 if ! [[ "$RUNS" =~ ^[1-9][0-9]*$ ]]; then
     echo "RUNS=$RUNS must be a positive integer (jobs to run one after the other)" >&2
+    exit 2
+fi
+if ! [[ "$RESTARTS" =~ ^[0-9]+$ ]]; then
+    echo "RESTARTS=$RESTARTS must be a count (restarts of a job whose ServerApp died)" >&2
     exit 2
 fi
 if [[ "$SECURE" != 0 && "$SECURE" != 1 ]]; then
@@ -219,6 +228,14 @@ start() {  # start <log-file> <command...>: run in the background, record its PI
     local logfile="$1"
     shift
     "$@" > "$logfile" 2>&1 < /dev/null &
+    STARTED+=("$!")
+    echo "$!" >> "$PID_FILE"
+}
+
+start_appending() {  # start_appending <log-file> <command...>: as start, appending to the log
+    local logfile="$1"
+    shift
+    "$@" >> "$logfile" 2>&1 < /dev/null &
     STARTED+=("$!")
     echo "$!" >> "$PID_FILE"
 }
@@ -392,8 +409,24 @@ for ((i = 0; i < NUM_NODES; i++)); do
 done
 
 # --- Run ---------------------------------------------------------------------------------
-run_job() {  # run_job <k> <output dir>: one `flwr run`; fails the script if the job failed
-    local k="$1" out="$2" run_config pair run_log results f run_rc
+run_job() {  # run_job <k> <output dir>: one job, restarted up to RESTARTS times if its ServerApp dies
+    local k="$1" out="$2" attempt status
+    for ((attempt = 0; ; attempt++)); do
+        status=0
+        run_job_once "$k" "$out" "$attempt" || status=$?
+        if ((status == 3 && attempt < RESTARTS)); then
+            log "job $k: the ServerApp died; restarting it ($((attempt + 1))/$RESTARTS) with" \
+                "the same run-config on $out"
+            continue
+        fi
+        ((RUNS > 1)) && cat "$LOG_DIR/run-$k.log" >> "$LOG_DIR/run.log"
+        ((status == 0)) || exit 1
+        return 0
+    done
+}
+
+run_job_once() {  # one `flwr run`: 0 done, 3 the ServerApp died, 1 any other failure
+    local k="$1" out="$2" attempt="$3" run_config pair run_log results f run_rc from
     if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]]; then
         run_config="federation.num-clients=$NUM_NODES method=\"$METHOD\" output-dir=\"$out\""
     else  # a user's app: its own run-config keys
@@ -407,10 +440,11 @@ run_job() {  # run_job <k> <output dir>: one `flwr run`; fails the script if the
     RUN_CMD=("$FLWR_BIN_DIR/flwr" run "$APP" local-deployment --stream --run-config "$run_config")
     if [[ "$RUN_TIMEOUT" != 0 ]]; then RUN_CMD=(timeout "$RUN_TIMEOUT" "${RUN_CMD[@]}"); fi
     # In the background and `wait`ed for, so that SIGINT/SIGTERM run the trap at once.
-    : > "$run_log"
-    start "$run_log" "${RUN_CMD[@]}"
+    ((attempt == 0)) && : > "$run_log"
+    from=$(($(wc -l < "$run_log") + 1))  # this attempt's output starts here
+    start_appending "$run_log" "${RUN_CMD[@]}"
     RUN_PID="${STARTED[-1]}"
-    tail -n +1 -f --pid="$RUN_PID" "$run_log" &
+    tail -n +"$from" -f --pid="$RUN_PID" "$run_log" &
     TAIL_PID=$!
     STARTED+=("$TAIL_PID")
     set +e
@@ -418,29 +452,29 @@ run_job() {  # run_job <k> <output dir>: one `flwr run`; fails the script if the
     run_rc=$?
     wait "$TAIL_PID" 2>/dev/null
     set -e
-    ((RUNS > 1)) && cat "$run_log" >> "$LOG_DIR/run.log"
 
     # `flwr run --stream` exits 0 even when the ServerApp failed: look at what it wrote
     # (only files written by this run count, in case the output dir is reused).
     results=""
-    for f in "$out/results.json" "$out"/*/results.json "$out/no-request.json"; do
+    for f in "$out/results.json" "$out"/*/results.json "$out/no-request.json" \
+             "$out/service.json"; do
         [[ -f "$f" && "$f" -nt "$STARTED_MARK" ]] && results+="$f "
     done
-    if [[ $run_rc -ne 0 ]] || grep -qE "Exit Code: [0-9]+|An unhandled exception occurred" "$run_log"; then
+    if [[ $run_rc -ne 0 ]] || tail -n +"$from" "$run_log" | grep -qE "Exit Code: [0-9]+|An unhandled exception occurred"; then
         log "job $k FAILED (flwr run exit status $run_rc); see $run_log and $LOG_DIR/superlink.log"
-        exit 1
+        return 1
     fi
     # The harness's ServerApp logs a closing line; without it it was killed or lost
     # (`flwr run --stream` still exits 0), even if some methods had written results.
     if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]] \
-            && ! grep -qE "Results written to |No valid unlearning request was received" "$run_log"; then
+            && ! tail -n +"$from" "$run_log" | grep -qE "Results written to |No valid unlearning request was received|\[service\] stopped at round "; then
         log "job $k FAILED: the ServerApp did not finish (no closing line in $run_log: it was" \
             "killed or lost); the methods it had not finished wrote no results"
-        exit 1
+        return 3
     fi
     if [[ -z "$results" ]]; then
         log "job $k FAILED: no results file written by this run in $out; see $run_log"
-        exit 1
+        return 1
     fi
     log "job $k results: $results"
 }

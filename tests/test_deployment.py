@@ -427,6 +427,99 @@ def test_a_killed_serverapp_fails_the_job_and_the_next_run_says_so(tmp_path, dep
     assert record["interrupted_run"] == reading.records[-1]["run"]
 
 
+def _serverapp_pids(deployment) -> list[int]:
+    return [pid for pid in _processes_with_home_under(deployment.workdir)
+            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_service_serverapp_killed_mid_step_resumes_and_serves_once(tmp_path, deployment):
+    """Service mode on 3 SuperNodes. Node 1's data owner files a client-wise request
+    while the federation trains; the ServerApp is killed (``kill -9``) during the
+    unlearning step and started again (``RESTARTS=1``, as a supervisor would) with the
+    same run-config: it resumes from the checkpoint (round numbers go on, the version
+    increases by one), the request is honoured exactly once, and the job completes."""
+    out = tmp_path / "out"
+    env = {"NUM_NODES": "3", "SECURE": "0", "METHOD": "not", "FORGET_NODE": "none",
+           "OUTPUT_DIR": str(out), "RESTARTS": "1",
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
+    args = ["service.rounds=3", "service.query-every=2", "pretrain.rounds=1",
+            "unlearn.rounds=3", f'checkpoint-dir="{tmp_path / "checkpoints"}"']
+    deployment.start(args, env)
+    deployment.wait_for_log(r"\[service\] round 1 \|")
+    request_id = fedunlearn_cli("request", "file", "--inbox",
+                                str(deployment.workdir / "inbox-1"), "--scope",
+                                "client").strip().split()[-1]
+    deployment.wait_for_log(r"\[service\] unlearning step 1 at round")
+    killed = _serverapp_pids(deployment)
+    assert killed
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    rc = deployment.wait(RUN_TIMEOUT_S)
+    log = deployment.output()
+    assert rc == 0, log[-6000:]
+    assert "the ServerApp died; restarting it (1/1)" in log
+    summary = json.loads((out / "service.json").read_text())
+    (step,) = summary["steps"]
+    assert summary["resumed_from"] == step["round"] == 2 and summary["round"] == 3
+    assert step["version"] == 1  # the checkpoint's version (0) + 1
+    events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    names = [e["event"] for e in events]
+    assert names.count("request.accepted") == 1 and names.count("request.honoured") == 1
+    assert names.count("unlearning.started") == 2 and names.count("unlearning.finished") == 1
+    assert "job.interrupted" in names and "service.resumed" in names
+    resumed = next(e for e in events if e["event"] == "service.resumed")
+    assert resumed["round"] == step["round"] and resumed["version"] == 0
+    honoured = next(e for e in events if e["event"] == "request.honoured")
+    assert honoured["published_version"] == 1 and honoured["round"] == step["round"]
+    run_log = (deployment.workdir / "logs" / "run.log").read_text()
+    after = run_log[run_log.index("[service] resumed from"):]
+    assert f"[service] round {step['round'] + 1} |" in after
+    assert "[service] round 1 |" not in after
+    shown = fedunlearn_cli("request", "show", "--inbox", str(deployment.workdir / "inbox-1"),
+                           request_id)
+    assert "honoured" in shown and "node's check of version 1: model hash matches" in shown
+    listed = fedunlearn_cli("versions", str(out), "--request", request_id)
+    assert "unlearned" in listed and "hash ok" in listed
+
+
+def test_service_with_a_dropout_and_a_puf_target_that_left(tmp_path, deployment):
+    """Service mode on 5 SuperNodes with PUF; node 0 asks to be forgotten and its
+    SuperNode is killed as the unlearning step starts. PUF cannot reach its target: it is
+    tried again, then the request fails with the reason in the audit log (its receipt
+    cannot reach the node that left: it is recorded as undelivered); the federation
+    trains on with the 4 others, says so every round, and the job exits 1 naming the
+    failed request."""
+    out = tmp_path / "out"
+    env = {"NUM_NODES": "5", "SECURE": "0", "METHOD": "puf", "FORGET_NODE": "0",
+           "FORGET_SCOPE": "client", "OUTPUT_DIR": str(out),
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
+    args = ["service.rounds=3", "service.query-every=4", "pretrain.rounds=1",
+            "unlearn.rounds=2", "service.method-retries=1",
+            f'checkpoint-dir="{tmp_path / "checkpoints"}"']
+    deployment.start(args, env)
+    deployment.wait_for_log(r"\[service\] unlearning step 1 at round")
+    deployment.kill_supernode("0")
+    rc = deployment.wait(RUN_TIMEOUT_S)
+    log = deployment.output()
+    assert rc == 1, log[-6000:]
+    events = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    node_of = {p: int(n) for n, p in next(e for e in events
+                                          if e["event"] == "federation.verified")["nodes"].items()}
+    summary = json.loads((out / "service.json").read_text())
+    assert summary["round"] == 3 and summary["steps"] == []
+    (failed,) = summary["failed"]
+    assert failed["node"] == node_of[0] and failed["attempts"] == 2
+    assert "left the federation" in failed["reason"]
+    assert summary["departed_nodes"] == [node_of[0]]
+    names = [e["event"] for e in events]
+    assert names.count("unlearning.failed") == 2 and names.count("request.failed") == 1
+    undelivered = next(e for e in events if e["event"] == "receipt.undelivered")
+    assert undelivered["node"] == node_of[0] and "could not serve" in undelivered["reason_failed"]
+    run_log = (deployment.workdir / "logs" / "run.log").read_text()
+    assert f"4/5 nodes (missing [{node_of[0]}])" in run_log
+    assert "service: request(s) failed" in run_log
+
+
 def test_script_rejects_bad_node_count(tmp_path, deployment):
     rc = deployment.run([], {"NUM_NODES": "zero"}, timeout=30)
     assert rc == 2

@@ -31,7 +31,6 @@ the data owner's receipt and sends the numbers back; the data never leaves the n
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -682,7 +681,7 @@ class UnlearningService:
         """One unlearning step for every pending request due now, served together."""
         due = [p for p in self.state.pending if p.next_try <= self.state.round]
         requests = {p.node: p.request for p in due}
-        strategy = copy.deepcopy(self.method)
+        strategy = self.method.fresh()
         strategy.bind(self.context(requests))
         step = len(self.state.steps) + 1
         what = ", ".join(f"node {n} ({_what(r)})" for n, r in sorted(requests.items()))
@@ -803,15 +802,16 @@ class UnlearningService:
         self.flush_outbox()
 
     def flush_outbox(self) -> None:
-        """Send the receipts decided so far. An honoured receipt carries the published
-        model, so the node checks it on its own data; what it measured comes back and
-        goes to the audit log and the version's entry. A receipt whose node cannot be
-        reached stays in the audit log (``receipt.undelivered``)."""
+        """Send the receipts decided so far (in one exchange). An honoured receipt
+        carries the published model, so the node checks it on its own data; what it
+        measured comes back and goes to the audit log and the version's entry. A receipt
+        whose node cannot be reached stays in the audit log (``receipt.undelivered``)."""
         if not self.state.outbox:
             return
         connected = set(self.grid.get_node_ids())
         departed = set(self.grid.departed)
-        keep: list[dict] = []
+        failed: dict[int, list] = {}
+        honoured: list[tuple[dict, Message]] = []
         for item in self.state.outbox:
             node = item["node"]
             request = _request_from_dict(item["request"])
@@ -823,22 +823,25 @@ class UnlearningService:
                                       if "reason" in item else {}))
                 log(WARNING, "[service] receipt (%s) for node %d not delivered: the node "
                     "left; it stays in the audit log", item["status"], node)
-                continue
-            if item["status"] == "failed":
-                record = federation.receipt_record(request.inbox_ids, "failed", self.run_id,
-                                                   method=item["method"],
-                                                   reason=item["reason"], round=item["round"])
-                federation.send_receipts(self.grid, {node: record}, audit=self.audit)
-                continue
-            check = self._send_honoured(node, request, item)
-            if check is None:
-                keep.append(item)
-                continue
-            self._record_check(node, item, check)
-        self.state.outbox = keep
+            elif item["status"] == "failed":
+                failed.setdefault(node, []).append(federation.receipt_record(
+                    request.inbox_ids, "failed", self.run_id, method=item["method"],
+                    reason=item["reason"], round=item["round"]))
+            else:
+                honoured.append((item, self._honoured_message(node, request, item)))
+        if failed:
+            federation.send_receipts(self.grid, failed, audit=self.audit)
+        if honoured:
+            replies = {int(r.metadata.src_node_id): r for r in self.grid.send_and_receive(
+                [m for _, m in honoured], timeout=reply_timeout(self.grid))}
+            for item, msg in honoured:
+                node = int(msg.metadata.dst_node_id)
+                self._record_check(node, item, self._honoured_reply(node, item,
+                                                                    replies.get(node)))
+        self.state.outbox = []
         self.checkpoint()
 
-    def _send_honoured(self, node: int, request: UnlearningRequest, item: dict) -> dict | None:
+    def _honoured_message(self, node: int, request: UnlearningRequest, item: dict) -> Message:
         arrays = self._version_arrays(item)
         record = federation.receipt_record(
             request.inbox_ids, "honoured", self.run_id, method=item["method"],
@@ -850,10 +853,12 @@ class UnlearningService:
             record["audit-seq"], record["audit-sha256"] = int(anchor[0]), anchor[1]
         config = ConfigRecord({"max-members": 0})
         config.update(request_to_config(request))
-        msg = Message(RecordDict({RECEIPT_RECORD: record, MODEL_KEY: arrays,
-                                  CONFIG_KEY: config}),
-                      dst_node_id=node, message_type=QUERY_UNLEARN)
-        (reply,) = list(self.grid.send_and_receive([msg], timeout=reply_timeout(self.grid))) or [None]
+        return Message(RecordDict({RECEIPT_RECORD: record, MODEL_KEY: arrays,
+                                   CONFIG_KEY: config}),
+                       dst_node_id=node, message_type=QUERY_UNLEARN)
+
+    def _honoured_reply(self, node: int, item: dict, reply: Message | None) -> dict:
+        request = _request_from_dict(item["request"])
         if reply is None or reply.has_error():
             why = reply.error.reason if reply is not None else "no reply"
             log(WARNING, "[service] node %d did not take its honoured receipt: %s", node, why)
@@ -867,6 +872,8 @@ class UnlearningService:
                           inbox_ids=list(request.inbox_ids), written=written,
                           method=item["method"], published_version=item["version"],
                           check=check)
+        log(INFO, "Receipt (honoured) for inbox request(s) %s written on node %d",
+            ", ".join(request.inbox_ids), node)
         return check
 
     def _record_check(self, node: int, item: dict, check: dict) -> None:

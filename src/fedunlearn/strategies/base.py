@@ -25,6 +25,7 @@ discovery), plus its client action if it has one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -382,6 +383,17 @@ class UnlearningStrategy(FedAvgM):
         args.update(cls.config_kwargs(cfg))
         args.update(kwargs)
         return cls(**args)
+
+    def fresh(self) -> UnlearningStrategy:
+        """A copy with the same settings and no state of any run (its costs, notes,
+        server optimizer, bound requests): service mode runs one per unlearning step."""
+        clone = copy.copy(self)
+        clone.context = UnlearningContext()
+        clone.costs, clone.notes, clone._asked_epochs = {}, {}, {}
+        clone.current_phase = clone.round_start = None
+        clone.current_arrays = clone.momentum_vector = None
+        clone._cost_phase = "recovery"
+        return clone
 
     def bind(self, context: UnlearningContext) -> UnlearningStrategy:
         """Attach what a serving run knows (requests, verified nodes, helpers)."""
