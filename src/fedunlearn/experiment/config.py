@@ -77,6 +77,16 @@ RUN_CONFIG_MAP: dict[str, tuple[str, type]] = {
     "eval.trajectory": ("eval.trajectory", bool),
     "server-data.fraction": ("server_data.fraction", float),
     "history.max-mb": ("history.max_mb", float),
+    "service.rounds": ("service.rounds", int),
+    "service.query-every": ("service.query_every", int),
+    "service.min-replies": ("service.min_replies", float),
+    "service.round-retries": ("service.round_retries", int),
+    "service.validate-every": ("service.validate_every", int),
+    "service.deadline-rounds": ("service.deadline_rounds", int),
+    "service.deadline-days": ("service.deadline_days", float),
+    "service.method-retries": ("service.method_retries", int),
+    "service.retry-after": ("service.retry_after", int),
+    "service.wall-s": ("service.wall_s", float),
 }
 
 _MISSING = object()
