@@ -191,7 +191,8 @@ def departing(grid):
     return grid
 
 
-def test_a_node_that_drops_out_leaves_the_round_to_the_others_and_is_logged(userapp, tmp_path):
+def test_a_node_that_drops_out_leaves_the_round_to_the_others_and_is_logged(userapp, tmp_path,
+                                                                           caplog):
     from fedunlearn import ServiceError
 
     client_app, task = userapp
@@ -207,8 +208,13 @@ def test_a_node_that_drops_out_leaves_the_round_to_the_others_and_is_logged(user
     departing(grid)
     service = _service(task, tmp_path, rounds=4, min_replies=3)
     service.on_round = on_round
+    caplog.clear()
     outcome = service.run(grid, arrays)
     assert outcome.round == 4
+    # One line per round says who took part; Flower's own per-round lines stay out.
+    lines = [r.getMessage() for r in caplog.records]
+    assert "[service] round 3 | v0 | 3/4 nodes (missing [103]) | train loss" in "\n".join(lines)
+    assert not [m for m in lines if m.startswith("aggregate_train")]
     assert gone[2]["participants"] == 4 and gone[3]["participants"] == 3
     assert gone[3]["missing"] == [103]
     log = audit_events(tmp_path / "state" / "audit.jsonl")

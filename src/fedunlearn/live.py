@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -44,7 +45,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid
 
 from . import federation
@@ -374,6 +375,9 @@ class UnlearningService:
     note_interrupted : bool
         Record ``job.interrupted`` when the audit log's last run did not end (the
         harness does this itself before its partition check).
+    verbose : bool
+        Keep Flower's own per-round log lines (its strategies' ``aggregate_train: ...``);
+        by default only the service's round lines and step blocks are logged.
     """
 
     def __init__(self, method: UnlearningStrategy, *, state_dir: str | os.PathLike,
@@ -382,7 +386,8 @@ class UnlearningService:
                  stop: Callable[[], bool] | None = None,
                  on_round: Callable[[int, dict], None] | None = None,
                  reply_timeout: float = REPLY_TIMEOUT_S, run_config_requests: bool = False,
-                 context_defaults: dict | None = None, note_interrupted: bool = True) -> None:
+                 context_defaults: dict | None = None, note_interrupted: bool = True,
+                 verbose: bool = False) -> None:
         if not isinstance(method, UnlearningStrategy):
             raise TypeError(f"method={method!r}: expected a fedunlearn strategy "
                             "(e.g. fedunlearn.NoT(...))")
@@ -404,11 +409,25 @@ class UnlearningService:
         self.run_config_requests = bool(run_config_requests)
         self.context_defaults = dict(context_defaults or {})
         self.note_interrupted = note_interrupted
+        self.verbose = bool(verbose)
 
     # -- the loop ---------------------------------------------------------------------
-    def run(self, grid: Grid, arrays: ArrayRecord) -> ServiceOutcome:
+    def run(self, grid: Grid, arrays: ArrayRecord, *,
+            verified: tuple[dict[int, int], dict[int, dict]] | None = None) -> ServiceOutcome:
         """Serve until the budget is spent; resume from ``state_dir``'s checkpoint when
-        there is one (``arrays`` is then only checked against it)."""
+        there is one (``arrays`` is then only checked against it). ``verified``: the
+        federation's view (node -> partition) and the nodes' reports when the caller has
+        just checked them (the harness), instead of asking the nodes again."""
+        quiet = None if self.verbose else _FlowerRoundLines()
+        if quiet is not None:
+            FLOWER_LOGGER.addFilter(quiet)
+        try:
+            return self._run(grid, arrays, verified)
+        finally:
+            if quiet is not None:
+                FLOWER_LOGGER.removeFilter(quiet)
+
+    def _run(self, grid: Grid, arrays: ArrayRecord, verified) -> ServiceOutcome:
         if not isinstance(arrays, ArrayRecord) or not len(arrays):
             raise ValueError("arrays must be the model's non-empty ArrayRecord")
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -429,7 +448,7 @@ class UnlearningService:
             self.audit.record("service.started", method=self.method.name,
                               config=dataclasses.asdict(self.config),
                               model=model_digest(arrays))
-            self.verify()
+            self.verify(verified)
             self.publish("start", [])
             self.checkpoint()
         else:
@@ -490,8 +509,16 @@ class UnlearningService:
         return ""
 
     # -- the federation ---------------------------------------------------------------
-    def verify(self) -> None:
+    def verify(self, verified=None) -> None:
         """Fix the federation's view from the nodes' reports (as :func:`serve` does)."""
+        if verified is not None:
+            view, reports = verified
+            view = {int(n): int(p) for n, p in view.items()}
+            self.grid.verify(view)
+            self.grid.reports = dict(reports)
+            self.state.view, self.state.reports = view, dict(reports)
+            self.audit.record("federation.verified", nodes=dict(sorted(view.items())))
+            return
         nodes = sorted(self.grid.get_node_ids())
         if not nodes:
             raise ServiceError("no node is connected to the grid")
@@ -1036,6 +1063,15 @@ class UnlearningService:
             log(WARNING, "[service] the previous run on %s (run %s) did not finish: its last "
                 "record is %s (seq %s)", audit.path, record["interrupted_run"],
                 record["last_event"], record["last_seq"])
+
+
+class _FlowerRoundLines(logging.Filter):
+    """Drops the per-round lines of Flower's own strategies (``aggregate_train:
+    Received 9 results and 1 failures``): the service's round line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace(os.sep, "/")
+        return "/flwr/serverapp/strategy/" not in path or record.levelno > logging.INFO
 
 
 def _key(name: str) -> str:

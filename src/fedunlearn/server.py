@@ -370,9 +370,11 @@ def run_service(experiment: Experiment) -> dict:
         model_fn=experiment.new_model, example_input=experiment.example_input,
         on_round=on_round, reply_timeout=cfg.reply_timeout,
         run_config_requests=not experiment.deployment, context_defaults=context,
-        note_interrupted=False)
+        note_interrupted=False, verbose=True)  # the job's console hides Flower's lines
     emit("phase", phase="service", index=1, of=1)
-    outcome = service.run(experiment.grid.inner, arrays)
+    outcome = service.run(experiment.grid.inner, arrays,
+                          verified=(experiment.context.node_partitions,
+                                    experiment.grid.reports))
     summary = {"round": outcome.round, "version": outcome.version,
                "stopped": outcome.stopped, "resumed_from": outcome.resumed_from,
                "steps": outcome.steps, "failed": outcome.failed, "pending": outcome.pending,
