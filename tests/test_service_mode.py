@@ -376,3 +376,45 @@ def test_harness_service_mode_resumes_to_a_larger_round_budget(tmp_path):
     assert "[service] round 4 |" in text and "[service] round 1 |" not in text
     log = audit_events(out / "audit.jsonl")
     assert [e["event"] for e in log].count("request.honoured") == 1
+
+
+@pytest.mark.parametrize("dies_in", ["publish", "audit_steps"])
+def test_a_crash_between_publishing_and_recording_neither_skips_nor_repeats(userapp, tmp_path,
+                                                                            dies_in):
+    """The process dies right after an unlearned version is written (before the
+    checkpoint marks its requests served), or right after that checkpoint (before the
+    audit records): resumed, the version numbers have no gap, and the request is
+    honoured once in the audit log and on the receipt."""
+    from fedunlearn import read_versions
+    from fedunlearn.inbox import Inbox
+    from fedunlearn.live import UnlearningService
+
+    class Killed(BaseException):
+        pass
+
+    client_app, task = userapp
+    inboxes = {2: tmp_path / "inbox-2"}
+    grid = UserGrid(client_app.app, inboxes=inboxes)
+    arrays = fedavg(grid, task, rounds=1)
+    request_id = Inbox(str(inboxes[2])).file(scope="class", classes=[0]).id
+    service = _service(task, tmp_path, rounds=3)
+    real = getattr(UnlearningService, dies_in)
+
+    def dying(self, *args, **kwargs):
+        if dies_in == "audit_steps":  # the step's checkpoint is written, its records not
+            raise Killed()
+        result = real(self, *args, **kwargs)
+        if args[0] == "unlearned":  # the version is written, the checkpoint not
+            raise Killed()
+        return result
+
+    setattr(service, dies_in, dying.__get__(service))
+    with pytest.raises(Killed):
+        service.run(grid, arrays)
+    outcome = _service(task, tmp_path, rounds=3).run(grid, arrays)
+    assert outcome.resumed_from == 0 and len(outcome.steps) == 1
+    assert [v["version"] for v in read_versions(tmp_path / "state")] == [0, 1, 2]
+    names = [e["event"] for e in audit_events(tmp_path / "state" / "audit.jsonl")]
+    assert names.count("request.honoured") == 1 and names.count("unlearning.finished") == 1
+    statuses = [e["status"] for e in Inbox(str(inboxes[2])).events(request_id)]
+    assert statuses.count("honoured") == 1

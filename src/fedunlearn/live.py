@@ -465,6 +465,7 @@ class UnlearningService:
             self.rejoin_simulation(grid)
             self.grid.verify(self.state.view)
             self.grid.reports = dict(self.state.reports)
+            self.audit_steps()
             self.flush_outbox()
         self._flops()
         stopped = "budget"
@@ -769,20 +770,36 @@ class UnlearningService:
                                           "path": entry["path"], "rounds": cost.rounds,
                                           "comm_bytes": cost.comm_bytes,
                                           "deadline_missed": self._deadline_missed(p)})
+        info["model_before"] = before
+        info["audited"] = False
         self.checkpoint()  # served: from here on a crash never serves these again
-        self.audit.record("unlearning.finished", method=strategy.name, rounds=cost.rounds,
-                          comm_bytes=cost.comm_bytes, wall_s=round(wall, 3),
-                          metrics=entry.get("metrics", {}), model_before=before,
-                          model_after=entry["sha256"], published_version=entry["version"])
-        for p in due:
-            self.audit.record("request.honoured", node=p.node, scope=p.request.scope,
-                              digest=p.request.digest(), inbox_ids=list(p.request.inbox_ids),
-                              accepted_round=p.round, published_version=entry["version"],
-                              model=entry["sha256"], deadline_missed=self._deadline_missed(p))
+        self.audit_steps()
         log(INFO, "[service]   %s: %d round(s), %.3g B, %.1f s; published version %d: %s "
             "(sha256 %s)", strategy.name, cost.rounds, cost.comm_bytes, wall,
             entry["version"], entry["path"], entry["sha256"][:12])
         self.flush_outbox()
+
+    def audit_steps(self) -> None:
+        """Write the audit records of honoured steps that have none yet (a crash between
+        the checkpoint that marks a step served and its records is caught up on resume:
+        every honoured request is recorded exactly once)."""
+        pending = [step for step in self.state.steps if not step.get("audited", True)]
+        for step in pending:
+            self.audit.record("unlearning.finished", method=step["method"],
+                              rounds=step["rounds"], comm_bytes=step["comm_bytes"],
+                              wall_s=step["wall_s"], metrics=step["metrics"],
+                              model_before=step["model_before"], model_after=step["model_sha256"],
+                              published_version=step["version"])
+            for r in step["requests"]:
+                self.audit.record("request.honoured", node=r["node"], scope=r["scope"],
+                                  digest=r["digest"], inbox_ids=list(r["inbox_ids"]),
+                                  accepted_round=r["accepted_round"],
+                                  published_version=step["version"],
+                                  model=step["model_sha256"],
+                                  deadline_missed=r["deadline_missed"])
+            step["audited"] = True
+        if pending:
+            self.checkpoint()
 
     def _deadline_missed(self, p: PendingRequest) -> bool:
         share = self._deadline_share(p, time.time())
@@ -996,7 +1013,9 @@ class UnlearningService:
         """Write the current model as the next version (atomically) and list it."""
         versions = (read_versions(self.state_dir)
                     if (self.state_dir / VERSIONS_FILE).exists() else [])
-        number = (versions[-1]["version"] + 1) if versions else 0
+        # From the checkpoint's version: a version written by a step that a crash cut
+        # short before its checkpoint is replaced, never skipped over.
+        number = 0 if kind == "start" else self.state.version + 1
         path = self.state_dir / VERSIONS_DIR / f"v{number:04d}.pt"
         state_dict = self.arrays.to_torch_state_dict()
         _atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
