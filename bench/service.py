@@ -17,7 +17,7 @@ For each served request: the unlearning step's rounds, bytes (both directions) a
 time, the time from the data owner's filing to the published version (the node's own
 receipt: ``filed_to_honoured_s``), against one training round of the federation::
 
-    python bench/service.py                    # seeds 0-4, 20 rounds
+    python bench/service.py                    # seeds 0-4, 40 rounds
     python bench/service.py --seeds 0 --rounds 20
 """
 
@@ -116,7 +116,7 @@ def scenario(seed: int, workdir: Path, rounds: int = 20, at=(5, 12), reference=F
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=40)
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
