@@ -160,7 +160,9 @@ def cmd_versions(args) -> int:
             for h in v.get("honours", [])) or "-"
         checks = "; ".join(
             f"node {n}: hash {'ok' if c.get('model-sha256-ok') else 'MISMATCH'}, forget "
-            f"{c.get('forget-accuracy', '-')}%, retained {c.get('retain-accuracy', '-')}%"
+            f"{c.get('forget-accuracy', '-')}%, "
+            + (f"retained {c['retain-accuracy']}%" if c.get("retain-total")
+               else "nothing retained")
             for n, c in v.get("node_checks", {}).items()) or "-"
         test = v.get("metrics", {}).get("test")
         rows.append({"version": v["version"], "round": v["round"], "kind": v["kind"],

@@ -931,11 +931,12 @@ class UnlearningService:
             if v["version"] == item["version"]:
                 v.setdefault("node_checks", {})[str(node)] = check
         _atomic_json(self.state_dir / VERSIONS_FILE, {"versions": versions})
-        log(INFO, "[service]   node %d checked version %d: hash %s; forget %s%% (loss %s), "
-            "retained %s%% (loss %s)", node, item["version"],
-            "ok" if check.get("model-sha256-ok") else "MISMATCH",
-            _fmt(check.get("forget-accuracy")), _fmt(check.get("forget-loss")),
-            _fmt(check.get("retain-accuracy")), _fmt(check.get("retain-loss")))
+        retained = ("nothing retained" if not check.get("retain-total") else
+                    f"retained {_fmt(check.get('retain-accuracy'))}% "
+                    f"(loss {_fmt(check.get('retain-loss'))})")
+        log(INFO, "[service]   node %d checked version %d: hash %s; forget %s%% (loss %s), %s",
+            node, item["version"], "ok" if check.get("model-sha256-ok") else "MISMATCH",
+            _fmt(check.get("forget-accuracy")), _fmt(check.get("forget-loss")), retained)
 
     def _version_arrays(self, item: dict) -> ArrayRecord:
         if item["sha256"] == model_digest(self.arrays):
