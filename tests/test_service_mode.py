@@ -418,3 +418,21 @@ def test_a_crash_between_publishing_and_recording_neither_skips_nor_repeats(user
     assert names.count("request.honoured") == 1 and names.count("unlearning.finished") == 1
     statuses = [e["status"] for e in Inbox(str(inboxes[2])).events(request_id)]
     assert statuses.count("honoured") == 1
+
+
+def test_stop_and_wall_clock_budgets_and_validation_lines(userapp, tmp_path, caplog):
+    client_app, task = userapp
+    grid = UserGrid(client_app.app)
+    arrays = fedavg(grid, task, rounds=1)
+    seen = []
+    service = _service(task, tmp_path, rounds=0, wall_s=3600.0, validate_every=2)
+    service.on_round = lambda rnd, info: seen.append(info)
+    service.stop = lambda: len(seen) >= 3
+    caplog.clear()
+    outcome = service.run(grid, arrays)
+    assert outcome.stopped == "stop() asked" and outcome.round == 3
+    assert "val_accuracy" not in seen[0] and 0 <= seen[1]["val_accuracy"] <= 100
+    assert "| val " in "\n".join(r.getMessage() for r in caplog.records
+                                 if r.getMessage().startswith("[service] round 2 |"))
+    quick = _service(task, tmp_path, state="quick", rounds=0, wall_s=1e-9)
+    assert quick.run(grid, arrays).stopped == "wall-clock budget 1e-09 s spent"
