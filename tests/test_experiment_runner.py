@@ -106,6 +106,7 @@ def test_run_without_results_is_a_failure(tmp_path):
     ("federation.partitioning=bogus", "federation.partitioning"),
     ("federation.num_supernodes=4", "num_supernodes"),
     ("federation.client_resources.num_cpus=0.5", "num_cpus"),
+    ("service.rounds=5", "service mode (service.rounds > 0) serves with one method"),
 ])
 def test_bad_config_fails_before_flower_starts(tmp_path, override, match):
     fake = FakeLauncher()
@@ -113,6 +114,18 @@ def test_bad_config_fails_before_flower_starts(tmp_path, override, match):
     assert not runner.run_job(compose([override]), job, launcher=fake, out=io.StringIO())
     assert not fake.calls
     assert match in (job / runner.ERROR_FILE).read_text()
+
+
+def test_a_service_mode_job_is_refused_by_the_sweep_runner_but_dry_runs(tmp_path):
+    fake = FakeLauncher()
+    cfg = compose(["method=not", "federation=tiny", "service.rounds=5"])
+    assert not runner.run_job(cfg, tmp_path / "job", launcher=fake, out=io.StringIO())
+    assert not fake.calls
+    assert "service mode is a federation" in (tmp_path / "job" / runner.ERROR_FILE).read_text()
+    assert runner.run_job(cfg, tmp_path / "dry", launcher=fake, out=io.StringIO(),
+                          dry_run=True)
+    written = json.loads((tmp_path / "dry" / runner.RUN_CONFIG_FILE).read_text())
+    assert written["run_config"]["service.rounds"] == 5
 
 
 def test_num_gpus_reaches_flowers_federation_config(tmp_path, monkeypatch):

@@ -172,6 +172,13 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
                       f"{tag} written to {job_dir / RUN_CONFIG_FILE}\n")
             out.flush()
             return True
+        if run_config.get("service.rounds", 0):
+            raise ValueError(
+                f"service.rounds={run_config['service.rounds']}: service mode is a federation "
+                "that trains and serves requests until its budget, not a sweep job measured "
+                "into tables; run it with fedunlearn-run, on a deployment (this job's "
+                "run_config.json with dry_run=true gives the --run-config for `flwr run . "
+                "<connection>`), or with fedunlearn.UnlearningService")
         out.write(f"{tag} run-config: " + " ".join(
             f"{k}={run_config[k]}" for k in ("method", "dataset.name", "model.name", "seed",
                                              "forget.scope", "forget.clients")
