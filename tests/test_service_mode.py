@@ -436,3 +436,52 @@ def test_stop_and_wall_clock_budgets_and_validation_lines(userapp, tmp_path, cap
                                  if r.getMessage().startswith("[service] round 2 |"))
     quick = _service(task, tmp_path, state="quick", rounds=0, wall_s=1e-9)
     assert quick.run(grid, arrays).stopped == "wall-clock budget 1e-09 s spent"
+
+
+def test_requests_that_cannot_be_served_get_a_rejected_receipt_and_bad_models_are_refused(
+        userapp, tmp_path):
+    from flwr.app import Array, ArrayRecord
+
+    from fedunlearn import ServiceError
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inboxes = {i: tmp_path / f"inbox-{i}" for i in (0, 1)}
+    grid = UserGrid(client_app.app, inboxes=inboxes)
+    arrays = fedavg(grid, task, rounds=1)
+    Inbox(str(inboxes[0])).file(scope="client")
+    Inbox(str(inboxes[1])).file(scope="class", classes=[2])
+    later = {}
+
+    def on_round(rnd, info):
+        if rnd == 1:  # node 0 was forgotten client-wise, node 1 forgets class 2
+            later["forgotten"] = Inbox(str(inboxes[0])).file(scope="class", classes=[1]).id
+            later["other"] = Inbox(str(inboxes[1])).file(scope="instance",
+                                                         sample_ids=[3]).id
+
+    service = _service(task, tmp_path, rounds=3)
+    service.on_round = on_round
+    outcome = service.run(grid, arrays)
+    assert len(outcome.steps) == 1 and outcome.steps[0]["targets"] == [100, 101]
+    forgotten = Inbox(str(inboxes[0])).events(later["forgotten"])[-1]
+    assert forgotten["status"] == "rejected"
+    assert "already forgotten client-wise" in forgotten["reason"]
+    other = Inbox(str(inboxes[1])).events(later["other"])[-1]
+    assert other["status"] == "rejected" and "an instance-wise request on top" in other["reason"]
+    log = audit_events(tmp_path / "state" / "audit.jsonl")
+    assert [e["event"] for e in log].count("request.accepted") == 2  # the first two only
+
+    # Arrays of another model are refused before anything is written.
+    wrong = ArrayRecord({"w": Array(torch.zeros(3).numpy())})
+    fresh = _service(task, tmp_path, state="wrong", rounds=2)
+    with pytest.raises(ValueError, match=r"not the model model_fn builds: missing .*unexpected \['w'\]"):
+        fresh.run(grid, wrong)
+    assert not (tmp_path / "wrong" / "checkpoint.pt").exists()
+    # Same names, other shapes: a resume refuses it, and says so in the audit log.
+    reshaped = ArrayRecord({k: Array(torch.zeros(2).numpy()) if k == "fc.bias" else v
+                            for k, v in arrays.items()})
+    again = _service(task, tmp_path, rounds=4)
+    again.model_fn = None
+    with pytest.raises(ServiceError, match=r"shapes differ for \['fc.bias'\]"):
+        again.run(grid, reshaped)
+    assert audit_events(tmp_path / "state" / "audit.jsonl")[-1]["event"] == "service.failed"

@@ -142,19 +142,23 @@ class ServiceConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_key(name)}={value!r}: expected an integer >= 1")
-        for name, lo, hi in (("wall_s", 0.0, None), ("lr", 0.0, None),
-                             ("server_momentum", 0.0, 1.0), ("min_replies", 0.0, None),
+        for name, lo, hi in (("wall_s", 0.0, None), ("server_momentum", 0.0, 1.0),
                              ("deadline_days", 0.0, None), ("warn_at", 0.0, 1.0)):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value < lo or (hi is not None and value > hi)):
                 allowed = f"a number in [{lo}, {hi}]" if hi is not None else f"a number >= {lo}"
                 raise ValueError(f"{_key(name)}={value!r}: expected {allowed}")
-        if self.lr == 0.0:
-            raise ValueError(f"{_key('lr')}=0.0: expected a learning rate > 0")
+        for name in ("lr", "min_replies"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{_key(name)}={value!r}: expected a number > 0" + (
+                    " (a count of replies, 1, 2, ..., or a share of the nodes asked, "
+                    "in (0, 1))" if name == "min_replies" else ""))
         if self.min_replies > 1 and self.min_replies != int(self.min_replies):
             raise ValueError(f"{_key('min_replies')}={self.min_replies!r}: expected a count "
-                             "(1, 2, ...) or a share between 0 and 1")
+                             "(1, 2, ...) or a share of the nodes asked, in (0, 1)")
 
     def required(self, asked: int) -> int:
         """How many usable replies a round of ``asked`` nodes needs to count."""
@@ -244,7 +248,7 @@ class ServiceState:
 class ServiceOutcome:
     """What :meth:`UnlearningService.run` returns."""
 
-    arrays: ArrayRecord
+    arrays: ArrayRecord = field(repr=False)
     round: int
     version: int
     stopped: str
@@ -441,6 +445,7 @@ class UnlearningService:
         self.trainer = _Trainer(seed=self.config.seed)
         loaded = self.load()
         resumed_from = None
+        self._check_model(arrays)
         if loaded is None:
             self.state = ServiceState(method=self.method.name, model_keys=list(arrays.keys()))
             self.arrays, self.momentum = arrays, None
@@ -453,16 +458,24 @@ class UnlearningService:
             self.checkpoint()
         else:
             self.state, self.arrays, self.momentum = loaded
-            self._check_resume(arrays)
-            resumed_from = self.state.round
             self._interrupted(audit)
+            try:
+                self._check_resume(arrays)
+            except ServiceError as err:  # said in the log, so no later run takes it for a crash
+                self.audit.record("service.failed", error=f"ServiceError: {err}"[:1000])
+                raise
+            resumed_from = self.state.round
             log(INFO, "[service] resumed from %s: round %d, version %d, %d pending request(s)",
                 self.state_dir / CHECKPOINT_FILE, self.state.round, self.state.version,
                 len(self.state.pending))
             self.audit.record("service.resumed", method=self.method.name,
                               model=model_digest(self.arrays),
                               pending=len(self.state.pending))
-            self.rejoin_simulation(grid)
+            try:
+                self.rejoin_simulation(grid)
+            except ServiceError as err:
+                self.audit.record("service.failed", error=f"ServiceError: {err}"[:1000])
+                raise
             self.grid.verify(self.state.view)
             self.grid.reports = dict(self.state.reports)
             self.audit_steps()
@@ -527,7 +540,9 @@ class UnlearningService:
                                    want_request=False)
         reports = federation.node_reports(replies)
         if not reports:
-            raise ServiceError(f"no node answered the partition check (asked {nodes})")
+            why = sorted({r.error.reason for r in replies if r.has_error()})
+            raise ServiceError(f"no node answered the partition check (asked {nodes})"
+                               + (f": {'; '.join(w[:300] for w in why[:3])}" if why else ""))
         answered = sorted(reports)
         view = {n: int(reports[n].get("partition-id", i)) for i, n in enumerate(answered)}
         self.grid.verify(view)
@@ -583,25 +598,40 @@ class UnlearningService:
 
     def collect(self) -> None:
         """Ask the trainable nodes for requests; keep the new valid ones pending."""
-        nodes = [n for n in self.trainable() if n not in self.grid.departed]
+        # Every connected node of the view, forgotten ones too: a request filed on a
+        # node forgotten client-wise gets its answer (rejected, with the reason).
         connected = set(self.grid.get_node_ids())
-        nodes = [n for n in nodes if n in connected]
+        nodes = [n for n in sorted(self.state.view)
+                 if n in connected and n not in self.grid.departed]
         if not nodes:
             return
         replies = federation.query(self.grid, nodes,
                                    run_config_requests=self.run_config_requests)
-        fresh = []
+        fresh, conflicts = [], []
         for reply in replies:
             if not reply.has_error() and REQUEST_RECORD in reply.content.config_records:
-                if self._known(int(reply.metadata.src_node_id),
-                               reply.content.config_records[REQUEST_RECORD]):
+                node = int(reply.metadata.src_node_id)
+                record = reply.content.config_records[REQUEST_RECORD]
+                if self._known(node, record):
                     del reply.content[REQUEST_RECORD]
+                else:
+                    conflict = self._conflict(node, record)
+                    if conflict is not None:
+                        conflicts.append((node, *conflict))
+                        del reply.content[REQUEST_RECORD]
             fresh.append(reply)
         reports = dict(self.state.reports)
         accepted, rejected = federation.collect_valid_requests(
             fresh, None, verified=self.state.view, audit=self.audit, reports=reports)
         self.state.reports = reports
         self.grid.reports = reports
+        for node, request, reason in conflicts:
+            log(WARNING, "Unlearning request REJECTED from node %d: %s", node, reason)
+            self.audit.record("request.received", node=node, scope=request.scope,
+                              digest=request.digest(), inbox_ids=list(request.inbox_ids))
+            self.audit.record("request.rejected", node=node, reason=reason, by="service")
+            rejected.append({"node_id": node, "reason": reason,
+                             "inbox_ids": list(request.inbox_ids)})
         receipts: dict[int, list] = {}
         for node, request in sorted(accepted.items()):
             earlier = self.state.served.get(node)
@@ -633,6 +663,20 @@ class UnlearningService:
         self.checkpoint()  # accepted requests are never lost from here on
         if receipts:
             federation.send_receipts(self.grid, receipts, audit=self.audit)
+
+    def _conflict(self, node: int, record) -> tuple[UnlearningRequest, str] | None:
+        """A well-formed request that cannot be served on top of what the node already
+        forgets (or has pending): the request and why (checked before it is accepted)."""
+        try:
+            request = UnlearningRequest.from_config_record(record, node_id=node)
+        except ValueError:
+            return None  # malformed: rejected with its reason by the usual checks
+        earlier = self.state.served.get(node)
+        reason = merge_conflict(earlier, request) if earlier is not None else None
+        queued = next((p for p in self.state.pending if p.node == node), None)
+        if reason is None and queued is not None:
+            reason = merge_conflict(queued.request, request)
+        return None if reason is None else (request, reason)
 
     def _known(self, node: int, record) -> bool:
         """A request this service already holds (pending), honoured or failed: the node
@@ -1070,6 +1114,33 @@ class UnlearningService:
         if list(arrays.keys()) != s.model_keys:
             raise ServiceError(f"the checkpoint in {self.state_dir} is of another model "
                                f"(its keys {s.model_keys[:3]}..., given {list(arrays)[:3]}...)")
+        bad = [k for k in s.model_keys
+               if tuple(arrays[k].shape) != tuple(self.arrays[k].shape)]
+        if bad:
+            raise ServiceError(f"the checkpoint in {self.state_dir} is of another model: "
+                               f"shapes differ for {bad[:3]} (checkpoint "
+                               f"{[tuple(self.arrays[k].shape) for k in bad[:3]]}, given "
+                               f"{[tuple(arrays[k].shape) for k in bad[:3]]})")
+
+    def _check_model(self, arrays: ArrayRecord) -> None:
+        """With a model factory, ``arrays`` must be that model's (names and shapes):
+        checked before anything is written, not by every node at its first round."""
+        if self.model_fn is None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            expected = {k: tuple(v.shape) for k, v in self.model_fn().state_dict().items()}
+        given = {k: tuple(arrays[k].shape) for k in arrays.keys()}
+        if given != expected:
+            missing = sorted(set(expected) - set(given))[:3]
+            extra = sorted(set(given) - set(expected))[:3]
+            shapes = [k for k in expected if k in given and given[k] != expected[k]][:3]
+            raise ValueError(
+                "arrays are not the model model_fn builds: "
+                + "; ".join(part for part in (
+                    f"missing {missing}" if missing else "",
+                    f"unexpected {extra}" if extra else "",
+                    f"other shapes for {shapes}" if shapes else "") if part)
+                + " (pass the ArrayRecord of model_fn()'s state dict)")
 
     def _interrupted(self, audit: AuditLog) -> None:
         if not self.note_interrupted:

@@ -168,8 +168,9 @@ def merge_conflict(earlier: UnlearningRequest, later: UnlearningRequest) -> str 
         return None
     what = (f"classes {list(earlier.classes)}" if earlier.scope == "class"
             else f"{len(earlier.sample_ids)} sample id(s)")
-    return (f"the node already forgets {what} ({earlier.scope}-wise) in this federation; a "
-            f"{later.scope}-wise request on top of it is not supported: file a "
+    article = "an" if later.scope[0] in "aeiou" else "a"
+    return (f"the node already forgets {what} ({earlier.scope}-wise) in this federation; "
+            f"{article} {later.scope}-wise request on top of it is not supported: file a "
             f"{earlier.scope}-wise or a client-wise request")
 
 
