@@ -485,3 +485,24 @@ def test_requests_that_cannot_be_served_get_a_rejected_receipt_and_bad_models_ar
     with pytest.raises(ServiceError, match=r"shapes differ for \['fc.bias'\]"):
         again.run(grid, reshaped)
     assert audit_events(tmp_path / "state" / "audit.jsonl")[-1]["event"] == "service.failed"
+
+
+def test_the_example_app_in_service_mode(tmp_path):
+    """examples/quickstart-pytorch-unlearning with ``service-rounds``: the user's FedAvg,
+    then the user's ServerApp serves node 0's inbox request in service mode (the
+    in-process engine runs the app's own ServerApp and ClientApp)."""
+    from fedunlearn import read_versions
+    from fedunlearn.engine import run_app
+
+    out = tmp_path / "out"
+    torch.set_num_threads(1)
+    run_app({"num-server-rounds": 2, "recovery-rounds": 2, "methods": "not",
+             "service-rounds": 3, "output-dir": str(out),
+             "inbox-root": str(tmp_path / "inboxes")}, 4,
+            app=ROOT / "examples" / "quickstart-pytorch-unlearning", run_id=5)
+    versions = read_versions(out)
+    assert [v["kind"] for v in versions] == ["start", "unlearned", "final"]
+    assert versions[1]["round"] == 0 and versions[1]["honours"][0]["scope"] == "client"
+    check = next(iter(versions[1]["node_checks"].values()))
+    assert check["model-sha256-ok"] is True and check["forget-total"] > 0
+    assert all(0 <= v["metrics"]["test"] <= 100 for v in versions)

@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch.utils.data import DataLoader
 
-from fedunlearn import FineTune, NoT, PUF, Recovery, serve  # +
+from fedunlearn import FineTune, NoT, PUF, Recovery, ServiceConfig, UnlearningService, serve  # +
 from unlearningexample.task import Net, load_test, test
 
 app = ServerApp()
@@ -35,6 +35,13 @@ def main(grid: Grid, context: Context) -> None:
     methods = {"not": NoT(recovery, model_fn=Net, example_input=torch.zeros(1, 1, 8, 8)),  # +
                "ft": FineTune(recovery), "puf": PUF(recovery)}  # +
     out = rc["output-dir"] or tempfile.mkdtemp(prefix="unlearning-")
+    if rc["service-rounds"]:  # + service mode: train on, serve requests as they arrive
+        service = UnlearningService(methods[rc["methods"].split(",")[0]], state_dir=out,  # +
+                                    config=ServiceConfig(rounds=rc["service-rounds"], lr=rc["lr"],  # +
+                                                         local_epochs=rc["local-epochs"]),  # +
+                                    evaluate_fn=evaluate)  # +
+        print(service.run(grid, result.arrays).steps)  # +
+        return  # +
     outcome = serve(grid, result.arrays, [methods[m] for m in rc["methods"].split(",")],  # +
                     output_dir=out, evaluate_fn=evaluate)  # +
     print(outcome.table())  # +
