@@ -506,3 +506,18 @@ def test_the_example_app_in_service_mode(tmp_path):
     check = next(iter(versions[1]["node_checks"].values()))
     assert check["model-sha256-ok"] is True and check["forget-total"] > 0
     assert all(0 <= v["metrics"]["test"] <= 100 for v in versions)
+
+
+def test_the_default_method_is_not(userapp, tmp_path):
+    from fedunlearn import UnlearningService
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    grid = UserGrid(client_app.app, inboxes={1: tmp_path / "i1"})
+    arrays = fedavg(grid, task, rounds=1)
+    Inbox(str(tmp_path / "i1")).file(scope="client")
+    service = UnlearningService(state_dir=tmp_path / "s", model_fn=task.Net,
+                                example_input=torch.zeros(1, 1, 8, 8))
+    service.config = type(service.config)(rounds=1, lr=0.05)
+    outcome = service.run(grid, arrays)
+    assert outcome.steps[0]["method"] == "not" and outcome.steps[0]["rounds"] == 11

@@ -467,7 +467,8 @@ class ExperimentConfig:
             self.service_config()  # raises naming the bad service.* key
             if len(self.methods) != 1:
                 raise ValueError(f"method={','.join(self.methods)}: service mode "
-                                 "(service.rounds > 0) serves with one method; name one")
+                                 "(service.rounds > 0) serves with one method; name one, "
+                                 "e.g. method=\"not\"")
         # Whether a request names classes or samples the data holds is checked by the
         # server per request, so that a bad request is rejected without stopping the run.
 

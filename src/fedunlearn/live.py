@@ -350,9 +350,10 @@ class UnlearningService:
 
     Parameters
     ----------
-    method : UnlearningStrategy
+    method : UnlearningStrategy, optional
         The unlearning method each step runs (e.g. ``NoT(Recovery(rounds=5),
-        model_fn=Net, example_input=x)``); a fresh copy per step.
+        model_fn=Net, example_input=x)``); a fresh copy per step. Default: NoT with the
+        default :class:`Recovery` and ``model_fn`` / ``example_input``.
     state_dir : path
         Checkpoint, versions and audit log; a service started on a directory with a
         checkpoint resumes from it.
@@ -384,7 +385,8 @@ class UnlearningService:
         by default only the service's round lines and step blocks are logged.
     """
 
-    def __init__(self, method: UnlearningStrategy, *, state_dir: str | os.PathLike,
+    def __init__(self, method: UnlearningStrategy | None = None, *,
+                 state_dir: str | os.PathLike,
                  config: ServiceConfig | None = None, evaluate_fn: Callable | None = None,
                  model_fn: Callable | None = None, example_input=None,
                  stop: Callable[[], bool] | None = None,
@@ -392,6 +394,10 @@ class UnlearningService:
                  reply_timeout: float = REPLY_TIMEOUT_S, run_config_requests: bool = False,
                  context_defaults: dict | None = None, note_interrupted: bool = True,
                  verbose: bool = False) -> None:
+        if method is None:  # NoT with the default recovery
+            from .strategies import get_method
+
+            method = get_method("not")(model_fn=model_fn, example_input=example_input)
         if not isinstance(method, UnlearningStrategy):
             raise TypeError(f"method={method!r}: expected a fedunlearn strategy "
                             "(e.g. fedunlearn.NoT(...))")
