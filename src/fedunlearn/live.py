@@ -449,9 +449,17 @@ class UnlearningService:
         self.grid = federation.GuardedGrid(grid, self.audit, self.reply_timeout)
         self.started = time.monotonic()
         self.trainer = _Trainer(seed=self.config.seed)
-        loaded = self.load()
-        resumed_from = None
         self._check_model(arrays)
+        loaded = self.load()
+        self.state = loaded[0] if loaded is not None else ServiceState()
+        try:
+            return self._serve(arrays, verified, audit, loaded, grid)
+        except BaseException as err:  # said in the log: no later run takes it for a crash
+            self.audit.record("service.failed", error=f"{type(err).__name__}: {err}"[:1000])
+            raise
+
+    def _serve(self, arrays, verified, audit, loaded, grid) -> ServiceOutcome:
+        resumed_from = None
         if loaded is None:
             self.state = ServiceState(method=self.method.name, model_keys=list(arrays.keys()))
             self.arrays, self.momentum = arrays, None
@@ -465,11 +473,7 @@ class UnlearningService:
         else:
             self.state, self.arrays, self.momentum = loaded
             self._interrupted(audit)
-            try:
-                self._check_resume(arrays)
-            except ServiceError as err:  # said in the log, so no later run takes it for a crash
-                self.audit.record("service.failed", error=f"ServiceError: {err}"[:1000])
-                raise
+            self._check_resume(arrays)
             resumed_from = self.state.round
             log(INFO, "[service] resumed from %s: round %d, version %d, %d pending request(s)",
                 self.state_dir / CHECKPOINT_FILE, self.state.round, self.state.version,
@@ -477,35 +481,27 @@ class UnlearningService:
             self.audit.record("service.resumed", method=self.method.name,
                               model=model_digest(self.arrays),
                               pending=len(self.state.pending))
-            try:
-                self.rejoin_simulation(grid)
-            except ServiceError as err:
-                self.audit.record("service.failed", error=f"ServiceError: {err}"[:1000])
-                raise
+            self.rejoin_simulation(grid)
             self.grid.verify(self.state.view)
             self.grid.reports = dict(self.state.reports)
             self.audit_steps()
             self.flush_outbox()
         self._flops()
         stopped = "budget"
-        try:
-            while True:
-                why = self.budget_spent()
-                if why:
-                    stopped = why
-                    break
-                if self.state.round % self.config.query_every == 0:
-                    self.collect()
-                self.deadlines()
-                if self.ready():
-                    self.unlearn()
-                self.train_round()
-                if self.stop is not None and self.stop():
-                    stopped = "stop() asked"
-                    break
-        except BaseException as err:
-            self.audit.record("service.failed", error=f"{type(err).__name__}: {err}"[:1000])
-            raise
+        while True:
+            why = self.budget_spent()
+            if why:
+                stopped = why
+                break
+            if self.state.round % self.config.query_every == 0:
+                self.collect()
+            self.deadlines()
+            if self.ready():
+                self.unlearn()
+            self.train_round()
+            if self.stop is not None and self.stop():
+                stopped = "stop() asked"
+                break
         if model_digest(self.arrays) != self._last_digest():
             self.publish("final", [])
             self.checkpoint()
@@ -1085,8 +1081,10 @@ class UnlearningService:
                           model=entry["sha256"], path=str(path),
                           honours=[{k: h[k] for k in ("node", "scope", "digest", "inbox_ids")}
                                    for h in honours])
-        log(INFO, "[service] published version %d (%s, round %d): %s", number, kind,
-            self.state.round, path)
+        metrics = ", ".join(f"{k} {v:.2f}%" for k, v in entry.get("metrics", {}).items()
+                            if isinstance(v, (int, float)))
+        log(INFO, "[service] published version %d (%s, round %d%s): %s", number, kind,
+            self.state.round, f", {metrics}" if metrics else "", path)
         return entry
 
     def _last_digest(self) -> str:

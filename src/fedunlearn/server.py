@@ -341,7 +341,11 @@ def run_service(experiment: Experiment) -> dict:
     nodes' requests as they arrive with the one configured method
     (:class:`fedunlearn.live.UnlearningService`); the output dir is the service's state
     directory (checkpoint, versions, audit log)."""
+    import numpy as np
+
     from .live import CHECKPOINT_FILE, UnlearningService
+    from .metrics import accuracy_from_logits, predict
+    from .training import load_arrays
 
     cfg, out = experiment.cfg, experiment.output_dir
     experiment.ledger.interrupted()
@@ -356,10 +360,13 @@ def run_service(experiment: Experiment) -> dict:
     else:
         arrays, _ = experiment.pretrain()
     strategy = create_method(cfg.methods[0], experiment.context)
-    evaluator = experiment.evaluator
+    test_ids = np.arange(len(experiment.data.test))
 
-    def evaluate(a):
-        return {"test": float(evaluator.progress("service", 0, a, 0)["test-accuracy"])}
+    def evaluate(a):  # the server's own test set, for each published version
+        model = load_arrays(experiment.new_model(), a).to(experiment.device)
+        logits, labels = predict(model, experiment.data.test, test_ids,
+                                 device=experiment.device)
+        return {"test": accuracy_from_logits(logits, labels)}
 
     def on_round(rnd, info):
         emit("round", phase="service", round=rnd, rounds=cfg.service_rounds)
