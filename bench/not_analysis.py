@@ -150,7 +150,7 @@ def lwo_section(root: Path, seeds: list[int]) -> str:
 
 
 def cka_section(root: Path, perturbation_root: Path, lwo_root: Path) -> str:
-    from fedunlearn.analysis import run_cka
+    from fedunlearn.harness.analysis import run_cka
 
     perturbation_root = perturbation_root / "client"
     negate, ft = perturbation_root / "not-negate-seed0", perturbation_root / "not-none-seed0"

@@ -1,7 +1,7 @@
 """Why does NoT's recovery oscillate on label-skewed data, and what fixes it?
 
 Runs on fedunlearn's real code, in one process: for each setting and seed a harness job
-(:class:`fedunlearn.server.Experiment`: the data, the verified federation, client 0's
+(:class:`fedunlearn.harness.run.Experiment`: the data, the verified federation, client 0's
 client-wise request, the evaluator) on the in-process engine (:class:`fedunlearn.engine.
 LocalGrid`, every message answered by the real ClientApp ``flower_apps.client_app:app``).
 The default digits CNN is pretrained over 10 clients by the harness's pretraining (cached
@@ -57,10 +57,10 @@ import numpy as np
 import torch
 from flwr.common.logger import FLOWER_LOGGER
 
-from fedunlearn.config import ExperimentConfig
+from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.engine import LocalGrid, load_components, server_identity
 from fedunlearn.launch import project_root
-from fedunlearn.server import Experiment
+from fedunlearn.harness.run import Experiment
 from fedunlearn.strategies import get_method
 from fedunlearn.strategies.base import Recovery, Training
 from fedunlearn.strategies.stopping import StoppingRule

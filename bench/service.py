@@ -35,7 +35,7 @@ import torch
 from fedunlearn import NoT, Recovery, ServiceConfig, UnlearningService
 from fedunlearn.engine import LocalGrid, server_identity
 from fedunlearn.inbox import Inbox
-from fedunlearn.models import create_model
+from fedunlearn.harness.models import create_model
 from fedunlearn.requests import UnlearningRequest
 from fedunlearn.service import target_metrics
 from flwr.app import ArrayRecord

@@ -1,9 +1,9 @@
-"""Flower ServerApp: wires the run-config to :func:`fedunlearn.server.run_experiment`."""
+"""Flower ServerApp: wires the run-config to :func:`fedunlearn.harness.run.run_experiment`."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedunlearn.server import run_experiment
+from fedunlearn.harness.run import run_experiment
 
 app = ServerApp()
 

@@ -91,7 +91,7 @@ class RecordingGrid:
 def make_context(rc: dict, requests: dict):
     """A server-side context for the synthetic 4-node federation of :data:`NODE`."""
     from fedunlearn.client import NodeView
-    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.harness.config import ExperimentConfig
     from fedunlearn.metrics import flops_per_sample
     from fedunlearn.negation import example_input_for
     from fedunlearn.strategies import UnlearningContext

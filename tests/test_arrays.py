@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord
 from fedunlearn.arrays import (DecodedArray, copy_record, decoded, from_numpy,
                                record_from_state, state_dict, to_numpy)
 from fedunlearn.client.actions import handle_action
-from fedunlearn.models import create_model
+from fedunlearn.harness.models import create_model
 from fedunlearn.training import to_arrays
 from tests.helpers import RC, context, train_msg
 

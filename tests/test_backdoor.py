@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import fedunlearn.client.actions.default as client_mod
-from fedunlearn.backdoor import (BackdoorConfig, PoisonTransform, attack_success_rate,
+from fedunlearn.harness.backdoor import (BackdoorConfig, PoisonTransform, attack_success_rate,
                                  patch_size_for, poisoned_ids, stamp_trigger, trigger_value)
 from fedunlearn.client import NodeView, handle_train
-from fedunlearn.config import ExperimentConfig
+from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.training import to_arrays
 
 from .helpers import context, run_config

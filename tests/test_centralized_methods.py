@@ -466,7 +466,7 @@ def test_the_report_labels_a_one_client_federation_as_centralized(tmp_path):
 
 
 def test_the_closing_table_of_a_one_client_job_says_centralized():
-    from fedunlearn.results import comparison_markdown, comparison_text
+    from fedunlearn.harness.results import comparison_markdown, comparison_text
 
     def result(method, num_clients):
         metrics = {"retain": 99.0, "forget": 97.0, "test": 97.0, "mia": 50.0}

@@ -12,7 +12,7 @@ from torch import nn
 
 from fedunlearn.cli import main
 from fedunlearn.metrics.cka import cka_by_layer, layer_activations, linear_cka
-from fedunlearn.models import create_model
+from fedunlearn.harness.models import create_model
 from fedunlearn.negation import example_input_for, negate_layers, trace_layers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -40,7 +40,7 @@ def _images(n: int = 128, seed: int = 1) -> torch.Tensor:
 
 
 def _digits(n: int = 200) -> torch.Tensor:
-    from fedunlearn.data import load_dataset
+    from fedunlearn.harness.data import load_dataset
 
     _, test, _ = load_dataset("digits")
     return torch.stack([test[i][0] for i in range(n)])

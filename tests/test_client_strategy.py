@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import fedunlearn.client.actions.default as client_mod
 from fedunlearn.client import NodeView, handle_evaluate, handle_train, request_to_config
-from fedunlearn.config import ExperimentConfig
+from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.metrics import arrayrecord_nbytes
 from fedunlearn.requests import UnlearningRequest
 from fedunlearn.strategies import UnlearningContext, create_method, list_methods

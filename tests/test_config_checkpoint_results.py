@@ -9,10 +9,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedunlearn.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from fedunlearn.config import ExperimentConfig
+from fedunlearn.harness.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.launch import check_run_config, default_run_config
-from fedunlearn.results import comparison_markdown, comparison_rows, results_path
+from fedunlearn.harness.results import comparison_markdown, comparison_rows, results_path
 
 from .helpers import run_config
 

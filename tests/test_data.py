@@ -1,4 +1,4 @@
-"""Tests of fedunlearn.data: datasets, partitions, client splits, FederatedData."""
+"""Tests of fedunlearn.harness.data: datasets, partitions, client splits, FederatedData."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedunlearn.data import (
+from fedunlearn.harness.data import (
     DATASETS,
     DataInfo,
     FederatedData,
@@ -375,7 +375,7 @@ def test_caltech101_missing_files(tmp_path: Path) -> None:
 
 def test_the_known_training_sizes_match_the_loaded_data():
     """federation.num-clients is bounded before any data is loaded by these sizes."""
-    from fedunlearn.data import DATASET_TRAIN_SIZES
+    from fedunlearn.harness.data import DATASET_TRAIN_SIZES
 
     for name in ("digits", "synthetic"):
         train, _, info = load_dataset(name)
@@ -383,8 +383,8 @@ def test_the_known_training_sizes_match_the_loaded_data():
 
 
 def test_synthetic_data_has_a_size_setting_for_many_clients():
-    from fedunlearn.config import ExperimentConfig
-    from fedunlearn.data import load_dataset
+    from fedunlearn.harness.config import ExperimentConfig
+    from fedunlearn.harness.data import load_dataset
     from tests.helpers import run_config
 
     default_train, default_test, info = load_dataset("synthetic")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedunlearn.client import NodeView
-from fedunlearn.config import ExperimentConfig
-from fedunlearn.evaluation import Evaluator, forgotten_classes
+from fedunlearn.harness.config import ExperimentConfig
+from fedunlearn.harness.evaluation import Evaluator, forgotten_classes
 from fedunlearn.metrics import mia_result
 from fedunlearn.requests import UnlearningRequest
 from fedunlearn.training import to_arrays

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedunlearn.config import ExperimentConfig
+from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.experiment.config import (RUN_CONFIG_MAP, compose, conf_dir,
                                           federation_settings, ratio_clients, to_run_config)
 from fedunlearn.launch import default_run_config
@@ -67,8 +67,8 @@ def test_every_option_passes_only_known_keys_with_default_values(group, pyprojec
 
 
 def test_groups_mirror_the_library():
-    from fedunlearn.data import DATASETS
-    from fedunlearn.models import list_models
+    from fedunlearn.harness.data import DATASETS
+    from fedunlearn.harness.models import list_models
     from fedunlearn.strategies import list_methods
 
     assert set(options("dataset")) == set(DATASETS)

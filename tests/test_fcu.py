@@ -15,7 +15,7 @@ from fedunlearn.client.actions.contrastive_fusion import (contrastive_loss,
 from fedunlearn.client.local_steps import PenultimateFeatures, random_model
 from fedunlearn.launch import check_run_config
 from fedunlearn.metrics import arrayrecord_nbytes
-from fedunlearn.models import create_model
+from fedunlearn.harness.models import create_model
 from fedunlearn.requests import UnlearningRequest
 from fedunlearn.strategies import create_method
 from fedunlearn.training import to_arrays

@@ -1,6 +1,6 @@
 """One verified view of the federation for the whole job, checked replies, requests from
 the nodes on a deployment, receipts and the audit trail: whole jobs
-(:func:`fedunlearn.server.run_experiment`) on a fake grid whose nodes answer with the
+(:func:`fedunlearn.harness.run.run_experiment`) on a fake grid whose nodes answer with the
 real ClientApp and whose membership changes while the job runs.
 
 Each test reproduces one hole of the deployment path and shows it closed with the job
@@ -29,7 +29,7 @@ import fedunlearn.federation as federation
 from fedunlearn.audit import read_audit
 from fedunlearn.cli import main as cli
 from fedunlearn.inbox import Inbox
-from fedunlearn.server import run_experiment
+from fedunlearn.harness.run import run_experiment
 
 from .helpers import incoming, run_config
 
@@ -202,7 +202,7 @@ def test_collect_requests_without_a_verified_map_refuses_shared_partitions(serve
     from flwr.app import ConfigRecord
 
     from fedunlearn.client import federated_data
-    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.harness.config import ExperimentConfig
     from fedunlearn.requests import NODE_RECORD, REQUEST_RECORD
 
     from .helpers import reply_from
@@ -361,7 +361,7 @@ def test_the_harness_server_checks_requests_without_the_client_partitions(
     """Node 11 asks for class 1, node 12 for an id it does not hold: the server accepts
     and rejects them from the nodes' reports (same reasons as before), bounds replies by
     the reported counts, and never reads a partition of its own copy of the data."""
-    import fedunlearn.server as server
+    import fedunlearn.harness.run as server
 
     real = server.federated_data
     monkeypatch.setattr(server, "federated_data", lambda cfg: _NoPartitions(real(cfg)))
@@ -394,7 +394,7 @@ def test_harness_nodes_that_hold_their_own_data_folders(app, tmp_path, server_id
     from datasets import Dataset, DatasetDict
     from sklearn.datasets import load_digits
 
-    import fedunlearn.server as server
+    import fedunlearn.harness.run as server
 
     real = server.federated_data
     monkeypatch.setattr(server, "federated_data", lambda cfg: _NoPartitions(real(cfg)))

@@ -17,11 +17,11 @@ from flwr.app import ArrayRecord
 from fedunlearn.audit import model_digest
 from fedunlearn.client import NodeView
 from fedunlearn.client.actions.projected_ascent import project_to_ball, squared_distance
-from fedunlearn.config import ExperimentConfig
-from fedunlearn.data.federated import build_federated_data, server_split
+from fedunlearn.harness.config import ExperimentConfig
+from fedunlearn.harness.data.federated import build_federated_data, server_split
 from fedunlearn.history import HistorySpec, check_bound, estimate_bytes, find_history
 from fedunlearn.launch import check_run_config
-from fedunlearn.pretraining import pretrain
+from fedunlearn.harness.pretraining import pretrain
 from fedunlearn.requests import UnlearningRequest
 from fedunlearn.strategies import check_history_bound, create_method, history_spec
 from fedunlearn.strategies.federaser import calibrate_update, weighted_sum

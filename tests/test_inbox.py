@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedunlearn.cli import main as cli
 from fedunlearn.client import federated_data, handle_query
-from fedunlearn.config import ExperimentConfig
+from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.federation import receipt_record
 from fedunlearn.inbox import Inbox, InboxError
 from fedunlearn.requests import (NODE_RECORD, QUERY_CONFIG, RECEIPT_ACK, RECEIPT_RECORD,

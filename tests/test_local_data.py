@@ -8,7 +8,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedunlearn.client import node_dataset
-from fedunlearn.data.local import load_local_dataset
+from fedunlearn.client.local_data import load_local_dataset
 
 
 def ctx(**nc):

@@ -20,11 +20,11 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 import fedunlearn.client.actions.pseudo_gradient as pg_mod
 from fedunlearn.client import NodeView
 from fedunlearn.client.actions import list_actions, message_type
-from fedunlearn.config import ExperimentConfig
+from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.launch import check_run_config, project_root
 from fedunlearn.metrics import arrayrecord_nbytes
 from fedunlearn.requests import UnlearningRequest
-from fedunlearn.results import comparison_markdown, comparison_text
+from fedunlearn.harness.results import comparison_markdown, comparison_text
 from fedunlearn.strategies import (create_method, get_method,
                                    list_methods)
 from fedunlearn.strategies.puf import negated_pseudo_gradient

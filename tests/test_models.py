@@ -1,4 +1,4 @@
-"""Tests for the model registry in :mod:`fedunlearn.models`."""
+"""Tests for the model registry in :mod:`fedunlearn.harness.models`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedunlearn.models import MODELS, SmallCNN, create_model, list_models, register_model
+from fedunlearn.harness.models import MODELS, SmallCNN, create_model, list_models, register_model
 from fedunlearn.negation import example_input_for, first_layer
 
 NUM_CLASSES = 10

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from fedunlearn.models import create_model
+from fedunlearn.harness.models import create_model
 from fedunlearn.negation import (
     LayerInfo,
     example_input_for,

@@ -155,7 +155,7 @@ def test_a_perturbation_registered_outside_the_package_runs_in_a_job(tmp_path):
 def test_vit_layers_for_the_layer_ablation():
     """Figure 4's choices on a timm ViT: the patch projection (first layer), the
     positional embedding (a parameter) and one head's query rows of the first block."""
-    from fedunlearn.models import create_model
+    from fedunlearn.harness.models import create_model
     from fedunlearn.negation import example_input_for, negate_layers
 
     torch.manual_seed(0)

@@ -281,7 +281,7 @@ def test_start_on_an_unbound_unlearning_strategy_raises(userapp):
 
 
 def test_server_side_import_does_not_load_the_client_side():
-    code = ("import sys, fedunlearn, fedunlearn.service, fedunlearn.server, "
+    code = ("import sys, fedunlearn, fedunlearn.service, fedunlearn.harness.run, "
             "fedunlearn.strategies as s; s.list_methods(); from fedunlearn import NoT, serve; "
             "print('fedunlearn.client' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -149,7 +149,7 @@ def test_a_round_without_usable_replies_fails_naming_node_and_key(server_identit
 
 
 def test_validated_recovery_preset_is_a_valid_run_config():
-    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.harness.config import ExperimentConfig
     from fedunlearn.launch import check_run_config, load_preset
 
     rc = check_run_config({**load_preset("validated-recovery"),
@@ -163,7 +163,7 @@ def test_validated_recovery_preset_is_a_valid_run_config():
 def test_default_recovery_is_fedavgm_and_the_centralized_preset_keeps_plain_fine_tuning():
     """The recovery protocol a user gets without options (README, Recovery), and the
     centralized setting's fixed plain fine-tuning (Table 2), from the real run-config."""
-    from fedunlearn.config import ExperimentConfig
+    from fedunlearn.harness.config import ExperimentConfig
     from fedunlearn.launch import check_run_config, load_preset
 
     cfg = ExperimentConfig.from_run_config(check_run_config({}))

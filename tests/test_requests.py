@@ -10,7 +10,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from fedunlearn.client import federated_data, handle_query
-from fedunlearn.config import ExperimentConfig
+from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.requests import (NODE_RECORD, REQUEST_RECORD, UnlearningRequest,
                                  forget_indices, retained_indices,
                                  validate_request)
@@ -199,7 +199,7 @@ def test_evaluator_counts_a_malformed_evaluate_reply_as_a_failed_node(server_ide
     from flower_apps.client_app import app
 
     from fedunlearn.client import NodeView
-    from fedunlearn.evaluation import Evaluator
+    from fedunlearn.harness.evaluation import Evaluator
     from fedunlearn.training import to_arrays
 
     from .helpers import NODE, RC, RecordingGrid

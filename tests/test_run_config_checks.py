@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedunlearn.launch as launch
-from fedunlearn.config import ExperimentConfig
+from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.launch import check_run_config, default_run_config
 
 HOSTILE = [
@@ -139,7 +139,7 @@ def test_values_at_the_edges_of_their_ranges_run_a_job_to_its_end(overrides, tmp
     method that could not finish, saying why (``failed.json``): never a traceback."""
     import json
 
-    from fedunlearn.server import run_experiment
+    from fedunlearn.harness.run import run_experiment
     from fedunlearn.strategies.base import UnlearningFailed
 
     from .test_federation_view import LiveGrid, job_config, nodes_config

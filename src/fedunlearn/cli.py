@@ -224,7 +224,7 @@ def _named_path(text: str) -> tuple[str, str]:
 
 
 def cmd_cka(args) -> int:
-    from .analysis import run_cka  # torch and matplotlib only for this command
+    from .harness.analysis import run_cka  # torch and matplotlib only for this command
 
     models = [_named_path(m) for m in args.models]
     if len(models) < 2:

@@ -30,7 +30,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from .data import FederatedData
+from .harness.data import FederatedData
 from .replies import (check_evaluate_metrics, check_train_reply, parse_evaluate_reply,
                       parse_node_record, parse_node_report)
 from .requests import (INBOX_ID_PATTERN, INVALID_SCOPE, MAX_ERROR_CHARS, MAX_INBOX_IDS,

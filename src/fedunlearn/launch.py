@@ -210,7 +210,7 @@ def check_run_config(overrides: Mapping, app: str | Path | None = None) -> dict:
 
     Raises ``ValueError`` for an unknown key or a bad value, naming it.
     """
-    from .config import ExperimentConfig
+    from .harness.config import ExperimentConfig
 
     merged = default_run_config(app)
     unknown = sorted(set(overrides) - set(merged))
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.app is None and not overrides.get("output-dir"):
         # The harness's default (~/fedunlearn-results/<time>), chosen here so that the
         # job's log file goes beside its results.
-        from .server import resolve_output_dir
+        from .harness.run import resolve_output_dir
 
         overrides["output-dir"] = str(resolve_output_dir(""))
     if log_file is None and overrides.get("output-dir"):

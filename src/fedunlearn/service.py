@@ -44,7 +44,7 @@ from .metrics import flops_per_sample
 from .protocol import EVALUATE_UNLEARN, MODEL_KEY, REPLY_TIMEOUT_S, reply_timeout
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
-from .results import FAILED_FILE, write_json
+from .harness.results import FAILED_FILE, write_json
 from .wire import WireError
 from .strategies.base import UnlearningContext, UnlearningFailed, UnlearningStrategy
 

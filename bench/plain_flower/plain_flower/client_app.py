@@ -4,8 +4,8 @@ training loop, so only the orchestration differs from fedunlearn's)."""
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedunlearn.data import build_federated_data
-from fedunlearn.models import create_model
+from fedunlearn.harness.data import build_federated_data
+from fedunlearn.harness.models import create_model
 from fedunlearn.training import load_arrays, resolve_device, to_arrays, train_local
 
 app = ClientApp()

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedunlearn.models import create_model
+from fedunlearn.harness.models import create_model
 from fedunlearn.training import to_arrays
 
 app = ServerApp()

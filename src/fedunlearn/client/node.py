@@ -23,11 +23,11 @@ import numpy as np
 from flwr.app import Context
 from flwr.common.logger import log
 
-from ..backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
-from ..config import ExperimentConfig, parse_int_list
-from ..data import FederatedData, federated_data
+from ..harness.backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
+from ..harness.config import ExperimentConfig, parse_int_list
+from ..harness.data import FederatedData, federated_data
 from ..inbox import INBOX_KEY, Inbox, InboxRequest
-from ..models import create_model
+from ..harness.models import create_model
 from ..requests import UnlearningRequest, forget_indices, validate_request
 
 
@@ -170,7 +170,7 @@ def local_view(context: Context, cfg: ExperimentConfig) -> NodeView:
     run-config's model (``model`` on ``dataset.name``'s shape) trained on the folder's
     samples. Its requests come from its inbox or node-config, checked on the node; the
     run-config's ``forget.clients`` and backdoor do not apply to it."""
-    from ..data import DATASET_SHAPES
+    from ..harness.data import DATASET_SHAPES
     from .plugin import build_view, node_dataset
 
     key = (int(context.run_id), int(context.node_id), str(context.node_config["dataset-path"]),

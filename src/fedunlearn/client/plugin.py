@@ -105,8 +105,8 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
 def node_dataset(context: Context):
     """``(train, val)`` from this node's node-config ``dataset-path`` (Flower's examples'
     convention), with optional ``image-column`` / ``label-column``: pass it as
-    ``attach(app, data=node_dataset, ...)``. See :mod:`fedunlearn.data.local`."""
-    from ..data.local import load_local_dataset
+    ``attach(app, data=node_dataset, ...)``. See :mod:`fedunlearn.client.local_data`."""
+    from .local_data import load_local_dataset
 
     nc = context.node_config
     if "dataset-path" not in nc:

@@ -137,7 +137,7 @@ def _method_params_text(name: Any, params: Any) -> str:
     A method's yaml holds a flat mapping (``params: {alpha: 2.0}``) for its own
     ``name``; a multi-method choice may hold one mapping per method
     (``params: {puf: {alpha: 2.0}}``). A string is passed on as it is."""
-    from ..config import format_method_params
+    from ..harness.config import format_method_params
 
     if params is None or params is _MISSING or (isinstance(params, Mapping) and not params):
         return ""

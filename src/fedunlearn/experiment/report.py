@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import METRIC_KEYS, average_gap
-from ..results import RESULTS_FILE, metric_keys
+from ..harness.results import RESULTS_FILE, metric_keys
 
 REPORT_DIR = "report"
 REFERENCE = "retrain"
@@ -1016,7 +1016,7 @@ def draw_cka(group: Group, entries: Sequence[tuple[Path, dict]], gdir: Path,
     found = cka_models(entries)
     if found is None:
         return "", []
-    from ..analysis import run_cka
+    from ..harness.analysis import run_cka
 
     seed, reference, models = found
     config = entries[0][1].get("config") or {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ..config import ExperimentConfig
+from ..harness.config import ExperimentConfig
 from ..history import HistorySpec
 from .base import (CostMeter, Phase, Recovery, Training, UnlearningContext,
                    UnlearningFailed, UnlearningStrategy)
@@ -116,9 +116,9 @@ def check_history_bound(cfg: ExperimentConfig, params: dict[str, MethodParams] |
         return None
     import torch
 
-    from ..data import DATASET_SHAPES
+    from ..harness.data import DATASET_SHAPES
     from ..history import check_bound, model_float_bytes
-    from ..models import create_model
+    from ..harness.models import create_model
 
     classes, channels, size = DATASET_SHAPES[cfg.dataset]
     with torch.device("meta"):  # shapes only: no memory, no initialisation

@@ -43,7 +43,7 @@ from ..arrays import decoded, records
 from ..protocol import (COST_METRICS, DEFAULT_ACTION, EVALUATE_UNLEARN, METRIC_KEYS, MODEL_KEY,
                         FORWARD_SAMPLES, NUM_EXAMPLES, RETAINED_ACTION, SAMPLES_PROCESSED)
 from ..protocol import message_type as action_message_type
-from ..config import ExperimentConfig
+from ..harness.config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
 from ..requests import SCOPES, UnlearningRequest, merge_requests, request_to_config
 from ..history import HistorySpec

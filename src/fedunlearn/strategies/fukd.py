@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..config import ExperimentConfig
+from ..harness.config import ExperimentConfig
 from ..history import HistorySpec
 from ..training import load_arrays, resolve_device, to_arrays, to_state
 from . import register_method

@@ -97,8 +97,8 @@ class NoT(FineTune):
         built from the data set's shape): a typo fails before Flower starts."""
         if not cfg.negate_layers:
             return
-        from ..data import DATASET_SHAPES
-        from ..models import create_model
+        from ..harness.data import DATASET_SHAPES
+        from ..harness.models import create_model
         from ..negation import example_input_for
 
         classes, channels, size = DATASET_SHAPES[cfg.dataset]

@@ -397,7 +397,7 @@ class ExperimentConfig:
     def service_config(self):
         """The :class:`fedunlearn.live.ServiceConfig` of the run-config's ``service.*``
         (training as in pretraining: ``pretrain.lr``, ``federation.local-epochs``)."""
-        from .live import ServiceConfig
+        from ..live import ServiceConfig
 
         return ServiceConfig(
             rounds=self.service_rounds, wall_s=self.service_wall_s,

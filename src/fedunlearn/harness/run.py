@@ -28,25 +28,25 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from . import federation
-from .audit import AuditLog, audit_path
+from .. import federation
+from ..audit import AuditLog, audit_path
 from .backdoor import patch_size_for, trigger_value
 from .config import ExperimentConfig
 from .data import FederatedData, federated_data
-from .console import emit
+from ..console import emit
 from .evaluation import Evaluator
-from .ledger import Ledger
-from .metrics import flops_per_sample
+from ..ledger import Ledger
+from ..metrics import flops_per_sample
 from .models import create_model
-from .negation import example_input_for
+from ..negation import example_input_for
 from .pretraining import pretrain
-from .service import MODEL_FILE, save_model
-from .requests import UnlearningRequest
+from ..service import MODEL_FILE, save_model
+from ..requests import UnlearningRequest
 from .results import (COMPARISON_FILE, FAILED_FILE, SKIPPED_FILE, comparison_markdown,
                       comparison_text, result_record, results_path, write_json)
-from .strategies import (UnlearningContext, UnlearningFailed, check_methods, create_method,
+from ..strategies import (UnlearningContext, UnlearningFailed, check_methods, create_method,
                          get_method, history_spec)
-from .training import resolve_device
+from ..training import resolve_device
 
 
 class Experiment:
@@ -343,9 +343,9 @@ def run_service(experiment: Experiment) -> dict:
     directory (checkpoint, versions, audit log)."""
     import numpy as np
 
-    from .live import CHECKPOINT_FILE, UnlearningService
-    from .metrics import accuracy_from_logits, predict
-    from .training import load_arrays
+    from ..live import CHECKPOINT_FILE, UnlearningService
+    from ..metrics import accuracy_from_logits, predict
+    from ..training import load_arrays
 
     cfg, out = experiment.cfg, experiment.output_dir
     experiment.ledger.interrupted()

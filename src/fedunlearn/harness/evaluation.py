@@ -15,15 +15,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from .backdoor import attack_success_rate
-from .metrics import (MIA_MIN_SAMPLES, accuracy_from_logits, membership_features, mia_result,
+from ..metrics import (MIA_MIN_SAMPLES, accuracy_from_logits, membership_features, mia_result,
                       predict, split_nonmembers)
-from .replies import parse_evaluate_reply
-from .protocol import EVALUATE_UNLEARN
-from .requests import request_to_config
-from .training import load_arrays
-from .wire import WireError
+from ..replies import parse_evaluate_reply
+from ..protocol import EVALUATE_UNLEARN
+from ..requests import request_to_config
+from ..training import load_arrays
+from ..wire import WireError
 
-from .protocol import reply_timeout  # noqa: E402
+from ..protocol import reply_timeout  # noqa: E402
 
 
 class Evaluator:

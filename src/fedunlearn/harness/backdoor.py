@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .metrics import predict
+from ..metrics import predict
 
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
 _VALUE_PROBE = 512  # training images scanned for the brightest value ("auto")

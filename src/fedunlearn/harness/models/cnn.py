@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedunlearn.models.registry import register_model
+from fedunlearn.harness.models.registry import register_model
 
 __all__ = ["SmallCNN", "build_cnn"]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from fedunlearn.models.registry import register_model
+from fedunlearn.harness.models.registry import register_model
 
 __all__ = ["build_vit", "build_vit_tiny"]
 

@@ -8,8 +8,8 @@ from functools import lru_cache
 import numpy as np
 from torch.utils.data import Dataset
 
-from fedunlearn.data.datasets import DataInfo, load_dataset
-from fedunlearn.data.partition import client_split, partition_indices
+from fedunlearn.harness.data.datasets import DataInfo, load_dataset
+from fedunlearn.harness.data.partition import client_split, partition_indices
 
 
 @dataclass
@@ -93,7 +93,7 @@ def build_federated_data(
     Parameters
     ----------
     dataset : str
-        Dataset name, see :func:`fedunlearn.data.load_dataset`.
+        Dataset name, see :func:`fedunlearn.harness.data.load_dataset`.
     num_clients : int
         Number of partitions.
     partitioning : str
@@ -109,7 +109,7 @@ def build_federated_data(
     download : bool
         Let torchvision download missing files.
     image_size : int or None
-        Image side passed to :func:`~fedunlearn.data.load_dataset` (e.g. 224 for
+        Image side passed to :func:`~fedunlearn.harness.data.load_dataset` (e.g. 224 for
         a ViT); ``None`` keeps the dataset's default.
     server_fraction : float
         Share of the training pool reserved for the server before partitioning
@@ -117,7 +117,7 @@ def build_federated_data(
         leaves the partitions exactly as without it.
     size : int
         Training samples of ``synthetic`` (0: its default); see
-        :func:`~fedunlearn.data.load_dataset`.
+        :func:`~fedunlearn.harness.data.load_dataset`.
 
     Returns
     -------

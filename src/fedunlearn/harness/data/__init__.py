@@ -1,6 +1,6 @@
 """Datasets, their federated partitions and per-client train/val splits."""
 
-from fedunlearn.data.datasets import (
+from fedunlearn.harness.data.datasets import (
     DATASET_SHAPES,
     DATASET_TRAIN_SIZES,
     DATASETS,
@@ -10,8 +10,8 @@ from fedunlearn.data.datasets import (
     load_dataset,
     stratified_split,
 )
-from fedunlearn.data.federated import FederatedData, build_federated_data, federated_data
-from fedunlearn.data.partition import PARTITIONING_SCHEMES, client_split, partition_indices
+from fedunlearn.harness.data.federated import FederatedData, build_federated_data, federated_data
+from fedunlearn.harness.data.partition import PARTITIONING_SCHEMES, client_split, partition_indices
 
 __all__ = [
     "DATASETS",

@@ -17,12 +17,12 @@ from flwr.app import ArrayRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from .audit import model_digest
+from ..audit import model_digest
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .protocol import MODEL_KEY
-from .history import HistoryRecorder, HistorySpec, TrainingHistory, find_history, history_dir
-from .strategies.base import PretrainingProtocol, UnlearningContext, UnlearningStrategy
-from .training import to_arrays
+from ..protocol import MODEL_KEY
+from ..history import HistoryRecorder, HistorySpec, TrainingHistory, find_history, history_dir
+from ..strategies.base import PretrainingProtocol, UnlearningContext, UnlearningStrategy
+from ..training import to_arrays
 
 
 class PretrainStrategy(PretrainingProtocol, UnlearningStrategy):

@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .metrics import METRIC_KEYS, average_gap, deltas
+from ..metrics import METRIC_KEYS, average_gap, deltas
 
 RESULTS_FILE = "results.json"
 SKIPPED_FILE = "skipped.json"

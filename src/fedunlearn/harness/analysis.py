@@ -168,8 +168,8 @@ def run_cka(dataset: str, model: str, reference: tuple[str, str],
     Parameters
     ----------
     dataset, model : str
-        Data set (:func:`fedunlearn.data.load_dataset`) and registered model name
-        (:func:`fedunlearn.models.create_model`) the state dicts belong to.
+        Data set (:func:`fedunlearn.harness.data.load_dataset`) and registered model name
+        (:func:`fedunlearn.harness.models.create_model`) the state dicts belong to.
     reference : (str, str)
         ``(name, path)`` of the reference model.
     others : sequence of (str, str)
@@ -183,7 +183,7 @@ def run_cka(dataset: str, model: str, reference: tuple[str, str],
     layers : sequence of str, optional
         Only these traced layers (default: all).
     root, image_size
-        Passed to :func:`fedunlearn.data.load_dataset`.
+        Passed to :func:`fedunlearn.harness.data.load_dataset`.
 
     Returns
     -------
@@ -191,9 +191,9 @@ def run_cka(dataset: str, model: str, reference: tuple[str, str],
         ``layers``, ``columns`` (model -> values), ``samples`` (the inputs used: fewer
         than asked when the test split is smaller), ``table`` (Markdown) and ``paths``.
     """
-    from fedunlearn.data import load_dataset
+    from fedunlearn.harness.data import load_dataset
     from fedunlearn.metrics.cka import cka_by_layer
-    from fedunlearn.models import create_model
+    from fedunlearn.harness.models import create_model
     from fedunlearn.negation import trace_layers
 
     if not others:
