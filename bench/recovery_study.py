@@ -60,6 +60,7 @@ from flwr.common.logger import FLOWER_LOGGER
 from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.engine import LocalGrid, load_components, server_identity
 from fedunlearn.launch import project_root
+from fedunlearn.harness.methods import build
 from fedunlearn.harness.run import Experiment
 from fedunlearn.strategies import get_method
 from fedunlearn.strategies.base import Recovery, Training
@@ -118,7 +119,7 @@ class Job:
         instead of the config's when given."""
         if recovery is not None:
             kwargs["recovery"] = recovery
-        return get_method(method).from_config(self.cfg, self.context, **kwargs)
+        return build(get_method(method), self.cfg, self.context, **kwargs)
 
     def measure(self, arrays) -> tuple[float, float, float, float, float]:
         """(validation, test, retain, forget accuracy, MIA): the retained clients'

@@ -7,6 +7,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedunlearn.launch import default_run_config
+from fedunlearn.harness.node import harness_view
 
 
 def run_config(**overrides) -> dict:
@@ -94,18 +95,19 @@ def make_context(rc: dict, requests: dict):
     from fedunlearn.harness.config import ExperimentConfig
     from fedunlearn.metrics import flops_per_sample
     from fedunlearn.negation import example_input_for
-    from fedunlearn.strategies import UnlearningContext
+    from fedunlearn.harness.data import federated_data
+    from fedunlearn.harness.methods import HarnessContext
 
     cfg = ExperimentConfig.from_run_config(rc)
-    view = NodeView.from_context(context(0, rc))
-    info = view.data.info
+    view = harness_view(context(0, rc))
+    info = federated_data(cfg).info
     flops = flops_per_sample(view.new_model(), (info.in_channels, info.image_size,
                                                  info.image_size), info.num_classes)
-    return UnlearningContext(cfg=cfg, requests=requests, node_partitions=dict(NODE),
-                             model_factory=view.new_model,
-                             example_input=example_input_for(info.in_channels, info.image_size),
-                             flops_per_sample=flops["train"],
-                             forward_flops_per_sample=flops["forward"])
+    return HarnessContext(cfg=cfg, requests=requests, node_partitions=dict(NODE),
+                          model_factory=view.new_model,
+                          example_input=example_input_for(info.in_channels, info.image_size),
+                          flops_per_sample=flops["train"],
+                          forward_flops_per_sample=flops["forward"])
 
 
 def bytes_of(messages) -> int:

@@ -13,6 +13,7 @@ from fedunlearn.arrays import (DecodedArray, copy_record, decoded, from_numpy,
 from fedunlearn.client.actions import handle_action
 from fedunlearn.harness.models import create_model
 from fedunlearn.training import to_arrays
+from fedunlearn.harness.node import harness_view
 from tests.helpers import RC, context, train_msg
 
 CASES = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(3.5),
@@ -79,7 +80,7 @@ def test_state_dicts_and_records_round_trip():
 
 def _train_reply(node: int, arrays: ArrayRecord) -> list[bytes]:
     msg = train_msg({"arrays": arrays}, {}, "train")
-    reply = handle_action("default", msg, context(node, RC))
+    reply = handle_action("default", msg, context(node, RC), harness_view)
     return [a.data for a in reply.content["arrays"].values()]
 
 

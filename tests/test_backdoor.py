@@ -16,6 +16,7 @@ from fedunlearn.harness.backdoor import (BackdoorConfig, PoisonTransform, attack
 from fedunlearn.client import NodeView, handle_train
 from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.training import to_arrays
+from fedunlearn.harness.node import harness_view
 
 from .helpers import context, run_config
 from .test_client_strategy import train_message
@@ -72,11 +73,11 @@ def test_only_backdoor_clients_poison_their_training(monkeypatch):
 
     monkeypatch.setattr(client_mod, "train_local", spy)
     for pid in (0, 1):
-        view = NodeView.from_context(context(pid, rc))
-        handle_train(train_message(to_arrays(view.new_model()), None), context(pid, rc))
+        view = harness_view(context(pid, rc))
+        handle_train(train_message(to_arrays(view.new_model()), None), context(pid, rc), harness_view)
     assert transforms[0] is None
     poison = transforms[1]
-    view = NodeView.from_context(context(1, rc))
+    view = harness_view(context(1, rc))
     candidates = view.train_indices()[view.labels()[view.train_indices()] != 0]
     assert len(poison.ids) == round(0.5 * len(candidates))
     assert set(poison.ids.tolist()) <= set(view.train_indices().tolist())

@@ -23,8 +23,10 @@ from fedunlearn.client.local_steps import (RANDOM_MODEL_SEED_KEY, l1_norm, local
 from fedunlearn.launch import check_run_config, load_preset
 from fedunlearn.metrics import arrayrecord_nbytes
 from fedunlearn.requests import UnlearningRequest
-from fedunlearn.strategies import create_method, get_method
+from fedunlearn.strategies import get_method
+from fedunlearn.harness.methods import create_method
 from fedunlearn.training import load_arrays, to_arrays
+from fedunlearn.harness.node import harness_view
 
 from .helpers import NODE, RC, RecordingGrid, bytes_of, context, make_context, train_msg
 
@@ -44,7 +46,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def view():
-    return NodeView.from_context(context(1, RC))
+    return harness_view(context(1, RC))
 
 
 def split(view, request=CLASS_REQUEST):
@@ -68,7 +70,7 @@ def run_action(app, view, method: str, request=CLASS_REQUEST, seed: int = 5, **o
 
 def forget_loss(model, view, ids) -> float:
     model.eval()
-    xs = torch.stack([view.data.train[int(i)][0] for i in ids])
+    xs = torch.stack([view.dataset[int(i)][0] for i in ids])
     ys = torch.as_tensor(view.labels()[ids])
     with torch.no_grad():
         return float(nn.functional.cross_entropy(model(xs), ys))
@@ -227,7 +229,7 @@ def test_ga_raises_the_forget_loss(app, view, single_thread):
     _, forget = split(view)
     torch.manual_seed(5)
     start = view.new_model()
-    train_local(start, view.data.train, view.train_indices(), epochs=15, batch_size=32,
+    train_local(start, view.dataset, view.train_indices(), epochs=15, batch_size=32,
                 lr=0.05, momentum=0.9, device=torch.device("cpu"), seed=0)
     before = forget_loss(start, view, forget)
     assert before < 0.5 * math.log(10)  # below the stop rule's bound: ascent runs
@@ -417,7 +419,7 @@ def test_bad_parameters_are_rejected_before_flower_starts(params, expected):
 
 def test_local_loader_applies_the_transform_and_reshuffles_per_epoch(view):
     ids = view.train_indices()[:40]
-    loader = local_loader(view.data.train, ids, 16, seed=3,
+    loader = local_loader(view.dataset, ids, 16, seed=3,
                           transform=lambda x, y, i: (x * 0, y))
     first = torch.cat([i for _, _, i in loader])
     second = torch.cat([i for _, _, i in loader])

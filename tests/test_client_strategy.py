@@ -12,8 +12,10 @@ from fedunlearn.client import NodeView, handle_evaluate, handle_train, request_t
 from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.metrics import arrayrecord_nbytes
 from fedunlearn.requests import UnlearningRequest
-from fedunlearn.strategies import UnlearningContext, create_method, list_methods
+from fedunlearn.strategies import UnlearningContext, list_methods
+from fedunlearn.harness.methods import HarnessContext, create_method
 from fedunlearn.training import to_arrays
+from fedunlearn.harness.node import harness_view
 
 from .helpers import FakeGrid, context, incoming, reply_from, run_config
 
@@ -23,7 +25,7 @@ RC = run_config(**{"federation.num-clients": NUM, "dataset.name": "synthetic"})
 
 @pytest.fixture(scope="module")
 def view():
-    return NodeView.from_context(context(1, RC))
+    return harness_view(context(1, RC))
 
 
 def train_message(arrays: ArrayRecord, request: UnlearningRequest | None):
@@ -51,7 +53,7 @@ def test_target_trains_on_retained_data_only(view, monkeypatch, request_):
 
     monkeypatch.setattr(client_mod, "train_local", spy)
     arrays = to_arrays(view.new_model())
-    reply = handle_train(train_message(arrays, request_), context(1, RC))
+    reply = handle_train(train_message(arrays, request_), context(1, RC), harness_view)
     used = seen[0]
     if request_.scope == "class":
         assert 3 not in set(labels[used].tolist())
@@ -65,7 +67,7 @@ def test_target_trains_on_retained_data_only(view, monkeypatch, request_):
     assert metrics["samples-processed"] == expected.size  # one local epoch
     # A node without a request trains on its whole training split.
     seen.clear()
-    handle_train(train_message(arrays, None), context(1, RC))
+    handle_train(train_message(arrays, None), context(1, RC), harness_view)
     assert sorted(seen[0].tolist()) == sorted(train.tolist())
 
 
@@ -74,7 +76,7 @@ def test_evaluate_reports_retain_and_forget_counts(view):
     req = UnlearningRequest("class", 1, classes=(0, 1))
     config = ConfigRecord({"max-members": 5, **request_to_config(req)})
     reply = handle_evaluate(incoming(RecordDict({"arrays": arrays, "config": config}),
-                                     "evaluate"), context(1, RC))
+                                     "evaluate"), context(1, RC), harness_view)
     m = reply.content["metrics"]
     labels, train = view.labels(), view.train_indices()
     n_forget = int(np.isin(labels[train], [0, 1]).sum())
@@ -84,9 +86,9 @@ def test_evaluate_reports_retain_and_forget_counts(view):
     assert len(m["forget-features"]) == n_forget * 3
 
 
-def make_context(requests: dict[int, UnlearningRequest]) -> UnlearningContext:
+def make_context(requests: dict[int, UnlearningRequest]) -> HarnessContext:
     cfg = ExperimentConfig.from_run_config(RC)
-    return UnlearningContext(cfg=cfg, requests=requests)
+    return HarnessContext(cfg=cfg, requests=requests)
 
 
 def test_configure_train_excludes_client_wise_targets_and_echoes_requests(server_identity):
@@ -121,11 +123,11 @@ def test_method_registry():
 
 def test_retrain_starts_from_scratch_and_not_negates_first_layer():
     cfg = ExperimentConfig.from_run_config(RC)
-    view = NodeView.from_context(context(0, RC))
+    view = harness_view(context(0, RC))
     from fedunlearn.negation import example_input_for
 
-    ctx = UnlearningContext(cfg=cfg, model_factory=view.new_model,
-                            example_input=example_input_for(1, 8))
+    ctx = HarnessContext(cfg=cfg, model_factory=view.new_model,
+                         example_input=example_input_for(1, 8))
     pretrained = to_arrays(view.new_model())
     state = pretrained.to_torch_state_dict()
     negated = create_method("not", ctx).unlearning_step(None, pretrained).to_torch_state_dict()

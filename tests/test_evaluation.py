@@ -14,6 +14,8 @@ from fedunlearn.harness.evaluation import Evaluator, forgotten_classes
 from fedunlearn.metrics import mia_result
 from fedunlearn.requests import UnlearningRequest
 from fedunlearn.training import to_arrays
+from fedunlearn.harness.node import harness_view
+from fedunlearn.harness.data import federated_data
 
 from .helpers import NODE, RC, RecordingGrid, context
 
@@ -23,8 +25,8 @@ def setup():
     from flower_apps.client_app import app
 
     cfg = ExperimentConfig.from_run_config(RC)
-    view = NodeView.from_context(context(0, RC))
-    evaluator = Evaluator(cfg, view.data, view.new_model, torch.device("cpu"))
+    view = harness_view(context(0, RC))
+    evaluator = Evaluator(cfg, federated_data(cfg), view.new_model, torch.device("cpu"))
     torch.manual_seed(0)
     return app, view, evaluator, to_arrays(view.new_model())
 
@@ -38,9 +40,9 @@ def test_class_wise_mia_uses_held_out_samples_of_the_forgotten_classes(
     metrics = evaluator.evaluate(RecordingGrid(app, RC, NODE), arrays, requests, NODE,
                                  details=details)
     assert details["mia_class_matched"] == [2]
-    test_labels = np.asarray(view.data.test.targets)
+    test_labels = np.asarray(evaluator.data.test.targets)
     heldout_of_class = int((test_labels == 2).sum())  # every test sample of class 2
-    n_forget = sum(int((view.labels()[view.data.train_indices(p)] == 2).sum())
+    n_forget = sum(int((view.labels()[evaluator.data.train_indices(p)] == 2).sum())
                    for p in NODE.values())
     assert details["mia_n_heldout"] == details["mia_n_forget"] == min(heldout_of_class,
                                                                       n_forget)

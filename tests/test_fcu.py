@@ -17,8 +17,9 @@ from fedunlearn.launch import check_run_config
 from fedunlearn.metrics import arrayrecord_nbytes
 from fedunlearn.harness.models import create_model
 from fedunlearn.requests import UnlearningRequest
-from fedunlearn.strategies import create_method
+from fedunlearn.harness.methods import create_method
 from fedunlearn.training import to_arrays
+from fedunlearn.harness.node import harness_view
 
 from .helpers import NODE, RC, RecordingGrid, bytes_of, context, make_context
 
@@ -176,7 +177,7 @@ def test_fcu_runs_at_the_client_wise_target_and_reports_its_two_extra_models(
     assert meter.bytes_down == bytes_of(grid.sent) == model_bytes  # only the global model
     assert meter.bytes_up == model_bytes
     metrics = grid.replies[0].content["metrics"]
-    view = NodeView.from_context(context(0, RC))
+    view = harness_view(context(0, RC))
     assert metrics["num-examples"] == view.train_indices().size
     assert metrics["samples-processed"] == 6 * 32
     assert meter.forward_samples == 2 * meter.samples_processed  # theta_o and theta_dn

@@ -30,6 +30,8 @@ from fedunlearn.audit import read_audit
 from fedunlearn.cli import main as cli
 from fedunlearn.inbox import Inbox
 from fedunlearn.harness.run import run_experiment
+from fedunlearn.harness.data import federated_data
+from fedunlearn.harness.node import harness_view
 
 from .helpers import incoming, run_config
 
@@ -201,7 +203,7 @@ def test_collect_requests_without_a_verified_map_refuses_shared_partitions(serve
     claimant's request: nobody can tell which holder is genuine."""
     from flwr.app import ConfigRecord
 
-    from fedunlearn.client import federated_data
+    
     from fedunlearn.harness.config import ExperimentConfig
     from fedunlearn.requests import NODE_RECORD, REQUEST_RECORD
 
@@ -370,7 +372,7 @@ def test_the_harness_server_checks_requests_without_the_client_partitions(
     from .helpers import context as node_context
 
     rc = job_config(tmp_path, **{"forget.clients": "", "forget.scope": "class"})
-    foreign = int(NodeView.from_context(node_context(3, rc)).train_ids[0])  # partition 3's
+    foreign = int(harness_view(node_context(3, rc)).train_ids[0])  # partition 3's
     nodes = nodes_config(p1={"forget-scope": "class", "forget-classes": "1"},
                          p2={"forget-scope": "instance", "forget-sample-ids": str(foreign)})
     grid = LiveGrid(app, rc, nodes)

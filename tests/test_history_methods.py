@@ -23,11 +23,13 @@ from fedunlearn.history import HistorySpec, check_bound, estimate_bytes, find_hi
 from fedunlearn.launch import check_run_config
 from fedunlearn.harness.pretraining import pretrain
 from fedunlearn.requests import UnlearningRequest
-from fedunlearn.strategies import check_history_bound, create_method, history_spec
+from fedunlearn.harness.methods import check_history_bound, create_method, history_spec
 from fedunlearn.strategies.federaser import calibrate_update, weighted_sum
 from fedunlearn.strategies.fukd import subtract_updates
 from fedunlearn.strategies.pgd import ball_radius, reference_model
 from fedunlearn.training import to_arrays
+from fedunlearn.harness.node import harness_view
+from fedunlearn.harness.data import federated_data
 
 from .helpers import NODE, RC, RecordingGrid, bytes_of, context, make_context
 
@@ -263,7 +265,7 @@ def test_fukd_is_server_only_subtracts_the_recorded_sum_and_counts_distillation(
     rc = rc_for(tmp_path, method="fukd", **{"server-data.fraction": 0.1,
                                             "method-params": "fukd.epochs=2"})
     arrays, _, ctx, _ = pretrained(app, rc, spec=HistorySpec(update_sums=True), who=["fukd"])
-    ctx.data = NodeView.from_context(context(0, rc)).data
+    ctx.data = federated_data(ctx.cfg)
     assert ctx.data.server_indices.size == 80
     ctx.requests = {10: UnlearningRequest("client", 0, node_id=10)}
     strategy = create_method("fukd", ctx)
@@ -333,7 +335,7 @@ def test_pgd_target_ascends_within_the_ball_and_storage_is_the_last_models_file(
     meter = strategy.costs["unlearning"]
     assert meter.bytes_down == bytes_of(grid.sent) and meter.bytes_up == bytes_of(grid.replies)
     assert meter.storage_bytes == (ctx.history.directory / "last_local.pt").stat().st_size
-    view = NodeView.from_context(context(0, rc))
+    view = harness_view(context(0, rc))
     assert meter.samples_processed == 2 * view.train_indices().size  # no early stop
     # A tight threshold stops after the first step.
     tight = create_method("pgd", ctx)

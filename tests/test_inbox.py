@@ -10,13 +10,15 @@ import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedunlearn.cli import main as cli
-from fedunlearn.client import federated_data, handle_query
+from fedunlearn.client import handle_query
 from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.federation import receipt_record
 from fedunlearn.inbox import Inbox, InboxError
 from fedunlearn.requests import (NODE_RECORD, QUERY_CONFIG, RECEIPT_ACK, RECEIPT_RECORD,
                                  REQUEST_RECORD, RUN_CONFIG_REQUESTS, WANT_REQUEST,
                                  UnlearningRequest)
+from fedunlearn.harness.data import federated_data
+from fedunlearn.harness.node import harness_view
 
 from .helpers import context, incoming, run_config
 
@@ -36,13 +38,13 @@ def ask(inbox: Inbox, partition: int = 1, run_config_requests: bool = True, rc=R
         {RUN_CONFIG_REQUESTS: run_config_requests})}), "query.unlearn")
     ctx = context(partition, rc, **{"inbox": str(inbox.root), **node_config})
     ctx.run_id = run_id
-    return handle_query(query, ctx)
+    return handle_query(query, ctx, harness_view)
 
 
 def deliver_receipt(inbox: Inbox, record: ConfigRecord, partition: int = 1, **node_config):
     msg = incoming(RecordDict({RECEIPT_RECORD: record}), "query.unlearn")
     nc = {"inbox": str(inbox.root), **node_config} if inbox is not None else node_config
-    return handle_query(msg, context(partition, RC, **nc))
+    return handle_query(msg, context(partition, RC, **nc), harness_view)
 
 
 def sent_request(reply) -> UnlearningRequest | None:
@@ -108,7 +110,7 @@ def test_command_errors_name_the_problem(tmp_path, capsys, monkeypatch):
 
 def test_the_node_config_inbox_must_be_an_absolute_path():
     query = incoming(RecordDict(), "query.unlearn")
-    reply = handle_query(query, context(1, RC, inbox="relative/inbox"))
+    reply = handle_query(query, context(1, RC, inbox="relative/inbox"), harness_view)
     record = reply.content[REQUEST_RECORD]
     assert record["scope"] == "invalid" and "not an absolute path" in record["error"]
 
@@ -170,7 +172,7 @@ def test_the_partition_check_does_not_touch_the_inbox(inbox):
     filed = inbox.file("client")
     query = incoming(RecordDict({QUERY_CONFIG: ConfigRecord({WANT_REQUEST: False})}),
                      "query.unlearn")
-    reply = handle_query(query, context(1, RC, inbox=str(inbox.root)))
+    reply = handle_query(query, context(1, RC, inbox=str(inbox.root)), harness_view)
     assert REQUEST_RECORD not in reply.content and NODE_RECORD in reply.content
     assert inbox.entry(filed.id).events == []
 
@@ -338,7 +340,7 @@ def test_a_harness_node_rejects_a_bad_request_of_a_batch_alone(inbox):
     goes back as the node's own rejection, the good one is the request."""
     from fedunlearn.client import NodeView
 
-    view = NodeView.from_context(context(1, RC, inbox=str(inbox.root)))
+    view = harness_view(context(1, RC, inbox=str(inbox.root)))
     own = [int(i) for i in view.train_ids[:3]]
     good = inbox.file("instance", sample_ids=own)
     bad = inbox.file("instance", sample_ids=[own[0], 2 ** 40])

@@ -15,8 +15,9 @@ import torch
 from fedunlearn.client import NodeView
 from fedunlearn.engine import local_run
 from fedunlearn.requests import UnlearningRequest
-from fedunlearn.strategies import create_method
+from fedunlearn.harness.methods import create_method
 from fedunlearn.training import random_model, to_arrays
+from fedunlearn.harness.node import harness_view
 
 from .helpers import NODE, RC, RecordingGrid, context, make_context, train_msg
 
@@ -33,7 +34,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def view():
-    return NodeView.from_context(context(1, RC))
+    return harness_view(context(1, RC))
 
 
 def _bytes(record, key) -> bytes:

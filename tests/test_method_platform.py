@@ -25,10 +25,11 @@ from fedunlearn.launch import check_run_config, project_root
 from fedunlearn.metrics import arrayrecord_nbytes
 from fedunlearn.requests import UnlearningRequest
 from fedunlearn.harness.results import comparison_markdown, comparison_text
-from fedunlearn.strategies import (create_method, get_method,
-                                   list_methods)
+from fedunlearn.strategies import get_method, list_methods
+from fedunlearn.harness.methods import create_method, params_from
 from fedunlearn.strategies.puf import negated_pseudo_gradient
 from fedunlearn.training import to_arrays
+from fedunlearn.harness.node import harness_view
 
 from .helpers import (NODE, RC, RecordingGrid, bytes_of, context, incoming, make_context,
                       train_msg)
@@ -43,7 +44,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def view():
-    return NodeView.from_context(context(1, RC))
+    return harness_view(context(1, RC))
 
 
 # -- client actions ----------------------------------------------------------------------
@@ -115,7 +116,7 @@ def request_of(scope: str) -> UnlearningRequest:
         return UnlearningRequest("class", 0, classes=(1,), node_id=10)
     from fedunlearn.client import NodeView
 
-    train = NodeView.from_context(context(0, RC)).train_indices()
+    train = harness_view(context(0, RC)).train_indices()
     return UnlearningRequest("instance", 0, sample_ids=tuple(train[::4].tolist()), node_id=10)
 
 
@@ -213,7 +214,7 @@ def test_hydra_method_params_reach_the_run_config():
     flat = to_run_config(compose(["method=puf", "method.params.alpha=3.5"]))
     assert "puf.alpha=3.5" in flat["method-params"].split()
     cfg = ExperimentConfig.from_run_config({**RC, **flat})
-    assert get_method("puf").params_from_config(cfg).alpha == 3.5
+    assert params_from(get_method("puf"), cfg).alpha == 3.5
 
 
 # -- refusal -----------------------------------------------------------------------------

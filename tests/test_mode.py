@@ -12,9 +12,10 @@ from fedunlearn.client.actions import list_actions
 from fedunlearn.launch import check_run_config
 from fedunlearn.metrics import arrayrecord_nbytes
 from fedunlearn.requests import UnlearningRequest
-from fedunlearn.strategies import create_method
+from fedunlearn.harness.methods import create_method
 from fedunlearn.strategies.mode import momentum_degradation
 from fedunlearn.training import to_arrays
+from fedunlearn.harness.node import harness_view
 
 from .helpers import NODE, RC, RecordingGrid, bytes_of, context, make_context, train_msg
 
@@ -28,7 +29,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def view():
-    return NodeView.from_context(context(1, RC))
+    return harness_view(context(1, RC))
 
 
 def test_guidance_action_is_registered(app):
@@ -147,7 +148,7 @@ def test_mode_serves_class_and_instance_requests(app, server_identity, single_th
     # Round 1's degradation training includes the target's retained data.
     assert 10 in [m.metadata.dst_node_id for m in grid.sent[:4]]
     guided = next(r for r in grid.replies if r.metadata.message_type == "train.mode_guidance")
-    view = NodeView.from_context(context(0, RC))
+    view = harness_view(context(0, RC))
     train = view.train_indices()
     forget = (int((view.labels()[train] == 1).sum()) if scope == "class"
               else len(request.sample_ids))

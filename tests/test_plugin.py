@@ -333,9 +333,11 @@ def test_a_strategy_and_an_action_from_outside_the_package(tmp_path, monkeypatch
     import numpy as np
 
     if "train.halve" not in app._registered_funcs:
-        app.train("halve")(action_handler("halve"))
+        from fedunlearn.harness.node import harness_view
+        app.train("halve")(action_handler("halve", harness_view))
     ctx = make_context(RC, {})
-    strategy = get_method("halving_ft").from_config(ctx.cfg, ctx)
+    from fedunlearn.harness.methods import build
+    strategy = build(get_method("halving_ft"), ctx.cfg, ctx)
     from fedunlearn.strategies import Recovery
     strategy.recovery = Recovery(rounds=1, server_momentum=0.0)
     start = to_arrays(ctx.model_factory())

@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedunlearn.requests import UnlearningRequest
-from fedunlearn.strategies import create_method
+from fedunlearn.harness.methods import create_method
 from fedunlearn.strategies.stopping import PLATEAU, TARGET_REACHED, StoppingRule
 from fedunlearn.training import to_arrays
 

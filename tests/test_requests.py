@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from fedunlearn.client import federated_data, handle_query
+from fedunlearn.client import handle_query
 from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.requests import (NODE_RECORD, REQUEST_RECORD, UnlearningRequest,
                                  forget_indices, retained_indices,
                                  validate_request)
 from fedunlearn.federation import collect_valid_requests
+from fedunlearn.harness.data import federated_data
+from fedunlearn.harness.node import harness_view
 
 from .helpers import context, incoming, reply_from, run_config
 
@@ -116,21 +118,21 @@ def test_client_answers_query_from_run_config_and_node_config():
     rc = run_config(**{"federation.num-clients": NUM, "forget.clients": "1",
                        "forget.scope": "class", "forget.classes": "3,5"})
     q = incoming(RecordDict(), "query.unlearn")
-    reply = handle_query(q, context(0, rc))
+    reply = handle_query(q, context(0, rc), harness_view)
     assert REQUEST_RECORD not in reply.content
     assert reply.content[NODE_RECORD]["partition-id"] == 0
-    reply = handle_query(q, context(1, rc))
+    reply = handle_query(q, context(1, rc), harness_view)
     assert reply.content[REQUEST_RECORD]["scope"] == "class"
     assert list(reply.content[REQUEST_RECORD]["classes"]) == [3, 5]
     # A SuperNode's node-config request wins over the run-config.
     reply = handle_query(q, context(2, rc, **{"forget-scope": "instance",
-                                              "forget-fraction": 0.5}))
+                                              "forget-fraction": 0.5}), harness_view)
     ids = list(reply.content[REQUEST_RECORD]["sample-ids"])
     data = federated_data(ExperimentConfig.from_run_config(rc))
     assert len(ids) == round(0.5 * data.train_indices(2).size)
     assert set(ids) <= set(data.train_indices(2).tolist())
     # A malformed node-config is reported, not crashed on.
-    reply = handle_query(q, context(3, rc, **{"forget-scope": "class", "forget-classes": "x"}))
+    reply = handle_query(q, context(3, rc, **{"forget-scope": "class", "forget-classes": "x"}), harness_view)
     assert reply.content[REQUEST_RECORD]["scope"] == "invalid"
     assert "'x'" in reply.content[REQUEST_RECORD]["error"]
 
@@ -205,7 +207,7 @@ def test_evaluator_counts_a_malformed_evaluate_reply_as_a_failed_node(server_ide
     from .helpers import NODE, RC, RecordingGrid
 
     cfg = ExperimentConfig.from_run_config(RC)
-    new_model = NodeView.from_context(context(0, RC)).new_model
+    new_model = harness_view(context(0, RC)).new_model
     grid = RecordingGrid(app, RC, NODE)
     deliver = grid.send_and_receive
 

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedunlearn.client import federated_data
+
 from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.federation import (MALFORMED_REPLY, GuardedGrid, check_partitions,
                                    collect_valid_requests)
 from fedunlearn.requests import NODE_RECORD, REQUEST_RECORD, UnlearningRequest
+from fedunlearn.harness.data import federated_data
 
 from .helpers import incoming, reply_from, run_config
 

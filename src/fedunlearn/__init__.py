@@ -11,6 +11,9 @@ Node side (a user's ClientApp)::
     attach(app, model_fn=Net, data=lambda ctx: load_local(ctx))
 
 Importing :mod:`fedunlearn` loads the server side only (never :mod:`fedunlearn.client`).
+The paper's experiment harness (run-config, public-data partitions, model zoo, Retrain
+reference, MIA, ``results.json``) is :mod:`fedunlearn.harness`, built on this API; the
+library never imports it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ _SERVER = {"serve": "service", "ServeOutcome": "service", "MethodOutcome": "serv
            "load_model": "service", "HistoryKeeper": "recording", "HistorySpec": "history",
            "Recovery": "strategies", "Training": "strategies",
            "UnlearningFailed": "strategies", "UnlearningStrategy": "strategies",
-           "create_method": "strategies", "get_method": "strategies",
-           "list_methods": "strategies", "register_method": "strategies",
+           "UnlearningContext": "strategies", "MethodParams": "strategies",
+           "get_method": "strategies", "list_methods": "strategies",
+           "register_method": "strategies",
            "UnlearningService": "live", "ServiceConfig": "live", "ServiceOutcome": "live",
            "ServiceError": "live", "read_versions": "live"}
+#: Every method class by its registered name (all 16).
 _METHODS = {"NoT": "not", "FineTune": "ft", "PUF": "puf", "Retrain": "retrain",
             "MoDE": "mode", "FCU": "fcu", "FedEraser": "federaser", "FUKD": "fukd",
-            "PGD": "pgd"}
+            "PGD": "pgd", "RandL": "randl", "GA": "ga", "BadT": "badt",
+            "L1Sparse": "l1_sparse", "SSD": "ssd", "SalUn": "salun",
+            "LayerwiseOptimalityCheck": "lwo"}
 
 
 def __getattr__(name: str):

@@ -196,6 +196,26 @@ def server_identity(run_id: int) -> Iterator[None]:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
+def project_root() -> Path:
+    """The Flower App directory (the one holding ``pyproject.toml``)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").exists() and (parent / "flower_apps").is_dir():
+            return parent
+    return Path.cwd()
+
+
+def flatten(table: Mapping, prefix: str = "") -> dict:
+    """Nested tables -> dotted keys, as Flower flattens run-config tables."""
+    out: dict = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 _server_identity = server_identity  # the former private name
 
 
@@ -203,8 +223,6 @@ def load_components(app: str | Path) -> tuple[Any, Any, dict]:
     """The ServerApp, the ClientApp and the flattened run-config defaults of the Flower
     app in folder ``app`` (its ``pyproject.toml``)."""
     import tomllib
-
-    from .launch import flatten
 
     root = Path(app).resolve()
     data = tomllib.loads((root / "pyproject.toml").read_text())
@@ -232,8 +250,6 @@ def run_app(run_config: Mapping[str, Any], num_nodes: int, app: str | Path | Non
     """Run the Flower app in ``app`` (default: fedunlearn's own) in this process on
     ``num_nodes`` nodes, with ``run_config`` over the app's defaults; returns the grid
     (its nodes' contexts hold their state). Raises what the ServerApp raises."""
-    from .launch import project_root
-
     server_app, client_app, defaults = load_components(app or project_root())
     merged = {**defaults, **dict(run_config)}
     grid = LocalGrid(client_app, num_nodes, merged, node_configs, run_id)

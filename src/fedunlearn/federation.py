@@ -30,7 +30,6 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from .harness.data import FederatedData
 from .replies import (check_evaluate_metrics, check_train_reply, parse_evaluate_reply,
                       parse_node_record, parse_node_report)
 from .requests import (INBOX_ID_PATTERN, INVALID_SCOPE, MAX_ERROR_CHARS, MAX_INBOX_IDS,
@@ -189,15 +188,15 @@ class GuardedGrid(Grid):
         self.audit = audit
         self.reply_timeout = float(reply_timeout)
         self.verified: dict[int, int] = {}
-        self.data: FederatedData | None = None
+        #: The federation's data as the server knows it (the harness's partitions), if any.
+        self.data = None
         #: node id -> what the node reported about its own data (reply bounds).
         self.reports: dict[int, dict] = {}
         self._excluded: set[int] = set()
         self._departed: set[int] = set()
         self._pushed: dict[str, Message] = {}
 
-    def verify(self, node_partitions: Mapping[int, int], data: FederatedData | None = None
-               ) -> None:
+    def verify(self, node_partitions: Mapping[int, int], data=None) -> None:
         """Fix the view: ``node_partitions`` (from :func:`check_partitions`) for the rest
         of the job; ``data`` bounds what replies may report."""
         self.verified = dict(node_partitions)
@@ -448,7 +447,7 @@ def node_reports(replies, nodes: Mapping[int, int] | None = None) -> dict[int, d
     return out
 
 
-def collect_valid_requests(replies, data: FederatedData | None,
+def collect_valid_requests(replies, data,
                            verified: dict[int, int] | None = None, audit=None,
                            reports: dict[int, dict] | None = None
                            ) -> tuple[dict[int, UnlearningRequest], list[dict]]:

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .console import strip_colours
+from .engine import flatten, project_root  # noqa: F401  (public here too)
 
 # `flwr run --stream` exits 0 even when the ServerApp fails; its log says so instead.
 _FAILURE = re.compile(r"Exit Code: (\d+)|An unhandled exception occurred")
@@ -40,15 +41,6 @@ FLWR_ENV_DEFAULTS = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
 }
-
-
-def project_root() -> Path:
-    """The Flower App directory (the one holding ``pyproject.toml``)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "pyproject.toml").exists() and (parent / "flower_apps").is_dir():
-            return parent
-    return Path.cwd()
 
 
 def free_port_pair() -> tuple[int, int]:
@@ -194,17 +186,6 @@ def default_run_config(app: str | Path | None = None) -> dict:
     return flatten(data["tool"]["flwr"]["app"]["config"])
 
 
-def flatten(table: Mapping, prefix: str = "") -> dict:
-    """Nested tables -> dotted keys, as Flower flattens run-config tables."""
-    out: dict = {}
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_run_config(overrides: Mapping, app: str | Path | None = None) -> dict:
     """Merge ``overrides`` into the defaults and validate, before starting Flower.
 
@@ -217,7 +198,7 @@ def check_run_config(overrides: Mapping, app: str | Path | None = None) -> dict:
     if unknown:
         raise ValueError(f"unknown run-config key(s) {unknown}; known keys: {sorted(merged)}")
     merged.update(overrides)
-    from .strategies import check_methods
+    from .harness.methods import check_methods
 
     cfg = ExperimentConfig.from_run_config(merged)
     check_methods(cfg)

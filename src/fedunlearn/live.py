@@ -51,6 +51,7 @@ from flwr.serverapp import Grid
 from . import federation
 from .arrays import records
 from .audit import AuditLog, audit_path, model_digest
+from .files import atomic_write, write_json
 from .metrics import flops_per_sample
 from .protocol import (CONFIG_KEY, MODEL_KEY, NUM_EXAMPLES, QUERY_UNLEARN, RECEIPT_ACK, RECEIPT_RECORD,
                        REPLY_TIMEOUT_S, reply_timeout)
@@ -271,24 +272,8 @@ def _request_from_dict(d: dict) -> UnlearningRequest:
                              node_id=int(d["node_id"]), inbox_ids=tuple(d["inbox_ids"]))
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_json(path: Path, value) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
-    _atomic_write(path, write)
+    write_json(path, value, indent=1, sort_keys=True)
 
 
 def read_versions(state_dir: str | os.PathLike) -> list[dict]:
@@ -1065,7 +1050,7 @@ class UnlearningService:
         number = 0 if kind == "start" else self.state.version + 1
         path = self.state_dir / VERSIONS_DIR / f"v{number:04d}.pt"
         state_dict = self.arrays.to_torch_state_dict()
-        _atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+        atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
         entry = {"version": number, "round": self.state.round, "kind": kind,
                  "sha256": model_digest(self.arrays), "path": str(path), "honours": honours,
                  "method": self.method.name if kind == "unlearned" else None,
@@ -1097,7 +1082,7 @@ class UnlearningService:
                 "momentum": (None if self.momentum is None
                              else [torch.from_numpy(a.copy()) for a in self.momentum]),
                 "state": json.dumps(self.state.to_json())}
-        _atomic_write(self.state_dir / CHECKPOINT_FILE, lambda tmp: torch.save(blob, tmp))
+        atomic_write(self.state_dir / CHECKPOINT_FILE, lambda tmp: torch.save(blob, tmp))
 
     def load(self):
         path = self.state_dir / CHECKPOINT_FILE

@@ -44,7 +44,7 @@ from .metrics import flops_per_sample
 from .protocol import EVALUATE_UNLEARN, MODEL_KEY, REPLY_TIMEOUT_S, reply_timeout
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
-from .harness.results import FAILED_FILE, write_json
+from .files import FAILED_FILE, save_state_dict, write_json
 from .wire import WireError
 from .strategies.base import UnlearningContext, UnlearningFailed, UnlearningStrategy
 
@@ -311,15 +311,7 @@ def save_model(path: Path, arrays: ArrayRecord) -> tuple[Path, str]:
     """Write ``arrays`` as a torch state dict, atomically; return the path and the
     model's SHA-256 (:func:`fedunlearn.audit.model_digest`, the hash the audit log and
     the receipts name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(arrays.to_torch_state_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_state_dict(path, arrays.to_torch_state_dict())
     return path, model_digest(arrays)
 
 

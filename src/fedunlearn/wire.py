@@ -214,3 +214,27 @@ def require(record: Mapping, field: str, allowed: str) -> Any:
     if field not in record:
         raise MissingField(field, allowed)
     return record[field]
+
+
+def parse_int_list(value: Any, key: str) -> tuple[int, ...]:
+    """Parse ``"0,3, 5"`` (or an int) into a tuple of ints; ``""`` gives ``()``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: expected comma-separated integers")
+    if isinstance(value, int):
+        return (value,)
+    text = str(value).strip()
+    if not text:
+        return ()
+    out = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise ValueError(
+                f"{key}={value!r}: {part!r} is not an integer; expected comma-separated "
+                "integers such as '0,3'"
+            ) from None
+    return tuple(out)

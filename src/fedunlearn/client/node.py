@@ -8,36 +8,28 @@ order of precedence, when
   requests filed by its data owner with ``fedunlearn request file``;
 * its node-config has ``forget-scope`` (a real SuperNode: ``forget-scope``,
   ``forget-classes``, ``forget-sample-ids``, ``forget-fraction``);
-* its partition id is in the run-config's ``forget.clients`` and the server allows
-  run-config requests (simulations only: on a deployment a request comes from the node).
+* the view that built it carries a planned request (``forget_spec``: the experiment
+  harness's run-config ``forget.*`` for this partition) and the server allows run-config
+  requests (simulations only: on a deployment a request comes from the node).
+
+Views are built by whoever owns the node's data: :func:`fedunlearn.client.attach` over
+the user's data, the experiment harness over a partition of a public data set
+(:mod:`fedunlearn.harness.node`). Every handler takes ``view_for(context) -> NodeView``.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
 from logging import WARNING
 
 import numpy as np
 from flwr.app import Context
 from flwr.common.logger import log
 
-from ..harness.backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
-from ..harness.config import ExperimentConfig, parse_int_list
-from ..harness.data import FederatedData, federated_data
 from ..inbox import INBOX_KEY, Inbox, InboxRequest
-from ..harness.models import create_model
 from ..requests import UnlearningRequest, forget_indices, validate_request
-
-
-@lru_cache(maxsize=8)
-def _config(items: tuple) -> ExperimentConfig:
-    return ExperimentConfig.from_run_config(dict(items))
-
-
-def experiment_config(context: Context) -> ExperimentConfig:
-    return _config(tuple(sorted(context.run_config.items())))
+from ..wire import parse_int_list
 
 
 @dataclass
@@ -47,9 +39,15 @@ class NodeView:
     ``dataset`` is any map-style dataset yielding ``(x, y)``; ``train_ids`` and
     ``val_ids`` are positions in it (the harness: global ids of a public training set; a
     plugin node: its own training set, its validation set appended after it);
-    ``labels`` holds the label of every position. ``cfg`` is the harness's config (``None``
-    on a plugin node); ``partition_id`` seeds per-node draws (a plugin node: its
-    node-config ``partition-id`` or 0).
+    ``labels`` holds the label of every position; ``partition_id`` seeds per-node draws
+    (a plugin node: its node-config ``partition-id`` or 0).
+
+    What only the experiment harness sets: ``partitions`` (the node holds one of that many
+    partitions of a data set the server knows, and reports it), ``transform`` (applied
+    to the node's training samples: a planted backdoor), ``forget_spec`` (the request
+    the run-config plans for this node: ``scope``, ``classes``, ``sample_ids``,
+    ``fraction``, ``data_of``) and ``forget_fraction`` (an instance-wise request's
+    default share).
     """
 
     dataset: object
@@ -63,8 +61,11 @@ class NodeView:
     momentum: float = 0.9
     seed: int = 0
     device: str = "auto"
-    cfg: ExperimentConfig | None = None
-    data: FederatedData | None = None
+    partitions: int | None = None
+    reports_partition: bool = False
+    transform: object = None
+    forget_spec: object = None
+    forget_fraction: float = 0.1
     train_fn: object = None
     evaluate_fn: object = None
     sample_ids: np.ndarray | None = None
@@ -73,56 +74,6 @@ class NodeView:
     """What determines ``model_fn()``'s architecture when fedunlearn builds it (the
     harness: model name and data shape), so that a node may load a message's model into
     an instance it built before (:mod:`.actions`); ``None``: always a fresh one."""
-
-    @classmethod
-    def from_context(cls, context: Context) -> NodeView:
-        """The harness's node: partition ``partition-id`` of the run-config's data set
-        (built once per run, node-config and run-config in this process)."""
-        items = tuple(sorted(context.run_config.items()))
-        key = (int(context.run_id), tuple(sorted(context.node_config.items())), items)
-        view = _VIEWS.get(key)
-        if view is None:
-            view = cls._build(context, _config(items))
-            if len(_VIEWS) >= 4096:
-                _VIEWS.clear()
-            _VIEWS[key] = view
-        return view
-
-    @classmethod
-    def _build(cls, context: Context, cfg: ExperimentConfig) -> NodeView:
-        nc = context.node_config
-        if "partition-id" not in nc:
-            raise ValueError(
-                "node-config has no 'partition-id': start the SuperNode with "
-                "--node-config \"partition-id=<i> num-partitions=<n>\""
-            )
-        partition_id = int(nc["partition-id"])
-        num_partitions = int(nc.get("num-partitions", cfg.num_clients))
-        if num_partitions != cfg.num_clients:
-            raise ValueError(
-                f"node-config num-partitions={num_partitions} but the run expects "
-                f"federation.num-clients={cfg.num_clients}"
-            )
-        if "dataset-path" in nc:
-            return local_view(context, cfg)
-        data = federated_data(cfg)
-        if not 0 <= partition_id < data.num_clients():
-            raise ValueError(
-                f"node-config partition-id={partition_id} outside 0..{data.num_clients() - 1}"
-            )
-        info = data.info
-
-        def new_model():
-            return create_model(cfg.model, num_classes=info.num_classes,
-                                in_channels=info.in_channels, image_size=info.image_size)
-
-        return cls(dataset=data.train, train_ids=data.train_indices(partition_id),
-                   val_ids=data.val_indices(partition_id),
-                   label_array=_labels(data.train), model_fn=new_model,
-                   num_classes=info.num_classes, partition_id=partition_id,
-                   batch_size=cfg.batch_size, momentum=cfg.momentum, seed=cfg.seed,
-                   device=cfg.device, cfg=cfg, data=data,
-                   model_key=(cfg.model, info.num_classes, info.in_channels, info.image_size))
 
     def train_indices(self) -> np.ndarray:
         return self.train_ids
@@ -134,20 +85,12 @@ class NodeView:
         return self.label_array
 
     def num_partitions(self) -> int | None:
-        return self.data.num_clients() if self.data is not None else None
+        return self.partitions
 
-    def poison_transform(self) -> PoisonTransform | None:
-        """The backdoor this node plants when it trains, if it is a backdoor client
-        (the harness only)."""
-        if self.cfg is None:
-            return None
-        bd = self.cfg.backdoor
-        if self.partition_id not in bd.clients:
-            return None
-        ids = poisoned_ids(self.train_indices(), self.labels(), bd,
-                           seed=self.cfg.seed + 104_729 + self.partition_id)
-        return PoisonTransform(ids, patch_size_for(bd, self.data.info.image_size),
-                               bd.position, trigger_value(bd, self.data.train), bd.target)
+    def poison_transform(self):
+        """The transform applied to this node's training samples (the harness's planted
+        backdoor), or ``None``."""
+        return self.transform
 
     def new_model(self):
         return self.model_fn()
@@ -165,44 +108,13 @@ class NodeView:
                           dtype=np.int64), missing
 
 
-def local_view(context: Context, cfg: ExperimentConfig) -> NodeView:
-    """A harness node that holds its own data (node-config ``dataset-path``): the
-    run-config's model (``model`` on ``dataset.name``'s shape) trained on the folder's
-    samples. Its requests come from its inbox or node-config, checked on the node; the
-    run-config's ``forget.clients`` and backdoor do not apply to it."""
-    from ..harness.data import DATASET_SHAPES
-    from .plugin import build_view, node_dataset
-
-    key = (int(context.run_id), int(context.node_id), str(context.node_config["dataset-path"]),
-           cfg.dataset, cfg.model)
-    if key in _LOCAL_VIEWS:
-        return _LOCAL_VIEWS[key]
-    classes, channels, size = DATASET_SHAPES[cfg.dataset]
-
-    def new_model():
-        return create_model(cfg.model, num_classes=classes, in_channels=channels,
-                            image_size=size)
-
-    view = build_view(context, new_model, node_dataset, None, None, classes, None, None,
-                      cfg.batch_size, cfg.momentum, cfg.seed, cfg.device)
-    path = context.node_config["dataset-path"]
-    if len(view.dataset):
-        shape = tuple(view.dataset[0][0].shape)
-        if shape != (channels, size, size):
-            raise ValueError(f"dataset-path {path}: samples of shape {shape}, but the run's "
-                             f"model takes {cfg.dataset}'s ({channels}, {size}, {size}); "
-                             "give the node data of the run's data set's shape")
-    if view.label_array.size and int(view.label_array.max()) >= classes:
-        raise ValueError(f"dataset-path {path}: label {int(view.label_array.max())} outside "
-                         f"{cfg.dataset}'s label set 0..{classes - 1}")
-    if len(_LOCAL_VIEWS) >= 8:
-        _LOCAL_VIEWS.clear()
-    _LOCAL_VIEWS[key] = view
-    return view
-
-
-_LOCAL_VIEWS: dict[tuple, NodeView] = {}
-_VIEWS: dict[tuple, NodeView] = {}
+def resolve_view(view_for, context: Context) -> NodeView:
+    """``view_for(context)``: the node's :class:`NodeView`. Every handler needs one."""
+    if view_for is None:
+        raise TypeError("a fedunlearn client handler needs view_for(context) -> NodeView: "
+                        "fedunlearn.client.attach() passes one over your data; the "
+                        "experiment harness passes fedunlearn.harness.node.harness_view")
+    return view_for(context)
 
 
 def _labels(dataset) -> np.ndarray:
@@ -217,7 +129,7 @@ def own_request(view: NodeView, node_config, run_config_requests: bool = True,
     """The request this node makes: from its inbox, its node-config or (when
     ``run_config_requests``, i.e. in a simulation) the run-config's ``forget.*``.
     Inbox requests the node itself refuses go to ``rejected`` (see :func:`inbox_request`)."""
-    cfg, pid = view.cfg, view.partition_id
+    spec, pid = view.forget_spec, view.partition_id
     if INBOX_KEY in node_config:
         request = inbox_request(view, node_inbox(node_config), rejected)
         if request is not None:
@@ -226,11 +138,10 @@ def own_request(view: NodeView, node_config, run_config_requests: bool = True,
         scope = str(node_config["forget-scope"]).strip().lower()
         classes = parse_int_list(node_config.get("forget-classes", ""), "forget-classes")
         ids = parse_int_list(node_config.get("forget-sample-ids", ""), "forget-sample-ids")
-        fraction = float(node_config.get("forget-fraction",
-                                         cfg.forget.fraction if cfg is not None else 0.1))
+        fraction = float(node_config.get("forget-fraction", view.forget_fraction))
         data_of = int(node_config.get("forget-data-of", -1))
-    elif run_config_requests and cfg is not None and pid in cfg.forget.clients:
-        f = cfg.forget
+    elif run_config_requests and spec is not None:
+        f = spec
         scope, classes, ids, fraction, data_of = f.scope, f.classes, f.sample_ids, f.fraction, f.data_of
     else:
         return None

@@ -16,7 +16,7 @@ from .. import protocol as P
 from ..requests import (INVALID_SCOPE, MAX_ERROR_CHARS, NODE_RECORD, QUERY_CONFIG,
                         RECEIPT_ACK, RECEIPT_RECORD, REQUEST_RECORD, RUN_CONFIG_REQUESTS,
                         WANT_REQUEST, forget_indices)
-from .node import NodeView, local_check, node_inbox, own_request
+from .node import NodeView, local_check, node_inbox, own_request, resolve_view
 
 
 def node_report(view: NodeView, context: Context) -> ConfigRecord:
@@ -24,7 +24,7 @@ def node_report(view: NodeView, context: Context) -> ConfigRecord:
     name their partition; every node reports its training split's size, its label set
     and the labels it holds."""
     record = ConfigRecord()
-    if view.cfg is not None:
+    if view.reports_partition:
         record[P.PARTITION_ID] = view.partition_id
         record[P.NUM_PARTITIONS] = view.num_partitions()
     elif P.PARTITION_ID in context.node_config:
@@ -61,7 +61,7 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
     """
     if RECEIPT_RECORD in msg.content:
         return handle_receipt(msg, context, view_for)
-    view = (view_for or NodeView.from_context)(context)
+    view = resolve_view(view_for, context)
     content = RecordDict({NODE_RECORD: node_report(view, context)})
     allow = True
     if QUERY_CONFIG in msg.content:
@@ -81,7 +81,8 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
         if getattr(err, "inbox_ids", ()):
             content[REQUEST_RECORD]["inbox-ids"] = list(err.inbox_ids)
     else:
-        problem = None if request is None or view.cfg is not None else local_check(view, request)
+        problem = (None if request is None or view.reports_partition
+                   else local_check(view, request))
         if problem is not None:
             record = ConfigRecord({"scope": INVALID_SCOPE, "partition-id": view.partition_id,
                                    "error": problem[:MAX_ERROR_CHARS]})

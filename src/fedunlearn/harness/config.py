@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..wire import parse_int_list  # noqa: F401  (re-export)
 from .backdoor import BackdoorConfig
 
 SCOPES = ("client", "class", "instance")
@@ -116,30 +117,6 @@ def read_bool(key: str, value: Any) -> bool:
 def _brief(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def parse_int_list(value: Any, key: str) -> tuple[int, ...]:
-    """Parse ``"0,3, 5"`` (or an int) into a tuple of ints; ``""`` gives ``()``."""
-    if isinstance(value, bool):
-        raise ValueError(f"{key}={value!r}: expected comma-separated integers")
-    if isinstance(value, int):
-        return (value,)
-    text = str(value).strip()
-    if not text:
-        return ()
-    out = []
-    for part in text.replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise ValueError(
-                f"{key}={value!r}: {part!r} is not an integer; expected comma-separated "
-                "integers such as '0,3'"
-            ) from None
-    return tuple(out)
 
 
 def parse_str_list(value: Any) -> tuple[str, ...]:

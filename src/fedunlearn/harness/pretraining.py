@@ -23,6 +23,7 @@ from ..protocol import MODEL_KEY
 from ..history import HistoryRecorder, HistorySpec, TrainingHistory, find_history, history_dir
 from ..strategies.base import PretrainingProtocol, UnlearningContext, UnlearningStrategy
 from ..training import to_arrays
+from .methods import build
 
 
 class PretrainStrategy(PretrainingProtocol, UnlearningStrategy):
@@ -88,7 +89,7 @@ def pretrain(grid: Grid, context: UnlearningContext, resolved: dict | None = Non
     torch.manual_seed(cfg.seed)
     initial = to_arrays(context.model_factory())
     recorder = HistoryRecorder(spec, history_dir(directory, key, spec)) if spec else None
-    strategy = PretrainStrategy.from_config(cfg, context, recorder=recorder)
+    strategy = build(PretrainStrategy, cfg, context, recorder=recorder)
     try:
         with strategy.cost_phase("pretrain"):
             arrays = strategy.run_phase(grid, initial, strategy.recovery_phase())

@@ -30,11 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..metrics import METRIC_KEYS, average_gap, deltas
+from ..files import FAILED_FILE, write_json  # noqa: F401  (results are written with them)
 
 RESULTS_FILE = "results.json"
 SKIPPED_FILE = "skipped.json"
-FAILED_FILE = "failed.json"
-"""Written instead of results.json by a method that could not finish (with the reason)."""
 COMPARISON_FILE = "comparison.md"
 
 
@@ -54,23 +53,6 @@ def result_record(strategy, context, rejected: list[dict], original: dict, unlea
         "notes": strategy.notes,
         "config": context.cfg.to_dict(),
     }
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable))
-    os.replace(tmp, path)
-    return path
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
 
 
 def results_path(output_dir: Path, method: str, several: bool) -> Path:

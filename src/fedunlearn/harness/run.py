@@ -44,8 +44,8 @@ from ..service import MODEL_FILE, save_model
 from ..requests import UnlearningRequest
 from .results import (COMPARISON_FILE, FAILED_FILE, SKIPPED_FILE, comparison_markdown,
                       comparison_text, result_record, results_path, write_json)
-from ..strategies import (UnlearningContext, UnlearningFailed, check_methods, create_method,
-                         get_method, history_spec)
+from ..strategies import UnlearningFailed
+from .methods import HarnessContext, check_methods, create_method, history_spec, preflight
 from ..training import resolve_device
 
 
@@ -75,7 +75,7 @@ class Experiment:
         flops = flops_per_sample(self.new_model(),
                                  (info.in_channels, info.image_size, info.image_size),
                                  info.num_classes)
-        self.context = UnlearningContext(
+        self.context = HarnessContext(
             cfg=cfg, model_factory=self.new_model, example_input=self.example_input,
             flops_per_sample=flops["train"], forward_flops_per_sample=flops["forward"],
             progress=self.progress, on_round=self.on_round, data=self.data,
@@ -129,7 +129,7 @@ class Experiment:
                     "(forget.clients=%s): their backdoor stays in every method",
                     missing, list(self.cfg.forget.clients))
         for method in self.cfg.methods:
-            get_method(method).preflight(self.context)
+            preflight(method, self.context)
 
     def wait_for_nodes(self) -> list[int]:
         return federation.wait_for_nodes(self.grid, self.cfg.num_clients)
@@ -371,7 +371,7 @@ def run_service(experiment: Experiment) -> dict:
     def on_round(rnd, info):
         emit("round", phase="service", round=rnd, rounds=cfg.service_rounds)
 
-    context = {k: getattr(experiment.context, k) for k in ("cfg", "data", "on_round")}
+    context = {k: getattr(experiment.context, k) for k in ("managed", "data", "on_round")}
     service = UnlearningService(
         strategy, state_dir=out, config=cfg.service_config(), evaluate_fn=evaluate,
         model_fn=experiment.new_model, example_input=experiment.example_input,

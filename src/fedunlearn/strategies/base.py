@@ -43,7 +43,6 @@ from ..arrays import decoded, records
 from ..protocol import (COST_METRICS, DEFAULT_ACTION, EVALUATE_UNLEARN, METRIC_KEYS, MODEL_KEY,
                         FORWARD_SAMPLES, NUM_EXAMPLES, RETAINED_ACTION, SAMPLES_PROCESSED)
 from ..protocol import message_type as action_message_type
-from ..harness.config import ExperimentConfig
 from ..metrics import arrayrecord_nbytes
 from ..requests import SCOPES, UnlearningRequest, merge_requests, request_to_config
 from ..history import HistorySpec
@@ -106,14 +105,6 @@ class Recovery:
         if self.stop not in STOP_RULES:
             raise ValueError(f"Recovery.stop={self.stop!r}; allowed: {', '.join(STOP_RULES)}")
 
-    @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> Recovery:
-        return cls(rounds=cfg.unlearn_rounds, lr=cfg.unlearn_lr,
-                   local_epochs=cfg.unlearn_local_epochs, clip_norm=cfg.unlearn_clip_norm,
-                   server_momentum=cfg.unlearn_server_momentum, stop=cfg.recovery_stop,
-                   validate_every=cfg.recovery_validate_every,
-                   target_gap=cfg.recovery_target_gap, patience=cfg.recovery_patience,
-                   min_delta=cfg.recovery_min_delta)
 
 
 @dataclass(frozen=True)
@@ -130,10 +121,6 @@ class Training:
         _check_int("Training.local_epochs", self.local_epochs, 1)
         _check_number("Training.lr", self.lr, lo=0.0, open_lo=True)
 
-    @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> Training:
-        return cls(rounds=cfg.pretrain_rounds, lr=cfg.pretrain_lr,
-                   local_epochs=cfg.local_epochs)
 
 
 def _check_int(name: str, value, lo: int) -> None:
@@ -242,7 +229,6 @@ class UnlearningContext:
     a ``MetricRecord`` (or ``None``).
     """
 
-    cfg: ExperimentConfig | None = None
     requests: dict[int, UnlearningRequest] = field(default_factory=dict)
     fully_forgotten: set[int] = field(default_factory=set)
     node_partitions: dict[int, int] = field(default_factory=dict)
@@ -271,6 +257,11 @@ class UnlearningContext:
     served: dict[int, UnlearningRequest] = field(default_factory=dict)
     #: Nodes whose served requests cover all of their training data.
     served_fully: set[int] = field(default_factory=set)
+
+    #: Whether the run that built this context supplies what methods need by itself
+    #: (the experiment harness records the training history while it pretrains and
+    #: reserves the server's data): methods then leave those checks to it.
+    managed: bool = False
 
 
 class UnlearningStrategy(FedAvgM):
@@ -323,10 +314,6 @@ class UnlearningStrategy(FedAvgM):
         """What this method needs recorded during pretraining (default: nothing)."""
         return HistorySpec()
 
-    @classmethod
-    def check_config(cls, cfg: ExperimentConfig, params: MethodParams) -> None:
-        """Refuse settings this method cannot run with, before Flower starts (raise
-        ``ValueError`` saying what to change)."""
 
     def __init__(self, recovery: Recovery | None = None,
                  params: MethodParams | dict | None = None, *,
@@ -362,28 +349,7 @@ class UnlearningStrategy(FedAvgM):
         self.notes: dict = {}
         self._asked_epochs: dict[int, int] = {}
 
-    # -- construction from the harness's config, binding, up-front checks --------------
-    @classmethod
-    def params_from_config(cls, cfg: ExperimentConfig) -> MethodParams:
-        return cls.Params.from_values(cls.name, cfg.method_params_for(cls.name))
-
-    @classmethod
-    def config_kwargs(cls, cfg: ExperimentConfig) -> dict:
-        """Constructor arguments of this method that the harness's config sets besides
-        the shared ones (NoT: the layers to negate)."""
-        return {}
-
-    @classmethod
-    def from_config(cls, cfg: ExperimentConfig, context: UnlearningContext | None = None,
-                    **kwargs) -> UnlearningStrategy:
-        """The strategy the experiment harness builds from its config."""
-        args = dict(recovery=Recovery.from_config(cfg), params=cls.params_from_config(cfg),
-                    training=Training.from_config(cfg), seed=cfg.seed,
-                    eval_every=cfg.eval_every, device=cfg.device, context=context)
-        args.update(cls.config_kwargs(cfg))
-        args.update(kwargs)
-        return cls(**args)
-
+    # -- binding, up-front checks -----------------------------------------------------
     def fresh(self) -> UnlearningStrategy:
         """A copy with the same settings and no state of any run (its costs, notes,
         server optimizer, bound requests): service mode runs one per unlearning step."""
@@ -401,11 +367,6 @@ class UnlearningStrategy(FedAvgM):
         return self
 
     @property
-    def cfg(self) -> ExperimentConfig | None:
-        """The harness's config when the harness built this strategy (else ``None``)."""
-        return self.context.cfg
-
-    @property
     def model_factory(self) -> Callable:
         fn = self._model_fn or self.context.model_factory
         if fn is None:
@@ -418,10 +379,6 @@ class UnlearningStrategy(FedAvgM):
         if self._example_input is not None:
             return self._example_input
         return self.context.example_input
-
-    @classmethod
-    def preflight(cls, context: UnlearningContext) -> None:
-        """Fail before pretraining on settings that would only fail later."""
 
     def check_ready(self) -> None:
         """Fail before any round on settings this instance cannot run with (default:
@@ -561,9 +518,6 @@ class UnlearningStrategy(FedAvgM):
         if earlier is None or current is None:
             return current if current is not None else earlier
         return merge_requests(earlier, current)
-
-    def training_nodes(self, grid: Grid) -> list[int]:
-        return self.participants("retained", grid)
 
     def message_type(self, node_id: int, phase: Phase) -> str:
         """Which client action ``node_id`` runs in ``phase``: local training goes to
@@ -746,12 +700,6 @@ class UnlearningStrategy(FedAvgM):
             meter.forward_samples += t
         meter.forward_flops_per_sample = self.context.forward_flops_per_sample
         return 100.0 * correct / total if total else float("nan")
-
-    # Kept for callers of the one-phase API (pretraining).
-    def train_rounds(self, grid: Grid, arrays: ArrayRecord, num_rounds: int) -> ArrayRecord:
-        phase = self.recovery_phase()
-        phase = dataclasses.replace(phase, rounds=num_rounds)
-        return self.run_phase(grid, arrays, phase)
 
     def round_config(self, phase: Phase, server_round: int) -> ConfigRecord:
         config = phase.config()

@@ -18,7 +18,6 @@ from flwr.serverapp import Grid
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..harness.config import ExperimentConfig
 from ..history import HistorySpec
 from ..training import load_arrays, resolve_device, to_arrays, to_state
 from . import register_method
@@ -146,21 +145,11 @@ class FUKD(HistoryUnlearning):
 
     def refusal(self, requests) -> str | None:
         reason = super().refusal(requests)
-        if reason is None and self.context.cfg is None and self.distillation_data()[0] is None:
+        if reason is None and not self.context.managed and self.distillation_data()[0] is None:
             reason = ("fukd distils on unlabeled data the server holds, and it was given "
                       "none: pass FUKD(..., server_data=<a dataset in no client's training "
                       "set>)")
         return reason
-
-    @classmethod
-    def check_config(cls, cfg: ExperimentConfig, params: FUKDParams) -> None:
-        if cfg.server_data_fraction <= 0:
-            raise ValueError(
-                "fukd distils on unlabeled data held by the server, and this job reserves "
-                "none (server-data.fraction=0.0): set server-data.fraction, e.g. "
-                "server-data.fraction=0.1 reserves 10% of the training pool for the server, "
-                "in no client's partition (it changes the partitions, so pretraining runs "
-                "once more for it)")
 
     def unlearning_step(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         p: FUKDParams = self.params

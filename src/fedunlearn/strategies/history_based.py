@@ -28,7 +28,7 @@ class HistoryUnlearning(UnlearningStrategy):
 
     def refusal(self, requests: dict[int, UnlearningRequest]) -> str | None:
         shared = self.context.history
-        if shared is None and self.context.cfg is None:
+        if shared is None and not self.context.managed:
             return (f"{self.name} needs the training history recorded while the model was "
                     "trained, and none is bound to this serving run (wrap your training "
                     "strategy in fedunlearn.HistoryKeeper and pass serve(..., history=keeper))")
@@ -38,7 +38,7 @@ class HistoryUnlearning(UnlearningStrategy):
                     f"one bound ({shared.directory}) recorded {shared.spec.describe()}")
         recorded = shared.manifest.get("model_sha256") if shared is not None else None
         original = self.context.original_arrays
-        if recorded and original is not None and self.context.cfg is None:
+        if recorded and original is not None and not self.context.managed:
             from ..audit import model_digest
 
             if model_digest(original) != recorded:

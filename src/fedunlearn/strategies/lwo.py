@@ -78,15 +78,6 @@ class LayerwiseOptimalityCheck(NoT):
         self._frozen_values: dict[str, np.ndarray] | None = None
 
     # -- selection ------------------------------------------------------------------------
-    @classmethod
-    def check_config(cls, cfg, params) -> None:
-        """NoT's checks, plus: a selection of rows of a parameter cannot be frozen."""
-        super().check_config(cfg, params)
-        sliced = [n for n in cfg.negate_layers if ":q" in n or "[" in n]
-        if sliced:
-            raise ValueError(f"negation.layers={','.join(cfg.negate_layers)!r}: lwo freezes "
-                             f"whole parameters; rows of one ({sliced}) cannot be frozen")
-
     def check_ready(self) -> None:
         self._frozen(self.model_factory())
 

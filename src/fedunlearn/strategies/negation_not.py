@@ -18,7 +18,6 @@ from ..negation import select_negation_params, spec_view, split_spec
 from ..perturbations import CANCELLING, PerturbationContext, list_perturbations, perturb
 from ..training import load_arrays, to_arrays
 from . import register_method
-from .base import UnlearningContext
 from .finetune import FineTune
 from .params import MethodParams
 
@@ -86,37 +85,6 @@ class NoT(FineTune):
                              "['conv1'], or None for the first layer in execution order")
         self.layers = list(layers) if layers else None
         self.include_bias = bool(include_bias)
-
-    @classmethod
-    def config_kwargs(cls, cfg) -> dict:
-        return {"layers": list(cfg.negate_layers) or None, "include_bias": cfg.negate_bias}
-
-    @classmethod
-    def check_config(cls, cfg, params) -> None:
-        """``negation.layers`` names layers of the run's model (resolved on a fresh one,
-        built from the data set's shape): a typo fails before Flower starts."""
-        if not cfg.negate_layers:
-            return
-        from ..harness.data import DATASET_SHAPES
-        from ..harness.models import create_model
-        from ..negation import example_input_for
-
-        classes, channels, size = DATASET_SHAPES[cfg.dataset]
-        model = create_model(cfg.model, num_classes=classes, in_channels=channels,
-                             image_size=size)
-        try:
-            select_negation_params(model, example_input_for(channels, size),
-                                   layers=list(cfg.negate_layers),
-                                   include_bias=cfg.negate_bias,
-                                   refuse_cancelling=params.perturbation in CANCELLING)
-        except ValueError as err:
-            raise ValueError(f"negation.layers={','.join(cfg.negate_layers)!r}: {err}") from None
-
-    @classmethod
-    def preflight(cls, context: UnlearningContext) -> None:
-        """Resolve the layers to negate on a fresh model: a bad ``negation.layers`` fails
-        before pretraining, not after it."""
-        cls.from_config(context.cfg, context).check_ready()
 
     def check_ready(self) -> None:
         """Resolve the layers to negate on a fresh model (a bad layer name fails here,

@@ -20,7 +20,6 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from ..harness.config import format_method_params, parse_method_params  # noqa: F401  (re-export)
 
 
 @dataclasses.dataclass(frozen=True)

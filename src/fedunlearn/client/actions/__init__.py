@@ -34,7 +34,7 @@ from torch import nn
 from ...arrays import records, to_numpy
 from ...requests import request_from_config
 from ...training import load_arrays, resolve_device, to_arrays
-from ..node import NodeView, split_local
+from ..node import NodeView, resolve_view, split_local
 
 from ...protocol import CONFIG_KEY, DEFAULT_ACTION, METRIC_KEYS, MODEL_KEY, message_type
 
@@ -78,7 +78,7 @@ class ActionJob:
         a harness node loads the message's models into instances kept from an earlier
         message of this process (every parameter and buffer is overwritten, so the
         result is the same as with fresh ones, without building a model per message)."""
-        view = (view_for or NodeView.from_context)(context)
+        view = resolve_view(view_for, context)
         config = msg.content[CONFIG_KEY]
         retained, forget = split_local(view, request_from_config(config, view.partition_id))
         device = resolve_device(view.device)
