@@ -41,10 +41,10 @@ SCRIPT = REPO / "scripts" / "deploy_local.sh"
 BIN_DIR = Path(sys.executable).parent
 RUN_TIMEOUT_S = 900  # ~3 min on an idle 2-core machine, up to ~8 min on a busy one
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (BIN_DIR / "flower-supernode").exists() or sys.platform != "linux",
     reason="needs Linux and flower-superlink/flower-supernode next to the Python running pytest",
-)
+)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -346,6 +346,7 @@ def test_a_strategy_and_an_action_from_outside_the_package(tmp_path, monkeypatch
     assert np.allclose(out[key].numpy(), 0.5 * start[key].numpy())
 
 
+@pytest.mark.slow
 def test_the_example_app_under_flwr_run(tmp_path):
     """examples/quickstart-pytorch-unlearning end to end on Flower's simulation engine:
     the user's FedAvg, then node 0's inbox request served by NoT and PUF."""

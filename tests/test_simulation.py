@@ -16,6 +16,8 @@ import pytest
 from fedunlearn.engine import local_run
 from fedunlearn.launch import flwr_run
 
+pytestmark = pytest.mark.slow  # each test is a `flwr run` (Ray, a SuperLink)
+
 SMALL = {"dataset.name": "digits", "federation.num-clients": 5, "eval.every": 100}
 
 
