@@ -29,7 +29,7 @@ stopped and why.
 
 ``--defaults`` scores recovery settings (server momentum x local epochs, fixed budgets and
 the validation stopping rule) on IID and Dirichlet 0.3 over seeds 0..N-1 against the real
-Retrain (30 rounds): the table behind the recovery defaults (README, Recovery). The
+Retrain (30 rounds): the table behind the recovery defaults (docs/recovery.md). The
 stopping rule is scored on the recorded validation trajectories by the project's own
 :class:`~fedunlearn.strategies.stopping.StoppingRule`, fed on the schedule of
 ``run_phase`` (every ``validate_every`` rounds and at the last one), with the target the

@@ -161,7 +161,7 @@ def test_validated_recovery_preset_is_a_valid_run_config():
 
 
 def test_default_recovery_is_fedavgm_and_the_centralized_preset_keeps_plain_fine_tuning():
-    """The recovery protocol a user gets without options (README, Recovery), and the
+    """The recovery protocol a user gets without options (docs/recovery.md), and the
     centralized setting's fixed plain fine-tuning (Table 2), from the real run-config."""
     from fedunlearn.harness.config import ExperimentConfig
     from fedunlearn.launch import check_run_config, load_preset

@@ -20,7 +20,7 @@ from tests.test_plugin import UserGrid, fedavg, userapp  # noqa: F401  (fixture)
 ROOT = Path(__file__).resolve().parents[1]
 #: |final forget accuracy of the served model - that of a model that never saw the
 #: node| on node 3's data, 40 rounds, seed 0; bench/service.py measures it over seeds
-#: (README "Service mode").
+#: (docs/service.md).
 FORGET_TOLERANCE = 6.0
 
 
