@@ -85,7 +85,7 @@ def test_validated_recovery_through_the_client_app(server_identity, single_threa
 def test_malformed_train_replies_are_dropped_not_fatal(server_identity):
     strategy = create_method("ft", make_context(RC, {}))
     good = ArrayRecord({"w": Array(np.ones(3, np.float32))})
-    strategy.current_arrays = good
+    strategy.round_start = good
     ok = {"num-examples": 4, "train-loss": 0.1, "samples-processed": 4, "forward-samples": 0}
 
     def reply(node, arrays, metrics):
@@ -113,7 +113,7 @@ def test_quickstart_metric_names_are_aggregated_with_fedunlearns(server_identity
     fedunlearn's actions with their own. Both are aggregated in one round, weighted by
     num-examples."""
     strategy = create_method("ft", make_context(RC, {}))
-    strategy.current_arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    strategy.round_start = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
 
     def reply(node, value, metrics):
         content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, value, np.float32))}),

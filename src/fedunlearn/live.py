@@ -987,13 +987,7 @@ class UnlearningService:
                       server_momentum=c.server_momentum)
         rnd = self.state.round + 1
         for attempt in range(c.round_retries + 1):
-            trainer.current_phase = phase
-            trainer.server_momentum = c.server_momentum
-            trainer.server_learning_rate = 1.0
-            trainer.server_opt = c.server_momentum != 0.0
-            trainer.current_arrays = self.arrays
-            trainer.momentum_vector = (None if self.momentum is None
-                                       else [a.copy() for a in self.momentum])
+            aggregation = trainer.begin_phase(phase, self.arrays, self.momentum)
             messages = list(trainer.configure_train(rnd, self.arrays, phase.config(),
                                                     self.grid))
             if not messages:
@@ -1021,8 +1015,7 @@ class UnlearningService:
                 f"tries (nodes asked {asked}, missing {missing}); the service stops at its "
                 f"last checkpoint (round {self.state.round}); start it again to resume")
         self.arrays = aggregated
-        self.momentum = (None if trainer.momentum_vector is None
-                         else [a.copy() for a in trainer.momentum_vector])
+        self.momentum = aggregation.momentum()
         self.state.round = rnd
         info = {"version": self.state.version, "participants": usable, "asked": len(asked),
                 "missing": missing, "train_loss": trainer.last_loss,

@@ -22,7 +22,7 @@ from .base import (CostMeter, Phase, Recovery, Training, UnlearningContext,
 from .params import MethodParams
 
 _METHODS: dict[str, type[UnlearningStrategy]] = {}
-_INFRASTRUCTURE = {"base", "params", "stopping"}
+_INFRASTRUCTURE = {"aggregation", "base", "params", "stopping"}
 
 
 def register_method(name: str):

@@ -36,7 +36,7 @@ from logging import INFO, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvgM
+from flwr.serverapp.strategy import FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from ..arrays import decoded, records
@@ -47,6 +47,7 @@ from ..metrics import arrayrecord_nbytes
 from ..requests import SCOPES, UnlearningRequest, merge_requests, request_to_config
 from ..history import HistorySpec
 from ..wire import WireError, exact_int, finite_number
+from .aggregation import Aggregation
 from .params import MethodParams
 from .stopping import FIXED, MAXIMUM, StoppingRule
 
@@ -299,6 +300,12 @@ class UnlearningStrategy(FedAvgM):
         The serving state; :meth:`bind` sets it.
     phase : str, optional
         Name shown in progress logs (defaults to the method name).
+    aggregation : flwr.serverapp.strategy.Strategy, optional
+        The Flower strategy that aggregates the method's rounds (``FedAdam``,
+        ``FedProx``, ``FedMedian``, ``Krum``, a DP clipping wrapper, ...), copied afresh
+        for each phase; its sampling and config keys apply over the nodes the method lets
+        train. Default: ``FedAvgM`` with the phase's server momentum
+        (``Recovery.server_momentum``). See :mod:`.aggregation`.
     """
 
     name = "fedavg"
@@ -320,12 +327,18 @@ class UnlearningStrategy(FedAvgM):
                  training: Training | None = None, model_fn: Callable | None = None,
                  example_input=None, seed: int = 0, eval_every: int = 5,
                  device: str = "auto", context: UnlearningContext | None = None,
-                 phase: str | None = None) -> None:
+                 phase: str | None = None, aggregation: Strategy | None = None) -> None:
         super().__init__(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
         if recovery is not None and not isinstance(recovery, Recovery):
             raise TypeError(f"recovery={recovery!r}: expected a fedunlearn.Recovery")
         if training is not None and not isinstance(training, Training):
             raise TypeError(f"training={training!r}: expected a fedunlearn.Training")
+        if aggregation is not None and (not isinstance(aggregation, Strategy)
+                                        or isinstance(aggregation, UnlearningStrategy)):
+            raise TypeError(f"aggregation={aggregation!r}: expected a Flower strategy "
+                            "(flwr.serverapp.strategy.FedAdam(...), FedMedian(...), ...)")
+        self.aggregation = aggregation
+        self.aggregator: Aggregation | None = None
         self.recovery = recovery if recovery is not None else Recovery()
         self.training = training if training is not None else Training()
         if params is None:
@@ -356,8 +369,7 @@ class UnlearningStrategy(FedAvgM):
         clone = copy.copy(self)
         clone.context = UnlearningContext()
         clone.costs, clone.notes, clone._asked_epochs = {}, {}, {}
-        clone.current_phase = clone.round_start = None
-        clone.current_arrays = clone.momentum_vector = None
+        clone.current_phase = clone.round_start = clone.aggregator = None
         clone._cost_phase = "recovery"
         return clone
 
@@ -581,11 +593,7 @@ class UnlearningStrategy(FedAvgM):
         history)."""
         if phase.rounds == 0:
             return arrays
-        self.current_phase = phase
-        self.server_momentum = phase.server_momentum
-        self.server_learning_rate = 1.0
-        self.server_opt = phase.server_momentum != 0.0
-        self.current_arrays, self.momentum_vector = None, None  # a fresh server optimizer
+        self.begin_phase(phase)  # a fresh server optimizer
         rule = self.stopping_rule(grid) if phase.stop_early else None
         every = self.recovery.validate_every
         progress, on_round = self.context.progress, self.context.on_round
@@ -642,6 +650,16 @@ class UnlearningStrategy(FedAvgM):
             note["validation"] = [[r, round(a, 4)] for r, a in rule.history]
         self.notes[phase.name] = note
         return arrays
+
+    def begin_phase(self, phase: Phase, arrays: ArrayRecord | None = None,
+                    momentum: list | None = None) -> Aggregation:
+        """Start ``phase`` with a fresh aggregating strategy (:attr:`aggregation`, or
+        ``FedAvgM`` with the phase's server momentum, from ``arrays`` and ``momentum``
+        when given: service mode resumes its optimizer)."""
+        self.current_phase = phase
+        self.aggregator = Aggregation.for_phase(self.aggregation, phase.server_momentum,
+                                                arrays, momentum)
+        return self.aggregator
 
     def stopping_rule(self, grid: Grid) -> StoppingRule:
         """The rule for this job: the target is the original model's validation accuracy
@@ -731,10 +749,9 @@ class UnlearningStrategy(FedAvgM):
         config["server-round"] = server_round
         config["seed"] = self.seed * 100_000 + server_round
         self.round_start = arrays  # the round's starting model, for methods that need deltas
-        if self.current_arrays is None:  # FedAvgM's reference point for server momentum
-            self.current_arrays = arrays
-        messages = self.build_messages(arrays, phase, self.participants(phase.role, grid),
-                                       server_round, config=config)
+        nodes, config = self._aggregation(phase).prepare(
+            server_round, arrays, config, grid, self.participants(phase.role, grid))
+        messages = self.build_messages(arrays, phase, nodes, server_round, config=config)
         for msg in messages:
             self.meter_down(msg.content)
         self.meter.rounds += 1
@@ -782,7 +799,7 @@ class UnlearningStrategy(FedAvgM):
                 return f"metric {key}={value!r} is not a non-negative integer"
         if metrics[NUM_EXAMPLES] <= 0:
             return f"{NUM_EXAMPLES} is 0: nothing to aggregate"
-        sent = self.current_arrays or self.round_start
+        sent = self.round_start
         if sent is not None:
             got = content[MODEL_KEY]
             if set(got) != set(sent):
@@ -810,7 +827,15 @@ class UnlearningStrategy(FedAvgM):
             self.meter_up(msg)
             usable.append(msg)
         self.observe_replies(server_round, [m for m in usable if not m.has_error()])
-        return super().aggregate_train(server_round, [normalized(m) for m in usable])
+        phase = self.current_phase or self.recovery_phase()
+        return self._aggregation(phase).aggregate(server_round,
+                                                  [normalized(m) for m in usable])
+
+    def _aggregation(self, phase: Phase) -> Aggregation:
+        if self.aggregator is None:  # configure/aggregate called outside run_phase
+            self.aggregator = Aggregation.for_phase(self.aggregation, phase.server_momentum,
+                                                    self.round_start)
+        return self.aggregator
 
     def observe_replies(self, server_round: int, replies: list[Message]) -> None:
         """Called with the replies a round aggregates, in partition order (pretraining

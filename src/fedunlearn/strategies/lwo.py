@@ -145,8 +145,9 @@ class LayerwiseOptimalityCheck(NoT):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self._frozen_values:
             arrays = self._restore_frozen(arrays)
-            if self.server_opt and self.current_arrays is not None:  # FedAvgM's reference
-                self.current_arrays = self._restore_frozen(self.current_arrays)
+            reference = self.aggregator.reference() if self.aggregator else None
+            if reference is not None:  # FedAvgM's reference point
+                self.aggregator.set_reference(self._restore_frozen(reference))
         return arrays, metrics
 
     def _restore_frozen(self, arrays: ArrayRecord) -> ArrayRecord:

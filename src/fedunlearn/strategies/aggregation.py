@@ -1,0 +1,136 @@
+"""The Flower strategy that aggregates an unlearning method's rounds.
+
+An unlearning method decides *who* trains on *what* in a round (its roles, client
+actions and per-node configs); a Flower :class:`~flwr.serverapp.strategy.Strategy`
+decides how the replies become the next model. By default that is Flower's ``FedAvgM``
+with the phase's server momentum (0.5 for recovery, 0 for pretraining and Retrain); any
+other Flower strategy can take its place, the way Flower's differential-privacy wrappers
+take any strategy::
+
+    NoT(Recovery(rounds=11), model_fn=Net, aggregation=FedAdam(...))
+
+The given strategy is copied afresh for every phase (a new server optimizer each time).
+In each round it is asked ``configure_train`` over the nodes the method lets train (a
+grid that shows only them): the nodes it samples (its ``fraction_train``) take part, and
+the keys it adds to the round's config (FedProx's ``proximal-mu``, a DP wrapper's
+clipping norm) reach them. Its ``aggregate_train`` then combines the replies the method
+checked (one model and ``num-examples`` each).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvgM, Strategy
+
+
+class AggregationError(RuntimeError):
+    """The aggregating strategy cannot run a round with the nodes that may train."""
+
+
+class PhaseFedAvgM(FedAvgM):
+    """Flower's ``FedAvgM`` (server learning rate 1) for one phase: its reference point
+    is the model the phase starts from, and its momentum may be restored (service mode's
+    checkpoint)."""
+
+    def __init__(self, server_momentum: float, arrays: ArrayRecord | None = None,
+                 momentum: list | None = None) -> None:
+        super().__init__(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
+                         server_learning_rate=1.0, server_momentum=server_momentum)
+        self.current_arrays = arrays
+        self.momentum_vector = None if momentum is None else [a.copy() for a in momentum]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Only the reference point: the unlearning method builds the messages."""
+        if self.current_arrays is None:
+            self.current_arrays = arrays
+        return []
+
+
+class _Participants:
+    """A grid that shows only the nodes a method lets train this round."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes, self._asked = grid, list(nodes), 0
+
+    def get_node_ids(self) -> list[int]:
+        self._asked += 1
+        if self._asked > 1:  # Flower's sampling waits for more nodes: none will come
+            raise AggregationError(
+                f"the recovery strategy waits for more nodes than the {len(self._nodes)} "
+                f"that may train ({self._nodes}); lower its min_available_nodes / "
+                "min_train_nodes")
+        return list(self._nodes)
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+class Aggregation:
+    """One phase's aggregating strategy (see the module docstring)."""
+
+    def __init__(self, strategy: Strategy, builds_messages: bool) -> None:
+        self.strategy = strategy
+        self._builds_messages = builds_messages
+
+    @classmethod
+    def for_phase(cls, template: Strategy | None, server_momentum: float,
+                  arrays: ArrayRecord | None = None, momentum: list | None = None
+                  ) -> Aggregation:
+        """A fresh copy of ``template``, or ``FedAvgM`` with ``server_momentum`` (whose
+        reference point and momentum may be given) when there is none."""
+        if template is None:
+            return cls(PhaseFedAvgM(server_momentum, arrays, momentum), builds_messages=False)
+        return cls(copy.deepcopy(template), builds_messages=True)
+
+    def prepare(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                grid: Grid, nodes: list[int]) -> tuple[list[int], ConfigRecord]:
+        """The nodes that train this round and their config, after the strategy's own
+        ``configure_train`` over ``nodes``."""
+        if not self._builds_messages:
+            self.strategy.configure_train(server_round, arrays, config, grid)
+            return nodes, config
+        if not nodes:
+            return nodes, config
+        need = max(int(getattr(self.strategy, "min_available_nodes", 0) or 0),
+                   int(getattr(self.strategy, "min_train_nodes", 0) or 0))
+        if need > len(nodes):
+            raise AggregationError(
+                f"the recovery strategy {type(self.strategy).__name__} needs at least "
+                f"{need} nodes (min_available_nodes / min_train_nodes) and only "
+                f"{len(nodes)} may train ({nodes}); lower them")
+        theirs = list(self.strategy.configure_train(
+            server_round, arrays, ConfigRecord(dict(config)), _Participants(grid, nodes)))
+        sampled = sorted({int(m.metadata.dst_node_id) for m in theirs} & set(nodes))
+        merged = ConfigRecord(dict(config))
+        key = getattr(self.strategy, "configrecord_key", "config")
+        for msg in theirs[:1]:
+            if key in msg.content.config_records:
+                for k, v in msg.content.config_records[key].items():
+                    if k not in merged:
+                        merged[k] = v
+        return sampled, merged
+
+    def aggregate(self, server_round: int, replies: list[Message]
+                  ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def momentum(self) -> list | None:
+        """The server momentum after the last round (default ``FedAvgM`` only)."""
+        vector = getattr(self.strategy, "momentum_vector", None)
+        return None if vector is None else [a.copy() for a in vector]
+
+    def reference(self) -> ArrayRecord | None:
+        """The default ``FedAvgM``'s current model (``None`` for other strategies)."""
+        return getattr(self.strategy, "current_arrays", None) if not self._builds_messages \
+            else None
+
+    def set_reference(self, arrays: ArrayRecord) -> None:
+        """Move the default ``FedAvgM``'s current model (a method that edits the
+        aggregate, e.g. writes frozen parameters back)."""
+        if isinstance(self.strategy, PhaseFedAvgM) and self.strategy.server_opt:
+            self.strategy.current_arrays = arrays
