@@ -6,13 +6,23 @@ import tempfile
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx
 from torch.utils.data import DataLoader
 
 from fedunlearn import FineTune, NoT, PUF, Recovery, ServiceConfig, UnlearningService, serve  # +
 from unlearningexample.task import Net, load_test, test
 
 app = ServerApp()
+
+# The Flower strategy that aggregates the recovery rounds (run-config recovery-strategy);
+# "fedavgm": fedunlearn's default, FedAvgM with the Recovery's server momentum.
+RECOVERY_STRATEGIES = {  # +
+    "fedavgm": lambda: None,
+    "fedavg": lambda: FedAvg(min_train_nodes=1, min_available_nodes=1),
+    "fedadam": lambda: FedAdam(min_train_nodes=1, min_available_nodes=1, eta=0.01),
+    "fedmedian": lambda: FedMedian(min_train_nodes=1, min_available_nodes=1),
+    "fedprox": lambda: FedProx(min_train_nodes=1, min_available_nodes=1, proximal_mu=0.01),
+}
 
 
 def evaluate(arrays: ArrayRecord) -> dict:
@@ -32,8 +42,14 @@ def main(grid: Grid, context: Context) -> None:
     print(f"after FedAvg: test accuracy {evaluate(result.arrays)['test']:.2f}%")
 
     recovery = Recovery(rounds=rc["recovery-rounds"], lr=rc["lr"], server_momentum=0.5)  # +
-    methods = {"not": NoT(recovery, model_fn=Net, example_input=torch.zeros(1, 1, 8, 8)),  # +
-               "ft": FineTune(recovery), "puf": PUF(recovery)}  # +
+    if rc["recovery-strategy"] not in RECOVERY_STRATEGIES:  # +
+        raise ValueError(f"recovery-strategy={rc['recovery-strategy']!r}; choose from "
+                         f"{sorted(RECOVERY_STRATEGIES)}")
+    aggregation = RECOVERY_STRATEGIES[rc["recovery-strategy"]]()  # +
+    methods = {"not": NoT(recovery, model_fn=Net, example_input=torch.zeros(1, 1, 8, 8),  # +
+                          aggregation=aggregation),  # +
+               "ft": FineTune(recovery, aggregation=aggregation),  # +
+               "puf": PUF(recovery, aggregation=aggregation)}  # +
     out = rc["output-dir"] or tempfile.mkdtemp(prefix="unlearning-")
     if rc["service-rounds"]:  # + service mode: train on, serve requests as they arrive
         service = UnlearningService(methods[rc["methods"].split(",")[0]], state_dir=out,  # +

@@ -22,9 +22,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM, Strategy
+
+
+def _like(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with each array in the dtype of the same array of ``sent``."""
+    if all(arrays[k].dtype == sent[k].dtype for k in arrays if k in sent):
+        return arrays
+    out = ArrayRecord()
+    for key in arrays:
+        value = arrays[key].numpy()
+        if key in sent and arrays[key].dtype != sent[key].dtype:
+            value = value.astype(sent[key].numpy().dtype)
+        out[key] = Array(value)
+    return out
 
 
 class AggregationError(RuntimeError):
@@ -59,7 +72,8 @@ class _Participants:
 
     def get_node_ids(self) -> list[int]:
         self._asked += 1
-        if self._asked > 1:  # Flower's sampling waits for more nodes: none will come
+        if self._asked > 2:  # FedAvg's sampling asks twice; a third ask means it waits
+            # for more nodes to connect, and none will come
             raise AggregationError(
                 f"the recovery strategy waits for more nodes than the {len(self._nodes)} "
                 f"that may train ({self._nodes}); lower its min_available_nodes / "
@@ -115,9 +129,15 @@ class Aggregation:
                         merged[k] = v
         return sampled, merged
 
-    def aggregate(self, server_round: int, replies: list[Message]
+    def aggregate(self, server_round: int, replies: list[Message],
+                  sent: ArrayRecord | None = None
                   ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round, replies)
+        """The strategy's aggregate, in the dtypes of the model ``sent`` (Flower's
+        ``FedOpt`` family computes in float64; the nodes train the model's own dtypes)."""
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None and sent is not None:
+            arrays = _like(arrays, sent)
+        return arrays, metrics
 
     def momentum(self) -> list | None:
         """The server momentum after the last round (default ``FedAvgM`` only)."""

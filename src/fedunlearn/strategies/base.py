@@ -645,6 +645,8 @@ class UnlearningStrategy(FedAvgM):
         note = {"rounds": done, "max_rounds": phase.rounds, "stopped": reason,
                 "server_momentum": phase.server_momentum,
                 "round_s": round_s}  # training rounds only (send, train, aggregate)
+        if self.aggregation is not None:
+            note["aggregation"] = type(self.aggregation).__name__
         if rule is not None:
             note["target"] = round(rule.target, 4)
             note["validation"] = [[r, round(a, 4)] for r, a in rule.history]
@@ -828,8 +830,8 @@ class UnlearningStrategy(FedAvgM):
             usable.append(msg)
         self.observe_replies(server_round, [m for m in usable if not m.has_error()])
         phase = self.current_phase or self.recovery_phase()
-        return self._aggregation(phase).aggregate(server_round,
-                                                  [normalized(m) for m in usable])
+        return self._aggregation(phase).aggregate(
+            server_round, [normalized(m) for m in usable], self.round_start)
 
     def _aggregation(self, phase: Phase) -> Aggregation:
         if self.aggregator is None:  # configure/aggregate called outside run_phase
