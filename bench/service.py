@@ -37,7 +37,7 @@ from fedunlearn.engine import LocalGrid, server_identity
 from fedunlearn.inbox import Inbox
 from fedunlearn.harness.models import create_model
 from fedunlearn.requests import UnlearningRequest
-from fedunlearn.service import target_metrics
+from fedunlearn.serving import target_metrics
 from flwr.app import ArrayRecord
 
 ROOT = Path(__file__).resolve().parents[1]

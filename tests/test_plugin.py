@@ -281,7 +281,7 @@ def test_start_on_an_unbound_unlearning_strategy_raises(userapp):
 
 
 def test_server_side_import_does_not_load_the_client_side():
-    code = ("import sys, fedunlearn, fedunlearn.service, fedunlearn.harness.run, "
+    code = ("import sys, fedunlearn, fedunlearn.serving, fedunlearn.harness.run, "
             "fedunlearn.strategies as s; s.list_methods(); from fedunlearn import NoT, serve; "
             "print('fedunlearn.client' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -354,7 +354,7 @@ def test_the_example_app_under_flwr_run(tmp_path):
 
     from fedunlearn.audit import model_digest
     from fedunlearn.launch import flwr_run
-    from fedunlearn.service import load_model
+    from fedunlearn.serving import load_model
 
     app = Path(__file__).resolve().parents[1] / "examples" / "quickstart-pytorch-unlearning"
     out, log = tmp_path / "out", tmp_path / "run.log"

@@ -387,7 +387,7 @@ def test_a_crash_between_publishing_and_recording_neither_skips_nor_repeats(user
     honoured once in the audit log and on the receipt."""
     from fedunlearn import read_versions
     from fedunlearn.inbox import Inbox
-    from fedunlearn.live import UnlearningService
+    from fedunlearn.service import UnlearningService
 
     class Killed(BaseException):
         pass

@@ -18,15 +18,15 @@ library never imports it.
 
 from __future__ import annotations
 
-_SERVER = {"serve": "service", "ServeOutcome": "service", "MethodOutcome": "service",
-           "load_model": "service", "HistoryKeeper": "recording", "HistorySpec": "history",
+_SERVER = {"serve": "serving", "ServeOutcome": "serving", "MethodOutcome": "serving",
+           "load_model": "serving", "HistoryKeeper": "recording", "HistorySpec": "history",
            "Recovery": "strategies", "Training": "strategies",
            "UnlearningFailed": "strategies", "UnlearningStrategy": "strategies",
            "UnlearningContext": "strategies", "MethodParams": "strategies",
            "get_method": "strategies", "list_methods": "strategies",
            "register_method": "strategies",
-           "UnlearningService": "live", "ServiceConfig": "live", "ServiceOutcome": "live",
-           "ServiceError": "live", "read_versions": "live"}
+           "UnlearningService": "service", "ServiceConfig": "service",
+           "ServiceOutcome": "service", "ServiceError": "service", "read_versions": "service"}
 #: Every method class by its registered name (all 16).
 _METHODS = {"NoT": "not", "FineTune": "ft", "PUF": "puf", "Retrain": "retrain",
             "MoDE": "mode", "FCU": "fcu", "FedEraser": "federaser", "FUKD": "fukd",

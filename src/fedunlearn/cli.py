@@ -141,7 +141,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_versions(args) -> int:
-    from .live import honoured_by, read_versions
+    from .service import honoured_by, read_versions
 
     versions = read_versions(Path(args.state_dir).expanduser())
     if args.request:

@@ -1,7 +1,7 @@
 """The wire protocol: every name that crosses between the server and the nodes.
 
 Both sides import this module and nothing of each other: the server side
-(:mod:`fedunlearn.strategies`, :mod:`fedunlearn.service`, the harness) never imports
+(:mod:`fedunlearn.strategies`, :mod:`fedunlearn.serving`, the harness) never imports
 :mod:`fedunlearn.client`, and the node side never imports a strategy. A user who serves a
 message with their own handler needs only the names below (the README's protocol table
 lists them).

@@ -218,7 +218,7 @@ class ExperimentConfig:
     # each method's parameters class types and checks them (strategies/params.py).
     method_params: tuple[tuple[str, str, str], ...] = ()
     # Service mode (service.rounds > 0): train continuously and serve requests as they
-    # arrive (fedunlearn.live); the output dir holds the checkpoint and the versions.
+    # arrive (fedunlearn.service); the output dir holds the checkpoint and the versions.
     service_rounds: int = 0
     service_query_every: int = 1
     service_min_replies: float = 1.0
@@ -372,9 +372,9 @@ class ExperimentConfig:
         }
 
     def service_config(self):
-        """The :class:`fedunlearn.live.ServiceConfig` of the run-config's ``service.*``
+        """The :class:`fedunlearn.service.ServiceConfig` of the run-config's ``service.*``
         (training as in pretraining: ``pretrain.lr``, ``federation.local-epochs``)."""
-        from ..live import ServiceConfig
+        from ..service import ServiceConfig
 
         return ServiceConfig(
             rounds=self.service_rounds, wall_s=self.service_wall_s,

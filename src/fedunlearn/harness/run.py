@@ -40,7 +40,7 @@ from ..metrics import flops_per_sample
 from .models import create_model
 from ..negation import example_input_for
 from .pretraining import pretrain
-from ..service import MODEL_FILE, save_model
+from ..serving import MODEL_FILE, save_model
 from ..requests import UnlearningRequest
 from .results import (COMPARISON_FILE, FAILED_FILE, SKIPPED_FILE, comparison_markdown,
                       comparison_text, result_record, results_path, write_json)
@@ -339,11 +339,11 @@ def run_service(experiment: Experiment) -> dict:
     """Service mode on the harness (run-config ``service.rounds`` > 0): pretrain (or
     resume from ``<output-dir>/checkpoint.pt``), then train continuously and serve the
     nodes' requests as they arrive with the one configured method
-    (:class:`fedunlearn.live.UnlearningService`); the output dir is the service's state
+    (:class:`fedunlearn.service.UnlearningService`); the output dir is the service's state
     directory (checkpoint, versions, audit log)."""
     import numpy as np
 
-    from ..live import CHECKPOINT_FILE, UnlearningService
+    from ..service import CHECKPOINT_FILE, UnlearningService
     from ..metrics import accuracy_from_logits, predict
     from ..training import load_arrays
 

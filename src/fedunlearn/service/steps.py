@@ -1,0 +1,189 @@
+"""Service mode's unlearning steps: a method run on the current model for the
+requests due, and what a step that fails leaves behind."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+
+import torch
+from flwr.common.logger import log
+
+from ..audit import model_digest
+from ..metrics import flops_per_sample
+from ..requests import UnlearningRequest, merge_requests
+from ..strategies.base import UnlearningContext, UnlearningFailed
+from .state import PendingRequest, _request_dict, _what
+
+
+class Steps:
+    """The part of :class:`UnlearningService` that runs unlearning steps."""
+
+    # -- unlearning steps -----------------------------------------------------------------
+    def _flops(self) -> None:
+        self.flops = {"train": 0, "forward": 0}
+        if self.model_fn is None or self.example_input is None:
+            return
+        classes = max((int(r.get("num-classes", 0)) for r in self.state.reports.values()),
+                      default=0)
+        with torch.random.fork_rng(devices=[]):
+            model = self.model_fn()
+            if not classes:
+                with torch.no_grad():
+                    classes = int(model.eval()(self.example_input[:1]).shape[-1])
+            self.flops = flops_per_sample(model, tuple(self.example_input.shape[1:]), classes)
+
+    def context(self, requests: dict[int, UnlearningRequest]) -> UnlearningContext:
+        reports = self.state.reports
+        fully = {n for n, r in requests.items()
+                 if reports.get(n, {}).get("num-retained", 1) == 0}
+        fields = dict(self.context_defaults)
+        fields.update(requests=requests, fully_forgotten=fully,
+                      node_partitions=dict(self.state.view), original_arrays=self.arrays,
+                      model_factory=self.model_fn, example_input=self.example_input,
+                      flops_per_sample=self.flops["train"],
+                      forward_flops_per_sample=self.flops["forward"],
+                      served=dict(self.state.served),
+                      served_fully=set(self.state.served_fully))
+        return UnlearningContext(**fields)
+
+    def unlearn(self) -> None:
+        """One unlearning step for every pending request due now, served together."""
+        due = [p for p in self.state.pending if p.next_try <= self.state.round]
+        requests = {p.node: p.request for p in due}
+        strategy = self.method.fresh()
+        strategy.bind(self.context(requests))
+        step = len(self.state.steps) + 1
+        what = ", ".join(f"node {n} ({_what(r)})" for n, r in sorted(requests.items()))
+        log(INFO, "[service] unlearning step %d at round %d: %s with %s", step,
+            self.state.round, what, strategy.name)
+        before = model_digest(self.arrays)
+        reason = strategy.refusal(requests)
+        started = time.perf_counter()
+        unlearned = None
+        if reason is None:
+            self.audit.record("unlearning.started", method=strategy.name,
+                              targets=sorted(requests), model_before=before,
+                              attempt=max(p.attempts for p in due) + 1)
+            try:
+                unlearned = strategy.unlearn(self.grid, self.arrays)
+            except (UnlearningFailed, RuntimeError, ValueError) as err:
+                reason = f"{type(err).__name__}: {err}"
+                if self.grid.departed:
+                    reason += f" (node(s) {self.grid.departed} left the federation)"
+        else:
+            for p in due:  # a refusal does not change by waiting
+                p.attempts = self.config.method_retries
+        if unlearned is None:
+            self._step_failed(strategy, due, reason, before)
+            return
+        wall = time.perf_counter() - started
+        self.arrays, self.momentum = unlearned, None  # the method's model; a fresh optimizer
+        for p in due:
+            earlier = self.state.served.get(p.node)
+            self.state.served[p.node] = (p.request if earlier is None
+                                         else merge_requests(earlier, p.request))
+            if self.state.reports.get(p.node, {}).get("num-retained", 1) == 0:
+                self.state.served_fully.add(p.node)
+            self.state.seen.add((p.node, p.request.digest()))
+            self.state.seen_inbox.update(p.request.inbox_ids)
+        self.state.pending = [p for p in self.state.pending if p not in due]
+        cost = strategy.cost
+        honours = [dict(_request_dict(p.request), node=p.node, digest=p.request.digest(),
+                        accepted_round=p.round,
+                        deadline_missed=self._deadline_missed(p)) for p in due]
+        for h in honours:
+            h.pop("sample_ids")
+        entry = self.publish("unlearned", honours)
+        info = {"step": step, "round": self.state.round, "version": entry["version"],
+                "method": strategy.name, "targets": sorted(requests),
+                "rounds": cost.rounds, "comm_bytes": cost.comm_bytes, "flops": cost.flops,
+                "wall_s": round(wall, 3), "model_sha256": entry["sha256"],
+                "path": entry["path"], "metrics": entry.get("metrics", {}),
+                "requests": honours,
+                "filed_to_published_s": [round(time.time() - p.accepted_at, 3) for p in due]}
+        self.state.steps.append(info)
+        for p in due:
+            if p.request.inbox_ids:
+                self.state.outbox.append({"node": p.node, "status": "honoured",
+                                          "request": _request_dict(p.request),
+                                          "version": entry["version"], "round": self.state.round,
+                                          "method": strategy.name, "sha256": entry["sha256"],
+                                          "path": entry["path"], "rounds": cost.rounds,
+                                          "comm_bytes": cost.comm_bytes,
+                                          "deadline_missed": self._deadline_missed(p)})
+        info["model_before"] = before
+        info["audited"] = False
+        self.checkpoint()  # served: from here on a crash never serves these again
+        self.audit_steps()
+        log(INFO, "[service]   %s: %d round(s), %.3g B, %.1f s; published version %d: %s "
+            "(sha256 %s)", strategy.name, cost.rounds, cost.comm_bytes, wall,
+            entry["version"], entry["path"], entry["sha256"][:12])
+        self.flush_outbox()
+
+    def audit_steps(self) -> None:
+        """Write the audit records of honoured steps that have none yet (a crash between
+        the checkpoint that marks a step served and its records is caught up on resume:
+        every honoured request is recorded exactly once)."""
+        pending = [step for step in self.state.steps if not step.get("audited", True)]
+        for step in pending:
+            self.audit.record("unlearning.finished", method=step["method"],
+                              rounds=step["rounds"], comm_bytes=step["comm_bytes"],
+                              wall_s=step["wall_s"], metrics=step["metrics"],
+                              model_before=step["model_before"], model_after=step["model_sha256"],
+                              published_version=step["version"])
+            for r in step["requests"]:
+                self.audit.record("request.honoured", node=r["node"], scope=r["scope"],
+                                  digest=r["digest"], inbox_ids=list(r["inbox_ids"]),
+                                  accepted_round=r["accepted_round"],
+                                  published_version=step["version"],
+                                  model=step["model_sha256"],
+                                  deadline_missed=r["deadline_missed"])
+            step["audited"] = True
+        if pending:
+            self.checkpoint()
+
+    def _deadline_missed(self, p: PendingRequest) -> bool:
+        share = self._deadline_share(p, time.time())
+        return bool(share is not None and share > 1.0)
+
+    def _step_failed(self, strategy, due: list[PendingRequest], reason: str,
+                     before: str) -> None:
+        c = self.config
+        final = []
+        for p in due:
+            p.attempts += 1
+            if p.attempts > c.method_retries:
+                final.append(p)
+            else:
+                p.next_try = self.state.round + c.retry_after
+        self.audit.record("unlearning.failed", method=strategy.name, reason=reason[:2000],
+                          model_before=before, targets=sorted(p.node for p in due),
+                          final=bool(final))
+        if not final:
+            log(WARNING, "[service] %s failed (%s); trying again at round %d", strategy.name,
+                reason, due[0].next_try)
+            self.checkpoint()
+            return
+        log(WARNING, "[service] %s failed (%s) after %d attempt(s): the request(s) of "
+            "node(s) %s fail", strategy.name, reason, final[0].attempts,
+            [p.node for p in final])
+        for p in final:
+            self.state.seen.add((p.node, p.request.digest()))
+            self.state.seen_inbox.update(p.request.inbox_ids)
+            self.state.failed.append({"node": p.node, "request": _request_dict(p.request),
+                                      "round": self.state.round, "reason": reason[:2000],
+                                      "method": strategy.name, "attempts": p.attempts})
+            self.audit.record("request.failed", node=p.node, scope=p.request.scope,
+                              digest=p.request.digest(), inbox_ids=list(p.request.inbox_ids),
+                              reason=reason[:2000], attempts=p.attempts)
+            if p.request.inbox_ids:
+                self.state.outbox.append({"node": p.node, "status": "failed",
+                                          "request": _request_dict(p.request),
+                                          "method": strategy.name, "round": self.state.round,
+                                          "reason": f"{strategy.name} could not serve the "
+                                                    f"request: {reason}"})
+        self.state.pending = [p for p in self.state.pending if p not in final]
+        self.checkpoint()
+        self.flush_outbox()
+

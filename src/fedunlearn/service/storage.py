@@ -1,0 +1,134 @@
+"""Service mode's state directory: published versions, the per-round checkpoint, and
+the checks a resume makes."""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+
+from ..audit import AuditLog, model_digest
+from ..files import atomic_write
+from .config import ServiceError
+from .state import (
+    CHECKPOINT_FILE,
+    VERSIONS_DIR,
+    VERSIONS_FILE,
+    ServiceState,
+    _atomic_json,
+    read_versions,
+)
+
+
+class Storage:
+    """The part of :class:`UnlearningService` that writes and reads its state directory."""
+
+    # -- state on disk ----------------------------------------------------------------
+    def publish(self, kind: str, honours: list[dict]) -> dict:
+        """Write the current model as the next version (atomically) and list it."""
+        versions = (read_versions(self.state_dir)
+                    if (self.state_dir / VERSIONS_FILE).exists() else [])
+        # From the checkpoint's version: a version written by a step that a crash cut
+        # short before its checkpoint is replaced, never skipped over.
+        number = 0 if kind == "start" else self.state.version + 1
+        path = self.state_dir / VERSIONS_DIR / f"v{number:04d}.pt"
+        state_dict = self.arrays.to_torch_state_dict()
+        atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+        entry = {"version": number, "round": self.state.round, "kind": kind,
+                 "sha256": model_digest(self.arrays), "path": str(path), "honours": honours,
+                 "method": self.method.name if kind == "unlearned" else None,
+                 "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if self.evaluate_fn is not None:
+            value = self.evaluate_fn(self.arrays)
+            entry["metrics"] = value if isinstance(value, dict) else {"test": float(value)}
+        versions = [v for v in versions if v["version"] < number] + [entry]
+        _atomic_json(self.state_dir / VERSIONS_FILE, {"versions": versions})
+        self.state.version = number
+        self.state.last_version_round = self.state.round
+        self.audit.record("version.published", published_version=number, kind=kind,
+                          model=entry["sha256"], path=str(path),
+                          honours=[{k: h[k] for k in ("node", "scope", "digest", "inbox_ids")}
+                                   for h in honours])
+        metrics = ", ".join(f"{k} {v:.2f}%" for k, v in entry.get("metrics", {}).items()
+                            if isinstance(v, (int, float)))
+        log(INFO, "[service] published version %d (%s, round %d%s): %s", number, kind,
+            self.state.round, f", {metrics}" if metrics else "", path)
+        return entry
+
+    def _last_digest(self) -> str:
+        versions = read_versions(self.state_dir)
+        return versions[-1]["sha256"] if versions else ""
+
+    def checkpoint(self) -> None:
+        """Everything the service knows, in one file, replaced atomically."""
+        blob = {"model": self.arrays.to_torch_state_dict(),
+                "momentum": (None if self.momentum is None
+                             else [torch.from_numpy(a.copy()) for a in self.momentum]),
+                "state": json.dumps(self.state.to_json())}
+        atomic_write(self.state_dir / CHECKPOINT_FILE, lambda tmp: torch.save(blob, tmp))
+
+    def load(self):
+        path = self.state_dir / CHECKPOINT_FILE
+        if not path.exists():
+            return None
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state = ServiceState.from_json(json.loads(blob["state"]))
+        momentum = (None if blob["momentum"] is None
+                    else [t.numpy() for t in blob["momentum"]])
+        return state, ArrayRecord(blob["model"]), momentum
+
+    def _check_resume(self, arrays: ArrayRecord) -> None:
+        s = self.state
+        if s.method != self.method.name:
+            raise ServiceError(f"{self.state_dir} holds a service of method {s.method!r}; "
+                               f"this one is {self.method.name!r}: use another state_dir or "
+                               "the same method")
+        if list(arrays.keys()) != s.model_keys:
+            raise ServiceError(f"the checkpoint in {self.state_dir} is of another model "
+                               f"(its keys {s.model_keys[:3]}..., given {list(arrays)[:3]}...)")
+        bad = [k for k in s.model_keys
+               if tuple(arrays[k].shape) != tuple(self.arrays[k].shape)]
+        if bad:
+            raise ServiceError(f"the checkpoint in {self.state_dir} is of another model: "
+                               f"shapes differ for {bad[:3]} (checkpoint "
+                               f"{[tuple(self.arrays[k].shape) for k in bad[:3]]}, given "
+                               f"{[tuple(arrays[k].shape) for k in bad[:3]]})")
+
+    def _check_model(self, arrays: ArrayRecord) -> None:
+        """With a model factory, ``arrays`` must be that model's (names and shapes):
+        checked before anything is written, not by every node at its first round."""
+        if self.model_fn is None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            expected = {k: tuple(v.shape) for k, v in self.model_fn().state_dict().items()}
+        given = {k: tuple(arrays[k].shape) for k in arrays.keys()}
+        if given != expected:
+            missing = sorted(set(expected) - set(given))[:3]
+            extra = sorted(set(given) - set(expected))[:3]
+            shapes = [k for k in expected if k in given and given[k] != expected[k]][:3]
+            raise ValueError(
+                "arrays are not the model model_fn builds: "
+                + "; ".join(part for part in (
+                    f"missing {missing}" if missing else "",
+                    f"unexpected {extra}" if extra else "",
+                    f"other shapes for {shapes}" if shapes else "") if part)
+                + " (pass the ArrayRecord of model_fn()'s state dict)")
+
+    def _interrupted(self, audit: AuditLog) -> None:
+        if not self.note_interrupted:
+            return
+        try:
+            record = audit.note_interrupted()
+        except OSError as err:
+            log(WARNING, "could not read the audit log's last record: %s", err)
+            return
+        if record is not None:
+            log(WARNING, "[service] the previous run on %s (run %s) did not finish: its last "
+                "record is %s (seq %s)", audit.path, record["interrupted_run"],
+                record["last_event"], record["last_seq"])
+
+
