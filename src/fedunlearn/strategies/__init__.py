@@ -22,7 +22,8 @@ from .base import (CostMeter, Phase, Recovery, Training, UnlearningContext,
 from .params import MethodParams
 
 _METHODS: dict[str, type[UnlearningStrategy]] = {}
-_INFRASTRUCTURE = {"aggregation", "base", "params", "stopping"}
+_INFRASTRUCTURE = {"aggregation", "base", "context", "costs", "params", "reply_checks", "roles",
+                   "settings", "stopping", "validation"}
 
 
 def register_method(name: str):

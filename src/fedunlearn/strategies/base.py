@@ -28,9 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -39,233 +37,24 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from ..arrays import decoded, records
-from ..protocol import (COST_METRICS, DEFAULT_ACTION, EVALUATE_UNLEARN, METRIC_KEYS, MODEL_KEY,
-                        FORWARD_SAMPLES, NUM_EXAMPLES, RETAINED_ACTION, SAMPLES_PROCESSED)
+from ..protocol import (DEFAULT_ACTION, METRIC_KEYS, MODEL_KEY,
+                        RETAINED_ACTION)
 from ..protocol import message_type as action_message_type
-from ..metrics import arrayrecord_nbytes
-from ..requests import SCOPES, UnlearningRequest, merge_requests, request_to_config
+from ..requests import SCOPES, UnlearningRequest, request_to_config
 from ..history import HistorySpec
-from ..wire import WireError, exact_int, finite_number
 from .aggregation import Aggregation
 from .params import MethodParams
-from .stopping import FIXED, MAXIMUM, StoppingRule
-
-ROLES = ("retained", "targets", "all")
-from ..protocol import REPLY_TIMEOUT_S, reply_timeout  # noqa: E402
-STOP_RULES = ("fixed", "validation")
-
-
-class UnlearningFailed(RuntimeError):
-    """A method could not finish: no model is returned, and the reason says why (which
-    node, which key, which round)."""
+from .context import UnlearningContext, UnlearningFailed
+from .costs import CostMeter, Metered
+from .reply_checks import ReplyChecks, normalized
+from .roles import Roles
+from ..protocol import REPLY_TIMEOUT_S, reply_timeout
+from .settings import ROLES, STOP_RULES, Phase, Recovery, Training, _check_int  # noqa: F401  (re-exported)
+from .stopping import FIXED, MAXIMUM
+from .validation import Validating
 
 
-@dataclass(frozen=True)
-class Recovery:
-    """How every method but Retrain recovers after its unlearning step: FedAvgM rounds
-    on the retained data.
-
-    Parameters
-    ----------
-    rounds : int
-        Recovery rounds (the maximum when ``stop="validation"``).
-    lr, local_epochs, clip_norm : float, int, float
-        The nodes' local training (``clip_norm`` 0: no gradient clipping).
-    server_momentum : float
-        Flower's ``FedAvgM`` server momentum (0: plain FedAvg), server learning rate 1.
-    stop : str
-        ``"fixed"``: always ``rounds`` rounds; ``"validation"``: stop once the retained
-        nodes' validation accuracy is within ``target_gap`` points of the original
-        model's, or after ``patience`` validations without a ``min_delta`` improvement.
-    validate_every : int
-        Validate every k rounds (``stop="validation"``).
-    """
-
-    rounds: int = 11
-    lr: float = 0.01
-    local_epochs: int = 1
-    clip_norm: float = 0.0
-    server_momentum: float = 0.5
-    stop: str = "fixed"
-    validate_every: int = 1
-    target_gap: float = 1.0
-    patience: int = 3
-    min_delta: float = 0.1
-
-    def __post_init__(self) -> None:
-        _check_int("Recovery.rounds", self.rounds, 0)
-        _check_int("Recovery.local_epochs", self.local_epochs, 1)
-        _check_int("Recovery.validate_every", self.validate_every, 1)
-        _check_int("Recovery.patience", self.patience, 1)
-        _check_number("Recovery.lr", self.lr, lo=0.0, open_lo=True)
-        _check_number("Recovery.clip_norm", self.clip_norm, lo=0.0)
-        _check_number("Recovery.server_momentum", self.server_momentum, lo=0.0, hi=1.0)
-        _check_number("Recovery.target_gap", self.target_gap, lo=0.0)
-        _check_number("Recovery.min_delta", self.min_delta, lo=0.0)
-        if self.stop not in STOP_RULES:
-            raise ValueError(f"Recovery.stop={self.stop!r}; allowed: {', '.join(STOP_RULES)}")
-
-
-
-@dataclass(frozen=True)
-class Training:
-    """How the original model was trained: Retrain repeats it on the retained data,
-    FedEraser calibrates and MoDE degrades with its local settings."""
-
-    rounds: int = 30
-    lr: float = 0.01
-    local_epochs: int = 1
-
-    def __post_init__(self) -> None:
-        _check_int("Training.rounds", self.rounds, 0)
-        _check_int("Training.local_epochs", self.local_epochs, 1)
-        _check_number("Training.lr", self.lr, lo=0.0, open_lo=True)
-
-
-
-def _check_int(name: str, value, lo: int) -> None:
-    exact_int(name, value, lo=lo)
-
-
-def _check_number(name: str, value, lo: float, hi: float | None = None,
-                  open_lo: bool = False) -> None:
-    """A finite number ``>= lo`` (``> lo`` with ``open_lo``) and ``< hi``: the bounds
-    :func:`~fedunlearn.wire.finite_number` (inclusive ones) cannot say."""
-    value = finite_number(name, value, lo=lo)
-    if (open_lo and value == lo) or (hi is not None and value >= hi):
-        bounds = f"{'>' if open_lo else '>='} {lo}" + (f" and < {hi}" if hi is not None else "")
-        raise WireError(name, value, f"expected a finite number {bounds}")
-
-
-@dataclass
-class CostMeter:
-    """What a phase cost: rounds, bytes both ways, FLOPs, wall time, extra storage.
-
-    FLOPs = trained samples x FLOPs of one forward + backward pass + forward-only samples
-    x FLOPs of one forward pass + server-side extra FLOPs."""
-
-    rounds: int = 0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    samples_processed: int = 0
-    forward_samples: int = 0
-    flops_per_sample: int = 0
-    forward_flops_per_sample: int = 0
-    storage_bytes: int = 0
-    wall_s: float = 0.0
-    extra_flops: int = 0
-    messages_down: int = 0
-    messages_up: int = 0
-    #: Of ``samples_processed``, those estimated as ``num-examples x local-epochs`` for
-    #: replies that did not count their own (a user's train handler).
-    estimated_samples: int = 0
-
-    @property
-    def comm_bytes(self) -> int:
-        return self.bytes_down + self.bytes_up
-
-    @property
-    def flops(self) -> int:
-        return (self.samples_processed * self.flops_per_sample
-                + self.forward_samples * self.forward_flops_per_sample + self.extra_flops)
-
-    def add(self, other: CostMeter) -> None:
-        """Add ``other``'s counts (storage: the larger of the two; both are peaks)."""
-        for f in ("rounds", "bytes_down", "bytes_up", "samples_processed", "forward_samples",
-                  "extra_flops", "messages_down", "messages_up", "estimated_samples"):
-            setattr(self, f, getattr(self, f) + getattr(other, f))
-        self.wall_s += other.wall_s
-        self.storage_bytes = max(self.storage_bytes, other.storage_bytes)
-
-    def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "comm_bytes": self.comm_bytes,
-                "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
-                "messages_down": self.messages_down, "messages_up": self.messages_up,
-                "flops": self.flops, "train_samples": self.samples_processed,
-                "forward_samples": self.forward_samples, "server_flops": self.extra_flops,
-                "wall_s": round(self.wall_s, 3), "storage_bytes": self.storage_bytes,
-                **({"estimated_train_samples": self.estimated_samples}
-                   if self.estimated_samples else {})}
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A stretch of rounds with its own settings.
-
-    ``name`` keys the cost breakdown; ``action`` is the client action nodes run
-    (``default``: local training); ``role`` says which nodes take part (:data:`ROLES`).
-    """
-
-    name: str
-    rounds: int
-    lr: float
-    local_epochs: int
-    clip_norm: float = 0.0
-    weight_decay: float = 0.0
-    action: str = DEFAULT_ACTION
-    role: str = "retained"
-    server_momentum: float = 0.0
-    stop_early: bool = False
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"phase role {self.role!r}; allowed: {ROLES}")
-        if not 0.0 <= self.server_momentum < 1.0:
-            raise ValueError(f"phase server_momentum={self.server_momentum} must be in [0, 1)")
-
-    def config(self) -> ConfigRecord:
-        return ConfigRecord({"lr": float(self.lr), "local-epochs": int(self.local_epochs),
-                             "clip-norm": float(self.clip_norm),
-                             "weight-decay": float(self.weight_decay), "phase": self.name})
-
-
-@dataclass
-class UnlearningContext:
-    """What the server knows when unlearning starts.
-
-    ``requests`` maps node id -> accepted request; ``node_partitions`` is the verified
-    node id -> partition map; ``model_factory()`` builds a fresh, randomly initialised
-    model; ``progress(phase, round, arrays, num_rounds)`` logs test accuracy and returns
-    a ``MetricRecord`` (or ``None``).
-    """
-
-    requests: dict[int, UnlearningRequest] = field(default_factory=dict)
-    fully_forgotten: set[int] = field(default_factory=set)
-    node_partitions: dict[int, int] = field(default_factory=dict)
-    model_factory: Callable | None = None
-    example_input: object = None
-    flops_per_sample: int = 0
-    forward_flops_per_sample: int = 0
-    progress: Callable[[str, int, ArrayRecord, int], MetricRecord | None] | None = None
-    #: ``on_round(phase, round, num_rounds)`` after every training round that
-    #: ``progress`` did not measure (e.g. to drive a progress display).
-    on_round: Callable[[str, int, int], None] | None = None
-    #: Call ``progress`` on the model a phase starts from (round 0) and after every round,
-    #: not only every ``eval_every`` rounds (per-round trajectories).
-    trajectory: bool = False
-    original_arrays: ArrayRecord | None = None
-    info: dict = field(default_factory=dict)
-    #: The training history recorded during pretraining (:mod:`fedunlearn.history`), when
-    #: a method of the job needs one.
-    history: object = None
-    #: The federation's data as the server holds it (``server_indices``: its own share).
-    data: object = None
-    #: Requests honoured earlier in the same federation (service mode): they still shape
-    #: who trains on what (a client-wise one excludes its node, a class- or instance-wise
-    #: one keeps its node on its retained data), but their nodes are not this step's
-    #: targets.
-    served: dict[int, UnlearningRequest] = field(default_factory=dict)
-    #: Nodes whose served requests cover all of their training data.
-    served_fully: set[int] = field(default_factory=set)
-
-    #: Whether the run that built this context supplies what methods need by itself
-    #: (the experiment harness records the training history while it pretrains and
-    #: reserves the server's data): methods then leave those checks to it.
-    managed: bool = False
-
-
-class UnlearningStrategy(FedAvgM):
+class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, FedAvgM):
     """FedAvg(M) over the nodes that may train, with roles, phases and metered costs.
 
     Flower's ``FedAvgM`` with the server momentum of the running :class:`Phase` (0 for
@@ -404,73 +193,6 @@ class UnlearningStrategy(FedAvgM):
                     f"{', '.join(self.scopes)}-wise requests")
         return None
 
-    # -- costs ------------------------------------------------------------------------
-    @property
-    def meter(self) -> CostMeter:
-        """The cost meter of the phase that is running."""
-        if self._cost_phase not in self.costs:
-            self.costs[self._cost_phase] = CostMeter(
-                flops_per_sample=self.context.flops_per_sample,
-                forward_flops_per_sample=self.context.forward_flops_per_sample)
-        return self.costs[self._cost_phase]
-
-    @property
-    def cost(self) -> CostMeter:
-        """Total over phases."""
-        total = CostMeter(flops_per_sample=self.context.flops_per_sample,
-                          forward_flops_per_sample=self.context.forward_flops_per_sample)
-        for meter in self.costs.values():
-            total.add(meter)
-        return total
-
-    def cost_dict(self) -> dict:
-        """Totals plus ``phases``: one breakdown per phase, in the order they ran."""
-        out = self.cost.as_dict()
-        out["phases"] = {name: m.as_dict() for name, m in self.costs.items()}
-        return out
-
-    @contextmanager
-    def cost_phase(self, name: str) -> Iterator[CostMeter]:
-        """Meter everything inside under phase ``name`` (its wall time too)."""
-        previous, self._cost_phase = self._cost_phase, name
-        start = time.perf_counter()
-        meter = self.meter
-        try:
-            yield meter
-        finally:
-            meter.wall_s += time.perf_counter() - start
-            self._cost_phase = previous
-
-    def meter_down(self, content: RecordDict) -> None:
-        self.meter.bytes_down += sum(arrayrecord_nbytes(r)
-                                     for r in records(content, ArrayRecord).values())
-        self.meter.messages_down += 1
-
-    def meter_up(self, msg: Message) -> None:
-        """Bytes of every ArrayRecord of a reply, and the samples it processed."""
-        if msg.has_error():
-            return
-        content = msg.content
-        metric_records = records(content, MetricRecord).values()
-        self.meter.bytes_up += sum(arrayrecord_nbytes(r)
-                                   for r in records(content, ArrayRecord).values())
-        self.meter.messages_up += 1
-        epochs = self._asked_epochs.pop(int(msg.metadata.src_node_id), None)
-        if epochs is not None and not any(
-                SAMPLES_PROCESSED in m or FORWARD_SAMPLES in m
-                for m in metric_records):
-            # A reply that does not count its own work (the user's train handler): it
-            # trained its num-examples for the local epochs it was asked to.
-            n = next((m[NUM_EXAMPLES] for m in metric_records
-                      if isinstance(m.get(NUM_EXAMPLES), int)), 0)
-            self.meter.samples_processed += max(n, 0) * epochs
-            self.meter.estimated_samples += max(n, 0) * epochs
-        for metrics in metric_records:
-            processed = metrics.get("samples-processed", 0)
-            forward = metrics.get("forward-samples", 0)
-            self.meter.samples_processed += processed if isinstance(processed, int) else 0
-            self.meter.forward_samples += forward if isinstance(forward, int) else 0
-
     # -- hooks a method overrides -------------------------------------------------------
     def initial_arrays(self, pretrained: ArrayRecord) -> ArrayRecord:
         """Where unlearning starts (every method but Retrain: the pretrained model)."""
@@ -487,49 +209,6 @@ class UnlearningStrategy(FedAvgM):
         return Phase("recovery", rounds=r.rounds, lr=r.lr, local_epochs=r.local_epochs,
                      clip_norm=r.clip_norm, server_momentum=r.server_momentum,
                      stop_early=r.stop == "validation")
-
-    def participants(self, role: str, grid: Grid) -> list[int]:
-        """The nodes that take part in a round in ``role`` (sorted by node id).
-
-        Only nodes of the verified federation take part (when one is known): a node
-        that joined later or under a new id is left out, and a verified node that left
-        is still asked (the grid answers for it with an error: it is a failed node of
-        the round, never silently a smaller federation)."""
-        nodes = set(grid.get_node_ids())
-        known = self.context.node_partitions
-        if known:
-            strangers = nodes - set(known)
-            if strangers:
-                log(WARNING, "nodes %s are not in the verified federation; they take no "
-                    "part", sorted(strangers))
-            nodes = set(known)
-        if role == "all":
-            return sorted(nodes)
-        if role == "targets":
-            return sorted(nodes & set(self.context.requests)) if self.uses_requests else []
-        if role == "retained":
-            return sorted(nodes - self.excluded_nodes())
-        raise ValueError(f"role {role!r}; allowed: {ROLES}")
-
-    def excluded_nodes(self) -> set[int]:
-        """Nodes with nothing retained: client-wise targets, and any node whose request
-        covers all of its training data."""
-        served = self.context.served
-        gone = {n for n, r in served.items() if r.scope == "client"} | set(
-            self.context.served_fully)
-        if not self.uses_requests:
-            return gone
-        client_wise = {n for n, r in self.context.requests.items() if r.scope == "client"}
-        return client_wise | set(self.context.fully_forgotten) | gone
-
-    def shaping_request(self, node_id: int) -> UnlearningRequest | None:
-        """The request that decides what ``node_id`` trains on: this step's (when the
-        method uses requests) merged with what it had honoured before (service mode)."""
-        current = self.context.requests.get(node_id) if self.uses_requests else None
-        earlier = self.context.served.get(node_id)
-        if earlier is None or current is None:
-            return current if current is not None else earlier
-        return merge_requests(earlier, current)
 
     def message_type(self, node_id: int, phase: Phase) -> str:
         """Which client action ``node_id`` runs in ``phase``: local training goes to
@@ -663,64 +342,6 @@ class UnlearningStrategy(FedAvgM):
                                                 arrays, momentum)
         return self.aggregator
 
-    def stopping_rule(self, grid: Grid) -> StoppingRule:
-        """The rule for this job: the target is the original model's validation accuracy
-        on the retained clients minus ``unlearn.target-gap``. The original is validated
-        once per job (shared by its methods, each charged its cost)."""
-        r, info = self.recovery, self.context.info
-        if "original_validation" not in info:
-            if self.context.original_arrays is None:
-                raise RuntimeError("the stopping rule needs the original model "
-                                   "(context.original_arrays)")
-            probe = CostMeter()
-            accuracy = self._validate(grid, self.context.original_arrays, probe)
-            info["original_validation"] = (accuracy, probe)
-        accuracy, probe = info["original_validation"]
-        meter = self.costs.setdefault("validation", CostMeter())
-        meter.add(probe)
-        self.notes["original_validation"] = round(accuracy, 4)
-        return StoppingRule(target=accuracy - r.target_gap, patience=r.patience,
-                            min_delta=r.min_delta)
-
-    def validate(self, grid: Grid, arrays: ArrayRecord) -> float:
-        """Federated validation accuracy (%) of ``arrays`` on the retained clients,
-        metered under ``validation``."""
-        return self._validate(grid, arrays, self.costs.setdefault("validation", CostMeter()))
-
-    def _validate(self, grid: Grid, arrays: ArrayRecord, meter: CostMeter) -> float:
-        nodes = self.participants("retained", grid)
-        messages = []
-        for node_id in nodes:
-            config = self.node_config(node_id, ConfigRecord({"split": "val"}))
-            messages.append(Message(RecordDict({MODEL_KEY: arrays, "config": config}),
-                                    dst_node_id=node_id, message_type=EVALUATE_UNLEARN))
-        correct = total = 0
-        meter.bytes_down += sum(arrayrecord_nbytes(arrays) for _ in messages)
-        meter.messages_down += len(messages)
-        for msg in grid.send_and_receive(messages, timeout=reply_timeout(grid)):
-            if msg.has_error():
-                log(WARNING, "[%s] validation failed on node %s: %s", self.phase,
-                    msg.metadata.src_node_id, msg.error.reason)
-                continue
-            meter.messages_up += 1
-            meter.bytes_up += sum(arrayrecord_nbytes(r)
-                                  for r in msg.content.array_records.values())
-            try:
-                m = msg.content["metrics"]
-                c, t = int(m["val-correct"]), int(m["val-total"])
-            except (KeyError, TypeError, ValueError, OverflowError) as err:
-                log(WARNING, "[%s] malformed validation reply from node %s (%s): ignored",
-                    self.phase, msg.metadata.src_node_id, err)
-                continue
-            if not 0 <= c <= t:
-                log(WARNING, "[%s] validation reply from node %s reports %d of %d correct: "
-                    "ignored", self.phase, msg.metadata.src_node_id, c, t)
-                continue
-            correct, total = correct + c, total + t
-            meter.forward_samples += t
-        meter.forward_flops_per_sample = self.context.forward_flops_per_sample
-        return 100.0 * correct / total if total else float("nan")
-
     def round_config(self, phase: Phase, server_round: int) -> ConfigRecord:
         config = phase.config()
         config["server-round"] = server_round
@@ -751,7 +372,7 @@ class UnlearningStrategy(FedAvgM):
         config["server-round"] = server_round
         config["seed"] = self.seed * 100_000 + server_round
         self.round_start = arrays  # the round's starting model, for methods that need deltas
-        nodes, config = self._aggregation(phase).prepare(
+        nodes, config = self._aggregation().prepare(
             server_round, arrays, config, grid, self.participants(phase.role, grid))
         messages = self.build_messages(arrays, phase, nodes, server_round, config=config)
         for msg in messages:
@@ -764,52 +385,6 @@ class UnlearningStrategy(FedAvgM):
         """No per-round federated evaluation: the experiment measures the original and
         the unlearned model itself (retain/forget/test/MIA), and progress is central."""
         return []
-
-    def order_replies(self, replies: Iterable[Message]) -> list[Message]:
-        """Replies in a fixed order (by partition, then node id), whatever their arrival
-        order, so float sums and everything after them are reproducible."""
-        parts = self.context.node_partitions
-        return sorted(replies, key=lambda m: (parts.get(int(m.metadata.src_node_id), -1),
-                                              int(m.metadata.src_node_id)))
-
-    def reply_problem(self, msg: Message) -> str | None:
-        """Why a train reply cannot be aggregated (``None``: it can).
-
-        A reply must carry exactly one ArrayRecord (``arrays``) with the keys and shapes
-        of the model sent, and one MetricRecord (any name, as Flower's FedAvg accepts)
-        with a positive, finite ``num-examples`` (the aggregation weight, as in Flower).
-        fedunlearn's cost metrics (``samples-processed``, ``forward-samples``) are
-        optional; any other metric (a user's ``train_loss``) must be a finite number."""
-        content = msg.content
-        array_records, metric_records = records(content, ArrayRecord), records(content, MetricRecord)
-        if len(array_records) != 1 or MODEL_KEY not in array_records:
-            return f"expected one ArrayRecord {MODEL_KEY!r}, got {sorted(array_records)}"
-        if len(metric_records) != 1:
-            return f"expected one MetricRecord, got {sorted(metric_records)}"
-        metrics = next(iter(metric_records.values()))
-        if NUM_EXAMPLES not in metrics:
-            return (f"the reply's metrics have no {NUM_EXAMPLES!r} (keys: "
-                    f"{sorted(metrics)[:8]}): Flower's FedAvg weights every reply by it")
-        for key, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-                        v == v and abs(v) != float("inf")):
-                    return f"metric {key}={value!r} is not a finite number"
-            if key in (NUM_EXAMPLES, *COST_METRICS) and not (
-                    isinstance(value, int) and value >= 0):
-                return f"metric {key}={value!r} is not a non-negative integer"
-        if metrics[NUM_EXAMPLES] <= 0:
-            return f"{NUM_EXAMPLES} is 0: nothing to aggregate"
-        sent = self.round_start
-        if sent is not None:
-            got = content[MODEL_KEY]
-            if set(got) != set(sent):
-                return "the model's keys differ from the model sent"
-            bad = [k for k in sent if tuple(got[k].shape) != tuple(sent[k].shape)]
-            if bad:
-                return f"array shapes differ from the model sent: {bad[:3]}"
-        return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -829,13 +404,14 @@ class UnlearningStrategy(FedAvgM):
             self.meter_up(msg)
             usable.append(msg)
         self.observe_replies(server_round, [m for m in usable if not m.has_error()])
-        phase = self.current_phase or self.recovery_phase()
-        return self._aggregation(phase).aggregate(
+        return self._aggregation().aggregate(
             server_round, [normalized(m) for m in usable], self.round_start)
 
-    def _aggregation(self, phase: Phase) -> Aggregation:
-        if self.aggregator is None:  # configure/aggregate called outside run_phase
-            self.aggregator = Aggregation.for_phase(self.aggregation, phase.server_momentum,
+    def _aggregation(self) -> Aggregation:
+        if self.aggregator is None:  # configure/aggregate called outside run_phase:
+            # no server optimizer (plain FedAvg) unless a phase says otherwise
+            momentum = self.current_phase.server_momentum if self.current_phase else 0.0
+            self.aggregator = Aggregation.for_phase(self.aggregation, momentum,
                                                     self.round_start)
         return self.aggregator
 
@@ -875,18 +451,6 @@ class UnlearningStrategy(FedAvgM):
             self.phase, phase.name, phase.rounds, phase.lr, phase.action, phase.role)
         log(INFO, "\t└──> Excluded nodes (client-wise targets): %s",
             sorted(self.excluded_nodes()) or "none")
-
-
-def normalized(msg: Message) -> Message:
-    """A checked train reply reduced to what FedAvg aggregates (the model and
-    ``num-examples``), so replies with different metric names (a plugin node's own
-    handler and fedunlearn's actions in one round) pass Flower's consistency check."""
-    if msg.has_error():
-        return msg
-    metrics = next(iter(records(msg.content, MetricRecord).values()))
-    content = RecordDict({MODEL_KEY: decoded(msg.content[MODEL_KEY]),
-                          "metrics": MetricRecord({NUM_EXAMPLES: int(metrics[NUM_EXAMPLES])})})
-    return Message(content, metadata=msg.metadata)
 
 
 class PretrainingProtocol:

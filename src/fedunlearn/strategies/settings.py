@@ -1,0 +1,124 @@
+"""The settings of an unlearning method's rounds: :class:`Recovery` (after the
+unlearning step), :class:`Training` (how the original model was trained) and
+:class:`Phase` (one stretch of rounds with its own settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord
+
+from ..protocol import (DEFAULT_ACTION)
+from ..wire import WireError, exact_int, finite_number
+
+ROLES = ("retained", "targets", "all")
+STOP_RULES = ("fixed", "validation")
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How every method but Retrain recovers after its unlearning step: FedAvgM rounds
+    on the retained data.
+
+    Parameters
+    ----------
+    rounds : int
+        Recovery rounds (the maximum when ``stop="validation"``).
+    lr, local_epochs, clip_norm : float, int, float
+        The nodes' local training (``clip_norm`` 0: no gradient clipping).
+    server_momentum : float
+        Flower's ``FedAvgM`` server momentum (0: plain FedAvg), server learning rate 1.
+    stop : str
+        ``"fixed"``: always ``rounds`` rounds; ``"validation"``: stop once the retained
+        nodes' validation accuracy is within ``target_gap`` points of the original
+        model's, or after ``patience`` validations without a ``min_delta`` improvement.
+    validate_every : int
+        Validate every k rounds (``stop="validation"``).
+    """
+
+    rounds: int = 11
+    lr: float = 0.01
+    local_epochs: int = 1
+    clip_norm: float = 0.0
+    server_momentum: float = 0.5
+    stop: str = "fixed"
+    validate_every: int = 1
+    target_gap: float = 1.0
+    patience: int = 3
+    min_delta: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_int("Recovery.rounds", self.rounds, 0)
+        _check_int("Recovery.local_epochs", self.local_epochs, 1)
+        _check_int("Recovery.validate_every", self.validate_every, 1)
+        _check_int("Recovery.patience", self.patience, 1)
+        _check_number("Recovery.lr", self.lr, lo=0.0, open_lo=True)
+        _check_number("Recovery.clip_norm", self.clip_norm, lo=0.0)
+        _check_number("Recovery.server_momentum", self.server_momentum, lo=0.0, hi=1.0)
+        _check_number("Recovery.target_gap", self.target_gap, lo=0.0)
+        _check_number("Recovery.min_delta", self.min_delta, lo=0.0)
+        if self.stop not in STOP_RULES:
+            raise ValueError(f"Recovery.stop={self.stop!r}; allowed: {', '.join(STOP_RULES)}")
+
+
+
+@dataclass(frozen=True)
+class Training:
+    """How the original model was trained: Retrain repeats it on the retained data,
+    FedEraser calibrates and MoDE degrades with its local settings."""
+
+    rounds: int = 30
+    lr: float = 0.01
+    local_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        _check_int("Training.rounds", self.rounds, 0)
+        _check_int("Training.local_epochs", self.local_epochs, 1)
+        _check_number("Training.lr", self.lr, lo=0.0, open_lo=True)
+
+
+
+def _check_int(name: str, value, lo: int) -> None:
+    exact_int(name, value, lo=lo)
+
+
+def _check_number(name: str, value, lo: float, hi: float | None = None,
+                  open_lo: bool = False) -> None:
+    """A finite number ``>= lo`` (``> lo`` with ``open_lo``) and ``< hi``: the bounds
+    :func:`~fedunlearn.wire.finite_number` (inclusive ones) cannot say."""
+    value = finite_number(name, value, lo=lo)
+    if (open_lo and value == lo) or (hi is not None and value >= hi):
+        bounds = f"{'>' if open_lo else '>='} {lo}" + (f" and < {hi}" if hi is not None else "")
+        raise WireError(name, value, f"expected a finite number {bounds}")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of rounds with its own settings.
+
+    ``name`` keys the cost breakdown; ``action`` is the client action nodes run
+    (``default``: local training); ``role`` says which nodes take part (:data:`ROLES`).
+    """
+
+    name: str
+    rounds: int
+    lr: float
+    local_epochs: int
+    clip_norm: float = 0.0
+    weight_decay: float = 0.0
+    action: str = DEFAULT_ACTION
+    role: str = "retained"
+    server_momentum: float = 0.0
+    stop_early: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"phase role {self.role!r}; allowed: {ROLES}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(f"phase server_momentum={self.server_momentum} must be in [0, 1)")
+
+    def config(self) -> ConfigRecord:
+        return ConfigRecord({"lr": float(self.lr), "local-epochs": int(self.local_epochs),
+                             "clip-norm": float(self.clip_norm),
+                             "weight-decay": float(self.weight_decay), "phase": self.name})
+
