@@ -147,8 +147,9 @@ def test_retrain_starts_from_scratch_and_not_negates_first_layer():
 def test_server_gives_up_waiting_for_missing_nodes_with_a_hint(monkeypatch):
     import fedunlearn.federation as federation
 
-    monkeypatch.setattr(federation, "NODE_STALL_S", 0.2)
-    monkeypatch.setattr(federation.time, "sleep", lambda s: None)
+    from fedunlearn.federation import nodes as federation_nodes
+    monkeypatch.setattr(federation_nodes, "NODE_STALL_S", 0.2)
+    monkeypatch.setattr(federation_nodes.time, "sleep", lambda s: None)
     with pytest.raises(RuntimeError, match='only 2 of federation.num-clients=4.*num-supernodes=4'):
         federation.wait_for_nodes(FakeGrid([1, 2]), 4)
     assert federation.wait_for_nodes(FakeGrid([1, 2, 3, 4]), 4) == [1, 2, 3, 4]

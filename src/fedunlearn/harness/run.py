@@ -18,6 +18,7 @@ record of what they did:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 from logging import INFO, WARNING
@@ -57,7 +58,7 @@ class Experiment:
         self.deployment = federation.is_deployment(grid)
         self.ignored_forget_clients: tuple[int, ...] = ()
         if self.deployment:
-            cfg, self.ignored_forget_clients = federation.without_run_config_requests(cfg)
+            cfg, self.ignored_forget_clients = without_run_config_requests(cfg)
         self.cfg = cfg
         self.method_params = check_methods(cfg)
         self.data: FederatedData = federated_data(cfg)
@@ -396,3 +397,16 @@ def run_service(experiment: Experiment) -> dict:
 
 def _short(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+
+
+def without_run_config_requests(cfg):
+    """``cfg`` for a deployment: the run-config's ``forget.clients`` cleared (it names
+    simulated clients; on a deployment a request comes from the node, through its inbox
+    or node-config), and the partitions it named, for the log and the audit."""
+    ignored = tuple(cfg.forget.clients)
+    if not ignored:
+        return cfg, ignored
+    log(WARNING, "forget.clients=%s is ignored on a deployment: run-config requests apply "
+        "to simulations only; a node asks through its inbox (fedunlearn request file) or "
+        "its node-config (forget-scope=...)", ",".join(map(str, ignored)))
+    return dataclasses.replace(cfg, forget=dataclasses.replace(cfg.forget, clients=())), ignored

@@ -1,0 +1,271 @@
+"""The server's only door to the nodes (:class:`GuardedGrid`): the verified view, and
+every reply checked before a strategy sees it."""
+
+
+from collections.abc import Iterable, Mapping
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ConfigRecord, Error, Message
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from ..replies import (check_evaluate_metrics, check_train_reply, parse_evaluate_reply)
+from ..requests import (forget_indices,
+                       request_from_config)
+from ..protocol import REPLY_TIMEOUT_S
+from ..wire import WireError
+from .nodes import MALFORMED_REPLY, NODE_STALL_S  # noqa: F401
+
+
+class GuardedGrid(Grid):
+    """Flower's grid seen through the server's verified view of the federation.
+
+    Before :meth:`verify` it only forwards. Afterwards:
+
+    * :meth:`get_node_ids` returns the connected nodes of the view; a node outside it
+      (late, restarted under a new id, impostor) is logged and audited once
+      (``node.excluded``) and takes no part, so a forgotten client that reconnects
+      cannot bring its data back into training or into the metrics;
+    * messages to a node outside the view are not sent; replies from nodes that were not
+      asked, or second replies, are dropped;
+    * every train reply is checked against the model that was sent
+      (:func:`~fedunlearn.replies.check_train_reply`: names, shapes, dtypes, finite values,
+      the metric keys, ``num-examples`` at most the node's training split) and every
+      evaluate reply against what the node can hold (:func:`check_evaluate`); a malformed
+      reply becomes an error reply (code :data:`MALFORMED_REPLY`), so strategies count
+      the node as failed for that round.
+
+    Parameters
+    ----------
+    grid : Grid
+        The grid Flower gave the ServerApp.
+    audit : AuditLog, optional
+        Where ``node.excluded`` and ``reply.refused`` events go.
+    """
+
+    def __init__(self, grid: Grid, audit=None, reply_timeout: float = REPLY_TIMEOUT_S) -> None:
+        if not (isinstance(reply_timeout, (int, float)) and 0 < reply_timeout < float("inf")):
+            raise ValueError(f"reply_timeout={reply_timeout!r}: expected seconds > 0")
+        self.inner = grid
+        self.audit = audit
+        self.reply_timeout = float(reply_timeout)
+        self.verified: dict[int, int] = {}
+        #: The federation's data as the server knows it (the harness's partitions), if any.
+        self.data = None
+        #: node id -> what the node reported about its own data (reply bounds).
+        self.reports: dict[int, dict] = {}
+        self._excluded: set[int] = set()
+        self._departed: set[int] = set()
+        self._pushed: dict[str, Message] = {}
+
+    def verify(self, node_partitions: Mapping[int, int], data=None) -> None:
+        """Fix the view: ``node_partitions`` (from :func:`check_partitions`) for the rest
+        of the job; ``data`` bounds what replies may report."""
+        self.verified = dict(node_partitions)
+        self.data = data
+
+    # -- the Grid interface ---------------------------------------------------------------
+    def set_run(self, run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self.inner.get_node_ids())
+        if not self.verified:
+            return nodes
+        connected = set(nodes)
+        for node in sorted(connected - set(self.verified) - self._excluded):
+            self._excluded.add(node)
+            reason = ("not in the verified federation (joined after the partition check, "
+                      "restarted under a new node id, or claims a partition another node "
+                      "holds): it takes no part in this job")
+            log(WARNING, "Node %d is %s", node, reason)
+            if self.audit is not None:
+                self.audit.record("node.excluded", node=node, reason=reason)
+        for node in sorted(set(self.verified) - connected - self._departed):
+            self._departed_now(node, "no longer connected")
+        return [n for n in nodes if n in self.verified]
+
+    def _departed_now(self, node: int, how: str) -> None:
+        if node in self._departed:
+            return
+        self._departed.add(node)
+        log(WARNING, "Node %d (partition %s) left the federation (%s): it is a failed node "
+            "in every round and evaluation from now on; a node that comes back under a new "
+            "id takes no part in this job", node, self.verified.get(node), how)
+        if self.audit is not None:
+            self.audit.record("node.departed", node=node, partition=self.verified.get(node),
+                              how=how)
+
+    @property
+    def departed(self) -> list[int]:
+        """Verified nodes that left (no longer connected, or no reply when asked)."""
+        return sorted(self._departed)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        allowed = self._allowed(messages)
+        ids = list(self.inner.push_messages(allowed))
+        self._pushed.update({mid: msg for mid, msg in zip(ids, allowed) if mid})
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        out = []
+        for reply in self.inner.pull_messages(message_ids):
+            sent = self._pushed.pop(reply.metadata.reply_to_message_id, None)
+            out.append(self.checked(reply, sent) if sent is not None else reply)
+        return out
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Send, wait, check. Every message asked of a verified node gets exactly one
+        reply: the node's (checked), or an error reply naming why there is none (the node
+        left the federation, or no reply within the timeout); an error the SuperLink
+        sends on a node's behalf counts as that node's."""
+        allowed = self._allowed(messages)
+        out: list[Message] = []
+        if self.verified:
+            connected = set(self.inner.get_node_ids())
+            for node in sorted(set(self.verified) - connected):
+                self._departed_now(node, "no longer connected")
+            gone = [m for m in allowed if int(m.metadata.dst_node_id) in self._departed]
+            allowed = [m for m in allowed if int(m.metadata.dst_node_id) not in self._departed]
+            out += [_no_reply(m, "the node left the federation") for m in gone]
+        timeout = self.reply_timeout if timeout is None else min(timeout, self.reply_timeout)
+        sent = {int(m.metadata.dst_node_id): m for m in allowed}
+        replies = list(self.inner.send_and_receive(allowed, timeout=timeout)) if allowed else []
+        by_id = {m.metadata.message_id: m for m in allowed if m.metadata.message_id}
+        seen: set[int] = set()
+        for reply in replies:
+            src = int(reply.metadata.src_node_id)
+            origin = by_id.get(reply.metadata.reply_to_message_id)
+            if origin is not None and int(origin.metadata.dst_node_id) != src:
+                # An error the SuperLink sends for a node (e.g. it stopped answering).
+                src = int(origin.metadata.dst_node_id)
+                reason = (reply.error.reason if reply.has_error()
+                          else "a reply from another node")
+                reply = _no_reply(origin, f"the SuperLink answered for it: {reason}")
+            if src not in sent or src in seen:
+                log(WARNING, "Dropped a reply from node %d: %s", src,
+                    "a second reply" if src in seen else "it was not asked")
+                continue
+            seen.add(src)
+            out.append(self.checked(reply, sent[src]))
+        for node in sorted(set(sent) - seen):  # a straggler fails this message only
+            out.append(_no_reply(sent[node], f"no reply within {timeout:g} s"))
+        if self.verified and allowed:  # who left while this exchange ran
+            connected = set(self.inner.get_node_ids())
+            for node in sorted(set(sent) - connected):
+                self._departed_now(node, "no longer connected")
+        return out
+
+    # -- checks ---------------------------------------------------------------------------
+    def _allowed(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        if not self.verified:
+            return messages
+        out = []
+        for msg in messages:
+            node = int(msg.metadata.dst_node_id)
+            if node in self.verified:
+                out.append(msg)
+            else:
+                log(WARNING, "Not sending %s to node %d: it is not in the verified federation",
+                    msg.metadata.message_type, node)
+        return out
+
+    def checked(self, reply: Message, sent: Message) -> Message:
+        """``reply`` if well-formed, else an error reply naming what is wrong."""
+        if reply.has_error():
+            return reply
+        node = int(reply.metadata.src_node_id)
+        category = sent.metadata.message_type.split(".")[0]
+        try:
+            if category == "train":
+                check_train_reply(reply, sent, self._train_size(node))
+            elif category == "evaluate":
+                self.check_evaluate(reply, sent, node)
+        except WireError as err:
+            reason = f"malformed {sent.metadata.message_type} reply: {err}"
+            log(WARNING, "Node %d: %s; counted as a failed node this round", node, reason)
+            if self.audit is not None:
+                self.audit.record("reply.refused", node=node,
+                                  partition=self.verified.get(node),
+                                  message_type=sent.metadata.message_type, reason=reason)
+            return Message(Error(code=MALFORMED_REPLY, reason=reason),
+                           metadata=reply.metadata)
+        return reply
+
+    def check_evaluate(self, reply: Message, sent: Message, node: int) -> None:
+        """An evaluate reply: the retain/forget counts (exactly the sizes the server
+        derives from the node's partition and accepted request) and membership features
+        of :func:`~fedunlearn.replies.parse_evaluate_reply`; for an evaluation of another
+        ``split`` (e.g. ``"val"``, the recovery stopping rule's), counts that are
+        non-negative ints with ``correct <= total`` and finite numbers."""
+        config = sent.content.config_records.get("config", ConfigRecord())
+        if "split" not in config:  # the retain/forget measurement
+            parse_evaluate_reply(reply, max_members=_int_or_none(config.get("max-members")),
+                                 expected_totals=self._expected_totals(node, config))
+        else:
+            check_evaluate_metrics(reply)
+
+    def _train_size(self, node: int) -> int | None:
+        if node in self.reports and "num-train" in self.reports[node]:
+            return int(self.reports[node]["num-train"])
+        if self.data is None or node not in self.verified:
+            return None
+        return int(self.data.train_indices(self.verified[node]).size)
+
+    def _expected_totals(self, node: int, config) -> dict[str, int] | None:
+        if node not in self.verified:
+            return None
+        partition = self.verified[node]
+        report = self.reports.get(node)
+        if report is not None and "num-train" in report:
+            # What the node reported: its training split and its accepted request's counts.
+            request = request_from_config(config, partition)
+            if request is None:
+                return {"retain-total": report["num-train"], "forget-total": 0}
+            if "num-forget" in report:
+                return {"retain-total": report["num-retained"],
+                        "forget-total": report["num-forget"]}
+            return None
+        if self.data is None:
+            return None
+        train = self.data.train_indices(partition)
+        request = request_from_config(config, partition)
+        forget = 0 if request is None else int(
+            forget_indices(request, train, np.asarray(self.data.train.targets)).size)
+        return {"retain-total": int(train.size) - forget, "forget-total": forget}
+
+
+def _no_reply(sent: Message, why: str) -> Message:
+    """The error reply standing for a node's missing one (it failed this message)."""
+    node = int(sent.metadata.dst_node_id)
+    log(WARNING, "Node %d failed %s: %s", node, sent.metadata.message_type, why)
+    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=why), reply_to=sent)
+
+
+def _int_or_none(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def is_deployment(grid) -> bool:
+    """Whether the ServerApp runs on a real SuperLink rather than in a simulation.
+
+    In flwr 1.41 a deployment's ServerApp process (``flwr-serverapp``, started by the
+    SuperLink's SuperExec) talks to the SuperLink through an ``HttpGrid``; the simulation
+    engine (``flwr-simulation``) runs the ServerApp in a thread with an ``InMemoryGrid``.
+    Any other grid (a test double) counts as a simulation."""
+    from flwr.superlink.grid import HttpGrid  # noqa: PLC0415 (only needed here)
+
+    while isinstance(grid, GuardedGrid):
+        grid = grid.inner
+    return isinstance(grid, HttpGrid)

@@ -1,0 +1,241 @@
+"""The unlearning requests: parsed strictly, each bound to the node that sent it and
+validated against the verified view only."""
+
+
+from collections.abc import Mapping
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.common.logger import log
+
+from ..replies import (parse_node_record, parse_node_report)
+from ..requests import (INBOX_ID_PATTERN, INVALID_SCOPE, MAX_ERROR_CHARS, MAX_INBOX_IDS,
+                       REQUEST_RECORD, UnlearningRequest,
+                       check_request_shape, empty_forget_reason, ids_not_held_reason, validate_request)
+from ..protocol import REJECTED_RECORD
+from ..wire import WireError, only_fields, shorten, str_list
+
+
+ERROR_RECORD_FIELDS = ("scope", "partition-id", "error", "inbox-ids")
+
+
+def _inbox_ids(record) -> tuple[str, ...]:
+    """Best-effort inbox ids of a request record (for the receipt of a rejection)."""
+    try:
+        return str_list("inbox-ids", record.get("inbox-ids", []), MAX_INBOX_IDS, 64,
+                        INBOX_ID_PATTERN)
+    except WireError:
+        return ()
+
+
+def _node_error(record) -> str:
+    """The reason of a node that could not build its request (``scope="invalid"``)."""
+    only_fields(record, ERROR_RECORD_FIELDS, "request")
+    error = record.get("error")
+    if not isinstance(error, str):
+        raise WireError("error", error, "expected the node's error message as a string")
+    return f"the node could not build its request: {shorten(error, MAX_ERROR_CHARS)}"
+
+
+def _node_rejections(record) -> list[tuple[str, str]]:
+    """``(inbox id, reason)`` per inbox request the node's own check refused (its
+    ``rejected`` record)."""
+    if not hasattr(record, "keys"):
+        raise WireError(REJECTED_RECORD, record, "expected a ConfigRecord")
+    only_fields(record, ("inbox-ids", "reasons"), REJECTED_RECORD)
+    ids = str_list("inbox-ids", record.get("inbox-ids"), MAX_INBOX_IDS, 64, INBOX_ID_PATTERN)
+    reasons = record.get("reasons")
+    if (not isinstance(reasons, (list, tuple)) or len(reasons) != len(ids)
+            or not all(isinstance(r, str) for r in reasons)):
+        raise WireError("reasons", reasons, f"expected {len(ids)} strings, one reason per "
+                        "inbox id")
+    return [(i, r if len(r) <= MAX_ERROR_CHARS else r[:MAX_ERROR_CHARS] + "...")
+            for i, r in zip(ids, reasons)]
+
+
+def node_reports(replies, nodes: Mapping[int, int] | None = None) -> dict[int, dict]:
+    """node id -> what its ``query.unlearn`` reply reports about its own data
+    (:func:`~fedunlearn.replies.parse_node_report`), for the nodes in ``nodes`` (all when
+    ``None``); a failed or malformed reply reports nothing."""
+    out = {}
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error() or (nodes is not None and node not in nodes):
+            continue
+        try:
+            out[node] = parse_node_report(msg.content)
+        except WireError as err:
+            log(WARNING, "node %d: malformed node report ignored: %s", node, err)
+    return out
+
+
+def collect_valid_requests(replies, data,
+                           verified: dict[int, int] | None = None, audit=None,
+                           reports: dict[int, dict] | None = None
+                           ) -> tuple[dict[int, UnlearningRequest], list[dict]]:
+    """Validate the requests in ``query.unlearn`` replies.
+
+    ``verified`` is the node -> partition map checked before pretraining; when given, a
+    request is checked against it only: a node outside it, or one that now claims
+    another partition than the one it was verified with, is rejected. Without it, the
+    replies' own claims are used, and a partition claimed by several nodes gets none of
+    their requests (nobody can tell which holder is genuine).
+
+    Every record is parsed strictly (:meth:`UnlearningRequest.from_config_record`); a
+    malformed one is rejected with a reason naming the field, the value and what is
+    allowed, never raised. With ``audit``, each request is recorded as received (with
+    a digest of what it names, not the ids) and as accepted or rejected.
+
+    With ``data=None`` (a plugin server: it holds no client data), a request is checked
+    with what its node reports (:func:`~fedunlearn.replies.parse_node_report`, kept in
+    ``reports``): the node checked the ids against its own data, the server checks the
+    scope, the classes against the node's label set and that the forget set is not
+    empty.
+
+    Returns ``(accepted, rejected)``: node id -> request, and one
+    ``{"node_id", "reason"}`` per rejected request (plus ``inbox_ids`` when the request
+    came from the node's inbox), each also logged.
+    """
+    claims: dict[int, int] = {}
+    bad_claims: dict[int, str] = {}
+    raw: list[tuple[int, object]] = []
+    node_refused: dict[int, list[tuple[str, str]]] = {}
+    for msg in replies:
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            log(WARNING, "node %d failed to answer the unlearning query: %s", node,
+                msg.error.reason)
+            continue
+        try:
+            if data is None:
+                report = parse_node_report(msg.content)
+                if reports is not None:
+                    reports[node] = report
+                claims[node] = report.get("partition-id", 0)
+            else:
+                claims[node] = parse_node_record(msg.content)
+        except WireError as err:
+            bad_claims[node] = str(err)
+        if REQUEST_RECORD in msg.content:
+            raw.append((node, msg.content.config_records.get(REQUEST_RECORD)))
+        if REJECTED_RECORD in msg.content:
+            try:
+                node_refused[node] = _node_rejections(
+                    msg.content.config_records.get(REJECTED_RECORD))
+            except WireError as err:
+                log(WARNING, "node %d: malformed record of requests it refused ignored: %s",
+                    node, err)
+    shared: dict[int, list[int]] = {}
+    if verified is None:
+        holders: dict[int, list[int]] = {}
+        for node, partition in sorted(claims.items()):
+            holders.setdefault(partition, []).append(node)
+        shared = {n: nodes for nodes in holders.values() if len(nodes) > 1 for n in nodes}
+        node_partitions = {n: p for n, p in claims.items() if n not in shared}
+    else:
+        node_partitions = dict(verified)
+    labels = np.asarray(data.train.targets) if data is not None else None
+    accepted: dict[int, UnlearningRequest] = {}
+    rejected: list[dict] = []
+    for node, record in raw:
+        request, reason = None, None
+        inbox_ids = _inbox_ids(record) if record is not None else ()
+        if record is None:
+            reason = "malformed request record: request is not a ConfigRecord"
+        elif node in bad_claims:
+            reason = f"malformed node record: {bad_claims[node]}"
+        elif node in shared:
+            reason = (f"partition {claims[node]} is claimed by several nodes "
+                      f"{shared[node]}: a request cannot be bound to the partition's holder")
+        elif node not in node_partitions:
+            reason = ("the node is not in the verified federation (it joined after the "
+                      "partition check or under a new id)" if verified is not None
+                      else "the node did not say which partition it holds")
+        elif node in claims and claims[node] != node_partitions[node]:
+            reason = (f"the node now claims partition {claims[node]}, but it was verified "
+                      f"holding partition {node_partitions[node]}")
+        elif record.get("scope") == INVALID_SCOPE:
+            try:
+                reason = _node_error(record)
+            except WireError as err:
+                reason = f"malformed request record: {err}"
+        else:
+            try:
+                request = UnlearningRequest.from_config_record(record, node_id=node)
+            except WireError as err:
+                reason = str(err)
+            else:
+                if data is None:
+                    reason = validate_reported(request, node_partitions[node],
+                                               (reports or {}).get(node, {}), node_partitions)
+                else:
+                    reason = validate_request(request, node_partitions[node], node_partitions,
+                                              data.train_indices, labels,
+                                              data.info.num_classes)
+        if audit is not None:
+            audit.record("request.received", **_received(node, node_partitions.get(node),
+                                                         request, inbox_ids))
+        if reason is None:
+            accepted[node] = request
+            log(INFO, "Unlearning request accepted from node %d: %s", node, request.describe())
+            if audit is not None:
+                audit.record("request.accepted", node=node, partition=request.partition_id,
+                             scope=request.scope, digest=request.digest())
+        else:
+            entry = {"node_id": node, "reason": reason}
+            if inbox_ids:
+                entry["inbox_ids"] = list(inbox_ids)
+            rejected.append(entry)
+            log(WARNING, "Unlearning request REJECTED from node %d: %s", node, reason)
+            if audit is not None:
+                audit.record("request.rejected", node=node, partition=node_partitions.get(node),
+                             reason=reason)
+    for node, refused in sorted(node_refused.items()):
+        for inbox_id, reason in refused:
+            reason = f"the node's own check: {reason}"
+            rejected.append({"node_id": node, "reason": reason, "inbox_ids": [inbox_id]})
+            log(WARNING, "Unlearning request %s REJECTED by node %d: %s", inbox_id, node,
+                reason)
+            if audit is not None:
+                audit.record("request.rejected", node=node,
+                             partition=node_partitions.get(node), reason=reason,
+                             inbox_ids=[inbox_id], by="node")
+    return accepted, rejected
+
+
+def validate_reported(request: UnlearningRequest, partition: int, report: dict,
+                      node_partitions: Mapping[int, int] | None = None) -> str | None:
+    """A server's check of a request with what its node reported about its own data
+    (:func:`~fedunlearn.replies.parse_node_report`), never the data: the same checks and
+    reasons as :func:`~fedunlearn.requests.validate_request`."""
+    reason = check_request_shape(request, partition, node_partitions or {},
+                                 report.get("num-classes"))
+    if reason is not None:
+        return reason
+    if request.scope == "instance" and report.get("num-ids-not-held", 0):
+        return ids_not_held_reason(report.get("ids-not-held", []), report["num-ids-not-held"],
+                                   partition, report.get("num-train", 0))
+    if "num-forget" not in report:
+        return ("the node did not report the size of its forget set (num-forget): it "
+                "cannot be checked")
+    if report["num-forget"] == 0:
+        return empty_forget_reason(request)
+    return None
+
+
+def _received(node: int, partition: int | None, request: UnlearningRequest | None,
+              inbox_ids: tuple[str, ...]) -> dict:
+    """What the audit log keeps of a received request: never the sample ids."""
+    out: dict = {"node": node, "partition": partition}
+    if request is None:
+        out["scope"] = None
+        out["parsed"] = False
+    else:
+        out.update(scope=request.scope, requested_partition=request.partition_id,
+                   classes=list(request.classes), num_ids=len(request.sample_ids),
+                   digest=request.digest())
+    if inbox_ids:
+        out["inbox_ids"] = list(inbox_ids)
+    return out
+
+
