@@ -59,12 +59,15 @@ def _is_bias(param_name: str) -> bool:
 
 
 def _resolve_entry(
-    model: nn.Module, traced: Sequence[LayerInfo], entry: str, include_bias: bool
+    model: nn.Module,
+    by_name: Mapping[str, LayerInfo],
+    layer_of_param: Mapping[str, str],
+    entry: str,
+    include_bias: bool,
 ) -> tuple[list[str], str]:
     """The parameter specs one selection entry (a layer, a parameter or ``<qkv>:q<h>``)
-    names, and the layer they belong to."""
-    by_name = {info.name: info for info in traced}
-    layer_of_param = {p: info.name for info in traced for p in info.param_names}
+    names, and the layer they belong to; ``by_name``: the traced layers in execution
+    order, ``layer_of_param``: each of their parameters' layer."""
     if entry in by_name:
         return [p for p in by_name[entry].param_names if include_bias or not _is_bias(p)], entry
     if entry in layer_of_param:
@@ -75,8 +78,24 @@ def _resolve_entry(
         return head_query_specs(model, layer, head, set(by_name), include_bias), layer
     raise ValueError(
         f"unknown layer {entry!r} for negation; layers in execution order: "
-        f"{_describe([info.name for info in traced])}"
+        f"{_describe(list(by_name))}"
     )
+
+
+def _resolve_selection(
+    model: nn.Module, traced: Sequence[LayerInfo], entries: Sequence[str], include_bias: bool
+) -> tuple[list[str], set[str]]:
+    """The parameter specs the entries name, in order and without duplicates, and the
+    layers they touch."""
+    by_name = {info.name: info for info in traced}
+    layer_of_param = {p: info.name for info in traced for p in info.param_names}
+    chosen: list[str] = []
+    touched: set[str] = set()
+    for entry in dict.fromkeys(entries):
+        params, layer = _resolve_entry(model, by_name, layer_of_param, entry, include_bias)
+        touched.add(layer)
+        chosen.extend(p for p in params if p not in chosen)
+    return chosen, touched
 
 
 def _refuse_cancelling_pairs(
@@ -148,12 +167,7 @@ def select_negation_params(
     traced = trace_layers(model, example_input)
     if not traced:
         raise ValueError("the model has no parameter-owning layer that runs in its forward pass")
-    chosen: list[str] = []
-    touched: set[str] = set()
-    for entry in dict.fromkeys(layers or [traced[0].name]):
-        params, layer = _resolve_entry(model, traced, entry, include_bias)
-        touched.add(layer)
-        chosen.extend(p for p in params if p not in chosen)
+    chosen, touched = _resolve_selection(model, traced, layers or [traced[0].name], include_bias)
     if not chosen:
         raise ValueError(
             f"the selection {list(layers or [])!r} with include_bias={include_bias} "
