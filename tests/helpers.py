@@ -94,7 +94,7 @@ def make_context(rc: dict, requests: dict):
     from fedunlearn.client import NodeView
     from fedunlearn.harness.config import ExperimentConfig
     from fedunlearn.metrics import flops_per_sample
-    from fedunlearn.negation import example_input_for
+    from fedunlearn.layers import example_input_for
     from fedunlearn.harness.data import federated_data
     from fedunlearn.harness.methods import HarnessContext
 

@@ -13,7 +13,8 @@ from torch import nn
 from fedunlearn.cli import main
 from fedunlearn.metrics.cka import cka_by_layer, layer_activations, linear_cka
 from fedunlearn.harness.models import create_model
-from fedunlearn.negation import example_input_for, negate_layers, trace_layers
+from fedunlearn.layers import example_input_for, trace_layers
+from fedunlearn.negation import negate_layers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

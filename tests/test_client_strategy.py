@@ -124,7 +124,7 @@ def test_method_registry():
 def test_retrain_starts_from_scratch_and_not_negates_first_layer():
     cfg = ExperimentConfig.from_run_config(RC)
     view = harness_view(context(0, RC))
-    from fedunlearn.negation import example_input_for
+    from fedunlearn.layers import example_input_for
 
     ctx = HarnessContext(cfg=cfg, model_factory=view.new_model,
                          example_input=example_input_for(1, 8))

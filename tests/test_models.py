@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fedunlearn.harness.models import MODELS, SmallCNN, create_model, list_models, register_model
-from fedunlearn.negation import example_input_for, first_layer
+from fedunlearn.layers import example_input_for, first_layer
 
 NUM_CLASSES = 10
 SMALL_FAMILIES = ["cnn", "resnet18", "vit_tiny"]

@@ -12,17 +12,15 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from fedunlearn.harness.models import create_model
-from fedunlearn.negation import (
+from fedunlearn.layers import (
     LayerInfo,
     example_input_for,
     first_layer,
     is_affine_layer,
     is_norm_layer,
-    negate_layers,
-    negate_state,
-    select_negation_params,
     trace_layers,
 )
+from fedunlearn.negation import negate_layers, negate_state, select_negation_params
 
 # (name, in_channels, image_size, expected first layer)
 FAMILIES = [

@@ -156,7 +156,8 @@ def test_vit_layers_for_the_layer_ablation():
     """Figure 4's choices on a timm ViT: the patch projection (first layer), the
     positional embedding (a parameter) and one head's query rows of the first block."""
     from fedunlearn.harness.models import create_model
-    from fedunlearn.negation import example_input_for, negate_layers
+    from fedunlearn.layers import example_input_for
+    from fedunlearn.negation import negate_layers
 
     torch.manual_seed(0)
     vit = create_model("vit_tiny", num_classes=10, in_channels=1, image_size=8)

@@ -64,7 +64,7 @@ class PerturbationContext:
     def fresh_value(self, spec: str) -> torch.Tensor:
         """A freshly initialised model's value for a selection entry (a parameter name
         or rows of one, ``"blocks.0.attn.qkv.weight[0:16]"``)."""
-        from .negation import spec_view, split_spec
+        from .param_specs import spec_view, split_spec
 
         fresh = self.fresh_state()
         if split_spec(spec)[0] not in fresh:
@@ -101,9 +101,9 @@ def get_perturbation(name: str) -> Perturbation:
 def perturb(model: torch.nn.Module, names: list[str], perturbation: str,
             context: PerturbationContext) -> list[str]:
     """Apply ``perturbation`` to the selection ``names`` of ``model`` in place (parameter
-    names, or rows of one: :func:`fedunlearn.negation.split_spec`; tied parameters
+    names, or rows of one: :func:`fedunlearn.param_specs.split_spec`; tied parameters
     once); returns ``names``. A result of another shape is refused."""
-    from .negation import spec_view, split_spec
+    from .param_specs import spec_view, split_spec
 
     fn = get_perturbation(perturbation)
     params = dict(model.named_parameters(remove_duplicate=False))

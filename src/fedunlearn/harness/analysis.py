@@ -194,7 +194,7 @@ def run_cka(dataset: str, model: str, reference: tuple[str, str],
     from fedunlearn.harness.data import load_dataset
     from fedunlearn.metrics.cka import cka_by_layer
     from fedunlearn.harness.models import create_model
-    from fedunlearn.negation import trace_layers
+    from fedunlearn.layers import trace_layers
 
     if not others:
         raise ValueError("name at least one model to compare with the reference")

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..history import HistorySpec, check_bound, model_float_bytes
-from ..negation import example_input_for, select_negation_params
+from ..layers import example_input_for
+from ..negation import select_negation_params
 from ..perturbations import CANCELLING
 from ..strategies import get_method, list_methods
 from ..strategies.base import Recovery, Training, UnlearningContext, UnlearningStrategy

@@ -39,7 +39,7 @@ from .evaluation import Evaluator
 from ..ledger import Ledger
 from ..metrics import flops_per_sample
 from .models import create_model
-from ..negation import example_input_for
+from ..layers import example_input_for
 from .pretraining import pretrain
 from ..serving import MODEL_FILE, save_model
 from ..requests import UnlearningRequest

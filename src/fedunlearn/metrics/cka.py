@@ -15,7 +15,7 @@ the difference only shows after the next non-linearity, in the layers that
 follow ("a break in co-adaptation").
 
 :func:`layer_activations` records the output of every layer that
-:func:`fedunlearn.negation.trace_layers` reports (parameter-owning modules, in
+:func:`fedunlearn.layers.trace_layers` reports (parameter-owning modules, in
 execution order) with forward hooks; :func:`cka_by_layer` compares two models of
 the same architecture layer by layer on the same inputs.
 """
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from fedunlearn.negation import trace_layers
+from fedunlearn.layers import trace_layers
 
 __all__ = ["cka_by_layer", "layer_activations", "linear_cka"]
 
@@ -245,7 +245,7 @@ def layer_activations(
         A batch ``(n, ...)`` the model accepts; moved to the model's device
         batch by batch.
     layers : sequence of str, optional
-        Layer names as :func:`fedunlearn.negation.trace_layers` reports them
+        Layer names as :func:`fedunlearn.layers.trace_layers` reports them
         (``""`` is the top-level module when it owns parameters, e.g. a ViT's
         ``cls_token``); ``None`` takes every traced layer.
     batch_size : int, optional
@@ -288,7 +288,7 @@ def cka_by_layer(
     inputs : torch.Tensor or numpy.ndarray
         The same ``n >= 2`` inputs for both, ``(n, ...)``.
     layers : sequence of str, optional
-        Layers to compare (names from :func:`fedunlearn.negation.trace_layers`);
+        Layers to compare (names from :func:`fedunlearn.layers.trace_layers`);
         ``None``: every traced layer.
     batch_size : int, optional
         Samples per forward pass.

@@ -15,7 +15,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..arrays import record_from_state
-from ..negation import select_negation_params, split_spec
+from ..negation import select_negation_params
+from ..param_specs import split_spec
 from ..perturbations import CANCELLING
 from ..protocol import MODEL_KEY
 from ..training import random_model, to_arrays, to_state

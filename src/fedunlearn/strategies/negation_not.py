@@ -14,7 +14,8 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..negation import select_negation_params, spec_view, split_spec
+from ..negation import select_negation_params
+from ..param_specs import spec_view, split_spec
 from ..perturbations import CANCELLING, PerturbationContext, list_perturbations, perturb
 from ..training import load_arrays, to_arrays
 from . import register_method
