@@ -326,7 +326,11 @@ def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
     log = tmp_path / "out" / "audit.jsonl"
     seqs = [e["audit_seq"] for e in entry.events[1:]]
     assert seqs == sorted(seqs) and all(len(e["audit_sha256"]) == 64 for e in entry.events[1:])
-    assert events[seqs[-1]]["event"] == "unlearning.finished"
+    # The honoured receipt is anchored at the request's own request.honoured record,
+    # written right after the method's unlearning.finished.
+    anchor = events[seqs[-1]]
+    assert anchor["event"] == "request.honoured" and anchor["model"] == finished["model_after"]
+    assert events[seqs[-1] - 1]["event"] == "unlearning.finished"
     assert cli(["audit", str(log), "--inbox", str(inbox.root)]) == 0
     # A second job finds nothing pending in the inbox: partition 1 asks for nothing.
     rc2 = job_config(tmp_path, **{"output-dir": str(tmp_path / "out2")})

@@ -1,10 +1,14 @@
 """What happened to each unlearning request: the audit log and the inbox receipts.
 
-:class:`Ledger` is what the server calls at each step of a job. It writes the audit
-record of the step (:mod:`.audit`) and, for requests filed through a node's inbox
-(:mod:`.inbox`), sends the verdict back to the node as a receipt: ``accepted`` or
-``rejected`` (with the reason) once requests are checked, ``honoured`` (with the
-method, the run and the hash of the unlearned model) once a method has unlearned.
+:class:`Ledger` is what the server calls at each step of a job, and the one writer of
+the ``method.*``, ``unlearning.*`` and ``request.honoured`` / ``request.failed``
+records (:mod:`.lifecycle` calls it the same way for :func:`fedunlearn.serve`, the
+experiment harness and service mode). It writes the audit record of the step
+(:mod:`.audit`) and, for requests filed through a node's inbox (:mod:`.inbox`), sends the
+verdict back to the node as a receipt: ``accepted`` or ``rejected`` (with the reason)
+once requests are checked, ``honoured`` (with the method, the run and the hash of the
+unlearned model) once a method has unlearned. Service mode sends its receipts through
+its own durable outbox (``receipts=False``).
 """
 
 from __future__ import annotations
@@ -30,25 +34,30 @@ class Ledger:
         The (guarded) grid receipts go through.
     run_id : int
         The Flower run id, written into every record and receipt.
+    receipts : bool
+        Send inbox receipts (service mode keeps its own outbox: ``False``).
     """
 
-    def __init__(self, audit: AuditLog, grid, run_id: int) -> None:
+    def __init__(self, audit: AuditLog, grid, run_id: int, receipts: bool = True) -> None:
         self.audit, self.grid, self.run_id = audit, grid, int(run_id)
+        self.receipts = receipts
         self.requests: dict[int, UnlearningRequest] = {}
         self.model_before = ""
 
-    def interrupted(self) -> None:
+    def interrupted(self) -> dict | None:
         """Say so in the log (and the job's log) when the previous run on this audit log
-        did not end."""
+        did not end; return the ``job.interrupted`` record (``None``: it ended)."""
         try:
             record = self.audit.note_interrupted()
         except OSError as err:
             log(WARNING, "could not read the audit log's last record: %s", err)
-            return
+            return None
         if record is not None:
-            log(WARNING, "The previous run on this audit log (run %s) did not finish: its "
-                "last record is %s (seq %s); recorded as job.interrupted",
-                record["interrupted_run"], record["last_event"], record["last_seq"])
+            log(WARNING, "The previous run on this audit log %s (run %s) did not finish: "
+                "its last record is %s (seq %s); recorded as job.interrupted",
+                self.audit.path, record["interrupted_run"], record["last_event"],
+                record["last_seq"])
+        return record
 
     def started(self, cfg, deployment: bool, ignored_forget_clients=()) -> None:
         self.interrupted()
@@ -82,34 +91,50 @@ class Ledger:
     def refused(self, method: str, reason: str) -> None:
         self.audit.record("method.refused", method=method, reason=reason)
 
-    def unlearning_started(self, strategy) -> None:
+    def unlearning_started(self, strategy, targets=None, model_before: str | None = None,
+                           **fields) -> None:
+        """``unlearning.started``: the method, its parameters, the target nodes and the
+        model it starts from (``fields``: service mode's attempt number)."""
+        targets = sorted(self.requests if targets is None else targets)
         self.audit.record("unlearning.started", method=strategy.name,
-                          params=strategy.params.as_dict(), targets=sorted(self.requests),
-                          model_before=self.model_before)
+                          params=strategy.params.as_dict(), targets=targets,
+                          model_before=model_before or self.model_before, **fields)
 
-    def unlearning_finished(self, strategy, unlearned_arrays: ArrayRecord,
-                            metrics: dict) -> None:
-        """Audit the finished method and tell the inbox requests they were honoured."""
-        cost = strategy.cost
-        after = model_digest(unlearned_arrays)
-        self.audit.record("unlearning.finished", method=strategy.name, rounds=cost.rounds,
-                          comm_bytes=cost.comm_bytes, wall_s=round(cost.wall_s, 3),
-                          metrics=metrics, model_before=self.model_before, model_after=after)
-        self._send({node: federation.receipt_record(
-                        r.inbox_ids, "honoured", self.run_id, method=strategy.name,
-                        model_sha256=after, model_before_sha256=self.model_before,
-                        rounds=cost.rounds, comm_bytes=cost.comm_bytes)
-                    for node, r in self.requests.items() if r.inbox_ids})
+    def unlearning_finished(self, method: str, *, rounds: int, comm_bytes: int,
+                            wall_s: float, metrics: dict, model_before: str, model_after: str,
+                            honours: list[dict], **fields) -> None:
+        """``unlearning.finished`` and one ``request.honoured`` per request served
+        (``honours``: ``node``, ``scope``, ``digest``, ``inbox_ids`` and any other field
+        of the request's record); honoured receipts to their inboxes."""
+        self.audit.record("unlearning.finished", method=method, rounds=rounds,
+                          comm_bytes=comm_bytes, wall_s=round(wall_s, 3), metrics=metrics,
+                          model_before=model_before, model_after=model_after, **fields)
+        for h in honours:
+            self.audit.record("request.honoured", method=method, model=model_after,
+                              **{k: h[k] for k in h if k not in ("method", "model")})
+        if self.receipts:
+            self._send({node: federation.receipt_record(
+                            r.inbox_ids, "honoured", self.run_id, method=method,
+                            model_sha256=model_after, model_before_sha256=model_before,
+                            rounds=rounds, comm_bytes=comm_bytes)
+                        for node, r in self.requests.items() if r.inbox_ids})
 
-    def unlearning_failed(self, strategy, reason: str) -> None:
-        """Audit a method that could not finish; tell the inbox requests it did not
-        serve them (they stay pending unless another method honours them)."""
-        self.audit.record("unlearning.failed", method=strategy.name, reason=reason[:2000],
-                          model_before=self.model_before)
-        self._send({node: federation.receipt_record(
-                        r.inbox_ids, "failed", self.run_id, method=strategy.name,
-                        reason=f"{strategy.name} could not serve the request: {reason}")
-                    for node, r in self.requests.items() if r.inbox_ids})
+    def unlearning_failed(self, method: str, reason: str, *, model_before: str,
+                          failures: list[dict], **fields) -> None:
+        """``unlearning.failed`` and one ``request.failed`` per request it leaves failed
+        for good (``failures``: as ``honours`` above; service mode lists none while a
+        retry is due); failed receipts to their inboxes (they stay pending unless
+        another method honours them)."""
+        self.audit.record("unlearning.failed", method=method, reason=reason[:2000],
+                          model_before=model_before, **fields)
+        for f in failures:
+            self.audit.record("request.failed", method=method, reason=reason[:2000],
+                              **{k: f[k] for k in f if k not in ("method", "reason")})
+        if self.receipts:
+            self._send({node: federation.receipt_record(
+                            r.inbox_ids, "failed", self.run_id, method=method,
+                            reason=f"{method} could not serve the request: {reason}")
+                        for node, r in self.requests.items() if r.inbox_ids})
 
     def finished(self, results: Mapping[str, dict], output_dir) -> None:
         self.audit.record("job.finished", methods=list(results), output_dir=str(output_dir))

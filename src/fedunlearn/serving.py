@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -40,13 +38,14 @@ from flwr.serverapp import Grid
 from . import federation
 from .audit import AuditLog, audit_path, model_digest
 from .ledger import Ledger
+from .lifecycle import MethodRun, run_method
 from .metrics import flops_per_sample
 from .protocol import EVALUATE_UNLEARN, MODEL_KEY, REPLY_TIMEOUT_S, reply_timeout
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
 from .files import FAILED_FILE, save_state_dict, write_json
 from .wire import WireError
-from .strategies.base import UnlearningContext, UnlearningFailed, UnlearningStrategy
+from .strategies.base import UnlearningContext, UnlearningStrategy
 
 MODEL_FILE = "model.pt"
 RESULT_FILE = "results.json"
@@ -231,50 +230,48 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
                                 forward_flops_per_sample=flops["forward"], history=history)
     final = arrays
     for strategy in strategies:
-        name = strategy.name
         strategy.bind(context)
-        reason = strategy.refusal(accepted)
-        if reason is not None:
-            ledger.refused(name, reason)
-            log(WARNING, "[%s] refused: %s", name, reason)
-            outcomes[name] = MethodOutcome(name, "refused", reason=reason)
-            write_json(out / name / FAILED_FILE, outcomes[name].as_dict())
+        run = run_method(strategy, guarded, arrays, accepted, ledger,
+                         lambda run: _publish(guarded, strategy, run, accepted, report, out,
+                                              evaluate_fn, outcomes),
+                         departed=lambda: guarded.departed)
+        if run.status == "refused":
+            log(WARNING, "[%s] refused: %s", run.method, run.reason)
+        elif run.status == "failed":
+            log(WARNING, "[%s] FAILED: %s", run.method, run.reason)
+        if run.status != "honoured":
+            outcomes[run.method] = MethodOutcome(run.method, run.status, reason=run.reason,
+                                                 wall_s=run.wall_s)
+            write_json(out / run.method / FAILED_FILE, outcomes[run.method].as_dict())
             continue
-        log(INFO, "[%s] unlearning starts for node(s) %s", name, sorted(accepted))
-        ledger.unlearning_started(strategy)
-        started = time.perf_counter()
-        try:
-            unlearned = strategy.unlearn(guarded, arrays)
-        except (UnlearningFailed, RuntimeError, ValueError) as err:
-            reason = f"{type(err).__name__}: {err}"
-            log(WARNING, "[%s] FAILED: %s", name, reason)
-            ledger.unlearning_failed(strategy, reason)
-            outcomes[name] = MethodOutcome(name, "failed", reason=reason,
-                                           wall_s=time.perf_counter() - started)
-            write_json(out / name / FAILED_FILE, outcomes[name].as_dict())
-            continue
-        cost = strategy.cost
-        metrics = target_metrics(guarded, unlearned, accepted)
-        if evaluate_fn is not None:
-            value = evaluate_fn(unlearned)
-            metrics.update(value if isinstance(value, dict) else {"test": float(value)})
-        path, digest = save_model(out / name / MODEL_FILE, unlearned)
-        ledger.unlearning_finished(strategy, unlearned, metrics)
-        outcome = MethodOutcome(name, "honoured", unlearned, model_path=str(path),
-                                model_sha256=digest, rounds=cost.rounds,
-                                comm_bytes=cost.comm_bytes, flops=cost.flops,
-                                wall_s=time.perf_counter() - started, metrics=metrics,
-                                notes=_jsonable(strategy.notes))
-        outcomes[name] = outcome
-        write_json(out / name / RESULT_FILE, dict(outcome.as_dict(), request=report["accepted"],
-                                                  cost=strategy.cost_dict()))
-        log(INFO, "[%s] honoured: %s; model %s (sha256 %s)", name,
-            ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), path, digest[:12])
-        final = unlearned
+        final = run.arrays
     log_.record("serve.finished",
                 honoured=[n for n, o in outcomes.items() if o.status == "honoured"],
                 failed=[n for n, o in outcomes.items() if o.status == "failed"])
     return ServeOutcome(final, outcomes, report)
+
+
+def _publish(grid, strategy, run: MethodRun, accepted, report, out: Path, evaluate_fn,
+             outcomes: dict) -> dict:
+    """serve()'s publication of an honoured run: the targets' measurements, the server's
+    own evaluation, ``model.pt`` with its hash and ``results.json``."""
+    name, unlearned, cost = run.method, run.arrays, strategy.cost
+    metrics = target_metrics(grid, unlearned, accepted)
+    if evaluate_fn is not None:
+        value = evaluate_fn(unlearned)
+        metrics.update(value if isinstance(value, dict) else {"test": float(value)})
+    path, digest = save_model(out / name / MODEL_FILE, unlearned)
+    outcome = MethodOutcome(name, "honoured", unlearned, model_path=str(path),
+                            model_sha256=digest, rounds=cost.rounds,
+                            comm_bytes=cost.comm_bytes, flops=cost.flops,
+                            wall_s=run.wall_s, metrics=metrics,
+                            notes=_jsonable(strategy.notes))
+    outcomes[name] = outcome
+    write_json(out / name / RESULT_FILE, dict(outcome.as_dict(), request=report["accepted"],
+                                              cost=strategy.cost_dict()))
+    log(INFO, "[%s] honoured: %s; model %s (sha256 %s)", name,
+        ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), path, digest[:12])
+    return {"metrics": metrics, "model_after": digest}
 
 
 def target_metrics(grid, arrays: ArrayRecord, requests: dict) -> dict:

@@ -46,6 +46,7 @@ from ..requests import UnlearningRequest
 from .results import (COMPARISON_FILE, FAILED_FILE, SKIPPED_FILE, comparison_markdown,
                       comparison_text, result_record, results_path, write_json)
 from ..strategies import UnlearningFailed
+from ..lifecycle import run_method
 from .methods import HarnessContext, check_methods, create_method, history_spec, preflight
 from ..training import resolve_device
 
@@ -188,6 +189,33 @@ class Experiment:
                             directory=directory)
         return pretrain(self.grid, self.context, resolved, history=self.history_spec)
 
+    def publish(self, strategy, run, original: dict, original_measurement, pretrain_info,
+                results: dict[str, dict]) -> dict:
+        """The harness's publication of an honoured run: every metric of the unlearned
+        model, ``model.pt`` with its hash and ``results.json``."""
+        method, cfg = run.method, self.cfg
+        unlearned = self.evaluate(run.arrays)
+        log(INFO, "[%s] unlearned: %s", method, _short(unlearned))
+        result = result_record(strategy, self.context, self.rejected, original,
+                               unlearned, pretrain_info)
+        result["measurement"] = {"original": original_measurement,
+                                 "unlearned": self.last_measurement}
+        several = len(cfg.methods) > 1
+        model_path, digest = save_model(
+            results_path(self.output_dir, method, several).with_name(MODEL_FILE), run.arrays)
+        result["model"] = {"path": str(model_path), "sha256": digest}
+        if cfg.eval_trajectory:
+            retrain = (unlearned if method == "retrain"
+                       else results.get("retrain", {}).get("unlearned"))
+            result["trajectory"] = trajectory_of(method, self.trajectories, retrain)
+        # Verified nodes that left the federation so far (failed in every round and
+        # evaluation since; see the audit log's node.departed).
+        result["departed_nodes"] = self.grid.departed
+        path = write_json(results_path(self.output_dir, method, several), result)
+        log(INFO, "[%s] wrote %s", method, path)
+        results[method] = result
+        return {"metrics": unlearned, "model_after": digest}
+
     def run(self) -> dict[str, dict]:
         cfg = self.cfg
         self.ledger.started(cfg, self.deployment, self.ignored_forget_clients)
@@ -208,71 +236,45 @@ class Experiment:
             log(INFO, "Wrote %s", self.output_dir / "no-request.json")
             return {}
         several = len(cfg.methods) > 1
-        strategies, skipped = [], {}
-        for method in cfg.methods:
-            strategy = create_method(method, self.context)
-            reason = strategy.refusal(accepted)
-            if reason is None:
-                strategies.append(strategy)
-                continue
-            skipped[method] = reason
-            self.ledger.refused(method, reason)
-            log(WARNING, "[%s] refused: %s; the other methods still run", method, reason)
-            write_json(results_path(self.output_dir, method, several).with_name(SKIPPED_FILE),
-                       {"method": method, "skipped": reason,
-                        "request": [dict(r.describe(), node_id=n)
-                                    for n, r in sorted(accepted.items())]})
+        strategies = [create_method(method, self.context) for method in cfg.methods]
+        runnable = [s for s in strategies if s.refusal(accepted) is None]
         log(INFO, "[measure] original (pretrained) model")
         original = self.evaluate(pretrained)
         original_measurement = self.last_measurement
         log(INFO, "[measure] original: %s", _short(original))
         results: dict[str, dict] = {}
         failed: dict[str, str] = {}
-        for index, strategy in enumerate(strategies, start=1):
+        skipped: dict[str, str] = {}
+        described = [dict(r.describe(), node_id=n) for n, r in sorted(accepted.items())]
+        for strategy in strategies:
             method = strategy.name
-            log(INFO, "[%s] unlearning starts (params: %s)", method,
-                strategy.params.as_dict() or "none")
-            emit("phase", phase=method, index=index, of=len(strategies))
-            self.ledger.unlearning_started(strategy)
-            try:
-                unlearned_arrays = strategy.unlearn(self.grid, pretrained)
-            except (UnlearningFailed, RuntimeError, ValueError) as err:
+            if strategy in runnable:
+                log(INFO, "[%s] unlearning starts (params: %s)", method,
+                    strategy.params.as_dict() or "none")
+                emit("phase", phase=method, index=runnable.index(strategy) + 1,
+                     of=len(runnable))
+            run = run_method(
+                strategy, self.grid, pretrained, accepted, self.ledger,
+                lambda run: self.publish(strategy, run, original, original_measurement,
+                                         pretrain_info, results),
+                departed=lambda: self.grid.departed)
+            target = results_path(self.output_dir, method, several)
+            if run.status == "refused":
+                skipped[method] = run.reason
+                log(WARNING, "[%s] refused: %s; the other methods still run", method,
+                    run.reason)
+                write_json(target.with_name(SKIPPED_FILE),
+                           {"method": method, "skipped": run.reason, "request": described})
+            elif run.status == "failed":
                 # This method's failure is this method's: the others still run, and the
                 # job fails at the end, naming it.
-                reason = f"{type(err).__name__}: {err}"
-                if self.grid.departed:
-                    reason += f" (node(s) {self.grid.departed} left the federation)"
-                log(WARNING, "[%s] FAILED: %s; the other methods still run", method, reason)
-                self.ledger.unlearning_failed(strategy, reason)
-                failed[method] = reason
-                skipped[method] = f"FAILED: {reason}"
-                write_json(results_path(self.output_dir, method, several).with_name(FAILED_FILE),
-                           {"method": method, "failed": reason,
-                            "departed_nodes": self.grid.departed,
-                            "request": [dict(r.describe(), node_id=n)
-                                        for n, r in sorted(accepted.items())]})
-                continue
-            unlearned = self.evaluate(unlearned_arrays)
-            self.ledger.unlearning_finished(strategy, unlearned_arrays, unlearned)
-            log(INFO, "[%s] unlearned: %s", method, _short(unlearned))
-            result = result_record(strategy, self.context, self.rejected, original,
-                                   unlearned, pretrain_info)
-            result["measurement"] = {"original": original_measurement,
-                                     "unlearned": self.last_measurement}
-            model_path, digest = save_model(
-                results_path(self.output_dir, method, several).with_name(MODEL_FILE),
-                unlearned_arrays)
-            result["model"] = {"path": str(model_path), "sha256": digest}
-            if cfg.eval_trajectory:
-                retrain = (unlearned if method == "retrain"
-                           else results.get("retrain", {}).get("unlearned"))
-                result["trajectory"] = trajectory_of(method, self.trajectories, retrain)
-            # Verified nodes that left the federation so far (failed in every round and
-            # evaluation since; see the audit log's node.departed).
-            result["departed_nodes"] = self.grid.departed
-            path = write_json(results_path(self.output_dir, method, several), result)
-            log(INFO, "[%s] wrote %s", method, path)
-            results[method] = result
+                log(WARNING, "[%s] FAILED: %s; the other methods still run", method,
+                    run.reason)
+                failed[method] = run.reason
+                skipped[method] = f"FAILED: {run.reason}"
+                write_json(target.with_name(FAILED_FILE),
+                           {"method": method, "failed": run.reason,
+                            "departed_nodes": self.grid.departed, "request": described})
         ordered = list(results.values())
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if several:

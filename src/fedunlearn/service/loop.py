@@ -48,6 +48,7 @@ from ..arrays import records
 from ..audit import AuditLog, audit_path, model_digest
 from ..protocol import NUM_EXAMPLES, REPLY_TIMEOUT_S, reply_timeout
 from ..strategies.base import Phase, UnlearningContext, UnlearningStrategy
+from ..ledger import Ledger
 from .config import ServiceConfig, ServiceError
 from .intake import Intake
 from .outbox import Outbox
@@ -201,6 +202,9 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         self.audit = _RoundAudit(audit, lambda: {"round": self.state.round,
                                                  "version": self.state.version})
         self.grid = federation.GuardedGrid(grid, self.audit, self.reply_timeout)
+        # The one writer of request and unlearning records; receipts go through the
+        # service's own durable outbox.
+        self.ledger = Ledger(self.audit, self.grid, run, receipts=False)
         self.started = time.monotonic()
         self.trainer = _Trainer(seed=self.config.seed)
         self._check_model(arrays)
@@ -217,7 +221,8 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         if loaded is None:
             self.state = ServiceState(method=self.method.name, model_keys=list(arrays.keys()))
             self.arrays, self.momentum = arrays, None
-            self._interrupted(audit)
+            if self.note_interrupted:
+                self.ledger.interrupted()
             self.audit.record("service.started", method=self.method.name,
                               config=dataclasses.asdict(self.config),
                               model=model_digest(arrays))
@@ -226,7 +231,8 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
             self.checkpoint()
         else:
             self.state, self.arrays, self.momentum = loaded
-            self._interrupted(audit)
+            if self.note_interrupted:
+                self.ledger.interrupted()
             self._check_resume(arrays)
             resumed_from = self.state.round
             log(INFO, "[service] resumed from %s: round %d, version %d, %d pending request(s)",

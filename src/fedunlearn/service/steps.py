@@ -9,10 +9,10 @@ from logging import INFO, WARNING
 import torch
 from flwr.common.logger import log
 
-from ..audit import model_digest
 from ..metrics import flops_per_sample
+from ..lifecycle import request_fields, run_method
 from ..requests import UnlearningRequest, merge_requests
-from ..strategies.base import UnlearningContext, UnlearningFailed
+from ..strategies.base import UnlearningContext
 from .state import PendingRequest, _request_dict, _what
 
 
@@ -48,7 +48,8 @@ class Steps:
         return UnlearningContext(**fields)
 
     def unlearn(self) -> None:
-        """One unlearning step for every pending request due now, served together."""
+        """One unlearning step for every pending request due now, served together
+        (through :func:`fedunlearn.lifecycle.run_method`)."""
         due = [p for p in self.state.pending if p.next_try <= self.state.round]
         requests = {p.node: p.request for p in due}
         strategy = self.method.fresh()
@@ -57,28 +58,32 @@ class Steps:
         what = ", ".join(f"node {n} ({_what(r)})" for n, r in sorted(requests.items()))
         log(INFO, "[service] unlearning step %d at round %d: %s with %s", step,
             self.state.round, what, strategy.name)
-        before = model_digest(self.arrays)
-        reason = strategy.refusal(requests)
-        started = time.perf_counter()
-        unlearned = None
-        if reason is None:
-            self.audit.record("unlearning.started", method=strategy.name,
-                              targets=sorted(requests), model_before=before,
-                              attempt=max(p.attempts for p in due) + 1)
-            try:
-                unlearned = strategy.unlearn(self.grid, self.arrays)
-            except (UnlearningFailed, RuntimeError, ValueError) as err:
-                reason = f"{type(err).__name__}: {err}"
-                if self.grid.departed:
-                    reason += f" (node(s) {self.grid.departed} left the federation)"
-        else:
+        attempts = max(p.attempts for p in due) + 1
+        final = [p for p in due if p.attempts + 1 > self.config.method_retries]
+        by_node = {p.node: p for p in due}
+        run = run_method(
+            strategy, self.grid, self.arrays, requests, self.ledger,
+            lambda run: self._publish_step(strategy, run, due, step),
+            departed=lambda: self.grid.departed, final=bool(final),
+            request_extra=lambda n: {"attempts": by_node[n].attempts + 1},
+            started_fields={"attempt": attempts},
+            failed_fields={"targets": sorted(requests), "final": bool(final)})
+        if run.status == "refused":
             for p in due:  # a refusal does not change by waiting
                 p.attempts = self.config.method_retries
-        if unlearned is None:
-            self._step_failed(strategy, due, reason, before)
-            return
-        wall = time.perf_counter() - started
-        self.arrays, self.momentum = unlearned, None  # the method's model; a fresh optimizer
+            self.ledger.unlearning_failed(strategy.name, run.reason,
+                                          model_before=run.model_before,
+                                          failures=[dict(request_fields(p.node, p.request),
+                                                         attempts=p.attempts + 1)
+                                                    for p in due],
+                                          targets=sorted(requests), final=True)
+        if run.status != "honoured":
+            self._step_failed(strategy, due, run.reason)
+
+    def _publish_step(self, strategy, run, due: list[PendingRequest], step: int) -> None:
+        """Service mode's publication of an honoured step: a new version, the requests
+        served for good (checkpointed), then the audit records and receipts."""
+        self.arrays, self.momentum = run.arrays, None  # the method's model; a fresh optimizer
         for p in due:
             earlier = self.state.served.get(p.node)
             self.state.served[p.node] = (p.request if earlier is None
@@ -96,9 +101,9 @@ class Steps:
             h.pop("sample_ids")
         entry = self.publish("unlearned", honours)
         info = {"step": step, "round": self.state.round, "version": entry["version"],
-                "method": strategy.name, "targets": sorted(requests),
+                "method": strategy.name, "targets": sorted(p.node for p in due),
                 "rounds": cost.rounds, "comm_bytes": cost.comm_bytes, "flops": cost.flops,
-                "wall_s": round(wall, 3), "model_sha256": entry["sha256"],
+                "wall_s": round(run.wall_s, 3), "model_sha256": entry["sha256"],
                 "path": entry["path"], "metrics": entry.get("metrics", {}),
                 "requests": honours,
                 "filed_to_published_s": [round(time.time() - p.accepted_at, 3) for p in due]}
@@ -112,14 +117,15 @@ class Steps:
                                           "path": entry["path"], "rounds": cost.rounds,
                                           "comm_bytes": cost.comm_bytes,
                                           "deadline_missed": self._deadline_missed(p)})
-        info["model_before"] = before
+        info["model_before"] = run.model_before
         info["audited"] = False
         self.checkpoint()  # served: from here on a crash never serves these again
         self.audit_steps()
         log(INFO, "[service]   %s: %d round(s), %.3g B, %.1f s; published version %d: %s "
-            "(sha256 %s)", strategy.name, cost.rounds, cost.comm_bytes, wall,
+            "(sha256 %s)", strategy.name, cost.rounds, cost.comm_bytes, run.wall_s,
             entry["version"], entry["path"], entry["sha256"][:12])
         self.flush_outbox()
+        return None  # recorded by audit_steps, once the checkpoint holds the step
 
     def audit_steps(self) -> None:
         """Write the audit records of honoured steps that have none yet (a crash between
@@ -127,18 +133,16 @@ class Steps:
         every honoured request is recorded exactly once)."""
         pending = [step for step in self.state.steps if not step.get("audited", True)]
         for step in pending:
-            self.audit.record("unlearning.finished", method=step["method"],
-                              rounds=step["rounds"], comm_bytes=step["comm_bytes"],
-                              wall_s=step["wall_s"], metrics=step["metrics"],
-                              model_before=step["model_before"], model_after=step["model_sha256"],
-                              published_version=step["version"])
-            for r in step["requests"]:
-                self.audit.record("request.honoured", node=r["node"], scope=r["scope"],
-                                  digest=r["digest"], inbox_ids=list(r["inbox_ids"]),
-                                  accepted_round=r["accepted_round"],
-                                  published_version=step["version"],
-                                  model=step["model_sha256"],
-                                  deadline_missed=r["deadline_missed"])
+            honours = [{"node": r["node"], "scope": r["scope"], "digest": r["digest"],
+                        "inbox_ids": list(r["inbox_ids"]),
+                        "accepted_round": r["accepted_round"],
+                        "published_version": step["version"],
+                        "deadline_missed": r["deadline_missed"]} for r in step["requests"]]
+            self.ledger.unlearning_finished(
+                step["method"], rounds=step["rounds"], comm_bytes=step["comm_bytes"],
+                wall_s=step["wall_s"], metrics=step["metrics"],
+                model_before=step["model_before"], model_after=step["model_sha256"],
+                honours=honours, published_version=step["version"])
             step["audited"] = True
         if pending:
             self.checkpoint()
@@ -147,8 +151,9 @@ class Steps:
         share = self._deadline_share(p, time.time())
         return bool(share is not None and share > 1.0)
 
-    def _step_failed(self, strategy, due: list[PendingRequest], reason: str,
-                     before: str) -> None:
+    def _step_failed(self, strategy, due: list[PendingRequest], reason: str) -> None:
+        """Count the attempt (the lifecycle wrote the records): due again later, or
+        failed for good after ``method_retries`` retries."""
         c = self.config
         final = []
         for p in due:
@@ -157,9 +162,6 @@ class Steps:
                 final.append(p)
             else:
                 p.next_try = self.state.round + c.retry_after
-        self.audit.record("unlearning.failed", method=strategy.name, reason=reason[:2000],
-                          model_before=before, targets=sorted(p.node for p in due),
-                          final=bool(final))
         if not final:
             log(WARNING, "[service] %s failed (%s); trying again at round %d", strategy.name,
                 reason, due[0].next_try)
@@ -174,9 +176,6 @@ class Steps:
             self.state.failed.append({"node": p.node, "request": _request_dict(p.request),
                                       "round": self.state.round, "reason": reason[:2000],
                                       "method": strategy.name, "attempts": p.attempts})
-            self.audit.record("request.failed", node=p.node, scope=p.request.scope,
-                              digest=p.request.digest(), inbox_ids=list(p.request.inbox_ids),
-                              reason=reason[:2000], attempts=p.attempts)
             if p.request.inbox_ids:
                 self.state.outbox.append({"node": p.node, "status": "failed",
                                           "request": _request_dict(p.request),

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO, WARNING
+from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from ..audit import AuditLog, model_digest
+from ..audit import model_digest
 from ..files import atomic_write
 from .config import ServiceError
 from .state import (
@@ -117,18 +117,3 @@ class Storage:
                     f"unexpected {extra}" if extra else "",
                     f"other shapes for {shapes}" if shapes else "") if part)
                 + " (pass the ArrayRecord of model_fn()'s state dict)")
-
-    def _interrupted(self, audit: AuditLog) -> None:
-        if not self.note_interrupted:
-            return
-        try:
-            record = audit.note_interrupted()
-        except OSError as err:
-            log(WARNING, "could not read the audit log's last record: %s", err)
-            return
-        if record is not None:
-            log(WARNING, "[service] the previous run on %s (run %s) did not finish: its last "
-                "record is %s (seq %s)", audit.path, record["interrupted_run"],
-                record["last_event"], record["last_seq"])
-
-
