@@ -317,8 +317,8 @@ def test_a_strategy_and_an_action_from_outside_the_package(tmp_path, monkeypatch
     import fedunlearn.strategies as strategies_pkg
     from flower_apps.client_app import app as harness_app
 
-    monkeypatch.setattr(strategies_pkg, "_METHODS", dict(strategies_pkg._METHODS))
-    monkeypatch.setattr(actions_pkg, "_ACTIONS", dict(actions_pkg._ACTIONS))
+    monkeypatch.setattr(strategies_pkg, "_METHODS", strategies_pkg._METHODS.copy())
+    monkeypatch.setattr(actions_pkg, "_ACTIONS", actions_pkg._ACTIONS.copy())
     monkeypatch.setattr(harness_app, "_registered_funcs", dict(harness_app._registered_funcs))
     monkeypatch.delitem(sys.modules, "myplugin", raising=False)
     importlib.import_module("myplugin")

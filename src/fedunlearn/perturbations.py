@@ -40,8 +40,10 @@ from typing import Any
 
 import torch
 
+from .registry import Registry
+
 Perturbation = Callable[[str, torch.Tensor, "PerturbationContext"], torch.Tensor]
-_PERTURBATIONS: dict[str, Perturbation] = {}
+_PERTURBATIONS: Registry[Perturbation] = Registry("perturbation")
 
 #: The perturbations whose effect cancels when a layer and the normalisation right after
 #: it are both perturbed (``(-N)(-C)(x) = NC(x)``); NoT refuses such selections for them.
@@ -73,29 +75,18 @@ class PerturbationContext:
 
 
 def register_perturbation(name: str) -> Callable[[Perturbation], Perturbation]:
-    """Decorator: make ``fn(name, value, context) -> tensor`` the perturbation ``name``."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"perturbation name {name!r} must be a Python identifier")
-
-    def deco(fn: Perturbation) -> Perturbation:
-        if name in _PERTURBATIONS and _PERTURBATIONS[name] is not fn:
-            raise ValueError(f"perturbation {name!r} is already registered")
-        _PERTURBATIONS[name] = fn
-        return fn
-
-    return deco
+    """Decorator: make ``fn(name, value, context) -> tensor`` the perturbation ``name`` (a
+    lower-case letter, then lower-case letters, digits and '_'; see
+    :mod:`fedunlearn.registry`)."""
+    return _PERTURBATIONS.register(name)
 
 
 def list_perturbations() -> list[str]:
-    return sorted(_PERTURBATIONS)
+    return _PERTURBATIONS.names()
 
 
 def get_perturbation(name: str) -> Perturbation:
-    try:
-        return _PERTURBATIONS[name]
-    except KeyError:
-        raise ValueError(f"perturbation={name!r} is unknown; registered: "
-                         f"{list_perturbations()}") from None
+    return _PERTURBATIONS.get(name)
 
 
 def perturb(model: torch.nn.Module, names: list[str], perturbation: str,

@@ -17,25 +17,25 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from ..registry import Registry
 from .base import (CostMeter, Phase, Recovery, Training, UnlearningContext,
                    UnlearningFailed, UnlearningStrategy)
 from .params import MethodParams
 
-_METHODS: dict[str, type[UnlearningStrategy]] = {}
+_METHODS: Registry[type[UnlearningStrategy]] = Registry("method")
 _INFRASTRUCTURE = {"aggregation", "base", "context", "costs", "params", "reply_checks", "roles",
                    "settings", "stopping", "validation"}
 
 
 def register_method(name: str):
-    """Class decorator: make a strategy selectable as ``method=<name>``."""
-    if not name or not name.replace("_", "").isalnum() or name != name.lower():
-        raise ValueError(f"method name {name!r}: use lower-case letters, digits and '_'")
+    """Class decorator: make a strategy selectable as ``method=<name>`` (``name``: a
+    lower-case letter, then lower-case letters, digits and '_'; see
+    :mod:`fedunlearn.registry`)."""
+    register = _METHODS.register(name)
 
     def deco(cls: type[UnlearningStrategy]) -> type[UnlearningStrategy]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered")
+        register(cls)
         cls.name = name
-        _METHODS[name] = cls
         return cls
 
     return deco
@@ -50,15 +50,12 @@ def discover() -> None:
 
 def list_methods() -> list[str]:
     discover()
-    return sorted(_METHODS)
+    return _METHODS.names()
 
 
 def get_method(name: str) -> type[UnlearningStrategy]:
     discover()
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ValueError(f"method={name!r} is unknown; choose from {list_methods()}") from None
+    return _METHODS.get(name)
 
 
 __all__ = ["CostMeter", "MethodParams", "Phase", "Recovery", "Training", "UnlearningContext",

@@ -40,7 +40,7 @@ class NoTParams(MethodParams):
 
     def validate(self) -> None:
         if self.perturbation not in list_perturbations():
-            raise ValueError(f"perturbation={self.perturbation!r} is unknown; registered: "
+            raise ValueError(f"perturbation={self.perturbation!r} is unknown; choose from "
                              f"{list_perturbations()}")
         if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
             raise ValueError(f"noise_scale={self.noise_scale} must be a finite number > 0")

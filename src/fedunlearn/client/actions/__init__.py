@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from torch import nn
 
 from ...arrays import records, to_numpy
+from ...registry import Registry
 from ...requests import request_from_config
 from ...training import load_arrays, resolve_device, to_arrays
 from ..node import NodeView, resolve_view, split_local
@@ -123,7 +124,7 @@ class ActionResult:
 
 
 Action = Callable[[ActionJob], ActionResult]
-_ACTIONS: dict[str, Action] = {}
+_ACTIONS: Registry[Action] = Registry("client action")
 _REUSING: set[str] = set()
 _SPARE_MODELS: dict[tuple, nn.Module] = {}
 
@@ -165,15 +166,12 @@ def register_action(name: str, reuses_models: bool = False) -> Callable[[Action]
 
     ``reuses_models``: the action only trains its models' parameters in place (no hooks,
     no frozen layers, no change of structure), so the node may hand it models kept from
-    an earlier message (see :meth:`ActionJob.from_message`)."""
-    if not name.isidentifier():
-        raise ValueError(f"action name {name!r} must be a Python identifier (Flower routes "
-                         "message types 'train.<name>' by identifier)")
+    an earlier message (see :meth:`ActionJob.from_message`). ``name``: a lower-case
+    letter, then lower-case letters, digits and '_' (see :mod:`fedunlearn.registry`)."""
+    register = _ACTIONS.register(name)
 
     def deco(fn: Action) -> Action:
-        if name in _ACTIONS and _ACTIONS[name] is not fn:
-            raise ValueError(f"client action {name!r} is already registered")
-        _ACTIONS[name] = fn
+        register(fn)
         if reuses_models:
             _REUSING.add(name)
         return fn
@@ -197,16 +195,12 @@ def discover() -> None:
 
 def list_actions() -> list[str]:
     discover()
-    return sorted(_ACTIONS)
+    return _ACTIONS.names()
 
 
 def get_action(name: str) -> Action:
     discover()
-    try:
-        return _ACTIONS[name]
-    except KeyError:
-        raise ValueError(f"client action {name!r} is unknown; registered: "
-                         f"{sorted(_ACTIONS)}") from None
+    return _ACTIONS.get(name)
 
 
 def handle_action(name: str, msg: Message, context: Context, view_for=None) -> Message:

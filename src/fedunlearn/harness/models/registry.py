@@ -1,4 +1,5 @@
-"""A small timm-style registry mapping model names to builder functions."""
+"""A small timm-style registry mapping model names to builder functions (a
+:class:`fedunlearn.registry.Registry` of kind ``"model"``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ...registry import Registry
+
 __all__ = ["MODELS", "ModelBuilder", "create_model", "list_models", "register_model"]
 
 ModelBuilder = Callable[..., nn.Module]
 """Signature ``builder(num_classes, in_channels, image_size, **kwargs) -> nn.Module``."""
 
 MODELS: dict[str, ModelBuilder] = {}
-"""Registered model builders, keyed by model name."""
+"""Registered model builders, keyed by model name (the entries of the model registry)."""
+_MODELS: Registry[ModelBuilder] = Registry("model", MODELS)
 
 _B = TypeVar("_B", bound=ModelBuilder)
 
@@ -34,18 +38,11 @@ def register_model(name: str) -> Callable[[_B], _B]:
     Raises
     ------
     ValueError
-        If ``name`` is empty or already registered.
+        If ``name`` breaks the name rule of :mod:`fedunlearn.registry` (a lower-case
+        letter, then lower-case letters, digits and '_'), or another builder is
+        registered under it.
     """
-    if not name:
-        raise ValueError("model name must be a non-empty string")
-
-    def decorator(builder: _B) -> _B:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = builder
-        return builder
-
-    return decorator
+    return _MODELS.register(name)
 
 
 def list_models() -> list[str]:
@@ -56,7 +53,7 @@ def list_models() -> list[str]:
     list of str
         Names accepted by :func:`create_model`.
     """
-    return sorted(MODELS)
+    return _MODELS.names()
 
 
 def create_model(
@@ -93,10 +90,7 @@ def create_model(
         If ``name`` is unknown, a size argument is not a positive integer, or
         pretrained weights are requested (nothing is ever downloaded).
     """
-    if name not in MODELS:
-        raise ValueError(
-            f"unknown model name {name!r}; available models: {', '.join(list_models())}"
-        )
+    builder = _MODELS.get(name)
     for arg, value in (
         ("num_classes", num_classes),
         ("in_channels", in_channels),
@@ -108,6 +102,6 @@ def create_model(
         raise ValueError(
             "pretrained weights are not supported: models are always built from scratch"
         )
-    return MODELS[name](
+    return builder(
         num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs
     )
