@@ -90,7 +90,7 @@ def test_the_harness_takes_the_lifecycle(tmp_path, calls, monkeypatch):
     from fedunlearn.engine import run_app
     from fedunlearn.strategies import register_method
 
-    monkeypatch.setattr(strategies_pkg, "_METHODS", dict(strategies_pkg._METHODS))
+    monkeypatch.setattr(strategies_pkg, "_METHODS", strategies_pkg._METHODS.copy())
     register_method("breaks")(Breaks)
     torch.set_num_threads(1)
     rc = {"dataset.name": "synthetic", "federation.num-clients": 3, "pretrain.rounds": 1,
