@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
 from fedunlearn import NoT, Recovery
 from fedunlearn.audit import model_digest
 from fedunlearn.engine import run_app
+from tests.test_plugin import userapp  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "quickstart-pytorch-unlearning"
@@ -84,3 +85,36 @@ def test_aggregation_must_be_a_flower_strategy():
         NoT(Recovery(), aggregation="fedadam")
     assert NoT(Recovery(), aggregation=FedAdam()).aggregation is not None
     assert NoT(Recovery(), aggregation=FedMedian()).fresh().aggregator is None
+
+
+def test_start_returns_flowers_result_with_its_histories(userapp):
+    """``strategy.start(...)`` as a Flower user calls it: the Result carries the
+    aggregated train metrics of every recovery round and the server-side evaluation of
+    ``evaluate_fn(server_round, arrays)`` (round 0: the model recovery starts from)."""
+    from flwr.app import MetricRecord
+
+    from fedunlearn import FineTune, UnlearningContext
+    from fedunlearn.requests import UnlearningRequest
+    from tests.test_plugin import UserGrid, fedavg
+
+    client_app, task = userapp
+    grid = UserGrid(client_app.app)
+    arrays = fedavg(grid, task, rounds=1)
+    strategy = FineTune(Recovery(rounds=3, server_momentum=0.0, lr=0.05),
+                        aggregation=FedAvg(min_train_nodes=1, min_available_nodes=1))
+    strategy.bind(UnlearningContext(requests={100: UnlearningRequest("client", 0, node_id=100)},
+                                    node_partitions={n: n - 100 for n in grid.contexts}))
+    seen = []
+
+    def evaluate_fn(server_round, a):
+        seen.append(server_round)
+        return MetricRecord({"rounds-seen": server_round})
+
+    result = strategy.start(grid, arrays, num_rounds=2, evaluate_fn=evaluate_fn)
+    assert seen == [0, 1, 2]
+    assert sorted(result.evaluate_metrics_serverapp) == [0, 1, 2]
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    assert "train_loss" in result.train_metrics_clientapp[1]
+    assert result.arrays is not None and set(result.arrays) == set(arrays)
+    with pytest.raises(TypeError, match="returned dict; Flower's convention is a MetricRecord"):
+        strategy.start(grid, arrays, num_rounds=1, evaluate_fn=lambda rnd, a: {"acc": 1.0})

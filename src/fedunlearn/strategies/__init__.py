@@ -24,7 +24,7 @@ from .params import MethodParams
 
 _METHODS: Registry[type[UnlearningStrategy]] = Registry("method")
 _INFRASTRUCTURE = {"aggregation", "base", "context", "costs", "params", "reply_checks", "roles",
-                   "settings", "stopping", "validation"}
+                   "round_records", "settings", "stopping", "validation"}
 
 
 def register_method(name: str):

@@ -46,15 +46,16 @@ from .aggregation import Aggregation
 from .params import MethodParams
 from .context import UnlearningContext, UnlearningFailed
 from .costs import CostMeter, Metered
-from .reply_checks import ReplyChecks, normalized
+from .reply_checks import ReplyChecks, normalized, shared_metrics
 from .roles import Roles
+from .round_records import RoundRecords
 from ..protocol import REPLY_TIMEOUT_S, reply_timeout
 from .settings import ROLES, STOP_RULES, Phase, Recovery, Training, _check_int  # noqa: F401  (re-exported)
 from .stopping import FIXED, MAXIMUM
 from .validation import Validating
 
 
-class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, FedAvgM):
+class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, FedAvgM):
     """FedAvg(M) over the nodes that may train, with roles, phases and metered costs.
 
     Flower's ``FedAvgM`` with the server momentum of the running :class:`Phase` (0 for
@@ -128,6 +129,10 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, FedAvgM):
                             "(flwr.serverapp.strategy.FedAdam(...), FedMedian(...), ...)")
         self.aggregation = aggregation
         self.aggregator: Aggregation | None = None
+        #: Flower's ``Result`` histories of the last :meth:`start`, by recovery round.
+        self.train_metrics: dict[int, MetricRecord] = {}
+        self.evaluate_metrics: dict[int, MetricRecord] = {}
+        self._evaluate_fn = None
         self.recovery = recovery if recovery is not None else Recovery()
         self.training = training if training is not None else Training()
         if params is None:
@@ -158,6 +163,7 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, FedAvgM):
         clone = copy.copy(self)
         clone.context = UnlearningContext()
         clone.costs, clone.notes, clone._asked_epochs = {}, {}, {}
+        clone.train_metrics, clone.evaluate_metrics = {}, {}
         clone.current_phase = clone.round_start = clone.aggregator = None
         clone._cost_phase = "recovery"
         return clone
@@ -238,8 +244,12 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, FedAvgM):
         """Flower's ``Strategy.start``, made safe for an unlearning strategy: it runs
         the unlearning step *and* recovery (:meth:`unlearn`) for the requests bound
         with :meth:`bind`, and raises when none is bound, so it never silently
-        fine-tunes. ``num_rounds`` overrides the recovery rounds. Most users call
-        :func:`fedunlearn.serve`, which collects and checks the requests first."""
+        fine-tunes. ``num_rounds`` overrides the recovery rounds. As Flower's, the
+        ``Result`` holds the aggregated train metrics of every recovery round and, with
+        ``evaluate_fn(server_round, arrays) -> MetricRecord | None``, the server-side
+        evaluation of round 0 (the model recovery starts from) and of every recovery
+        round. Most users call :func:`fedunlearn.serve`, which collects and checks the
+        requests first."""
         from flwr.serverapp.strategy import Result
 
         if not self.context.requests and self.uses_requests:
@@ -251,8 +261,14 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, FedAvgM):
                 "with requests first")
         if num_rounds is not None:
             self.recovery = dataclasses.replace(self.recovery, rounds=int(num_rounds))
-        arrays = self.unlearn(grid, initial_arrays)
-        return Result(arrays=arrays)
+        self.train_metrics, self.evaluate_metrics = {}, {}
+        self._evaluate_fn = evaluate_fn
+        try:
+            arrays = self.unlearn(grid, initial_arrays)
+        finally:
+            self._evaluate_fn = None
+        return Result(arrays=arrays, train_metrics_clientapp=dict(self.train_metrics),
+                      evaluate_metrics_serverapp=dict(self.evaluate_metrics))
 
     def unlearn(self, grid: Grid, pretrained: ArrayRecord) -> ArrayRecord:
         """Run the whole procedure: unlearning step, then recovery; return the model."""
@@ -260,6 +276,8 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, FedAvgM):
         with self.cost_phase("unlearning"):
             arrays = self.unlearning_step(grid, arrays)
         phase = self.recovery_phase()
+        if self._evaluate_fn is not None:
+            self._evaluate(0, arrays)
         with self.cost_phase(phase.name):
             arrays = self.run_phase(grid, arrays, phase)
         return arrays
@@ -289,21 +307,13 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, FedAvgM):
                                        f"{phase.name} (role {phase.role})")
                 replies = grid.send_and_receive(messages, timeout=reply_timeout(grid))
                 replies = list(replies)
-                aggregated, _ = self.aggregate_train(rnd, replies)
+                aggregated, metrics = self.aggregate_train(rnd, replies)
                 if aggregated is None:
-                    asked = sorted(int(m.metadata.dst_node_id) for m in messages)
-                    answered = {int(m.metadata.src_node_id) for m in replies}
-                    silent = [n for n in asked if n not in answered]
-                    why = list(getattr(self, "round_problems", []))
-                    if silent:
-                        why.append(f"node(s) {silent} did not answer")
-                    raise UnlearningFailed(
-                        f"[{self.phase}] {phase.name} round {rnd}: no usable reply from "
-                        f"nodes {asked} ({'; '.join(why) or 'no reply'}); the method "
-                        "stops here and returns no model")
+                    raise self._no_usable_reply(phase, rnd, messages, replies)
                 arrays = aggregated
                 done = rnd
                 round_s.append(round(time.perf_counter() - started, 4))
+                self._record_round(phase, rnd, arrays, metrics)
                 verdict = None
                 if rule is not None and (rnd % every == 0 or rnd == phase.rounds):
                     accuracy = self.validate(grid, arrays)
@@ -404,8 +414,9 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, FedAvgM):
             self.meter_up(msg)
             usable.append(msg)
         self.observe_replies(server_round, [m for m in usable if not m.has_error()])
+        keep = shared_metrics(usable)
         return self._aggregation().aggregate(
-            server_round, [normalized(m) for m in usable], self.round_start)
+            server_round, [normalized(m, keep) for m in usable], self.round_start)
 
     def _aggregation(self) -> Aggregation:
         if self.aggregator is None:  # configure/aggregate called outside run_phase:

@@ -62,15 +62,31 @@ class ReplyChecks:
         return None
 
 
-def normalized(msg: Message) -> Message:
-    """A checked train reply reduced to what FedAvg aggregates (the model and
-    ``num-examples``), so replies with different metric names (a plugin node's own
-    handler and fedunlearn's actions in one round) pass Flower's consistency check."""
+def normalized(msg: Message, keep: frozenset[str] = frozenset()) -> Message:
+    """A checked train reply reduced to what FedAvg aggregates (the model,
+    ``num-examples`` and the metrics in ``keep``: those every reply of the round has), so
+    replies with different metric names (a plugin node's own handler and fedunlearn's
+    actions in one round) pass Flower's consistency check."""
     if msg.has_error():
         return msg
     metrics = next(iter(records(msg.content, MetricRecord).values()))
+    kept = {k: metrics[k] for k in sorted(keep) if k in metrics and k != NUM_EXAMPLES}
     content = RecordDict({MODEL_KEY: decoded(msg.content[MODEL_KEY]),
-                          "metrics": MetricRecord({NUM_EXAMPLES: int(metrics[NUM_EXAMPLES])})})
+                          "metrics": MetricRecord({NUM_EXAMPLES: int(metrics[NUM_EXAMPLES]),
+                                                   **kept})})
     return Message(content, metadata=msg.metadata)
+
+
+def shared_metrics(replies: list[Message]) -> frozenset[str]:
+    """The metric names every (non-error) reply carries with a plain number."""
+    keys = None
+    for msg in replies:
+        if msg.has_error():
+            continue
+        metrics = next(iter(records(msg.content, MetricRecord).values()))
+        names = {k for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        keys = names if keys is None else keys & names
+    return frozenset(keys or ())
 
 
