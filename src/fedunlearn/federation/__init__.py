@@ -19,10 +19,20 @@ of it that it keeps for the whole job:
 
 
 from .guarded_grid import GuardedGrid, is_deployment
-from .intake import (ERROR_RECORD_FIELDS, collect_valid_requests, node_reports,
-                     validate_reported)
-from .nodes import (MALFORMED_REPLY, NODE_STALL_S, check_partitions, query, run_id_of,
-                    wait_for_nodes)
+from .intake import (
+                     ERROR_RECORD_FIELDS,
+                     collect_valid_requests,
+                     node_reports,
+                     validate_reported,
+)
+from .nodes import (
+                     MALFORMED_REPLY,
+                     NODE_STALL_S,
+                     check_partitions,
+                     query,
+                     run_id_of,
+                     wait_for_nodes,
+)
 from .receipts import receipt_record, send_receipts
 
 __all__ = ["ERROR_RECORD_FIELDS", "MALFORMED_REPLY", "NODE_STALL_S", "GuardedGrid",

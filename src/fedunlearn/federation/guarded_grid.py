@@ -11,10 +11,9 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..replies import (check_evaluate_metrics, check_train_reply, parse_evaluate_reply)
-from ..requests import (forget_indices,
-                       request_from_config)
 from ..protocol import REPLY_TIMEOUT_S
+from ..replies import check_evaluate_metrics, check_train_reply, parse_evaluate_reply
+from ..requests import forget_indices, request_from_config
 from ..wire import WireError
 from .nodes import MALFORMED_REPLY, NODE_STALL_S  # noqa: F401
 

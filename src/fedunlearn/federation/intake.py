@@ -8,13 +8,21 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.common.logger import log
 
-from ..replies import (parse_node_record, parse_node_report)
-from ..requests import (INBOX_ID_PATTERN, INVALID_SCOPE, MAX_ERROR_CHARS, MAX_INBOX_IDS,
-                       REQUEST_RECORD, UnlearningRequest,
-                       check_request_shape, empty_forget_reason, ids_not_held_reason, validate_request)
 from ..protocol import REJECTED_RECORD
+from ..replies import parse_node_record, parse_node_report
+from ..requests import (
+    INBOX_ID_PATTERN,
+    INVALID_SCOPE,
+    MAX_ERROR_CHARS,
+    MAX_INBOX_IDS,
+    REQUEST_RECORD,
+    UnlearningRequest,
+    check_request_shape,
+    empty_forget_reason,
+    ids_not_held_reason,
+    validate_request,
+)
 from ..wire import WireError, only_fields, shorten, str_list
-
 
 ERROR_RECORD_FIELDS = ("scope", "partition-id", "error", "inbox-ids")
 

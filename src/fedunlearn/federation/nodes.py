@@ -9,9 +9,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..replies import (parse_node_record)
-from ..requests import (QUERY_CONFIG, QUERY_UNLEARN, RUN_CONFIG_REQUESTS, WANT_REQUEST)
 from ..protocol import reply_timeout
+from ..replies import parse_node_record
+from ..requests import QUERY_CONFIG, QUERY_UNLEARN, RUN_CONFIG_REQUESTS, WANT_REQUEST
 from ..wire import WireError
 
 NODE_STALL_S = 60.0

@@ -8,8 +8,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..requests import (QUERY_UNLEARN, RECEIPT_ACK, RECEIPT_RECORD)
 from ..protocol import reply_timeout
+from ..requests import QUERY_UNLEARN, RECEIPT_ACK, RECEIPT_RECORD
 
 
 def receipt_record(inbox_ids: Iterable[str], status: str, run_id: int, **fields) -> ConfigRecord:

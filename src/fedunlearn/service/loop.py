@@ -46,9 +46,9 @@ from flwr.serverapp import Grid
 from .. import federation
 from ..arrays import records
 from ..audit import AuditLog, audit_path, model_digest
+from ..ledger import Ledger
 from ..protocol import NUM_EXAMPLES, REPLY_TIMEOUT_S, reply_timeout
 from ..strategies.base import Phase, UnlearningContext, UnlearningStrategy
-from ..ledger import Ledger
 from .config import ServiceConfig, ServiceError
 from .intake import Intake
 from .outbox import Outbox

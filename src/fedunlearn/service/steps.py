@@ -9,8 +9,8 @@ from logging import INFO, WARNING
 import torch
 from flwr.common.logger import log
 
-from ..metrics import flops_per_sample
 from ..lifecycle import request_fields, run_method
+from ..metrics import flops_per_sample
 from ..requests import UnlearningRequest, merge_requests
 from ..strategies.base import UnlearningContext
 from .state import PendingRequest, _request_dict, _what

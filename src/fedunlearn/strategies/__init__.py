@@ -18,8 +18,15 @@ import importlib
 import pkgutil
 
 from ..registry import Registry
-from .base import (CostMeter, Phase, Recovery, Training, UnlearningContext,
-                   UnlearningFailed, UnlearningStrategy)
+from .base import (
+    CostMeter,
+    Phase,
+    Recovery,
+    Training,
+    UnlearningContext,
+    UnlearningFailed,
+    UnlearningStrategy,
+)
 from .params import MethodParams
 
 _METHODS: Registry[type[UnlearningStrategy]] = Registry("method")

@@ -37,19 +37,25 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from ..protocol import (DEFAULT_ACTION, METRIC_KEYS, MODEL_KEY,
-                        RETAINED_ACTION)
+from .. import protocol as P
+from ..history import HistorySpec
+from ..protocol import (
+    DEFAULT_ACTION,
+    METRIC_KEYS,
+    MODEL_KEY,
+    REPLY_TIMEOUT_S,
+    RETAINED_ACTION,
+    reply_timeout,
+)
 from ..protocol import message_type as action_message_type
 from ..requests import SCOPES, UnlearningRequest, request_to_config
-from ..history import HistorySpec
 from .aggregation import Aggregation
-from .params import MethodParams
 from .context import UnlearningContext, UnlearningFailed
 from .costs import CostMeter, Metered
+from .params import MethodParams
 from .reply_checks import ReplyChecks, normalized, shared_metrics
 from .roles import Roles
 from .round_records import RoundRecords
-from ..protocol import REPLY_TIMEOUT_S, reply_timeout
 from .settings import ROLES, STOP_RULES, Phase, Recovery, Training, _check_int  # noqa: F401  (re-exported)
 from .stopping import FIXED, MAXIMUM
 from .validation import Validating
@@ -354,8 +360,8 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
 
     def round_config(self, phase: Phase, server_round: int) -> ConfigRecord:
         config = phase.config()
-        config["server-round"] = server_round
-        config["seed"] = self.seed * 100_000 + server_round
+        config[P.SERVER_ROUND] = server_round
+        config[P.SEED] = self.seed * 100_000 + server_round
         return config
 
     def build_messages(self, arrays: ArrayRecord, phase: Phase, nodes: Iterable[int],
@@ -364,7 +370,7 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
         """One message per node: its action, config and content (plus ``extra`` models)."""
         config = config if config is not None else self.round_config(phase, server_round)
         messages = []
-        epochs = config.get("local-epochs", 1)
+        epochs = config.get(P.LOCAL_EPOCHS, 1)
         for node_id in nodes:
             if self.message_type(node_id, phase).startswith("train"):
                 self._asked_epochs[node_id] = int(epochs) if isinstance(epochs, int) else 1
@@ -379,8 +385,8 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
                         grid: Grid) -> Iterable[Message]:
         phase = self.current_phase or self.recovery_phase()
         config = ConfigRecord(dict(config))
-        config["server-round"] = server_round
-        config["seed"] = self.seed * 100_000 + server_round
+        config[P.SERVER_ROUND] = server_round
+        config[P.SEED] = self.seed * 100_000 + server_round
         self.round_start = arrays  # the round's starting model, for methods that need deltas
         nodes, config = self._aggregation().prepare(
             server_round, arrays, config, grid, self.participants(phase.role, grid))
@@ -451,10 +457,10 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
     @staticmethod
     def weighted_average(replies: list[Message]) -> ArrayRecord:
         """FedAvg of the replies' models, weighted by ``num-examples``."""
-        usable = [m for m in replies if int(m.content["metrics"]["num-examples"]) > 0]
+        usable = [m for m in replies if int(m.content[P.METRICS_KEY][P.NUM_EXAMPLES]) > 0]
         if not usable:
             raise RuntimeError("no reply carried a model trained on any example")
-        return aggregate_arrayrecords([m.content for m in usable], "num-examples")
+        return aggregate_arrayrecords([m.content for m in usable], P.NUM_EXAMPLES)
 
     def summary(self) -> None:
         phase = self.current_phase or self.recovery_phase()

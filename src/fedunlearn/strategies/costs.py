@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from ..arrays import records
-from ..protocol import (FORWARD_SAMPLES, NUM_EXAMPLES, SAMPLES_PROCESSED)
 from ..metrics import arrayrecord_nbytes
+from ..protocol import FORWARD_SAMPLES, NUM_EXAMPLES, SAMPLES_PROCESSED
 
 
 @dataclass
@@ -131,8 +131,8 @@ class Metered:
             self.meter.samples_processed += max(n, 0) * epochs
             self.meter.estimated_samples += max(n, 0) * epochs
         for metrics in metric_records:
-            processed = metrics.get("samples-processed", 0)
-            forward = metrics.get("forward-samples", 0)
+            processed = metrics.get(SAMPLES_PROCESSED, 0)
+            forward = metrics.get(FORWARD_SAMPLES, 0)
             self.meter.samples_processed += processed if isinstance(processed, int) else 0
             self.meter.forward_samples += forward if isinstance(forward, int) else 0
 

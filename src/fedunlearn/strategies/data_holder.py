@@ -20,10 +20,10 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..protocol import RANDOM_MODEL_SEED_KEY, params_to_config
-from ..training import parameter_nbytes
 from ..metrics import arrayrecord_nbytes
+from ..protocol import RANDOM_MODEL_SEED_KEY, params_to_config
 from ..requests import UnlearningRequest
+from ..training import parameter_nbytes
 from .base import Phase, UnlearningStrategy
 
 #: Offset of the seed of the random model a method builds on the nodes (FCU's

@@ -14,8 +14,8 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..protocol import MODEL_KEY
 from ..history import HistorySpec
+from ..protocol import MODEL_KEY
 from ..training import to_state
 from . import register_method
 from .base import Phase

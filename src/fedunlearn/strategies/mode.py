@@ -11,8 +11,8 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..protocol import DEGRADATION_KEY
 from ..metrics import arrayrecord_nbytes
+from ..protocol import DEGRADATION_KEY
 from ..training import to_arrays
 from . import register_method
 from .base import Phase, UnlearningStrategy

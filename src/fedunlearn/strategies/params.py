@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import Any
 
 
-
 @dataclasses.dataclass(frozen=True)
 class MethodParams:
     """Base of every method's parameters (a method without any uses it as is)."""

@@ -14,10 +14,9 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..protocol import LAST_LOCAL_KEY, params_to_config
-from ..training import random_model
 from ..history import HistorySpec
-from ..training import to_state
+from ..protocol import LAST_LOCAL_KEY, params_to_config
+from ..training import random_model, to_state
 from . import register_method
 from .base import Phase
 from .history_based import HistoryUnlearning, to_record

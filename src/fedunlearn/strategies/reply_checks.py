@@ -8,8 +8,7 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from ..arrays import decoded, records
-from ..protocol import (COST_METRICS, MODEL_KEY,
-                        NUM_EXAMPLES)
+from ..protocol import COST_METRICS, MODEL_KEY, NUM_EXAMPLES
 
 
 class ReplyChecks:

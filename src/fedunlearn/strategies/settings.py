@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
 
-from ..protocol import (DEFAULT_ACTION)
+from .. import protocol as P
+from ..protocol import DEFAULT_ACTION
 from ..wire import WireError, exact_int, finite_number
 
 ROLES = ("retained", "targets", "all")
@@ -118,7 +119,7 @@ class Phase:
             raise ValueError(f"phase server_momentum={self.server_momentum} must be in [0, 1)")
 
     def config(self) -> ConfigRecord:
-        return ConfigRecord({"lr": float(self.lr), "local-epochs": int(self.local_epochs),
-                             "clip-norm": float(self.clip_norm),
-                             "weight-decay": float(self.weight_decay), "phase": self.name})
+        return ConfigRecord({P.LR: float(self.lr), P.LOCAL_EPOCHS: int(self.local_epochs),
+                             P.CLIP_NORM: float(self.clip_norm),
+                             P.WEIGHT_DECAY: float(self.weight_decay), P.PHASE: self.name})
 

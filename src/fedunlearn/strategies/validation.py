@@ -9,11 +9,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..protocol import (EVALUATE_UNLEARN, MODEL_KEY)
+from .. import protocol as P
 from ..metrics import arrayrecord_nbytes
-from .stopping import StoppingRule
-from ..protocol import reply_timeout
+from ..protocol import EVALUATE_UNLEARN, MODEL_KEY, reply_timeout
 from .costs import CostMeter
+from .stopping import StoppingRule
 
 
 class Validating:
@@ -47,8 +47,8 @@ class Validating:
         nodes = self.participants("retained", grid)
         messages = []
         for node_id in nodes:
-            config = self.node_config(node_id, ConfigRecord({"split": "val"}))
-            messages.append(Message(RecordDict({MODEL_KEY: arrays, "config": config}),
+            config = self.node_config(node_id, ConfigRecord({P.SPLIT: P.VALIDATION_SPLIT}))
+            messages.append(Message(RecordDict({MODEL_KEY: arrays, P.CONFIG_KEY: config}),
                                     dst_node_id=node_id, message_type=EVALUATE_UNLEARN))
         correct = total = 0
         meter.bytes_down += sum(arrayrecord_nbytes(arrays) for _ in messages)
@@ -62,8 +62,8 @@ class Validating:
             meter.bytes_up += sum(arrayrecord_nbytes(r)
                                   for r in msg.content.array_records.values())
             try:
-                m = msg.content["metrics"]
-                c, t = int(m["val-correct"]), int(m["val-total"])
+                m = msg.content[P.METRICS_KEY]
+                c, t = int(m[P.VAL_CORRECT]), int(m[P.VAL_TOTAL])
             except (KeyError, TypeError, ValueError, OverflowError) as err:
                 log(WARNING, "[%s] malformed validation reply from node %s (%s): ignored",
                     self.phase, msg.metadata.src_node_id, err)
