@@ -216,6 +216,26 @@ class Experiment:
         results[method] = result
         return {"metrics": unlearned, "model_after": digest}
 
+    def not_published(self, run, accepted, several: bool, skipped: dict, failed: dict) -> None:
+        """A refused or failed method: its ``skipped.json`` or ``failed.json``. Its
+        failure is its own: the other methods still run, and the job fails at the end,
+        naming it."""
+        method = run.method
+        target = results_path(self.output_dir, method, several)
+        described = [dict(r.describe(), node_id=n) for n, r in sorted(accepted.items())]
+        if run.status == "refused":
+            skipped[method] = run.reason
+            log(WARNING, "[%s] refused: %s; the other methods still run", method, run.reason)
+            write_json(target.with_name(SKIPPED_FILE),
+                       {"method": method, "skipped": run.reason, "request": described})
+            return
+        log(WARNING, "[%s] FAILED: %s; the other methods still run", method, run.reason)
+        failed[method] = run.reason
+        skipped[method] = f"FAILED: {run.reason}"
+        write_json(target.with_name(FAILED_FILE),
+                   {"method": method, "failed": run.reason,
+                    "departed_nodes": self.grid.departed, "request": described})
+
     def run(self) -> dict[str, dict]:
         cfg = self.cfg
         self.ledger.started(cfg, self.deployment, self.ignored_forget_clients)
@@ -237,44 +257,25 @@ class Experiment:
             return {}
         several = len(cfg.methods) > 1
         strategies = [create_method(method, self.context) for method in cfg.methods]
-        runnable = [s for s in strategies if s.refusal(accepted) is None]
         log(INFO, "[measure] original (pretrained) model")
         original = self.evaluate(pretrained)
         original_measurement = self.last_measurement
         log(INFO, "[measure] original: %s", _short(original))
-        results: dict[str, dict] = {}
-        failed: dict[str, str] = {}
-        skipped: dict[str, str] = {}
-        described = [dict(r.describe(), node_id=n) for n, r in sorted(accepted.items())]
+        results, failed, skipped = {}, {}, {}
+        runnable = [s for s in strategies if s.refusal(accepted) is None]
         for strategy in strategies:
-            method = strategy.name
             if strategy in runnable:
-                log(INFO, "[%s] unlearning starts (params: %s)", method,
+                log(INFO, "[%s] unlearning starts (params: %s)", strategy.name,
                     strategy.params.as_dict() or "none")
-                emit("phase", phase=method, index=runnable.index(strategy) + 1,
+                emit("phase", phase=strategy.name, index=runnable.index(strategy) + 1,
                      of=len(runnable))
             run = run_method(
                 strategy, self.grid, pretrained, accepted, self.ledger,
                 lambda run: self.publish(strategy, run, original, original_measurement,
                                          pretrain_info, results),
                 departed=lambda: self.grid.departed)
-            target = results_path(self.output_dir, method, several)
-            if run.status == "refused":
-                skipped[method] = run.reason
-                log(WARNING, "[%s] refused: %s; the other methods still run", method,
-                    run.reason)
-                write_json(target.with_name(SKIPPED_FILE),
-                           {"method": method, "skipped": run.reason, "request": described})
-            elif run.status == "failed":
-                # This method's failure is this method's: the others still run, and the
-                # job fails at the end, naming it.
-                log(WARNING, "[%s] FAILED: %s; the other methods still run", method,
-                    run.reason)
-                failed[method] = run.reason
-                skipped[method] = f"FAILED: {run.reason}"
-                write_json(target.with_name(FAILED_FILE),
-                           {"method": method, "failed": run.reason,
-                            "departed_nodes": self.grid.departed, "request": described})
+            if run.status != "honoured":
+                self.not_published(run, accepted, several, skipped, failed)
         ordered = list(results.values())
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if several:
