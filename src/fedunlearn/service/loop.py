@@ -47,7 +47,7 @@ from .. import federation
 from ..arrays import records
 from ..audit import AuditLog, audit_path, model_digest
 from ..ledger import Ledger
-from ..protocol import NUM_EXAMPLES, REPLY_TIMEOUT_S, reply_timeout
+from ..protocol import NUM_EXAMPLES, REPLY_TIMEOUT_S
 from ..strategies.base import Phase, UnlearningContext, UnlearningStrategy
 from .config import ServiceConfig, ServiceError
 from .intake import Intake
@@ -296,14 +296,11 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         rnd = self.state.round + 1
         for attempt in range(c.round_retries + 1):
             aggregation = trainer.begin_phase(phase, self.arrays, self.momentum)
-            messages = list(trainer.configure_train(rnd, self.arrays, phase.config(),
-                                                    self.grid))
+            played = trainer.play_round(self.grid, self.arrays, phase, rnd)
+            messages, replies, aggregated = played.messages, played.replies, played.arrays
             if not messages:
                 raise ServiceError(f"round {rnd}: no node may train (every node of the "
                                    "federation was forgotten client-wise or left)")
-            replies = list(self.grid.send_and_receive(messages,
-                                                      timeout=reply_timeout(self.grid)))
-            aggregated, metrics = trainer.aggregate_train(rnd, replies)
             asked = sorted(int(m.metadata.dst_node_id) for m in messages)
             usable = len(replies) - len(getattr(trainer, "round_problems", []))
             need = c.required(len(asked))

@@ -55,7 +55,7 @@ from .costs import CostMeter, Metered
 from .params import MethodParams
 from .reply_checks import ReplyChecks, normalized, shared_metrics
 from .roles import Roles
-from .round_records import RoundRecords
+from .round_records import PlayedRound, RoundRecords
 from .settings import ROLES, STOP_RULES, Phase, Recovery, Training, _check_int  # noqa: F401  (re-exported)
 from .stopping import FIXED, MAXIMUM
 from .validation import Validating
@@ -307,16 +307,13 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
         try:
             for rnd in range(1, phase.rounds + 1):
                 started = time.perf_counter()
-                messages = list(self.configure_train(rnd, arrays, phase.config(), grid))
-                if not messages:
+                played = self.play_round(grid, arrays, phase, rnd)
+                if not played.messages:
                     raise RuntimeError(f"[{self.phase}] no node can take part in "
                                        f"{phase.name} (role {phase.role})")
-                replies = grid.send_and_receive(messages, timeout=reply_timeout(grid))
-                replies = list(replies)
-                aggregated, metrics = self.aggregate_train(rnd, replies)
-                if aggregated is None:
-                    raise self._no_usable_reply(phase, rnd, messages, replies)
-                arrays = aggregated
+                if played.arrays is None:
+                    raise self._no_usable_reply(phase, rnd, played.messages, played.replies)
+                arrays, metrics = played.arrays, played.metrics
                 done = rnd
                 round_s.append(round(time.perf_counter() - started, 4))
                 self._record_round(phase, rnd, arrays, metrics)
@@ -347,6 +344,20 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
             note["validation"] = [[r, round(a, 4)] for r, a in rule.history]
         self.notes[phase.name] = note
         return arrays
+
+    def play_round(self, grid: Grid, arrays: ArrayRecord, phase: Phase,
+                   server_round: int) -> PlayedRound:
+        """One round of ``phase`` from ``arrays``: Flower's ``configure_train`` ->
+        ``send_and_receive`` -> ``aggregate_train``, through the phase's aggregating
+        strategy. Every round of every phase, pretraining's and service mode's included,
+        is played here; the loops on top (:meth:`run_phase`, service mode's retries)
+        decide what to do with a round that had no node or no usable reply."""
+        messages = list(self.configure_train(server_round, arrays, phase.config(), grid))
+        if not messages:
+            return PlayedRound(None, None, [], [])
+        replies = list(grid.send_and_receive(messages, timeout=reply_timeout(grid)))
+        aggregated, metrics = self.aggregate_train(server_round, replies)
+        return PlayedRound(aggregated, metrics, messages, replies)
 
     def begin_phase(self, phase: Phase, arrays: ArrayRecord | None = None,
                     momentum: list | None = None) -> Aggregation:

@@ -4,10 +4,23 @@ histories :meth:`~fedunlearn.strategies.UnlearningStrategy.start` returns in Flo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from .context import UnlearningFailed
 from .settings import Phase
+
+
+@dataclass
+class PlayedRound:
+    """What one round left: the aggregate (``None``: no usable reply), its metrics, the
+    messages sent (none: no node could take part) and the replies."""
+
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    messages: list[Message]
+    replies: list[Message]
 
 
 class RoundRecords:
