@@ -1,14 +1,15 @@
 """Hydra config -> Flower run-config: the one place where the two are mapped.
 
 The Hydra config groups in ``conf/`` mirror the library (``method/``, ``dataset/``,
-``model/``, ``forget/``, ``federation/``, ``backdoor/``); Flower takes a flat run-config whose keys and
-defaults are declared once, in the key table :data:`fedunlearn.harness.keys.KEYS` (which
-``[tool.flwr.app.config]`` of ``pyproject.toml`` repeats for Flower, checked by a test).
+``model/``, ``forget/``, ``federation/``, ``backdoor/``); Flower takes a flat run-config
+whose keys and defaults are declared once, in the key table
+:data:`fedunlearn.harness.keys.KEYS` (``[tool.flwr.app.config]`` of ``pyproject.toml``
+repeats the defaults for Flower; a test checks that it holds the same).
 :data:`RUN_CONFIG_MAP` says which config path feeds which run-config key and with which
-type (the keys and types from the key table, the paths from :func:`hydra_path`);
+type: the keys and types come from the key table, the paths from :func:`hydra_path`;
 :func:`to_run_config` applies it. ``tests/test_experiment_config.py`` composes
-``conf/config.yaml`` with its defaults and checks that the result equals the pyproject
-defaults key by key, so the two sources cannot drift apart silently.
+``conf/config.yaml`` with its defaults and checks that the result equals the key table's
+defaults key by key, so the sources cannot drift apart silently.
 
 Some config values are for the runner only and never reach Flower: ``forget.ratio``
 (turned into ``forget.clients``), ``federation.num_supernodes`` and

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ranges import MAX_LR, MAX_ROUNDS, MAX_SEED, Range  # noqa: F401  (re-export)
+from ..service.config import ServiceConfig
 from ..wire import parse_int_list  # noqa: F401  (re-export)
 from .backdoor import BackdoorConfig
 from .keys import (BY_NAME, DEFAULTS, KEYS, MAX_COUNT, MAX_REPLY_TIMEOUT_S,  # noqa: F401
@@ -155,21 +156,12 @@ class ExperimentConfig:
                                  dataclasses.replace(data_of, hi=self.num_clients - 1))
         return out
 
-    def service_config(self):
+    def service_config(self) -> ServiceConfig:
         """The :class:`fedunlearn.service.ServiceConfig` of the run-config's ``service.*``
-        (training as in pretraining: ``pretrain.lr``, ``federation.local-epochs``)."""
-        from ..service import ServiceConfig
-
-        return ServiceConfig(
-            rounds=self.service_rounds, wall_s=self.service_wall_s,
-            query_every=self.service_query_every, lr=self.pretrain_lr,
-            local_epochs=self.local_epochs, min_replies=self.service_min_replies,
-            round_retries=self.service_round_retries,
-            validate_every=self.service_validate_every,
-            deadline_rounds=self.service_deadline_rounds,
-            deadline_days=self.service_deadline_days,
-            method_retries=self.service_method_retries,
-            retry_after=self.service_retry_after, seed=self.seed)
+        (training as in pretraining: ``pretrain.lr``, ``federation.local-epochs``): each
+        field from the key that shares it (:data:`~fedunlearn.harness.keys.KEYS`)."""
+        return ServiceConfig(**{name: self.value(key.field) for key in KEYS
+                                for cls, name in key.shared if cls is ServiceConfig})
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad value and what is allowed."""

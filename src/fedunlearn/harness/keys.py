@@ -2,12 +2,12 @@
 
 :data:`KEYS` drives everything that knows the keys:
 
-* :meth:`ExperimentConfig.from_run_config <fedunlearn.harness.config.ExperimentConfig.from_run_config>`
-  reads each key with its type and :meth:`~ExperimentConfig.validate` checks its range
-  or choices (so do the checks before Flower starts, ``fedunlearn-run --check``);
+* ``ExperimentConfig.from_run_config`` (:mod:`fedunlearn.harness.config`) reads each key
+  with its type and ``ExperimentConfig.validate`` checks its range or choices (so do the
+  checks before Flower starts, ``fedunlearn-run --check``);
 * ``[tool.flwr.app.config]`` of ``pyproject.toml`` (Flower's defaults) must hold the
   same keys, types and defaults, and ``docs/running.md``'s key table the same keys and
-  defaults (``tests/test_keys.py``);
+  defaults (``tests/test_experiment_config.py``, ``tests/test_keys.py``);
 * the Hydra runner's mapping (``fedunlearn.experiment.config.RUN_CONFIG_MAP``) takes the
   keys and types from here.
 
@@ -19,6 +19,7 @@ that field's :class:`~fedunlearn.ranges.Range` object, so both accept the same v
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def read_float(key: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{key}={_brief(value)}: expected a number") from None
-    if number - number != 0:  # NaN or infinity
+    if not math.isfinite(number):
         raise ValueError(f"{key}={_brief(value)}: expected a finite number")
     return number
 
