@@ -215,7 +215,8 @@ class Key:
 def _shared(*fields: tuple[type, str]) -> dict[str, Any]:
     """The ``range`` and ``shared`` of a key that sets these library fields (one range)."""
     (cls, name), *others = fields
-    assert all(c.RANGES[n] is cls.RANGES[name] for c, n in others), fields
+    if any(c.RANGES[n] is not cls.RANGES[name] for c, n in others):
+        raise TypeError(f"{fields}: the shared fields have different ranges")
     return {"range": cls.RANGES[name], "shared": fields}
 
 
