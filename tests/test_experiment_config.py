@@ -1,4 +1,5 @@
-"""conf/ (Hydra) and [tool.flwr.app.config] (pyproject.toml) must not drift apart."""
+"""conf/ (Hydra) and [tool.flwr.app.config] (pyproject.toml) must not drift apart from the
+run-config key table (fedunlearn.harness.keys.KEYS), where the keys are declared."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from fedunlearn.harness.config import ExperimentConfig
+from fedunlearn.harness.keys import KEYS
 from fedunlearn.experiment.config import (RUN_CONFIG_MAP, compose, conf_dir,
-                                          federation_settings, ratio_clients, to_run_config)
+                                          federation_settings, hydra_path, ratio_clients,
+                                          to_run_config)
 from fedunlearn.launch import default_run_config
 
 GROUPS = ("method", "dataset", "model", "forget", "federation", "backdoor")
@@ -20,29 +23,49 @@ def options(group: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pyproject_defaults() -> dict:
-    return default_run_config()
+    """The key table's defaults (which pyproject.toml must repeat: the first test)."""
+    return {key.name: key.default for key in KEYS}
+
+
+def test_pyproject_run_config_is_the_key_table(pyproject_defaults):
+    """[tool.flwr.app.config] holds exactly the key table's keys, in its order, with its
+    defaults and types (Flower reads the defaults from there)."""
+    pyproject = default_run_config()
+    assert list(pyproject) == list(pyproject_defaults), (
+        f"pyproject.toml lacks {sorted(set(pyproject_defaults) - set(pyproject))}, has "
+        f"keys the table lacks {sorted(set(pyproject) - set(pyproject_defaults))}, or "
+        "another order")
+    for key in KEYS:
+        value = pyproject[key.name]
+        assert value == key.default and type(value) is key.type, (
+            f"{key.name}: pyproject.toml says {value!r} ({type(value).__name__}), the key "
+            f"table {key.default!r} ({key.type.__name__})")
 
 
 def test_defaults_compose_to_the_pyproject_run_config(pyproject_defaults):
     """The top config with its defaults IS the README's default job: same keys, values, types."""
     flat = to_run_config(compose())
     unknown = sorted(set(flat) - set(pyproject_defaults))
-    assert not unknown, f"Hydra passes keys that [tool.flwr.app.config] lacks: {unknown}"
+    assert not unknown, f"Hydra passes keys that the key table lacks: {unknown}"
     for key, value in flat.items():
         default = pyproject_defaults[key]
         assert value == default and type(value) is type(default), (
-            f"{key}: conf/ composes to {value!r} ({type(value).__name__}) but pyproject.toml "
+            f"{key}: conf/ composes to {value!r} ({type(value).__name__}) but the key table "
             f"says {default!r} ({type(default).__name__})")
     missing = sorted(set(pyproject_defaults) - set(flat))
     assert not missing, (
-        f"[tool.flwr.app.config] keys {missing} cannot be set from Hydra: add them to conf/ "
-        "and to fedunlearn.experiment.config.RUN_CONFIG_MAP")
+        f"run-config keys {missing} cannot be set from Hydra: add them to conf/ (at "
+        "fedunlearn.experiment.config.hydra_path(key))")
 
 
-def test_every_mapped_key_is_a_run_config_key(pyproject_defaults):
-    assert set(RUN_CONFIG_MAP) <= set(pyproject_defaults)
-    for key, (_, kind) in RUN_CONFIG_MAP.items():
-        assert type(pyproject_defaults[key]) is kind, key
+def test_every_key_is_mapped_with_its_type(pyproject_defaults):
+    assert list(RUN_CONFIG_MAP) == list(pyproject_defaults)
+    for key in KEYS:
+        assert RUN_CONFIG_MAP[key.name] == (hydra_path(key.name), key.type), key.name
+    assert hydra_path("unlearn.lr") == "method.unlearn.lr"
+    assert hydra_path("unlearn.min-delta") == "federation.unlearn.min_delta"
+    assert hydra_path("negation.bias") == "method.negation.bias"
+    assert hydra_path("server-data.fraction") == "server_data.fraction"
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -1,12 +1,15 @@
 """Hydra config -> Flower run-config: the one place where the two are mapped.
 
 The Hydra config groups in ``conf/`` mirror the library (``method/``, ``dataset/``,
-``model/``, ``forget/``, ``federation/``, ``backdoor/``); Flower takes a flat run-config whose keys and
-defaults are declared once, in ``[tool.flwr.app.config]`` of ``pyproject.toml``.
+``model/``, ``forget/``, ``federation/``, ``backdoor/``); Flower takes a flat run-config
+whose keys and defaults are declared once, in the key table
+:data:`fedunlearn.harness.keys.KEYS` (``[tool.flwr.app.config]`` of ``pyproject.toml``
+repeats the defaults for Flower; a test checks that it holds the same).
 :data:`RUN_CONFIG_MAP` says which config path feeds which run-config key and with which
-type; :func:`to_run_config` applies it. ``tests/test_experiment_config.py`` composes
-``conf/config.yaml`` with its defaults and checks that the result equals the pyproject
-defaults key by key, so the two sources cannot drift apart silently.
+type: the keys and types come from the key table, the paths from :func:`hydra_path`;
+:func:`to_run_config` applies it. ``tests/test_experiment_config.py`` composes
+``conf/config.yaml`` with its defaults and checks that the result equals the key table's
+defaults key by key, so the sources cannot drift apart silently.
 
 Some config values are for the runner only and never reach Flower: ``forget.ratio``
 (turned into ``forget.clients``), ``federation.num_supernodes`` and
@@ -23,71 +26,37 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..harness.keys import KEYS, format_method_params
 from ..launch import project_root
 
-#: run-config key -> (dotted path in the composed Hydra config, type)
-RUN_CONFIG_MAP: dict[str, tuple[str, type]] = {
-    "method": ("method.name", str),
-    "method-params": ("method.params", str),  # flattened by _method_params_text
-    "seed": ("seed", int),
-    "output-dir": ("output_dir", str),
-    "checkpoint-dir": ("checkpoint_dir", str),
-    "device": ("device", str),
-    "dataset.name": ("dataset.name", str),
-    "dataset.root": ("dataset.root", str),
-    "dataset.download": ("dataset.download", bool),
-    "dataset.size": ("dataset.size", int),
-    "model.name": ("model.name", str),
-    "federation.num-clients": ("federation.num_clients", int),
-    "federation.partitioning": ("federation.partitioning", str),
-    "federation.alpha": ("federation.alpha", float),
-    "federation.val-fraction": ("federation.val_fraction", float),
-    "federation.batch-size": ("federation.batch_size", int),
-    "federation.local-epochs": ("federation.local_epochs", int),
-    "federation.momentum": ("federation.momentum", float),
-    "federation.reply-timeout": ("federation.reply_timeout", float),
-    "pretrain.rounds": ("federation.pretrain.rounds", int),
-    "pretrain.lr": ("federation.pretrain.lr", float),
-    "unlearn.rounds": ("federation.unlearn.rounds", int),
-    "unlearn.lr": ("method.unlearn.lr", float),
-    "unlearn.local-epochs": ("method.unlearn.local_epochs", int),
-    "unlearn.clip-norm": ("method.unlearn.clip_norm", float),
-    "unlearn.server-momentum": ("federation.unlearn.server_momentum", float),
-    "unlearn.stop": ("federation.unlearn.stop", str),
-    "unlearn.validate-every": ("federation.unlearn.validate_every", int),
-    "unlearn.target-gap": ("federation.unlearn.target_gap", float),
-    "unlearn.patience": ("federation.unlearn.patience", int),
-    "unlearn.min-delta": ("federation.unlearn.min_delta", float),
-    "negation.layers": ("method.negation.layers", str),
-    "negation.bias": ("method.negation.bias", bool),
-    "forget.scope": ("forget.scope", str),
-    "forget.clients": ("forget.clients", str),
-    "forget.classes": ("forget.classes", str),
-    "forget.fraction": ("forget.fraction", float),
-    "forget.sample-ids": ("forget.sample_ids", str),
-    "forget.data-of": ("forget.data_of", int),
-    "backdoor.clients": ("backdoor.clients", str),
-    "backdoor.fraction": ("backdoor.fraction", float),
-    "backdoor.target": ("backdoor.target", int),
-    "backdoor.patch-size": ("backdoor.patch_size", int),
-    "backdoor.position": ("backdoor.position", str),
-    "backdoor.value": ("backdoor.value", str),
-    "eval.every": ("eval.every", int),
-    "eval.mia-max-members": ("eval.mia_max_members", int),
-    "eval.trajectory": ("eval.trajectory", bool),
-    "server-data.fraction": ("server_data.fraction", float),
-    "history.max-mb": ("history.max_mb", float),
-    "service.rounds": ("service.rounds", int),
-    "service.query-every": ("service.query_every", int),
-    "service.min-replies": ("service.min_replies", float),
-    "service.round-retries": ("service.round_retries", int),
-    "service.validate-every": ("service.validate_every", int),
-    "service.deadline-rounds": ("service.deadline_rounds", int),
-    "service.deadline-days": ("service.deadline_days", float),
-    "service.method-retries": ("service.method_retries", int),
-    "service.retry-after": ("service.retry_after", int),
-    "service.wall-s": ("service.wall_s", float),
+#: Hydra paths of the run-config keys not at their own dotted path (with ``-`` as ``_``):
+#: the method group holds the method's own recovery settings and NoT's layers, the
+#: federation group the recovery protocol and pretraining.
+HYDRA_PATHS = {
+    "method": "method.name",
+    "method-params": "method.params",  # flattened by _method_params_text
+    "unlearn.lr": "method.unlearn.lr",
+    "unlearn.local-epochs": "method.unlearn.local_epochs",
+    "unlearn.clip-norm": "method.unlearn.clip_norm",
 }
+HYDRA_PREFIXES = {"pretrain.": "federation.pretrain.", "unlearn.": "federation.unlearn.",
+                  "negation.": "method.negation."}
+
+
+def hydra_path(key: str) -> str:
+    """The dotted path in the composed Hydra config that feeds run-config ``key``."""
+    if key in HYDRA_PATHS:
+        return HYDRA_PATHS[key]
+    for prefix, path in HYDRA_PREFIXES.items():
+        if key.startswith(prefix):
+            key = path + key[len(prefix):]
+    return key.replace("-", "_")
+
+
+#: run-config key -> (dotted path in the composed Hydra config, type), for every key of
+#: the run-config key table (:data:`fedunlearn.harness.keys.KEYS`), with its type.
+RUN_CONFIG_MAP: dict[str, tuple[str, type]] = {key.name: (hydra_path(key.name), key.type)
+                                               for key in KEYS}
 
 _MISSING = object()
 
@@ -137,8 +106,6 @@ def _method_params_text(name: Any, params: Any) -> str:
     A method's yaml holds a flat mapping (``params: {alpha: 2.0}``) for its own
     ``name``; a multi-method choice may hold one mapping per method
     (``params: {puf: {alpha: 2.0}}``). A string is passed on as it is."""
-    from ..harness.config import format_method_params
-
     if params is None or params is _MISSING or (isinstance(params, Mapping) and not params):
         return ""
     if isinstance(params, str):

@@ -23,8 +23,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..metrics import predict
+from ..ranges import Range
 
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left")
+#: The allowed values of the numeric ``backdoor.*`` keys (also the run-config key table's).
+RANGES = {"fraction": Range(0, 1, lo_open=True),
+          "target": Range(0, integer=True, note="a class label"),
+          "patch_size": Range(0, integer=True, note="0: auto")}
 _VALUE_PROBE = 512  # training images scanned for the brightest value ("auto")
 
 
@@ -46,10 +51,8 @@ class BackdoorConfig:
     def validate(self) -> None:
         if not self.enabled:
             return
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"backdoor.fraction={self.fraction} must be in (0, 1]")
-        if self.patch_size < 0:
-            raise ValueError(f"backdoor.patch-size={self.patch_size} must be >= 0 (0: auto)")
+        for name, allowed in RANGES.items():
+            allowed.check(f"backdoor.{name.replace('_', '-')}", getattr(self, name))
         if self.position not in POSITIONS:
             raise ValueError(f"backdoor.position={self.position!r}; choose from {POSITIONS}")
         if self.value != "auto":
@@ -59,8 +62,6 @@ class BackdoorConfig:
                 raise ValueError(
                     f"backdoor.value={self.value!r}: use 'auto' or a number "
                     "(in the model's normalised input space)") from None
-        if self.target < 0:
-            raise ValueError(f"backdoor.target={self.target} must be a class label >= 0")
 
     def describe(self) -> dict:
         return {"clients": list(self.clients), "fraction": self.fraction,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
+
+from ..ranges import EPOCHS, LR, SEED, SERVER_MOMENTUM, CountOrShare, Range, check_fields
 
 DAY_S = 86_400.0
 
@@ -75,33 +78,30 @@ class ServiceConfig:
     publish_every: int = 0
     seed: int = 0
 
+    #: Each field's allowed values; the fields set from run-config keys share them
+    #: with those keys (``service.*``, ``pretrain.lr``, ``federation.local-epochs``, ``seed``).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "rounds": Range(0, integer=True, note="0: no round budget"),
+        "wall_s": Range(0, note="0: none"),
+        "query_every": Range(1, integer=True),
+        "lr": LR,
+        "local_epochs": EPOCHS,
+        "server_momentum": SERVER_MOMENTUM,
+        "min_replies": CountOrShare(0, lo_open=True, note="a count of replies, 1, 2, ..., "
+                                    "or a share of the nodes asked, in (0, 1)"),
+        "round_retries": Range(0, integer=True),
+        "validate_every": Range(0, integer=True, note="0: never"),
+        "deadline_rounds": Range(0, integer=True, note="0: none"),
+        "deadline_days": Range(0, note="0: none"),
+        "warn_at": Range(0, 1),
+        "method_retries": Range(0, integer=True),
+        "retry_after": Range(1, integer=True),
+        "publish_every": Range(0, integer=True),
+        "seed": SEED,
+    }
+
     def __post_init__(self) -> None:
-        for name in ("rounds", "round_retries", "validate_every", "deadline_rounds",
-                     "method_retries", "publish_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{_key(name)}={value!r}: expected an integer >= 0")
-        for name in ("query_every", "local_epochs", "retry_after"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_key(name)}={value!r}: expected an integer >= 1")
-        for name, lo, hi in (("wall_s", 0.0, None), ("server_momentum", 0.0, 1.0),
-                             ("deadline_days", 0.0, None), ("warn_at", 0.0, 1.0)):
-            value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or value < lo or (hi is not None and value > hi)):
-                allowed = f"a number in [{lo}, {hi}]" if hi is not None else f"a number >= {lo}"
-                raise ValueError(f"{_key(name)}={value!r}: expected {allowed}")
-        for name in ("lr", "min_replies"):
-            value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float))
-                    or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"{_key(name)}={value!r}: expected a number > 0" + (
-                    " (a count of replies, 1, 2, ..., or a share of the nodes asked, "
-                    "in (0, 1))" if name == "min_replies" else ""))
-        if self.min_replies > 1 and self.min_replies != int(self.min_replies):
-            raise ValueError(f"{_key('min_replies')}={self.min_replies!r}: expected a count "
-                             "(1, 2, ...) or a share of the nodes asked, in (0, 1)")
+        check_fields(self, self.RANGES, field_label)
 
     def required(self, asked: int) -> int:
         """How many usable replies a round of ``asked`` nodes needs to count."""
@@ -111,6 +111,17 @@ class ServiceConfig:
 
 
 
-def _key(name: str) -> str:
-    """A ServiceConfig field as the error names it: the field and its run-config key."""
-    return f"ServiceConfig {name} (run-config service.{name.replace('_', '-')})"
+#: The run-config key of each ServiceConfig field that has one (the experiment harness's
+#: key table refers to the same ranges; tests/test_keys.py checks that the two agree).
+RUN_CONFIG_KEYS = {
+    **{name: f"service.{name.replace('_', '-')}" for name in (
+        "rounds", "wall_s", "query_every", "min_replies", "round_retries", "validate_every",
+        "deadline_rounds", "deadline_days", "method_retries", "retry_after")},
+    "lr": "pretrain.lr", "local_epochs": "federation.local-epochs", "seed": "seed",
+}
+
+
+def field_label(name: str) -> str:
+    """A ServiceConfig field as an error names it: the field and its run-config key."""
+    key = RUN_CONFIG_KEYS.get(name)
+    return f"ServiceConfig {name}" + (f" (run-config {key})" if key else "")

@@ -5,12 +5,15 @@ unlearning step), :class:`Training` (how the original model was trained) and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from flwr.app import ConfigRecord
 
 from .. import protocol as P
 from ..protocol import DEFAULT_ACTION
-from ..wire import WireError, exact_int, finite_number
+from ..ranges import (ACCURACY_POINTS, CLIP_NORM, EPOCHS, EVERY, LR, ROUNDS, SERVER_MOMENTUM,
+                      Range, check_fields)
+from ..wire import exact_int
 
 ROLES = ("retained", "targets", "all")
 STOP_RULES = ("fixed", "validation")
@@ -48,16 +51,14 @@ class Recovery:
     patience: int = 3
     min_delta: float = 0.1
 
+    #: Each numeric field's allowed values (shared with the run-config's ``unlearn.*``).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "rounds": ROUNDS, "lr": LR, "local_epochs": EPOCHS, "clip_norm": CLIP_NORM,
+        "server_momentum": SERVER_MOMENTUM, "validate_every": EVERY,
+        "target_gap": ACCURACY_POINTS, "patience": EVERY, "min_delta": ACCURACY_POINTS}
+
     def __post_init__(self) -> None:
-        _check_int("Recovery.rounds", self.rounds, 0)
-        _check_int("Recovery.local_epochs", self.local_epochs, 1)
-        _check_int("Recovery.validate_every", self.validate_every, 1)
-        _check_int("Recovery.patience", self.patience, 1)
-        _check_number("Recovery.lr", self.lr, lo=0.0, open_lo=True)
-        _check_number("Recovery.clip_norm", self.clip_norm, lo=0.0)
-        _check_number("Recovery.server_momentum", self.server_momentum, lo=0.0, hi=1.0)
-        _check_number("Recovery.target_gap", self.target_gap, lo=0.0)
-        _check_number("Recovery.min_delta", self.min_delta, lo=0.0)
+        check_fields(self, self.RANGES, lambda name: f"Recovery.{name}")
         if self.stop not in STOP_RULES:
             raise ValueError(f"Recovery.stop={self.stop!r}; allowed: {', '.join(STOP_RULES)}")
 
@@ -72,25 +73,16 @@ class Training:
     lr: float = 0.01
     local_epochs: int = 1
 
-    def __post_init__(self) -> None:
-        _check_int("Training.rounds", self.rounds, 0)
-        _check_int("Training.local_epochs", self.local_epochs, 1)
-        _check_number("Training.lr", self.lr, lo=0.0, open_lo=True)
+    #: Each field's allowed values (shared with the run-config's ``pretrain.*`` and
+    #: ``federation.local-epochs``).
+    RANGES: ClassVar[dict[str, Range]] = {"rounds": ROUNDS, "lr": LR, "local_epochs": EPOCHS}
 
+    def __post_init__(self) -> None:
+        check_fields(self, self.RANGES, lambda name: f"Training.{name}")
 
 
 def _check_int(name: str, value, lo: int) -> None:
     exact_int(name, value, lo=lo)
-
-
-def _check_number(name: str, value, lo: float, hi: float | None = None,
-                  open_lo: bool = False) -> None:
-    """A finite number ``>= lo`` (``> lo`` with ``open_lo``) and ``< hi``: the bounds
-    :func:`~fedunlearn.wire.finite_number` (inclusive ones) cannot say."""
-    value = finite_number(name, value, lo=lo)
-    if (open_lo and value == lo) or (hi is not None and value >= hi):
-        bounds = f"{'>' if open_lo else '>='} {lo}" + (f" and < {hi}" if hi is not None else "")
-        raise WireError(name, value, f"expected a finite number {bounds}")
 
 
 @dataclass(frozen=True)
@@ -115,8 +107,7 @@ class Phase:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"phase role {self.role!r}; allowed: {ROLES}")
-        if not 0.0 <= self.server_momentum < 1.0:
-            raise ValueError(f"phase server_momentum={self.server_momentum} must be in [0, 1)")
+        SERVER_MOMENTUM.check("phase server_momentum", self.server_momentum)
 
     def config(self) -> ConfigRecord:
         return ConfigRecord({P.LR: float(self.lr), P.LOCAL_EPOCHS: int(self.local_epochs),
