@@ -94,7 +94,7 @@ class Job:
         self._identity = None
         with self:
             self.exp = exp = Experiment(self.local, ExperimentConfig.from_run_config(rc))
-            exp.ledger.started(exp.cfg, exp.deployment)
+            exp.started()
             exp.preflight()
             nodes = exp.wait_for_nodes()
             exp.discover_partitions(nodes)

@@ -59,13 +59,14 @@ class Ledger:
                 record["last_seq"])
         return record
 
-    def started(self, cfg, deployment: bool, ignored_forget_clients=()) -> None:
+    def started(self, **fields) -> None:
+        """``job.started`` with what the job is (``fields``: its methods, data,
+        ``deployment``: whether it runs on a SuperLink, ...)."""
+        deployment = bool(fields.get("deployment"))
         self.interrupted()
         log(INFO, "fedunlearn on a %s; audit log: %s", "deployment (SuperLink + SuperNodes): "
             "requests come from the nodes" if deployment else "simulation", self.audit.path)
-        self.audit.record("job.started", methods=list(cfg.methods), dataset=cfg.dataset,
-                          model=cfg.model, num_clients=cfg.num_clients, deployment=deployment,
-                          ignored_forget_clients=list(ignored_forget_clients))
+        self.audit.record("job.started", **fields)
 
     def verified(self, node_partitions: Mapping[int, int]) -> None:
         self.audit.record("federation.verified", nodes=dict(sorted(node_partitions.items())))

@@ -216,6 +216,13 @@ class Experiment:
         results[method] = result
         return {"metrics": unlearned, "model_after": digest}
 
+    def started(self) -> None:
+        """``job.started``: the job's methods, data and federation."""
+        cfg = self.cfg
+        self.ledger.started(methods=list(cfg.methods), dataset=cfg.dataset, model=cfg.model,
+                            num_clients=cfg.num_clients, deployment=self.deployment,
+                            ignored_forget_clients=list(self.ignored_forget_clients))
+
     def not_published(self, run, accepted, several: bool, skipped: dict, failed: dict) -> None:
         """A refused or failed method: its ``skipped.json`` or ``failed.json``. Its
         failure is its own: the other methods still run, and the job fails at the end,
@@ -238,7 +245,7 @@ class Experiment:
 
     def run(self) -> dict[str, dict]:
         cfg = self.cfg
-        self.ledger.started(cfg, self.deployment, self.ignored_forget_clients)
+        self.started()
         self.preflight()
         nodes = self.wait_for_nodes()
         log(INFO, "fedunlearn: %s on %s/%s, %d clients (%s), methods: %s",
