@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedunlearn.harness.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from fedunlearn.harness.pretrain_cache import checkpoint_path, load_checkpoint, save_checkpoint
 from fedunlearn.harness.config import ExperimentConfig
 from fedunlearn.launch import check_run_config, default_run_config
 from fedunlearn.harness.results import comparison_markdown, comparison_rows, results_path

@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from ..audit import model_digest
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .pretrain_cache import checkpoint_path, load_checkpoint, save_checkpoint
 from ..protocol import MODEL_KEY
 from ..history import HistoryRecorder, HistorySpec, TrainingHistory, find_history, history_dir
 from ..strategies.base import PretrainingProtocol, UnlearningContext, UnlearningStrategy
