@@ -29,7 +29,7 @@ def single_thread() -> Iterator[None]:
 @pytest.fixture
 def local_grid():
     """The tests' federation: ``local_grid(client_app, num_nodes, run_config,
-    node_configs=None, *, run_id=GRID_RUN_ID, arrival="reversed")`` returns a
+    node_configs=None, *, run_id=GRID_RUN_ID, arrival="reversed", tamper=None)`` returns a
     :class:`tests.helpers.RecordingGrid`, fedunlearn's in-process
     :class:`~fedunlearn.engine.LocalGrid` (every node answers with the real ``client_app``
     on its own Context: node-config ``partition-id``/``num-partitions`` plus

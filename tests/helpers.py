@@ -64,17 +64,19 @@ class RecordingGrid(LocalGrid):
 
     ``arrival="reversed"`` (the default) hands each batch's replies back in reverse send
     order, as a SuperLink may (arrival order is not send order); ``"sent"`` keeps
-    LocalGrid's order. The run id defaults to :data:`GRID_RUN_ID`, so the nodes are those
-    of :func:`node_ids`. Membership can change while a job runs: add or remove a node's
-    Context in ``contexts`` (a message to a node no longer there gets Flower's
-    ``NODE_UNAVAILABLE`` error reply)."""
+    LocalGrid's order. ``tamper(node, reply)`` may replace a node's reply before the server
+    (and ``replies``) sees it: a hostile node. The run id defaults to :data:`GRID_RUN_ID`,
+    so the nodes are those of :func:`node_ids`. Membership can change while a job runs:
+    add or remove a node's Context in ``contexts`` (a message to a node no longer there
+    gets Flower's ``NODE_UNAVAILABLE`` error reply)."""
 
     def __init__(self, client_app, num_nodes: int, run_config, node_configs=None, *,
-                 run_id: int = GRID_RUN_ID, arrival: str = "reversed") -> None:
+                 run_id: int = GRID_RUN_ID, arrival: str = "reversed",
+                 tamper=None) -> None:
         if arrival not in ("reversed", "sent"):
             raise ValueError(f"arrival={arrival!r}: expected 'reversed' or 'sent'")
         super().__init__(client_app, num_nodes, run_config, node_configs, run_id)
-        self.arrival = arrival
+        self.arrival, self.tamper = arrival, tamper
         self.sent: list[Message] = []
         self.replies: list[Message] = []
 
@@ -85,6 +87,8 @@ class RecordingGrid(LocalGrid):
 
     def pull_messages(self, message_ids):
         replies = list(super().pull_messages(message_ids))
+        if self.tamper is not None:
+            replies = [self.tamper(int(r.metadata.src_node_id), r) for r in replies]
         self.replies.extend(replies)
         return replies[::-1] if self.arrival == "reversed" else replies
 
