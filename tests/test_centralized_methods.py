@@ -1,5 +1,5 @@
 """The data holder's methods (RandL, GA, BadT, l1-sparse, SSD, SalUn): their client
-actions on a tiny model and synthetic data, and the methods through the fake grid."""
+actions on a tiny model and synthetic data, and the methods through the in-process grid."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_actions_needing_retained_data_fail_clearly_without_it(app, view, method
         run_action(app, view, method, request=UnlearningRequest("client", 1))
 
 
-# -- each method through the fake grid: one round at the target, metered ------------------
+# -- each method through the in-process grid: one round at the target, metered -----------
 @pytest.mark.parametrize("method, params", [
     ("randl", "randl.epochs=1"),
     ("ga", "ga.epochs=1 ga.loss_bound=3"),  # a fresh model's loss is near chance

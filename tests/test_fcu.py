@@ -1,5 +1,5 @@
 """FCU: frequency-guided fusion on hand-made weights, penultimate features, the
-contrastive step, and the method through the fake grid."""
+contrastive step, and the method through the in-process grid."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def test_contrastive_steps_pull_features_towards_the_downgraded_model(single_thr
     assert losses[0] > np.log(2)
 
 
-# -- the method through the fake grid ----------------------------------------------------------
+# -- the method through the in-process grid ------------------------------------------------
 def test_fcu_runs_at_the_client_wise_target_and_reports_its_two_extra_models(
         app, server_identity, single_thread, local_grid):
     rc = {**RC, "method": "fcu", "method-params": "fcu.iterations=6 fcu.fusion_interval=4"}

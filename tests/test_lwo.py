@@ -1,7 +1,8 @@
 """``lwo``: the NoT paper's layer-wise-optimality check (negate and freeze the first layer,
 re-initialise the rest, retrain), and its client action ``frozen``.
 
-Through the real ClientApp behind a fake grid, and one whole job on the in-process engine.
+Through the real ClientApp on the in-process grid (the ``local_grid`` fixture), and one
+whole job on the in-process engine.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def test_puf_applies_the_negated_weighted_pseudo_gradient():
     assert two["steps"].numpy().tolist() == [7]  # integer buffers are not moved
 
 
-# -- whole methods through the fake grid, metered ----------------------------------------
+# -- whole methods through the in-process grid, metered ----------------------------------
 def request_of(scope: str) -> UnlearningRequest:
     """Partition 0's request (node NODE_ID[0]) of each scope, on the synthetic federation."""
     if scope == "client":
