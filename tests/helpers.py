@@ -1,4 +1,6 @@
-"""Test helpers: hand-built Flower messages and contexts, a fake Grid."""
+"""Test helpers: hand-built Flower messages and contexts, and the in-process grid the
+tests run their federations on (:class:`RecordingGrid`, a :class:`fedunlearn.engine.LocalGrid`;
+the ``local_grid`` fixture of ``tests/conftest.py`` builds it)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
+from fedunlearn.engine import LocalGrid
 from fedunlearn.launch import default_run_config
 from fedunlearn.harness.node import harness_view
 
@@ -39,20 +42,78 @@ def reply_from(node_id: int, content: RecordDict, message_type: str = "query.unl
     return incoming(content, message_type, dst_node_id=0, src_node_id=node_id)
 
 
-class FakeGrid:
-    """Just enough of ``flwr.serverapp.Grid`` for configure_train tests."""
+# -- the in-process grid -------------------------------------------------------------------
+GRID_RUN_ID = 1
+"""The run id of the tests' grids (the one the ``server_identity`` fixture gives the server):
+it fixes the node ids LocalGrid draws, so :data:`NODE` names the nodes of every such grid."""
 
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
 
-    def get_node_ids(self):
-        return list(self.node_ids)
+def node_ids(num_nodes: int, run_id: int = GRID_RUN_ID) -> list[int]:
+    """The node ids a :class:`LocalGrid` of ``num_nodes`` nodes and ``run_id`` gives its
+    nodes, by partition (``node_ids(n)[p]`` holds partition ``p``)."""
+    grid = LocalGrid(None, num_nodes, {}, run_id=run_id)  # ids only: no message is sent
+    by_partition = {int(c.node_config["partition-id"]): n for n, c in grid.contexts.items()}
+    return [by_partition[p] for p in range(num_nodes)]
+
+
+class RecordingGrid(LocalGrid):
+    """fedunlearn's in-process grid (:class:`fedunlearn.engine.LocalGrid`: the real ClientApp
+    on each node's own Context, node-config and state kept across messages), keeping what
+    crossed it: ``sent`` (the server's messages) and ``replies`` (the nodes' replies, error
+    replies included), both in send order.
+
+    ``arrival="reversed"`` (the default) hands each batch's replies back in reverse send
+    order, as a SuperLink may (arrival order is not send order); ``"sent"`` keeps
+    LocalGrid's order. ``tamper(node, reply)`` may replace a node's reply before the server
+    (and ``replies``) sees it: a hostile node. The run id defaults to :data:`GRID_RUN_ID`,
+    so the nodes are those of :func:`node_ids`. Membership can change while a job runs:
+    add or remove a node's Context in ``contexts`` (a message to a node no longer there
+    gets Flower's ``NODE_UNAVAILABLE`` error reply)."""
+
+    def __init__(self, client_app, num_nodes: int, run_config, node_configs=None, *,
+                 run_id: int = GRID_RUN_ID, arrival: str = "reversed",
+                 tamper=None) -> None:
+        if arrival not in ("reversed", "sent"):
+            raise ValueError(f"arrival={arrival!r}: expected 'reversed' or 'sent'")
+        super().__init__(client_app, num_nodes, run_config, node_configs, run_id)
+        self.arrival, self.tamper = arrival, tamper
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.sent.extend(messages)
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        if self.tamper is not None:
+            replies = [self.tamper(int(r.metadata.src_node_id), r) for r in replies]
+        self.replies.extend(replies)
+        return replies[::-1] if self.arrival == "reversed" else replies
+
+    @property
+    def partitions(self) -> dict[int, int]:
+        """Node id -> the partition its node-config names, for the nodes connected now."""
+        return {n: int(c.node_config["partition-id"]) for n, c in self.contexts.items()}
+
+    def node_id(self, partition: int) -> int:
+        """The node holding ``partition`` (the only one)."""
+        (node,) = [n for n, p in self.partitions.items() if p == partition]
+        return node
+
+    def messages_to(self, node: int, category: str | None = None) -> list[Message]:
+        """What was sent to ``node`` (of ``category``: ``train``, ``evaluate``, ...)."""
+        return [m for m in self.sent if int(m.metadata.dst_node_id) == node
+                and (category is None or m.metadata.message_type.split(".")[0] == category)]
 
 
 # -- methods through the real ClientApp ---------------------------------------------------
 NUM = 4
 RC = run_config(**{"federation.num-clients": NUM, "dataset.name": "synthetic"})
-NODE = {n: n - 10 for n in range(10, 10 + NUM)}  # node id -> partition
+NODE_ID = node_ids(NUM)
+"""``NODE_ID[p]``: the node holding partition ``p`` on the tests' 4-node grids."""
+NODE = {n: p for p, n in enumerate(NODE_ID)}  # node id -> partition
 
 
 def train_msg(models: dict[str, ArrayRecord], config: dict, mtype: str,
@@ -64,29 +125,6 @@ def train_msg(models: dict[str, ArrayRecord], config: dict, mtype: str,
     if request is not None:
         cfg.update(request_to_config(request))
     return incoming(RecordDict({**models, "config": cfg}), mtype)
-
-
-class RecordingGrid:
-    """A Grid whose nodes answer with the real ClientApp; it keeps what crossed it."""
-
-    def __init__(self, app, rc: dict, nodes: dict[int, int]):
-        self.app, self.rc, self.nodes = app, rc, nodes
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for msg in messages:
-            self.sent.append(msg)
-            dst = msg.metadata.dst_node_id
-            inbound = incoming(msg.content, msg.metadata.message_type, dst_node_id=dst)
-            reply = self.app(inbound, context(self.nodes[dst], self.rc, node_id=dst))
-            self.replies.append(reply)
-            out.append(reply)
-        return list(reversed(out))  # arrival order is not send order
 
 
 def make_context(rc: dict, requests: dict):

@@ -1,5 +1,5 @@
 """The data holder's methods (RandL, GA, BadT, l1-sparse, SSD, SalUn): their client
-actions on a tiny model and synthetic data, and the methods through the fake grid."""
+actions on a tiny model and synthetic data, and the methods through the in-process grid."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from fedunlearn.harness.methods import create_method
 from fedunlearn.training import load_arrays, to_arrays
 from fedunlearn.harness.node import harness_view
 
-from .helpers import NODE, RC, RecordingGrid, bytes_of, context, make_context, train_msg
+from .helpers import NODE_ID, NUM, RC, RecordingGrid, bytes_of, context, make_context, train_msg
 
 ACTIONS = {"randl": "random_label_finetune", "ga": "gradient_ascent", "badt": "bad_teacher",
            "l1_sparse": "l1_sparse_finetune", "ssd": "synaptic_dampening",
@@ -108,7 +108,7 @@ def test_actions_needing_retained_data_fail_clearly_without_it(app, view, method
         run_action(app, view, method, request=UnlearningRequest("client", 1))
 
 
-# -- each method through the fake grid: one round at the target, metered ------------------
+# -- each method through the in-process grid: one round at the target, metered -----------
 @pytest.mark.parametrize("method, params", [
     ("randl", "randl.epochs=1"),
     ("ga", "ga.epochs=1 ga.loss_bound=3"),  # a fresh model's loss is near chance
@@ -118,15 +118,17 @@ def test_actions_needing_retained_data_fail_clearly_without_it(app, view, method
     ("salun", "salun.epochs=1"),
 ])
 def test_unlearning_step_runs_the_action_at_the_target_only(app, server_identity,
-                                                            single_thread, method, params):
+                                                            single_thread, method, params,
+                                                            local_grid):
     rc = {**RC, "method": method, "method-params": params}
-    request = UnlearningRequest("class", 0, classes=(3,), node_id=10)
-    strategy = create_method(method, make_context(rc, {10: request}))
-    grid = RecordingGrid(app, rc, NODE)
+    target = NODE_ID[0]
+    request = UnlearningRequest("class", 0, classes=(3,), node_id=target)
+    strategy = create_method(method, make_context(rc, {target: request}))
+    grid = local_grid(app, NUM, rc)
     start = to_arrays(strategy.context.model_factory())
     with strategy.cost_phase("unlearning"):
         out = strategy.unlearning_step(grid, start)
-    assert [m.metadata.dst_node_id for m in grid.sent] == [10]
+    assert [m.metadata.dst_node_id for m in grid.sent] == [target]
     assert grid.sent[0].metadata.message_type == f"train.{ACTIONS[method]}"
     config = grid.sent[0].content["config"]
     for key, value in strategy.params.as_dict().items():
@@ -147,18 +149,19 @@ def test_unlearning_step_runs_the_action_at_the_target_only(app, server_identity
     assert (strategy.notes["target_temporary_bytes"] > 0) == (method in ("ga", "badt", "ssd",
                                                                          "salun"))
     # Recovery: the class-wise target stays in with its retained data.
-    assert 10 in strategy.participants(strategy.recovery_phase().role, grid)
+    assert target in strategy.participants(strategy.recovery_phase().role, grid)
 
 
-def test_several_targets_are_averaged_by_samples(app, server_identity, single_thread):
+def test_several_targets_are_averaged_by_samples(app, server_identity, single_thread,
+                                                 local_grid):
     rc = {**RC, "method": "ssd"}
-    requests = {10: UnlearningRequest("class", 0, classes=(3,), node_id=10),
-                11: UnlearningRequest("class", 1, classes=(3,), node_id=11)}
+    requests = {NODE_ID[p]: UnlearningRequest("class", p, classes=(3,), node_id=NODE_ID[p])
+                for p in (0, 1)}
     strategy = create_method("ssd", make_context(rc, requests))
-    grid = RecordingGrid(app, rc, NODE)
+    grid = local_grid(app, NUM, rc)
     start = to_arrays(strategy.context.model_factory())
     out = strategy.unlearning_step(grid, start)
-    assert sorted(m.metadata.dst_node_id for m in grid.sent) == [10, 11]
+    assert sorted(m.metadata.dst_node_id for m in grid.sent) == sorted(NODE_ID[:2])
     replies = {int(m.metadata.dst_node_id): r for m, r in zip(grid.sent, grid.replies)}
     weights = {n: int(r.content["metrics"]["num-examples"]) for n, r in replies.items()}
     key = next(iter(start))
@@ -168,19 +171,20 @@ def test_several_targets_are_averaged_by_samples(app, server_identity, single_th
 
 def test_a_target_that_does_not_answer_is_reported(app, server_identity, single_thread,
                                                    caplog):
-    class Lossy(RecordingGrid):
-        def send_and_receive(self, messages, timeout=None):
-            return [r for m, r in zip(messages, super().send_and_receive(messages)[::-1])
-                    if m.metadata.dst_node_id != 11]
+    class Lossy(RecordingGrid):  # the in-process grid, partition 1's reply lost on the way
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            replies = super().send_and_receive(messages, timeout=timeout)[::-1]  # send order
+            return [r for m, r in zip(messages, replies) if m.metadata.dst_node_id != NODE_ID[1]]
 
     rc = {**RC, "method": "ssd"}
-    requests = {n: UnlearningRequest("class", p, classes=(3,), node_id=n)
-                for n, p in ((10, 0), (11, 1))}
+    requests = {NODE_ID[p]: UnlearningRequest("class", p, classes=(3,), node_id=NODE_ID[p])
+                for p in (0, 1)}
     strategy = create_method("ssd", make_context(rc, requests))
-    out = strategy.unlearning_step(Lossy(app, rc, NODE), to_arrays(
+    out = strategy.unlearning_step(Lossy(app, NUM, rc), to_arrays(
         strategy.context.model_factory()))
     assert strategy.notes["targets_asked"] == 2 and strategy.notes["targets_answered"] == 1
-    assert "target node(s) [11] returned no model" in caplog.text
+    assert f"target node(s) [{NODE_ID[1]}] returned no model" in caplog.text
     assert all(np.isfinite(a.numpy()).all() for a in out.values())
 
 

@@ -17,7 +17,7 @@ from fedunlearn.harness.methods import HarnessContext, create_method
 from fedunlearn.training import to_arrays
 from fedunlearn.harness.node import harness_view
 
-from .helpers import FakeGrid, context, incoming, reply_from, run_config
+from .helpers import context, incoming, reply_from, run_config
 
 NUM = 4
 RC = run_config(**{"federation.num-clients": NUM, "dataset.name": "synthetic"})
@@ -91,18 +91,28 @@ def make_context(requests: dict[int, UnlearningRequest]) -> HarnessContext:
     return HarnessContext(cfg=cfg, requests=requests)
 
 
-def test_configure_train_excludes_client_wise_targets_and_echoes_requests(server_identity):
-    requests = {11: UnlearningRequest("client", 1, node_id=11),
-                12: UnlearningRequest("class", 2, classes=(4,), node_id=12)}
+@pytest.fixture(scope="module")
+def app():
+    from flower_apps.client_app import app as client_app
+
+    return client_app
+
+
+def test_configure_train_excludes_client_wise_targets_and_echoes_requests(server_identity,
+                                                                          app, local_grid):
+    grid = local_grid(app, NUM, RC)
+    n = grid.node_id  # partition -> node id
+    requests = {n(1): UnlearningRequest("client", 1, node_id=n(1)),
+                n(2): UnlearningRequest("class", 2, classes=(4,), node_id=n(2))}
     strategy = create_method("ft", make_context(requests))
     arrays = ArrayRecord({"w": torch.ones(10, 10)})
-    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}),
-                                         FakeGrid([10, 11, 12, 13])))
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), grid))
     dst = [m.metadata.dst_node_id for m in msgs]
-    assert dst == [10, 12, 13]
+    assert dst == sorted([n(0), n(2), n(3)])  # sorted by node id, without the target
     by_node = {m.metadata.dst_node_id: m.content["config"] for m in msgs}
-    assert by_node[12]["forget.scope"] == "class" and list(by_node[12]["forget.classes"]) == [4]
-    assert "forget.scope" not in by_node[10]
+    assert by_node[n(2)]["forget.scope"] == "class"
+    assert list(by_node[n(2)]["forget.classes"]) == [4]
+    assert "forget.scope" not in by_node[n(0)]
     assert strategy.cost.bytes_down == 3 * arrayrecord_nbytes(arrays)
     assert strategy.cost.rounds == 1
     # Replies add their real upload size and the samples they processed.
@@ -144,12 +154,14 @@ def test_retrain_starts_from_scratch_and_not_negates_first_layer():
     assert create_method("not", ctx).recovery_phase().rounds == cfg.unlearn_rounds
 
 
-def test_server_gives_up_waiting_for_missing_nodes_with_a_hint(monkeypatch):
+def test_server_gives_up_waiting_for_missing_nodes_with_a_hint(monkeypatch, app, local_grid):
     import fedunlearn.federation as federation
 
     from fedunlearn.federation import nodes as federation_nodes
     monkeypatch.setattr(federation_nodes, "NODE_STALL_S", 0.2)
     monkeypatch.setattr(federation_nodes.time, "sleep", lambda s: None)
     with pytest.raises(RuntimeError, match='only 2 of federation.num-clients=4.*num-supernodes=4'):
-        federation.wait_for_nodes(FakeGrid([1, 2]), 4)
-    assert federation.wait_for_nodes(FakeGrid([1, 2, 3, 4]), 4) == [1, 2, 3, 4]
+        federation.wait_for_nodes(local_grid(app, 2, RC), 4)
+    grid = local_grid(app, 4, RC)
+    assert federation.wait_for_nodes(grid, 4) == sorted(grid.get_node_ids())
+    assert len(set(grid.get_node_ids())) == 4

@@ -17,7 +17,7 @@ from fedunlearn.training import to_arrays
 from fedunlearn.harness.node import harness_view
 from fedunlearn.harness.data import federated_data
 
-from .helpers import NODE, RC, RecordingGrid, context
+from .helpers import NODE, NODE_ID, NUM, RC, RecordingGrid, context
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +32,12 @@ def setup():
 
 
 def test_class_wise_mia_uses_held_out_samples_of_the_forgotten_classes(
-        setup, server_identity, single_thread):
+        setup, server_identity, single_thread, local_grid):
     app, view, evaluator, arrays = setup
     requests = {n: UnlearningRequest("class", p, classes=(2,), node_id=n)
                 for n, p in NODE.items()}
     details: dict = {}
-    metrics = evaluator.evaluate(RecordingGrid(app, RC, NODE), arrays, requests, NODE,
+    metrics = evaluator.evaluate(local_grid(app, NUM, RC), arrays, requests, NODE,
                                  details=details)
     assert details["mia_class_matched"] == [2]
     test_labels = np.asarray(evaluator.data.test.targets)
@@ -51,8 +51,9 @@ def test_class_wise_mia_uses_held_out_samples_of_the_forgotten_classes(
     assert details["failed_nodes"] == []
     # Client-wise: the whole held-out half, no class matching.
     details = {}
-    evaluator.evaluate(RecordingGrid(app, RC, NODE), arrays,
-                       {10: UnlearningRequest("client", 0, node_id=10)}, NODE, details=details)
+    evaluator.evaluate(local_grid(app, NUM, RC), arrays,
+                       {NODE_ID[0]: UnlearningRequest("client", 0, node_id=NODE_ID[0])}, NODE,
+                       details=details)
     assert details["mia_class_matched"] == []
 
 
@@ -60,14 +61,16 @@ def test_a_failed_node_makes_the_federated_metrics_missing(setup, server_identit
                                                            single_thread):
     app, view, evaluator, arrays = setup
 
-    class OneNodeFails(RecordingGrid):
-        def send_and_receive(self, messages, timeout=None):
-            return super().send_and_receive(messages[1:], timeout)  # node 10 never answers
+    class OneNodeFails(RecordingGrid):  # the in-process grid, one node never answering
+        def send_and_receive(self, messages, *, timeout=None):
+            silent = NODE_ID[0]  # partition 0's node never answers
+            return super().send_and_receive(
+                [m for m in messages if m.metadata.dst_node_id != silent], timeout=timeout)
 
     details: dict = {}
-    metrics = evaluator.evaluate(OneNodeFails(app, RC, NODE), arrays, {}, NODE,
+    metrics = evaluator.evaluate(OneNodeFails(app, NUM, RC), arrays, {}, NODE,
                                  details=details)
-    assert details["failed_nodes"] == [10]
+    assert details["failed_nodes"] == [NODE_ID[0]]
     assert math.isnan(metrics["retain"]) and math.isnan(metrics["mia"])
     assert not math.isnan(metrics["test"])  # the server's own data is still measured
 

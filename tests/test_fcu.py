@@ -1,5 +1,5 @@
 """FCU: frequency-guided fusion on hand-made weights, penultimate features, the
-contrastive step, and the method through the fake grid."""
+contrastive step, and the method through the in-process grid."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fedunlearn.harness.methods import create_method
 from fedunlearn.training import to_arrays
 from fedunlearn.harness.node import harness_view
 
-from .helpers import NODE, RC, RecordingGrid, bytes_of, context, make_context
+from .helpers import NODE_ID, NUM, RC, bytes_of, context, make_context
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +158,19 @@ def test_contrastive_steps_pull_features_towards_the_downgraded_model(single_thr
     assert losses[0] > np.log(2)
 
 
-# -- the method through the fake grid ----------------------------------------------------------
+# -- the method through the in-process grid ------------------------------------------------
 def test_fcu_runs_at_the_client_wise_target_and_reports_its_two_extra_models(
-        app, server_identity, single_thread):
+        app, server_identity, single_thread, local_grid):
     rc = {**RC, "method": "fcu", "method-params": "fcu.iterations=6 fcu.fusion_interval=4"}
-    request = UnlearningRequest("client", 0, node_id=10)
-    strategy = create_method("fcu", make_context(rc, {10: request}))
-    assert strategy.refusal({10: request}) is None
-    grid = RecordingGrid(app, rc, NODE)
+    target = NODE_ID[0]
+    request = UnlearningRequest("client", 0, node_id=target)
+    strategy = create_method("fcu", make_context(rc, {target: request}))
+    assert strategy.refusal({target: request}) is None
+    grid = local_grid(app, NUM, rc)
     start = to_arrays(strategy.context.model_factory())
     with strategy.cost_phase("unlearning"):
         out = strategy.unlearning_step(grid, start)
-    assert [m.metadata.dst_node_id for m in grid.sent] == [10]
+    assert [m.metadata.dst_node_id for m in grid.sent] == [target]
     assert grid.sent[0].metadata.message_type == "train.contrastive_fusion"
     assert grid.sent[0].content["config"]["param.preserve"] == "original_low"
     meter = strategy.costs["unlearning"]
@@ -187,7 +188,7 @@ def test_fcu_runs_at_the_client_wise_target_and_reports_its_two_extra_models(
         assert np.array_equal(out[key].numpy(), start[key].numpy())
     assert not np.array_equal(out["conv1.weight"].numpy(), start["conv1.weight"].numpy())
     # Recovery: the client-wise target drops out.
-    assert 10 not in strategy.participants(strategy.recovery_phase().role, grid)
+    assert target not in strategy.participants(strategy.recovery_phase().role, grid)
 
 
 def test_fusion_interval_beyond_iterations_is_rejected():

@@ -1,7 +1,7 @@
 """One verified view of the federation for the whole job, checked replies, requests from
 the nodes on a deployment, receipts and the audit trail: whole jobs
-(:func:`fedunlearn.harness.run.run_experiment`) on a fake grid whose nodes answer with the
-real ClientApp and whose membership changes while the job runs.
+(:func:`fedunlearn.harness.run.run_experiment`) on the in-process grid (LocalGrid: the
+nodes answer with the real ClientApp) whose membership changes while the job runs.
 
 Each test reproduces one hole of the deployment path and shows it closed with the job
 completing:
@@ -19,11 +19,11 @@ completing:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 
 import fedunlearn.federation as federation
 from fedunlearn.audit import read_audit
@@ -33,10 +33,12 @@ from fedunlearn.harness.run import run_experiment
 from fedunlearn.harness.data import federated_data
 from fedunlearn.harness.node import harness_view
 
-from .helpers import incoming, run_config
+from .helpers import RecordingGrid, node_ids, run_config
 
 NUM = 4
 RUN_ID = 4242
+NODE_ID = node_ids(NUM, RUN_ID)
+"""``NODE_ID[p]``: the node holding partition ``p`` when a LiveGrid starts."""
 
 
 @pytest.fixture(scope="module")
@@ -54,59 +56,44 @@ def job_config(tmp_path: Path, **overrides) -> dict:
                          "eval.mia-max-members": 40, "eval.every": 100, **overrides})
 
 
-class LiveGrid:
-    """A federation on one thread: each node answers with the real ClientApp under its
-    own node-config; ``on_send(grid, messages)`` may change who is connected (restart a
-    node under a new id, let one join) before a batch is delivered; ``tamper(node,
-    reply)`` may replace a node's reply."""
+class LiveGrid(RecordingGrid):
+    """The in-process grid (a LocalGrid: each node answers with the real ClientApp under its
+    own node-config and state) of run ``RUN_ID``, whose membership a test changes while
+    the job runs: ``on_send(grid, messages)`` may restart a node under a new id, let one
+    join or leave before a batch is delivered; ``tamper(node, reply)`` may replace a
+    node's reply. A message to a node that left gets Flower's error reply."""
 
-    def __init__(self, app, rc: dict, node_configs: dict[int, dict], on_send=None,
-                 tamper=None):
-        self.app, self.rc = app, rc
-        self.node_configs = dict(node_configs)
-        self.on_send, self.tamper = on_send, tamper
-        self.run = SimpleNamespace(run_id=RUN_ID)
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
+    def __init__(self, app, rc: dict, node_configs: dict[int, dict] | None = None,
+                 on_send=None, tamper=None):
+        super().__init__(app, NUM, rc, node_configs, run_id=RUN_ID, tamper=tamper)
+        self.rc, self.on_send = rc, on_send
         self.batches = 0
 
-    def get_node_ids(self):
-        return list(self.node_configs)
-
-    def send_and_receive(self, messages, timeout=None):
+    def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         if self.on_send is not None:
             self.on_send(self, messages)
         self.batches += 1
-        out = []
-        for msg in messages:
-            self.sent.append(msg)
-            dst = msg.metadata.dst_node_id
-            if dst not in self.node_configs:  # gone: Flower answers with an error reply
-                out.append(Message(Error(code=5, reason="node unavailable"), reply_to=msg))
-                continue
-            inbound = incoming(msg.content, msg.metadata.message_type, dst_node_id=dst)
-            ctx = Context(run_id=RUN_ID, node_id=dst, node_config=self.node_configs[dst],
-                          state=RecordDict(), run_config=self.rc)
-            reply = self.app(inbound, ctx)
-            if self.tamper is not None:
-                reply = self.tamper(dst, reply)
-            self.replies.append(reply)
-            out.append(reply)
-        return list(reversed(out))
+        return super().send_and_receive(messages, timeout=timeout)
 
-    def messages_to(self, node: int, category: str | None = None) -> list[Message]:
-        return [m for m in self.sent if m.metadata.dst_node_id == node
-                and (category is None or m.metadata.message_type.split(".")[0] == category)]
+    def join(self, node: int, node_config: dict) -> None:
+        """A node connects (fresh state) with ``node_config``."""
+        self.contexts[node] = Context(run_id=RUN_ID, node_id=node,
+                                      node_config=dict(node_config), state=RecordDict(),
+                                      run_config=self.rc)
+
+    def leave(self, node: int) -> None:
+        self.contexts.pop(node, None)
+
+    def restart(self, node: int, new_id: int) -> None:
+        """``node``'s SuperNode restarts under ``new_id``: same node-config, fresh state."""
+        self.join(new_id, self.contexts.pop(node).node_config)
 
 
 def nodes_config(**extra_by_partition) -> dict[int, dict]:
-    """Node ``10+p`` holds partition ``p``; ``p<i>={...}`` adds node-config pairs."""
-    out = {}
-    for p in range(NUM):
-        out[10 + p] = {"partition-id": p, "num-partitions": NUM,
-                       **extra_by_partition.get(f"p{p}", {})}
-    return out
+    """Node-config pairs by partition: ``p<i>={...}`` adds them to partition ``i``'s node
+    (LiveGrid gives node ``NODE_ID[p]`` ``partition-id=p`` and ``num-partitions``)."""
+    return {int(key[1:]): dict(extra) for key, extra in extra_by_partition.items()}
 
 
 def audit_events(out_dir: Path) -> list[dict]:
@@ -122,7 +109,7 @@ def is_query(messages) -> bool:
 # -- 1. a restarted target does not come back ------------------------------------------------
 def test_restarted_target_under_a_new_node_id_takes_no_part(app, tmp_path, server_identity,
                                                             single_thread, caplog):
-    """Node 10 (partition 0) asks for client-wise forgetting; once its request is accepted
+    """Partition 0's node asks for client-wise forgetting; once its request is accepted
     it restarts as node 99 with the same node-config. Without the verified view, node 99
     would train in every recovery round and its data would count as retained."""
     rc = job_config(tmp_path)  # forget.clients="0": a simulation, partition 0 asks
@@ -132,31 +119,31 @@ def test_restarted_target_under_a_new_node_id_takes_no_part(app, tmp_path, serve
         if is_query(messages) and "receipt" not in messages[0].content:
             queries.append(len(messages))
             return
-        if len(queries) == 2 and 10 in grid.node_configs:  # the requests are in
-            grid.node_configs[99] = grid.node_configs.pop(10)
+        if len(queries) == 2 and NODE_ID[0] in grid.contexts:  # the requests are in
+            grid.restart(NODE_ID[0], 99)
 
     grid = LiveGrid(app, rc, nodes_config(), on_send=restart_after_requests)
     results = run_experiment(grid, rc)
     assert set(results) == {"ft"}
     res = results["ft"]
     assert [(r["scope"], r["partition_id"], r["node_id"]) for r in res["request"]] == [
-        ("client", 0, 10)]
+        ("client", 0, NODE_ID[0])]
     assert grid.messages_to(99) == [], "the restarted target must not be sent anything"
     # Evaluation counted partitions 1..3 only as retained, and nothing as forget data:
-    # node 10 is gone, node 99 is a stranger.
+    # partition 0's node is gone, node 99 is a stranger.
     evaluated = [m for m in grid.replies if m.metadata.message_type == "evaluate.unlearn"
                  and not m.has_error() and "retain-total" in m.content["metrics"]]
-    assert {m.metadata.src_node_id for m in evaluated} <= {10, 11, 12, 13}
+    assert {m.metadata.src_node_id for m in evaluated} <= set(NODE_ID)
     assert all(m.metadata.src_node_id != 99 for m in grid.replies)
     events = audit_events(tmp_path / "out")
     excluded = [e for e in events if e["event"] == "node.excluded"]
     assert [e["node"] for e in excluded] == [99]
     assert "Node 99 is not in the verified federation" in caplog.text
-    # Node 10 left after its request was accepted: it is a failed node of the unlearned
+    # Partition 0's node left after its request was accepted: it is a failed node of the
     # model's evaluation, so Retain / Forget / MIA are missing, not measured on fewer nodes.
-    assert res["measurement"]["unlearned"]["failed_nodes"] == [10]
+    assert res["measurement"]["unlearned"]["failed_nodes"] == [NODE_ID[0]]
     assert res["unlearned"]["retain"] is None or res["unlearned"]["retain"] != res["unlearned"]["retain"]
-    assert [e["node"] for e in events if e["event"] == "node.departed"] == [10]
+    assert [e["node"] for e in events if e["event"] == "node.departed"] == [NODE_ID[0]]
     assert res["cost"]["rounds"] >= 1
 
 
@@ -164,10 +151,12 @@ def test_restarted_target_under_a_new_node_id_takes_no_part(app, tmp_path, serve
 def test_two_holders_of_one_partition_before_the_check_stop_the_job(app, tmp_path,
                                                                     server_identity):
     rc = job_config(tmp_path)
-    nodes = nodes_config()
-    nodes[77] = {"partition-id": 0, "num-partitions": NUM}
-    with pytest.raises(RuntimeError, match=r"partition 0 is held by several nodes \[10, 77\]"):
-        run_experiment(LiveGrid(app, rc, nodes), rc)
+    grid = LiveGrid(app, rc)
+    grid.join(77, {"partition-id": 0, "num-partitions": NUM})
+    holders = sorted([NODE_ID[0], 77])  # by node id
+    with pytest.raises(RuntimeError, match=re.escape(f"partition 0 is held by several nodes "
+                                                     f"{holders}")):
+        run_experiment(grid, rc)
     events = audit_events(tmp_path / "out")
     assert [e["event"] for e in events] == ["job.started", "job.failed"]
     assert "held by several nodes" in events[-1]["error"]
@@ -175,24 +164,24 @@ def test_two_holders_of_one_partition_before_the_check_stop_the_job(app, tmp_pat
 
 def test_impostor_claiming_a_held_partition_takes_no_part(app, tmp_path, server_identity,
                                                           single_thread):
-    """After the partition check, node 77 joins claiming partition 0 (held by node 10)
-    with a client-wise request; node 10 asks for class 1. Only node 10's request is
+    """After the partition check, node 77 joins claiming partition 0 (held by NODE_ID[0])
+    with a client-wise request; NODE_ID[0] asks for class 1. Only NODE_ID[0]'s request is
     served, and node 77 is never sent anything (had its request arrived, it would be
     rejected: see the next test)."""
     rc = job_config(tmp_path, **{"forget.clients": "0", "forget.scope": "class",
                                  "forget.classes": "1"})
 
     def join_after_check(grid, messages):
-        if is_query(messages) and 77 not in grid.node_configs:
+        if is_query(messages) and 77 not in grid.contexts:
             if sum(1 for m in grid.sent if m.metadata.message_type == "query.unlearn"):
-                grid.node_configs[77] = {"partition-id": 0, "num-partitions": NUM,
-                                         "forget-scope": "client"}
+                grid.join(77, {"partition-id": 0, "num-partitions": NUM,
+                               "forget-scope": "client"})
 
     grid = LiveGrid(app, rc, nodes_config(), on_send=join_after_check)
     res = run_experiment(grid, rc)["ft"]
     assert [(r["node_id"], r["scope"], r["partition_id"]) for r in res["request"]] == [
-        (10, "class", 0)]
-    assert 77 in grid.node_configs
+        (NODE_ID[0], "class", 0)]
+    assert 77 in grid.contexts
     assert grid.messages_to(77) == [], "the impostor is asked, trained and evaluated never"
     events = audit_events(tmp_path / "out")
     assert any(e["event"] == "node.excluded" and e["node"] == 77 for e in events)
@@ -237,9 +226,9 @@ def test_collect_requests_without_a_verified_map_refuses_shared_partitions(serve
 # -- 3. malformed replies are failed nodes ------------------------------------------------
 def test_malformed_train_and_evaluate_replies_are_failed_nodes(app, tmp_path, server_identity,
                                                                single_thread, caplog):
-    """Node 12 answers every train round without its metric keys and every evaluation with
-    a feature vector whose length is not a multiple of 3 (and node 13 once with NaN
-    weights). The job completes on the other nodes' replies."""
+    """Partition 2's node answers every train round without its metric keys and every
+    evaluation with a feature vector whose length is not a multiple of 3 (and partition 3's
+    node once with NaN weights). The job completes on the other nodes' replies."""
     rc = job_config(tmp_path)
     nan_sent = []
 
@@ -248,16 +237,16 @@ def test_malformed_train_and_evaluate_replies_are_failed_nodes(app, tmp_path, se
             return reply
         kind = reply.metadata.message_type.split(".")[0]
         content = reply.content
-        if node == 12 and kind == "train":
+        if node == NODE_ID[2] and kind == "train":
             return Message(RecordDict({"arrays": content["arrays"],
                                        "metrics": MetricRecord({"loss": 0.5})}),
                            metadata=reply.metadata)
-        if node == 12 and kind == "evaluate" and "retain-total" in content["metrics"]:
+        if node == NODE_ID[2] and kind == "evaluate" and "retain-total" in content["metrics"]:
             metrics = dict(content["metrics"])
             metrics["retain-features"] = [0.1] * 7
             return Message(RecordDict({"metrics": MetricRecord(metrics)}),
                            metadata=reply.metadata)
-        if node == 13 and kind == "train" and not nan_sent:
+        if node == NODE_ID[3] and kind == "train" and not nan_sent:
             nan_sent.append(True)
             arrays = content["arrays"]
             name = next(iter(arrays.keys()))
@@ -268,14 +257,14 @@ def test_malformed_train_and_evaluate_replies_are_failed_nodes(app, tmp_path, se
             arrays[name] = Array(values)
         return reply
 
-    grid = LiveGrid(app, rc, nodes_config(), tamper=tamper)
+    grid = LiveGrid(app, rc, tamper=tamper)
     res = run_experiment(grid, rc)["ft"]
     assert res["cost"]["rounds"] >= 1 and 0 <= res["unlearned"]["test"] <= 100
     assert "metrics.num-examples is missing" in caplog.text
     assert "metrics.retain-features" in caplog.text and "multiple of 3" in caplog.text
     assert "NaN or infinity" in caplog.text
     refused = [e for e in audit_events(tmp_path / "out") if e["event"] == "reply.refused"]
-    assert {e["node"] for e in refused} == {12, 13}
+    assert {e["node"] for e in refused} == {NODE_ID[2], NODE_ID[3]}
     assert {e["message_type"].split(".")[0] for e in refused} == {"train", "evaluate"}
 
 
@@ -283,7 +272,7 @@ def test_malformed_train_and_evaluate_replies_are_failed_nodes(app, tmp_path, se
 def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
         app, tmp_path, server_identity, single_thread, monkeypatch, caplog):
     """On a deployment (``is_deployment`` true) with the run-config's default
-    ``forget.clients="0"``, partition 0 asks for nothing; node 11's data owner filed a
+    ``forget.clients="0"``, partition 0 asks for nothing; partition 1's data owner filed a
     class-wise request in its inbox, which is served, and whose receipts (sent, accepted,
     honoured with the run and the model hash) come back to the inbox."""
     monkeypatch.setattr(federation, "is_deployment", lambda grid: True)
@@ -294,7 +283,7 @@ def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
     grid = LiveGrid(app, rc, nodes_config(p1={"inbox": str(inbox.root)}))
     res = run_experiment(grid, rc)["ft"]
     assert [(r["node_id"], r["scope"], r["partition_id"], r.get("classes")) for r in
-            res["request"]] == [(11, "class", 1, [2])]
+            res["request"]] == [(NODE_ID[1], "class", 1, [2])]
     assert list(res["config"]["forget"]["clients"]) == []
     assert "forget.clients=0 is ignored on a deployment" in caplog.text
     # Queries told the nodes not to use the run-config's forget.* ...
@@ -317,7 +306,7 @@ def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
     assert names[:2] == ["job.started", "federation.verified"]
     assert events[0]["deployment"] is True and events[0]["ignored_forget_clients"] == [0]
     received = next(e for e in events if e["event"] == "request.received")
-    assert received["node"] == 11 and received["inbox_ids"] == [filed.id]
+    assert received["node"] == NODE_ID[1] and received["inbox_ids"] == [filed.id]
     assert "sample_ids" not in received and len(received["digest"]) == 64
     assert names.count("receipt.sent") == 2 and names[-1] == "job.finished"
     assert all(e["run"] == RUN_ID for e in events)
@@ -364,9 +353,10 @@ class _NoPartitions:
 
 def test_the_harness_server_checks_requests_without_the_client_partitions(
         app, tmp_path, server_identity, single_thread, monkeypatch):
-    """Node 11 asks for class 1, node 12 for an id it does not hold: the server accepts
-    and rejects them from the nodes' reports (same reasons as before), bounds replies by
-    the reported counts, and never reads a partition of its own copy of the data."""
+    """Partition 1's node asks for class 1, partition 2's for an id it does not hold: the
+    server accepts and rejects them from the nodes' reports (same reasons as before), bounds
+    replies by the reported counts, and never reads a partition of its own copy of the
+    data."""
     import fedunlearn.harness.run as server
 
     real = server.federated_data
@@ -381,9 +371,9 @@ def test_the_harness_server_checks_requests_without_the_client_partitions(
                          p2={"forget-scope": "instance", "forget-sample-ids": str(foreign)})
     grid = LiveGrid(app, rc, nodes)
     res = run_experiment(grid, rc)["ft"]
-    assert [(r["scope"], r["node_id"]) for r in res["request"]] == [("class", 11)]
+    assert [(r["scope"], r["node_id"]) for r in res["request"]] == [("class", NODE_ID[1])]
     (rejected,) = res["rejected"]
-    assert rejected["node_id"] == 12
+    assert rejected["node_id"] == NODE_ID[2]
     assert f"sample id(s) {foreign} are not in partition 2's training split" in rejected["reason"]
     # Measured on the nodes, bounded by what they reported: every count came back.
     assert res["measurement"]["unlearned"]["failed_nodes"] == []
@@ -394,7 +384,7 @@ def test_harness_nodes_that_hold_their_own_data_folders(app, tmp_path, server_id
                                                        single_thread, monkeypatch):
     """fedunlearn's own ClientApp on nodes whose node-config names a dataset-path folder:
     they train and evaluate on it (not on the run-config's partitions), report counts,
-    and a request filed on node 11 is checked on the node and served; the server never
+    and a request filed on partition 1's node is checked on the node and served; the server never
     reads a partition and does not use the shared pretraining cache for them."""
     import numpy as np
     from datasets import Dataset, DatasetDict
@@ -419,11 +409,11 @@ def test_harness_nodes_that_hold_their_own_data_folders(app, tmp_path, server_id
     filed = inbox.file(scope="instance", sample_ids=[0, 1, 2, 3])
     rc = job_config(tmp_path, **{"dataset.name": "digits", "forget.clients": ""})
     nodes = nodes_config(**{f"p{p}": {"dataset-path": str(root)} for p, root in roots.items()})
-    nodes[11]["inbox"] = str(inbox.root)
+    nodes[1]["inbox"] = str(inbox.root)
     grid = LiveGrid(app, rc, nodes)
     res = run_experiment(grid, rc)["ft"]
     assert [(r["scope"], r["node_id"], r["num_samples"]) for r in res["request"]] == [
-        ("instance", 11, 4)]
+        ("instance", NODE_ID[1], 4)]
     assert res["pretrain"]["cached"] is False
     assert str(tmp_path / "out" / "pretrained") in res["pretrain"]["path"]
     assert res["measurement"]["unlearned"]["failed_nodes"] == []
@@ -437,7 +427,7 @@ def test_harness_nodes_that_hold_their_own_data_folders(app, tmp_path, server_id
 # -- 6. a retained node that drops out during recovery ------------------------------------
 def test_a_retained_node_that_drops_out_is_a_failed_node_not_a_smaller_federation(
         app, tmp_path, server_identity, single_thread):
-    """Node 12 (retained) leaves during the recovery rounds: every later round and the
+    """Partition 2's node (retained) leaves during the recovery rounds: every later round and the
     unlearned model's evaluation count it as failed; Retain / Forget / MIA of the
     unlearned model are missing (the original was measured over all nodes), never a
     number over fewer nodes; the audit log records the departure."""
@@ -451,29 +441,29 @@ def test_a_retained_node_that_drops_out_is_a_failed_node_not_a_smaller_federatio
                 messages[0].metadata.message_type.startswith("train"):
             state["recovery_rounds"] += 1
             if state["recovery_rounds"] == 2:
-                grid.node_configs.pop(12, None)
+                grid.leave(NODE_ID[2])
 
     grid = LiveGrid(app, rc, nodes_config(), on_send=drop_during_recovery)
     res = run_experiment(grid, rc)["ft"]
     assert res["measurement"]["original"]["failed_nodes"] == []
-    assert res["measurement"]["unlearned"]["failed_nodes"] == [12]
+    assert res["measurement"]["unlearned"]["failed_nodes"] == [NODE_ID[2]]
     for key in ("retain", "forget", "mia"):
         value = res["unlearned"][key]
         assert value is None or value != value, (key, value)
     assert res["unlearned"]["test"] > 0  # the server's own test set needs no node
     events = audit_events(tmp_path / "out")
     departed = [e for e in events if e["event"] == "node.departed"]
-    assert [(e["node"], e["partition"]) for e in departed] == [(12, 2)]
-    assert res["departed_nodes"] == [12]
-    # Node 12 was never sent anything after it left (the grid answered for it).
-    assert all(int(m.metadata.dst_node_id) != 12 for m in grid.sent[-4:])
+    assert [(e["node"], e["partition"]) for e in departed] == [(NODE_ID[2], 2)]
+    assert res["departed_nodes"] == [NODE_ID[2]]
+    # It was never sent anything after it left (the grid answered for it).
+    assert all(int(m.metadata.dst_node_id) != NODE_ID[2] for m in grid.sent[-4:])
 
 
 # -- 7. one method's failure is that method's ---------------------------------------------
 def test_a_method_whose_target_left_fails_alone_and_the_job_says_so(
         app, tmp_path, server_identity, single_thread):
-    """method=puf,ft; node 10 (the client-wise target, asking through its inbox) leaves
-    just before PUF's unlearning round: PUF fails with the reason in its failed.json,
+    """method=puf,ft; partition 0's node (the client-wise target, asking through its inbox)
+    leaves just before PUF's unlearning round: PUF fails with the reason in its failed.json,
     the audit log and the receipt; FT still runs and writes its results; the job raises
     naming PUF."""
     from fedunlearn.strategies import UnlearningFailed
@@ -484,7 +474,7 @@ def test_a_method_whose_target_left_fails_alone_and_the_job_says_so(
 
     def leave_before_puf(grid, messages):
         if messages and messages[0].metadata.message_type == "train.pseudo_gradient":
-            grid.node_configs.pop(10, None)
+            grid.leave(NODE_ID[0])
 
     grid = LiveGrid(app, rc, nodes_config(p0={"inbox": str(inbox.root)}),
                     on_send=leave_before_puf)
@@ -492,15 +482,16 @@ def test_a_method_whose_target_left_fails_alone_and_the_job_says_so(
         run_experiment(grid, rc)
     out = tmp_path / "out"
     failed = json.loads((out / "puf" / "failed.json").read_text())
-    assert "no target" in failed["failed"] and "[10] left the federation" in failed["failed"]
-    assert failed["departed_nodes"] == [10]
+    assert "no target" in failed["failed"]
+    assert f"[{NODE_ID[0]}] left the federation" in failed["failed"]
+    assert failed["departed_nodes"] == [NODE_ID[0]]
     assert not (out / "puf" / "results.json").exists()
     ft = json.loads((out / "ft" / "results.json").read_text())
-    assert ft["method"] == "ft" and ft["departed_nodes"] == [10]
+    assert ft["method"] == "ft" and ft["departed_nodes"] == [NODE_ID[0]]
     events = [e["event"] for e in audit_events(out)]
     assert "unlearning.failed" in events and events.count("unlearning.finished") == 1
     statuses = [e["status"] for e in inbox.events(filed.id)]
-    # Node 10 left, so no receipt reached it after PUF's failure: the audit log holds the
+    # The target left, so no receipt reached it after PUF's failure: the audit log holds the
     # verdict, and the request stays pending for the next job.
     assert statuses[:2] == ["sent", "accepted"] and inbox.entry(filed.id).pending
 
@@ -508,7 +499,7 @@ def test_a_method_whose_target_left_fails_alone_and_the_job_says_so(
 # -- 8. many pending requests on one node -------------------------------------------------
 def test_sixty_five_pending_inbox_requests_all_get_a_verdict_in_one_harness_job(
         app, tmp_path, server_identity, single_thread, monkeypatch):
-    """65 class-wise requests pending in node 11's inbox (more than a record once took):
+    """65 class-wise requests pending in partition 1's inbox (more than a record once took):
     one harness job on a deployment serves them all, one receipt each."""
     monkeypatch.setattr(federation, "is_deployment", lambda grid: True)
     inbox = Inbox(tmp_path / "inbox-1")
@@ -516,6 +507,6 @@ def test_sixty_five_pending_inbox_requests_all_get_a_verdict_in_one_harness_job(
     rc = job_config(tmp_path, **{"unlearn.rounds": 1})
     res = run_experiment(LiveGrid(app, rc, nodes_config(p1={"inbox": str(inbox.root)})),
                          rc)["ft"]
-    assert [(r["node_id"], r["classes"]) for r in res["request"]] == [(11, [0, 1, 2])]
+    assert [(r["node_id"], r["classes"]) for r in res["request"]] == [(NODE_ID[1], [0, 1, 2])]
     assert {inbox.entry(i).status for i in ids} == {"honoured"}
     assert all(inbox.entry(i).events[-1]["audit_seq"] >= 0 for i in ids)

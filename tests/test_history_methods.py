@@ -1,7 +1,7 @@
 """Methods that remember training: the training history, FedEraser, FUKD and PGD.
 
-Everything runs through the real ClientApp with a fake grid (the synthetic 4-node
-federation of :mod:`tests.helpers`): milliseconds per method.
+Everything runs through the real ClientApp on the in-process grid (the ``local_grid``
+fixture: the synthetic 4-node federation of :mod:`tests.helpers`): milliseconds per method.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fedunlearn.training import to_arrays
 from fedunlearn.harness.node import harness_view
 from fedunlearn.harness.data import federated_data
 
-from .helpers import NODE, RC, RecordingGrid, bytes_of, context, make_context
+from .helpers import GRID_RUN_ID, NODE, NODE_ID, NUM, RC, bytes_of, context, make_context
 
 ALL = HistorySpec(updates_every=1, update_sums=True, last_local=True)
 
@@ -47,12 +47,12 @@ def rc_for(tmp_path, **extra) -> dict:
     return {**RC, "pretrain.rounds": 3, "checkpoint-dir": str(tmp_path / "ck"), **extra}
 
 
-def pretrained(app, rc, spec=ALL, nodes=None, who=("federaser",)):
-    """Pretrain through the fake grid; return (arrays, info, context, grid)."""
+def pretrained(local_grid, app, rc, spec=ALL, run_id=GRID_RUN_ID, who=("federaser",)):
+    """Pretrain on the in-process grid of run ``run_id`` (which fixes its node ids);
+    return (arrays, info, context, grid)."""
     ctx = make_context(rc, {})
-    if nodes is not None:
-        ctx.node_partitions = dict(nodes)
-    grid = RecordingGrid(app, rc, nodes or NODE)
+    grid = local_grid(app, NUM, rc, run_id=run_id)
+    ctx.node_partitions = grid.partitions
     arrays, info = pretrain(grid, ctx, history=(spec, list(who)))
     return arrays, info, ctx, grid
 
@@ -63,9 +63,9 @@ def state_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 # -- the history -------------------------------------------------------------------------
 def test_history_records_every_client_by_partition_and_reloads_under_new_node_ids(
-        app, tmp_path, server_identity, single_thread):
+        app, tmp_path, server_identity, single_thread, local_grid):
     rc = rc_for(tmp_path)
-    arrays, info, ctx, grid = pretrained(app, rc)
+    arrays, info, ctx, grid = pretrained(local_grid, app, rc)
     history = ctx.history
     assert info["history"]["cached"] is False and history.rounds == 3
     manifest = json.loads((history.directory / "manifest.json").read_text())
@@ -104,27 +104,28 @@ def test_history_records_every_client_by_partition_and_reloads_under_new_node_id
     assert replies  # every partition answered round 1
 
     # A later job whose nodes have new ids loads the model and the history as they are.
-    renamed = {20 + pid: pid for pid in NODE.values()}
-    again, info2, ctx2, grid2 = pretrained(app, rc, nodes=renamed)
+    again, info2, ctx2, grid2 = pretrained(local_grid, app, rc, run_id=GRID_RUN_ID + 1)
+    assert set(grid2.partitions).isdisjoint(NODE)  # new node ids, the same partitions
     assert info2["cached"] and info2["history"]["cached"] and not grid2.sent
     assert ctx2.history.directory == history.directory
     assert model_digest(again) == model_digest(arrays)
 
 
 def test_a_cached_model_without_history_is_pretrained_again_once_with_recording(
-        app, tmp_path, server_identity, single_thread, caplog):
+        app, tmp_path, server_identity, single_thread, caplog, local_grid):
     rc = rc_for(tmp_path)
-    plain, info, _, grid = pretrained(app, rc, spec=HistorySpec())
+    plain, info, _, grid = pretrained(local_grid, app, rc, spec=HistorySpec())
     assert "history" not in info and grid.sent
     caplog.set_level(logging.INFO)
     spec = HistorySpec(updates_every=2)
-    again, info2, ctx2, grid2 = pretrained(app, rc, spec=spec)
+    again, info2, ctx2, grid2 = pretrained(local_grid, app, rc, spec=spec)
     assert "has no training history" in caplog.text and "federaser" in caplog.text
     assert not info2["cached"] and grid2.sent and ctx2.history.spec == spec
     assert ctx2.history.stored_rounds(2) == [1, 3]
     # Reproducible pretraining: the re-run writes the same model.
     assert model_digest(again) == model_digest(plain)
-    third, info3, ctx3, grid3 = pretrained(app, rc, spec=HistorySpec(updates_every=4))
+    third, info3, ctx3, grid3 = pretrained(local_grid, app, rc,
+                                           spec=HistorySpec(updates_every=4))
     assert info3["cached"] and info3["history"]["cached"] and not grid3.sent  # 2 divides 4
     assert find_history(tmp_path / "ck", info["key"], HistorySpec(updates_every=3)) is None
 
@@ -223,16 +224,16 @@ def test_federaser_calibration_takes_the_stored_length_and_the_fresh_direction()
 
 
 def test_federaser_replays_without_the_target_and_charges_the_files_it_read(
-        app, tmp_path, server_identity, single_thread):
+        app, tmp_path, server_identity, single_thread, local_grid):
     rc = rc_for(tmp_path, method="federaser",
                 **{"method-params": "federaser.delta_t=1 federaser.calibration_ratio=1.0"})
-    arrays, _, ctx, _ = pretrained(app, rc, spec=HistorySpec(updates_every=1))
-    ctx.requests = {10: UnlearningRequest("client", 0, node_id=10)}
+    arrays, _, ctx, _ = pretrained(local_grid, app, rc, spec=HistorySpec(updates_every=1))
+    ctx.requests = {NODE_ID[0]: UnlearningRequest("client", 0, node_id=NODE_ID[0])}
     strategy = create_method("federaser", ctx)
-    grid = RecordingGrid(app, rc, NODE)
+    grid = local_grid(app, NUM, rc)
     out = strategy.unlearn(grid, arrays)
     # Rounds 2 and 3 are calibrated on the 3 retained nodes; the target never hears.
-    assert {int(m.metadata.dst_node_id) for m in grid.sent} == {11, 12, 13}
+    assert {int(m.metadata.dst_node_id) for m in grid.sent} == set(NODE_ID[1:])
     assert len(grid.sent) == 6 and strategy.cost.rounds == 2
     rounds = [f"round-0000{r}.pt" for r in (1, 2, 3)]
     files = sum((ctx.history.directory / f).stat().st_size for f in rounds)
@@ -261,15 +262,16 @@ def test_fukd_subtraction_removes_exactly_the_targets_weighted_updates():
 
 
 def test_fukd_is_server_only_subtracts_the_recorded_sum_and_counts_distillation(
-        app, tmp_path, server_identity, single_thread):
+        app, tmp_path, server_identity, single_thread, local_grid):
     rc = rc_for(tmp_path, method="fukd", **{"server-data.fraction": 0.1,
                                             "method-params": "fukd.epochs=2"})
-    arrays, _, ctx, _ = pretrained(app, rc, spec=HistorySpec(update_sums=True), who=["fukd"])
+    arrays, _, ctx, _ = pretrained(local_grid, app, rc, spec=HistorySpec(update_sums=True),
+                                   who=["fukd"])
     ctx.data = federated_data(ctx.cfg)
     assert ctx.data.server_indices.size == 80
-    ctx.requests = {10: UnlearningRequest("client", 0, node_id=10)}
+    ctx.requests = {NODE_ID[0]: UnlearningRequest("client", 0, node_id=NODE_ID[0])}
     strategy = create_method("fukd", ctx)
-    grid = RecordingGrid(app, rc, NODE)
+    grid = local_grid(app, NUM, rc)
     with strategy.cost_phase("unlearning"):
         strategy.unlearning_step(grid, arrays)
     assert not grid.sent  # no client takes part
@@ -315,17 +317,18 @@ def test_pgd_reference_model_removes_the_targets_weighted_last_models():
 
 
 def test_pgd_target_ascends_within_the_ball_and_storage_is_the_last_models_file(
-        app, tmp_path, server_identity, single_thread):
+        app, tmp_path, server_identity, single_thread, local_grid):
     rc = rc_for(tmp_path, method="pgd",
                 **{"method-params": "pgd.epochs=2 pgd.distance_threshold=1000"})
-    arrays, _, ctx, _ = pretrained(app, rc, spec=HistorySpec(last_local=True), who=["pgd"])
-    ctx.requests = {10: UnlearningRequest("client", 0, node_id=10)}
+    arrays, _, ctx, _ = pretrained(local_grid, app, rc, spec=HistorySpec(last_local=True),
+                                   who=["pgd"])
+    ctx.requests = {NODE_ID[0]: UnlearningRequest("client", 0, node_id=NODE_ID[0])}
     strategy = create_method("pgd", ctx)
-    grid = RecordingGrid(app, rc, NODE)
+    grid = local_grid(app, NUM, rc)
     with strategy.cost_phase("unlearning"):
         out = strategy.unlearning_step(grid, arrays)
     assert [(int(m.metadata.dst_node_id), m.metadata.message_type, len(m.content.array_records))
-            for m in grid.sent] == [(10, "train.projected_ascent", 2)]
+            for m in grid.sent] == [(NODE_ID[0], "train.projected_ascent", 2)]
     reference = grid.sent[0].content["arrays"].to_torch_state_dict()
     radius = strategy.notes["radius"]
     keys = [n for n, _ in ctx.model_factory().named_parameters()]
@@ -340,7 +343,7 @@ def test_pgd_target_ascends_within_the_ball_and_storage_is_the_last_models_file(
     # A tight threshold stops after the first step.
     tight = create_method("pgd", ctx)
     tight.params = type(tight.params)(epochs=2, distance_threshold=1e-12)
-    grid2 = RecordingGrid(app, rc, NODE)
+    grid2 = local_grid(app, NUM, rc)
     with tight.cost_phase("unlearning"):
         tight.unlearning_step(grid2, arrays)
     assert tight.costs["unlearning"].samples_processed == rc["federation.batch-size"]

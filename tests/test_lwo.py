@@ -1,7 +1,8 @@
 """``lwo``: the NoT paper's layer-wise-optimality check (negate and freeze the first layer,
 re-initialise the rest, retrain), and its client action ``frozen``.
 
-Through the real ClientApp behind a fake grid, and one whole job on the in-process engine.
+Through the real ClientApp on the in-process grid (the ``local_grid`` fixture), and one
+whole job on the in-process engine.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fedunlearn.harness.methods import create_method
 from fedunlearn.training import random_model, to_arrays
 from fedunlearn.harness.node import harness_view
 
-from .helpers import NODE, RC, RecordingGrid, context, make_context, train_msg
+from .helpers import NODE, NODE_ID, NUM, RC, context, make_context, train_msg
 
 SMALL_RC = {**RC, "pretrain.rounds": 2, "pretrain.lr": 0.05}
 FIRST = ["conv1.weight", "conv1.bias"]
@@ -56,15 +57,16 @@ def _pretrained(factory):
 # -- the method through the real client handlers ----------------------------------------
 @pytest.mark.parametrize("scope", ["client", "class"])
 def test_first_layer_negated_and_frozen_the_rest_reinitialised_and_trained(
-        app, server_identity, single_thread, scope):
-    request = (UnlearningRequest("client", 0, node_id=10) if scope == "client"
-               else UnlearningRequest("class", 0, classes=(1,), node_id=10))
-    strategy = create_method("lwo", make_context(SMALL_RC, {10: request}))
+        app, server_identity, single_thread, scope, local_grid):
+    target = NODE_ID[0]
+    request = (UnlearningRequest("client", 0, node_id=target) if scope == "client"
+               else UnlearningRequest("class", 0, classes=(1,), node_id=target))
+    strategy = create_method("lwo", make_context(SMALL_RC, {target: request}))
     pretrained = _pretrained(strategy.context.model_factory)
 
     # Round 0: the first layer negated, every other tensor a fresh model's (Retrain's).
     start = strategy.unlearning_step(None, pretrained)
-    retrain_start = create_method("retrain", make_context(SMALL_RC, {10: request})
+    retrain_start = create_method("retrain", make_context(SMALL_RC, {target: request})
                                   ).initial_arrays(pretrained)
     for key in start:
         if key in FIRST:
@@ -75,10 +77,10 @@ def test_first_layer_negated_and_frozen_the_rest_reinitialised_and_trained(
     assert strategy.notes["frozen"] == FIRST
 
     # Retrain's budget, through train.frozen, the kept layer named in the config.
-    grid = RecordingGrid(app, SMALL_RC, NODE)
+    grid = local_grid(app, NUM, SMALL_RC)
     final = strategy.unlearn(grid, pretrained)
     assert len(grid.sent) == 2 * (len(NODE) - (scope == "client"))  # pretrain.rounds = 2
-    assert (10 in {m.metadata.dst_node_id for m in grid.sent}) == (scope != "client")
+    assert (target in {m.metadata.dst_node_id for m in grid.sent}) == (scope != "client")
     for msg in grid.sent:
         assert msg.metadata.message_type == "train.frozen"
         assert msg.content["config"]["frozen"] == "conv1.weight,conv1.bias"

@@ -31,7 +31,7 @@ from fedunlearn.strategies.puf import negated_pseudo_gradient
 from fedunlearn.training import to_arrays
 from fedunlearn.harness.node import harness_view
 
-from .helpers import (NODE, RC, RecordingGrid, bytes_of, context, incoming, make_context,
+from .helpers import (NODE, NODE_ID, NUM, RC, bytes_of, context, incoming, make_context,
                       train_msg)
 
 
@@ -107,30 +107,33 @@ def test_puf_applies_the_negated_weighted_pseudo_gradient():
     assert two["steps"].numpy().tolist() == [7]  # integer buffers are not moved
 
 
-# -- whole methods through the fake grid, metered ----------------------------------------
+# -- whole methods through the in-process grid, metered ----------------------------------
 def request_of(scope: str) -> UnlearningRequest:
-    """Partition 0's request (node 10) of each scope, on the synthetic federation."""
+    """Partition 0's request (node NODE_ID[0]) of each scope, on the synthetic federation."""
     if scope == "client":
-        return UnlearningRequest("client", 0, node_id=10)
+        return UnlearningRequest("client", 0, node_id=NODE_ID[0])
     if scope == "class":
-        return UnlearningRequest("class", 0, classes=(1,), node_id=10)
+        return UnlearningRequest("class", 0, classes=(1,), node_id=NODE_ID[0])
     from fedunlearn.client import NodeView
 
     train = harness_view(context(0, RC)).train_indices()
-    return UnlearningRequest("instance", 0, sample_ids=tuple(train[::4].tolist()), node_id=10)
+    return UnlearningRequest("instance", 0, sample_ids=tuple(train[::4].tolist()),
+                             node_id=NODE_ID[0])
 
 
 @pytest.mark.parametrize("scope", ["client", "class", "instance"])
-def test_puf_unlearning_step_is_metered_both_ways(app, server_identity, single_thread, scope):
+def test_puf_unlearning_step_is_metered_both_ways(app, server_identity, single_thread, scope,
+                                                  local_grid):
     request = request_of(scope)
+    target = NODE_ID[0]
     rc = {**RC, "method": "puf", "method-params": "puf.alpha=1.5"}
-    strategy = create_method("puf", make_context(rc, {10: request}))
+    strategy = create_method("puf", make_context(rc, {target: request}))
     assert strategy.params.alpha == 1.5
-    grid = RecordingGrid(app, rc, NODE)
+    grid = local_grid(app, NUM, rc)
     start = to_arrays(strategy.context.model_factory())
     with strategy.cost_phase("unlearning"):
         out = strategy.unlearning_step(grid, start)
-    assert [m.metadata.dst_node_id for m in grid.sent] == [10]  # the target only
+    assert [m.metadata.dst_node_id for m in grid.sent] == [target]  # the target only
     assert grid.sent[0].metadata.message_type == "train.pseudo_gradient"
     meter = strategy.costs["unlearning"]
     assert meter.bytes_down == bytes_of(grid.sent) == arrayrecord_nbytes(start)
@@ -145,7 +148,7 @@ def test_puf_unlearning_step_is_metered_both_ways(app, server_identity, single_t
         assert np.allclose(out[key].numpy(), expected, atol=1e-6)
     # Recovery: client-wise targets drop out, class-wise targets stay in.
     recovery = strategy.participants(strategy.recovery_phase().role, grid)
-    assert (10 in recovery) == (scope != "client")
+    assert (target in recovery) == (scope != "client")
     # The pseudo-gradient is computed on the forget set only.
     forget = {"client": None, "class": None, "instance": len(request.sample_ids)}[scope]
     if forget is not None:

@@ -17,7 +17,7 @@ from fedunlearn.strategies.mode import momentum_degradation
 from fedunlearn.training import to_arrays
 from fedunlearn.harness.node import harness_view
 
-from .helpers import NODE, RC, RecordingGrid, bytes_of, context, make_context, train_msg
+from .helpers import NODE_ID, NUM, RC, bytes_of, context, make_context, train_msg
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +87,14 @@ def test_mode_momentum_step():
     assert np.allclose(momentum_degradation(theta, deg, 1.0)["w"].numpy(), [1.0, -1.0])
 
 
-def test_mode_sends_two_models_and_meters_every_one(app, server_identity, single_thread):
+def test_mode_sends_two_models_and_meters_every_one(app, server_identity, single_thread,
+                                                    local_grid):
     rc = {**RC, "method": "mode",
           "method-params": "mode.degradation_rounds=1 mode.guidance_rounds=2"}
-    request = UnlearningRequest("client", 0, node_id=10)
-    strategy = create_method("mode", make_context(rc, {10: request}))
-    grid = RecordingGrid(app, rc, NODE)
+    target = NODE_ID[0]
+    request = UnlearningRequest("client", 0, node_id=target)
+    strategy = create_method("mode", make_context(rc, {target: request}))
+    grid = local_grid(app, NUM, rc)
     start = to_arrays(strategy.context.model_factory())
     model_bytes = arrayrecord_nbytes(start)
     with strategy.cost_phase("unlearning"):
@@ -102,8 +104,8 @@ def test_mode_sends_two_models_and_meters_every_one(app, server_identity, single
     # the target. Round 2: guidance only.
     types = [(m.metadata.dst_node_id, m.metadata.message_type, len(m.content.array_records))
              for m in grid.sent]
-    assert types[:3] == [(11, "train", 1), (12, "train", 1), (13, "train", 1)]
-    assert (10, "train.mode_guidance", 2) in types[3:7]
+    assert types[:3] == [(n, "train", 1) for n in sorted(NODE_ID[1:])]  # by node id
+    assert (target, "train.mode_guidance", 2) in types[3:7]
     assert len(grid.sent) == 3 + 4 + 4
     assert meter.bytes_down == bytes_of(grid.sent) == (3 + 4 + 1 + 4 + 1) * model_bytes
     assert meter.bytes_up == bytes_of(grid.replies) == (3 + 4 + 4) * model_bytes
@@ -129,7 +131,8 @@ def test_bad_mode_parameters_are_rejected_before_flower_starts(params, expected)
 
 
 @pytest.mark.parametrize("scope", ["class", "instance"])
-def test_mode_serves_class_and_instance_requests(app, server_identity, single_thread, scope):
+def test_mode_serves_class_and_instance_requests(app, server_identity, single_thread, scope,
+                                                 local_grid):
     """The target guides on its forget samples and trains its retained ones normally,
     and stays in recovery."""
     from .test_method_platform import request_of
@@ -137,16 +140,17 @@ def test_mode_serves_class_and_instance_requests(app, server_identity, single_th
     rc = {**RC, "method": "mode",
           "method-params": "mode.degradation_rounds=1 mode.guidance_rounds=1"}
     request = request_of(scope)
-    strategy = create_method("mode", make_context(rc, {10: request}))
-    assert strategy.refusal({10: request}) is None
-    grid = RecordingGrid(app, rc, NODE)
+    target = NODE_ID[0]
+    strategy = create_method("mode", make_context(rc, {target: request}))
+    assert strategy.refusal({target: request}) is None
+    grid = local_grid(app, NUM, rc)
     start = to_arrays(strategy.context.model_factory())
     with strategy.cost_phase("unlearning"):
         strategy.unlearning_step(grid, start)
     by_node = {m.metadata.dst_node_id: m for m in grid.sent[4:]}  # the guidance round
-    assert by_node[10].metadata.message_type == "train.mode_guidance"
+    assert by_node[target].metadata.message_type == "train.mode_guidance"
     # Round 1's degradation training includes the target's retained data.
-    assert 10 in [m.metadata.dst_node_id for m in grid.sent[:4]]
+    assert target in [m.metadata.dst_node_id for m in grid.sent[:4]]
     guided = next(r for r in grid.replies if r.metadata.message_type == "train.mode_guidance")
     view = harness_view(context(0, RC))
     train = view.train_indices()
@@ -154,4 +158,4 @@ def test_mode_serves_class_and_instance_requests(app, server_identity, single_th
               else len(request.sample_ids))
     assert guided.content["metrics"]["forward-samples"] == forget
     assert guided.content["metrics"]["num-examples"] == train.size
-    assert 10 in strategy.participants(strategy.recovery_phase().role, grid)
+    assert target in strategy.participants(strategy.recovery_phase().role, grid)

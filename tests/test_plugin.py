@@ -9,10 +9,11 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import Message, RecordDict
+
+from .helpers import node_ids
 
 USER_TASK = '''
 import numpy as np
@@ -119,39 +120,24 @@ def userapp(tmp_path, monkeypatch, server_identity, single_thread):
     return importlib.import_module("userapp.client_app"), importlib.import_module("userapp.task")
 
 
-class UserGrid:
-    """The user's federation in one process: every message reaches the user's ClientApp
-    with that node's Context (node-config and state kept across messages)."""
+USER_RUN_ID = 7
+USER_NODE = node_ids(4, USER_RUN_ID)
+"""``USER_NODE[p]``: the node holding partition ``p`` on the user's grid."""
 
-    def __init__(self, app, num_nodes=4, inboxes=None):
-        self.app = app
-        self.contexts = {
-            100 + i: Context(run_id=7, node_id=100 + i,
-                             node_config={"partition-id": i,
-                                          **({"inbox": str(inboxes[i])} if inboxes and i in inboxes else {})},
-                             state=RecordDict(), run_config={})
-            for i in range(num_nodes)}
-        self.sent = []
 
-    @property
-    def run(self):
-        raise AttributeError("no run")
+@pytest.fixture()
+def user_grid(local_grid):
+    """The user's federation in one process: ``user_grid(app, num_nodes=4, inboxes=None)``
+    is the in-process grid (``local_grid``) on which every message reaches the user's
+    ClientApp with that node's Context (node-config ``partition-id``, ``inbox`` where
+    ``inboxes`` names one; state kept across messages); replies in send order."""
 
-    def get_node_ids(self):
-        return list(self.contexts)
+    def make(app, num_nodes=4, inboxes=None):
+        node_configs = {p: {"inbox": str(path)} for p, path in (inboxes or {}).items()}
+        return local_grid(app, num_nodes, {}, node_configs, run_id=USER_RUN_ID,
+                          arrival="sent")
 
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for msg in messages:
-            self.sent.append(msg)
-            dst = int(msg.metadata.dst_node_id)
-            md = Metadata(run_id=7, message_id=f"m{len(self.sent)}", src_node_id=0,
-                          dst_node_id=dst, reply_to_message_id="", group_id="",
-                          created_at=time.time(), ttl=3600,
-                          message_type=msg.metadata.message_type)
-            reply = self.app(Message(msg.content, metadata=md), self.contexts[dst])
-            out.append(reply)
-        return out
+    return make
 
 
 def fedavg(grid, task, rounds=3):
@@ -173,14 +159,14 @@ def file_request(tmp_path, node, **fields):
     return inbox, inbox.file(**fields)
 
 
-def test_user_app_serves_client_and_class_wise_requests(userapp, tmp_path):
+def test_user_app_serves_client_and_class_wise_requests(userapp, tmp_path, user_grid):
     from fedunlearn import FineTune, NoT, PUF, Recovery, load_model, serve
     from fedunlearn.inbox import Inbox
 
     client_app, task = userapp
     inbox0 = Inbox(str(tmp_path / "inbox-0"))
     request_id = inbox0.file(scope="client").id
-    grid = UserGrid(client_app.app, inboxes={0: tmp_path / "inbox-0"})
+    grid = user_grid(client_app.app, inboxes={0: tmp_path / "inbox-0"})
     arrays = fedavg(grid, task)
     testset = task.Blobs(64, seed=999)
 
@@ -197,7 +183,7 @@ def test_user_app_serves_client_and_class_wise_requests(userapp, tmp_path):
                                    FineTune(recovery), PUF(recovery)],
                     output_dir=out, evaluate_fn=evaluate)
     print(outcome.table())
-    assert outcome.report["accepted"][0]["node_id"] == 100
+    assert outcome.report["accepted"][0]["node_id"] == USER_NODE[0]
     for name in ("not", "ft", "puf"):
         m = outcome.methods[name]
         assert m.status == "honoured", m.reason
@@ -209,14 +195,15 @@ def test_user_app_serves_client_and_class_wise_requests(userapp, tmp_path):
     # Client-wise: the target never trained in recovery; retained nodes ran the user's
     # own train handler (plain "train", quickstart metric names).
     train_msgs = [m for m in grid.sent[before:] if m.metadata.message_type == "train"]
-    assert train_msgs and all(int(m.metadata.dst_node_id) != 100 for m in train_msgs)
+    assert train_msgs and all(int(m.metadata.dst_node_id) != USER_NODE[0] for m in train_msgs)
     events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
     assert "request.accepted" in events and events.count("unlearning.finished") == 3
     history = Inbox(str(tmp_path / "inbox-0")).events(request_id)
     assert [e["status"] for e in history][-1] == "honoured"
 
 
-def test_class_wise_request_trains_on_retained_data_and_bad_ids_are_rejected(userapp, tmp_path):
+def test_class_wise_request_trains_on_retained_data_and_bad_ids_are_rejected(userapp, tmp_path,
+                                                                             user_grid):
     from fedunlearn import NoT, Recovery, serve
     from fedunlearn.inbox import Inbox
     import torch
@@ -224,16 +211,16 @@ def test_class_wise_request_trains_on_retained_data_and_bad_ids_are_rejected(use
     client_app, task = userapp
     Inbox(str(tmp_path / "i1")).file(scope="class", classes=[2])
     bad = Inbox(str(tmp_path / "i2")).file(scope="instance", sample_ids=[5, 4000]).id
-    grid = UserGrid(client_app.app, inboxes={1: tmp_path / "i1", 2: tmp_path / "i2"})
+    grid = user_grid(client_app.app, inboxes={1: tmp_path / "i1", 2: tmp_path / "i2"})
     arrays = fedavg(grid, task, rounds=2)
     before = len(grid.sent)
     outcome = serve(grid, arrays, NoT(Recovery(rounds=2, lr=0.05), model_fn=task.Net,
                                       example_input=torch.zeros(1, 1, 8, 8)),
                     output_dir=tmp_path / "out")
-    assert [a["node_id"] for a in outcome.report["accepted"]] == [101]
+    assert [a["node_id"] for a in outcome.report["accepted"]] == [USER_NODE[1]]
     assert outcome.report["accepted"][0]["classes"] == [2]
     (rej,) = outcome.report["rejected"]
-    assert rej["node_id"] == 102 and "4000" in rej["reason"]
+    assert rej["node_id"] == USER_NODE[2] and "4000" in rej["reason"]
     status = Inbox(str(tmp_path / "i2")).events(bad)[-1]
     assert status["status"] == "rejected" and "4000" in status["reason"]
     m = outcome.methods["not"]
@@ -243,17 +230,17 @@ def test_class_wise_request_trains_on_retained_data_and_bad_ids_are_rejected(use
     assert 0.0 <= m.metrics["retain"] <= 100.0
     # The class-wise target trained with fedunlearn's retained-data handler.
     kinds = {(int(x.metadata.dst_node_id), x.metadata.message_type) for x in grid.sent[before:]}
-    assert (101, "train.retained") in kinds and (100, "train") in kinds
+    assert (USER_NODE[1], "train.retained") in kinds and (USER_NODE[0], "train") in kinds
 
 
-def test_a_node_without_num_examples_fails_the_method_by_name(userapp, tmp_path):
+def test_a_node_without_num_examples_fails_the_method_by_name(userapp, tmp_path, user_grid):
     from fedunlearn import FineTune, Recovery, serve
     from fedunlearn.inbox import Inbox
     from flwr.app import ArrayRecord, MetricRecord
 
     client_app, task = userapp
     Inbox(str(tmp_path / "i0")).file(scope="client")
-    grid = UserGrid(client_app.app, inboxes={0: tmp_path / "i0"})
+    grid = user_grid(client_app.app, inboxes={0: tmp_path / "i0"})
     arrays = fedavg(grid, task, rounds=1)
     real = client_app.app._registered_funcs["train.default"]
 
@@ -266,7 +253,7 @@ def test_a_node_without_num_examples_fails_the_method_by_name(userapp, tmp_path)
     outcome = serve(grid, arrays, FineTune(Recovery(rounds=1)), output_dir=tmp_path / "o")
     m = outcome.methods["ft"]
     assert m.status == "failed" and m.arrays is None
-    assert "node 101" in m.reason and "num-examples" in m.reason
+    assert f"node {USER_NODE[1]}" in m.reason and "num-examples" in m.reason
     assert (tmp_path / "o" / "ft" / "failed.json").exists()
     assert not (tmp_path / "o" / "ft" / "model.pt").exists()
 
@@ -289,7 +276,7 @@ def test_server_side_import_does_not_load_the_client_side():
 
 
 def test_a_strategy_and_an_action_from_outside_the_package(tmp_path, monkeypatch,
-                                                           server_identity):
+                                                           server_identity, local_grid):
     pkg = tmp_path / "myplugin"
     pkg.mkdir()
     (pkg / "__init__.py").write_text(textwrap.dedent('''
@@ -326,7 +313,7 @@ def test_a_strategy_and_an_action_from_outside_the_package(tmp_path, monkeypatch
     from fedunlearn.client import list_actions
 
     assert "halving_ft" in list_methods() and "halve" in list_actions()
-    from .helpers import NODE, RC, RecordingGrid, make_context
+    from .helpers import NUM, RC, make_context
     from flower_apps.client_app import app
     from fedunlearn.client import action_handler
     from fedunlearn.training import to_arrays
@@ -341,7 +328,7 @@ def test_a_strategy_and_an_action_from_outside_the_package(tmp_path, monkeypatch
     from fedunlearn.strategies import Recovery
     strategy.recovery = Recovery(rounds=1, server_momentum=0.0)
     start = to_arrays(ctx.model_factory())
-    out = strategy.unlearn(RecordingGrid(app, RC, NODE), start)
+    out = strategy.unlearn(local_grid(app, NUM, RC), start)
     key = next(iter(start))
     assert np.allclose(out[key].numpy(), 0.5 * start[key].numpy())
 
@@ -403,7 +390,7 @@ def test_strategy_arguments_are_checked_by_name():
     assert PUF(params={"alpha": 3.0}).params.alpha == 3.0
 
 
-def test_history_methods_serve_from_a_keeper_around_the_users_fedavg(userapp, tmp_path):
+def test_history_methods_serve_from_a_keeper_around_the_users_fedavg(userapp, tmp_path, user_grid):
     """FedEraser, FUKD and PGD on the plugin path: the user's FedAvg wrapped in a
     HistoryKeeper records what they need; serve() replays it."""
     import torch
@@ -416,7 +403,7 @@ def test_history_methods_serve_from_a_keeper_around_the_users_fedavg(userapp, tm
 
     client_app, task = userapp
     Inbox(str(tmp_path / "i2")).file(scope="client")
-    grid = UserGrid(client_app.app, inboxes={2: tmp_path / "i2"})
+    grid = user_grid(client_app.app, inboxes={2: tmp_path / "i2"})
     recovery = Recovery(rounds=1, server_momentum=0.0, lr=0.05)
     methods = [FedEraser(recovery, params={"delta_t": 2}),
                FUKD(recovery, params={"epochs": 1}, server_data=task.Blobs(32, seed=5)),
@@ -442,17 +429,17 @@ def test_history_methods_serve_from_a_keeper_around_the_users_fedavg(userapp, tm
         assert m.status == "honoured", m.reason
         assert m.flops > 0
         assert model_digest(load_model(m.model_path)) == m.model_sha256
-    assert outcome.methods["fukd"].notes["subtracted_partitions"] == [102]
+    assert outcome.methods["fukd"].notes["subtracted_partitions"] == [USER_NODE[2]]
     # The user's train handler counts no samples: FLOPs estimated from num-examples x
     # the local epochs asked, and said so in the cost.
     cost = json.loads((tmp_path / "out" / "federaser" / "results.json").read_text())["cost"]
     assert cost["estimated_train_samples"] == cost["train_samples"] > 0
-    # The target (node 102) never trained in FedEraser's calibration or FUKD's recovery.
-    assert all(int(x.metadata.dst_node_id) != 102 for x in grid.sent[-20:]
+    # The target (partition 2's node) never trained in FedEraser's calibration or FUKD's recovery.
+    assert all(int(x.metadata.dst_node_id) != USER_NODE[2] for x in grid.sent[-20:]
                if x.metadata.message_type == "train")
 
 
-def test_history_methods_are_refused_without_a_matching_history(userapp, tmp_path):
+def test_history_methods_are_refused_without_a_matching_history(userapp, tmp_path, user_grid):
     import torch
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.serverapp.strategy import FedAvg
@@ -462,7 +449,7 @@ def test_history_methods_are_refused_without_a_matching_history(userapp, tmp_pat
 
     client_app, task = userapp
     Inbox(str(tmp_path / "i0")).file(scope="client")
-    grid = UserGrid(client_app.app, inboxes={0: tmp_path / "i0"})
+    grid = user_grid(client_app.app, inboxes={0: tmp_path / "i0"})
     # Too large for the bound: refused before the first round, nothing written.
     with pytest.raises(ValueError, match="history.max-mb|over the bound"):
         HistoryKeeper(FedAvg(), methods=[FedEraser()], directory=tmp_path / "big",
@@ -490,7 +477,7 @@ def test_history_methods_are_refused_without_a_matching_history(userapp, tmp_pat
     assert "HistoryKeeper" in outcome.methods["pgd"].reason
 
 
-def test_inbox_instance_requests_use_the_data_owners_own_sample_ids(userapp, tmp_path):
+def test_inbox_instance_requests_use_the_data_owners_own_sample_ids(userapp, tmp_path, user_grid):
     """attach(sample_ids=...): ids filed in the inbox are the data owner's, mapped to
     positions on the node; an id the node does not hold is rejected on its receipt."""
     import torch
@@ -508,16 +495,16 @@ def test_inbox_instance_requests_use_the_data_owners_own_sample_ids(userapp, tmp
            sample_ids=lambda ctx: [7000 + 10 * i for i in range(48)], train_fn=task.train)
     good = Inbox(str(tmp_path / "i1")).file(scope="instance", sample_ids=[7000, 7050]).id
     bad = Inbox(str(tmp_path / "i2")).file(scope="instance", sample_ids=[5]).id
-    grid = UserGrid(app, inboxes={1: tmp_path / "i1", 2: tmp_path / "i2"})
+    grid = user_grid(app, inboxes={1: tmp_path / "i1", 2: tmp_path / "i2"})
     arrays = fedavg(grid, task, rounds=1)
     outcome = serve(grid, arrays, NoT(Recovery(rounds=1, lr=0.05), model_fn=task.Net,
                                       example_input=torch.zeros(1, 1, 8, 8)),
                     output_dir=tmp_path / "out")
     (accepted,) = outcome.report["accepted"]
-    assert accepted["node_id"] == 101 and accepted["num_samples"] == 2
+    assert accepted["node_id"] == USER_NODE[1] and accepted["num_samples"] == 2
     from fedunlearn.protocol import FORGET_SAMPLE_IDS
     echoed = {tuple(m.content["config"][FORGET_SAMPLE_IDS]) for m in grid.sent
-              if int(m.metadata.dst_node_id) == 101 and "config" in m.content
+              if int(m.metadata.dst_node_id) == USER_NODE[1] and "config" in m.content
               and FORGET_SAMPLE_IDS in m.content["config"]}
     assert echoed == {(0, 5)}  # positions of the owner's ids 7000 and 7050
     assert outcome.methods["not"].status == "honoured"
@@ -526,7 +513,7 @@ def test_inbox_instance_requests_use_the_data_owners_own_sample_ids(userapp, tmp
     assert verdict["status"] == "rejected" and "sample id(s) 5 are not" in verdict["reason"]
 
 
-def test_one_bad_inbox_request_does_not_sink_the_good_ones(userapp, tmp_path):
+def test_one_bad_inbox_request_does_not_sink_the_good_ones(userapp, tmp_path, user_grid):
     """Node 2's inbox holds a valid instance-wise request and one naming an id it does
     not hold: the node rejects the bad one on its own receipt, the good one is served."""
     import torch
@@ -538,14 +525,14 @@ def test_one_bad_inbox_request_does_not_sink_the_good_ones(userapp, tmp_path):
     inbox = Inbox(str(tmp_path / "i2"))
     good = inbox.file(scope="instance", sample_ids=[5, 8, 17]).id
     bad = inbox.file(scope="instance", sample_ids=[9, 2 ** 40]).id
-    grid = UserGrid(client_app.app, inboxes={2: tmp_path / "i2"})
+    grid = user_grid(client_app.app, inboxes={2: tmp_path / "i2"})
     arrays = fedavg(grid, task, rounds=1)
     out = tmp_path / "out"
     outcome = serve(grid, arrays, NoT(Recovery(rounds=1, lr=0.05), model_fn=task.Net,
                                       example_input=torch.zeros(1, 1, 8, 8)),
                     output_dir=out)
     (accepted,) = outcome.report["accepted"]
-    assert accepted["node_id"] == 102 and accepted["num_samples"] == 3
+    assert accepted["node_id"] == USER_NODE[2] and accepted["num_samples"] == 3
     (rejected,) = outcome.report["rejected"]
     assert rejected["inbox_ids"] == [bad] and str(2 ** 40) in rejected["reason"]
     assert outcome.methods["not"].status == "honoured"
@@ -556,7 +543,7 @@ def test_one_bad_inbox_request_does_not_sink_the_good_ones(userapp, tmp_path):
     assert any(r["event"] == "request.rejected" and r.get("by") == "node" for r in audit)
 
 
-def test_two_hundred_pending_requests_all_get_a_verdict_in_one_job(userapp, tmp_path):
+def test_two_hundred_pending_requests_all_get_a_verdict_in_one_job(userapp, tmp_path, user_grid):
     import torch
 
     from fedunlearn import NoT, Recovery, serve
@@ -565,7 +552,7 @@ def test_two_hundred_pending_requests_all_get_a_verdict_in_one_job(userapp, tmp_
     client_app, task = userapp
     inbox = Inbox(str(tmp_path / "i1"))
     ids = [inbox.file(scope="class", classes=[c % 2]).id for c in range(200)]
-    grid = UserGrid(client_app.app, inboxes={1: tmp_path / "i1"})
+    grid = user_grid(client_app.app, inboxes={1: tmp_path / "i1"})
     arrays = fedavg(grid, task, rounds=1)
     outcome = serve(grid, arrays, NoT(Recovery(rounds=1, lr=0.05), model_fn=task.Net,
                                       example_input=torch.zeros(1, 1, 8, 8)),

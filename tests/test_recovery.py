@@ -13,7 +13,7 @@ from fedunlearn.harness.methods import create_method
 from fedunlearn.strategies.stopping import PLATEAU, TARGET_REACHED, StoppingRule
 from fedunlearn.training import to_arrays
 
-from .helpers import NODE, RC, RecordingGrid, incoming, make_context
+from .helpers import NODE_ID, NUM, RC, incoming, make_context
 
 
 def feed(rule: StoppingRule, accuracies) -> tuple[int | None, str | None]:
@@ -54,18 +54,19 @@ def test_bad_rule_settings(bad):
         StoppingRule(target=1.0, **bad)
 
 
-def test_validated_recovery_through_the_client_app(server_identity, single_thread):
+def test_validated_recovery_through_the_client_app(server_identity, single_thread, local_grid):
     """A real recovery with the rule on: validation goes only to retained nodes, is
     metered under its own phase, and results say why and when recovery stopped."""
     from flower_apps.client_app import app
 
     rc = {**RC, "unlearn.stop": "validation", "unlearn.rounds": 4, "unlearn.patience": 1,
           "unlearn.server-momentum": 0.5, "unlearn.target-gap": 0.0}
-    request = UnlearningRequest("client", 0, node_id=10)
-    ctx = make_context(rc, {10: request})
+    target = NODE_ID[0]
+    request = UnlearningRequest("client", 0, node_id=target)
+    ctx = make_context(rc, {target: request})
     strategy = create_method("ft", ctx)
     ctx.original_arrays = to_arrays(ctx.model_factory())
-    grid = RecordingGrid(app, rc, NODE)
+    grid = local_grid(app, NUM, rc)
     arrays = strategy.unlearn(grid, ctx.original_arrays)
     assert set(arrays) == set(ctx.original_arrays)
     note = strategy.notes["recovery"]
@@ -73,7 +74,7 @@ def test_validated_recovery_through_the_client_app(server_identity, single_threa
     assert 1 <= note["rounds"] <= 4 and note["server_momentum"] == 0.5
     assert [r for r, _ in note["validation"]] == list(range(1, note["rounds"] + 1))
     validations = [m for m in grid.sent if m.metadata.message_type == "evaluate.unlearn"]
-    assert {m.metadata.dst_node_id for m in validations} == {11, 12, 13}  # not the target
+    assert {m.metadata.dst_node_id for m in validations} == set(NODE_ID[1:])  # not the target
     assert len(validations) == 3 * (note["rounds"] + 1)  # + the original, once
     meter = strategy.costs["validation"]
     model_bytes = sum(len(a.data) for a in ctx.original_arrays.values())
@@ -132,9 +133,9 @@ def test_a_round_without_usable_replies_fails_naming_node_and_key(server_identit
     """No silent "model unchanged": the method raises, naming the node and the key."""
     from fedunlearn.strategies import UnlearningFailed
 
-    class NoWeightGrid:
+    class NoWeightGrid:  # not a LocalGrid: hand-made hostile replies, no ClientApp runs
         def get_node_ids(self):
-            return [10, 11]
+            return NODE_ID[:2]
 
         def send_and_receive(self, messages, timeout=None):
             return [incoming(RecordDict({"arrays": m.content["arrays"],
@@ -144,7 +145,7 @@ def test_a_round_without_usable_replies_fails_naming_node_and_key(server_identit
 
     ctx = make_context(RC, {})
     strategy = create_method("ft", ctx)
-    with pytest.raises(UnlearningFailed, match=r"node 10: .*num-examples"):
+    with pytest.raises(UnlearningFailed, match=rf"node {NODE_ID[0]}: .*num-examples"):
         strategy.unlearn(NoWeightGrid(), to_arrays(ctx.model_factory()))
 
 

@@ -191,7 +191,8 @@ def test_a_node_error_is_reported_shortened(data):
     assert len(rejected[0]["reason"]) < 600
 
 
-def test_evaluator_counts_a_malformed_evaluate_reply_as_a_failed_node(server_identity, caplog):
+def test_evaluator_counts_a_malformed_evaluate_reply_as_a_failed_node(server_identity, caplog,
+                                                                      local_grid):
     """The Evaluator's own parsing (here without the guarded grid): a reply without the
     expected metric keys and one whose features are not in threes are failed nodes; the
     measurement completes (a failed node makes Retain, Forget and MIA missing)."""
@@ -204,20 +205,20 @@ def test_evaluator_counts_a_malformed_evaluate_reply_as_a_failed_node(server_ide
     from fedunlearn.harness.evaluation import Evaluator
     from fedunlearn.training import to_arrays
 
-    from .helpers import NODE, RC, RecordingGrid
+    from .helpers import NODE, NODE_ID, NUM, RC
 
     cfg = ExperimentConfig.from_run_config(RC)
     new_model = harness_view(context(0, RC)).new_model
-    grid = RecordingGrid(app, RC, NODE)
+    grid = local_grid(app, NUM, RC)
     deliver = grid.send_and_receive
 
     def tampered(messages, timeout=None):
         out = []
-        for reply in deliver(messages, timeout):
+        for reply in deliver(messages, timeout=timeout):
             metrics = dict(reply.content["metrics"])
-            if reply.metadata.src_node_id == 10:
+            if reply.metadata.src_node_id == NODE_ID[0]:
                 metrics = {"num-examples": metrics["num-examples"]}
-            if reply.metadata.src_node_id == 11:
+            if reply.metadata.src_node_id == NODE_ID[1]:
                 metrics["retain-features"] = [0.5] * 4
             out.append(Message(RecordDict({"metrics": MetricRecord(metrics)}),
                                metadata=reply.metadata))
@@ -229,8 +230,9 @@ def test_evaluator_counts_a_malformed_evaluate_reply_as_a_failed_node(server_ide
         grid, to_arrays(new_model()), {}, dict(NODE))
     assert 0 <= out["test"] <= 100
     assert math.isnan(out["retain"])
-    assert "node 10 is malformed" in caplog.text and "retain-correct is missing" in caplog.text
-    assert "node 11 is malformed" in caplog.text and "multiple of 3" in caplog.text
+    assert f"node {NODE_ID[0]} is malformed" in caplog.text
+    assert "retain-correct is missing" in caplog.text
+    assert f"node {NODE_ID[1]} is malformed" in caplog.text and "multiple of 3" in caplog.text
 
 
 def test_a_reason_stays_short_however_many_values_are_bad(data):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_plugin import UserGrid, fedavg, userapp  # noqa: F401  (fixture)
+from tests.test_plugin import USER_NODE, fedavg, user_grid, userapp  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: |final forget accuracy of the served model - that of a model that never saw the
@@ -51,14 +51,14 @@ def trained_nodes(sent) -> list[tuple[int, str]]:
 
 
 def test_requests_arriving_while_training_are_served_and_training_goes_on(userapp, tmp_path,
-                                                                           capsys):
+                                                                           capsys, user_grid):
     from fedunlearn import read_versions
     from fedunlearn.cli import main as cli
     from fedunlearn.inbox import Inbox
 
     client_app, task = userapp
     inboxes = {i: tmp_path / f"inbox-{i}" for i in range(4)}
-    grid = UserGrid(client_app.app, inboxes=inboxes)
+    grid = user_grid(client_app.app, inboxes=inboxes)
     arrays = fedavg(grid, task, rounds=2)
     filed, sent_at = {}, {}
 
@@ -74,7 +74,7 @@ def test_requests_arriving_while_training_are_served_and_training_goes_on(userap
     outcome = service.run(grid, arrays)
     assert outcome.round == 6 and outcome.stopped == "round budget 6 reached"
     assert [s["round"] for s in outcome.steps] == [2, 4]
-    assert [s["targets"] for s in outcome.steps] == [[100], [102]]
+    assert [s["targets"] for s in outcome.steps] == [[USER_NODE[0]], [USER_NODE[2]]]
     versions = read_versions(tmp_path / "state")
     assert [v["kind"] for v in versions] == ["start", "unlearned", "unlearned", "final"]
     assert [v["version"] for v in versions] == [0, 1, 2, 3]
@@ -87,11 +87,12 @@ def test_requests_arriving_while_training_are_served_and_training_goes_on(userap
     # After its step the client-wise target never trains again; the class-wise target
     # trains on its retained data (train.retained with its forget set) from then on.
     after_first = trained_nodes(grid.sent[sent_at[2]:])
-    assert after_first and all(n != 100 for n, _ in after_first)
+    assert after_first and all(n != USER_NODE[0] for n, _ in after_first)
     after_second = trained_nodes(grid.sent[sent_at[5] - 0:])
-    assert (102, "train.retained") in after_second and (101, "train") in after_second
+    assert (USER_NODE[2], "train.retained") in after_second
+    assert (USER_NODE[1], "train") in after_second
     retained = [m for m in grid.sent[sent_at[4]:] if m.metadata.message_type == "train.retained"
-                and int(m.metadata.dst_node_id) == 102]
+                and int(m.metadata.dst_node_id) == USER_NODE[2]]
     assert retained and list(retained[-1].content["config"]["forget.classes"]) == [1]
     # The audit log: received -> accepted -> honoured, each with round and version.
     log = audit_events(tmp_path / "state" / "audit.jsonl")
@@ -112,18 +113,18 @@ def test_requests_arriving_while_training_are_served_and_training_goes_on(userap
     assert last["filed_to_honoured_s"] >= 0
     client_check = Inbox(str(inboxes[0])).events(filed["client"])[-1]["check"]
     assert client_check["retain-total"] == 0 and "retain-accuracy" not in client_check
-    assert versions[2]["node_checks"]["102"]["forget-total"] == check["forget-total"]
+    assert versions[2]["node_checks"][str(USER_NODE[2])]["forget-total"] == check["forget-total"]
     # What the operator and the data owner read.
     capsys.readouterr()
     assert cli(["versions", str(tmp_path / "state"), "--request", filed["class"]]) == 0
     out = capsys.readouterr().out
-    assert "unlearned" in out and "node 102 class [1]" in out and "hash ok" in out
+    assert "unlearned" in out and f"node {USER_NODE[2]} class [1]" in out and "hash ok" in out
     assert cli(["request", "show", "--inbox", str(inboxes[2]), filed["class"]]) == 0
     out = capsys.readouterr().out
     assert "node's check of version 2: model hash matches" in out and "filed -> honoured" in out
 
 
-def test_a_killed_service_resumes_from_its_checkpoint_and_serves_once(userapp, tmp_path):
+def test_a_killed_service_resumes_from_its_checkpoint_and_serves_once(userapp, tmp_path, user_grid):
     """The ServerApp dies in the middle of an unlearning step; started again on the same
     state directory it resumes: the request is honoured exactly once, round numbers go
     on, the version increases by one."""
@@ -134,7 +135,7 @@ def test_a_killed_service_resumes_from_its_checkpoint_and_serves_once(userapp, t
 
     client_app, task = userapp
     inboxes = {1: tmp_path / "inbox-1"}
-    grid = UserGrid(client_app.app, inboxes=inboxes)
+    grid = user_grid(client_app.app, inboxes=inboxes)
     arrays = fedavg(grid, task, rounds=2)
     request_id = {}
 
@@ -148,7 +149,7 @@ def test_a_killed_service_resumes_from_its_checkpoint_and_serves_once(userapp, t
     def dying(messages, *, timeout=None):
         messages = list(messages)
         if any(m.metadata.message_type == "train" for m in messages) and request_id and \
-                not any(int(m.metadata.dst_node_id) == 101 for m in messages):
+                not any(int(m.metadata.dst_node_id) == USER_NODE[1] for m in messages):
             recovery_rounds.append(1)
             if len(recovery_rounds) == 2:  # NoT's second recovery round: the process dies
                 raise Killed()
@@ -180,7 +181,8 @@ def test_a_killed_service_resumes_from_its_checkpoint_and_serves_once(userapp, t
 
 def departing(grid):
     """A grid whose nodes can leave: a node removed from ``grid.contexts`` is no longer
-    connected, and a message to it gets no reply."""
+    connected, and a message to it gets no reply (wraps the in-process grid, which would
+    answer for it with Flower's NODE_UNAVAILABLE error reply)."""
     real = grid.send_and_receive
 
     def send_and_receive(messages, *, timeout=None):
@@ -192,18 +194,18 @@ def departing(grid):
 
 
 def test_a_node_that_drops_out_leaves_the_round_to_the_others_and_is_logged(userapp, tmp_path,
-                                                                           caplog):
+                                                                           caplog, user_grid):
     from fedunlearn import ServiceError
 
     client_app, task = userapp
-    grid = UserGrid(client_app.app)
+    grid = user_grid(client_app.app)
     arrays = fedavg(grid, task, rounds=1)
     gone = {}
 
     def on_round(rnd, info):
         gone.setdefault(rnd, info)
         if rnd == 2:
-            del grid.contexts[103]  # the node's machine goes away
+            del grid.contexts[USER_NODE[3]]  # the node's machine goes away
 
     departing(grid)
     service = _service(task, tmp_path, rounds=4, min_replies=3)
@@ -213,21 +215,22 @@ def test_a_node_that_drops_out_leaves_the_round_to_the_others_and_is_logged(user
     assert outcome.round == 4
     # One line per round says who took part; Flower's own per-round lines stay out.
     lines = [r.getMessage() for r in caplog.records]
-    assert "[service] round 3 | v0 | 3/4 nodes (missing [103]) | train loss" in "\n".join(lines)
+    assert (f"[service] round 3 | v0 | 3/4 nodes (missing [{USER_NODE[3]}]) | train loss"
+            in "\n".join(lines))
     assert not [m for m in lines if m.startswith("aggregate_train")]
     assert gone[2]["participants"] == 4 and gone[3]["participants"] == 3
-    assert gone[3]["missing"] == [103]
+    assert gone[3]["missing"] == [USER_NODE[3]]
     log = audit_events(tmp_path / "state" / "audit.jsonl")
-    assert any(e["event"] == "node.departed" and e["node"] == 103 for e in log)
+    assert any(e["event"] == "node.departed" and e["node"] == USER_NODE[3] for e in log)
 
     # With more replies required than nodes answer, the round is retried, then the
     # service stops at its last checkpoint, saying why.
-    grid = departing(UserGrid(client_app.app))
+    grid = departing(user_grid(client_app.app))
     strict = _service(task, tmp_path, state="strict", rounds=3, min_replies=4,
                       round_retries=1)
-    strict.on_round = lambda rnd, info: grid.contexts.pop(103, None)
+    strict.on_round = lambda rnd, info: grid.contexts.pop(USER_NODE[3], None)
     with pytest.raises(ServiceError, match=r"round 2: fewer than 4 usable replies in 2 "
-                                           r"tries.*missing \[103\].*round 1"):
+                                           rf"tries.*missing \[{USER_NODE[3]}\].*round 1"):
         strict.run(grid, arrays)
     log = audit_events(tmp_path / "strict" / "audit.jsonl")
     assert [e["event"] for e in log].count("round.retried") == 1
@@ -237,13 +240,14 @@ def test_a_node_that_drops_out_leaves_the_round_to_the_others_and_is_logged(user
     assert state["round"] == 1
 
 
-def test_a_puf_request_whose_target_left_fails_after_retries_with_the_reason(userapp, tmp_path):
+def test_a_puf_request_whose_target_left_fails_after_retries_with_the_reason(userapp, tmp_path,
+                                                                             user_grid):
     from fedunlearn import PUF, Recovery
     from fedunlearn.inbox import Inbox
 
     client_app, task = userapp
     inboxes = {0: tmp_path / "inbox-0"}
-    grid = UserGrid(client_app.app, inboxes=inboxes)
+    grid = user_grid(client_app.app, inboxes=inboxes)
     arrays = fedavg(grid, task, rounds=1)
     request_id = Inbox(str(inboxes[0])).file(scope="client").id
     departing(grid)
@@ -252,7 +256,7 @@ def test_a_puf_request_whose_target_left_fails_after_retries_with_the_reason(use
     def target_leaves(messages, *, timeout=None):
         messages = list(messages)
         if any(m.metadata.message_type.startswith("train.") for m in messages):
-            grid.contexts.pop(100, None)  # PUF's round starts: the target's node dies
+            grid.contexts.pop(USER_NODE[0], None)  # PUF's round starts: the target's node dies
         return real(messages, timeout=timeout)
 
     grid.send_and_receive = target_leaves
@@ -261,50 +265,52 @@ def test_a_puf_request_whose_target_left_fails_after_retries_with_the_reason(use
     outcome = service.run(grid, arrays)
     assert outcome.round == 5 and not outcome.steps
     (failed,) = outcome.failed
-    assert failed["node"] == 100 and failed["attempts"] == 3
-    assert "100" in failed["reason"] and "left the federation" in failed["reason"]
+    assert failed["node"] == USER_NODE[0] and failed["attempts"] == 3
+    assert str(USER_NODE[0]) in failed["reason"] and "left the federation" in failed["reason"]
     log = audit_events(tmp_path / "state" / "audit.jsonl")
     events = [e["event"] for e in log]
     assert events.count("unlearning.failed") == 3 and events.count("request.failed") == 1
     near = [e for e in log if e["event"] == "request.deadline_near"]
-    assert near and near[0]["node"] == 100
+    assert near and near[0]["node"] == USER_NODE[0]
     undelivered = [e for e in log if e["event"] == "receipt.undelivered"]
     assert undelivered and "could not serve" in undelivered[0]["reason_failed"]
     # The node never got to write it: the request is still pending in its inbox.
     assert Inbox(str(inboxes[0])).entry(request_id).status in ("accepted", "sent")
 
 
-def test_a_forgotten_node_that_reconnects_under_a_new_id_never_trains_again(userapp, tmp_path):
+def test_a_forgotten_node_that_reconnects_under_a_new_id_never_trains_again(userapp, tmp_path,
+                                                                            user_grid):
     from flwr.app import Context, RecordDict
 
     from fedunlearn.inbox import Inbox
 
     client_app, task = userapp
     inboxes = {0: tmp_path / "inbox-0"}
-    grid = UserGrid(client_app.app, inboxes=inboxes)
+    grid = user_grid(client_app.app, inboxes=inboxes)
     arrays = fedavg(grid, task, rounds=1)
     Inbox(str(inboxes[0])).file(scope="client")
     mark = {}
 
     def on_round(rnd, info):
-        if rnd == 2:  # node 100's SuperNode restarts: same data, same inbox, new node id
-            old = grid.contexts.pop(100)
-            grid.contexts[999] = Context(run_id=7, node_id=999, node_config=old.node_config,
-                                         state=RecordDict(), run_config={})
+        if rnd == 2:  # partition 0's SuperNode restarts: same data, same inbox, new node id
+            old = grid.contexts.pop(USER_NODE[0])
+            grid.contexts[999] = Context(run_id=grid.run.run_id, node_id=999,
+                                         node_config=old.node_config, state=RecordDict(),
+                                         run_config={})
             mark["at"] = len(grid.sent)
 
     service = _service(task, tmp_path, rounds=5)
     service.on_round = on_round
     outcome = service.run(grid, arrays)
-    assert outcome.steps[0]["targets"] == [100] and outcome.round == 5
+    assert outcome.steps[0]["targets"] == [USER_NODE[0]] and outcome.round == 5
     later = grid.sent[mark["at"]:]
-    assert later and all(int(m.metadata.dst_node_id) not in (100, 999) for m in later)
+    assert later and all(int(m.metadata.dst_node_id) not in (USER_NODE[0], 999) for m in later)
     log = audit_events(tmp_path / "state" / "audit.jsonl")
     assert any(e["event"] == "node.excluded" and e["node"] == 999 for e in log)
 
 
 def test_bad_service_settings_and_a_checkpoint_of_another_method_are_refused(userapp,
-                                                                             tmp_path):
+                                                                             tmp_path, user_grid):
     from fedunlearn import FineTune, Recovery, ServiceConfig, ServiceError
 
     with pytest.raises(ValueError, match=r"query_every \(run-config service.query-every\)=0"):
@@ -314,7 +320,7 @@ def test_bad_service_settings_and_a_checkpoint_of_another_method_are_refused(use
     with pytest.raises(ValueError, match="no budget"):
         _service(userapp[1], tmp_path, rounds=0)
     client_app, task = userapp
-    grid = UserGrid(client_app.app)
+    grid = user_grid(client_app.app)
     arrays = fedavg(grid, task, rounds=1)
     _service(task, tmp_path, rounds=1).run(grid, arrays)
     other = _service(task, tmp_path, rounds=2, method=FineTune(Recovery(rounds=1)))
@@ -380,7 +386,7 @@ def test_harness_service_mode_resumes_to_a_larger_round_budget(tmp_path):
 
 @pytest.mark.parametrize("dies_in", ["publish", "audit_steps"])
 def test_a_crash_between_publishing_and_recording_neither_skips_nor_repeats(userapp, tmp_path,
-                                                                            dies_in):
+                                                                            dies_in, user_grid):
     """The process dies right after an unlearned version is written (before the
     checkpoint marks its requests served), or right after that checkpoint (before the
     audit records): resumed, the version numbers have no gap, and the request is
@@ -394,7 +400,7 @@ def test_a_crash_between_publishing_and_recording_neither_skips_nor_repeats(user
 
     client_app, task = userapp
     inboxes = {2: tmp_path / "inbox-2"}
-    grid = UserGrid(client_app.app, inboxes=inboxes)
+    grid = user_grid(client_app.app, inboxes=inboxes)
     arrays = fedavg(grid, task, rounds=1)
     request_id = Inbox(str(inboxes[2])).file(scope="class", classes=[0]).id
     service = _service(task, tmp_path, rounds=3)
@@ -420,9 +426,9 @@ def test_a_crash_between_publishing_and_recording_neither_skips_nor_repeats(user
     assert statuses.count("honoured") == 1
 
 
-def test_stop_and_wall_clock_budgets_and_validation_lines(userapp, tmp_path, caplog):
+def test_stop_and_wall_clock_budgets_and_validation_lines(userapp, tmp_path, caplog, user_grid):
     client_app, task = userapp
-    grid = UserGrid(client_app.app)
+    grid = user_grid(client_app.app)
     arrays = fedavg(grid, task, rounds=1)
     seen = []
     service = _service(task, tmp_path, rounds=0, wall_s=3600.0, validate_every=2)
@@ -439,7 +445,7 @@ def test_stop_and_wall_clock_budgets_and_validation_lines(userapp, tmp_path, cap
 
 
 def test_requests_that_cannot_be_served_get_a_rejected_receipt_and_bad_models_are_refused(
-        userapp, tmp_path):
+        userapp, tmp_path, user_grid):
     from flwr.app import Array, ArrayRecord
 
     from fedunlearn import ServiceError
@@ -447,7 +453,7 @@ def test_requests_that_cannot_be_served_get_a_rejected_receipt_and_bad_models_ar
 
     client_app, task = userapp
     inboxes = {i: tmp_path / f"inbox-{i}" for i in (0, 1)}
-    grid = UserGrid(client_app.app, inboxes=inboxes)
+    grid = user_grid(client_app.app, inboxes=inboxes)
     arrays = fedavg(grid, task, rounds=1)
     Inbox(str(inboxes[0])).file(scope="client")
     Inbox(str(inboxes[1])).file(scope="class", classes=[2])
@@ -462,7 +468,7 @@ def test_requests_that_cannot_be_served_get_a_rejected_receipt_and_bad_models_ar
     service = _service(task, tmp_path, rounds=3)
     service.on_round = on_round
     outcome = service.run(grid, arrays)
-    assert len(outcome.steps) == 1 and outcome.steps[0]["targets"] == [100, 101]
+    assert len(outcome.steps) == 1 and outcome.steps[0]["targets"] == sorted(USER_NODE[:2])
     forgotten = Inbox(str(inboxes[0])).events(later["forgotten"])[-1]
     assert forgotten["status"] == "rejected"
     assert "already forgotten client-wise" in forgotten["reason"]
@@ -508,12 +514,12 @@ def test_the_example_app_in_service_mode(tmp_path):
     assert all(0 <= v["metrics"]["test"] <= 100 for v in versions)
 
 
-def test_the_default_method_is_not(userapp, tmp_path):
+def test_the_default_method_is_not(userapp, tmp_path, user_grid):
     from fedunlearn import UnlearningService
     from fedunlearn.inbox import Inbox
 
     client_app, task = userapp
-    grid = UserGrid(client_app.app, inboxes={1: tmp_path / "i1"})
+    grid = user_grid(client_app.app, inboxes={1: tmp_path / "i1"})
     arrays = fedavg(grid, task, rounds=1)
     Inbox(str(tmp_path / "i1")).file(scope="client")
     service = UnlearningService(state_dir=tmp_path / "s", model_fn=task.Net,

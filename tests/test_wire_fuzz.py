@@ -311,7 +311,7 @@ def test_fuzzed_replies_are_failed_nodes_with_a_reason(data, server_identity):
 
 
 def test_replies_from_strangers_and_duplicates_are_dropped(data, server_identity):
-    class Echo:
+    class Echo:  # not a LocalGrid: hostile replies (a duplicate, a stranger's), no ClientApp
         def get_node_ids(self):
             return [10, 11, 99]
 
