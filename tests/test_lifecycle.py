@@ -13,7 +13,7 @@ import torch
 
 from fedunlearn import FineTune, Recovery, ServiceConfig, UnlearningFailed, serve
 from fedunlearn.inbox import Inbox
-from tests.test_plugin import UserGrid, fedavg, userapp  # noqa: F401  (fixture)
+from tests.test_plugin import fedavg, user_grid, userapp  # noqa: F401  (fixtures)
 
 #: The records a method run leaves, in order (everything else is the job's own).
 LIFECYCLE = ("method.refused", "unlearning.started", "unlearning.finished",
@@ -53,10 +53,10 @@ def calls(monkeypatch):
     return seen
 
 
-def test_serve_takes_the_lifecycle(userapp, tmp_path, calls):
+def test_serve_takes_the_lifecycle(userapp, user_grid, tmp_path, calls):
     client_app, task = userapp
     recovery = Recovery(rounds=1, server_momentum=0.0, lr=0.05)
-    grid = UserGrid(client_app.app, inboxes={0: tmp_path / "i0", 1: tmp_path / "i1"})
+    grid = user_grid(client_app.app, inboxes={0: tmp_path / "i0", 1: tmp_path / "i1"})
     arrays = fedavg(grid, task, rounds=1)
     Inbox(str(tmp_path / "i0")).file(scope="client")
     serve(grid, arrays, [FineTune(recovery)], output_dir=tmp_path / "ok")
@@ -67,14 +67,14 @@ def test_serve_takes_the_lifecycle(userapp, tmp_path, calls):
     assert lifecycle_events(tmp_path / "broken") == FAILED
 
 
-def test_service_mode_takes_the_lifecycle(userapp, tmp_path, calls):
+def test_service_mode_takes_the_lifecycle(userapp, user_grid, tmp_path, calls):
     from fedunlearn import UnlearningService
 
     client_app, task = userapp
     recovery = Recovery(rounds=1, server_momentum=0.0, lr=0.05)
     for name, method in (("ok", FineTune(recovery)), ("broken", Breaks(recovery))):
         inbox = tmp_path / f"inbox-{name}"
-        grid = UserGrid(client_app.app, inboxes={0: inbox})
+        grid = user_grid(client_app.app, inboxes={0: inbox})
         arrays = fedavg(grid, task, rounds=1)
         Inbox(str(inbox)).file(scope="client")
         UnlearningService(method, state_dir=tmp_path / name,

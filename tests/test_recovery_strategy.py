@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
 from fedunlearn import NoT, Recovery
 from fedunlearn.audit import model_digest
 from fedunlearn.engine import run_app
-from tests.test_plugin import userapp  # noqa: F401  (fixture)
+from tests.test_plugin import user_grid, userapp  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "quickstart-pytorch-unlearning"
@@ -87,7 +87,7 @@ def test_aggregation_must_be_a_flower_strategy():
     assert NoT(Recovery(), aggregation=FedMedian()).fresh().aggregator is None
 
 
-def test_start_returns_flowers_result_with_its_histories(userapp):
+def test_start_returns_flowers_result_with_its_histories(userapp, user_grid):
     """``strategy.start(...)`` as a Flower user calls it: the Result carries the
     aggregated train metrics of every recovery round and the server-side evaluation of
     ``evaluate_fn(server_round, arrays)`` (round 0: the model recovery starts from)."""
@@ -95,15 +95,17 @@ def test_start_returns_flowers_result_with_its_histories(userapp):
 
     from fedunlearn import FineTune, UnlearningContext
     from fedunlearn.requests import UnlearningRequest
-    from tests.test_plugin import UserGrid, fedavg
+    from tests.test_plugin import USER_NODE, fedavg
 
     client_app, task = userapp
-    grid = UserGrid(client_app.app)
+    grid = user_grid(client_app.app)
     arrays = fedavg(grid, task, rounds=1)
     strategy = FineTune(Recovery(rounds=3, server_momentum=0.0, lr=0.05),
                         aggregation=FedAvg(min_train_nodes=1, min_available_nodes=1))
-    strategy.bind(UnlearningContext(requests={100: UnlearningRequest("client", 0, node_id=100)},
-                                    node_partitions={n: n - 100 for n in grid.contexts}))
+    target = USER_NODE[0]
+    strategy.bind(UnlearningContext(
+        requests={target: UnlearningRequest("client", 0, node_id=target)},
+        node_partitions={n: p for p, n in enumerate(USER_NODE)}))
     seen = []
 
     def evaluate_fn(server_round, a):
