@@ -510,3 +510,28 @@ def test_sixty_five_pending_inbox_requests_all_get_a_verdict_in_one_harness_job(
     assert [(r["node_id"], r["classes"]) for r in res["request"]] == [(NODE_ID[1], [0, 1, 2])]
     assert {inbox.entry(i).status for i in ids} == {"honoured"}
     assert all(inbox.entry(i).events[-1]["audit_seq"] >= 0 for i in ids)
+
+
+def test_a_node_away_for_one_look_is_asked_again_when_it_is_back(app, tmp_path,
+                                                                 server_identity):
+    """Membership follows the SuperLink round by round: a verified node missing from one
+    look at the node list (a heartbeat gap, a SuperNode restart under the same id) is a
+    failed node while it is away and is asked again once it is connected again."""
+    from fedunlearn.audit import AuditLog
+
+    rc = job_config(tmp_path)
+    inner = LiveGrid(app, rc, nodes_config())
+    log_ = AuditLog(tmp_path / "audit.jsonl", RUN_ID)
+    grid = federation.GuardedGrid(inner, log_)
+    grid.verify({n: p for p, n in enumerate(NODE_ID)})
+    node = NODE_ID[2]
+    config = inner.contexts[node].node_config
+    inner.leave(node)
+    assert node not in grid.get_node_ids() and grid.departed == [node]
+    inner.join(node, config)
+    assert node in grid.get_node_ids() and grid.departed == []
+    query = federation.query(grid, [node], run_config_requests=False)
+    assert [int(r.metadata.src_node_id) for r in query] == [node]
+    assert not query[0].has_error()  # it was asked, and it answered
+    events = [e["event"] for e in read_audit(tmp_path / "audit.jsonl").records]
+    assert events == ["node.departed", "node.rejoined"]

@@ -89,24 +89,38 @@ class GuardedGrid(Grid):
             log(WARNING, "Node %d is %s", node, reason)
             if self.audit is not None:
                 self.audit.record("node.excluded", node=node, reason=reason)
+        self._follow(connected)
+        return [n for n in nodes if n in self.verified]
+
+    def _follow(self, connected: set[int]) -> None:
+        """Membership follows the SuperLink, round by round: a verified node that is not
+        connected has departed (a failed node while it is away); one that is connected
+        again under its own id is asked again."""
         for node in sorted(set(self.verified) - connected - self._departed):
             self._departed_now(node, "no longer connected")
-        return [n for n in nodes if n in self.verified]
+        for node in sorted(self._departed & connected):
+            self._departed.discard(node)
+            log(WARNING, "Node %d (partition %s) is connected again under its id: it is "
+                "asked again from now on", node, self.verified.get(node))
+            if self.audit is not None:
+                self.audit.record("node.rejoined", node=node, partition=self.verified.get(node))
 
     def _departed_now(self, node: int, how: str) -> None:
         if node in self._departed:
             return
         self._departed.add(node)
         log(WARNING, "Node %d (partition %s) left the federation (%s): it is a failed node "
-            "in every round and evaluation from now on; a node that comes back under a new "
-            "id takes no part in this job", node, self.verified.get(node), how)
+            "in every round and evaluation while it is away; back under its id, it is asked "
+            "again; a node that comes back under a new id takes no part in this job", node,
+            self.verified.get(node), how)
         if self.audit is not None:
             self.audit.record("node.departed", node=node, partition=self.verified.get(node),
                               how=how)
 
     @property
     def departed(self) -> list[int]:
-        """Verified nodes that left (no longer connected, or no reply when asked)."""
+        """Verified nodes that are away now (no longer connected; a node connected again
+        under its id leaves this list)."""
         return sorted(self._departed)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -131,9 +145,7 @@ class GuardedGrid(Grid):
         allowed = self._allowed(messages)
         out: list[Message] = []
         if self.verified:
-            connected = set(self.inner.get_node_ids())
-            for node in sorted(set(self.verified) - connected):
-                self._departed_now(node, "no longer connected")
+            self._follow(set(self.inner.get_node_ids()))
             gone = [m for m in allowed if int(m.metadata.dst_node_id) in self._departed]
             allowed = [m for m in allowed if int(m.metadata.dst_node_id) not in self._departed]
             out += [_no_reply(m, "the node left the federation") for m in gone]
