@@ -527,3 +527,17 @@ def test_the_default_method_is_not(userapp, tmp_path, user_grid):
     service.config = type(service.config)(rounds=1, lr=0.05)
     outcome = service.run(grid, arrays)
     assert outcome.steps[0]["method"] == "not" and outcome.steps[0]["rounds"] == 11
+
+
+def test_service_mode_refuses_a_history_method_up_front(tmp_path):
+    """A method that replays the training history cannot serve a federation that trains
+    on: refused when the service is built and by the run-config check, never after
+    accepting requests (issue: service mode that loses nothing, item 8)."""
+    from fedunlearn import FedEraser, PGD, Recovery, UnlearningService
+    from fedunlearn.launch import check_run_config
+
+    for method in (FedEraser(Recovery()), PGD(Recovery())):
+        with pytest.raises(ValueError, match=rf"method={method.name}: service mode cannot"):
+            UnlearningService(method, state_dir=tmp_path / method.name)
+    with pytest.raises(ValueError, match="method=federaser: service mode"):
+        check_run_config({"method": "federaser", "service.rounds": 3})

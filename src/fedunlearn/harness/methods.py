@@ -151,6 +151,12 @@ def check_methods(cfg: ExperimentConfig) -> dict[str, MethodParams]:
     params = {m: params_from(get_method(m), cfg) for m in cfg.methods}
     for m, p in params.items():
         check_method_config(get_method(m), cfg, p)
+        if cfg.service_rounds and get_method(m).history_needs(p):
+            raise ValueError(
+                f"method={m}: service mode (service.rounds > 0) cannot serve with a method "
+                "that replays the training history (federaser, fukd, pgd): the service "
+                "trains on after every step; choose a method that needs none (not, ft, puf, "
+                "...)")
     check_history_bound(cfg, params)
     return params
 

@@ -163,6 +163,13 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         if config.rounds == 0 and config.wall_s == 0 and stop is None:
             raise ValueError("the service has no budget: give ServiceConfig(rounds=...) or "
                              "wall_s=..., or a stop() callable")
+        needs = method.history_needs(method.params)
+        if needs:
+            raise ValueError(
+                f"method={method.name}: service mode cannot serve with a method that replays "
+                f"the training history ({needs.describe()}): the service trains on after "
+                "every step, and a history recorded before it no longer describes the model "
+                "it serves; use a method that needs none (NoT, FT, PUF, ...)")
         method.check_ready()
         self.method, self.config = method, config
         self.state_dir = Path(state_dir).expanduser().resolve()
