@@ -208,6 +208,11 @@ def test_hand_edited_request_files_are_reported_not_sent(inbox, caplog, capsys):
     assert sent_request(ask(inbox)) is None
     assert "bad.json" in caplog.text and "3.5 (float) is not an integer" in caplog.text
     assert cli(["request", "list", "--inbox", str(inbox.root)]) == 0
+    from fedunlearn.audit import AuditLog
+
+    log_ = AuditLog(tmp_path / "audit.jsonl", 1)
+    log_.record("job.started")
+    assert cli(["audit", str(log_.path), "--inbox", str(inbox.root)]) == 0  # the FIFO skipped
     err = capsys.readouterr().err
     assert "unreadable: bad.json" in err and "unreadable: worse.json" in err
 
@@ -350,3 +355,36 @@ def test_a_harness_node_rejects_a_bad_request_of_a_batch_alone(inbox):
     refused = reply.content["rejected"]
     assert list(refused["inbox-ids"]) == [bad.id]
     assert str(2 ** 40) in refused["reasons"][0] and len(refused["reasons"][0]) < 300
+
+
+def test_a_fifo_a_deep_json_and_a_huge_file_in_the_inbox_are_refused_not_fatal(tmp_path):
+    """Hostile inbox files (issue: service mode that loses nothing, items 11, 13, 16): a
+    FIFO never blocks a reader, a few KB of nested JSON is an unreadable file with a
+    reason, a file over the size cap is refused unread; the good request still goes out,
+    and `fedunlearn audit --inbox` and `request list` finish."""
+    import os
+
+    from fedunlearn.inbox import MAX_FILE_BYTES
+
+    inbox = Inbox(str(tmp_path / "inbox"))
+    good = inbox.file(scope="client")
+    requests_dir, receipts_dir = inbox.requests_dir, inbox.receipts_dir
+    os.mkfifo(requests_dir / "20990101T000000Z-aaaaaa.json")
+    os.mkfifo(receipts_dir / "20990101T000000Z-aaaaaa.jsonl")
+    (requests_dir / "20990101T000000Z-bbbbbb.json").write_text("[" * 5000 + "]" * 5000)
+    with open(requests_dir / "20990101T000000Z-cccccc.json", "wb") as fh:
+        fh.truncate(MAX_FILE_BYTES + 1)
+    entries, problems = inbox.entries()
+    assert [e.request.id for e in entries] == [good.id]
+    reasons = "\n".join(problems)
+    assert "aaaaaa.json" in reasons and "not a regular file" in reasons
+    assert "bbbbbb.json" in reasons and "nested too deeply" in reasons
+    assert "cccccc.json" in reasons and "more than an inbox file may" in reasons
+    scope, batch, _ = inbox.pending_batch()
+    assert scope == "client" and [r.id for r in batch] == [good.id]
+    assert cli(["request", "list", "--inbox", str(inbox.root)]) == 0
+    from fedunlearn.audit import AuditLog
+
+    log_ = AuditLog(tmp_path / "audit.jsonl", 1)
+    log_.record("job.started")
+    assert cli(["audit", str(log_.path), "--inbox", str(inbox.root)]) == 0  # the FIFO skipped

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .arrays import to_numpy
+from .wire import loads_json
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -179,7 +180,7 @@ class AuditLog:
             start = max(0, size - _TAIL_BYTES)
             for line in reversed(os.pread(fd, size - start, start).split(b"\n")):
                 try:
-                    record = json.loads(line)
+                    record = loads_json(line)
                 except ValueError:
                     continue
                 if isinstance(record, dict) and isinstance(record.get("seq"), int):
@@ -214,7 +215,7 @@ class AuditLog:
             complete = lines[:-1]  # the last piece is partial (or empty when sealed)
             for line in reversed(complete):
                 try:
-                    last = json.loads(line)
+                    last = loads_json(line)
                 except ValueError:
                     continue  # a partial line sealed by an earlier writer
                 if isinstance(last, dict) and isinstance(last.get("seq"), int):
@@ -262,7 +263,7 @@ def read_audit(path: Path, head: bool = True) -> AuditReading:
     prev, prev_seq, prev_number = GENESIS, -1, 0
     for number, line in enumerate(lines, start=1):
         try:
-            record = json.loads(line)
+            record = loads_json(line)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
         except ValueError:
@@ -363,11 +364,11 @@ def receipt_anchors(receipts_dir: Path) -> list[Anchor]:
     event that carries ``audit_seq`` and ``audit_sha256``."""
     out = []
     for path in sorted(Path(receipts_dir).glob("*.jsonl")):
-        if path.is_symlink():
+        if path.is_symlink() or not path.is_file():  # a link, a FIFO, a device: not ours
             continue
         for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
             try:
-                event = json.loads(line)
+                event = loads_json(line)
             except ValueError:
                 continue
             if not isinstance(event, dict):

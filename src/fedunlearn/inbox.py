@@ -30,6 +30,7 @@ import datetime as _dt
 import json
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 
 from .requests import (INBOX_ID_PATTERN, MAX_CLASSES, MAX_ID, MAX_INBOX_IDS, MAX_SAMPLE_IDS,
                        SCOPES)
-from .wire import (WireError, exact_int, finite_number, int_list, only_fields, require,
+from .wire import (WireError, exact_int, finite_number, int_list, loads_json, only_fields, require,
                    str_list, text)
 
 INBOX_KEY = "inbox"
@@ -215,7 +216,7 @@ class Inbox:
         out, problems = [], []
         for path in sorted(self.requests_dir.glob("*.json")):
             try:
-                request = InboxRequest.from_json(json.loads(_read(path)))
+                request = InboxRequest.from_json(loads_json(_read(path)))
                 if request.id != path.stem:
                     raise WireError("id", request.id, f"expected {path.stem!r}, the file's name")
                 events = self.events(request.id)
@@ -231,7 +232,7 @@ class Inbox:
         path = self.requests_dir / f"{request_id}.json"
         if not path.exists():
             raise InboxError(f"no request {request_id!r} in {self.root}")
-        return InboxEntry(InboxRequest.from_json(json.loads(_read(path))),
+        return InboxEntry(InboxRequest.from_json(loads_json(_read(path))),
                           self.events(request_id))
 
     def events(self, request_id: str) -> list[dict]:
@@ -242,7 +243,7 @@ class Inbox:
         out = []
         for line in _read(path).split(b"\n"):
             try:
-                record = json.loads(line)
+                record = loads_json(line)
             except ValueError:
                 continue
             if isinstance(record, dict) and record.get("status") in STATUSES:
@@ -298,11 +299,28 @@ def _open(path: Path, flags: int) -> int:
         raise
 
 
+#: The largest inbox file read (a request is a few hundred bytes; a history of receipts
+#: a few KB): a bigger one is refused as unreadable, never loaded.
+MAX_FILE_BYTES = 4 << 20
+
+
 def _read(path: Path) -> bytes:
-    fd = _open(path, os.O_RDONLY)
+    """A regular file of the inbox, whole: a FIFO, a device or a folder is refused without
+    blocking (opened non-blocking, checked with ``fstat``), and so is a file over
+    :data:`MAX_FILE_BYTES`."""
+    fd = _open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        chunks = []
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InboxError(f"{path} is not a regular file: refused")
+        if info.st_size > MAX_FILE_BYTES:
+            raise InboxError(f"{path} holds {info.st_size} bytes, more than an inbox file may "
+                             f"({MAX_FILE_BYTES}): refused")
+        chunks, size = [], 0
         while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise InboxError(f"{path} grew past {MAX_FILE_BYTES} bytes while read: refused")
             chunks.append(chunk)
         return b"".join(chunks)
     finally:

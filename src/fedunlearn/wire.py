@@ -238,3 +238,15 @@ def parse_int_list(value: Any, key: str) -> tuple[int, ...]:
                 "integers such as '0,3'"
             ) from None
     return tuple(out)
+
+
+def loads_json(data: str | bytes):
+    """``json.loads`` whose every failure is a ``ValueError`` naming it: a document nested
+    too deeply for the parser (a few KB of ``[[[[...]]]]``) included, which Python's
+    parser reports as ``RecursionError``."""
+    import json
+
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
