@@ -541,3 +541,58 @@ def test_service_mode_refuses_a_history_method_up_front(tmp_path):
             UnlearningService(method, state_dir=tmp_path / method.name)
     with pytest.raises(ValueError, match="method=federaser: service mode"):
         check_run_config({"method": "federaser", "service.rounds": 3})
+
+
+def test_a_hostile_receipt_acknowledgement_neither_stops_nor_bloats_the_service(
+        userapp, local_grid, tmp_path, capsys):
+    """A node's acknowledgement of its honoured receipt is parsed strictly (issue:
+    service mode that loses nothing, item 10): a bytes value, a 20,000,000-character
+    note, an unknown key and a retain count without its accuracy are left out and
+    recorded, the service goes on, and `fedunlearn versions` still lists every version."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedunlearn import read_versions
+    from fedunlearn.cli import main as cli
+    from fedunlearn.inbox import Inbox
+    from fedunlearn.requests import RECEIPT_ACK
+
+    client_app, task = userapp
+
+    def hostile(node, reply):
+        if reply.has_error() or RECEIPT_ACK not in reply.content.config_records:
+            return reply
+        ack = ConfigRecord({"written": 1, "check-model-sha256-ok": True,
+                            "check-forget-accuracy": b"\x00\x01",
+                            "check-error": "x" * 20_000_000, "check-owned": 1.0,
+                            "check-retain-total": 5})
+        return Message(RecordDict({RECEIPT_ACK: ack}), reply_to=_incoming_of(reply))
+
+    inbox = tmp_path / "inbox-0"
+    grid = local_grid(client_app.app, 4, {}, {0: {"inbox": str(inbox)}}, run_id=7,
+                      arrival="sent", tamper=hostile)
+    arrays = fedavg(grid, task, rounds=1)
+    Inbox(str(inbox)).file(scope="client")
+    outcome = _service(task, tmp_path, rounds=3).run(grid, arrays)
+    assert outcome.round == 3 and len(outcome.steps) == 1
+    versions = read_versions(tmp_path / "state")
+    check = next(iter(versions[1]["node_checks"].values()))
+    assert check["model-sha256-ok"] is True and check["retain-total"] == 5
+    assert "forget-accuracy" not in check and "owned" not in check
+    assert len(check["error"]) == 300
+    assert (tmp_path / "state" / "versions.json").stat().st_size < 100_000
+    sent = [e for e in audit_events(tmp_path / "state" / "audit.jsonl")
+            if e["event"] == "receipt.sent" and e.get("status") == "honoured"]
+    assert any("check-forget-accuracy" in p for p in sent[0]["check_refused"])
+    assert cli(["versions", str(tmp_path / "state")]) == 0
+    assert "retained -%" in capsys.readouterr().out
+
+
+def _incoming_of(reply):
+    """The message a reply answers (enough of it for ``Message(reply_to=...)``)."""
+    from flwr.app import Message, Metadata, RecordDict
+
+    md = reply.metadata
+    return Message(RecordDict(), metadata=Metadata(
+        run_id=md.run_id, message_id=md.reply_to_message_id, src_node_id=md.dst_node_id,
+        dst_node_id=md.src_node_id, reply_to_message_id="", group_id=md.group_id,
+        created_at=md.created_at, ttl=md.ttl, message_type=md.message_type))

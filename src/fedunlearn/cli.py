@@ -161,7 +161,7 @@ def cmd_versions(args) -> int:
         checks = "; ".join(
             f"node {n}: hash {'ok' if c.get('model-sha256-ok') else 'MISMATCH'}, forget "
             f"{c.get('forget-accuracy', '-')}%, "
-            + (f"retained {c['retain-accuracy']}%" if c.get("retain-total")
+            + (f"retained {c.get('retain-accuracy', '-')}%" if c.get("retain-total")
                else "nothing retained")
             for n, c in v.get("node_checks", {}).items()) or "-"
         test = v.get("metrics", {}).get("test")

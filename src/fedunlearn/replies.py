@@ -18,12 +18,30 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from .arrays import records, to_numpy
-from .protocol import (COST_METRICS, EVALUATE_COUNT_KEYS, MAX_METRICS, METRICS_KEY, MIA_FEATURES,
-                       MODEL_KEY, NODE_FIELDS, NODE_RECORD, NUM_EXAMPLES)
+from .protocol import (
+    COST_METRICS,
+    EVALUATE_COUNT_KEYS,
+    MAX_METRICS,
+    METRICS_KEY,
+    MIA_FEATURES,
+    MODEL_KEY,
+    NODE_FIELDS,
+    NODE_RECORD,
+    NUM_EXAMPLES,
+)
 from .protocol import METRIC_KEYS as TRAIN_METRIC_KEYS  # noqa: F401  (re-export)
 from .requests import MAX_PARTITION_ID
-from .wire import (MissingField, WireError, exact_int, finite_number, int_list, number_list,
-                   only_fields, require)
+from .wire import (
+    MissingField,
+    WireError,
+    exact_int,
+    finite_number,
+    int_list,
+    number_list,
+    only_fields,
+    require,
+    shorten,
+)
 
 MAX_COUNT = 10**12
 """Upper bound of any sample count a node reports (far above any data set here)."""
@@ -220,3 +238,57 @@ def check_evaluate_metrics(reply: Message) -> None:
             if metrics[key] > metrics[total_key]:
                 raise WireError(f"{METRICS_KEY}.{key}", metrics[key],
                                 f"expected at most {total_key}={metrics[total_key]}")
+
+
+#: A node's check of a published model, as its receipt acknowledgement carries it
+#: (``check-<key>``): the key and what its value may be.
+CHECK_FIELDS = {"model-sha256-ok": "bool", "forget-total": "count", "retain-total": "count",
+                "forget-accuracy": "percent", "retain-accuracy": "percent",
+                "forget-loss": "loss", "retain-loss": "loss", "error": "text"}
+MAX_CHECK_TEXT = 300
+
+
+def parse_node_check(ack) -> tuple[dict, list[str]]:
+    """The node's check from a receipt acknowledgement, strictly: known keys only, a bool,
+    a count, a percentage in [0, 100], a finite non-negative loss (``None``: the set was
+    empty) or a short text. Returns ``(check, problems)``; a bad or unknown entry is left
+    out and named in ``problems`` (bounded), so no node's reply can stop the service or
+    grow its files."""
+    check: dict = {}
+    problems: list[str] = []
+    for key, value in ack.items():
+        if not key.startswith("check-"):
+            continue
+        name, kind = key[len("check-"):], CHECK_FIELDS.get(key[len("check-"):])
+        try:
+            if kind is None:
+                raise ValueError("not a check field")
+            check[name] = _check_value(kind, value)
+        except ValueError as err:
+            if len(problems) < 10:
+                problems.append(f"{shorten(key, 40)}={shorten(value, 40)}: {err}")
+    return check, problems
+
+
+def _check_value(kind: str, value):
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if kind == "text":
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value[:MAX_CHECK_TEXT]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("expected a number")
+    if kind == "count":
+        if not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+            raise ValueError(f"expected an integer in 0..{MAX_COUNT}")
+        return value
+    if value != value:  # nan: nothing to measure on (an empty set)
+        return None
+    if kind == "percent" and not 0.0 <= value <= 100.0:
+        raise ValueError("expected a percentage in [0, 100]")
+    if kind == "loss" and not (0.0 <= value < float("inf")):
+        raise ValueError("expected a finite loss >= 0")
+    return float(value)

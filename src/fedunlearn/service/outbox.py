@@ -18,7 +18,9 @@ from ..protocol import (
     RECEIPT_RECORD,
     reply_timeout,
 )
+from ..replies import parse_node_check
 from ..requests import UnlearningRequest, request_to_config
+from ..wire import shorten
 from .state import VERSIONS_FILE, _atomic_json, _fmt, _request_from_dict, read_versions
 
 
@@ -90,12 +92,18 @@ class Outbox:
                               inbox_ids=list(request.inbox_ids), reason=why[:500])
             return {}
         ack = reply.content.config_records.get(RECEIPT_ACK, ConfigRecord())
-        check = {k[len("check-"):]: v for k, v in ack.items() if k.startswith("check-")}
+        check, problems = parse_node_check(ack)
         written = ack.get("written", 0)
+        if isinstance(written, bool) or not isinstance(written, int):
+            problems.append(f"written={shorten(written, 40)}: expected an integer")
+            written = 0
         self.audit.record("receipt.sent", node=node, status="honoured",
                           inbox_ids=list(request.inbox_ids), written=written,
                           method=item["method"], published_version=item["version"],
-                          check=check)
+                          check=check, **({"check_refused": problems} if problems else {}))
+        if problems:
+            log(WARNING, "[service] node %d's check of version %d: entries left out: %s",
+                node, item["version"], "; ".join(problems))
         log(INFO, "Receipt (honoured) for inbox request(s) %s written on node %d",
             ", ".join(request.inbox_ids), node)
         return check
