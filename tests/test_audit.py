@@ -205,3 +205,31 @@ def test_audit_path_and_model_digest(tmp_path, monkeypatch):
     c = ArrayRecord({"w": Array(np.array([1, 1, -1], dtype=np.float32))})
     assert model_digest(a) == model_digest(b) != model_digest(c)
     assert len(model_digest(a)) == 64
+
+
+def test_receipts_of_another_jobs_log_are_noted_not_failed(tmp_path, capsys):
+    """Two jobs, two logs, one inbox (issue: service mode that loses nothing, item 6):
+    each log is checked against the anchors of its own run; the other job's receipts
+    are noted, and an edit of this log's own anchored record is still caught."""
+    inbox = Inbox(tmp_path / "inbox")
+    request = inbox.file("class", classes=[3])
+    logs = {}
+    for run in (1, 2):
+        path = tmp_path / f"audit-{run}.jsonl"
+        log = AuditLog(path, run_id=run)
+        _events(log, 2 + run)
+        seq, digest = log.head()
+        inbox.append_event(request.id, {"status": "sent", "run": run, "audit_seq": seq,
+                                        "audit_sha256": digest})
+        logs[run] = path
+    for run, path in logs.items():
+        assert cli(["audit", str(path), "--inbox", str(inbox.root)]) == 0, run
+        captured = capsys.readouterr()
+        assert "1 receipt anchor(s) of run(s) " in captured.err
+        assert "not checked against it" in captured.err
+    lines = logs[2].read_text().splitlines()
+    edited = json.loads(lines[-1])
+    edited["event"] = "request.rejected"
+    lines[-1] = json.dumps(edited, separators=(",", ":"))
+    logs[2].write_text("\n".join(lines) + "\n")
+    assert cli(["audit", str(logs[2]), "--inbox", str(inbox.root)]) == 1

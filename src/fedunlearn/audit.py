@@ -339,14 +339,26 @@ class Anchor:
     seq: int
     sha256: str
     source: str
+    #: The run the receipt was sent in (``None``: it does not say).
+    run: object = None
 
 
 def check_anchors(reading: AuditReading, anchors: list[Anchor]) -> list[str]:
     """Each anchor the log no longer matches, as a sentence (also added to
     ``reading.chain_breaks``): the record is gone (cut) or its line changed (edited, or
-    the chain rewritten from there)."""
+    the chain rewritten from there). Only anchors of runs the log holds are checked: the
+    receipts of another job's log (two jobs on one inbox) are noted, not failed."""
     problems = []
+    runs = {r.get("run") for r in reading.records}
+    others = sorted({str(a.run) for a in anchors if a.run is not None and a.run not in runs})
+    if others:
+        reading.notes.append(
+            f"{sum(1 for a in anchors if a.run is not None and a.run not in runs)} receipt "
+            f"anchor(s) of run(s) {', '.join(others)}, which this log does not hold (another "
+            "job's log): not checked against it")
     for anchor in anchors:
+        if anchor.run is not None and anchor.run not in runs:
+            continue
         number, digest = reading.digests.get(anchor.seq, (None, None))
         if number is None:
             problems.append(f"{anchor.source}: the log holds no record seq {anchor.seq} "
@@ -376,7 +388,8 @@ def receipt_anchors(receipts_dir: Path) -> list[Anchor]:
             seq, digest = event.get("audit_seq"), event.get("audit_sha256")
             if isinstance(seq, int) and isinstance(digest, str):
                 out.append(Anchor(seq, digest, f"receipt {path.name} line {number} "
-                                  f"({event.get('status')}, run {event.get('run')})"))
+                                  f"({event.get('status')}, run {event.get('run')})",
+                                  run=event.get("run")))
     return out
 
 
