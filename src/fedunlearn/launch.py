@@ -301,6 +301,37 @@ def _parse_scalar(text: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # SIGTERM -> SystemExit, so the `finally` that stops the SuperLink still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        overrides = load_preset(args.preset, args.app) if args.preset else {}
+        overrides.update(parse_overrides(args.overrides))
+        check_run_config(overrides, args.app)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.check:
+        print("run-config OK")
+        return 0
+    n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
+    log_file = _job_log_file(args, overrides)
+    from .console import JobConsole
+
+    with JobConsole(sys.stdout, verbose=args.verbose) as console, \
+            contextlib.redirect_stdout(console):
+        if args.engine == "local":
+            from .engine import local_run
+
+            return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                             num_gpus=args.num_gpus, app=args.app, log_file=log_file)
+        return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                        num_gpus=args.num_gpus, app=args.app, log_file=log_file,
+                        finished_marker=HARNESS_FINISHED if args.app is None else None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``fedunlearn-run``."""
     parser = argparse.ArgumentParser(
         prog="fedunlearn-run",
         description="Run one fedunlearn simulation job with `flwr run --stream` "
@@ -332,19 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only check the run-config (every key, this machine's device "
                              "and folders) and exit: 0 when it is good, 2 naming the bad "
                              "value")
-    args = parser.parse_args(argv)
-    # SIGTERM -> SystemExit, so the `finally` that stops the SuperLink still runs.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        overrides = load_preset(args.preset, args.app) if args.preset else {}
-        overrides.update(parse_overrides(args.overrides))
-        check_run_config(overrides, args.app)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.check:
-        print("run-config OK")
-        return 0
-    n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
+    return parser
+
+
+def _job_log_file(args: argparse.Namespace, overrides: dict) -> Path | str | None:
+    """The job's log file (``--log-file``, else ``<output-dir>/job.log``), its folder
+    made; without ``--app`` and an ``output-dir``, the harness's default output folder
+    is chosen here (into ``overrides``) so that the log goes beside the results."""
     log_file = args.log_file
     if args.app is None and not overrides.get("output-dir"):
         # The harness's default (~/fedunlearn-results/<time>), chosen here so that the
@@ -356,19 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file = Path(str(overrides["output-dir"])).expanduser() / "job.log"
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-    from .console import JobConsole
-
-    with JobConsole(sys.stdout, verbose=args.verbose) as console, \
-            contextlib.redirect_stdout(console):
-        if args.engine == "local":
-            from .engine import local_run
-
-            return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                             num_gpus=args.num_gpus, app=args.app, log_file=log_file)
-        return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                        num_gpus=args.num_gpus, app=args.app, log_file=log_file,
-                        finished_marker=HARNESS_FINISHED if args.app is None else None)
-
+    return log_file
 
 if __name__ == "__main__":
     sys.exit(main())
