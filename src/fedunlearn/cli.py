@@ -248,7 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedunlearn", description="Unlearning requests on a SuperNode's inbox; the "
         "server's audit log; CKA of saved models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_request_commands(sub)
+    _add_audit_command(sub)
+    _add_versions_command(sub)
+    _add_cka_command(sub)
+    return parser
 
+
+def _add_request_commands(sub) -> None:
+    """``fedunlearn request file|list|show|withdraw``."""
     request = sub.add_parser("request", help="file, list, show or withdraw unlearning "
                              "requests in a SuperNode's inbox")
     rsub = request.add_subparsers(dest="action", required=True)
@@ -279,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.set_defaults(fn=cmd_withdraw)
 
+
+def _add_audit_command(sub) -> None:
+    """``fedunlearn audit``."""
     p = sub.add_parser("audit", help="print the server's audit log as a table")
     p.add_argument("log", help="the audit log (e.g. <output-dir>/audit.jsonl)")
     p.add_argument("--run", default=None, help="only this Flower run id")
@@ -289,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable)")
     p.set_defaults(fn=cmd_audit)
 
+
+def _add_versions_command(sub) -> None:
+    """``fedunlearn versions``."""
     p = sub.add_parser("versions", help="the versions a service published (service mode)")
     p.add_argument("state_dir", help="the service's state directory (its output dir)")
     p.add_argument("--request", default="", help="only the versions that honour this "
@@ -296,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_versions)
 
+
+def _add_cka_command(sub) -> None:
+    """``fedunlearn cka``."""
     p = sub.add_parser("cka", help="per-layer linear CKA of saved models against a "
                        "reference (the NoT paper's Figure 3)")
     p.add_argument("models", nargs="+", metavar="NAME=PATH",
@@ -312,7 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None,
                    help="image side, if the models were trained on resized images")
     p.set_defaults(fn=cmd_cka)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,23 +128,8 @@ def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1
     and/or ``log_file`` (without colour codes).
     """
     http_port, control_port = ports or free_port_pair()
-    full_env = dict(os.environ)
-    for key, value in FLWR_ENV_DEFAULTS.items():
-        full_env.setdefault(key, value)
-    full_env.update(env or {})
-    # flwr starts `flower-superlink` by name: make this interpreter's scripts findable.
-    bindir = str(Path(sys.executable).parent)
-    full_env["PATH"] = bindir + os.pathsep + full_env.get("PATH", "")
-    full_env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
-    full_env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
-    federation = (f"num-supernodes={int(num_supernodes)} "
-                  f"client-resources-num-cpus={int(num_cpus)} "
-                  f"client-resources-num-gpus={num_gpus}")
-    flwr = Path(sys.executable).with_name("flwr")
-    cmd = [str(flwr) if flwr.exists() else "flwr", "run", str(app or project_root()),
-           "--stream", "--federation-config", federation]
-    if run_config:
-        cmd += ["--run-config", run_config_arg(run_config)]
+    full_env = _flwr_env(env, http_port, control_port)
+    cmd = _flwr_command(run_config, num_supernodes, num_cpus, num_gpus, app)
     log = open(log_file, "a") if log_file else None
     try:
         if log:
@@ -153,15 +138,7 @@ def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         assert proc.stdout is not None
-        failed = finished = False
-        for line in proc.stdout:
-            failed = failed or bool(_FAILURE.search(line))
-            finished = finished or bool(finished_marker and finished_marker.search(line))
-            if echo:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            if log:
-                log.write(strip_colours(line))
+        failed, finished = _stream_output(proc.stdout, log, echo, finished_marker)
         rc = proc.wait()
         if rc == 0 and not failed and finished_marker is not None and not finished:
             message = ("fedunlearn: the ServerApp did not finish (no closing line in its "
@@ -176,6 +153,53 @@ def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1
         if log:
             log.close()
         stop_pids(superlink_pids(control_port))
+
+
+def _flwr_env(env: Mapping[str, str] | None, http_port: int, control_port: int) -> dict:
+    """The environment of ``flwr run``: this one, :data:`FLWR_ENV_DEFAULTS` where unset,
+    ``env``, this interpreter's scripts first on ``PATH`` and the local SuperLink's
+    ports."""
+    full_env = dict(os.environ)
+    for key, value in FLWR_ENV_DEFAULTS.items():
+        full_env.setdefault(key, value)
+    full_env.update(env or {})
+    # flwr starts `flower-superlink` by name: make this interpreter's scripts findable.
+    bindir = str(Path(sys.executable).parent)
+    full_env["PATH"] = bindir + os.pathsep + full_env.get("PATH", "")
+    full_env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+    full_env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+    return full_env
+
+
+def _flwr_command(run_config: Mapping, num_supernodes: int, num_cpus: int, num_gpus: float,
+                  app: str | Path | None) -> list[str]:
+    """The ``flwr run --stream`` command line of a simulation job."""
+    federation = (f"num-supernodes={int(num_supernodes)} "
+                  f"client-resources-num-cpus={int(num_cpus)} "
+                  f"client-resources-num-gpus={num_gpus}")
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr) if flwr.exists() else "flwr", "run", str(app or project_root()),
+           "--stream", "--federation-config", federation]
+    if run_config:
+        cmd += ["--run-config", run_config_arg(run_config)]
+    return cmd
+
+
+def _stream_output(lines, log, echo: bool,
+                   finished_marker: re.Pattern | None) -> tuple[bool, bool]:
+    """Pass ``flwr run``'s output on to stdout (``echo``) and ``log`` (without colour
+    codes); return ``(failed, finished)``: whether a line reported a failure, and
+    whether one matched ``finished_marker``."""
+    failed = finished = False
+    for line in lines:
+        failed = failed or bool(_FAILURE.search(line))
+        finished = finished or bool(finished_marker and finished_marker.search(line))
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        if log:
+            log.write(strip_colours(line))
+    return failed, finished
 
 
 def default_run_config(app: str | Path | None = None) -> dict:
@@ -277,6 +301,37 @@ def _parse_scalar(text: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # SIGTERM -> SystemExit, so the `finally` that stops the SuperLink still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        overrides = load_preset(args.preset, args.app) if args.preset else {}
+        overrides.update(parse_overrides(args.overrides))
+        check_run_config(overrides, args.app)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.check:
+        print("run-config OK")
+        return 0
+    n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
+    log_file = _job_log_file(args, overrides)
+    from .console import JobConsole
+
+    with JobConsole(sys.stdout, verbose=args.verbose) as console, \
+            contextlib.redirect_stdout(console):
+        if args.engine == "local":
+            from .engine import local_run
+
+            return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                             num_gpus=args.num_gpus, app=args.app, log_file=log_file)
+        return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                        num_gpus=args.num_gpus, app=args.app, log_file=log_file,
+                        finished_marker=HARNESS_FINISHED if args.app is None else None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``fedunlearn-run``."""
     parser = argparse.ArgumentParser(
         prog="fedunlearn-run",
         description="Run one fedunlearn simulation job with `flwr run --stream` "
@@ -308,19 +363,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only check the run-config (every key, this machine's device "
                              "and folders) and exit: 0 when it is good, 2 naming the bad "
                              "value")
-    args = parser.parse_args(argv)
-    # SIGTERM -> SystemExit, so the `finally` that stops the SuperLink still runs.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        overrides = load_preset(args.preset, args.app) if args.preset else {}
-        overrides.update(parse_overrides(args.overrides))
-        check_run_config(overrides, args.app)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.check:
-        print("run-config OK")
-        return 0
-    n = args.num_supernodes or int(overrides.get("federation.num-clients", 10))
+    return parser
+
+
+def _job_log_file(args: argparse.Namespace, overrides: dict) -> Path | str | None:
+    """The job's log file (``--log-file``, else ``<output-dir>/job.log``), its folder
+    made; without ``--app`` and an ``output-dir``, the harness's default output folder
+    is chosen here (into ``overrides``) so that the log goes beside the results."""
     log_file = args.log_file
     if args.app is None and not overrides.get("output-dir"):
         # The harness's default (~/fedunlearn-results/<time>), chosen here so that the
@@ -332,19 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file = Path(str(overrides["output-dir"])).expanduser() / "job.log"
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-    from .console import JobConsole
-
-    with JobConsole(sys.stdout, verbose=args.verbose) as console, \
-            contextlib.redirect_stdout(console):
-        if args.engine == "local":
-            from .engine import local_run
-
-            return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                             num_gpus=args.num_gpus, app=args.app, log_file=log_file)
-        return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                        num_gpus=args.num_gpus, app=args.app, log_file=log_file,
-                        finished_marker=HARNESS_FINISHED if args.app is None else None)
-
+    return log_file
 
 if __name__ == "__main__":
     sys.exit(main())

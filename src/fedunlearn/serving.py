@@ -142,36 +142,14 @@ def serve(grid: Grid, arrays: ArrayRecord,
         Seconds to wait for the nodes' replies in any exchange (default 600): a node
         that has not answered by then failed that round.
     """
-    if isinstance(strategies, UnlearningStrategy):
-        strategies = [strategies]
-    strategies = list(strategies)
-    if not strategies:
-        raise ValueError("serve() needs at least one unlearning strategy")
-    for s in strategies:
-        if not isinstance(s, UnlearningStrategy):
-            raise TypeError(f"{s!r} is not a fedunlearn strategy (UnlearningStrategy)")
-    names = [s.name for s in strategies]
-    if len(set(names)) != len(names):
-        raise ValueError(f"serve() got a method twice: {names}")
+    strategies, names = _checked_strategies(strategies)
     if not isinstance(arrays, ArrayRecord) or not len(arrays):
         raise ValueError("arrays must be the model's non-empty ArrayRecord")
     for s in strategies:
         s.check_ready()
-    from .recording import HistoryKeeper
-
-    if isinstance(history, HistoryKeeper):
-        if history.history is None:
-            raise ValueError("serve(history=...): the HistoryKeeper has recorded nothing yet "
-                             "(call keeper.start(grid, arrays, num_rounds) first)")
-        history = history.history
-    if history is not None and not hasattr(history, "manifest"):
-        raise TypeError(f"history={history!r}: expected a fedunlearn.HistoryKeeper or a "
-                        "TrainingHistory")
+    history = _training_history(history)
     if model_fn is None or example_input is None:
-        for s in strategies:
-            if s._model_fn is not None and s._example_input is not None:
-                model_fn, example_input = s._model_fn, s._example_input
-                break
+        model_fn, example_input = _flop_model(strategies, model_fn, example_input)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = federation.run_id_of(grid) if run_id is None else int(run_id)
@@ -187,6 +165,48 @@ def serve(grid: Grid, arrays: ArrayRecord,
     except BaseException as err:
         log_.record("serve.failed", error=f"{type(err).__name__}: {err}"[:1000])
         raise
+
+
+def _checked_strategies(strategies) -> tuple[list[UnlearningStrategy], list[str]]:
+    """``(strategies, names)``: ``serve()``'s strategies as a non-empty list of distinct
+    fedunlearn strategies, and their method names."""
+    if isinstance(strategies, UnlearningStrategy):
+        strategies = [strategies]
+    strategies = list(strategies)
+    if not strategies:
+        raise ValueError("serve() needs at least one unlearning strategy")
+    for s in strategies:
+        if not isinstance(s, UnlearningStrategy):
+            raise TypeError(f"{s!r} is not a fedunlearn strategy (UnlearningStrategy)")
+    names = [s.name for s in strategies]
+    if len(set(names)) != len(names):
+        raise ValueError(f"serve() got a method twice: {names}")
+    return strategies, names
+
+
+def _training_history(history):
+    """The TrainingHistory of ``serve(history=...)`` (a HistoryKeeper's ``.history``),
+    or ``None``."""
+    from .recording import HistoryKeeper
+
+    if isinstance(history, HistoryKeeper):
+        if history.history is None:
+            raise ValueError("serve(history=...): the HistoryKeeper has recorded nothing yet "
+                             "(call keeper.start(grid, arrays, num_rounds) first)")
+        history = history.history
+    if history is not None and not hasattr(history, "manifest"):
+        raise TypeError(f"history={history!r}: expected a fedunlearn.HistoryKeeper or a "
+                        "TrainingHistory")
+    return history
+
+
+def _flop_model(strategies: list[UnlearningStrategy], model_fn, example_input):
+    """``(model_fn, example_input)`` to count FLOPs with: those of the first strategy
+    given both, else the ones passed."""
+    for s in strategies:
+        if s._model_fn is not None and s._example_input is not None:
+            return s._model_fn, s._example_input
+    return model_fn, example_input
 
 
 def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history, model_fn,

@@ -72,6 +72,16 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
         raise TypeError(f"attach() takes the user's flwr ClientApp, got {type(app).__name__}")
     if not callable(model_fn):
         raise TypeError("model_fn must be a callable that builds a fresh model")
+    view_for = _cached_view(model_fn, data, val_data, labels, num_classes, train_fn,
+                            sample_ids, batch_size, momentum, seed, device)
+    _register_handlers(app, view_for, inbox)
+    return app
+
+
+def _cached_view(model_fn, data, val_data, labels, num_classes, train_fn, sample_ids,
+                 batch_size, momentum, seed, device) -> Callable[[Context], NodeView]:
+    """``view_for(context)``: the node's :class:`NodeView` (:func:`build_view`), built
+    once per run and node and kept until another one is asked for."""
     cache: dict = {}
 
     def view_for(context: Context) -> NodeView:
@@ -82,6 +92,14 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
                                     train_fn, sample_ids, batch_size, momentum, seed, device)
         return cache[key]
 
+    return view_for
+
+
+def _register_handlers(app: ClientApp, view_for: Callable[[Context], NodeView],
+                       inbox: Callable[[Context], str] | None) -> None:
+    """Register a ``train.<action>`` handler per client action (the plain ``train``
+    only when the app has no ``@app.train()`` of its own), ``query.unlearn`` and
+    ``evaluate.unlearn`` on ``app``."""
     registered = getattr(app, "_registered_funcs", {})
     for action in list_actions():
         if action == DEFAULT_ACTION and "train.default" in registered:
@@ -98,8 +116,6 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
     @app.evaluate("unlearn")
     def evaluate_unlearn(msg: Message, context: Context) -> Message:
         return handle_evaluate(msg, context, view_for)
-
-    return app
 
 
 def node_dataset(context: Context):

@@ -156,34 +156,15 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
     log_file = job_dir / LOG_FILE
     start, started = time.perf_counter(), time.time() - 1.0  # mtime granularity
     try:
-        run_config = job_run_config(cfg, job_dir, base)
-        fed = federation_settings(cfg)
-        if fed["num_supernodes"] != run_config.get("federation.num-clients", 10):
-            raise ValueError(
-                f"federation.num_supernodes={fed['num_supernodes']} but "
-                f"federation.num_clients={run_config.get('federation.num-clients', 10)}: "
-                "each simulated SuperNode holds one client's partition, they must be equal")
-        check_run_config(run_config)
-        (job_dir / RUN_CONFIG_FILE).write_text(json.dumps(
-            {"run_config": run_config, "federation": fed,
-             "run_config_arg": run_config_arg(run_config)}, indent=2) + "\n")
+        run_config, fed = _checked_run_config(cfg, job_dir, base)
+        _write_run_config(job_dir, run_config, fed)
         if dry_run:
             out.write(f"{tag} dry run: --run-config '{run_config_arg(run_config)}'\n"
                       f"{tag} written to {job_dir / RUN_CONFIG_FILE}\n")
             out.flush()
             return True
-        if run_config.get("service.rounds", 0):
-            raise ValueError(
-                f"service.rounds={run_config['service.rounds']}: service mode is a federation "
-                "that trains and serves requests until its budget, not a sweep job measured "
-                "into tables; run it with fedunlearn-run, on a deployment (this job's "
-                "run_config.json with dry_run=true gives the --run-config for `flwr run . "
-                "<connection>`), or with fedunlearn.UnlearningService")
-        out.write(f"{tag} run-config: " + " ".join(
-            f"{k}={run_config[k]}" for k in ("method", "dataset.name", "model.name", "seed",
-                                             "forget.scope", "forget.clients")
-            if k in run_config) + f"\n{tag} log: {log_file}\n")
-        out.flush()
+        _refuse_service_mode(run_config)
+        _announce(out, tag, run_config, log_file)
         with PhaseFilter(out, tag, phase_markers(), verbose=verbose) as filt, \
                 contextlib.redirect_stdout(filt):
             rc = launcher(run_config, num_supernodes=fed["num_supernodes"],
@@ -191,29 +172,84 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
                           log_file=log_file, echo=True, finished_marker=HARNESS_FINISHED)
         if rc != 0:
             raise JobFailed(f"flwr run failed (exit code {rc})")
-        results_dir = Path(run_config["output-dir"])
-        fresh = [p for p in results_dir.rglob("results.json") if p.stat().st_mtime >= started]
-        if not fresh:
-            hint = (" - no valid unlearning request (see no-request.json)"
-                    if (results_dir / "no-request.json").exists() else "")
-            raise JobFailed(f"the run ended without writing results.json in {results_dir}{hint}")
+        _check_fresh_results(Path(run_config["output-dir"]), started)
     except Exception as err:  # noqa: BLE001 - a failed job must not stop the sweep
-        detail = str(err) if isinstance(err, JobFailed) else traceback.format_exc()
-        tail = log_tail(log_file)
-        (job_dir / ERROR_FILE).write_text(
-            f"{type(err).__name__}: {err}\n\n{detail}\n\n--- last {TAIL_LINES} lines of "
-            f"{log_file} ---\n{tail}\n")
-        out.write(f"{tag} FAILED after {time.perf_counter() - start:.0f}s: "
-                  f"{type(err).__name__}: {err}\n")
-        if log_file.exists():
-            out.write("\n".join(f"{tag} | {line}" for line in tail.splitlines()[-15:]) + "\n")
-        out.write(f"{tag} details: {job_dir / ERROR_FILE}\n")
-        out.flush()
+        _report_failure(err, job_dir, log_file, out, tag, start)
         return False
     (job_dir / ERROR_FILE).unlink(missing_ok=True)
     out.write(f"{tag} done in {time.perf_counter() - start:.0f}s -> {job_dir}\n")
     out.flush()
     return True
+
+
+def _checked_run_config(cfg: DictConfig | Mapping, job_dir: Path,
+                        base: Path) -> tuple[dict, dict]:
+    """``(run_config, federation settings)`` of a job, checked: one simulated SuperNode
+    per client, and a valid run-config."""
+    run_config = job_run_config(cfg, job_dir, base)
+    fed = federation_settings(cfg)
+    if fed["num_supernodes"] != run_config.get("federation.num-clients", 10):
+        raise ValueError(
+            f"federation.num_supernodes={fed['num_supernodes']} but "
+            f"federation.num_clients={run_config.get('federation.num-clients', 10)}: "
+            "each simulated SuperNode holds one client's partition, they must be equal")
+    check_run_config(run_config)
+    return run_config, fed
+
+
+def _write_run_config(job_dir: Path, run_config: dict, fed: dict) -> None:
+    """The job's ``run_config.json``: the run-config, the federation settings and the
+    ``--run-config`` string for ``flwr run``."""
+    (job_dir / RUN_CONFIG_FILE).write_text(json.dumps(
+        {"run_config": run_config, "federation": fed,
+         "run_config_arg": run_config_arg(run_config)}, indent=2) + "\n")
+
+
+def _refuse_service_mode(run_config: dict) -> None:
+    """``ValueError`` for a service-mode run-config: it is no sweep job."""
+    if run_config.get("service.rounds", 0):
+        raise ValueError(
+            f"service.rounds={run_config['service.rounds']}: service mode is a federation "
+            "that trains and serves requests until its budget, not a sweep job measured "
+            "into tables; run it with fedunlearn-run, on a deployment (this job's "
+            "run_config.json with dry_run=true gives the --run-config for `flwr run . "
+            "<connection>`), or with fedunlearn.UnlearningService")
+
+
+def _announce(out, tag: str, run_config: dict, log_file: Path) -> None:
+    """The job's main run-config keys and its log file, on ``out``."""
+    out.write(f"{tag} run-config: " + " ".join(
+        f"{k}={run_config[k]}" for k in ("method", "dataset.name", "model.name", "seed",
+                                         "forget.scope", "forget.clients")
+        if k in run_config) + f"\n{tag} log: {log_file}\n")
+    out.flush()
+
+
+def _check_fresh_results(results_dir: Path, started: float) -> None:
+    """:class:`JobFailed` unless the run wrote a ``results.json`` under ``results_dir``
+    since ``started``."""
+    fresh = [p for p in results_dir.rglob("results.json") if p.stat().st_mtime >= started]
+    if not fresh:
+        hint = (" - no valid unlearning request (see no-request.json)"
+                if (results_dir / "no-request.json").exists() else "")
+        raise JobFailed(f"the run ended without writing results.json in {results_dir}{hint}")
+
+
+def _report_failure(err: Exception, job_dir: Path, log_file: Path, out, tag: str,
+                    start: float) -> None:
+    """A failed job (called while ``err`` is handled): ``error.txt`` with the error, its
+    traceback and the tail of the log, and a summary on ``out``."""
+    detail = str(err) if isinstance(err, JobFailed) else traceback.format_exc()
+    tail = log_tail(log_file)
+    (job_dir / ERROR_FILE).write_text(
+        f"{type(err).__name__}: {err}\n\n{detail}\n\n--- last {TAIL_LINES} lines of "
+        f"{log_file} ---\n{tail}\n")
+    out.write(f"{tag} FAILED after {time.perf_counter() - start:.0f}s: "
+              f"{type(err).__name__}: {err}\n")
+    if log_file.exists():
+        out.write("\n".join(f"{tag} | {line}" for line in tail.splitlines()[-15:]) + "\n")
+    out.write(f"{tag} details: {job_dir / ERROR_FILE}\n")
+    out.flush()
 
 
 def launcher_for(engine) -> Callable[..., int]:

@@ -3,6 +3,7 @@ validated against the verified view only."""
 
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -104,10 +105,48 @@ def collect_valid_requests(replies, data,
     ``{"node_id", "reason"}`` per rejected request (plus ``inbox_ids`` when the request
     came from the node's inbox), each also logged.
     """
-    claims: dict[int, int] = {}
-    bad_claims: dict[int, str] = {}
-    raw: list[tuple[int, object]] = []
-    node_refused: dict[int, list[tuple[str, str]]] = {}
+    read = _read_replies(replies, data, reports)
+    shared, node_partitions = _bind_partitions(read.claims, verified)
+    labels = np.asarray(data.train.targets) if data is not None else None
+    accepted: dict[int, UnlearningRequest] = {}
+    rejected: list[dict] = []
+    for node, record in read.raw:
+        inbox_ids = _inbox_ids(record) if record is not None else ()
+        request = None
+        reason = _binding_reason(node, record, read, shared, node_partitions,
+                                 verified is not None)
+        if reason is None:
+            request, reason = _checked_request(node, record, node_partitions, data, labels,
+                                               reports)
+        if audit is not None:
+            audit.record("request.received", **_received(node, node_partitions.get(node),
+                                                         request, inbox_ids))
+        if reason is None:
+            _accept(node, request, accepted, audit)
+        else:
+            _reject(node, reason, inbox_ids, node_partitions, rejected, audit)
+    _reject_node_refusals(read.node_refused, node_partitions, rejected, audit)
+    return accepted, rejected
+
+
+@dataclass
+class _Replies:
+    """What the ``query.unlearn`` replies say, before any request is checked."""
+
+    claims: dict[int, int] = field(default_factory=dict)
+    """node id -> the partition it claims to hold"""
+    bad_claims: dict[int, str] = field(default_factory=dict)
+    """node id -> why its node record (or report) could not be parsed"""
+    raw: list[tuple[int, object]] = field(default_factory=list)
+    """``(node id, request record)`` per reply that carries a request"""
+    node_refused: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    """node id -> ``(inbox id, reason)`` per inbox request its own check refused"""
+
+
+def _read_replies(replies, data, reports: dict[int, dict] | None) -> _Replies:
+    """Each answering node's partition claim, request record and refusals; a failed
+    reply is logged and skipped, a malformed claim kept as its reason."""
+    read = _Replies()
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         if msg.has_error():
@@ -119,20 +158,29 @@ def collect_valid_requests(replies, data,
                 report = parse_node_report(msg.content)
                 if reports is not None:
                     reports[node] = report
-                claims[node] = report.get("partition-id", 0)
+                read.claims[node] = report.get("partition-id", 0)
             else:
-                claims[node] = parse_node_record(msg.content)
+                read.claims[node] = parse_node_record(msg.content)
         except WireError as err:
-            bad_claims[node] = str(err)
+            read.bad_claims[node] = str(err)
         if REQUEST_RECORD in msg.content:
-            raw.append((node, msg.content.config_records.get(REQUEST_RECORD)))
+            read.raw.append((node, msg.content.config_records.get(REQUEST_RECORD)))
         if REJECTED_RECORD in msg.content:
             try:
-                node_refused[node] = _node_rejections(
+                read.node_refused[node] = _node_rejections(
                     msg.content.config_records.get(REJECTED_RECORD))
             except WireError as err:
                 log(WARNING, "node %d: malformed record of requests it refused ignored: %s",
                     node, err)
+    return read
+
+
+def _bind_partitions(claims: dict[int, int], verified: dict[int, int] | None
+                     ) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """``(shared, node_partitions)``: the nodes whose claimed partition is also claimed
+    by another (node -> all its claimants; only without ``verified``), and the partition
+    each node's requests are bound to (``verified`` when given, else the unshared
+    claims)."""
     shared: dict[int, list[int]] = {}
     if verified is None:
         holders: dict[int, list[int]] = {}
@@ -142,62 +190,84 @@ def collect_valid_requests(replies, data,
         node_partitions = {n: p for n, p in claims.items() if n not in shared}
     else:
         node_partitions = dict(verified)
-    labels = np.asarray(data.train.targets) if data is not None else None
-    accepted: dict[int, UnlearningRequest] = {}
-    rejected: list[dict] = []
-    for node, record in raw:
-        request, reason = None, None
-        inbox_ids = _inbox_ids(record) if record is not None else ()
-        if record is None:
-            reason = "malformed request record: request is not a ConfigRecord"
-        elif node in bad_claims:
-            reason = f"malformed node record: {bad_claims[node]}"
-        elif node in shared:
-            reason = (f"partition {claims[node]} is claimed by several nodes "
-                      f"{shared[node]}: a request cannot be bound to the partition's holder")
-        elif node not in node_partitions:
-            reason = ("the node is not in the verified federation (it joined after the "
-                      "partition check or under a new id)" if verified is not None
-                      else "the node did not say which partition it holds")
-        elif node in claims and claims[node] != node_partitions[node]:
-            reason = (f"the node now claims partition {claims[node]}, but it was verified "
-                      f"holding partition {node_partitions[node]}")
-        elif record.get("scope") == INVALID_SCOPE:
-            try:
-                reason = _node_error(record)
-            except WireError as err:
-                reason = f"malformed request record: {err}"
-        else:
-            try:
-                request = UnlearningRequest.from_config_record(record, node_id=node)
-            except WireError as err:
-                reason = str(err)
-            else:
-                if data is None:
-                    reason = validate_reported(request, node_partitions[node],
-                                               (reports or {}).get(node, {}), node_partitions)
-                else:
-                    reason = validate_request(request, node_partitions[node], node_partitions,
-                                              data.train_indices, labels,
-                                              data.info.num_classes)
-        if audit is not None:
-            audit.record("request.received", **_received(node, node_partitions.get(node),
-                                                         request, inbox_ids))
-        if reason is None:
-            accepted[node] = request
-            log(INFO, "Unlearning request accepted from node %d: %s", node, request.describe())
-            if audit is not None:
-                audit.record("request.accepted", node=node, partition=request.partition_id,
-                             scope=request.scope, digest=request.digest())
-        else:
-            entry = {"node_id": node, "reason": reason}
-            if inbox_ids:
-                entry["inbox_ids"] = list(inbox_ids)
-            rejected.append(entry)
-            log(WARNING, "Unlearning request REJECTED from node %d: %s", node, reason)
-            if audit is not None:
-                audit.record("request.rejected", node=node, partition=node_partitions.get(node),
-                             reason=reason)
+    return shared, node_partitions
+
+
+def _binding_reason(node: int, record, read: _Replies, shared: dict[int, list[int]],
+                    node_partitions: dict[int, int], is_verified: bool) -> str | None:
+    """Why a request cannot be bound to its node's partition (``None`` when it can):
+    checked before the request itself is parsed."""
+    claims = read.claims
+    if record is None:
+        return "malformed request record: request is not a ConfigRecord"
+    if node in read.bad_claims:
+        return f"malformed node record: {read.bad_claims[node]}"
+    if node in shared:
+        return (f"partition {claims[node]} is claimed by several nodes "
+                f"{shared[node]}: a request cannot be bound to the partition's holder")
+    if node not in node_partitions:
+        return ("the node is not in the verified federation (it joined after the "
+                "partition check or under a new id)" if is_verified
+                else "the node did not say which partition it holds")
+    if node in claims and claims[node] != node_partitions[node]:
+        return (f"the node now claims partition {claims[node]}, but it was verified "
+                f"holding partition {node_partitions[node]}")
+    return None
+
+
+def _checked_request(node: int, record, node_partitions: dict[int, int], data, labels,
+                     reports: dict[int, dict] | None
+                     ) -> tuple[UnlearningRequest | None, str | None]:
+    """``(request, reason)`` for a record bound to its node's partition: the node's own
+    error (``scope="invalid"``), a parse error, or the request validated against the
+    data (or, with ``data=None``, against what the node reported)."""
+    if record.get("scope") == INVALID_SCOPE:
+        try:
+            return None, _node_error(record)
+        except WireError as err:
+            return None, f"malformed request record: {err}"
+    try:
+        request = UnlearningRequest.from_config_record(record, node_id=node)
+    except WireError as err:
+        return None, str(err)
+    if data is None:
+        reason = validate_reported(request, node_partitions[node],
+                                   (reports or {}).get(node, {}), node_partitions)
+    else:
+        reason = validate_request(request, node_partitions[node], node_partitions,
+                                  data.train_indices, labels, data.info.num_classes)
+    return request, reason
+
+
+def _accept(node: int, request: UnlearningRequest, accepted: dict[int, UnlearningRequest],
+            audit) -> None:
+    """Keep a valid request: logged and, with ``audit``, recorded as accepted."""
+    accepted[node] = request
+    log(INFO, "Unlearning request accepted from node %d: %s", node, request.describe())
+    if audit is not None:
+        audit.record("request.accepted", node=node, partition=request.partition_id,
+                     scope=request.scope, digest=request.digest())
+
+
+def _reject(node: int, reason: str, inbox_ids: tuple[str, ...],
+            node_partitions: dict[int, int], rejected: list[dict], audit) -> None:
+    """Refuse a request: its entry in ``rejected``, logged and, with ``audit``,
+    recorded as rejected."""
+    entry = {"node_id": node, "reason": reason}
+    if inbox_ids:
+        entry["inbox_ids"] = list(inbox_ids)
+    rejected.append(entry)
+    log(WARNING, "Unlearning request REJECTED from node %d: %s", node, reason)
+    if audit is not None:
+        audit.record("request.rejected", node=node, partition=node_partitions.get(node),
+                     reason=reason)
+
+
+def _reject_node_refusals(node_refused: dict[int, list[tuple[str, str]]],
+                          node_partitions: dict[int, int], rejected: list[dict],
+                          audit) -> None:
+    """The inbox requests the nodes' own checks refused, in node order: each an entry
+    in ``rejected``, logged and, with ``audit``, recorded as rejected by the node."""
     for node, refused in sorted(node_refused.items()):
         for inbox_id, reason in refused:
             reason = f"the node's own check: {reason}"
@@ -208,7 +278,6 @@ def collect_valid_requests(replies, data,
                 audit.record("request.rejected", node=node,
                              partition=node_partitions.get(node), reason=reason,
                              inbox_ids=[inbox_id], by="node")
-    return accepted, rejected
 
 
 def validate_reported(request: UnlearningRequest, partition: int, report: dict,

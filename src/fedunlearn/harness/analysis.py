@@ -192,41 +192,15 @@ def run_cka(dataset: str, model: str, reference: tuple[str, str],
         than asked when the test split is smaller), ``table`` (Markdown) and ``paths``.
     """
     from fedunlearn.harness.data import load_dataset
-    from fedunlearn.metrics.cka import cka_by_layer
-    from fedunlearn.harness.models import create_model
     from fedunlearn.layers import trace_layers
 
-    if not others:
-        raise ValueError("name at least one model to compare with the reference")
-    names = [reference[0]] + [name for name, _ in others]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate is not None:
-        raise ValueError(f"model name {duplicate!r} is used twice; give each model its own "
-                         "NAME=PATH")
+    _check_model_names(reference, others)
     _, test, info = load_dataset(dataset, root=root, image_size=image_size)
     inputs = first_images(test, samples)
-
-    def build(name: str, path: str) -> torch.nn.Module:
-        net = create_model(model, num_classes=info.num_classes, in_channels=info.in_channels,
-                           image_size=info.image_size)
-        state = load_state_dict_file(path)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{name}={path}: does not fit model {model!r} for {dataset} "
-                             f"({info.in_channels}x{info.image_size}x{info.image_size}, "
-                             f"{info.num_classes} classes): {err}") from None
-        return net
-
-    ref = build(*reference)
+    ref = _load_model(model, dataset, info, *reference)
     traced = {i.name: i.module_type for i in trace_layers(ref, inputs[:1])}
-    columns: dict[str, list[float]] = {}
-    chosen: list[str] = []
-    for name, path in others:
-        result = cka_by_layer(ref, build(name, path), inputs, layers=layers,
-                              batch_size=batch_size)
-        chosen = [layer for layer, _ in result]
-        columns[name] = [value for _, value in result]
+    chosen, columns = _cka_columns(ref, others, inputs, model, dataset, info, layers,
+                                   batch_size)
     meta = {"dataset": dataset, "model": model, "samples": int(inputs.shape[0]),
             "paths": {name: str(path) for name, path in [reference, *others]}}
     paths = write_cka_report(out_dir, reference[0], chosen, columns, meta,
@@ -234,3 +208,49 @@ def run_cka(dataset: str, model: str, reference: tuple[str, str],
     return {"layers": chosen, "columns": columns, "paths": paths,
             "samples": int(inputs.shape[0]),
             "table": cka_markdown(chosen, columns, reference[0])}
+
+
+def _check_model_names(reference: tuple[str, str],
+                       others: Sequence[tuple[str, str]]) -> None:
+    """``ValueError`` unless there is a model to compare and every name is distinct."""
+    if not others:
+        raise ValueError("name at least one model to compare with the reference")
+    names = [reference[0]] + [name for name, _ in others]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"model name {duplicate!r} is used twice; give each model its own "
+                         "NAME=PATH")
+
+
+def _load_model(model: str, dataset: str, info, name: str, path: str) -> torch.nn.Module:
+    """Model ``model`` for ``dataset`` (``info``) with the state dict saved at ``path``
+    (strictly: ``ValueError`` naming ``name=path`` when it does not fit)."""
+    from fedunlearn.harness.models import create_model
+
+    net = create_model(model, num_classes=info.num_classes, in_channels=info.in_channels,
+                       image_size=info.image_size)
+    state = load_state_dict_file(path)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{name}={path}: does not fit model {model!r} for {dataset} "
+                         f"({info.in_channels}x{info.image_size}x{info.image_size}, "
+                         f"{info.num_classes} classes): {err}") from None
+    return net
+
+
+def _cka_columns(ref: torch.nn.Module, others: Sequence[tuple[str, str]], inputs,
+                 model: str, dataset: str, info, layers: Sequence[str] | None,
+                 batch_size: int) -> tuple[list[str], dict[str, list[float]]]:
+    """``(layers, columns)``: the layers compared and, per model of ``others``, its CKA
+    with ``ref`` at each of them."""
+    from fedunlearn.metrics.cka import cka_by_layer
+
+    columns: dict[str, list[float]] = {}
+    chosen: list[str] = []
+    for name, path in others:
+        result = cka_by_layer(ref, _load_model(model, dataset, info, name, path), inputs,
+                              layers=layers, batch_size=batch_size)
+        chosen = [layer for layer, _ in result]
+        columns[name] = [value for _, value in result]
+    return chosen, columns

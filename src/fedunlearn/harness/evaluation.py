@@ -69,66 +69,22 @@ class Evaluator:
         # node (its metrics missing), never a smaller federation measured as the same.
         nodes = sorted(node_partitions) if node_partitions else sorted(grid.get_node_ids())
         per_node = max(1, -(-cfg.mia_max_members // max(len(nodes), 1)))
-        messages = []
-        for n in nodes:
-            config = ConfigRecord({"max-members": per_node})
-            request = requests.get(n)
-            if request is not None:
-                config.update(request_to_config(request))
-            messages.append(Message(RecordDict({"arrays": arrays, "config": config}),
-                                    dst_node_id=n, message_type=EVALUATE_UNLEARN))
+        messages = _evaluation_messages(nodes, arrays, requests, per_node)
         replies = list(grid.send_and_receive(messages, timeout=reply_timeout(grid)))
         # Replies arrive in any order; fix it so the MIA's subsampling is reproducible.
         replies.sort(key=lambda m: node_partitions.get(int(m.metadata.src_node_id), -1))
-        sums = {"retain-correct": 0, "retain-total": 0, "forget-correct": 0, "forget-total": 0}
-        members, targets = [], []
-        answered = {int(m.metadata.src_node_id) for m in replies}
-        failed = sorted(set(nodes) - answered)
-        for msg in replies:
-            if msg.has_error():
-                failed.append(int(msg.metadata.src_node_id))
-                log(WARNING, "evaluation failed on node %s: %s", msg.metadata.src_node_id,
-                    msg.error.reason)
-                continue
-            try:  # untrusted: a malformed reply is a failed node, never a crash
-                reply = parse_evaluate_reply(msg, max_members=per_node)
-            except WireError as err:
-                log(WARNING, "evaluation reply from node %s is malformed (counted as a failed "
-                    "node): %s", msg.metadata.src_node_id, err)
-                failed.append(int(msg.metadata.src_node_id))
-                continue
-            for k in sums:
-                sums[k] += reply.counts[k]
-            members.append(reply.retain_features)
-            targets.append(reply.forget_features)
+        sums, members, targets, failed = _node_counts(replies, nodes, per_node)
         model = load_arrays(self.new_model(), arrays).to(self.device)
         logits, labels = predict(model, self.data.test, self.test_ids, device=self.device)
-        test_feats = membership_features(logits, labels)
-        member = np.concatenate(members) if members else np.zeros((0, 3))
-        target = np.concatenate(targets) if targets else np.zeros((0, 3))
-        attack, heldout = self.attack_nonmembers, self.heldout_nonmembers
         classes = forgotten_classes(requests)
-        if classes:
-            # The forgotten classes are scored on every test sample of theirs; the attack
-            # is fit on the other classes only, like the members (retained data) it sees.
-            attack = attack[~np.isin(labels[attack], classes)]
-            heldout = self.test_ids[np.isin(labels, classes)]
-        mia = mia_result(member, test_feats[attack], target, test_feats[heldout],
-                         seed=cfg.seed)
+        mia = self._membership_attack(logits, labels, members, targets, classes)
         out = {
             "retain": _pct(sums["retain-correct"], sums["retain-total"]),
             "forget": _pct(sums["forget-correct"], sums["forget-total"]),
             "test": accuracy_from_logits(logits, labels),
             "mia": mia["score"],
         }
-        if failed:
-            log(WARNING, "evaluation failed on node(s) %s: Retain, Forget and MIA are "
-                "missing for this model", sorted(set(failed)))
-            out.update(retain=float("nan"), forget=float("nan"), mia=float("nan"))
-        elif mia["too_small"]:
-            log(WARNING, "MIA rests on %d forget and %d held-out samples (fewer than %d): "
-                "its 95%% interval is [%.1f, %.1f]", mia["n_forget"], mia["n_heldout"],
-                MIA_MIN_SAMPLES, *mia["ci95"])
+        _flag_unreliable(out, failed, mia)
         if details is not None:
             details.update(mia_n_forget=mia["n_forget"], mia_n_heldout=mia["n_heldout"],
                            mia_ci95=[round(v, 2) for v in mia["ci95"]],
@@ -140,6 +96,81 @@ class Evaluator:
                                              self.trigger, self.data.info.image_size,
                                              device=self.device)
         return out
+
+    def _membership_attack(self, logits, labels, members: list, targets: list,
+                           classes: list[int]) -> dict:
+        """The MIA (:func:`~fedunlearn.metrics.mia_result`): the nodes' retained
+        (``members``) and forget (``targets``) features against the test set's. With
+        forgotten ``classes``, the held-out samples are those classes' test samples and
+        the attack is fit on the other classes only."""
+        test_feats = membership_features(logits, labels)
+        member = np.concatenate(members) if members else np.zeros((0, 3))
+        target = np.concatenate(targets) if targets else np.zeros((0, 3))
+        attack, heldout = self.attack_nonmembers, self.heldout_nonmembers
+        if classes:
+            # The forgotten classes are scored on every test sample of theirs; the attack
+            # is fit on the other classes only, like the members (retained data) it sees.
+            attack = attack[~np.isin(labels[attack], classes)]
+            heldout = self.test_ids[np.isin(labels, classes)]
+        return mia_result(member, test_feats[attack], target, test_feats[heldout],
+                          seed=self.cfg.seed)
+
+
+def _evaluation_messages(nodes: list[int], arrays: ArrayRecord, requests: dict,
+                         per_node: int) -> list[Message]:
+    """One ``evaluate.unlearn`` message per node: the model, the node's share of the
+    MIA's members and its request, if any."""
+    messages = []
+    for n in nodes:
+        config = ConfigRecord({"max-members": per_node})
+        request = requests.get(n)
+        if request is not None:
+            config.update(request_to_config(request))
+        messages.append(Message(RecordDict({"arrays": arrays, "config": config}),
+                                dst_node_id=n, message_type=EVALUATE_UNLEARN))
+    return messages
+
+
+def _node_counts(replies: list[Message], nodes: list[int], per_node: int
+                 ) -> tuple[dict[str, int], list, list, list[int]]:
+    """``(sums, members, targets, failed)``: the retain/forget counts summed over the
+    nodes' replies, their retained and forget membership features, and the nodes that
+    did not answer, failed or sent a malformed reply (each logged)."""
+    sums = {"retain-correct": 0, "retain-total": 0, "forget-correct": 0, "forget-total": 0}
+    members, targets = [], []
+    answered = {int(m.metadata.src_node_id) for m in replies}
+    failed = sorted(set(nodes) - answered)
+    for msg in replies:
+        if msg.has_error():
+            failed.append(int(msg.metadata.src_node_id))
+            log(WARNING, "evaluation failed on node %s: %s", msg.metadata.src_node_id,
+                msg.error.reason)
+            continue
+        try:  # untrusted: a malformed reply is a failed node, never a crash
+            reply = parse_evaluate_reply(msg, max_members=per_node)
+        except WireError as err:
+            log(WARNING, "evaluation reply from node %s is malformed (counted as a failed "
+                "node): %s", msg.metadata.src_node_id, err)
+            failed.append(int(msg.metadata.src_node_id))
+            continue
+        for k in sums:
+            sums[k] += reply.counts[k]
+        members.append(reply.retain_features)
+        targets.append(reply.forget_features)
+    return sums, members, targets, failed
+
+
+def _flag_unreliable(out: dict, failed: list[int], mia: dict) -> None:
+    """With a failed node, Retain, Forget and MIA become NaN (logged); else an MIA on
+    too few samples is logged with its interval."""
+    if failed:
+        log(WARNING, "evaluation failed on node(s) %s: Retain, Forget and MIA are "
+            "missing for this model", sorted(set(failed)))
+        out.update(retain=float("nan"), forget=float("nan"), mia=float("nan"))
+    elif mia["too_small"]:
+        log(WARNING, "MIA rests on %d forget and %d held-out samples (fewer than %d): "
+            "its 95%% interval is [%.1f, %.1f]", mia["n_forget"], mia["n_heldout"],
+            MIA_MIN_SAMPLES, *mia["ci95"])
 
 
 def forgotten_classes(requests: dict) -> list[int]:

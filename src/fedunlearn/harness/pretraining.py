@@ -64,6 +64,16 @@ def pretrain(grid: Grid, context: UnlearningContext, resolved: dict | None = Non
     path = checkpoint_path(directory, key)
     cached = load_checkpoint(path) if use_cache else None
     spec, who = history if history is not None else (HistorySpec(), [])
+    cached, found = _with_history(cached, directory, key, path, spec, who)
+    if cached is not None:
+        return _from_cache(context, key, path, cached, found)
+    return _pretrain_from_scratch(grid, context, directory, key, path, spec)
+
+
+def _with_history(cached: tuple | None, directory, key: str, path, spec: HistorySpec,
+                  who: list[str]) -> tuple[tuple | None, TrainingHistory | None]:
+    """``(cached, found)``: the cached checkpoint, ``None`` when it lacks the training
+    history ``spec`` asks for (``who`` need it), and that history."""
     found: TrainingHistory | None = None
     if cached is not None and spec:
         found = find_history(directory, key, spec, model_digest(cached[0]))
@@ -72,17 +82,30 @@ def pretrain(grid: Grid, context: UnlearningContext, resolved: dict | None = Non
                 "which %s need(s): pretraining again with recording", path,
                 spec.describe(), ", ".join(who))
             cached = None
-    if cached is not None:
-        arrays, meta = cached
-        log(INFO, "[pretrain] loaded cached model %s (key %s); skipping pretraining",
-            path, key)
-        info = {"key": key, "path": str(path), "cached": True, "cost": meta.get("cost", {})}
-        if found is not None:
-            log(INFO, "[pretrain] loaded its training history %s (%s, %d bytes)",
-                found.directory, found.spec.describe(), found.nbytes())
-            context.history = found
-            info["history"] = _history_info(found, cached=True)
-        return arrays, info
+    return cached, found
+
+
+def _from_cache(context: UnlearningContext, key: str, path, cached: tuple,
+                found: TrainingHistory | None) -> tuple[ArrayRecord, dict]:
+    """The cached model and its record; its training history, if any, goes into
+    ``context.history``."""
+    arrays, meta = cached
+    log(INFO, "[pretrain] loaded cached model %s (key %s); skipping pretraining",
+        path, key)
+    info = {"key": key, "path": str(path), "cached": True, "cost": meta.get("cost", {})}
+    if found is not None:
+        log(INFO, "[pretrain] loaded its training history %s (%s, %d bytes)",
+            found.directory, found.spec.describe(), found.nbytes())
+        context.history = found
+        info["history"] = _history_info(found, cached=True)
+    return arrays, info
+
+
+def _pretrain_from_scratch(grid: Grid, context: UnlearningContext, directory, key: str,
+                           path, spec: HistorySpec) -> tuple[ArrayRecord, dict]:
+    """FedAvg from scratch (recording the training history when ``spec`` asks for
+    one), the checkpoint saved at ``path``; the model and its record."""
+    cfg = context.cfg
     log(INFO, "[pretrain] FedAvg from scratch: %d rounds over all %d clients (key %s)%s",
         cfg.pretrain_rounds, cfg.num_clients, key,
         f"; recording {spec.describe()}" if spec else "")

@@ -106,6 +106,24 @@ class Intake:
             return
         replies = federation.query(self.grid, nodes,
                                    run_config_requests=self.run_config_requests)
+        fresh, conflicts = self._screen_replies(replies)
+        reports = dict(self.state.reports)
+        accepted, rejected = federation.collect_valid_requests(
+            fresh, None, verified=self.state.view, audit=self.audit, reports=reports)
+        self.state.reports = reports
+        self.grid.reports = reports
+        self._reject_conflicts(conflicts, rejected)
+        receipts: dict[int, list] = {}
+        self._queue_accepted(accepted, rejected, receipts)
+        self._rejection_receipts(rejected, receipts)
+        self.checkpoint()  # accepted requests are never lost from here on
+        if receipts:
+            federation.send_receipts(self.grid, receipts, audit=self.audit)
+
+    def _screen_replies(self, replies) -> tuple[list, list[tuple[int, UnlearningRequest, str]]]:
+        """``(fresh, conflicts)``: the replies with the requests already known, or in
+        conflict with what their node forgets (or has pending), taken out; and
+        ``(node, request, reason)`` per conflicting request."""
         fresh, conflicts = [], []
         for reply in replies:
             if not reply.has_error() and REQUEST_RECORD in reply.content.config_records:
@@ -119,11 +137,12 @@ class Intake:
                         conflicts.append((node, *conflict))
                         del reply.content[REQUEST_RECORD]
             fresh.append(reply)
-        reports = dict(self.state.reports)
-        accepted, rejected = federation.collect_valid_requests(
-            fresh, None, verified=self.state.view, audit=self.audit, reports=reports)
-        self.state.reports = reports
-        self.grid.reports = reports
+        return fresh, conflicts
+
+    def _reject_conflicts(self, conflicts: list[tuple[int, UnlearningRequest, str]],
+                          rejected: list[dict]) -> None:
+        """Each conflicting request: logged, audited as received and rejected by the
+        service, and added to ``rejected``."""
         for node, request, reason in conflicts:
             log(WARNING, "Unlearning request REJECTED from node %d: %s", node, reason)
             self.audit.record("request.received", node=node, scope=request.scope,
@@ -131,7 +150,12 @@ class Intake:
             self.audit.record("request.rejected", node=node, reason=reason, by="service")
             rejected.append({"node_id": node, "reason": reason,
                              "inbox_ids": list(request.inbox_ids)})
-        receipts: dict[int, list] = {}
+
+    def _queue_accepted(self, accepted: dict[int, UnlearningRequest], rejected: list[dict],
+                        receipts: dict[int, list]) -> None:
+        """Queue the accepted requests (merged into the node's pending one), in node
+        order; one that cannot be merged with what the node was served or has pending
+        goes to ``rejected``. An accepted inbox request gets its receipt."""
         for node, request in sorted(accepted.items()):
             earlier = self.state.served.get(node)
             reason = merge_conflict(earlier, request) if earlier is not None else None
@@ -154,14 +178,14 @@ class Intake:
                     request.inbox_ids, "accepted", self.run_id,
                     model_before_sha256=model_digest(self.arrays), round=self.state.round,
                     version=self.state.version))
+
+    def _rejection_receipts(self, rejected: list[dict], receipts: dict[int, list]) -> None:
+        """A receipt per rejected inbox request, its inbox ids marked as seen."""
         for entry in rejected:
             if entry.get("inbox_ids"):
                 receipts.setdefault(entry["node_id"], []).append(federation.receipt_record(
                     entry["inbox_ids"], "rejected", self.run_id, reason=entry["reason"]))
                 self.state.seen_inbox.update(entry["inbox_ids"])
-        self.checkpoint()  # accepted requests are never lost from here on
-        if receipts:
-            federation.send_receipts(self.grid, receipts, audit=self.audit)
 
     def _conflict(self, node: int, record) -> tuple[UnlearningRequest, str] | None:
         """A well-formed request that cannot be served on top of what the node already

@@ -121,7 +121,6 @@ class FedEraser(HistoryUnlearning):
 
     def unlearning_step(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         p: FedEraserParams = self.params
-        parts = self.context.node_partitions
         history = self.history
         rounds = history.stored_rounds(p.delta_t)
         if not rounds:
@@ -135,51 +134,78 @@ class FedEraser(HistoryUnlearning):
         epochs = max(1, math.ceil(p.calibration_ratio * self.training.local_epochs))
         calibration = Phase("unlearning", rounds=1, lr=self.training.lr, local_epochs=epochs)
 
-        start, updates, counts = history.round(rounds[0])
-        model = {k: v.clone() for k, v in start.items()}
-        first = {pid: u for pid, u in updates.items() if pid in keep}
-        if not first:
-            raise RuntimeError(f"federaser: round {rounds[0]} of the history holds no update "
-                               f"of the retained partitions {sorted(keep)}")
-        floats = list(next(iter(first.values())))
-        for k, step in weighted_sum(first, counts, floats).items():
-            model[k] += step
-        numel = sum(model[k].numel() for k in keys)
-        self.meter.extra_flops += 2 * numel * len(first)
+        model, numel = self._replay_first_round(rounds[0], keep, keys)
         # Floating-point buffers (e.g. BatchNorm statistics) come from the fresh aggregate.
         buffers = [k for k in model if k not in keys and model[k].is_floating_point()]
         for rnd in rounds[1:]:
-            _, updates, _ = history.round(rnd)
-            self.meter.rounds += 1
-            replies = self.exchange(grid, self.build_messages(
-                to_record(model), calibration, retained, rnd))
-            calibrated, weights, fresh_models = {}, {}, {}
-            for msg in replies:
-                src = int(msg.metadata.src_node_id)
-                pid = self.history_key(src) if src in parts else None
-                if pid not in updates:
-                    log(WARNING, "[federaser] round %d: no stored update of partition %s; "
-                        "its calibration is left out", rnd, pid)
-                    continue
-                local = to_state(msg.content[MODEL_KEY])
-                fresh = {k: local[k] - model[k] for k in keys}
-                calibrated[pid] = calibrate_update(updates[pid], fresh, keys, p.norm_scope)
-                weights[pid] = float(msg.content["metrics"]["num-examples"])
-                fresh_models[pid] = local
-            if not calibrated:
-                raise RuntimeError(f"federaser: no retained node calibrated round {rnd}")
-            for k, step in weighted_sum(calibrated, weights, keys).items():
-                model[k] += step
-            if buffers:
-                model.update(weighted_sum(fresh_models, weights, buffers))
-            self.meter.extra_flops += 6 * numel * len(calibrated)
-            if self.context.progress is not None and (
-                    rnd == rounds[-1] or self.meter.rounds % self.eval_every == 0):
-                self.context.progress(f"{self.phase}:replay", rnd, to_record(model),
-                                      self.training.rounds)
+            self._replay_calibrated_round(grid, model, rnd, calibration, retained, keys,
+                                          buffers, numel, last=rounds[-1])
         self.charge_storage()
         self.notes["replayed_rounds"] = len(rounds)
         self.notes["calibration_epochs"] = epochs
         log(INFO, "[federaser] replayed %d stored round(s) (every %d), %d calibrated on %d "
             "retained node(s)", len(rounds), p.delta_t, len(rounds) - 1, len(retained))
         return to_record(model)
+
+    def _replay_first_round(self, rnd: int, keep: set, keys: list[str]
+                            ) -> tuple[dict[str, torch.Tensor], int]:
+        """``(model, numel)``: the model stored round ``rnd`` started from plus the
+        weighted sum of the retained partitions' (``keep``) stored updates, as is; and
+        the number of trainable parameters (``keys``)."""
+        start, updates, counts = self.history.round(rnd)
+        model = {k: v.clone() for k, v in start.items()}
+        first = {pid: u for pid, u in updates.items() if pid in keep}
+        if not first:
+            raise RuntimeError(f"federaser: round {rnd} of the history holds no update "
+                               f"of the retained partitions {sorted(keep)}")
+        floats = list(next(iter(first.values())))
+        for k, step in weighted_sum(first, counts, floats).items():
+            model[k] += step
+        numel = sum(model[k].numel() for k in keys)
+        self.meter.extra_flops += 2 * numel * len(first)
+        return model, numel
+
+    def _replay_calibrated_round(self, grid: Grid, model: dict[str, torch.Tensor], rnd: int,
+                                 calibration: Phase, retained, keys: list[str],
+                                 buffers: list[str], numel: int, last: int) -> None:
+        """Replay stored round ``rnd`` on ``model`` (in place): the retained nodes train
+        it, each fresh update calibrated to the norm of the stored one, and the
+        calibrated updates (and the fresh buffers) aggregated into ``model``."""
+        _, updates, _ = self.history.round(rnd)
+        self.meter.rounds += 1
+        replies = self.exchange(grid, self.build_messages(
+            to_record(model), calibration, retained, rnd))
+        calibrated, weights, fresh_models = self._calibrate_replies(replies, model, rnd,
+                                                                    updates, keys)
+        if not calibrated:
+            raise RuntimeError(f"federaser: no retained node calibrated round {rnd}")
+        for k, step in weighted_sum(calibrated, weights, keys).items():
+            model[k] += step
+        if buffers:
+            model.update(weighted_sum(fresh_models, weights, buffers))
+        self.meter.extra_flops += 6 * numel * len(calibrated)
+        if self.context.progress is not None and (
+                rnd == last or self.meter.rounds % self.eval_every == 0):
+            self.context.progress(f"{self.phase}:replay", rnd, to_record(model),
+                                  self.training.rounds)
+
+    def _calibrate_replies(self, replies, model: dict[str, torch.Tensor], rnd: int,
+                           updates: dict, keys: list[str]) -> tuple[dict, dict, dict]:
+        """``(calibrated, weights, fresh_models)`` per partition of a reply: the fresh
+        update rescaled to the stored one's norm, the node's example count, its model. A
+        partition with no stored update at ``rnd`` is left out (logged)."""
+        parts = self.context.node_partitions
+        calibrated, weights, fresh_models = {}, {}, {}
+        for msg in replies:
+            src = int(msg.metadata.src_node_id)
+            pid = self.history_key(src) if src in parts else None
+            if pid not in updates:
+                log(WARNING, "[federaser] round %d: no stored update of partition %s; "
+                    "its calibration is left out", rnd, pid)
+                continue
+            local = to_state(msg.content[MODEL_KEY])
+            fresh = {k: local[k] - model[k] for k in keys}
+            calibrated[pid] = calibrate_update(updates[pid], fresh, keys, self.params.norm_scope)
+            weights[pid] = float(msg.content["metrics"]["num-examples"])
+            fresh_models[pid] = local
+        return calibrated, weights, fresh_models

@@ -22,6 +22,7 @@ of the batch that triggers the stop rule is reported as ``forward-samples``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from logging import INFO
 
 import torch
@@ -46,53 +47,78 @@ def gradient_ascent_steps(model: nn.Module, batches, *, epochs: int, lr: float,
     criterion = nn.CrossEntropyLoss()
     # The last state (parameters and buffers, e.g. BatchNorm statistics) known finite.
     last_finite = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    steps = trained = measured = stepped = 0
-    total = 0.0
-    stop = "epochs"
-
-    def restore() -> None:
-        model.load_state_dict(last_finite)
-
-    def every_epoch():
-        for _ in range(epochs):
-            yield from batches
-
-    for x, y, _ids in every_epoch():
-        if steps >= max_steps:
-            stop = "max_steps"
+    tally = _Tally()
+    for x, y, _ids in _every_epoch(batches, epochs):
+        if tally.steps >= max_steps:
+            tally.stop = "max_steps"
             break
         x, y = x.to(device), y.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(x), y)
-        if not torch.isfinite(loss):
-            measured += len(y)
-            stop = "non-finite loss"
-            restore()  # a train-mode forward may have updated buffers with it
+        if not _ascent_step(model, optimizer, criterion, params, x, y, tally,
+                            loss_bound=loss_bound, clip_norm=clip_norm,
+                            last_finite=last_finite):
             break
-        if float(loss.detach()) > loss_bound:
-            measured += len(y)  # this batch is forgotten already: no step on it
-            stop = "loss_bound"
-            break
-        (-loss).backward()
-        trained += len(y)
-        if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
-            stop = "non-finite gradient"
-            break
-        if clip_norm > 0:
-            nn.utils.clip_grad_norm_(params, clip_norm)
-        optimizer.step()
-        steps += 1
-        stepped += len(y)
-        total += float(loss.detach()) * len(y)
-        if not weights_are_finite(model):
-            restore()
-            stop = "non-finite weights"
-            break
-        with torch.no_grad():
-            for key, value in model.state_dict().items():
-                last_finite[key].copy_(value)
-    return {"steps": steps, "trained": trained, "measured": measured,
-            "loss": total / stepped if stepped else float("nan"), "stop": stop}
+    return tally.as_dict()
+
+
+@dataclass
+class _Tally:
+    """What :func:`gradient_ascent_steps` has done so far."""
+
+    steps: int = 0
+    trained: int = 0
+    measured: int = 0
+    stepped: int = 0
+    total: float = 0.0
+    stop: str = "epochs"
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "trained": self.trained, "measured": self.measured,
+                "loss": self.total / self.stepped if self.stepped else float("nan"),
+                "stop": self.stop}
+
+
+def _every_epoch(batches, epochs: int):
+    """The batches, ``epochs`` times over."""
+    for _ in range(epochs):
+        yield from batches
+
+
+def _ascent_step(model: nn.Module, optimizer, criterion, params, x, y, tally: _Tally, *,
+                 loss_bound: float, clip_norm: float, last_finite: dict) -> bool:
+    """One bounded ascent step on batch ``(x, y)``, counted in ``tally``; ``False`` (with
+    ``tally.stop`` set) when ascent stops: the loss is past ``loss_bound`` (no step) or
+    a loss, gradient or weight is not finite (the last finite state restored where the
+    model may have changed)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = criterion(model(x), y)
+    if not torch.isfinite(loss):
+        tally.measured += len(y)
+        tally.stop = "non-finite loss"
+        model.load_state_dict(last_finite)  # a train-mode forward may have updated buffers
+        return False
+    if float(loss.detach()) > loss_bound:
+        tally.measured += len(y)  # this batch is forgotten already: no step on it
+        tally.stop = "loss_bound"
+        return False
+    (-loss).backward()
+    tally.trained += len(y)
+    if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+        tally.stop = "non-finite gradient"
+        return False
+    if clip_norm > 0:
+        nn.utils.clip_grad_norm_(params, clip_norm)
+    optimizer.step()
+    tally.steps += 1
+    tally.stepped += len(y)
+    tally.total += float(loss.detach()) * len(y)
+    if not weights_are_finite(model):
+        model.load_state_dict(last_finite)
+        tally.stop = "non-finite weights"
+        return False
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            last_finite[key].copy_(value)
+    return True
 
 
 @register_action("gradient_ascent")

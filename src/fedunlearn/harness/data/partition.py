@@ -60,8 +60,26 @@ def partition_indices(
         Dirichlet sampling cannot give every partition enough samples.
     """
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import IidPartitioner
 
+    labels, num_partitions = _checked_arguments(labels, num_partitions, scheme, alpha)
+    num_samples = len(labels)
+    table = datasets.Dataset.from_dict(
+        {"index": np.arange(num_samples, dtype=np.int64), "label": labels.astype(np.int64)}
+    )
+    if scheme == "iid":
+        # IidPartitioner has no seed and no shuffle: it cuts the table into
+        # contiguous shards. Shuffling the table first makes it random and seeded.
+        iid = IidPartitioner(num_partitions=num_partitions)
+        iid.dataset = table.shuffle(seed=seed)
+        return _read_partitions(iid)
+    return _dirichlet_partitions(table, num_samples, num_partitions, alpha, seed)
+
+
+def _checked_arguments(labels, num_partitions, scheme: str,
+                       alpha: float) -> tuple[np.ndarray, int]:
+    """``(labels, num_partitions)`` of :func:`partition_indices` as a 1-D array and an
+    int, once every argument is checked (``ValueError`` otherwise)."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
@@ -78,16 +96,14 @@ def partition_indices(
     num_partitions = int(num_partitions)
     if not float(alpha) > 0:  # also rejects NaN
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    return labels, num_partitions
 
-    table = datasets.Dataset.from_dict(
-        {"index": np.arange(num_samples, dtype=np.int64), "label": labels.astype(np.int64)}
-    )
-    if scheme == "iid":
-        # IidPartitioner has no seed and no shuffle: it cuts the table into
-        # contiguous shards. Shuffling the table first makes it random and seeded.
-        iid = IidPartitioner(num_partitions=num_partitions)
-        iid.dataset = table.shuffle(seed=seed)
-        return _read_partitions(iid)
+
+def _dirichlet_partitions(table, num_samples: int, num_partitions: int, alpha: float,
+                          seed: int) -> list[np.ndarray]:
+    """The ``"dirichlet"`` scheme of :func:`partition_indices` on the ``(index, label)``
+    table: a floor of up to 10 samples per client, then of 1, else ``ValueError``."""
+    from flwr_datasets.partitioner import DirichletPartitioner
 
     # Try a floor of up to 10 samples per client (a quarter of the even share),
     # then a floor of 1, before giving up: each floor gets flwr-datasets' 10 tries.
