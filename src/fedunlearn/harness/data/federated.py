@@ -118,11 +118,6 @@ def build_federated_data(
     size : int
         Training samples of ``synthetic`` (0: its default); see
         :func:`~fedunlearn.harness.data.load_dataset`.
-
-    Returns
-    -------
-    FederatedData
-        The loaded and partitioned data.
     """
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
