@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .arrays import to_numpy
-from .wire import loads_json
+from .parsing import loads_json
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord

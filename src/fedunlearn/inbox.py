@@ -38,7 +38,7 @@ from typing import Any
 
 from .requests import (INBOX_ID_PATTERN, MAX_CLASSES, MAX_ID, MAX_INBOX_IDS, MAX_SAMPLE_IDS,
                        SCOPES)
-from .wire import (WireError, exact_int, finite_number, int_list, loads_json, only_fields, require,
+from .parsing import (WireError, exact_int, finite_number, int_list, loads_json, only_fields, require,
                    str_list, text)
 
 INBOX_KEY = "inbox"

@@ -2,7 +2,7 @@
 counts.
 
 A reply is untrusted input. The server reads one only through these functions, which
-either return plain, checked values or raise :class:`~fedunlearn.wire.WireError` naming
+either return plain, checked values or raise :class:`~fedunlearn.parsing.WireError` naming
 the field, the value and what is allowed. The caller then treats the node as failed for
 that round (:class:`fedunlearn.federation.GuardedGrid` turns such a reply into an error
 reply before any strategy sees it), so a malformed or hostile reply never crashes the
@@ -31,7 +31,7 @@ from .protocol import (
 )
 from .protocol import METRIC_KEYS as TRAIN_METRIC_KEYS  # noqa: F401  (re-export)
 from .requests import MAX_PARTITION_ID
-from .wire import (
+from .parsing import (
     MissingField,
     WireError,
     exact_int,

@@ -15,7 +15,7 @@ request is rejected with a logged reason and the run goes on without it.
 Sample ids are indices into the dataset's training set (the same ids every client and
 the server derive from the deterministic partitioning).
 
-Parsing is strict (:mod:`.wire`): a request record has exactly the fields of its scope,
+Parsing is strict (:mod:`.parsing`): a request record has exactly the fields of its scope,
 with their exact types (``partition-id`` an int, ``classes`` and ``sample-ids`` lists of
 distinct ints, at most :data:`MAX_CLASSES` / :data:`MAX_SAMPLE_IDS` of them), or it is
 rejected with a reason naming the field, the value and what is allowed.
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ConfigRecord
 
-from .wire import WireError, exact_int, int_list, only_fields, require, str_list, text
+from .parsing import WireError, exact_int, int_list, only_fields, require, str_list, text
 
 from .protocol import (FORGET_PREFIX as CONFIG_PREFIX, INVALID_SCOPE, NODE_RECORD,  # noqa: F401
                        QUERY_CONFIG, QUERY_UNLEARN, RECEIPT_ACK, RECEIPT_RECORD,
@@ -102,7 +102,7 @@ class UnlearningRequest:
 
     @classmethod
     def from_config_record(cls, record: Mapping, node_id: int = 0) -> UnlearningRequest:
-        """Parse a request record strictly; raises :class:`~fedunlearn.wire.WireError`
+        """Parse a request record strictly; raises :class:`~fedunlearn.parsing.WireError`
         (a ``ValueError``) naming the field, the value and what is allowed."""
         try:
             return cls._parse(record, node_id)

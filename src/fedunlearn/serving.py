@@ -44,7 +44,7 @@ from .protocol import EVALUATE_UNLEARN, MODEL_KEY, REPLY_TIMEOUT_S, reply_timeou
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
 from .files import FAILED_FILE, save_state_dict, write_json
-from .wire import WireError
+from .parsing import WireError
 from .strategies.base import UnlearningContext, UnlearningStrategy
 
 MODEL_FILE = "model.pt"
@@ -187,7 +187,7 @@ def _checked_strategies(strategies) -> tuple[list[UnlearningStrategy], list[str]
 def _training_history(history):
     """The TrainingHistory of ``serve(history=...)`` (a HistoryKeeper's ``.history``),
     or ``None``."""
-    from .recording import HistoryKeeper
+    from .history_keeper import HistoryKeeper
 
     if isinstance(history, HistoryKeeper):
         if history.history is None:

@@ -29,7 +29,7 @@ from flwr.common.logger import log
 
 from ..inbox import INBOX_KEY, Inbox, InboxRequest
 from ..requests import UnlearningRequest, forget_indices, validate_request
-from ..wire import parse_int_list
+from ..parsing import parse_int_list
 
 
 @dataclass

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 from ..protocol import REPLY_TIMEOUT_S
 from ..replies import check_evaluate_metrics, check_train_reply, parse_evaluate_reply
 from ..requests import forget_indices, request_from_config
-from ..wire import WireError
+from ..parsing import WireError
 from .nodes import MALFORMED_REPLY, NODE_STALL_S  # noqa: F401
 
 

@@ -23,7 +23,7 @@ from ..requests import (
     ids_not_held_reason,
     validate_request,
 )
-from ..wire import WireError, only_fields, shorten, str_list
+from ..parsing import WireError, only_fields, shorten, str_list
 
 ERROR_RECORD_FIELDS = ("scope", "partition-id", "error", "inbox-ids")
 

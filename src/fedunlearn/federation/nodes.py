@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from ..protocol import reply_timeout
 from ..replies import parse_node_record
 from ..requests import QUERY_CONFIG, QUERY_UNLEARN, RUN_CONFIG_REQUESTS, WANT_REQUEST
-from ..wire import WireError
+from ..parsing import WireError
 
 NODE_STALL_S = 60.0
 

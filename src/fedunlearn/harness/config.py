@@ -20,7 +20,7 @@ from typing import Any
 
 from ..ranges import MAX_LR, MAX_ROUNDS, MAX_SEED, Range  # noqa: F401  (re-export)
 from ..service.config import ServiceConfig
-from ..wire import parse_int_list  # noqa: F401  (re-export)
+from ..parsing import parse_int_list  # noqa: F401  (re-export)
 from .backdoor import BackdoorConfig
 from .keys import (BY_NAME, DEFAULTS, KEYS, MAX_COUNT, MAX_REPLY_TIMEOUT_S,  # noqa: F401
                    MAX_SYNTHETIC_SIZE, PARTITIONINGS, format_method_params,

@@ -21,7 +21,7 @@ from ..replies import parse_evaluate_reply
 from ..protocol import EVALUATE_UNLEARN
 from ..requests import request_to_config
 from ..training import load_arrays
-from ..wire import WireError
+from ..parsing import WireError
 
 from ..protocol import reply_timeout  # noqa: E402
 

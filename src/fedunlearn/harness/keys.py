@@ -30,7 +30,7 @@ from ..ranges import Range
 from ..requests import SCOPES
 from ..service.config import ServiceConfig
 from ..strategies.settings import STOP_RULES, Recovery, Training
-from ..wire import parse_int_list
+from ..parsing import parse_int_list
 from .backdoor import POSITIONS
 from .backdoor import RANGES as BACKDOOR
 

@@ -20,7 +20,7 @@ from ..protocol import (
 )
 from ..replies import parse_node_check
 from ..requests import UnlearningRequest, request_to_config
-from ..wire import shorten
+from ..parsing import shorten
 from .state import VERSIONS_FILE, _atomic_json, _fmt, _request_from_dict, read_versions
 
 

@@ -13,7 +13,7 @@ from .. import protocol as P
 from ..protocol import DEFAULT_ACTION
 from ..ranges import (ACCURACY_POINTS, CLIP_NORM, EPOCHS, EVERY, LR, ROUNDS, SERVER_MOMENTUM,
                       Range, check_fields)
-from ..wire import exact_int
+from ..parsing import exact_int
 
 ROLES = ("retained", "targets", "all")
 STOP_RULES = ("fixed", "validation")
