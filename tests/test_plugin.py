@@ -560,3 +560,30 @@ def test_two_hundred_pending_requests_all_get_a_verdict_in_one_job(userapp, tmp_
     assert outcome.methods["not"].status == "honoured"
     assert outcome.report["accepted"][0]["classes"] == [0, 1]
     assert {inbox.entry(i).status for i in ids} == {"honoured"}
+
+
+def test_serve_checks_the_users_arrays_against_model_fn_first(userapp, user_grid, tmp_path):
+    """serve() refuses arrays that are not model_fn's state (keys, shapes, a floating
+    parameter given as integers) before any request is accepted (issue: service mode
+    that loses nothing, item 9): nothing accepted, no receipt, no method run."""
+    import numpy as np
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from fedunlearn import NoT, Recovery, serve
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inbox = tmp_path / "inbox-0"
+    grid = user_grid(client_app.app, inboxes={0: inbox})
+    filed = Inbox(str(inbox)).file(scope="client")
+    good = ArrayRecord(task.Net().state_dict())
+    truncated = ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=np.int64))
+                             for k, v in good.items()})
+    smaller = ArrayRecord({k: v for k, v in list(good.items())[:-1]})
+    method = NoT(Recovery(rounds=1), model_fn=task.Net, example_input=torch.zeros(1, 1, 8, 8))
+    for arrays, reason in ((truncated, "not floating point"), (smaller, "missing")):
+        with pytest.raises(ValueError, match=f"arrays are not the model model_fn builds: .*{reason}"):
+            serve(grid, arrays, [method], output_dir=tmp_path / "out")
+    assert grid.sent == [] and not (tmp_path / "out").exists()
+    assert Inbox(str(inbox)).entry(filed.id).status == "filed"  # never sent, never judged

@@ -192,3 +192,33 @@ def decoded(record: ArrayRecord) -> ArrayRecord:
 __all__ = ["DecodedArray", "clone", "copy_record", "decoded", "from_numpy", "record_from_state",
            "records", "state_dict",
            "to_numpy"]
+
+
+def check_model_arrays(arrays: ArrayRecord, model_fn) -> None:
+    """Raise ``ValueError`` unless ``arrays`` is the state of the model ``model_fn()``
+    builds: the same names and shapes, and every floating parameter or buffer a floating
+    array (an integer array there would truncate the weights). Checked before anything is
+    accepted or written, not by every node at its first round."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        state = model_fn().state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    given = {k: tuple(arrays[k].shape) for k in arrays.keys()}
+    problems = []
+    if given != expected:
+        missing = sorted(set(expected) - set(given))[:3]
+        extra = sorted(set(given) - set(expected))[:3]
+        shapes = [k for k in expected if k in given and given[k] != expected[k]][:3]
+        problems += [f"missing {missing}" if missing else "",
+                     f"unexpected {extra}" if extra else "",
+                     f"other shapes for {shapes}" if shapes else ""]
+    kinds = [k for k, v in state.items() if k in given and v.is_floating_point()
+             and not np.issubdtype(np.dtype(arrays[k].dtype), np.floating)][:3]
+    if kinds:
+        problems.append(f"not floating point for {kinds} "
+                        f"({', '.join(str(arrays[k].dtype) for k in kinds)})")
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError("arrays are not the model model_fn builds: " + "; ".join(problems)
+                         + " (pass the ArrayRecord of model_fn()'s state dict)")

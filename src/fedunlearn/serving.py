@@ -36,15 +36,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from . import federation
+from .arrays import check_model_arrays
 from .audit import AuditLog, audit_path, model_digest
+from .files import FAILED_FILE, save_state_dict, write_json
 from .ledger import Ledger
 from .lifecycle import MethodRun, run_method
 from .metrics import flops_per_sample
+from .parsing import WireError
 from .protocol import EVALUATE_UNLEARN, MODEL_KEY, REPLY_TIMEOUT_S, reply_timeout
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
-from .files import FAILED_FILE, save_state_dict, write_json
-from .parsing import WireError
 from .strategies.base import UnlearningContext, UnlearningStrategy
 
 MODEL_FILE = "model.pt"
@@ -150,6 +151,9 @@ def serve(grid: Grid, arrays: ArrayRecord,
     history = _training_history(history)
     if model_fn is None or example_input is None:
         model_fn, example_input = _flop_model(strategies, model_fn, example_input)
+    factory = model_fn or next((s._model_fn for s in strategies if s._model_fn), None)
+    if factory is not None:
+        check_model_arrays(arrays, factory)  # before any request is accepted
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = federation.run_id_of(grid) if run_id is None else int(run_id)

@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
+from ..arrays import check_model_arrays
 from ..audit import model_digest
 from ..files import atomic_write
 from .config import ServiceError
@@ -99,21 +100,8 @@ class Storage:
                                f"{[tuple(arrays[k].shape) for k in bad[:3]]})")
 
     def _check_model(self, arrays: ArrayRecord) -> None:
-        """With a model factory, ``arrays`` must be that model's (names and shapes):
-        checked before anything is written, not by every node at its first round."""
-        if self.model_fn is None:
-            return
-        with torch.random.fork_rng(devices=[]):
-            expected = {k: tuple(v.shape) for k, v in self.model_fn().state_dict().items()}
-        given = {k: tuple(arrays[k].shape) for k in arrays.keys()}
-        if given != expected:
-            missing = sorted(set(expected) - set(given))[:3]
-            extra = sorted(set(given) - set(expected))[:3]
-            shapes = [k for k in expected if k in given and given[k] != expected[k]][:3]
-            raise ValueError(
-                "arrays are not the model model_fn builds: "
-                + "; ".join(part for part in (
-                    f"missing {missing}" if missing else "",
-                    f"unexpected {extra}" if extra else "",
-                    f"other shapes for {shapes}" if shapes else "") if part)
-                + " (pass the ArrayRecord of model_fn()'s state dict)")
+        """With a model factory, ``arrays`` must be that model's (names, shapes, floating
+        dtypes): checked before anything is written, not by every node at its first
+        round."""
+        if self.model_fn is not None:
+            check_model_arrays(arrays, self.model_fn)
