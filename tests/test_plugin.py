@@ -587,3 +587,26 @@ def test_serve_checks_the_users_arrays_against_model_fn_first(userapp, user_grid
             serve(grid, arrays, [method], output_dir=tmp_path / "out")
     assert grid.sent == [] and not (tmp_path / "out").exists()
     assert Inbox(str(inbox)).entry(filed.id).status == "filed"  # never sent, never judged
+
+
+def test_a_node_claiming_anothers_partition_id_does_not_block_its_request(
+        userapp, local_grid, tmp_path):
+    """On the plugin path a partition id is a label a node gives itself: a second node
+    with node 1's label does not get node 1's request rejected (issue: service mode
+    that loses nothing, item 7); each request binds to the node that sent it."""
+    from fedunlearn import FineTune, Recovery, serve
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inbox = tmp_path / "inbox-1"
+    grid = local_grid(client_app.app, 4, {}, {1: {"inbox": str(inbox)}, 2: {"partition-id": 1}},
+                      run_id=USER_RUN_ID, arrival="sent")
+    arrays = fedavg(grid, task, rounds=1)
+    Inbox(str(inbox)).file(scope="class", classes=[1])
+    outcome = serve(grid, arrays, [FineTune(Recovery(rounds=1, server_momentum=0.0))],
+                    output_dir=tmp_path / "out")
+    node1 = USER_NODE[1]  # the node started as partition 1 (node 2 took its label too)
+    assert sorted(grid.partitions.values()) == [0, 1, 1, 3]
+    assert [a["node_id"] for a in outcome.report["accepted"]] == [node1]
+    assert outcome.report["rejected"] == []
+    assert outcome.methods["ft"].status == "honoured"

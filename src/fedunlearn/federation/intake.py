@@ -88,7 +88,9 @@ def collect_valid_requests(replies, data,
     request is checked against it only: a node outside it, or one that now claims
     another partition than the one it was verified with, is rejected. Without it, the
     replies' own claims are used, and a partition claimed by several nodes gets none of
-    their requests (nobody can tell which holder is genuine).
+    their requests (nobody can tell which holder is genuine) — on the harness's shared
+    data only: with ``data=None`` a partition id is the node's own label, and each
+    request binds to the node that sent it.
 
     Every record is parsed strictly (:meth:`UnlearningRequest.from_config_record`); a
     malformed one is rejected with a reason naming the field, the value and what is
@@ -106,7 +108,8 @@ def collect_valid_requests(replies, data,
     came from the node's inbox), each also logged.
     """
     read = _read_replies(replies, data, reports)
-    shared, node_partitions = _bind_partitions(read.claims, verified)
+    shared, node_partitions = _bind_partitions(read.claims, verified,
+                                               labels_only=data is None)
     labels = np.asarray(data.train.targets) if data is not None else None
     accepted: dict[int, UnlearningRequest] = {}
     rejected: list[dict] = []
@@ -175,14 +178,19 @@ def _read_replies(replies, data, reports: dict[int, dict] | None) -> _Replies:
     return read
 
 
-def _bind_partitions(claims: dict[int, int], verified: dict[int, int] | None
+def _bind_partitions(claims: dict[int, int], verified: dict[int, int] | None,
+                     labels_only: bool = False
                      ) -> tuple[dict[int, list[int]], dict[int, int]]:
     """``(shared, node_partitions)``: the nodes whose claimed partition is also claimed
     by another (node -> all its claimants; only without ``verified``), and the partition
     each node's requests are bound to (``verified`` when given, else the unshared
-    claims)."""
+    claims). With ``labels_only`` (a plugin server: the nodes hold their own data, and a
+    partition id is a label a node gives itself) a request binds to the node that sent
+    it: two nodes with one label never block each other."""
     shared: dict[int, list[int]] = {}
-    if verified is None:
+    if verified is None and labels_only:
+        node_partitions = dict(claims)
+    elif verified is None:
         holders: dict[int, list[int]] = {}
         for node, partition in sorted(claims.items()):
             holders.setdefault(partition, []).append(node)
