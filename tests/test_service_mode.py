@@ -596,3 +596,34 @@ def _incoming_of(reply):
         run_id=md.run_id, message_id=md.reply_to_message_id, src_node_id=md.dst_node_id,
         dst_node_id=md.src_node_id, reply_to_message_id="", group_id=md.group_id,
         created_at=md.created_at, ttl=md.ttl, message_type=md.message_type))
+
+
+def test_a_state_dir_without_its_checkpoint_is_never_silently_started_over(
+        userapp, user_grid, tmp_path):
+    """A missing or unreadable checkpoint.pt over a state directory with published
+    versions is refused, naming the files, and recorded as service.failed (issue:
+    service mode that loses nothing, items 1 and 14): the version a receipt names is
+    never overwritten and a forgotten node never trains again."""
+    from fedunlearn import ServiceError, read_versions
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inbox = tmp_path / "inbox-0"
+    grid = user_grid(client_app.app, inboxes={0: inbox})
+    arrays = fedavg(grid, task, rounds=1)
+    Inbox(str(inbox)).file(scope="client")
+    _service(task, tmp_path, rounds=2).run(grid, arrays)
+    state = tmp_path / "state"
+    before = read_versions(state)
+    proof = (state / "versions" / "v0001.pt").read_bytes()
+    (state / "checkpoint.pt").unlink()
+    with pytest.raises(ServiceError, match=r"checkpoint.pt is missing, but .* holds a service's "
+                                           r"past \(.*versions.json"):
+        _service(task, tmp_path, rounds=4).run(grid, arrays)
+    assert read_versions(state) == before
+    assert (state / "versions" / "v0001.pt").read_bytes() == proof
+    (state / "checkpoint.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ServiceError, match=r"checkpoint .*checkpoint.pt cannot be read"):
+        _service(task, tmp_path, rounds=4).run(grid, arrays)
+    events = [e["event"] for e in audit_events(state / "audit.jsonl")]
+    assert events.count("service.failed") == 2 and events.count("service.started") == 1

@@ -6,7 +6,15 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..ranges import EPOCHS, LR, SEED, SERVER_MOMENTUM, CountOrShare, Range, check_fields
+from ..ranges import (
+    EPOCHS,
+    LR,
+    SEED,
+    SERVER_MOMENTUM,
+    CountOrShare,
+    Range,
+    check_fields,
+)
 
 DAY_S = 86_400.0
 

@@ -215,9 +215,10 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         self.started = time.monotonic()
         self.trainer = _Trainer(seed=self.config.seed)
         self._check_model(arrays)
-        loaded = self.load()
-        self.state = loaded[0] if loaded is not None else ServiceState()
+        self.state = ServiceState()
         try:
+            loaded = self.load()  # a state file it cannot read: service.failed, named
+            self.state = loaded[0] if loaded is not None else ServiceState()
             return self._serve(arrays, verified, audit, loaded, grid)
         except BaseException as err:  # said in the log: no later run takes it for a crash
             self.audit.record("service.failed", error=f"{type(err).__name__}: {err}"[:1000])

@@ -10,6 +10,7 @@ from flwr.common.logger import log
 
 from .. import federation
 from ..audit import model_digest
+from ..parsing import shorten
 from ..protocol import (
     CONFIG_KEY,
     MODEL_KEY,
@@ -20,7 +21,6 @@ from ..protocol import (
 )
 from ..replies import parse_node_check
 from ..requests import UnlearningRequest, request_to_config
-from ..parsing import shorten
 from .state import VERSIONS_FILE, _atomic_json, _fmt, _request_from_dict, read_versions
 
 

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
 from ..arrays import check_model_arrays
-from ..audit import model_digest
+from ..audit import audit_path, model_digest
 from ..files import atomic_write
 from .config import ServiceError
 from .state import (
@@ -73,14 +73,42 @@ class Storage:
         atomic_write(self.state_dir / CHECKPOINT_FILE, lambda tmp: torch.save(blob, tmp))
 
     def load(self):
+        """The checkpoint's ``(state, model, momentum)``, or ``None`` for a fresh state
+        directory. A directory that holds a service's past (versions, an audit log with
+        service records) but no checkpoint is refused, never silently started over: the
+        versions its receipts name would be overwritten and the forgotten nodes train
+        again. A checkpoint that cannot be read is named in the error."""
         path = self.state_dir / CHECKPOINT_FILE
         if not path.exists():
+            self._refuse_leftovers(path)
             return None
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        state = ServiceState.from_json(json.loads(blob["state"]))
-        momentum = (None if blob["momentum"] is None
-                    else [t.numpy() for t in blob["momentum"]])
-        return state, ArrayRecord(blob["model"]), momentum
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            state = ServiceState.from_json(json.loads(blob["state"]))
+            momentum = (None if blob["momentum"] is None
+                        else [t.numpy() for t in blob["momentum"]])
+            return state, ArrayRecord(blob["model"]), momentum
+        except ServiceError:
+            raise
+        except Exception as err:  # truncated, empty, garbage: torch's or pickle's error
+            raise ServiceError(
+                f"the service checkpoint {path} cannot be read ({type(err).__name__}: "
+                f"{str(err)[:200]}): restore it from a backup, or move the state directory "
+                "away to start a new service") from None
+
+    def _refuse_leftovers(self, checkpoint) -> None:
+        leftovers = [p for p in (self.state_dir / VERSIONS_FILE, self.state_dir / VERSIONS_DIR)
+                     if p.exists() and (p.is_file() or any(p.iterdir()))]
+        log_path = audit_path(self.state_dir)
+        if log_path.exists() and b'"event":"service.started"' in log_path.read_bytes():
+            leftovers.append(log_path)
+        if leftovers:
+            raise ServiceError(
+                f"{checkpoint} is missing, but {self.state_dir} holds a service's past "
+                f"({', '.join(str(p) for p in leftovers)}): starting over would overwrite the "
+                "published versions that receipts name and let forgotten nodes train again; "
+                "restore the checkpoint, or move the state directory away to start a new "
+                "service")
 
     def _check_resume(self, arrays: ArrayRecord) -> None:
         s = self.state
