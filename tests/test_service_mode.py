@@ -622,8 +622,13 @@ def test_a_state_dir_without_its_checkpoint_is_never_silently_started_over(
         _service(task, tmp_path, rounds=4).run(grid, arrays)
     assert read_versions(state) == before
     assert (state / "versions" / "v0001.pt").read_bytes() == proof
+    # Temporaries a kill -9 left mid-write are removed when a service starts on the dir.
+    stale = [state / ".checkpoint.pt-abc123.tmp", state / "versions" / ".v0002.pt-def456.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a model")
     (state / "checkpoint.pt").write_bytes(b"\x00garbage")
     with pytest.raises(ServiceError, match=r"checkpoint .*checkpoint.pt cannot be read"):
         _service(task, tmp_path, rounds=4).run(grid, arrays)
+    assert not any(path.exists() for path in stale)
     events = [e["event"] for e in audit_events(state / "audit.jsonl")]
     assert events.count("service.failed") == 2 and events.count("service.started") == 1

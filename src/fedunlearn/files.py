@@ -58,3 +58,15 @@ def save_state_dict(path: str | os.PathLike, state: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` leaves in ``folder`` when its
+    process is killed mid-write (``.<name>-<random>.tmp``); return what was removed. Call
+    it only while no writer is at work there."""
+    removed = []
+    for path in sorted(Path(folder).glob(".*.tmp")):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

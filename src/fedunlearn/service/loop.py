@@ -46,6 +46,7 @@ from flwr.serverapp import Grid
 from .. import federation
 from ..arrays import records
 from ..audit import AuditLog, audit_path, model_digest
+from ..files import remove_stale_temporaries
 from ..ledger import Ledger
 from ..protocol import NUM_EXAMPLES, REPLY_TIMEOUT_S
 from ..strategies.base import Phase, UnlearningContext, UnlearningStrategy
@@ -203,6 +204,9 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         if not isinstance(arrays, ArrayRecord) or not len(arrays):
             raise ValueError("arrays must be the model's non-empty ArrayRecord")
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.state_dir, self.state_dir / VERSIONS_DIR):  # a kill -9 mid-write
+            for stale in remove_stale_temporaries(folder):
+                log(WARNING, "[service] removed %s, left by a write that was cut short", stale)
         run = federation.run_id_of(grid)
         self.run_id = run
         audit = AuditLog(audit_path(self.state_dir), run)
