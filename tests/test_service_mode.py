@@ -632,3 +632,41 @@ def test_a_state_dir_without_its_checkpoint_is_never_silently_started_over(
     assert not any(path.exists() for path in stale)
     events = [e["event"] for e in audit_events(state / "audit.jsonl")]
     assert events.count("service.failed") == 2 and events.count("service.started") == 1
+
+
+def test_a_resume_finds_a_missing_or_changed_proof_and_unreadable_versions(
+        userapp, user_grid, tmp_path):
+    """At resume every published version is still listed and its file still holds the
+    model its receipts name (issue: service mode that loses nothing, item 14): a
+    changed or removed version file, or a truncated versions.json, stops the service
+    naming the file (service.failed), instead of a raw JSONDecodeError or nothing."""
+    import shutil
+
+    from fedunlearn import ServiceError
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inbox = tmp_path / "inbox-0"
+    grid = user_grid(client_app.app, inboxes={0: inbox})
+    arrays = fedavg(grid, task, rounds=1)
+    Inbox(str(inbox)).file(scope="client")
+    _service(task, tmp_path, rounds=2).run(grid, arrays)
+    state = tmp_path / "state"
+    saved = tmp_path / "saved"
+    shutil.copytree(state, saved)
+    v1 = state / "versions" / "v0001.pt"
+    v1.write_bytes((state / "versions" / "v0000.pt").read_bytes())  # another model
+    with pytest.raises(ServiceError, match=r"version 1's file .*v0001.pt no longer holds"):
+        _service(task, tmp_path, rounds=3).run(grid, arrays)
+    v1.unlink()
+    with pytest.raises(ServiceError, match=r"version 1's file .*v0001.pt cannot be read"):
+        _service(task, tmp_path, rounds=3).run(grid, arrays)
+    shutil.copy(saved / "versions" / "v0001.pt", v1)
+    (state / "versions.json").write_text('{"versions": [{"ver')
+    with pytest.raises(ServiceError, match=r"versions.json cannot be read"):
+        _service(task, tmp_path, rounds=3).run(grid, arrays)
+    shutil.copy(saved / "versions.json", state / "versions.json")
+    outcome = _service(task, tmp_path, rounds=3).run(grid, arrays)  # all restored: resumes
+    assert outcome.resumed_from == 2 and outcome.round == 3
+    events = [e["event"] for e in audit_events(state / "audit.jsonl")]
+    assert events.count("service.failed") == 3

@@ -246,6 +246,7 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
             if self.note_interrupted:
                 self.ledger.interrupted()
             self._check_resume(arrays)
+            self._check_versions()
             resumed_from = self.state.round
             log(INFO, "[service] resumed from %s: round %d, version %d, %d pending request(s)",
                 self.state_dir / CHECKPOINT_FILE, self.state.round, self.state.version,

@@ -136,7 +136,14 @@ def read_versions(state_dir: str | os.PathLike) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"no {VERSIONS_FILE} in {state_dir}: not a service state "
                                 "directory (service.state-dir / UnlearningService(state_dir=))")
-    return json.loads(path.read_text())["versions"]
+    try:
+        versions = json.loads(path.read_text())["versions"]
+        if not isinstance(versions, list):
+            raise ValueError("'versions' is not a list")
+        return versions
+    except (ValueError, KeyError, TypeError) as err:  # truncated, edited, garbage
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]}): "
+                         "restore it from a backup") from None
 
 
 def honoured_by(versions: list[dict], request_id: str) -> list[dict]:

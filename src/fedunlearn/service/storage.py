@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
@@ -126,6 +127,34 @@ class Storage:
                                f"shapes differ for {bad[:3]} (checkpoint "
                                f"{[tuple(self.arrays[k].shape) for k in bad[:3]]}, given "
                                f"{[tuple(arrays[k].shape) for k in bad[:3]]})")
+
+    def _check_versions(self) -> None:
+        """At resume: every version the checkpoint has published is listed in
+        ``versions.json`` and its file still holds the model whose hash the receipts name
+        (a proof that went missing or changed is found now, not by an auditor later)."""
+        try:
+            versions = read_versions(self.state_dir)
+        except (OSError, ValueError) as err:
+            raise ServiceError(f"the service cannot resume: {err}") from None
+        listed = {v.get("version"): v for v in versions if isinstance(v, dict)}
+        for number in range(self.state.version + 1):
+            entry = listed.get(number)
+            if entry is None:
+                raise ServiceError(f"{self.state_dir / VERSIONS_FILE} does not list version "
+                                   f"{number}, which the checkpoint has published: restore it "
+                                   "from a backup")
+            path = Path(entry.get("path", ""))
+            try:
+                digest = model_digest(ArrayRecord(torch.load(path, map_location="cpu",
+                                                             weights_only=True)))
+            except Exception as err:  # missing, truncated, garbage
+                raise ServiceError(f"version {number}'s file {path} cannot be read "
+                                   f"({type(err).__name__}): the model its receipts name is "
+                                   "gone; restore it from a backup") from None
+            if digest != entry.get("sha256"):
+                raise ServiceError(f"version {number}'s file {path} no longer holds the model "
+                                   f"its receipts name (SHA-256 {str(entry.get('sha256'))[:12]}, "
+                                   f"found {digest[:12]}): restore it from a backup")
 
     def _check_model(self, arrays: ArrayRecord) -> None:
         """With a model factory, ``arrays`` must be that model's (names, shapes, floating
