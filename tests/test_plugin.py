@@ -610,3 +610,55 @@ def test_a_node_claiming_anothers_partition_id_does_not_block_its_request(
     assert [a["node_id"] for a in outcome.report["accepted"]] == [node1]
     assert outcome.report["rejected"] == []
     assert outcome.methods["ft"].status == "honoured"
+
+
+def test_no_single_node_controls_the_weight_of_its_replies(userapp, local_grid, tmp_path):
+    """Reply weights are bounded by what the server can know (issue: service mode that
+    loses nothing, item 3): on the plugin path a node's first report of its training set
+    is the most its replies may weigh (a later, larger report does not raise it), and a
+    reply weighing more than 10x the median of the other nodes counts for that cap,
+    recorded as reply.capped."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    import fedunlearn.federation as federation
+    from fedunlearn.audit import AuditLog, read_audit
+    from fedunlearn.federation.guarded_grid import WEIGHT_CAP_FACTOR
+    from fedunlearn.protocol import CONFIG_KEY, MODEL_KEY
+
+    client_app, task = userapp
+    inner = local_grid(client_app.app, 4, {}, run_id=USER_RUN_ID, arrival="sent")
+    grid = federation.GuardedGrid(inner, AuditLog(tmp_path / "audit.jsonl", USER_RUN_ID))
+    honest, hostile = sorted(inner.contexts)[:3], sorted(inner.contexts)[3]
+    grid.verify({n: p for p, n in enumerate(sorted(inner.contexts))})
+    grid.reports = {**{n: {"num-train": 100} for n in honest}, hostile: {"num-train": 10**6}}
+    grid.reports = {**grid.reports, hostile: {"num-train": 10**12}}  # a later, larger claim
+    arrays = ArrayRecord(task.Net().state_dict())
+    sent = Message(RecordDict({MODEL_KEY: arrays, CONFIG_KEY: ConfigRecord({"lr": 0.1})}),
+                   dst_node_id=hostile, message_type="train")
+
+    def reply(weight):
+        return Message(RecordDict({MODEL_KEY: arrays,
+                                   "metrics": MetricRecord({"num-examples": weight})}),
+                       reply_to=_as_received(sent, hostile))
+
+    assert grid.checked(reply(10**6 + 1), sent).has_error()  # above its first report
+    checked = grid.checked(reply(10**6), sent)
+    assert not checked.has_error()
+    assert grid.weight_cap(hostile) == WEIGHT_CAP_FACTOR * 100
+    assert checked.content["metrics"]["num-examples"] == WEIGHT_CAP_FACTOR * 100
+    assert not grid.checked(reply(100), sent).has_error()  # an honest weight is untouched
+    events = read_audit(tmp_path / "audit.jsonl").records
+    capped = [r for r in events if r["event"] == "reply.capped"]
+    assert [(r["num_examples"], r["counted"]) for r in capped] == [(10**6, 1000)]
+
+
+def _as_received(msg, node):
+    """``msg`` as a node receives it (metadata set), so a reply can answer it."""
+    import time as _time
+
+    from flwr.app import Message, Metadata
+
+    md = Metadata(run_id=USER_RUN_ID, message_id="m1", src_node_id=0, dst_node_id=node,
+                  reply_to_message_id="", group_id="", created_at=_time.time(), ttl=3600,
+                  message_type=msg.metadata.message_type)
+    return Message(msg.content, metadata=md)

@@ -6,16 +6,21 @@ from collections.abc import Iterable, Mapping
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ConfigRecord, Error, Message
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from ..protocol import REPLY_TIMEOUT_S
+from ..arrays import records
+from ..parsing import WireError
+from ..protocol import NUM_EXAMPLES, REPLY_TIMEOUT_S
 from ..replies import check_evaluate_metrics, check_train_reply, parse_evaluate_reply
 from ..requests import forget_indices, request_from_config
-from ..parsing import WireError
 from .nodes import MALFORMED_REPLY, NODE_STALL_S  # noqa: F401
+
+#: On the plugin path, a train reply counts for at most this many times the median
+#: training set of the other nodes (their first reports).
+WEIGHT_CAP_FACTOR = 10
 
 
 class GuardedGrid(Grid):
@@ -53,11 +58,26 @@ class GuardedGrid(Grid):
         self.verified: dict[int, int] = {}
         #: The federation's data as the server knows it (the harness's partitions), if any.
         self.data = None
-        #: node id -> what the node reported about its own data (reply bounds).
-        self.reports: dict[int, dict] = {}
+        self._reports: dict[int, dict] = {}
+        #: node id -> the training-set size it first reported: a later report never
+        #: raises the bound on its replies' weight.
+        self._first_sizes: dict[int, int] = {}
         self._excluded: set[int] = set()
         self._departed: set[int] = set()
         self._pushed: dict[str, Message] = {}
+
+    @property
+    def reports(self) -> dict[int, dict]:
+        """node id -> what the node reported about its own data (reply bounds)."""
+        return self._reports
+
+    @reports.setter
+    def reports(self, reports: Mapping[int, dict]) -> None:
+        self._reports = dict(reports)
+        for node, report in self._reports.items():
+            size = report.get("num-train") if isinstance(report, dict) else None
+            if isinstance(size, int) and not isinstance(size, bool):
+                self._first_sizes.setdefault(int(node), size)
 
     def verify(self, node_partitions: Mapping[int, int], data=None) -> None:
         """Fix the view: ``node_partitions`` (from :func:`check_partitions`) for the rest
@@ -201,6 +221,7 @@ class GuardedGrid(Grid):
         try:
             if category == "train":
                 check_train_reply(reply, sent, self._train_size(node))
+                reply = self._capped(reply, node)
             elif category == "evaluate":
                 self.check_evaluate(reply, sent, node)
         except WireError as err:
@@ -228,11 +249,48 @@ class GuardedGrid(Grid):
             check_evaluate_metrics(reply)
 
     def _train_size(self, node: int) -> int | None:
+        """The most a train reply of ``node`` may weigh (``num-examples``): its partition's
+        size where the server knows the data (the harness), else what the node reported
+        about its training set, never more than its first report."""
+        if self.data is not None and node in self.verified:
+            return int(self.data.train_indices(self.verified[node]).size)
         if node in self.reports and "num-train" in self.reports[node]:
-            return int(self.reports[node]["num-train"])
-        if self.data is None or node not in self.verified:
+            size = int(self.reports[node]["num-train"])
+            return min(size, self._first_sizes.get(node, size))
+        return None
+
+    def weight_cap(self, node: int) -> int | None:
+        """On the plugin path (the server knows no data), the most a reply of ``node``
+        counts for in an aggregate: :data:`WEIGHT_CAP_FACTOR` times the median training
+        set the other verified nodes first reported (``None``: no cap: the data is known,
+        or fewer than two other nodes reported)."""
+        if self.data is not None:
             return None
-        return int(self.data.train_indices(self.verified[node]).size)
+        others = sorted(s for n, s in self._first_sizes.items()
+                        if n != node and n in self.verified)
+        if len(others) < 2:
+            return None
+        median = others[len(others) // 2] if len(others) % 2 else \
+            (others[len(others) // 2 - 1] + others[len(others) // 2]) / 2
+        return max(1, int(WEIGHT_CAP_FACTOR * median))
+
+    def _capped(self, reply: Message, node: int) -> Message:
+        """``reply`` with its ``num-examples`` lowered to :meth:`weight_cap` when above it
+        (recorded as ``reply.capped``): no single node outweighs the rest."""
+        cap = self.weight_cap(node)
+        metrics = next(iter(records(reply.content, MetricRecord).values()), None)
+        if cap is None or metrics is None or metrics.get(NUM_EXAMPLES, 0) <= cap:
+            return reply
+        claimed = int(metrics[NUM_EXAMPLES])
+        content = RecordDict(dict(reply.content.items()))
+        for key, record in records(reply.content, MetricRecord).items():
+            content[key] = MetricRecord({**dict(record), NUM_EXAMPLES: cap})
+        log(WARNING, "Node %d's train reply weighs %d examples, more than %d x the median of "
+            "the other nodes: counted as %d", node, claimed, WEIGHT_CAP_FACTOR, cap)
+        if self.audit is not None:
+            self.audit.record("reply.capped", node=node, partition=self.verified.get(node),
+                              num_examples=claimed, counted=cap)
+        return Message(content, metadata=reply.metadata)
 
     def _expected_totals(self, node: int, config) -> dict[str, int] | None:
         if node not in self.verified:

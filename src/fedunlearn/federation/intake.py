@@ -9,6 +9,7 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.common.logger import log
 
+from ..parsing import WireError, only_fields, shorten, str_list
 from ..protocol import REJECTED_RECORD
 from ..replies import parse_node_record, parse_node_report
 from ..requests import (
@@ -23,7 +24,6 @@ from ..requests import (
     ids_not_held_reason,
     validate_request,
 )
-from ..parsing import WireError, only_fields, shorten, str_list
 
 ERROR_RECORD_FIELDS = ("scope", "partition-id", "error", "inbox-ids")
 

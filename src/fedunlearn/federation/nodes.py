@@ -9,10 +9,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from ..parsing import WireError
 from ..protocol import reply_timeout
 from ..replies import parse_node_record
 from ..requests import QUERY_CONFIG, QUERY_UNLEARN, RUN_CONFIG_REQUESTS, WANT_REQUEST
-from ..parsing import WireError
 
 NODE_STALL_S = 60.0
 
