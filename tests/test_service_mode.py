@@ -670,3 +670,47 @@ def test_a_resume_finds_a_missing_or_changed_proof_and_unreadable_versions(
     assert outcome.resumed_from == 2 and outcome.round == 3
     events = [e["event"] for e in audit_events(state / "audit.jsonl")]
     assert events.count("service.failed") == 3
+
+
+def test_a_withdrawal_reaches_the_service_before_the_step_that_would_serve_it(
+        userapp, user_grid, tmp_path):
+    """A request accepted by the service and withdrawn by its data owner while it waits
+    (here: for a retry) is dropped at the next query, never served (issue: service mode
+    that loses nothing, item 5): no unlearned version, `request.withdrawn` in the audit
+    log, the node trains on, and the data owner's receipt stays `withdrawn`."""
+    from fedunlearn import FineTune, Recovery, UnlearningFailed, read_versions
+    from fedunlearn.inbox import Inbox
+
+    class FailsOnce(FineTune):
+        name = "fails_once"
+        calls = 0
+
+        def unlearning_step(self, grid, arrays):
+            FailsOnce.calls += 1
+            if FailsOnce.calls == 1:
+                raise UnlearningFailed("not this time")
+            return arrays
+
+    client_app, task = userapp
+    inbox = Inbox(str(tmp_path / "inbox-0"))
+    grid = user_grid(client_app.app, inboxes={0: tmp_path / "inbox-0"})
+    arrays = fedavg(grid, task, rounds=1)
+    filed = inbox.file(scope="client")
+    service = _service(task, tmp_path, method=FailsOnce(Recovery(rounds=1)), rounds=5,
+                       query_every=1, method_retries=2, retry_after=2)
+
+    def on_round(rnd, info):
+        if rnd == 1:  # the first attempt failed at round 0; a retry is due at round 2
+            inbox.withdraw(filed.id)
+
+    service.on_round = on_round
+    outcome = service.run(grid, arrays)
+    assert outcome.steps == [] and outcome.pending == []
+    assert [v["kind"] for v in read_versions(tmp_path / "state")] == ["start", "final"]
+    events = audit_events(tmp_path / "state" / "audit.jsonl")
+    withdrawn = [e for e in events if e["event"] == "request.withdrawn"]
+    assert [e["inbox_ids"] for e in withdrawn] == [[filed.id]]
+    assert not any(e["event"] == "request.honoured" for e in events)
+    assert inbox.entry(filed.id).status == "withdrawn"
+    last_round = [m for m in grid.sent if m.metadata.message_type.startswith("train")][-4:]
+    assert USER_NODE[0] in {int(m.metadata.dst_node_id) for m in last_round}

@@ -36,10 +36,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .requests import (INBOX_ID_PATTERN, MAX_CLASSES, MAX_ID, MAX_INBOX_IDS, MAX_SAMPLE_IDS,
-                       SCOPES)
-from .parsing import (WireError, exact_int, finite_number, int_list, loads_json, only_fields, require,
-                   str_list, text)
+from .parsing import (
+    WireError,
+    exact_int,
+    finite_number,
+    int_list,
+    loads_json,
+    only_fields,
+    require,
+    str_list,
+    text,
+)
+from .requests import (
+    INBOX_ID_PATTERN,
+    MAX_CLASSES,
+    MAX_ID,
+    MAX_INBOX_IDS,
+    MAX_SAMPLE_IDS,
+    SCOPES,
+)
 
 INBOX_KEY = "inbox"
 """Node-config key naming the inbox folder (an absolute path on the node's machine)."""
@@ -264,6 +279,15 @@ class Inbox:
         finally:
             os.close(fd)
         return record
+
+    def withdrawn_after_sending(self) -> list[str]:
+        """The ids of requests withdrawn after they went to a server (at most
+        ``MAX_INBOX_IDS``, newest filings first): the node tells the server at every
+        query, so a request a service still holds pending is dropped."""
+        entries, _ = self.entries()
+        out = [e.request.id for e in reversed(entries) if e.status == "withdrawn"
+               and any(ev["status"] in ("sent", "accepted") for ev in e.events)]
+        return out[:MAX_INBOX_IDS]
 
     # -- the ClientApp's side -----------------------------------------------------------
     def pending_batch(self) -> tuple[str, list[InboxRequest], list[str]]:

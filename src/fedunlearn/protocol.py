@@ -153,6 +153,9 @@ def reply_timeout(grid) -> float:
 REJECTED_RECORD = "rejected"
 """ConfigRecord of a ``query.unlearn`` reply: inbox requests the node's own check refused
 (``inbox-ids`` and ``reasons``, parallel lists); the others still go in ``request``."""
+WITHDRAWN_RECORD = "withdrawn"
+"""ConfigRecord of a ``query.unlearn`` reply: inbox requests the node sent earlier and its
+data owner withdrew since (``inbox-ids``): a server still holding one pending drops it."""
 INVALID_SCOPE = "invalid"
 """Scope of the request record a node sends when its own check refused the request
 (with ``error``: the reason)."""

@@ -5,17 +5,25 @@ from __future__ import annotations
 
 from logging import WARNING
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 
+from .. import protocol as P
 from ..inbox import INBOX_KEY, parse_receipt
 from ..metrics import predict
-import numpy as np
-
-from .. import protocol as P
-from ..requests import (INVALID_SCOPE, MAX_ERROR_CHARS, NODE_RECORD, QUERY_CONFIG,
-                        RECEIPT_ACK, RECEIPT_RECORD, REQUEST_RECORD, RUN_CONFIG_REQUESTS,
-                        WANT_REQUEST, forget_indices)
+from ..requests import (
+    INVALID_SCOPE,
+    MAX_ERROR_CHARS,
+    NODE_RECORD,
+    QUERY_CONFIG,
+    RECEIPT_ACK,
+    RECEIPT_RECORD,
+    REQUEST_RECORD,
+    RUN_CONFIG_REQUESTS,
+    WANT_REQUEST,
+    forget_indices,
+)
 from .node import NodeView, local_check, node_inbox, own_request, resolve_view
 
 
@@ -94,6 +102,10 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
             content[NODE_RECORD].update(request_counts(view, request))
         if request is not None and request.inbox_ids:
             record_sent(context, view.partition_id, request)
+    if INBOX_KEY in context.node_config:
+        withdrawn = node_inbox(context.node_config).withdrawn_after_sending()
+        if withdrawn:
+            content[P.WITHDRAWN_RECORD] = ConfigRecord({"inbox-ids": withdrawn})
     if refused:
         content[P.REJECTED_RECORD] = ConfigRecord(
             {"inbox-ids": [i for i, _ in refused],

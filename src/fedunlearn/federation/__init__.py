@@ -19,23 +19,13 @@ of it that it keeps for the whole job:
 
 
 from .guarded_grid import GuardedGrid, is_deployment
-from .intake import (
-                     ERROR_RECORD_FIELDS,
-                     collect_valid_requests,
-                     node_reports,
-                     validate_reported,
-)
-from .nodes import (
-                     MALFORMED_REPLY,
-                     NODE_STALL_S,
-                     check_partitions,
-                     query,
-                     run_id_of,
-                     wait_for_nodes,
-)
+from .intake import (ERROR_RECORD_FIELDS, collect_valid_requests, node_reports,
+                     validate_reported, withdrawn_ids)
+from .nodes import (MALFORMED_REPLY, NODE_STALL_S, check_partitions, query, run_id_of,
+                    wait_for_nodes)
 from .receipts import receipt_record, send_receipts
 
 __all__ = ["ERROR_RECORD_FIELDS", "MALFORMED_REPLY", "NODE_STALL_S", "GuardedGrid",
            "check_partitions", "collect_valid_requests", "is_deployment", "node_reports",
            "query", "receipt_record", "run_id_of", "send_receipts", "validate_reported",
-           "wait_for_nodes"]
+           "wait_for_nodes", "withdrawn_ids"]

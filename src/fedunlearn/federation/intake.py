@@ -10,7 +10,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from ..parsing import WireError, only_fields, shorten, str_list
-from ..protocol import REJECTED_RECORD
+from ..protocol import REJECTED_RECORD, WITHDRAWN_RECORD
 from ..replies import parse_node_record, parse_node_report
 from ..requests import (
     INBOX_ID_PATTERN,
@@ -60,6 +60,20 @@ def _node_rejections(record) -> list[tuple[str, str]]:
                         "inbox id")
     return [(i, r if len(r) <= MAX_ERROR_CHARS else r[:MAX_ERROR_CHARS] + "...")
             for i, r in zip(ids, reasons)]
+
+
+def withdrawn_ids(msg) -> tuple[str, ...]:
+    """The inbox ids a ``query.unlearn`` reply says its data owner withdrew after sending
+    (its ``withdrawn`` record, strictly parsed; a malformed one counts as none)."""
+    if msg.has_error() or WITHDRAWN_RECORD not in msg.content.config_records:
+        return ()
+    record = msg.content.config_records[WITHDRAWN_RECORD]
+    try:
+        only_fields(record, ("inbox-ids",), WITHDRAWN_RECORD)
+        return tuple(str_list("inbox-ids", record.get("inbox-ids"), MAX_INBOX_IDS, 64,
+                              INBOX_ID_PATTERN))
+    except WireError:
+        return ()
 
 
 def node_reports(replies, nodes: Mapping[int, int] | None = None) -> dict[int, dict]:

@@ -106,6 +106,7 @@ class Intake:
             return
         replies = federation.query(self.grid, nodes,
                                    run_config_requests=self.run_config_requests)
+        self._drop_withdrawn(replies)
         fresh, conflicts = self._screen_replies(replies)
         reports = dict(self.state.reports)
         accepted, rejected = federation.collect_valid_requests(
@@ -119,6 +120,27 @@ class Intake:
         self.checkpoint()  # accepted requests are never lost from here on
         if receipts:
             federation.send_receipts(self.grid, receipts, audit=self.audit)
+
+    def _drop_withdrawn(self, replies) -> None:
+        """A pending request whose every inbox id its node reports withdrawn is dropped
+        (``request.withdrawn``): a withdrawal that reaches the service before the step
+        that would serve it takes effect. One already served stays served."""
+        for reply in replies:
+            ids = set(federation.withdrawn_ids(reply))
+            if not ids:
+                continue
+            node = int(reply.metadata.src_node_id)
+            gone = [p for p in self.state.pending if p.node == node
+                    and p.request.inbox_ids and set(p.request.inbox_ids) <= ids]
+            for p in gone:
+                self.state.pending.remove(p)
+                self.state.seen.add((p.node, p.request.digest()))
+                self.state.seen_inbox.update(p.request.inbox_ids)
+                log(WARNING, "[service] node %d withdrew request(s) %s before they were "
+                    "served: dropped", node, ", ".join(p.request.inbox_ids))
+                self.audit.record("request.withdrawn", node=node, scope=p.request.scope,
+                                  digest=p.request.digest(),
+                                  inbox_ids=list(p.request.inbox_ids))
 
     def _screen_replies(self, replies) -> tuple[list, list[tuple[int, UnlearningRequest, str]]]:
         """``(fresh, conflicts)``: the replies with the requests already known, or in
