@@ -103,7 +103,10 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
         if request is not None and request.inbox_ids:
             record_sent(context, view.partition_id, request)
     if INBOX_KEY in context.node_config:
-        withdrawn = node_inbox(context.node_config).withdrawn_after_sending()
+        try:
+            withdrawn = node_inbox(context.node_config).withdrawn_after_sending()
+        except (ValueError, OSError):  # an unusable inbox: its request record says why
+            withdrawn = []
         if withdrawn:
             content[P.WITHDRAWN_RECORD] = ConfigRecord({"inbox-ids": withdrawn})
     if refused:
