@@ -714,3 +714,64 @@ def test_a_withdrawal_reaches_the_service_before_the_step_that_would_serve_it(
     assert inbox.entry(filed.id).status == "withdrawn"
     last_round = [m for m in grid.sent if m.metadata.message_type.startswith("train")][-4:]
     assert USER_NODE[0] in {int(m.metadata.dst_node_id) for m in last_round}
+
+
+class _LosesFirstHonouredReceipt:
+    """The user's grid, but the first honoured receipt never reaches its node (a
+    transient error answers for it)."""
+
+    def __init__(self, inner):
+        self.inner, self.lost = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        from fedunlearn.requests import RECEIPT_RECORD
+
+        keep, lost = [], []
+        for m in messages:
+            receipt = m.content.config_records.get(RECEIPT_RECORD)
+            if not self.lost and receipt is not None and receipt.get("status") == "honoured":
+                self.lost += 1
+                lost.append(m)
+            else:
+                keep.append(m)
+        replies = list(self.inner.send_and_receive(keep, timeout=timeout)) if keep else []
+        return replies + [Message(Error(code=0, reason="transient: connection reset"),
+                                  reply_to=_as_sent(m)) for m in lost]
+
+
+def _as_sent(msg):
+    from flwr.app import Message, Metadata
+
+    import time as _time
+    return Message(msg.content, metadata=Metadata(
+        run_id=7, message_id=f"lost-{id(msg)}", src_node_id=0,
+        dst_node_id=int(msg.metadata.dst_node_id), reply_to_message_id="", group_id="",
+        created_at=_time.time(), ttl=3600, message_type=msg.metadata.message_type))
+
+
+def test_a_verdict_that_missed_its_node_is_sent_again_when_the_node_asks_again(
+        userapp, user_grid, tmp_path):
+    """A final verdict that fails to reach its node once is not lost (issue: service mode
+    that loses nothing, item 4): the node, still waiting, sends the request again at the
+    next query and gets the honoured receipt then; exactly one honoured event."""
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inbox = Inbox(str(tmp_path / "inbox-0"))
+    inner = user_grid(client_app.app, inboxes={0: tmp_path / "inbox-0"})
+    arrays = fedavg(inner, task, rounds=1)
+    filed = inbox.file(scope="client")
+    grid = _LosesFirstHonouredReceipt(inner)
+    outcome = _service(task, tmp_path, rounds=4, query_every=1).run(grid, arrays)
+    assert grid.lost == 1 and len(outcome.steps) == 1
+    statuses = [e["status"] for e in inbox.entry(filed.id).events]
+    assert statuses.count("honoured") == 1 and inbox.entry(filed.id).status == "honoured"
+    events = audit_events(tmp_path / "state" / "audit.jsonl")
+    assert any(e["event"] == "receipt.undelivered" for e in events)
+    sent = [e for e in events if e["event"] == "receipt.sent" and e.get("status") == "honoured"]
+    assert len(sent) == 1 and sent[0]["written"] == 1

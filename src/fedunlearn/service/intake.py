@@ -120,6 +120,8 @@ class Intake:
         self.checkpoint()  # accepted requests are never lost from here on
         if receipts:
             federation.send_receipts(self.grid, receipts, audit=self.audit)
+        if self.state.outbox:  # verdicts a node asked for again
+            self.flush_outbox()
 
     def _drop_withdrawn(self, replies) -> None:
         """A pending request whose every inbox id its node reports withdrawn is dropped
@@ -229,7 +231,10 @@ class Intake:
         ids = [str(i) for i in record.get("inbox-ids", [])] if hasattr(record, "get") else []
         pending_ids = {i for p in self.state.pending for i in p.request.inbox_ids}
         if ids:
-            return all(i in pending_ids or i in self.state.seen_inbox for i in ids)
+            known = all(i in pending_ids or i in self.state.seen_inbox for i in ids)
+            if known and not any(i in pending_ids for i in ids):
+                self.resend_verdicts(node, ids)  # final: its receipt never arrived
+            return known
         try:
             request = UnlearningRequest.from_config_record(record, node_id=node)
         except ValueError:

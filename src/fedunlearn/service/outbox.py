@@ -27,6 +27,29 @@ from .state import VERSIONS_FILE, _atomic_json, _fmt, _request_from_dict, read_v
 class Outbox:
     """The part of :class:`UnlearningService` that delivers honoured receipts."""
 
+    def queue_verdict(self, item: dict) -> None:
+        """Put a final verdict in the outbox and keep it by inbox id: a node that sends
+        the request again (its receipt never arrived) gets it again."""
+        self.state.outbox.append(item)
+        for inbox_id in item["request"].get("inbox_ids", []):
+            self.state.verdicts[inbox_id] = item
+
+    def resend_verdicts(self, node: int, inbox_ids: list[str]) -> bool:
+        """Queue again the final verdicts of ``inbox_ids`` that ``node`` sent once more;
+        ``True`` when every id has one."""
+        items = [self.state.verdicts.get(i) for i in inbox_ids]
+        if not inbox_ids or any(item is None or item["node"] != node for item in items):
+            return False
+        queued = {id(x) for x in self.state.outbox}
+        for item in items:
+            if id(item) not in queued and item not in self.state.outbox:
+                self.state.outbox.append(item)
+                queued.add(id(item))
+                log(INFO, "[service] node %d sent request(s) %s again: its %s receipt is "
+                    "sent again", node, ", ".join(item["request"]["inbox_ids"]),
+                    item["status"])
+        return True
+
     def flush_outbox(self) -> None:
         """Send the receipts decided so far (in one exchange). An honoured receipt
         carries the published model, so the node checks it on its own data; what it

@@ -62,6 +62,9 @@ class ServiceState:
     steps: list[dict] = field(default_factory=list)
     #: Receipts decided but not yet known to be sent (sent again after a resume).
     outbox: list[dict] = field(default_factory=list)
+    #: inbox id -> its final verdict (the honoured or failed receipt): sent again when
+    #: the node sends the request again (its receipt never arrived).
+    verdicts: dict[str, dict] = field(default_factory=dict)
     method: str = ""
     model_keys: list[str] = field(default_factory=list)
     last_version_round: int = 0
@@ -75,7 +78,8 @@ class ServiceState:
                 "served_fully": sorted(self.served_fully),
                 "seen": sorted([n, d] for n, d in self.seen),
                 "seen_inbox": sorted(self.seen_inbox), "failed": self.failed,
-                "steps": self.steps, "outbox": self.outbox, "method": self.method,
+                "steps": self.steps, "outbox": self.outbox, "verdicts": self.verdicts,
+                "method": self.method,
                 "model_keys": self.model_keys, "last_version_round": self.last_version_round}
 
     @classmethod
@@ -91,7 +95,8 @@ class ServiceState:
                    served_fully={int(n) for n in d["served_fully"]},
                    seen={(int(n), str(x)) for n, x in d["seen"]},
                    seen_inbox=set(d["seen_inbox"]), failed=list(d["failed"]),
-                   steps=list(d["steps"]), outbox=list(d["outbox"]), method=d["method"],
+                   steps=list(d["steps"]), outbox=list(d["outbox"]),
+                   verdicts=dict(d.get("verdicts", {})), method=d["method"],
                    model_keys=list(d["model_keys"]),
                    last_version_round=int(d["last_version_round"]))
 

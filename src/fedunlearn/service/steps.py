@@ -110,13 +110,13 @@ class Steps:
         self.state.steps.append(info)
         for p in due:
             if p.request.inbox_ids:
-                self.state.outbox.append({"node": p.node, "status": "honoured",
-                                          "request": _request_dict(p.request),
-                                          "version": entry["version"], "round": self.state.round,
-                                          "method": strategy.name, "sha256": entry["sha256"],
-                                          "path": entry["path"], "rounds": cost.rounds,
-                                          "comm_bytes": cost.comm_bytes,
-                                          "deadline_missed": self._deadline_missed(p)})
+                self.queue_verdict({"node": p.node, "status": "honoured",
+                                    "request": _request_dict(p.request),
+                                    "version": entry["version"], "round": self.state.round,
+                                    "method": strategy.name, "sha256": entry["sha256"],
+                                    "path": entry["path"], "rounds": cost.rounds,
+                                    "comm_bytes": cost.comm_bytes,
+                                    "deadline_missed": self._deadline_missed(p)})
         info["model_before"] = run.model_before
         info["audited"] = False
         self.checkpoint()  # served: from here on a crash never serves these again
@@ -177,11 +177,11 @@ class Steps:
                                       "round": self.state.round, "reason": reason[:2000],
                                       "method": strategy.name, "attempts": p.attempts})
             if p.request.inbox_ids:
-                self.state.outbox.append({"node": p.node, "status": "failed",
-                                          "request": _request_dict(p.request),
-                                          "method": strategy.name, "round": self.state.round,
-                                          "reason": f"{strategy.name} could not serve the "
-                                                    f"request: {reason}"})
+                self.queue_verdict({"node": p.node, "status": "failed",
+                                    "request": _request_dict(p.request),
+                                    "method": strategy.name, "round": self.state.round,
+                                    "reason": f"{strategy.name} could not serve the "
+                                              f"request: {reason}"})
         self.state.pending = [p for p in self.state.pending if p not in final]
         self.checkpoint()
         self.flush_outbox()
