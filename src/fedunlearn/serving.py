@@ -144,16 +144,12 @@ def serve(grid: Grid, arrays: ArrayRecord,
         that has not answered by then failed that round.
     """
     strategies, names = _checked_strategies(strategies)
-    if not isinstance(arrays, ArrayRecord) or not len(arrays):
-        raise ValueError("arrays must be the model's non-empty ArrayRecord")
     for s in strategies:
         s.check_ready()
     history = _training_history(history)
     if model_fn is None or example_input is None:
         model_fn, example_input = _flop_model(strategies, model_fn, example_input)
-    factory = model_fn or next((s._model_fn for s in strategies if s._model_fn), None)
-    if factory is not None:
-        check_model_arrays(arrays, factory)  # before any request is accepted
+    _checked_arrays(arrays, strategies, model_fn)  # before any request is accepted
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = federation.run_id_of(grid) if run_id is None else int(run_id)
@@ -186,6 +182,16 @@ def _checked_strategies(strategies) -> tuple[list[UnlearningStrategy], list[str]
     if len(set(names)) != len(names):
         raise ValueError(f"serve() got a method twice: {names}")
     return strategies, names
+
+
+def _checked_arrays(arrays, strategies, model_fn) -> None:
+    """``arrays`` must be a non-empty ArrayRecord and, with a model factory (given or a
+    strategy's), that model's state (names, shapes, floating dtypes)."""
+    if not isinstance(arrays, ArrayRecord) or not len(arrays):
+        raise ValueError("arrays must be the model's non-empty ArrayRecord")
+    factory = model_fn or next((s._model_fn for s in strategies if s._model_fn), None)
+    if factory is not None:
+        check_model_arrays(arrays, factory)
 
 
 def _training_history(history):
