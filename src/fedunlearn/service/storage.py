@@ -14,7 +14,7 @@ from flwr.common.logger import log
 
 from ..arrays import check_model_arrays
 from ..audit import audit_path, model_digest
-from ..files import atomic_write
+from ..files import save_state_dict
 from .config import ServiceError
 from .state import (
     CHECKPOINT_FILE,
@@ -39,7 +39,7 @@ class Storage:
         number = 0 if kind == "start" else self.state.version + 1
         path = self.state_dir / VERSIONS_DIR / f"v{number:04d}.pt"
         state_dict = self.arrays.to_torch_state_dict()
-        atomic_write(path, lambda tmp: torch.save(state_dict, tmp))
+        save_state_dict(path, state_dict)
         entry = {"version": number, "round": self.state.round, "kind": kind,
                  "sha256": model_digest(self.arrays), "path": str(path), "honours": honours,
                  "method": self.method.name if kind == "unlearned" else None,
@@ -71,7 +71,7 @@ class Storage:
                 "momentum": (None if self.momentum is None
                              else [torch.from_numpy(a.copy()) for a in self.momentum]),
                 "state": json.dumps(self.state.to_json())}
-        atomic_write(self.state_dir / CHECKPOINT_FILE, lambda tmp: torch.save(blob, tmp))
+        save_state_dict(self.state_dir / CHECKPOINT_FILE, blob)
 
     def load(self):
         """The checkpoint's ``(state, model, momentum)``, or ``None`` for a fresh state
