@@ -598,13 +598,9 @@ def _incoming_of(reply):
         created_at=md.created_at, ttl=md.ttl, message_type=md.message_type))
 
 
-def test_a_state_dir_without_its_checkpoint_is_never_silently_started_over(
-        userapp, user_grid, tmp_path):
-    """A missing or unreadable checkpoint.pt over a state directory with published
-    versions is refused, naming the files, and recorded as service.failed (issue:
-    service mode that loses nothing, items 1 and 14): the version a receipt names is
-    never overwritten and a forgotten node never trains again."""
-    from fedunlearn import ServiceError, read_versions
+def _served_once(userapp, user_grid, tmp_path):
+    """A 2-round service in ``tmp_path/state`` that honoured node 0's client-wise inbox
+    request: ``(task, grid, arrays, state dir)``."""
     from fedunlearn.inbox import Inbox
 
     client_app, task = userapp
@@ -613,7 +609,18 @@ def test_a_state_dir_without_its_checkpoint_is_never_silently_started_over(
     arrays = fedavg(grid, task, rounds=1)
     Inbox(str(inbox)).file(scope="client")
     _service(task, tmp_path, rounds=2).run(grid, arrays)
-    state = tmp_path / "state"
+    return task, grid, arrays, tmp_path / "state"
+
+
+def test_a_state_dir_without_its_checkpoint_is_never_silently_started_over(
+        userapp, user_grid, tmp_path):
+    """A missing or unreadable checkpoint.pt over a state directory with published
+    versions is refused, naming the files, and recorded as service.failed (issue:
+    service mode that loses nothing, items 1 and 14): the version a receipt names is
+    never overwritten and a forgotten node never trains again."""
+    from fedunlearn import ServiceError, read_versions
+
+    task, grid, arrays, state = _served_once(userapp, user_grid, tmp_path)
     before = read_versions(state)
     proof = (state / "versions" / "v0001.pt").read_bytes()
     (state / "checkpoint.pt").unlink()
@@ -643,15 +650,8 @@ def test_a_resume_finds_a_missing_or_changed_proof_and_unreadable_versions(
     import shutil
 
     from fedunlearn import ServiceError
-    from fedunlearn.inbox import Inbox
 
-    client_app, task = userapp
-    inbox = tmp_path / "inbox-0"
-    grid = user_grid(client_app.app, inboxes={0: inbox})
-    arrays = fedavg(grid, task, rounds=1)
-    Inbox(str(inbox)).file(scope="client")
-    _service(task, tmp_path, rounds=2).run(grid, arrays)
-    state = tmp_path / "state"
+    task, grid, arrays, state = _served_once(userapp, user_grid, tmp_path)
     saved = tmp_path / "saved"
     shutil.copytree(state, saved)
     v1 = state / "versions" / "v0001.pt"
