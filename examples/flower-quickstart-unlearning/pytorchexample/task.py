@@ -1,5 +1,7 @@
 """pytorchexample: A Flower / PyTorch app."""
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,6 +33,9 @@ class Net(nn.Module):
         return self.fc3(x)
 
 
+# The data set: the hub's CIFAR-10, or a local stand-in (pytorchexample/standin.py)
+DATASET = os.environ.get("QUICKSTART_DATASET", "uoft-cs/cifar10")
+
 fds = None  # Cache FederatedDataset
 
 pytorch_transforms = Compose([ToTensor(), Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
@@ -49,7 +54,7 @@ def load_data(partition_id: int, num_partitions: int, batch_size: int):
     if fds is None:
         partitioner = IidPartitioner(num_partitions=num_partitions)
         fds = FederatedDataset(
-            dataset="uoft-cs/cifar10",
+            dataset=DATASET,
             partitioners={"train": partitioner},
         )
     partition = fds.load_partition(partition_id)
@@ -67,7 +72,7 @@ def load_data(partition_id: int, num_partitions: int, batch_size: int):
 def load_centralized_dataset():
     """Load test set and return dataloader."""
     # Load entire test set
-    test_dataset = load_dataset("uoft-cs/cifar10", split="test")
+    test_dataset = load_dataset(DATASET, split="test")
     dataset = test_dataset.with_format("torch").with_transform(apply_transforms)
     return DataLoader(dataset, batch_size=128)
 
