@@ -207,7 +207,7 @@ def test_hand_edited_request_files_are_reported_not_sent(inbox, caplog, capsys):
     caplog.set_level(logging.WARNING)
     assert sent_request(ask(inbox)) is None
     assert "bad.json" in caplog.text and "3.5 (float) is not an integer" in caplog.text
-    assert cli(["request", "list", "--inbox", str(inbox.root)]) == 0
+    assert cli(["request", "list", "--inbox", str(inbox.root)]) == 1  # not "all is well"
     err = capsys.readouterr().err
     assert "unreadable: bad.json" in err and "unreadable: worse.json" in err
 
@@ -371,15 +371,63 @@ def test_a_fifo_a_deep_json_and_a_huge_file_in_the_inbox_are_refused_not_fatal(t
         fh.truncate(MAX_FILE_BYTES + 1)
     entries, problems = inbox.entries()
     assert [e.request.id for e in entries] == [good.id]
-    reasons = "\n".join(problems)
+    reasons = "\n".join(map(str, problems))
     assert "aaaaaa.json" in reasons and "not a regular file" in reasons
     assert "bbbbbb.json" in reasons and "nested too deeply" in reasons
     assert "cccccc.json" in reasons and "more than an inbox file may" in reasons
     scope, batch, _ = inbox.pending_batch()
     assert scope == "client" and [r.id for r in batch] == [good.id]
-    assert cli(["request", "list", "--inbox", str(inbox.root)]) == 0
+    assert cli(["request", "list", "--inbox", str(inbox.root)]) == 1
     from fedunlearn.audit import AuditLog
 
     log_ = AuditLog(tmp_path / "audit.jsonl", 1)
     log_.record("job.started")
     assert cli(["audit", str(log_.path), "--inbox", str(inbox.root)]) == 0  # the FIFO skipped
+
+
+def _denied(monkeypatch, function: str, path) -> None:
+    """``os.<function>`` raises PermissionError for ``path`` (as for a folder or file the
+    SuperNode's user may not read; chmod alone does not stop root)."""
+    import errno
+    import os
+
+    real = getattr(os, function)
+
+    def guarded(target, *args, **kwargs):
+        if os.fspath(target) == os.fspath(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(target))
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, function, guarded)
+
+
+def test_a_requests_folder_nobody_can_list_is_an_error_not_no_requests(inbox, capsys,
+                                                                        monkeypatch):
+    """Issue item 15: an unreadable requests/ folder never reads as "no requests"."""
+    inbox.file(scope="client")
+    _denied(monkeypatch, "scandir", inbox.requests_dir)
+    with pytest.raises(InboxError, match="cannot list .*requests.*permission"):
+        inbox.entries()
+    assert cli(["request", "list", "--inbox", str(inbox.root)]) != 0
+    assert "cannot list" in capsys.readouterr().err
+    reply = ask(inbox)  # the node reports the problem; the server rejects it by name
+    record = reply.content[REQUEST_RECORD]
+    assert record["scope"] == "invalid" and "cannot list" in record["error"]
+
+
+def test_an_unreadable_request_file_is_rejected_once_with_the_reason(inbox, capsys,
+                                                                     monkeypatch):
+    """Issue item 15: an unreadable request file goes to the server as the node's own
+    rejection (so the data owner's receipt says why), once; `request list` exits 1."""
+    good = inbox.file(scope="class", classes=[3])
+    locked = inbox.file(scope="class", classes=[4])
+    _denied(monkeypatch, "open", inbox.requests_dir / f"{locked.id}.json")
+    reply = ask(inbox)
+    assert sent_request(reply).inbox_ids == (good.id,)
+    refused = reply.content["rejected"]
+    assert list(refused["inbox-ids"]) == [locked.id]
+    assert "permission denied" in refused["reasons"][0]
+    assert cli(["request", "list", "--inbox", str(inbox.root)]) == 1
+    assert f"unreadable: {locked.id}.json" in capsys.readouterr().err
+    inbox.append_event(locked.id, {"status": "rejected", "reason": refused["reasons"][0]})
+    assert "rejected" not in ask(inbox).content  # final: not rejected again at every query

@@ -98,13 +98,14 @@ def cmd_list(args) -> int:
     entries, problems = inbox.entries()
     rows = [_row(e) for e in entries]
     if args.json:
-        print(json.dumps({"requests": rows, "unreadable": problems}, indent=1))
+        print(json.dumps({"requests": rows, "unreadable": [str(p) for p in problems]},
+                         indent=1))
     else:
         print(_table(rows, ["id", "filed", "what", "status", "run", "detail"]) if rows
-              else "no requests")
+              else "no readable requests" if problems else "no requests")
         for line in problems:
             print(f"unreadable: {line}", file=sys.stderr)
-    return 0
+    return 1 if problems else 0
 
 
 def cmd_show(args) -> int:

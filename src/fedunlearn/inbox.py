@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Sequence
@@ -225,22 +226,36 @@ class Inbox:
         return self.append_event(request_id, {"status": "withdrawn"})
 
     # -- reading ------------------------------------------------------------------------
-    def entries(self) -> tuple[list[InboxEntry], list[str]]:
+    def entries(self) -> tuple[list[InboxEntry], list[Unreadable]]:
         """Every request with its history, oldest first, and the files that could not
-        be read (named with the reason)."""
+        be read (named with the reason). A ``requests/`` folder that cannot be listed
+        raises :class:`InboxError` naming it (never "no requests")."""
         out, problems = [], []
-        for path in sorted(self.requests_dir.glob("*.json")):
+        for path in self._request_files():
             try:
                 request = InboxRequest.from_json(loads_json(_read(path)))
                 if request.id != path.stem:
                     raise WireError("id", request.id, f"expected {path.stem!r}, the file's name")
                 events = self.events(request.id)
             except (OSError, ValueError) as err:
-                problems.append(f"{path.name}: {err}")
+                problems.append(Unreadable(path.name, _reason(err)))
                 continue
             out.append(InboxEntry(request, events))
         out.sort(key=lambda e: (e.request.filed_at, e.request.id))
         return out, problems
+
+    def _request_files(self) -> list[Path]:
+        """The request files (``requests/*.json``), sorted; ``InboxError`` when the folder
+        cannot be listed (``Path.glob`` would say "none")."""
+        try:
+            names = [e.name for e in os.scandir(self.requests_dir)
+                     if e.name.endswith(".json") and not e.name.startswith(".")]
+        except OSError as err:
+            raise InboxError(
+                f"cannot list {self.requests_dir}: {_reason(err)}; the user that runs the "
+                "SuperNode (and the fedunlearn command) needs read and execute permission "
+                "on the inbox's requests/ folder") from err
+        return [self.requests_dir / name for name in sorted(names)]
 
     def entry(self, request_id: str) -> InboxEntry:
         text("request id", request_id, 64, pattern=INBOX_ID_PATTERN)
@@ -306,6 +321,32 @@ class Inbox:
 
 
 _ID_TRIES = 20
+
+
+class Unreadable(str):
+    """A request file that could not be read: ``"<name>: <reason>"``, with ``name``,
+    ``reason`` and the ``request_id`` the name gives."""
+
+    name: str
+    reason: str
+
+    def __new__(cls, name: str, reason: str) -> Unreadable:
+        problem = super().__new__(cls, f"{name}: {reason}")
+        problem.name, problem.reason = name, reason
+        return problem
+
+    @property
+    def request_id(self) -> str | None:
+        """The request id the file's name gives (``None``: not an inbox id)."""
+        stem = self.name[:-len(".json")] if self.name.endswith(".json") else ""
+        return stem if re.fullmatch(INBOX_ID_PATTERN, stem) else None
+
+
+def _reason(err: BaseException) -> str:
+    """An error as one line: a permission problem says so plainly."""
+    if isinstance(err, PermissionError):
+        return f"permission denied ({err.filename or 'file'}): the SuperNode's user cannot read it"
+    return str(err)
 
 
 def _new_token() -> str:

@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import Context
 from flwr.common.logger import log
 
-from ..inbox import INBOX_KEY, Inbox, InboxRequest
+from ..inbox import FINAL, INBOX_KEY, Inbox, InboxRequest
 from ..requests import UnlearningRequest, forget_indices, validate_request
 from ..parsing import parse_int_list
 
@@ -185,8 +185,11 @@ def inbox_request(view: NodeView, inbox: Inbox,
     pending, those that fail the node's own check go to ``rejected`` as
     ``(inbox id, reason)``."""
     scope, batch, problems = inbox.pending_batch()
-    for problem in problems:  # a hand-edited file: shown by `fedunlearn request list` too
+    for problem in problems:  # shown by `fedunlearn request list` too
         log(WARNING, "inbox %s: unreadable request file %s", inbox.root, problem)
+        if rejected is not None and _unanswered(inbox, problem.request_id):
+            # The server rejects it by id, so the data owner's receipt says why.
+            rejected.append((problem.request_id, f"unreadable request file: {problem.reason}"))
     if not batch:
         return None
     if len(batch) > 1:
@@ -207,6 +210,18 @@ def inbox_request(view: NodeView, inbox: Inbox,
         if not batch:
             return None
     return _merged(view, scope, batch)
+
+
+def _unanswered(inbox: Inbox, request_id: str | None) -> bool:
+    """Whether an unreadable request file still needs a verdict: it has an inbox id and
+    no final receipt (a file that stays unreadable is rejected once, not at every
+    query)."""
+    if request_id is None:
+        return False
+    try:
+        return not any(e.get("status") in FINAL for e in inbox.events(request_id))
+    except (OSError, ValueError):
+        return True
 
 
 def local_check(view: NodeView, request: UnlearningRequest) -> str | None:
