@@ -543,6 +543,38 @@ def test_one_bad_inbox_request_does_not_sink_the_good_ones(userapp, tmp_path, us
     assert any(r["event"] == "request.rejected" and r.get("by") == "node" for r in audit)
 
 
+def test_fifty_bad_filings_get_their_verdicts_in_one_receipt_message(userapp, tmp_path,
+                                                                     user_grid):
+    """Issue 'service mode that loses nothing', item 12: the verdicts of one node's
+    rejected filings travel as one receipt (each id with its own reason), not one round
+    trip per id."""
+    import torch
+
+    from fedunlearn import NoT, Recovery, serve
+    from fedunlearn.inbox import Inbox
+    from fedunlearn.requests import RECEIPT_RECORD
+
+    client_app, task = userapp
+    inbox = Inbox(str(tmp_path / "i2"))
+    good = inbox.file(scope="instance", sample_ids=[5, 8, 17]).id
+    bad = [inbox.file(scope="instance", sample_ids=[10 ** 6 + k]).id for k in range(50)]
+    grid = user_grid(client_app.app, inboxes={2: tmp_path / "i2"})
+    arrays = fedavg(grid, task, rounds=1)
+    before = len(grid.sent)
+    outcome = serve(grid, arrays, NoT(Recovery(rounds=1, lr=0.05), model_fn=task.Net,
+                                      example_input=torch.zeros(1, 1, 8, 8)),
+                    output_dir=tmp_path / "out")
+    assert outcome.methods["not"].status == "honoured" and len(outcome.report["rejected"]) == 50
+    receipts = [m.content[RECEIPT_RECORD] for m in grid.sent[before:]
+                if RECEIPT_RECORD in m.content]
+    statuses = sorted(r["status"] for r in receipts)
+    assert statuses == ["accepted", "honoured", "rejected"]  # one message per verdict kind
+    for k, inbox_id in enumerate(bad):
+        verdict = inbox.events(inbox_id)[-1]
+        assert verdict["status"] == "rejected" and str(10 ** 6 + k) in verdict["reason"]
+    assert [e["status"] for e in inbox.events(good)][-1] == "honoured"
+
+
 def test_two_hundred_pending_requests_all_get_a_verdict_in_one_job(userapp, tmp_path, user_grid):
     import torch
 

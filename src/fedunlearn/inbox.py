@@ -68,8 +68,8 @@ FINAL = ("rejected", "honoured", "withdrawn")
 STATUSES = PENDING + FINAL
 MAX_NOTE_CHARS = 500
 REQUEST_FILE_FIELDS = ("id", "filed_at", "scope", "classes", "sample_ids", "fraction", "note")
-RECEIPT_FIELDS = ("request-ids", "status", "run", "reason", "method", "model-sha256",
-                  "model-before-sha256", "server-time", "rounds", "comm-bytes", "audit-seq",
+RECEIPT_FIELDS = ("request-ids", "status", "run", "reason", "reasons", "method",
+                  "model-sha256", "model-before-sha256", "server-time", "rounds", "comm-bytes", "audit-seq",
                   "audit-sha256", "version", "round", "deadline-missed")
 """Fields of the ``receipt`` record the server sends with ``query.unlearn``."""
 
@@ -432,6 +432,13 @@ def parse_receipt(record: Any) -> dict:
         # Flower run ids are unsigned 64-bit: they travel as decimal strings.
         "run": int(text("run", require(record, "run", "the run id"), 20, pattern=r"[0-9]{1,20}")),
     }
+    if "reasons" in record:  # one reason per id (the server merged several verdicts)
+        reasons = record["reasons"]
+        if (not isinstance(reasons, list) or len(reasons) != len(out["request_ids"])
+                or not all(isinstance(r, str) and len(r) <= 600 for r in reasons)):
+            raise WireError("reasons", reasons, "expected one reason (a string of at most 600 "
+                            "characters) per request id")
+        out["reasons"] = list(reasons)
     for key in ("reason", "method", "model-sha256", "model-before-sha256", "server-time"):
         if key in record:
             out[key.replace("-", "_")] = text(key, record[key], 600)

@@ -157,14 +157,15 @@ def handle_receipt(msg: Message, context: Context, view_for=None) -> Message:
             ack[f"check-{key}"] = value
     if INBOX_KEY in context.node_config:
         inbox = node_inbox(context.node_config)
-        event = {k: v for k, v in receipt.items() if k != "request_ids"}
+        event = {k: v for k, v in receipt.items() if k not in ("request_ids", "reasons")}
         event["node"] = int(context.node_id)
-        for request_id in receipt["request_ids"]:
+        reasons = receipt.get("reasons") or [None] * len(receipt["request_ids"])
+        for request_id, reason in zip(receipt["request_ids"], reasons):
             request_file = inbox.requests_dir / f"{request_id}.json"
             if not request_file.exists() or request_file.is_symlink():
                 log(WARNING, "receipt for unknown inbox request %s ignored", request_id)
                 continue
-            entry_event = dict(event)
+            entry_event = dict(event) if reason is None else dict(event, reason=reason)
             if check is not None:
                 entry_event["check"] = dict(check)
                 waited = _since_filed(inbox, request_id)

@@ -289,17 +289,22 @@ def _reject_node_refusals(node_refused: dict[int, list[tuple[str, str]]],
                           node_partitions: dict[int, int], rejected: list[dict],
                           audit) -> None:
     """The inbox requests the nodes' own checks refused, in node order: each an entry
-    in ``rejected``, logged and, with ``audit``, recorded as rejected by the node."""
+    in ``rejected`` (their receipts go out merged, one per node), one log line and,
+    with ``audit``, one ``request.rejected`` record per node (its ids and reasons)."""
     for node, refused in sorted(node_refused.items()):
-        for inbox_id, reason in refused:
-            reason = f"the node's own check: {reason}"
+        reasons = [f"the node's own check: {reason}" for _, reason in refused]
+        ids = [inbox_id for inbox_id, _ in refused]
+        for inbox_id, reason in zip(ids, reasons):
             rejected.append({"node_id": node, "reason": reason, "inbox_ids": [inbox_id]})
-            log(WARNING, "Unlearning request %s REJECTED by node %d: %s", inbox_id, node,
-                reason)
-            if audit is not None:
-                audit.record("request.rejected", node=node,
-                             partition=node_partitions.get(node), reason=reason,
-                             inbox_ids=[inbox_id], by="node")
+        more = f" (and {len(ids) - 3} more)" if len(ids) > 3 else ""
+        log(WARNING, "Unlearning request(s) %s%s REJECTED by node %d: %s", ", ".join(ids[:3]),
+            more, node, reasons[0])
+        if audit is not None:
+            same = len(set(reasons)) == 1
+            audit.record("request.rejected", node=node, partition=node_partitions.get(node),
+                         by="node", inbox_ids=ids,
+                         **({"reason": reasons[0]} if same
+                            else {"reasons": [r[:300] for r in reasons]}))
 
 
 def validate_reported(request: UnlearningRequest, partition: int, report: dict,
