@@ -717,11 +717,11 @@ def test_a_withdrawal_reaches_the_service_before_the_step_that_would_serve_it(
 
 
 class _LosesFirstHonouredReceipt:
-    """The user's grid, but the first honoured receipt never reaches its node (a
+    """The user's grid, but the first ``status`` receipt never reaches its node (a
     transient error answers for it)."""
 
-    def __init__(self, inner):
-        self.inner, self.lost = inner, 0
+    def __init__(self, inner, status="honoured"):
+        self.inner, self.lost, self.status = inner, 0, status
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -734,7 +734,7 @@ class _LosesFirstHonouredReceipt:
         keep, lost = [], []
         for m in messages:
             receipt = m.content.config_records.get(RECEIPT_RECORD)
-            if not self.lost and receipt is not None and receipt.get("status") == "honoured":
+            if not self.lost and receipt is not None and receipt.get("status") == self.status:
                 self.lost += 1
                 lost.append(m)
             else:
@@ -775,3 +775,23 @@ def test_a_verdict_that_missed_its_node_is_sent_again_when_the_node_asks_again(
     assert any(e["event"] == "receipt.undelivered" for e in events)
     sent = [e for e in events if e["event"] == "receipt.sent" and e.get("status") == "honoured"]
     assert len(sent) == 1 and sent[0]["written"] == 1
+
+
+def test_a_rejection_that_missed_its_node_is_sent_again_when_the_node_asks_again(
+        userapp, user_grid, tmp_path):
+    """Item 4 for rejections: the node never got its `rejected` receipt, so it sends the
+    request again at the next query; the service answers with the same rejection
+    (exactly one rejected event on the data owner's receipt), never silence."""
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    inbox = Inbox(str(tmp_path / "inbox-0"))
+    inner = user_grid(client_app.app, inboxes={0: tmp_path / "inbox-0"})
+    arrays = fedavg(inner, task, rounds=1)
+    filed = inbox.file(scope="class", classes=[9])  # the user's task has fewer classes
+    grid = _LosesFirstHonouredReceipt(inner, status="rejected")
+    outcome = _service(task, tmp_path, rounds=3, query_every=1).run(grid, arrays)
+    assert grid.lost == 1 and not outcome.steps
+    entry = inbox.entry(filed.id)
+    assert entry.status == "rejected"
+    assert [e["status"] for e in entry.events].count("rejected") == 1

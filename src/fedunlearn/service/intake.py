@@ -204,12 +204,19 @@ class Intake:
                     version=self.state.version))
 
     def _rejection_receipts(self, rejected: list[dict], receipts: dict[int, list]) -> None:
-        """A receipt per rejected inbox request, its inbox ids marked as seen."""
+        """A receipt per rejected inbox request, its inbox ids marked as seen and the
+        verdict kept by id (a node whose receipt never arrived sends the request again
+        and gets the rejection again, :meth:`resend_verdicts`)."""
         for entry in rejected:
             if entry.get("inbox_ids"):
                 receipts.setdefault(entry["node_id"], []).append(federation.receipt_record(
                     entry["inbox_ids"], "rejected", self.run_id, reason=entry["reason"]))
                 self.state.seen_inbox.update(entry["inbox_ids"])
+                verdict = {"node": entry["node_id"], "status": "rejected",
+                           "reason": entry["reason"][:600],
+                           "request": {"inbox_ids": list(entry["inbox_ids"])}}
+                for inbox_id in entry["inbox_ids"]:
+                    self.state.verdicts[inbox_id] = verdict
 
     def _conflict(self, node: int, record) -> tuple[UnlearningRequest, str] | None:
         """A well-formed request that cannot be served on top of what the node already

@@ -59,27 +59,31 @@ class Outbox:
             return
         connected = set(self.grid.get_node_ids())
         departed = set(self.grid.departed)
-        failed: dict[int, list] = {}
+        plain: dict[int, list] = {}  # receipts that carry no model
         honoured: list[tuple[dict, Message]] = []
         for item in self.state.outbox:
             node = item["node"]
-            request = _request_from_dict(item["request"])
+            inbox_ids = list(item["request"].get("inbox_ids", []))
             if node not in connected or node in departed:
                 self.audit.record("receipt.undelivered", node=node, status=item["status"],
-                                  inbox_ids=list(request.inbox_ids),
+                                  inbox_ids=inbox_ids,
                                   reason="the node left the federation", **(
                                       {"reason_failed": item["reason"][:500]}
                                       if "reason" in item else {}))
                 log(WARNING, "[service] receipt (%s) for node %d not delivered: the node "
                     "left; it stays in the audit log", item["status"], node)
             elif item["status"] == "failed":
-                failed.setdefault(node, []).append(federation.receipt_record(
-                    request.inbox_ids, "failed", self.run_id, method=item["method"],
+                plain.setdefault(node, []).append(federation.receipt_record(
+                    inbox_ids, "failed", self.run_id, method=item["method"],
                     reason=item["reason"], round=item["round"]))
+            elif item["status"] == "rejected":  # asked for again: its receipt was lost
+                plain.setdefault(node, []).append(federation.receipt_record(
+                    inbox_ids, "rejected", self.run_id, reason=item["reason"]))
             else:
+                request = _request_from_dict(item["request"])
                 honoured.append((item, self._honoured_message(node, request, item)))
-        if failed:
-            federation.send_receipts(self.grid, failed, audit=self.audit)
+        if plain:
+            federation.send_receipts(self.grid, plain, audit=self.audit)
         if honoured:
             replies = {int(r.metadata.src_node_id): r for r in self.grid.send_and_receive(
                 [m for _, m in honoured], timeout=reply_timeout(self.grid))}
