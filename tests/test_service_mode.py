@@ -795,3 +795,21 @@ def test_a_rejection_that_missed_its_node_is_sent_again_when_the_node_asks_again
     entry = inbox.entry(filed.id)
     assert entry.status == "rejected"
     assert [e["status"] for e in entry.events].count("rejected") == 1
+
+
+def test_a_rejected_node_config_request_is_rejected_once_not_at_every_query(
+        userapp, local_grid, tmp_path):
+    """Item 16: a node-config request (no inbox, so no receipt) that the service rejects
+    is not re-received and re-rejected at every query while the node's config stays."""
+    from tests.test_plugin import USER_RUN_ID
+
+    client_app, task = userapp
+    grid = local_grid(client_app.app, 4, {}, {1: {"forget-scope": "class",
+                                                   "forget-classes": "9"}},
+                      run_id=USER_RUN_ID, arrival="sent")
+    arrays = fedavg(grid, task, rounds=1)
+    outcome = _service(task, tmp_path, rounds=4, query_every=1).run(grid, arrays)
+    assert not outcome.steps
+    events = audit_events(tmp_path / "state" / "audit.jsonl")
+    rejected = [e for e in events if e["event"] == "request.rejected"]
+    assert len(rejected) == 1 and rejected[0]["node"] == USER_NODE[1]

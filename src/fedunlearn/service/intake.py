@@ -4,6 +4,8 @@ requests, their deadlines."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from logging import INFO, WARNING
 
@@ -20,6 +22,9 @@ from .state import PendingRequest
 class Intake:
     """The part of :class:`UnlearningService` that knows the federation and collects
     requests."""
+
+    _config_requests: dict[int, str] = {}
+    """This query's node-config requests (node -> :func:`_fingerprint`)."""
 
     # -- the federation ---------------------------------------------------------------
     def verify(self, verified=None) -> None:
@@ -149,10 +154,13 @@ class Intake:
         conflict with what their node forgets (or has pending), taken out; and
         ``(node, request, reason)`` per conflicting request."""
         fresh, conflicts = [], []
+        self._config_requests = {}
         for reply in replies:
             if not reply.has_error() and REQUEST_RECORD in reply.content.config_records:
                 node = int(reply.metadata.src_node_id)
                 record = reply.content.config_records[REQUEST_RECORD]
+                if not record.get("inbox-ids"):  # from the node-config: no receipts
+                    self._config_requests[node] = _fingerprint(record)
                 if self._known(node, record):
                     del reply.content[REQUEST_RECORD]
                 else:
@@ -208,6 +216,11 @@ class Intake:
         verdict kept by id (a node whose receipt never arrived sends the request again
         and gets the rejection again, :meth:`resend_verdicts`)."""
         for entry in rejected:
+            node = entry["node_id"]
+            if not entry.get("inbox_ids") and node in self._config_requests:
+                # A node-config request cannot change until the node's config does:
+                # rejected once, not again at every query.
+                self.state.seen.add((node, self._config_requests[node]))
             if entry.get("inbox_ids"):
                 receipts.setdefault(entry["node_id"], []).append(federation.receipt_record(
                     entry["inbox_ids"], "rejected", self.run_id, reason=entry["reason"]))
@@ -242,6 +255,8 @@ class Intake:
             if known and not any(i in pending_ids for i in ids):
                 self.resend_verdicts(node, ids)  # final: its receipt never arrived
             return known
+        if (node, _fingerprint(record)) in self.state.seen:  # a node-config request
+            return True  # already rejected; the node's config has not changed
         try:
             request = UnlearningRequest.from_config_record(record, node_id=node)
         except ValueError:
@@ -278,3 +293,9 @@ class Intake:
     def ready(self) -> bool:
         return any(p.next_try <= self.state.round for p in self.state.pending)
 
+
+def _fingerprint(record) -> str:
+    """What a node-config request record says, as one string (``config:`` + SHA-256 of
+    its fields): the same record sent again is the same request."""
+    fields = json.dumps({str(k): v for k, v in record.items()}, sort_keys=True, default=str)
+    return "config:" + hashlib.sha256(fields.encode()).hexdigest()
