@@ -233,3 +233,41 @@ def test_receipts_of_another_jobs_log_are_noted_not_failed(tmp_path, capsys):
     lines[-1] = json.dumps(edited, separators=(",", ":"))
     logs[2].write_text("\n".join(lines) + "\n")
     assert cli(["audit", str(logs[2]), "--inbox", str(inbox.root)]) == 1
+
+
+def test_junk_between_records_breaks_the_chain_a_crash_does_not(tmp_path, capsys):
+    """Issue 'service mode that loses nothing', item 6: a line that no crash could have
+    left (``[]``, text, a partial record of another seq) is a chain break, and the
+    command exits 1; the partial line a crash leaves (sealed, same seq again) is not."""
+    path = tmp_path / "audit.jsonl"
+    lines = _events(AuditLog(path, run_id=1))
+    for junk in ("[]", "hello, auditor", lines[2][:25].replace('"seq":2', '"seq":7')):
+        path.write_text("\n".join(lines[:2] + [junk] + lines[2:]) + "\n")
+        reading = read_audit(path)
+        assert not reading.intact, junk
+        assert "inserted" in reading.chain_breaks[0]
+        assert cli(["audit", str(path)]) == 1
+    crash = lines[2][:25]  # the start of seq 2, then seq 2 written whole by the next writer
+    path.write_text("\n".join(lines[:2] + [crash] + lines[2:]) + "\n")
+    assert read_audit(path).intact and cli(["audit", str(path)]) == 0
+
+
+def test_forged_records_past_the_head_and_a_cut_tail_without_head_fail(tmp_path, capsys):
+    """Item 6: correctly chained records appended past the head file (more than the one a
+    dying writer can leave) are a break; a log whose head file is gone fails the command
+    unless --no-head says that is expected."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, run_id=1)
+    lines = _events(log)
+    saved_head = head_path(path).read_text()
+    log.record("request.honoured", node=10)
+    log.record("receipt.sent", node=10)
+    head_path(path).write_text(saved_head)  # the forger cannot update the head unseen
+    reading = read_audit(path)
+    assert "seq 4..5 follow the head file" in reading.chain_breaks[0]
+    assert cli(["audit", str(path)]) == 1
+    path.write_text("\n".join(lines[:2]) + "\n")  # tail cut, head file deleted
+    head_path(path).unlink()
+    assert cli(["audit", str(path)]) == 1
+    assert "no head file" in capsys.readouterr().err
+    assert cli(["audit", str(path), "--no-head"]) == 0

@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -241,6 +242,9 @@ class AuditReading:
     notes: list[str] = field(default_factory=list)
     digests: dict[int, tuple[int, str]] = field(default_factory=dict)
     """seq -> (line number, SHA-256 of the record's line)."""
+    unanchored: bool = False
+    """The log has records but no head file: its end cannot be checked (``fedunlearn
+    audit`` fails on it unless told ``--no-head``)."""
 
     @property
     def intact(self) -> bool:
@@ -261,17 +265,32 @@ def read_audit(path: Path, head: bool = True) -> AuditReading:
                            "mid-record); ignored")
         lines.pop()
     prev, prev_seq, prev_number = GENESIS, -1, 0
+    partial = None  # (line number, the seq it began) of a crash's sealed partial line
     for number, line in enumerate(lines, start=1):
         try:
             record = loads_json(line)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
         except ValueError:
-            out.skipped.append(f"line {number}: not a complete JSON record "
-                               f"({line[:40]!r}); ignored")
+            begun = _crash_prefix(line)
+            if begun is None:
+                out.chain_breaks.append(f"line {number}: not a record of this log "
+                                        f"({line[:40]!r}): inserted")
+            else:
+                out.skipped.append(f"line {number}: not a complete JSON record "
+                                   f"({line[:40]!r}); ignored")
+                partial = (number, begun)
             continue
         seq = record.get("seq")
         seq_ok = isinstance(seq, int) and not isinstance(seq, bool)
+        if partial is not None:
+            # A writer that died mid-record left the start of record seq N; the next
+            # writer sealed it and wrote seq N again. Any other partial line was put there.
+            if partial[1] not in (-1, seq):
+                out.chain_breaks.append(
+                    f"line {partial[0]}: a partial record of seq {partial[1]} followed by "
+                    f"seq {seq}: not left by a crash (inserted)")
+            partial = None
         if seq_ok and seq > prev_seq + 1:
             out.chain_breaks.append(
                 f"line {number} (seq {seq}): record(s) seq {prev_seq + 1}..{seq - 1} are "
@@ -295,6 +314,18 @@ def read_audit(path: Path, head: bool = True) -> AuditReading:
     return out
 
 
+_PARTIAL_SEQ = re.compile(rb'\{"seq":(\d+)')
+
+
+def _crash_prefix(line: bytes) -> int | None:
+    """The seq a partial line began (``-1``: too short to say), or ``None`` when the line
+    cannot be the start of a record this module wrote."""
+    if b'{"seq":'.startswith(line):
+        return -1
+    match = _PARTIAL_SEQ.match(line)
+    return int(match.group(1)) if match else None
+
+
 def _check_head(path: Path, out: AuditReading, last_seq: int, last_number: int,
                 last_digest: str) -> None:
     hp = head_path(path)
@@ -305,6 +336,7 @@ def _check_head(path: Path, out: AuditReading, last_seq: int, last_number: int,
             raise ValueError("seq/sha256 of the wrong type")
     except FileNotFoundError:
         if out.records:
+            out.unanchored = True
             out.notes.append(f"no head file ({hp.name}): the log's end is not anchored (a "
                              "cut tail or an edited last record would not show)")
         return
@@ -325,6 +357,11 @@ def _check_head(path: Path, out: AuditReading, last_seq: int, last_number: int,
             out.chain_breaks.append(
                 f"line {number} (seq {seq}) no longer matches the head file (edited)"
                 if number else f"the head file names seq {seq}, which the log does not hold")
+        elif last_seq - seq > 1:  # the writer replaces the head file after each record
+            out.chain_breaks.append(
+                f"record(s) seq {seq + 1}..{last_seq} follow the head file (seq {seq}): "
+                "appended by someone else than the log's writer (a writer that dies "
+                "between a record and its head file leaves at most one)")
         else:
             out.notes.append(f"record(s) seq {seq + 1}..{last_seq} were appended after the "
                              "head file was last written (a writer that died between the two, "

@@ -209,6 +209,10 @@ def cmd_audit(args) -> int:
               + checked)
     for line in reading.skipped + reading.notes + reading.chain_breaks:
         print(line, file=sys.stderr)
+    if reading.unanchored and not args.no_head:
+        print(f"{path}: no head file beside the log, so a cut tail would not show; "
+              "pass --no-head to check a copy of the log without it", file=sys.stderr)
+        return 1
     return 0 if reading.intact else 1
 
 
@@ -295,6 +299,9 @@ def _add_audit_command(sub) -> None:
     p.add_argument("log", help="the audit log (e.g. <output-dir>/audit.jsonl)")
     p.add_argument("--run", default=None, help="only this Flower run id")
     p.add_argument("--event", default="", help="only events starting with this, e.g. request.")
+    p.add_argument("--no-head", action="store_true",
+                   help="accept a log without its head file (<log>.head), e.g. a copy; "
+                        "its end is then not checked")
     p.add_argument("--json", action="store_true")
     p.add_argument("--inbox", action="append", default=[],
                    help="check the log against the audit anchors of this inbox's receipts "
