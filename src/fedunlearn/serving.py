@@ -113,8 +113,8 @@ class ServeOutcome:
 def serve(grid: Grid, arrays: ArrayRecord,
           strategies: UnlearningStrategy | Sequence[UnlearningStrategy], *,
           output_dir: str | os.PathLike, evaluate_fn: Callable | None = None,
-          test_metric: str | None = None, history=None, model_fn: Callable | None = None, example_input=None,
-          run_id: int | None = None, audit: bool = True,
+          test_metric: str | None = None, history=None, model_fn: Callable | None = None,
+          example_input=None, run_id: int | None = None, audit: bool = True,
           reply_timeout: float = REPLY_TIMEOUT_S) -> ServeOutcome:
     """Collect the nodes' unlearning requests and serve them with ``strategies``.
 
@@ -130,18 +130,11 @@ def serve(grid: Grid, arrays: ArrayRecord,
     output_dir : path
         Where each method's ``model.pt`` and ``results.json`` (or ``failed.json``) and the
         audit log (``audit.jsonl``) go.
-    evaluate_fn : callable, optional
-        The server's own evaluation (it holds no client data, so test accuracy comes
-        only from here): Flower's ``evaluate_fn(server_round, arrays) -> MetricRecord |
-        None``, the function given to ``FedAvg.start`` (its ``test_metric`` entry is a
-        fraction, reported x 100; ``server_round`` is the rounds the method ran), or
-        ``evaluate_fn(arrays) -> dict | float`` in % (``{"test": 97.2}``). A function
-        that raises or returns no usable accuracy leaves ``test`` unmeasured, with the
-        reason in ``MethodOutcome.not_measured``; the model is still published. See
-        :mod:`fedunlearn.server_evaluation`.
-    test_metric : str, optional
-        The ``MetricRecord`` entry of Flower's form that holds the test accuracy
-        (default ``"accuracy"``, as in Flower's quickstart).
+    evaluate_fn, test_metric : optional
+        The server's own test accuracy: Flower's ``(server_round, arrays) -> MetricRecord
+        | None`` (its ``test_metric`` entry, default ``"accuracy"``, a fraction) or
+        ``(arrays) -> dict | float`` in %; if it fails the model is still published and
+        ``MethodOutcome.not_measured`` says why (:mod:`fedunlearn.server_evaluation`).
     history : HistoryKeeper or TrainingHistory, optional
         The training history FedEraser, FUKD and PGD replay: the
         :class:`fedunlearn.HistoryKeeper` that wrapped the strategy which trained
