@@ -405,9 +405,10 @@ def test_history_methods_serve_from_a_keeper_around_the_users_fedavg(userapp, tm
     Inbox(str(tmp_path / "i2")).file(scope="client")
     grid = user_grid(client_app.app, inboxes={2: tmp_path / "i2"})
     recovery = Recovery(rounds=1, server_momentum=0.0, lr=0.05)
-    methods = [FedEraser(recovery, params={"delta_t": 2}),
-               FUKD(recovery, params={"epochs": 1}, server_data=task.Blobs(32, seed=5)),
-               PGD(recovery)]
+    methods = [FedEraser(recovery, params={"delta_t": 2}, model_fn=task.Net),
+               FUKD(recovery, params={"epochs": 1}, model_fn=task.Net,
+                    server_data=task.Blobs(32, seed=5)),
+               PGD(recovery, model_fn=task.Net)]
     keeper = HistoryKeeper(FedAvg(fraction_train=1.0, fraction_evaluate=0.0),
                            methods=methods, directory=tmp_path / "history", max_mb=5)
     torch.manual_seed(0)
@@ -452,28 +453,30 @@ def test_history_methods_are_refused_without_a_matching_history(userapp, tmp_pat
     grid = user_grid(client_app.app, inboxes={0: tmp_path / "i0"})
     # Too large for the bound: refused before the first round, nothing written.
     with pytest.raises(ValueError, match="history.max-mb|over the bound"):
-        HistoryKeeper(FedAvg(), methods=[FedEraser()], directory=tmp_path / "big",
-                      max_mb=0.001).start(grid, ArrayRecord(task.Net().state_dict()),
-                                          num_rounds=5)
+        HistoryKeeper(FedAvg(), methods=[FedEraser(model_fn=task.Net)],
+                      directory=tmp_path / "big", max_mb=0.001).start(
+            grid, ArrayRecord(task.Net().state_dict()), num_rounds=5)
     assert not (tmp_path / "big").exists()
     with pytest.raises(ValueError, match="nothing to record"):
         HistoryKeeper(FedAvg(), methods=[], directory=tmp_path / "h")
-    keeper = HistoryKeeper(FedAvg(fraction_evaluate=0.0), methods=[PGD(), FUKD()],
+    keeper = HistoryKeeper(FedAvg(fraction_evaluate=0.0),
+                           methods=[PGD(model_fn=task.Net),
+                                    FUKD(model_fn=task.Net, server_data=task.Blobs(8, seed=5))],
                            directory=tmp_path / "h")
     result = keeper.start(grid, ArrayRecord(task.Net().state_dict()), num_rounds=1,
                           train_config=ConfigRecord({"lr": 0.05}))
     recovery = Recovery(rounds=1)
-    outcome = serve(grid, result.arrays, [FedEraser(recovery), FUKD(recovery)],
+    outcome = serve(grid, result.arrays, [FedEraser(recovery, model_fn=task.Net)],
                     output_dir=tmp_path / "o", history=keeper)
     assert outcome.methods["federaser"].status == "refused"
     assert "client updates every 1 round" in outcome.methods["federaser"].reason
-    assert "server_data" in outcome.methods["fukd"].reason
     # A model other than the one the recorded training ended with: refused by hash.
     other = ArrayRecord(task.Net().state_dict())
-    outcome = serve(grid, other, PGD(recovery), output_dir=tmp_path / "o2", history=keeper)
+    pgd = PGD(recovery, model_fn=task.Net)
+    outcome = serve(grid, other, pgd, output_dir=tmp_path / "o2", history=keeper)
     assert outcome.methods["pgd"].status == "refused"
     assert "different model" in outcome.methods["pgd"].reason
-    outcome = serve(grid, result.arrays, PGD(recovery), output_dir=tmp_path / "o3")
+    outcome = serve(grid, result.arrays, pgd, output_dir=tmp_path / "o3")
     assert "HistoryKeeper" in outcome.methods["pgd"].reason
 
 

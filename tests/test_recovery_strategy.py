@@ -81,10 +81,14 @@ def test_a_strategy_that_waits_for_more_nodes_than_may_train_fails_by_name():
 
 
 def test_aggregation_must_be_a_flower_strategy():
+    from fedunlearn import FineTune
+
     with pytest.raises(TypeError, match="aggregation=.*expected a Flower strategy"):
-        NoT(Recovery(), aggregation="fedadam")
-    assert NoT(Recovery(), aggregation=FedAdam()).aggregation is not None
-    assert NoT(Recovery(), aggregation=FedMedian()).fresh().aggregator is None
+        FineTune(Recovery(), aggregation="fedadam")
+    with pytest.raises(TypeError, match="aggregation=.*expected a Flower strategy"):
+        FineTune(Recovery(), aggregation=FineTune())
+    assert FineTune(Recovery(), aggregation=FedAdam()).aggregation is not None
+    assert FineTune(Recovery(), aggregation=FedMedian()).fresh().aggregator is None
 
 
 def test_start_returns_flowers_result_with_its_histories(userapp, user_grid):

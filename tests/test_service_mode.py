@@ -533,10 +533,13 @@ def test_service_mode_refuses_a_history_method_up_front(tmp_path):
     """A method that replays the training history cannot serve a federation that trains
     on: refused when the service is built and by the run-config check, never after
     accepting requests (issue: service mode that loses nothing, item 8)."""
+    from torch import nn
+
     from fedunlearn import FedEraser, PGD, Recovery, UnlearningService
     from fedunlearn.launch import check_run_config
 
-    for method in (FedEraser(Recovery()), PGD(Recovery())):
+    for method in (FedEraser(Recovery(), model_fn=lambda: nn.Linear(2, 2)),
+                   PGD(Recovery(), model_fn=lambda: nn.Linear(2, 2))):
         with pytest.raises(ValueError, match=rf"method={method.name}: service mode cannot"):
             UnlearningService(method, state_dir=tmp_path / method.name)
     with pytest.raises(ValueError, match="method=federaser: service mode"):

@@ -7,11 +7,10 @@ updates of stored rounds, per-client update sums, the last local models; see
 what those methods need from the train replies that strategy aggregates anyway
 (nothing extra crosses the network), bounded in bytes before the first round::
 
-    keeper = HistoryKeeper(FedAvg(), methods=[FedEraser(recovery), PGD(recovery)],
-                           directory="history", max_mb=200)
+    methods = [FedEraser(recovery, model_fn=Net), PGD(recovery, model_fn=Net)]
+    keeper = HistoryKeeper(FedAvg(), methods=methods, directory="history", max_mb=200)
     result = keeper.start(grid, ArrayRecord(Net().state_dict()), num_rounds=30)
-    outcome = serve(grid, result.arrays, [FedEraser(recovery)], output_dir="out",
-                    history=keeper)
+    outcome = serve(grid, result.arrays, methods, output_dir="out", history=keeper)
 
 The history is keyed by node id (a node that rejoins under a new id is a new client to
 it) and names the SHA-256 of the model it ended with: :func:`fedunlearn.serve` refuses

@@ -106,18 +106,21 @@ class Ledger:
                             honours: list[dict], **fields) -> None:
         """``unlearning.finished`` and one ``request.honoured`` per request served
         (``honours``: ``node``, ``scope``, ``digest``, ``inbox_ids`` and any other field
-        of the request's record); honoured receipts to their inboxes."""
+        of the request's record); honoured receipts to their inboxes. ``fields``'
+        ``not_measured`` (metric -> why) goes into the receipts' ``reason``."""
         self.audit.record("unlearning.finished", method=method, rounds=rounds,
                           comm_bytes=comm_bytes, wall_s=round(wall_s, 3), metrics=metrics,
                           model_before=model_before, model_after=model_after, **fields)
         for h in honours:
             self.audit.record("request.honoured", method=method, model=model_after,
                               **{k: h[k] for k in h if k not in ("method", "model")})
+        unmeasured = "; ".join(f"{k} not measured: {why}"
+                               for k, why in fields.get("not_measured", {}).items())
         if self.receipts:
             self._send({node: federation.receipt_record(
                             r.inbox_ids, "honoured", self.run_id, method=method,
                             model_sha256=model_after, model_before_sha256=model_before,
-                            rounds=rounds, comm_bytes=comm_bytes)
+                            rounds=rounds, comm_bytes=comm_bytes, reason=unmeasured or None)
                         for node, r in self.requests.items() if r.inbox_ids})
 
     def unlearning_failed(self, method: str, reason: str, *, model_before: str,

@@ -125,3 +125,7 @@ ACCURACY_POINTS = Range(0, 100, hi_open=True, note="accuracy points")
 """A difference of accuracies in percentage points."""
 SEED = Range(0, MAX_SEED, integer=True)
 """A random seed."""
+FRACTION_TRAIN = Range(0, 1, lo_open=True, note="share of the nodes that may train")
+"""Flower's ``fraction_train``, for rounds that must train (0 would skip them)."""
+MIN_NODES = Range(1, 1_000_000, integer=True)
+"""Flower's ``min_train_nodes`` / ``min_available_nodes`` for rounds that must train."""

@@ -46,6 +46,7 @@ from .parsing import WireError
 from .protocol import EVALUATE_UNLEARN, MODEL_KEY, REPLY_TIMEOUT_S, reply_timeout
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
+from .server_evaluation import ServerEvaluation
 from .strategies.base import UnlearningContext, UnlearningStrategy
 
 MODEL_FILE = "model.pt"
@@ -70,13 +71,15 @@ class MethodOutcome:
     """``test`` (from ``evaluate_fn``), ``forget`` and ``retain`` (accuracy % reported by
     the target nodes on their own forget / retained data)."""
     notes: dict = field(default_factory=dict)
+    not_measured: dict = field(default_factory=dict)
+    """Metric -> why it was not measured (e.g. ``{"test": "evaluate_fn raised ..."}``)."""
 
     def as_dict(self) -> dict:
         return {"method": self.method, "status": self.status, "reason": self.reason,
                 "model_path": self.model_path, "model_sha256": self.model_sha256,
                 "rounds": self.rounds, "comm_bytes": self.comm_bytes, "flops": self.flops,
                 "wall_s": round(self.wall_s, 3), "metrics": self.metrics,
-                "notes": self.notes}
+                "not_measured": self.not_measured, "notes": self.notes}
 
 
 @dataclass
@@ -110,8 +113,8 @@ class ServeOutcome:
 def serve(grid: Grid, arrays: ArrayRecord,
           strategies: UnlearningStrategy | Sequence[UnlearningStrategy], *,
           output_dir: str | os.PathLike, evaluate_fn: Callable | None = None,
-          history=None, model_fn: Callable | None = None, example_input=None,
-          run_id: int | None = None, audit: bool = True,
+          test_metric: str | None = None, history=None, model_fn: Callable | None = None,
+          example_input=None, run_id: int | None = None, audit: bool = True,
           reply_timeout: float = REPLY_TIMEOUT_S) -> ServeOutcome:
     """Collect the nodes' unlearning requests and serve them with ``strategies``.
 
@@ -127,10 +130,11 @@ def serve(grid: Grid, arrays: ArrayRecord,
     output_dir : path
         Where each method's ``model.pt`` and ``results.json`` (or ``failed.json``) and the
         audit log (``audit.jsonl``) go.
-    evaluate_fn : callable, optional
-        ``evaluate_fn(arrays) -> dict`` or ``-> float`` on the server's own data (e.g.
-        ``{"test": 97.2}``, accuracy in %); the server holds no client data, so test
-        accuracy comes only from here.
+    evaluate_fn, test_metric : optional
+        The server's own test accuracy: Flower's ``(server_round, arrays) -> MetricRecord
+        | None`` (its ``test_metric`` entry, default ``"accuracy"``, a fraction) or
+        ``(arrays) -> dict | float`` in %; if it fails the model is still published and
+        ``MethodOutcome.not_measured`` says why (:mod:`fedunlearn.server_evaluation`).
     history : HistoryKeeper or TrainingHistory, optional
         The training history FedEraser, FUKD and PGD replay: the
         :class:`fedunlearn.HistoryKeeper` that wrapped the strategy which trained
@@ -144,6 +148,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
         that has not answered by then failed that round.
     """
     strategies, names = _checked_strategies(strategies)
+    evaluation = ServerEvaluation.of(evaluate_fn, test_metric)
     for s in strategies:
         s.check_ready()
     history = _training_history(history)
@@ -160,7 +165,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
     log_.record("serve.started", methods=names, model_before=model_digest(arrays),
                 history=str(history.directory) if history is not None else None)
     try:
-        return _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
+        return _serve(guarded, ledger, log_, arrays, strategies, out, evaluation, history,
                       model_fn, example_input)
     except BaseException as err:
         log_.record("serve.failed", error=f"{type(err).__name__}: {err}"[:1000])
@@ -219,7 +224,7 @@ def _flop_model(strategies: list[UnlearningStrategy], model_fn, example_input):
     return model_fn, example_input
 
 
-def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history, model_fn,
+def _serve(guarded, ledger, log_, arrays, strategies, out, evaluation, history, model_fn,
            example_input) -> ServeOutcome:
     nodes = sorted(guarded.get_node_ids())
     if not nodes:
@@ -263,7 +268,7 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
         strategy.bind(context)
         run = run_method(strategy, guarded, arrays, accepted, ledger,
                          lambda run: _publish(guarded, strategy, run, accepted, report, out,
-                                              evaluate_fn, outcomes),
+                                              evaluation, outcomes),
                          departed=lambda: guarded.departed)
         if run.status == "refused":
             log(WARNING, "[%s] refused: %s", run.method, run.reason)
@@ -281,27 +286,32 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
     return ServeOutcome(final, outcomes, report)
 
 
-def _publish(grid, strategy, run: MethodRun, accepted, report, out: Path, evaluate_fn,
-             outcomes: dict) -> dict:
+def _publish(grid, strategy, run: MethodRun, accepted, report, out: Path,
+             evaluation: ServerEvaluation | None, outcomes: dict) -> dict:
     """serve()'s publication of an honoured run: the targets' measurements, the server's
     own evaluation, ``model.pt`` with its hash and ``results.json``."""
     name, unlearned, cost = run.method, run.arrays, strategy.cost
-    metrics = target_metrics(grid, unlearned, accepted)
-    if evaluate_fn is not None:
-        value = evaluate_fn(unlearned)
-        metrics.update(value if isinstance(value, dict) else {"test": float(value)})
+    metrics, not_measured = target_metrics(grid, unlearned, accepted), {}
+    if evaluation is not None:
+        measured, problem = evaluation.measure(cost.rounds, unlearned)
+        metrics.update(measured)
+        if problem:
+            not_measured["test"] = problem
     path, digest = save_model(out / name / MODEL_FILE, unlearned)
     outcome = MethodOutcome(name, "honoured", unlearned, model_path=str(path),
                             model_sha256=digest, rounds=cost.rounds,
                             comm_bytes=cost.comm_bytes, flops=cost.flops,
                             wall_s=run.wall_s, metrics=metrics,
-                            notes=_jsonable(strategy.notes))
+                            notes=_jsonable(strategy.notes), not_measured=not_measured)
     outcomes[name] = outcome
     write_json(out / name / RESULT_FILE, dict(outcome.as_dict(), request=report["accepted"],
                                               cost=strategy.cost_dict()))
     log(INFO, "[%s] honoured: %s; model %s (sha256 %s)", name,
         ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), path, digest[:12])
-    return {"metrics": metrics, "model_after": digest}
+    published = {"metrics": metrics, "model_after": digest}
+    if not_measured:  # into unlearning.finished and the honoured receipts
+        published["not_measured"] = not_measured
+    return published
 
 
 def target_metrics(grid, arrays: ArrayRecord, requests: dict) -> dict:

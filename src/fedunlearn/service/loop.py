@@ -49,6 +49,7 @@ from ..audit import AuditLog, audit_path, model_digest
 from ..files import remove_stale_temporaries
 from ..ledger import Ledger
 from ..protocol import NUM_EXAMPLES, REPLY_TIMEOUT_S
+from ..server_evaluation import ServerEvaluation
 from ..strategies.base import Phase, UnlearningContext, UnlearningStrategy
 from .config import ServiceConfig, ServiceError
 from .intake import Intake
@@ -116,8 +117,14 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
     config : ServiceConfig
         Budgets, cadence, training, dropout tolerance, deadlines.
     evaluate_fn : callable, optional
-        ``evaluate_fn(arrays) -> dict`` on the server's own data, measured for each
-        published version (e.g. ``{"test": 97.1}``).
+        The server's own evaluation of each published version: Flower's
+        ``evaluate_fn(server_round, arrays) -> MetricRecord | None`` (``server_round``:
+        the service's round; the ``test_metric`` entry is a fraction, reported x 100) or
+        ``evaluate_fn(arrays) -> dict | float`` in % (``{"test": 97.1}``); see
+        :mod:`fedunlearn.server_evaluation`. When it raises, the version is published
+        with ``not_measured`` saying why.
+    test_metric : str, optional
+        The accuracy entry of Flower's ``MetricRecord`` (default ``"accuracy"``).
     model_fn, example_input : optional
         The model factory and one input batch (FLOPs and the methods that need them).
     stop : callable, optional
@@ -144,6 +151,7 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
     def __init__(self, method: UnlearningStrategy | None = None, *,
                  state_dir: str | os.PathLike,
                  config: ServiceConfig | None = None, evaluate_fn: Callable | None = None,
+                 test_metric: str | None = None,
                  model_fn: Callable | None = None, example_input=None,
                  stop: Callable[[], bool] | None = None,
                  on_round: Callable[[int, dict], None] | None = None,
@@ -174,7 +182,8 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         method.check_ready()
         self.method, self.config = method, config
         self.state_dir = Path(state_dir).expanduser().resolve()
-        self.evaluate_fn, self.stop, self.on_round = evaluate_fn, stop, on_round
+        self.evaluation = ServerEvaluation.of(evaluate_fn, test_metric)
+        self.stop, self.on_round = stop, on_round
         self.model_fn = model_fn if model_fn is not None else method._model_fn
         self.example_input = (example_input if example_input is not None
                               else method._example_input)

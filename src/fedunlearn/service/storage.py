@@ -44,9 +44,10 @@ class Storage:
                  "sha256": model_digest(self.arrays), "path": str(path), "honours": honours,
                  "method": self.method.name if kind == "unlearned" else None,
                  "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if self.evaluate_fn is not None:
-            value = self.evaluate_fn(self.arrays)
-            entry["metrics"] = value if isinstance(value, dict) else {"test": float(value)}
+        if self.evaluation is not None:  # a crash in it leaves the version published
+            entry["metrics"], problem = self.evaluation.measure(self.state.round, self.arrays)
+            if problem:
+                entry["not_measured"] = {"test": problem}
         versions = [v for v in versions if v["version"] < number] + [entry]
         _atomic_json(self.state_dir / VERSIONS_FILE, {"versions": versions})
         self.state.version = number

@@ -9,6 +9,10 @@ take any strategy::
 
     NoT(Recovery(rounds=11), model_fn=Net, aggregation=FedAdam(...))
 
+The default ``FedAvgM`` selects nodes as Flower's ``FedAvg`` does, with the recovery's
+:class:`~fedunlearn.strategies.settings.NodeSelection` (``Recovery(fraction_train=...)``),
+over the nodes the method lets train, drawn from the round's seed; by default all train.
+
 The given strategy is copied afresh for every phase (a new server optimizer each time).
 In each round it is asked ``configure_train`` over the nodes the method lets train (a
 grid that shows only them): the nodes it samples (its ``fraction_train``) take part, and
@@ -20,11 +24,15 @@ checked (one model and ``num-examples`` each).
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Iterable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM, Strategy
+
+from .. import protocol as P
+from .settings import NodeSelection
 
 
 def _like(arrays: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
@@ -50,8 +58,11 @@ class PhaseFedAvgM(FedAvgM):
     checkpoint)."""
 
     def __init__(self, server_momentum: float, arrays: ArrayRecord | None = None,
-                 momentum: list | None = None) -> None:
-        super().__init__(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1,
+                 momentum: list | None = None,
+                 selection: NodeSelection = NodeSelection()) -> None:
+        super().__init__(fraction_train=selection.fraction_train,
+                         min_train_nodes=selection.min_train_nodes,
+                         min_available_nodes=selection.min_available_nodes,
                          server_learning_rate=1.0, server_momentum=server_momentum)
         self.current_arrays = arrays
         self.momentum_vector = None if momentum is None else [a.copy() for a in momentum]
@@ -84,6 +95,26 @@ class _Participants:
         return getattr(self._grid, name)
 
 
+def check_template(aggregation, selection: NodeSelection, is_method: bool) -> None:
+    """Refuse an ``aggregation=`` that is no Flower strategy (``is_method``: it is a
+    fedunlearn method), or one given with a non-default ``Recovery`` node selection: the
+    user's strategy selects the nodes itself, so the setting has one place."""
+    if aggregation is None:
+        return
+    if not isinstance(aggregation, Strategy) or is_method:
+        raise TypeError(f"aggregation={aggregation!r}: expected a Flower strategy "
+                        "(flwr.serverapp.strategy.FedAdam(...), FedMedian(...), ...)")
+    if not selection.everyone:
+        name = type(aggregation).__name__
+        raise ValueError(
+            f"Recovery(fraction_train={selection.fraction_train}, min_train_nodes="
+            f"{selection.min_train_nodes}, min_available_nodes="
+            f"{selection.min_available_nodes}) with aggregation={name}(...): the strategy "
+            f"you give selects the nodes itself; give these to it ({name}(fraction_train="
+            "..., min_train_nodes=..., min_available_nodes=...)) and leave Recovery's at "
+            "their defaults")
+
+
 class Aggregation:
     """One phase's aggregating strategy (see the module docstring)."""
 
@@ -93,30 +124,26 @@ class Aggregation:
 
     @classmethod
     def for_phase(cls, template: Strategy | None, server_momentum: float,
-                  arrays: ArrayRecord | None = None, momentum: list | None = None
-                  ) -> Aggregation:
-        """A fresh copy of ``template``, or ``FedAvgM`` with ``server_momentum`` (whose
-        reference point and momentum may be given) when there is none."""
+                  arrays: ArrayRecord | None = None, momentum: list | None = None,
+                  selection: NodeSelection = NodeSelection()) -> Aggregation:
+        """A fresh copy of ``template``, or ``FedAvgM`` with ``server_momentum`` and
+        ``selection`` (whose reference point and momentum may be given) when there is
+        none."""
         if template is None:
-            return cls(PhaseFedAvgM(server_momentum, arrays, momentum), builds_messages=False)
+            return cls(PhaseFedAvgM(server_momentum, arrays, momentum, selection),
+                       builds_messages=False)
         return cls(copy.deepcopy(template), builds_messages=True)
 
     def prepare(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                 grid: Grid, nodes: list[int]) -> tuple[list[int], ConfigRecord]:
         """The nodes that train this round and their config, after the strategy's own
         ``configure_train`` over ``nodes``."""
-        if not self._builds_messages:
-            self.strategy.configure_train(server_round, arrays, config, grid)
-            return nodes, config
         if not nodes:
             return nodes, config
-        need = max(int(getattr(self.strategy, "min_available_nodes", 0) or 0),
-                   int(getattr(self.strategy, "min_train_nodes", 0) or 0))
-        if need > len(nodes):
-            raise AggregationError(
-                f"the recovery strategy {type(self.strategy).__name__} needs at least "
-                f"{need} nodes (min_available_nodes / min_train_nodes) and only "
-                f"{len(nodes)} may train ({nodes}); lower them")
+        self._check_enough(nodes)
+        if not self._builds_messages:
+            self.strategy.configure_train(server_round, arrays, config, grid)
+            return self._sampled(nodes, int(config.get(P.SEED, server_round))), config
         theirs = list(self.strategy.configure_train(
             server_round, arrays, ConfigRecord(dict(config)), _Participants(grid, nodes)))
         sampled = sorted({int(m.metadata.dst_node_id) for m in theirs} & set(nodes))
@@ -128,6 +155,28 @@ class Aggregation:
                     if k not in merged:
                         merged[k] = v
         return sampled, merged
+
+    def _check_enough(self, nodes: list[int]) -> None:
+        need = max(int(getattr(self.strategy, "min_available_nodes", 0) or 0),
+                   int(getattr(self.strategy, "min_train_nodes", 0) or 0))
+        if need > len(nodes):
+            name = (type(self.strategy).__name__ if self._builds_messages
+                    else "FedAvgM (Recovery's node selection)")
+            raise AggregationError(
+                f"the recovery strategy {name} needs at least "
+                f"{need} nodes (min_available_nodes / min_train_nodes) and only "
+                f"{len(nodes)} may train ({nodes}); lower them")
+
+    def _sampled(self, nodes: list[int], seed: int) -> list[int]:
+        """The default ``FedAvgM``'s nodes: ``max(int(n * fraction_train),
+        min_train_nodes)`` of them, as Flower's ``FedAvg`` samples, drawn from ``seed``;
+        all of them (in their order, no draw) when that is every node."""
+        s = self.strategy
+        size = max(int(len(nodes) * s.fraction_train), s.min_train_nodes)
+        if size >= len(nodes):
+            return nodes
+        chosen = set(random.Random(seed).sample(sorted(nodes), size))
+        return [n for n in nodes if n in chosen]
 
     def aggregate(self, server_round: int, replies: list[Message],
                   sent: ArrayRecord | None = None

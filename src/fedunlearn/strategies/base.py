@@ -49,7 +49,7 @@ from ..protocol import (
 )
 from ..protocol import message_type as action_message_type
 from ..requests import SCOPES, UnlearningRequest, request_to_config
-from .aggregation import Aggregation
+from .aggregation import Aggregation, check_template
 from .context import UnlearningContext, UnlearningFailed
 from .costs import CostMeter, Metered
 from .params import MethodParams
@@ -111,12 +111,13 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
     scopes: tuple[str, ...] = SCOPES
     #: The method's parameters class (a frozen dataclass).
     Params: type[MethodParams] = MethodParams
+    #: What the method builds models for (non-empty: ``model_fn`` is required).
+    model_fn_use: str = ""
 
     @classmethod
     def history_needs(cls, params: MethodParams) -> HistorySpec:
         """What this method needs recorded during pretraining (default: nothing)."""
         return HistorySpec()
-
 
     def __init__(self, recovery: Recovery | None = None,
                  params: MethodParams | dict | None = None, *,
@@ -129,17 +130,15 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
             raise TypeError(f"recovery={recovery!r}: expected a fedunlearn.Recovery")
         if training is not None and not isinstance(training, Training):
             raise TypeError(f"training={training!r}: expected a fedunlearn.Training")
-        if aggregation is not None and (not isinstance(aggregation, Strategy)
-                                        or isinstance(aggregation, UnlearningStrategy)):
-            raise TypeError(f"aggregation={aggregation!r}: expected a Flower strategy "
-                            "(flwr.serverapp.strategy.FedAdam(...), FedMedian(...), ...)")
+        self.recovery = recovery if recovery is not None else Recovery()
+        check_template(aggregation, self.recovery.selection,
+                       isinstance(aggregation, UnlearningStrategy))
         self.aggregation = aggregation
         self.aggregator: Aggregation | None = None
         #: Flower's ``Result`` histories of the last :meth:`start`, by recovery round.
         self.train_metrics: dict[int, MetricRecord] = {}
         self.evaluate_metrics: dict[int, MetricRecord] = {}
         self._evaluate_fn = None
-        self.recovery = recovery if recovery is not None else Recovery()
         self.training = training if training is not None else Training()
         if params is None:
             params = self.Params.from_values(self.name, {})
@@ -161,6 +160,10 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
         self.round_start: ArrayRecord | None = None
         self.notes: dict = {}
         self._asked_epochs: dict[int, int] = {}
+        if self.model_fn_use and self._model_fn is None and self.context.model_factory is None:
+            raise ValueError(f"{type(self).__name__} needs model_fn, {self.model_fn_use}: pass "
+                             f"{type(self).__name__}(..., model_fn=Net), Net being the "
+                             "callable that builds a fresh model of your architecture")
 
     # -- binding, up-front checks -----------------------------------------------------
     def fresh(self) -> UnlearningStrategy:
@@ -220,7 +223,7 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
         r = self.recovery
         return Phase("recovery", rounds=r.rounds, lr=r.lr, local_epochs=r.local_epochs,
                      clip_norm=r.clip_norm, server_momentum=r.server_momentum,
-                     stop_early=r.stop == "validation")
+                     stop_early=r.stop == "validation", selection=r.selection)
 
     def message_type(self, node_id: int, phase: Phase) -> str:
         """Which client action ``node_id`` runs in ``phase``: local training goes to
@@ -366,7 +369,7 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
         when given: service mode resumes its optimizer)."""
         self.current_phase = phase
         self.aggregator = Aggregation.for_phase(self.aggregation, phase.server_momentum,
-                                                arrays, momentum)
+                                                arrays, momentum, phase.selection)
         return self.aggregator
 
     def round_config(self, phase: Phase, server_round: int) -> ConfigRecord:

@@ -123,10 +123,19 @@ class FUKD(HistoryUnlearning):
         return HistorySpec(update_sums=True)
 
     def __init__(self, *args, server_data=None, **kwargs) -> None:
-        """``server_data``: the server's own unlabeled data to distil on, a map-style
-        dataset yielding ``(x, y)`` (labels unused), in no client's training set; the
+        """``server_data`` (required outside the harness): data the server itself holds
+        to distil on, a map-style dataset yielding ``(x, y)`` (labels unused) of the
+        same kind of inputs as the clients' (e.g. a public or synthetic set, or a share
+        the operator keeps back), in no client's training set, and **not** the test set
+        the unlearned model is scored on (distilling on it inflates that score); the
         harness gives its reserved share (``server-data.fraction``)."""
         super().__init__(*args, **kwargs)
+        if server_data is None and not self.context.managed:
+            raise ValueError(
+                "FUKD needs server_data: unlabeled data the server itself holds, in no "
+                "client's training set and not the test set it is scored on (a public "
+                "or synthetic set of the same inputs, or a share you keep back): pass "
+                "FUKD(..., server_data=<a map-style dataset yielding (x, y)>)")
         if server_data is not None and not (hasattr(server_data, "__getitem__")
                                             and hasattr(server_data, "__len__")):
             raise TypeError(f"server_data: expected a map-style dataset yielding (x, y), got "

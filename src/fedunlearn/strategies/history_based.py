@@ -21,6 +21,7 @@ class HistoryUnlearning(UnlearningStrategy):
     """An :class:`UnlearningStrategy` that reads the training history."""
 
     scopes = ("client",)
+    model_fn_use = "to name the model's trainable parameters in the training history"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

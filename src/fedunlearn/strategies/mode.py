@@ -89,6 +89,7 @@ class MoDE(UnlearningStrategy):
     """
 
     Params = MoDEParams
+    model_fn_use = "to build its degradation model"
 
     def unlearning_step(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
         p: MoDEParams = self.params

@@ -20,6 +20,8 @@ class Retrain(PretrainingProtocol, UnlearningStrategy):
     Stores nothing; the targets never take part.
     """
 
+    model_fn_use = "to build the fresh model it retrains"
+
     def initial_arrays(self, pretrained: ArrayRecord) -> ArrayRecord:
         # A different stream from pretraining's initialisation, same for every run.
         torch.manual_seed(self.seed + 1)

@@ -50,6 +50,7 @@ class SalUn(DataHolderUnlearning):
     """
 
     Params = SalUnParams
+    model_fn_use = "to count the bytes its targets hold"
     action = "saliency_unlearning"
     needs_retained = True
 

@@ -11,12 +11,28 @@ from flwr.app import ConfigRecord
 
 from .. import protocol as P
 from ..protocol import DEFAULT_ACTION
-from ..ranges import (ACCURACY_POINTS, CLIP_NORM, EPOCHS, EVERY, LR, ROUNDS, SERVER_MOMENTUM,
-                      Range, check_fields)
+from ..ranges import (ACCURACY_POINTS, CLIP_NORM, EPOCHS, EVERY, FRACTION_TRAIN, LR,
+                      MIN_NODES, ROUNDS, SERVER_MOMENTUM, Range, check_fields)
 from ..parsing import exact_int
 
 ROLES = ("retained", "targets", "all")
 STOP_RULES = ("fixed", "validation")
+
+
+@dataclass(frozen=True)
+class NodeSelection:
+    """Which of the nodes that may train in a round train: Flower ``FedAvg``'s
+    ``fraction_train``, ``min_train_nodes`` and ``min_available_nodes``, counted over the
+    nodes the method lets train (see :class:`Recovery`). The default takes them all."""
+
+    fraction_train: float = 1.0
+    min_train_nodes: int = 1
+    min_available_nodes: int = 1
+
+    @property
+    def everyone(self) -> bool:
+        """Whether every node that may train does (the default)."""
+        return self == NodeSelection()
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,15 @@ class Recovery:
         model's, or after ``patience`` validations without a ``min_delta`` improvement.
     validate_every : int
         Validate every k rounds (``stop="validation"``).
+    fraction_train, min_train_nodes, min_available_nodes : float, int, int
+        Flower ``FedAvg``'s node selection, over the nodes that may train in a recovery
+        round (client-wise targets never may): ``max(int(n * fraction_train),
+        min_train_nodes)`` of the ``n`` nodes are drawn each round, uniformly without
+        replacement, from the method's seed and the round number (a run repeats); fewer
+        than ``max(min_available_nodes, that count)`` nodes that may train fail the
+        method by name. Defaults 1.0, 1, 1: every node trains (FedAvg's minimum of 2
+        would refuse a recovery that one node is left to run). With ``aggregation=`` (a
+        Flower strategy of your own), that strategy selects the nodes: give these to it.
     """
 
     rounds: int = 11
@@ -50,18 +75,31 @@ class Recovery:
     target_gap: float = 1.0
     patience: int = 3
     min_delta: float = 0.1
+    fraction_train: float = 1.0
+    min_train_nodes: int = 1
+    min_available_nodes: int = 1
 
     #: Each numeric field's allowed values (shared with the run-config's ``unlearn.*``).
     RANGES: ClassVar[dict[str, Range]] = {
         "rounds": ROUNDS, "lr": LR, "local_epochs": EPOCHS, "clip_norm": CLIP_NORM,
         "server_momentum": SERVER_MOMENTUM, "validate_every": EVERY,
         "target_gap": ACCURACY_POINTS, "patience": EVERY, "min_delta": ACCURACY_POINTS}
+    #: Flower's node selection: a plugin setting, with no run-config key (the harness's
+    #: simulations train every node that may).
+    SELECTION_RANGES: ClassVar[dict[str, Range]] = {
+        "fraction_train": FRACTION_TRAIN, "min_train_nodes": MIN_NODES,
+        "min_available_nodes": MIN_NODES}
 
     def __post_init__(self) -> None:
-        check_fields(self, self.RANGES, lambda name: f"Recovery.{name}")
+        check_fields(self, self.RANGES | self.SELECTION_RANGES, lambda name: f"Recovery.{name}")
         if self.stop not in STOP_RULES:
             raise ValueError(f"Recovery.stop={self.stop!r}; allowed: {', '.join(STOP_RULES)}")
 
+    @property
+    def selection(self) -> NodeSelection:
+        """The recovery rounds' node selection."""
+        return NodeSelection(self.fraction_train, self.min_train_nodes,
+                             self.min_available_nodes)
 
 
 @dataclass(frozen=True)
@@ -103,6 +141,7 @@ class Phase:
     role: str = "retained"
     server_momentum: float = 0.0
     stop_early: bool = False
+    selection: NodeSelection = NodeSelection()
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -41,6 +41,7 @@ class SSD(DataHolderUnlearning):
     """
 
     Params = SSDParams
+    model_fn_use = "to count the bytes its targets hold"
     action = "synaptic_dampening"
     needs_retained = True
 
