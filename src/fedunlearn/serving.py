@@ -88,6 +88,9 @@ class ServeOutcome:
     request was accepted or no method finished)."""
     methods: dict[str, MethodOutcome]
     report: dict
+    """``nodes``, ``accepted``, ``rejected``, ``model_before`` and, once a method honoured
+    the requests, ``go_on_with``: the strategy wrapper that keeps forgotten nodes out of
+    later training (:class:`fedunlearn.ExcludeForgotten`, docs/plugin.md)."""
 
     @property
     def honoured(self) -> bool:
@@ -278,6 +281,10 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
     log_.record("serve.finished",
                 honoured=[n for n, o in outcomes.items() if o.status == "honoured"],
                 failed=[n for n, o in outcomes.items() if o.status == "failed"])
+    if any(o.status == "honoured" for o in outcomes.values()):
+        report["go_on_with"] = f"ExcludeForgotten(your_strategy, output_dir={str(out)!r})"
+        log(INFO, "fedunlearn.serve: train on with %s so that forgotten nodes stay out "
+            "(docs/plugin.md, 'Forgetting that lasts')", report["go_on_with"])
     return ServeOutcome(final, outcomes, report)
 
 
