@@ -199,3 +199,53 @@ def test_without_the_line_the_forgotten_node_is_sent_training(user_root, local_g
     assert "forgotten client-wise" in refused.error.reason
     assert "ExcludeForgotten" in refused.error.reason
     assert result.arrays is not None and {p for p, _ in task.SEEN} == {1, 2, 3}
+
+
+def test_a_node_config_request_is_kept_out_from_the_nodes_start(user_root, local_grid):
+    """A request in the node-config has no receipt the node could check: the node's
+    standing instruction, applied to every later train message (here before any serve())."""
+    import torch
+    from flwr.app import ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    app, task = _import_user_app(user_root, "after")
+    grid = local_grid(app.app, 3, {}, {1: {"forget-scope": "class", "forget-classes": "2"}},
+                      run_id=USER_RUN_ID, arrival="sent")
+    torch.manual_seed(0)
+    _fedavg(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), grid,
+            ArrayRecord(task.Net().state_dict()), 1)
+    node1_seen = [label for p, label in task.SEEN if p == 1]
+    assert node1_seen and 2 not in node1_seen
+    assert any(label == 2 for p, label in task.SEEN if p == 2)  # others keep class 2
+
+
+def test_bad_input_is_named():
+    from fedunlearn import ExcludeForgotten
+
+    with pytest.raises(TypeError, match="strategy='FedAvg'.*Flower strategy"):
+        ExcludeForgotten("FedAvg", output_dir="out")
+    from flwr.serverapp.strategy import FedAvg
+
+    with pytest.raises(TypeError, match="output_dir=None"):
+        ExcludeForgotten(FedAvg(), output_dir=None)
+
+
+def test_a_target_asked_to_train_without_lr_refuses_with_the_reason(user_root, local_grid,
+                                                                    tmp_path):
+    """fedunlearn trains a class-wise target with the user's train_fn and needs the
+    learning rate: a train config without 'lr' gets an error reply naming it."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedunlearn import ExcludeForgotten
+
+    grid, task, outcome, out, _ = _served(user_root, local_grid, tmp_path, "after",
+                                          {1: {"scope": "class", "classes": [2]}})
+    strategy = ExcludeForgotten(FedAvg(fraction_train=1.0, fraction_evaluate=0.0),
+                                output_dir=out)
+    from flwr.app import ConfigRecord
+
+    start = len(grid.replies)
+    strategy.start(grid, outcome.arrays, num_rounds=1, train_config=ConfigRecord({"rate": 0.1}))
+    (refused,) = [r for r in grid.replies[start:]
+                  if int(r.metadata.src_node_id) == grid.node_id(1)]
+    assert "needs 'lr' in the train config" in refused.error.reason and "rate" in refused.error.reason

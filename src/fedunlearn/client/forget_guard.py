@@ -31,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from ..inbox import INBOX_KEY
-from ..protocol import CONFIG_KEY, LOCAL_EPOCHS, LR
+from ..protocol import CONFIG_KEY, LOCAL_EPOCHS, LR, METRICS_KEY, MODEL_KEY, NUM_EXAMPLES
 from .actions import handle_action
 from .node import NodeView, inbox_sample_ids, node_inbox, own_request
 
@@ -130,11 +130,13 @@ def forget_guard(view_for: Callable[[Context], NodeView],
                                 f"(request(s) {forget.what()} honoured): it trains no more. "
                                 "Keep it out on the server: ExcludeForgotten(strategy, "
                                 "output_dir=<serve()'s output_dir>)")
-        if mtype == "train":
-            msg, problem = _with_training_config(msg, context)
-            if problem:
-                return refusal(msg, problem)
-        return handle_action("retained", msg, context, view_for, exclude=forget.positions)
+        if mtype != "train":  # fedunlearn's own train.retained: its own reply format
+            return handle_action("retained", msg, context, view_for, exclude=forget.positions)
+        msg, problem = _with_training_config(msg, context)
+        if problem:
+            return refusal(msg, problem)
+        return _as_quickstart_reply(handle_action("retained", msg, context, view_for,
+                                                  exclude=forget.positions))
 
     guard.__name__ = "fedunlearn_forget_guard"
     return guard
@@ -156,6 +158,17 @@ def _with_training_config(msg: Message, context: Context) -> tuple[Message, str]
     content = RecordDict({k: v for k, v in msg.content.items() if k != CONFIG_KEY})
     content[CONFIG_KEY] = config
     return Message(content, metadata=msg.metadata), ""
+
+
+def _as_quickstart_reply(reply: Message) -> Message:
+    """The reply to a plain ``train`` message with the metrics of Flower quickstart's
+    handler (``train_loss``, ``num-examples``): Flower's ``FedAvg`` refuses a round whose
+    replies carry different metric names, and this one stands beside the user's own."""
+    metrics = reply.content[METRICS_KEY]
+    content = RecordDict({MODEL_KEY: reply.content[MODEL_KEY], METRICS_KEY: MetricRecord({
+        "train_loss": float(metrics["train-loss"]),
+        NUM_EXAMPLES: int(metrics[NUM_EXAMPLES])})})
+    return Message(content, metadata=reply.metadata)
 
 
 def refusal(msg: Message, reason: str) -> Message:
