@@ -78,14 +78,15 @@ app = ClientApp()
 '''
 
 
-def _import_user_app(root, order: str):
+def _import_user_app(root, order: str, loss_name: str = "train_loss"):
     """The user's package; ``order``: attach() ``after`` or ``before`` their
     ``@app.train()``. Imported afresh (a new ClientApp, as a restarted SuperNode has)."""
     pkg = root / "userapp"
     pkg.mkdir(exist_ok=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "task.py").write_text(LOGGED_TASK)
-    body = USER_HANDLER + ATTACH if order == "after" else ATTACH + USER_HANDLER
+    handler = USER_HANDLER.replace('"train_loss"', repr(loss_name))
+    body = handler + ATTACH if order == "after" else ATTACH + handler
     (pkg / "client_app.py").write_text(CLIENT_HEAD + body)
     for name in [m for m in sys.modules if m.startswith("userapp")]:
         del sys.modules[name]
@@ -109,7 +110,7 @@ def _fedavg(strategy, grid, arrays, rounds):
                           train_config=ConfigRecord({"lr": 0.05}))
 
 
-def _served(user_root, local_grid, tmp_path, order, scopes):
+def _served(user_root, local_grid, tmp_path, order, scopes, loss_name="train_loss"):
     """The user's federation of 4 nodes (node p holds partition p), one FedAvg round,
     then serve() honouring the requests ``scopes`` ({partition: request fields})."""
     import torch
@@ -119,7 +120,7 @@ def _served(user_root, local_grid, tmp_path, order, scopes):
     from fedunlearn import FineTune, Recovery, serve
     from fedunlearn.inbox import Inbox
 
-    app, task = _import_user_app(user_root, order)
+    app, task = _import_user_app(user_root, order, loss_name)
     node_configs = {p: {"inbox": str(tmp_path / f"inbox-{p}")} for p in scopes}
     ids = {p: Inbox(node_configs[p]["inbox"]).file(**fields).id for p, fields in scopes.items()}
     grid = local_grid(app.app, 4, {}, node_configs, run_id=USER_RUN_ID, arrival="sent")
@@ -249,3 +250,26 @@ def test_a_target_asked_to_train_without_lr_refuses_with_the_reason(user_root, l
     (refused,) = [r for r in grid.replies[start:]
                   if int(r.metadata.src_node_id) == grid.node_id(1)]
     assert "needs 'lr' in the train config" in refused.error.reason and "rate" in refused.error.reason
+
+
+def test_a_handler_with_its_own_metric_names_aggregates_through_the_wrapper(
+        user_root, local_grid, tmp_path):
+    """The guard's reply carries Flower quickstart's metric names; beside a handler that
+    names its loss otherwise, Flower's FedAvg alone refuses the round, and the wrapper
+    aggregates the metrics every reply shares."""
+    import numpy as np
+    from flwr.serverapp.exception import InconsistentMessageReplies
+    from flwr.serverapp.strategy import FedAvg
+
+    from fedunlearn import ExcludeForgotten
+
+    grid, task, outcome, out, _ = _served(user_root, local_grid, tmp_path, "after",
+                                          {1: {"scope": "class", "classes": [2]}},
+                                          loss_name="loss")
+    with pytest.raises(InconsistentMessageReplies):
+        _fedavg(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), grid, outcome.arrays, 1)
+    result = _fedavg(ExcludeForgotten(FedAvg(fraction_train=1.0, fraction_evaluate=0.0),
+                                      output_dir=out), grid, outcome.arrays, 1)
+    key = next(iter(outcome.arrays))
+    assert not np.allclose(result.arrays[key].numpy(), outcome.arrays[key].numpy())
+    assert dict(result.train_metrics_clientapp[1]) == {}  # num-examples: the weight only
