@@ -20,6 +20,7 @@ from __future__ import annotations
 
 _SERVER = {"serve": "serving", "ServeOutcome": "serving", "MethodOutcome": "serving",
            "load_model": "serving", "HistoryKeeper": "history_keeper", "HistorySpec": "history",
+           "ExcludeForgotten": "strategies.exclude_forgotten",
            "Recovery": "strategies", "Training": "strategies",
            "UnlearningFailed": "strategies", "UnlearningStrategy": "strategies",
            "UnlearningContext": "strategies", "MethodParams": "strategies",

@@ -91,6 +91,9 @@ class ServeOutcome:
     request was accepted or no method finished)."""
     methods: dict[str, MethodOutcome]
     report: dict
+    """``nodes``, ``accepted``, ``rejected``, ``model_before`` and, once a method honoured
+    the requests, ``go_on_with``: the strategy wrapper that keeps forgotten nodes out of
+    later training (:class:`fedunlearn.ExcludeForgotten`, docs/plugin.md)."""
 
     @property
     def honoured(self) -> bool:
@@ -280,10 +283,20 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluation, history, 
             write_json(out / run.method / FAILED_FILE, outcomes[run.method].as_dict())
             continue
         final = run.arrays
-    log_.record("serve.finished",
-                honoured=[n for n, o in outcomes.items() if o.status == "honoured"],
-                failed=[n for n, o in outcomes.items() if o.status == "failed"])
+    _finished(log_, outcomes, report, out)
     return ServeOutcome(final, outcomes, report)
+
+
+def _finished(log_, outcomes: dict, report: dict, out: Path) -> None:
+    """``serve.finished``; once a method honoured the requests, the line that keeps
+    forgotten nodes out of the user's later training, in the report and the log."""
+    honoured = [n for n, o in outcomes.items() if o.status == "honoured"]
+    log_.record("serve.finished", honoured=honoured,
+                failed=[n for n, o in outcomes.items() if o.status == "failed"])
+    if honoured:
+        report["go_on_with"] = f"ExcludeForgotten(your_strategy, output_dir={str(out)!r})"
+        log(INFO, "fedunlearn.serve: train on with %s so that forgotten nodes stay out "
+            "(docs/plugin.md, 'Forgetting that lasts')", report["go_on_with"])
 
 
 def _publish(grid, strategy, run: MethodRun, accepted, report, out: Path,

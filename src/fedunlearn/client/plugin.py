@@ -6,10 +6,13 @@ runs), so :func:`attach` registers fedunlearn's handlers on the user's ``ClientA
 * ``query.unlearn``: the node's request (from its inbox or node-config), checked by the
   node against its own data, and counts about that data (never the data);
 * ``train.<action>`` for every client action (``train.retained``: local training without
-  the forget set; PUF's ``train.pseudo_gradient``; the data holder's methods, ...), and
-  the plain ``train`` only when the app has no ``@app.train()`` of its own;
+  the forget set; PUF's ``train.pseudo_gradient``; the data holder's methods, ...); the
+  plain ``train`` stays the app's own ``@app.train()`` (registered before or after);
 * ``evaluate.unlearn``: forget / retained accuracy and membership features on the
-  node's own data, and the validation accuracy recovery's stopping rule needs.
+  node's own data, and the validation accuracy recovery's stopping rule needs;
+
+and a mod in front of the plain ``train`` handler that keeps the node's forgotten data
+out of all later training (:mod:`.forget_guard`).
 
 The user hands over what only they know: a model factory, their training data (any
 map-style dataset yielding ``(x, y)``), optionally a validation set, their labels, and
@@ -30,6 +33,7 @@ from ..inbox import INBOX_KEY
 from ..protocol import DEFAULT_ACTION, QUERY_UNLEARN
 from .actions import action_handler, list_actions
 from .evaluate import handle_evaluate
+from .forget_guard import forget_guard, install_guard
 from .node import NodeView, _labels
 from .query import handle_query
 
@@ -74,6 +78,7 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
         raise TypeError("model_fn must be a callable that builds a fresh model")
     view_for = _cached_view(model_fn, data, val_data, labels, num_classes, train_fn,
                             sample_ids, batch_size, momentum, seed, device)
+    install_guard(app, forget_guard(view_for, inbox))  # first: fedunlearn's handlers get it
     _register_handlers(app, view_for, inbox)
     return app
 
@@ -97,12 +102,11 @@ def _cached_view(model_fn, data, val_data, labels, num_classes, train_fn, sample
 
 def _register_handlers(app: ClientApp, view_for: Callable[[Context], NodeView],
                        inbox: Callable[[Context], str] | None) -> None:
-    """Register a ``train.<action>`` handler per client action (the plain ``train``
-    only when the app has no ``@app.train()`` of its own), ``query.unlearn`` and
-    ``evaluate.unlearn`` on ``app``."""
-    registered = getattr(app, "_registered_funcs", {})
+    """Register a ``train.<action>`` handler per client action (not the plain ``train``:
+    the app's own ``@app.train()`` serves it, registered before or after this call),
+    ``query.unlearn`` and ``evaluate.unlearn`` on ``app``."""
     for action in list_actions():
-        if action == DEFAULT_ACTION and "train.default" in registered:
+        if action == DEFAULT_ACTION:
             continue  # the user's own @app.train() serves plain train messages
         app.train(action)(action_handler(action, view_for))
     category, name = QUERY_UNLEARN.split(".")

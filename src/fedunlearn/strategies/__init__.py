@@ -30,8 +30,8 @@ from .base import (
 from .params import MethodParams
 
 _METHODS: Registry[type[UnlearningStrategy]] = Registry("method")
-_INFRASTRUCTURE = {"aggregation", "base", "context", "costs", "params", "reply_checks", "roles",
-                   "round_records", "settings", "stopping", "validation"}
+_INFRASTRUCTURE = {"aggregation", "base", "context", "costs", "exclude_forgotten", "params",
+                   "reply_checks", "roles", "round_records", "settings", "stopping", "validation"}
 
 
 def register_method(name: str):

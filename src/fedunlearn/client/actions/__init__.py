@@ -66,6 +66,12 @@ class ActionJob:
         """Per round and per node: every shuffle differs, and repeats exactly."""
         return int(self.config.get("seed", 0)) * 1000 + self.view.partition_id
 
+    def exclude(self, ids) -> None:
+        """Move training positions ``ids`` from the retained to the forget set."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self.forget = np.union1d(self.forget, np.intersect1d(ids, self.retained))
+        self.retained = np.setdiff1d(self.retained, ids)
+
     def lr(self) -> float:
         return float(self.config["lr"])
 
@@ -203,11 +209,16 @@ def get_action(name: str) -> Action:
     return _ACTIONS.get(name)
 
 
-def handle_action(name: str, msg: Message, context: Context, view_for=None) -> Message:
+def handle_action(name: str, msg: Message, context: Context, view_for=None,
+                  exclude=None) -> Message:
     """Run action ``name`` on a train message and build the reply (``view_for(context)``
-    gives the node's :class:`NodeView`; default: the harness's)."""
+    gives the node's :class:`NodeView`; default: the harness's). ``exclude``: training
+    positions kept out besides the message's request (the node's persistent forget list,
+    :mod:`fedunlearn.client.forget_guard`)."""
     action = get_action(name)
     job = ActionJob.from_message(msg, context, view_for, reuse=name in _REUSING)
+    if exclude is not None:
+        job.exclude(exclude)
     result = action(job)
     loss = result.loss
     metrics = MetricRecord({
