@@ -202,6 +202,27 @@ def test_without_the_line_the_forgotten_node_is_sent_training(user_root, local_g
     assert result.arrays is not None and {p for p, _ in task.SEEN} == {1, 2, 3}
 
 
+def test_a_later_serve_into_the_same_output_dir_does_not_train_the_forgotten_node(
+        user_root, local_grid, tmp_path):
+    """A second serve() (node 2 files later) reads the same audit log: the node forgotten
+    client-wise by the first one is sent no training in its recovery either."""
+    from fedunlearn import FineTune, Recovery, serve
+    from fedunlearn.inbox import Inbox
+
+    grid, task, outcome, out, node_configs = _served(user_root, local_grid, tmp_path,
+                                                     "after", {0: {"scope": "client"},
+                                                               2: {"scope": "class",
+                                                                   "classes": [1]}})
+    later = Inbox(node_configs[2]["inbox"]).file(scope="class", classes=[3]).id
+    start = len(grid.sent)
+    second = serve(grid, outcome.arrays, FineTune(Recovery(rounds=2, lr=0.05)),
+                   output_dir=out)
+    assert second.methods["ft"].status == "honoured", second.methods["ft"].reason
+    assert Inbox(node_configs[2]["inbox"]).entry(later).status == "honoured"
+    assert _train_to(grid, start, grid.node_id(0)) == []
+    assert len(_train_to(grid, start, grid.node_id(1))) == 2
+
+
 def test_a_node_config_request_is_kept_out_from_the_nodes_start(user_root, local_grid):
     """A request in the node-config has no receipt the node could check: the node's
     standing instruction, applied to every later train message (here before any serve())."""

@@ -265,7 +265,8 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluation, history, 
                                 node_partitions=view, original_arrays=arrays,
                                 model_factory=model_fn, example_input=example_input,
                                 flops_per_sample=flops["train"],
-                                forward_flops_per_sample=flops["forward"], history=history)
+                                forward_flops_per_sample=flops["forward"], history=history,
+                                served_fully=_forgotten_earlier(out, answered, accepted))
     final = arrays
     for strategy in strategies:
         strategy.bind(context)
@@ -285,6 +286,19 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluation, history, 
         final = run.arrays
     _finished(log_, outcomes, report, out)
     return ServeOutcome(final, outcomes, report)
+
+
+def _forgotten_earlier(out: Path, nodes: list[int], accepted: dict) -> set[int]:
+    """Nodes of this federation an earlier serve() into ``out`` forgot client-wise (its
+    audit log says so): they stay out of this run's training too, as
+    :class:`~fedunlearn.ExcludeForgotten` keeps them out of the user's."""
+    from .forgotten import ForgottenNodes
+
+    earlier = set(ForgottenNodes(out).nodes()) & set(nodes)
+    if earlier:
+        log(INFO, "fedunlearn.serve: node(s) %s were forgotten client-wise before (%s): they "
+            "do not train", sorted(earlier), out)
+    return earlier - set(accepted)
 
 
 def _finished(log_, outcomes: dict, report: dict, out: Path) -> None:
