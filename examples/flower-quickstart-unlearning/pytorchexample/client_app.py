@@ -4,6 +4,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedunlearn.client import attach  # fedunlearn
+
 from pytorchexample.task import Net, load_data
 from pytorchexample.task import test as test_fn
 from pytorchexample.task import train as train_fn
@@ -80,3 +82,9 @@ def evaluate(msg: Message, context: Context):
     metric_record = MetricRecord(metrics)
     content = RecordDict({"metrics": metric_record})
     return Message(content=content, reply_to=msg)
+
+
+# fedunlearn: unlearning requests from this node's inbox, served on its own data
+attach(app, model_fn=Net, train_fn=train_fn,  # fedunlearn
+       data=lambda ctx: load_data(ctx.node_config["partition-id"], ctx.node_config["num-partitions"], ctx.run_config["batch-size"]),  # fedunlearn
+       inbox=lambda ctx: f"{ctx.run_config['inbox-root']}/node-{ctx.node_config['partition-id']}")  # fedunlearn

@@ -5,6 +5,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from fedunlearn import ExcludeForgotten, FineTune, NoT, PUF, Recovery, serve  # fedunlearn
+
 from pytorchexample.task import Net, load_centralized_dataset, test
 
 # Create ServerApp
@@ -35,6 +37,15 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=num_rounds,
         evaluate_fn=global_evaluate,
     )
+
+    # fedunlearn: serve the nodes' unlearning requests, then train on without forgotten data
+    out = context.run_config["output-dir"]  # fedunlearn
+    methods = [NoT(Recovery(), model_fn=Net, example_input=torch.zeros(1, 3, 32, 32)), FineTune(Recovery()), PUF(Recovery())]  # fedunlearn
+    outcome = serve(grid, result.arrays, methods, output_dir=out, evaluate_fn=global_evaluate)  # fedunlearn
+    print(outcome.table())  # fedunlearn
+    result = ExcludeForgotten(strategy, output_dir=out).start(  # fedunlearn
+        grid=grid, initial_arrays=outcome.arrays, train_config=ConfigRecord({"lr": lr}),  # fedunlearn
+        num_rounds=context.run_config["rounds-after"], evaluate_fn=global_evaluate)  # fedunlearn
 
     # Save final model to disk
     print("\nSaving final model to disk...")
