@@ -91,16 +91,25 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
         if key is not None and not isinstance(key, str):
             raise TypeError(f"{name}: expected a column name (str), got {type(key).__name__}")
     if not _is_factory(data):  # checked now, at import, rather than on the first message
-        train, val = split_returned(data, val_data)
-        checked = user_data(train, "data", image_key, label_key)
-        if val is not None:
-            user_data(val, "val_data", image_key or checked.image_key,
-                      label_key or checked.label_key)
+        _check_now(data, val_data, labels, image_key, label_key)
     view_for = _cached_view(model_fn, data, val_data, labels, num_classes, train_fn,
                             sample_ids, batch_size, momentum, seed, device, image_key,
                             label_key)
     _register_handlers(app, view_for, inbox)
     return app
+
+
+def _check_now(data, val_data, labels, image_key, label_key) -> None:
+    """The checks :func:`build_view` makes on the node, made when ``attach()`` is called
+    (``data`` is a dataset, not ``data(context)``): the error comes at import."""
+    train, val = split_returned(data, val_data)
+    train = user_data(train, "data", image_key, label_key)
+    n_val = 0
+    if val is not None:
+        n_val = len(user_data(val, "val_data", image_key or train.image_key,
+                              label_key or train.label_key))
+    if labels is not None and not callable(labels):
+        check_labels(labels, len(train), n_val)
 
 
 def _cached_view(model_fn, data, val_data, labels, num_classes, train_fn, sample_ids,
