@@ -250,3 +250,179 @@ def test_flower_quickstart_data_is_served_and_train_never_sees_forgotten_samples
                    and int(r.metadata.src_node_id) == NODE[0]]
     assert val_replies and val_replies[0]["val-total"] == len(task.load_data(0, NODES, 16)[1]
                                                               .dataset)
+
+
+def _table(n=12, extra=None, with_transform=True):
+    """A small Hugging Face dataset: random 8x8 images (``Image``) and a ``ClassLabel``."""
+    from datasets import ClassLabel, Dataset, Features, Image
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    columns = {"img": [PILImage.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8))
+                       for _ in range(n)], "label": [i % 4 for i in range(n)]}
+    features = {"img": Image(), "label": ClassLabel(num_classes=4)}
+    for name, (feature, values) in (extra or {}).items():
+        columns[name], features[name] = values, feature
+    table = Dataset.from_dict(columns, features=Features(features))
+    if not with_transform:
+        return table
+    from torchvision.transforms import ToTensor
+
+    def to_tensors(batch):
+        batch["img"] = [ToTensor()(img) for img in batch["img"]]
+        return batch
+
+    return table.with_transform(to_tensors)
+
+
+class _Pairs:
+    """A map-style dataset yielding ``(x, y)`` pairs."""
+
+    def __init__(self, n=10, item=None):
+        import torch
+
+        self.x, self.y = torch.randn(n, 1, 8, 8), [i % 4 for i in range(n)]
+        self.item = item
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.item(i) if self.item else (self.x[i], self.y[i])
+
+
+def _attach(**kwargs):
+    from flwr.clientapp import ClientApp
+
+    from fedunlearn.client import attach
+
+    return attach(ClientApp(), model_fn=lambda: None, **kwargs)
+
+
+def _bad_inputs():
+    import torch
+    from datasets import ClassLabel
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(1, 8, 8), 0
+
+    two_labels = {"coarse": (ClassLabel(num_classes=2), [i % 2 for i in range(12)])}
+    return [
+        # (attach's arguments, error type, what the message must say)
+        ({"data": DataLoader(Stream())}, TypeError,
+         r"data: expected a map-style dataset .* got a DataLoader over Stream"),
+        ({"data": [3, 4, 5]}, TypeError, r"data: expected samples \(x, y\) or dicts, got int"),
+        ({"data": _Pairs(item=lambda i: (0, 1, 2))}, TypeError,
+         r"data: expected samples .* got tuple of length 3"),
+        ({"data": _Pairs(), "val_data": "val.csv"}, TypeError,
+         r"val_data: expected a map-style dataset .* got str"),
+        ({"data": _table(), "image_key": "image"}, KeyError,
+         r"image_key='image': data's samples have no such key \(keys: \['img', 'label'\]\)"),
+        ({"data": _table(), "label_key": 1}, TypeError, r"label_key: expected a column name"),
+        ({"data": _table(extra=two_labels)}, ValueError,
+         r"data: dict samples with several label columns \(label, coarse\) .*"
+         r"img: Image, label: ClassLabel, coarse: ClassLabel.*label_key="),
+        ({"data": [{"a": torch.zeros(1, 8, 8), "b": torch.zeros(1, 8, 8), "y": 1}]},
+         ValueError, r"several image columns \(a, b\) by the dataset's first sample .*"
+         r"image_key="),
+        ({"data": _Pairs(), "image_key": "img"}, TypeError,
+         r"image_key / label_key name the columns of dict samples, and data .* yields tuple"),
+        ({"data": (_Pairs(), _Pairs(), _Pairs())}, ValueError,
+         r"data: data\(context\) returned a tuple of 3"),
+        ({"data": (_Pairs(), _Pairs(4)), "val_data": _Pairs()}, ValueError,
+         r"val_data: given to attach\(\) while data\(context\) also returns"),
+        ({"data": _Pairs(10), "labels": [0, 1, 2]}, ValueError,
+         r"labels: expected one non-negative integer class index per sample, 10 in all "
+         r"\(10 training then 0 validation\).* got shape \(3,\)"),
+        ({"data": _Pairs(2), "labels": [[0, 1], [1]]}, TypeError,
+         r"labels: expected .* got a list that is not a flat array"),
+        ({"data": _Pairs(2), "labels": ["cat", "dog"]}, TypeError,
+         r"labels: expected .* got values of type <U3 \(first: np.str_\('cat'\)\)"),
+        ({"data": _Pairs(2), "labels": np.zeros((2, 1), dtype=int)}, ValueError,
+         r"labels: expected .* got shape \(2, 1\)"),
+        ({"data": _Pairs(2), "labels": 7}, TypeError, r"labels: expected .* got int"),
+        ({"data": _Pairs(2), "labels": [0, -1]}, ValueError,
+         r"labels: expected .* got -1 at position 1"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs, error, message", _bad_inputs())
+def test_bad_data_is_refused_by_argument_with_what_arrived(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _attach(**kwargs)
+
+
+def test_every_shape_of_flower_data_is_accepted_at_attach():
+    """What Flower apps hold: (x, y) datasets, DataLoaders (with or without a custom
+    collate), HF datasets with or without a transform and named keys, (train, val) and a
+    DatasetDict."""
+    from torch.utils.data import DataLoader
+
+    table = _table()
+    split = table.train_test_split(test_size=0.25, seed=0)
+    for data in (_Pairs(), DataLoader(_Pairs(), batch_size=3, collate_fn=lambda b: b),
+                 table, _table(with_transform=False), DataLoader(table, batch_size=4),
+                 (DataLoader(split["train"]), DataLoader(split["test"])), split):
+        _attach(data=data)
+    _attach(data=table, image_key="img", label_key="label", labels=[0] * 12)
+
+
+def test_fedunlearns_own_loops_refuse_dict_samples_by_name():
+    import torch
+
+    from fedunlearn.metrics import predict
+
+    with pytest.raises(TypeError, match=r"got a dict with keys \['img', 'label'\].*"
+                                        r"attach\(\.\.\., image_key=\.\.\., label_key"):
+        predict(torch.nn.Flatten(), _table(), [0, 1])
+
+
+def test_a_dataloaders_batch_size_and_collate_reach_train_fn(tmp_path, local_grid,
+                                                             server_identity, single_thread):
+    """A DataLoader with the user's own collate_fn and batch size: their train_fn gets
+    exactly those batches, over the retained samples only."""
+    import torch
+    from flwr.app import ArrayRecord
+    from flwr.clientapp import ClientApp
+    from torch.utils.data import DataLoader
+
+    from fedunlearn import FineTune, Recovery, serve
+    from fedunlearn.client import attach
+    from fedunlearn.inbox import Inbox
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+
+    def collate(samples):  # the user's own batch format
+        return {"pixels": torch.stack([x for x, _ in samples]),
+                "target": torch.tensor([y for _, y in samples])}
+
+    got = []
+
+    def train(model, loader, epochs, lr, device):
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        for _ in range(epochs):
+            for batch in loader:
+                got.append(batch)
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(batch["pixels"]),
+                                                  batch["target"]).backward()
+                optimizer.step()
+        return 0.0
+
+    app = attach(ClientApp(), model_fn=net, train_fn=train,
+                 data=lambda ctx: DataLoader(_Pairs(20), batch_size=6, collate_fn=collate))
+    inbox = Inbox(str(tmp_path / "inbox"))
+    inbox.file(scope="class", classes=[1])  # 5 of node 0's 20 samples
+    grid = local_grid(app, 2, {}, {0: {"inbox": str(inbox.root)}}, run_id=RUN_ID,
+                      arrival="sent")
+    outcome = serve(grid, ArrayRecord(net().state_dict()),
+                    FineTune(Recovery(rounds=1, server_momentum=0.0)),
+                    output_dir=tmp_path / "out")
+    assert outcome.methods["ft"].status == "honoured", outcome.methods["ft"].reason
+    assert all(sorted(b) == ["pixels", "target"] for b in got)
+    # node 0 trains its 15 retained samples (6, 6, 3), node 1 all 20 (6, 6, 6, 2)
+    assert sorted(len(b["target"]) for b in got) == [2, 3, 6, 6, 6, 6, 6]
+    assert sum(int((b["target"] == 1).sum()) for b in got) == 5  # node 1's class 1 only

@@ -87,11 +87,7 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
         raise TypeError(f"attach() takes the user's flwr ClientApp, got {type(app).__name__}")
     if not callable(model_fn):
         raise TypeError("model_fn must be a callable that builds a fresh model")
-    for name, key in (("image_key", image_key), ("label_key", label_key)):
-        if key is not None and not isinstance(key, str):
-            raise TypeError(f"{name}: expected a column name (str), got {type(key).__name__}")
-    if not _is_factory(data):  # checked now, at import, rather than on the first message
-        _check_now(data, val_data, labels, image_key, label_key)
+    _check_now(data, val_data, labels, image_key, label_key)
     view_for = _cached_view(model_fn, data, val_data, labels, num_classes, train_fn,
                             sample_ids, batch_size, momentum, seed, device, image_key,
                             label_key)
@@ -101,7 +97,12 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
 
 def _check_now(data, val_data, labels, image_key, label_key) -> None:
     """The checks :func:`build_view` makes on the node, made when ``attach()`` is called
-    (``data`` is a dataset, not ``data(context)``): the error comes at import."""
+    where they can be (``data`` a dataset, not ``data(context)``): errors come at import."""
+    for name, key in (("image_key", image_key), ("label_key", label_key)):
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"{name}: expected a column name (str), got {type(key).__name__}")
+    if _is_factory(data):
+        return
     train, val = split_returned(data, val_data)
     train = user_data(train, "data", image_key, label_key)
     n_val = 0

@@ -67,8 +67,9 @@ class UserData:
             return np.asarray([int(self.raw[i][1]) for i in range(len(self.raw))],
                               dtype=np.int64)
         if self.label_key in (getattr(self.raw, "column_names", None) or ()):
-            # The Arrow column, past any with_transform (which may need every column).
-            return np.asarray(list(self.raw.with_format(None)[self.label_key]), dtype=np.int64)
+            # The column alone, past any with_transform (which may need every column).
+            column = self.raw.with_format("numpy")[self.label_key]
+            return np.asarray(column[:], dtype=np.int64)
         return np.asarray([int(self.raw[i][self.label_key]) for i in range(len(self.raw))],
                           dtype=np.int64)
 
@@ -113,8 +114,8 @@ def user_data(value, name: str, image_key: str | None = None,
         raw = value.dataset
         loader = LoaderOptions(value.batch_size, value.collate_fn, bool(value.drop_last))
     what = f"a DataLoader over {type(raw).__name__}" if loader else type(raw).__name__
-    if isinstance(raw, IterableDataset) or not (hasattr(raw, "__getitem__")
-                                                and hasattr(raw, "__len__")):
+    if isinstance(raw, (IterableDataset, str, bytes)) or not (hasattr(raw, "__getitem__")
+                                                              and hasattr(raw, "__len__")):
         raise TypeError(f"{name}: expected a map-style dataset (with __getitem__ and __len__: "
                         f"(x, y) or dict samples) or a DataLoader over one, got {what}")
     if len(raw) == 0:
@@ -132,7 +133,8 @@ def user_data(value, name: str, image_key: str | None = None,
     if not isinstance(first, (tuple, list)) or len(first) != 2:
         shown = (f"{type(first).__name__} of length {len(first)}"
                  if isinstance(first, (tuple, list)) else type(first).__name__)
-        raise TypeError(f"{name}: expected samples (x, y) or dicts, got {shown} ({what})")
+        where = f" from {what}" if loader else ""
+        raise TypeError(f"{name}: expected samples (x, y) or dicts, got {shown}{where}")
     return UserData(raw, raw, loader=loader)
 
 
