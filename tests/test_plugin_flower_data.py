@@ -368,6 +368,14 @@ def test_every_shape_of_flower_data_is_accepted_at_attach():
         _attach(data=data)
     _attach(data=table, image_key="img", label_key="label", labels=[0] * 12)
 
+    def renamed(batch):  # a transform that renames the image column
+        from torchvision.transforms import ToTensor
+
+        return {"pixel_values": [ToTensor()(img) for img in batch["img"]],
+                "label": batch["label"]}
+
+    _attach(data=_table(with_transform=False).with_transform(renamed))
+
 
 def test_fedunlearns_own_loops_refuse_dict_samples_by_name():
     import torch

@@ -146,15 +146,17 @@ def sample_keys(raw, first: Mapping, name: str, image_key: str | None,
     for arg, key in (("image_key", image_key), ("label_key", label_key)):
         if key is not None and key not in first:
             raise KeyError(f"{arg}={key!r}: {name}'s samples have no such key (keys: {keys})")
+    # The features where they name a column the samples have (a with_transform may
+    # rename or add keys), else the first sample's values.
     features = {k: v for k, v in (getattr(raw, "features", None) or {}).items() if k in first}
-    if features:
-        found = {"image": [k for k, f in features.items() if _kind(f) in ARRAY_FEATURES],
-                 "label": [k for k, f in features.items() if _kind(f) == "ClassLabel"]}
-        seen = ", ".join(f"{k}: {_kind(f)}" for k, f in features.items())
-    else:
-        found = {"image": [k for k, v in first.items() if _is_array(v)],
+    by_values = {"image": [k for k, v in first.items() if _is_array(v)],
                  "label": [k for k, v in first.items() if _is_label(v)]}
-        seen = ", ".join(f"{k}: {type(v).__name__}" for k, v in first.items())
+    by_features = {"image": [k for k, f in features.items() if _kind(f) in ARRAY_FEATURES],
+                   "label": [k for k, f in features.items() if _kind(f) == "ClassLabel"]}
+    found = {role: by_features[role] or by_values[role] for role in by_values}
+    basis = {role: "features" if by_features[role] else "first sample" for role in by_values}
+    seen = ", ".join(f"{k}: {_kind(features[k]) if k in features else type(v).__name__}"
+                     for k, v in first.items())
     chosen = []
     for role, given in (("image", image_key), ("label", label_key)):
         if given is not None:
@@ -162,10 +164,10 @@ def sample_keys(raw, first: Mapping, name: str, image_key: str | None,
             continue
         candidates = [k for k in found[role] if k not in chosen]
         if len(candidates) != 1:
-            basis = "features" if features else "first sample"
             which = (f"several {role} columns ({', '.join(candidates)})" if candidates
                      else f"no {role} column")
-            raise ValueError(f"{name}: dict samples with {which} by the dataset's {basis} "
+            raise ValueError(f"{name}: dict samples with {which} by the dataset's "
+                             f"{basis[role]} "
                              f"({seen}); name it with attach(..., {role}_key=...)")
         chosen.append(candidates[0])
     return chosen[0], chosen[1]
