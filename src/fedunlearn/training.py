@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .arrays import record_from_state, state_dict
+from .samples import pair
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
@@ -101,7 +102,7 @@ class _WithIds(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        x, y = self.subset[i]
+        x, y = pair(self.subset[i])
         return x, int(y), int(self.indices[i])
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..samples import pair
 from ..protocol import PARAM_PREFIX, RANDOM_MODEL_SEED_KEY, params_to_config  # noqa: F401
 from ..training import parameter_nbytes, random_model  # noqa: F401  (re-export)
 
@@ -52,7 +53,7 @@ class _IndexedSubset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int):
-        x, y = self.dataset[int(self.ids[i])]
+        x, y = pair(self.dataset[int(self.ids[i])])
         return x, int(y), int(self.ids[i])
 
 

@@ -36,7 +36,8 @@ from ..parsing import parse_int_list
 class NodeView:
     """What one node needs: its data, its model, its local training settings.
 
-    ``dataset`` is any map-style dataset yielding ``(x, y)``; ``train_ids`` and
+    ``dataset`` is any map-style dataset yielding ``(x, y)`` (a plugin node: the user's
+    data read through :mod:`.user_data`); ``train_ids`` and
     ``val_ids`` are positions in it (the harness: global ids of a public training set; a
     plugin node: its own training set, its validation set appended after it);
     ``labels`` holds the label of every position; ``partition_id`` seeds per-node draws
@@ -70,6 +71,9 @@ class NodeView:
     evaluate_fn: object = None
     sample_ids: np.ndarray | None = None
     """The data owner's id of each training sample (``None``: ids are positions)."""
+    user_train: object = None
+    """The training set as the user holds it (:class:`.user_data.UserData`): ``train_fn``
+    gets batches of it, in the user's format (``None``: batches of ``dataset``)."""
     model_key: tuple | None = None
     """What determines ``model_fn()``'s architecture when fedunlearn builds it (the
     harness: model name and data shape), so that a node may load a message's model into

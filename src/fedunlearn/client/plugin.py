@@ -14,10 +14,12 @@ runs), so :func:`attach` registers fedunlearn's handlers on the user's ``ClientA
 and a mod in front of the plain ``train`` handler that keeps the node's forgotten data
 out of all later training (:mod:`.forget_guard`).
 
-The user hands over what only they know: a model factory, their training data (any
-map-style dataset yielding ``(x, y)``), optionally a validation set, their labels, and
-their own ``train`` function. Sample ids in requests are positions in the training set,
-or the data owner's own id per sample (``sample_ids``).
+The user hands over what only they know: a model factory, their training data as
+their app holds it (a dataset yielding ``(x, y)``, a DataLoader, a Hugging Face /
+``flwr-datasets`` dataset with dict samples: :mod:`.user_data`), optionally a validation
+set, their labels, and their own ``train`` function, which gets batches in their
+format. Sample ids in requests are positions in the training set, or the data owner's own
+id per sample (``sample_ids``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from ..protocol import DEFAULT_ACTION, QUERY_UNLEARN
 from .actions import action_handler, list_actions
 from .evaluate import handle_evaluate
 from .forget_guard import forget_guard, install_guard
-from .node import NodeView, _labels
+from .node import NodeView
 from .query import handle_query
+from .user_data import check_labels, split_returned, user_data
 
 
 def attach(app: ClientApp, *, model_fn: Callable[[], Any],
@@ -43,7 +46,8 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
            num_classes: int | None = None, train_fn: Callable | None = None,
            sample_ids: Any = None, batch_size: int = 32, momentum: float = 0.9,
            seed: int = 0, device: str = "auto",
-           inbox: Callable[[Context], str] | None = None) -> ClientApp:
+           inbox: Callable[[Context], str] | None = None, image_key: str | None = None,
+           label_key: str | None = None) -> ClientApp:
     """Register fedunlearn's handlers on ``app``; return ``app``.
 
     Parameters
@@ -52,17 +56,23 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
         The user's ClientApp (its own handlers stay as they are).
     model_fn : callable
         ``model_fn()`` builds a fresh model (the user's ``Net``).
-    data : Dataset or callable
-        The node's training set (map-style, ``dataset[i] -> (x, y)``), or
-        ``data(context) -> Dataset`` or ``-> (train, val)``, called once per run on the
-        node (e.g. ``lambda ctx: load_local(ctx.node_config["dataset-path"])``).
-    val_data : Dataset, optional
+    data : Dataset, DataLoader or callable
+        The node's training set: a map-style dataset yielding ``(x, y)``; a
+        ``DataLoader`` over one (Flower's ``load_data``; its ``batch_size``,
+        ``collate_fn`` and ``drop_last`` are kept for ``train_fn``); or a dataset with
+        dict samples (a Hugging Face / ``flwr-datasets`` partition). Or
+        ``data(context)`` returning one of these, ``(train, val)`` (Flower's
+        ``(trainloader, testloader)``: the second is the node's validation set) or a
+        ``DatasetDict`` (``train``, and ``validation``/``val``/``test`` as validation),
+        called once per run on the node.
+    val_data : Dataset or DataLoader, optional
         The node's validation set (recovery's stopping rule validates on it).
     labels : sequence of int or callable, optional
-        The label of every training (then validation) sample; default: the dataset's
-        ``targets`` attribute, else read from the samples.
+        The label of every training (then validation) sample; default: the label
+        column of dict samples, the dataset's ``targets`` attribute, else the samples.
     num_classes : int, optional
-        The size of the label set (default: the largest label + 1).
+        The size of the label set (default: the ``ClassLabel``'s number of classes,
+        else the largest label + 1).
     train_fn : callable, optional
         ``train_fn(model, loader, epochs, lr, device) -> loss`` (Flower quickstart's
         ``train``); default: fedunlearn's SGD (``batch_size``, ``momentum``).
@@ -71,20 +81,47 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
     inbox : callable, optional
         ``inbox(context) -> folder``: the node's request inbox when its node-config has
         no ``inbox`` (e.g. a per-node folder in a simulation).
+    image_key, label_key : str, optional
+        The image and label keys of dict samples (e.g. ``"img"``, ``"label"``); default:
+        the dataset's ``Image``/array and ``ClassLabel`` features, else the one array
+        and the one integer of its first sample (an error names the columns when that is
+        ambiguous). ``train_fn`` gets the user's own batches (e.g. ``batch["img"]``);
+        fedunlearn's own loops read ``(x, y)`` through these keys.
     """
     if not isinstance(app, ClientApp):
         raise TypeError(f"attach() takes the user's flwr ClientApp, got {type(app).__name__}")
     if not callable(model_fn):
         raise TypeError("model_fn must be a callable that builds a fresh model")
+    _check_now(data, val_data, labels, image_key, label_key)
     view_for = _cached_view(model_fn, data, val_data, labels, num_classes, train_fn,
-                            sample_ids, batch_size, momentum, seed, device)
+                            sample_ids, batch_size, momentum, seed, device, image_key,
+                            label_key)
     install_guard(app, forget_guard(view_for, inbox))  # first: fedunlearn's handlers get it
     _register_handlers(app, view_for, inbox)
     return app
 
 
+def _check_now(data, val_data, labels, image_key, label_key) -> None:
+    """The checks :func:`build_view` makes on the node, made when ``attach()`` is called
+    where they can be (``data`` a dataset, not ``data(context)``): errors come at import."""
+    for name, key in (("image_key", image_key), ("label_key", label_key)):
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"{name}: expected a column name (str), got {type(key).__name__}")
+    if _is_factory(data):
+        return
+    train, val = split_returned(data, val_data)
+    train = user_data(train, "data", image_key, label_key)
+    n_val = 0
+    if val is not None:
+        n_val = len(user_data(val, "val_data", image_key or train.image_key,
+                              label_key or train.label_key))
+    if labels is not None and not callable(labels):
+        check_labels(labels, len(train), n_val)
+
+
 def _cached_view(model_fn, data, val_data, labels, num_classes, train_fn, sample_ids,
-                 batch_size, momentum, seed, device) -> Callable[[Context], NodeView]:
+                 batch_size, momentum, seed, device, image_key,
+                 label_key) -> Callable[[Context], NodeView]:
     """``view_for(context)``: the node's :class:`NodeView` (:func:`build_view`), built
     once per run and node and kept until another one is asked for."""
     cache: dict = {}
@@ -94,7 +131,8 @@ def _cached_view(model_fn, data, val_data, labels, num_classes, train_fn, sample
         if key not in cache:
             cache.clear()
             cache[key] = build_view(context, model_fn, data, val_data, labels, num_classes,
-                                    train_fn, sample_ids, batch_size, momentum, seed, device)
+                                    train_fn, sample_ids, batch_size, momentum, seed, device,
+                                    image_key, label_key)
         return cache[key]
 
     return view_for
@@ -137,37 +175,37 @@ def node_dataset(context: Context):
 
 
 def build_view(context, model_fn, data, val_data, labels, num_classes, train_fn,
-               sample_ids, batch_size, momentum, seed, device) -> NodeView:
-    """The node's :class:`NodeView` over the user's data."""
+               sample_ids, batch_size, momentum, seed, device, image_key=None,
+               label_key=None) -> NodeView:
+    """The node's :class:`NodeView` over the user's data (see :mod:`.user_data`)."""
     from torch.utils.data import ConcatDataset
 
-    train = data(context) if callable(data) and not hasattr(data, "__getitem__") else data
-    if isinstance(train, tuple):
-        if len(train) != 2:
-            raise ValueError("data(context) must return a Dataset or (train, val)")
-        train, val_data = train
-    _check_dataset("data", train)
-    n_train = len(train)
-    if val_data is not None:
-        _check_dataset("val_data", val_data)
-        dataset = ConcatDataset([train, val_data])
-        n_val = len(val_data)
-    else:
-        dataset, n_val = train, 0
+    train, val_data = split_returned(data(context) if _is_factory(data) else data, val_data)
+    train = user_data(train, "data", image_key, label_key)
+    val = None
+    if val_data is not None:  # the training set's keys, unless named
+        val = user_data(val_data, "val_data", image_key or train.image_key,
+                        label_key or train.label_key)
+    n_train, n_val = len(train), len(val) if val is not None else 0
+    dataset = ConcatDataset([train.samples, val.samples]) if val is not None else train.samples
     if labels is None:
-        label_array = _labels(train)
-        if n_val:
-            label_array = np.concatenate([label_array, _labels(val_data)])
+        label_array = train.labels()
+        if val is not None:
+            label_array = np.concatenate([label_array, val.labels()])
+        if label_array.size and label_array.min() < 0:
+            raise ValueError(f"data: labels must be non-negative class indices, found "
+                             f"{int(label_array.min())}")
     else:
-        label_array = np.asarray(labels(context) if callable(labels) else labels, dtype=np.int64)
-    if label_array.shape != (n_train + n_val,):
-        raise ValueError(f"labels: expected one label per sample ({n_train + n_val}: training "
-                         f"then validation), got shape {label_array.shape}")
-    if n_train + n_val and label_array.min() < 0:
-        raise ValueError("labels must be non-negative class indices")
-    classes = int(num_classes) if num_classes else int(label_array.max(initial=-1)) + 1
+        label_array = check_labels(labels(context) if callable(labels) else labels,
+                                   n_train, n_val)
+    classes = int(num_classes) if num_classes else (
+        train.class_count() or int(label_array.max(initial=-1)) + 1)
     if classes < 1:
-        raise ValueError("num_classes must be >= 1")
+        raise ValueError(f"num_classes: expected >= 1, got {classes}")
+    if label_array.size and label_array.max() >= classes:
+        raise ValueError(f"{'labels' if labels is not None else 'data'}: label "
+                         f"{int(label_array.max())} is not a class index for "
+                         f"num_classes={classes} (0..{classes - 1})")
     ids = None
     if sample_ids is not None:
         ids = np.asarray(sample_ids(context) if callable(sample_ids) else sample_ids,
@@ -181,13 +219,12 @@ def build_view(context, model_fn, data, val_data, labels, num_classes, train_fn,
                     label_array=label_array, model_fn=model_fn, num_classes=classes,
                     partition_id=int(partition) if isinstance(partition, int) else 0,
                     batch_size=int(batch_size), momentum=float(momentum), seed=int(seed),
-                    device=device, train_fn=train_fn, sample_ids=ids)
+                    device=device, train_fn=train_fn, sample_ids=ids, user_train=train)
 
 
-def _check_dataset(name: str, dataset) -> None:
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise TypeError(f"{name}: expected a map-style dataset (with __getitem__ and "
-                        f"__len__) yielding (x, y), got {type(dataset).__name__}")
+def _is_factory(data) -> bool:
+    """``data`` is ``data(context)``, not a dataset (nor a DataLoader)."""
+    return callable(data) and not hasattr(data, "__getitem__") and not hasattr(data, "__iter__")
 
 
 __all__ = ["attach", "build_view", "node_dataset"]

@@ -11,6 +11,8 @@ from numpy.typing import ArrayLike, NDArray
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..samples import pair
+
 __all__ = ["predict", "accuracy_from_logits", "accuracy"]
 
 
@@ -48,7 +50,8 @@ def predict(
     model : nn.Module
         Classifier mapping a batch ``[B, C, H, W]`` to logits ``[B, num_classes]``.
     dataset : Dataset
-        Map-style dataset whose items are ``(x: Tensor[C, H, W], y: int)``.
+        Map-style dataset whose items are ``(x: Tensor[C, H, W], y: int)`` (read with
+        :func:`fedunlearn.samples.pair`: dict samples are refused by name).
     indices : sequence of int or np.ndarray
         Positions of the samples to evaluate, in output order.
     batch_size : int, default 256
@@ -74,7 +77,8 @@ def predict(
     logits_parts: list[NDArray[np.float32]] = []
     label_parts: list[NDArray[np.int64]] = []
     with eval_mode(model), torch.no_grad():
-        for x, y in loader:
+        for batch in loader:
+            x, y = pair(batch)
             out = model(x.to(device))
             logits_parts.append(out.detach().float().cpu().numpy())
             label_parts.append(torch.as_tensor(y).reshape(-1).cpu().numpy().astype(np.int64))

@@ -8,6 +8,7 @@ its trigger (it is an attacker, not a method).
 from __future__ import annotations
 
 from ...training import train_local
+from ..user_data import retained_loader
 from . import ActionJob, ActionResult, register_action
 
 
@@ -37,17 +38,13 @@ def retained_training(job: ActionJob) -> ActionResult:
 
 def user_training(job: ActionJob) -> ActionResult:
     """The node owner's ``train_fn(model, loader, epochs, lr, device) -> loss`` (the
-    signature of Flower's quickstart-pytorch ``train``) on the retained data."""
-    import torch
-    from torch.utils.data import DataLoader, Subset
-
+    signature of Flower's quickstart-pytorch ``train``) on the retained data, in batches
+    of the user's own format (:func:`..user_data.retained_loader`)."""
     view = job.view
     ids = [int(i) for i in job.retained]
     if not ids:
         return ActionResult(job.model, 0, float("nan"), 0)
-    generator = torch.Generator().manual_seed(job.seed)
-    loader = DataLoader(Subset(view.dataset, ids), batch_size=view.batch_size, shuffle=True,
-                        generator=generator)
+    loader = retained_loader(view.user_train, view.dataset, ids, view.batch_size, job.seed)
     epochs = job.local_epochs()
     loss = view.train_fn(job.model, loader, epochs, job.lr(), job.device)
     loss = float(loss) if isinstance(loss, (int, float)) else float("nan")
