@@ -294,3 +294,23 @@ def test_a_handler_with_its_own_metric_names_aggregates_through_the_wrapper(
     key = next(iter(outcome.arrays))
     assert not np.allclose(result.arrays[key].numpy(), outcome.arrays[key].numpy())
     assert dict(result.train_metrics_clientapp[1]) == {}  # num-examples: the weight only
+
+
+def test_train_handler_is_for_an_app_without_its_own_train():
+    """attach(train_handler=True) registers fedunlearn's plain train for an app without
+    one; beside the app's own @app.train() it is refused by name."""
+    from flwr.clientapp import ClientApp
+
+    from fedunlearn.client import attach
+
+    data = [(0.0, 0)] * 4
+    attach(ClientApp(), model_fn=lambda: None, data=data, train_handler=True)  # serves plain
+    # train messages (tests/test_plugin_flower_data.py trains through it)
+    own = ClientApp()
+
+    @own.train()
+    def train(msg, context):
+        return msg
+
+    with pytest.raises(ValueError, match="already has its own @app.train"):
+        attach(own, model_fn=lambda: None, data=data, train_handler=True)

@@ -420,7 +420,7 @@ def test_a_dataloaders_batch_size_and_collate_reach_train_fn(tmp_path, local_gri
                 optimizer.step()
         return 0.0
 
-    app = attach(ClientApp(), model_fn=net, train_fn=train,
+    app = attach(ClientApp(), model_fn=net, train_fn=train, train_handler=True,
                  data=lambda ctx: DataLoader(_Pairs(20), batch_size=6, collate_fn=collate))
     inbox = Inbox(str(tmp_path / "inbox"))
     inbox.file(scope="class", classes=[1])  # 5 of node 0's 20 samples

@@ -47,7 +47,7 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
            sample_ids: Any = None, batch_size: int = 32, momentum: float = 0.9,
            seed: int = 0, device: str = "auto",
            inbox: Callable[[Context], str] | None = None, image_key: str | None = None,
-           label_key: str | None = None) -> ClientApp:
+           label_key: str | None = None, train_handler: bool = False) -> ClientApp:
     """Register fedunlearn's handlers on ``app``; return ``app``.
 
     Parameters
@@ -87,6 +87,12 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
         and the one integer of its first sample (an error names the columns when that is
         ambiguous). ``train_fn`` gets the user's own batches (e.g. ``batch["img"]``);
         fedunlearn's own loops read ``(x, y)`` through these keys.
+    train_handler : bool
+        Register fedunlearn's own plain ``train`` handler too (``train_fn`` or its SGD
+        over the node's data), for an app with no ``@app.train()`` of its own: recovery
+        sends plain ``train`` messages to the nodes with nothing to forget. Default
+        ``False``: the app's own ``@app.train()`` serves them, registered before or after
+        this call.
     """
     if not isinstance(app, ClientApp):
         raise TypeError(f"attach() takes the user's flwr ClientApp, got {type(app).__name__}")
@@ -97,7 +103,7 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
                             sample_ids, batch_size, momentum, seed, device, image_key,
                             label_key)
     install_guard(app, forget_guard(view_for, inbox))  # first: fedunlearn's handlers get it
-    _register_handlers(app, view_for, inbox)
+    _register_handlers(app, view_for, inbox, train_handler)
     return app
 
 
@@ -139,12 +145,15 @@ def _cached_view(model_fn, data, val_data, labels, num_classes, train_fn, sample
 
 
 def _register_handlers(app: ClientApp, view_for: Callable[[Context], NodeView],
-                       inbox: Callable[[Context], str] | None) -> None:
-    """Register a ``train.<action>`` handler per client action (not the plain ``train``:
-    the app's own ``@app.train()`` serves it, registered before or after this call),
-    ``query.unlearn`` and ``evaluate.unlearn`` on ``app``."""
+                       inbox: Callable[[Context], str] | None, train_handler: bool) -> None:
+    """Register a ``train.<action>`` handler per client action (the plain ``train`` only
+    with ``train_handler``: else the app's own ``@app.train()`` serves it, registered
+    before or after this call), ``query.unlearn`` and ``evaluate.unlearn`` on ``app``."""
+    if train_handler and "train.default" in getattr(app, "_registered_funcs", {}):
+        raise ValueError("attach(train_handler=True): the app already has its own "
+                         "@app.train(); leave train_handler out to keep it")
     for action in list_actions():
-        if action == DEFAULT_ACTION:
+        if action == DEFAULT_ACTION and not train_handler:
             continue  # the user's own @app.train() serves plain train messages
         app.train(action)(action_handler(action, view_for))
     category, name = QUERY_UNLEARN.split(".")
