@@ -299,9 +299,11 @@ def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
     honoured = entry.events[-1]
     events = audit_events(tmp_path / "out")
     finished = next(e for e in events if e["event"] == "unlearning.finished")
-    assert honoured["model_sha256"] == finished["model_after"]
+    assert honoured["model_sha256"] == finished["model_sha256"]
+    assert honoured["model_arrays_sha256"] == finished["model_arrays_sha256"]
     assert honoured["method"] == "ft" and honoured["rounds"] == finished["rounds"]
-    assert entry.events[1]["model_before_sha256"] == finished["model_before"]
+    assert (entry.events[1]["model_before_arrays_sha256"]
+            == finished["model_before_arrays_sha256"])
     names = [e["event"] for e in events]
     assert names[:2] == ["job.started", "federation.verified"]
     assert events[0]["deployment"] is True and events[0]["ignored_forget_clients"] == [0]
