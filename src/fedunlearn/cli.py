@@ -347,8 +347,9 @@ def _add_verify_command(sub) -> None:
                        "and name the records that hold them")
     p.add_argument("model", help="a saved model, e.g. <output-dir>/<method>/model.pt")
     p.add_argument("--audit", action="append", default=[], metavar="PATH",
-                   help="an audit log, results.json, versions.json, an inbox or a folder "
-                   "holding them (repeatable; default: the model's folder and the one above)")
+                   help="also search this audit log, results.json, versions.json, inbox or "
+                   "folder holding them (repeatable; the model's folder and the one above "
+                   "are always searched)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_verify)
 

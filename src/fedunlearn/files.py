@@ -55,8 +55,7 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {(k if isinstance(k, str) else str(json_ready(k))): json_ready(v)
-                for k, v in value.items()}
+        return {_key(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_ready(v) for v in value]
     if isinstance(value, (set, frozenset)):
@@ -64,6 +63,14 @@ def json_ready(value: Any) -> Any:
     if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalars and arrays
         return json_ready(value.tolist())
     return str(value)
+
+
+def _key(key: Any) -> str:
+    """A dict key as ``json.dumps`` writes it (``3`` -> ``"3"``, ``True`` -> ``"true"``)."""
+    if isinstance(key, str):
+        return key
+    key = json_ready(key)
+    return key if isinstance(key, str) else json.dumps(key)
 
 
 def write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2,

@@ -134,14 +134,14 @@ def record_files(sources: list[Path]) -> list[Path]:
 def verify_model(model: str | os.PathLike, sources: list[str | os.PathLike] | None = None
                  ) -> Verification:
     """Recompute ``model``'s file SHA-256 and array digest and find the records that
-    name it in ``sources`` (files or folders; default :func:`default_sources`)."""
+    name it in :func:`default_sources` and ``sources`` (files or folders)."""
     model = Path(model).expanduser()
     if not model.is_file():
         raise FileNotFoundError(f"{model}: no such model file")
     sha, arrays, note = model_hashes(model)
     out = Verification(str(model), sha, arrays, notes=[note] if note else [])
-    given = [Path(s) for s in sources] if sources else default_sources(model)
-    files = record_files([p for p in given if sources or p.exists()])
+    given = [p for p in default_sources(model) if p.exists()]
+    files = record_files(given + [Path(s) for s in sources or ()])
     for path in files:
         out.searched.append(str(path))
         _search_file(path, model.resolve(), out)

@@ -278,9 +278,8 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         if model_digest(self.arrays) != self._last_digest():
             self.publish("final", [])
             self.checkpoint()
-        self.audit.record("service.finished", stopped=stopped,
-                          model_arrays_sha256=model_digest(self.arrays),
-                          pending=len(self.state.pending))
+        self.audit.record("service.finished", stopped=stopped, pending=len(self.state.pending),
+                          model_arrays_sha256=model_digest(self.arrays))
         log(INFO, "[service] stopped at round %d (%s): version %d, %d step(s), %d pending, "
             "%d failed; versions in %s", self.state.round, stopped, self.state.version,
             len(self.state.steps), len(self.state.pending), len(self.state.failed),
