@@ -41,7 +41,7 @@ def test_serve_names_every_saved_model_by_its_file_sha256(userapp, tmp_path, use
     verify finds them; results.json is strict JSON (the client-wise target retains
     nothing: retain is null); FLOPs without a model are marked partial; request list
     names both methods."""
-    from fedunlearn import FineTune, PUF, Recovery, serve
+    from fedunlearn import PUF, FineTune, Recovery, serve
     from fedunlearn.audit import model_digest
     from fedunlearn.cli import main as cli
     from fedunlearn.inbox import Inbox
@@ -89,7 +89,7 @@ def test_serve_names_every_saved_model_by_its_file_sha256(userapp, tmp_path, use
         found = json.loads(capsys.readouterr().out)
         assert any("receipts" in m["source"] and m["field"] == "model_sha256"
                    for m in found["matches"])
-    assert "* partial FLOPs, ft: only server-side arithmetic" in table
+    assert "* partial FLOPs (ft, puf): only server-side arithmetic" in table
     assert table.splitlines()[1].split()[7].endswith("*")  # the FLOPs column of ft
     # request list names both methods that served the request
     capsys.readouterr()

@@ -113,7 +113,7 @@ class ServeOutcome:
         digits of its SHA-256 (``sha256sum`` of the file)."""
         rows = [f"{'method':<10} {'status':<9} {'test':>7} {'forget':>7} {'retain':>7} "
                 f"{'rounds':>6} {'comm (B)':>10} {'FLOPs':>10}  model (file sha256)"]
-        partial = []
+        partial: dict[str, list[str]] = {}  # reason -> methods
         for m in self.methods.values():
             def pct(key):
                 v = m.metrics.get(key)
@@ -121,10 +121,10 @@ class ServeOutcome:
             model = f"{m.model_path} ({m.model_sha256[:12]})" if m.model_path else m.reason
             flops = f"{m.flops:.3g}" + ("*" if m.flops_partial else " ")
             if m.flops_partial:
-                partial.append(f"{m.method}: {m.flops_partial}")
+                partial.setdefault(m.flops_partial, []).append(m.method)
             rows.append(f"{m.method:<10} {m.status:<9} {pct('test')} {pct('forget')} "
                         f"{pct('retain')} {m.rounds:>6} {m.comm_bytes:>10.3g} {flops:>10}  {model}")
-        rows += [f"* partial FLOPs, {line}" for line in partial]
+        rows += [f"* partial FLOPs ({', '.join(names)}): {why}" for why, names in partial.items()]
         return "\n".join(rows)
 
 
