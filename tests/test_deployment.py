@@ -314,9 +314,10 @@ def test_secured_deployment_with_inbox_receipts_and_audit(tmp_path, deployment):
     assert begun["targets"] == [node_of[0]]
     assert finished["rounds"] == 2 and finished["comm_bytes"] == res["cost"]["comm_bytes"]
     assert finished["metrics"] == res["unlearned"]
-    assert begun["model_before"] == finished["model_before"] != finished["model_after"]
-    assert events[1]["model_before_sha256"] == finished["model_before"]
-    assert events[2]["model_sha256"] == finished["model_after"]
+    before = finished["model_before_arrays_sha256"]
+    assert begun["model_before_arrays_sha256"] == before != finished["model_arrays_sha256"]
+    assert events[1]["model_before_arrays_sha256"] == before
+    assert events[2]["model_sha256"] == finished["model_sha256"] == res["model"]["sha256"]
     assert events[2]["method"] == "not" and events[2]["rounds"] == 2
     assert order.index("request.accepted") < order.index("unlearning.started") < order.index(
         "unlearning.finished")

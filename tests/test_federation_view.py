@@ -299,9 +299,11 @@ def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
     honoured = entry.events[-1]
     events = audit_events(tmp_path / "out")
     finished = next(e for e in events if e["event"] == "unlearning.finished")
-    assert honoured["model_sha256"] == finished["model_after"]
+    assert honoured["model_sha256"] == finished["model_sha256"]
+    assert honoured["model_arrays_sha256"] == finished["model_arrays_sha256"]
     assert honoured["method"] == "ft" and honoured["rounds"] == finished["rounds"]
-    assert entry.events[1]["model_before_sha256"] == finished["model_before"]
+    assert (entry.events[1]["model_before_arrays_sha256"]
+            == finished["model_before_arrays_sha256"])
     names = [e["event"] for e in events]
     assert names[:2] == ["job.started", "federation.verified"]
     assert events[0]["deployment"] is True and events[0]["ignored_forget_clients"] == [0]
@@ -318,7 +320,8 @@ def test_deployment_ignores_default_forget_clients_and_serves_the_inbox(
     # The honoured receipt is anchored at the request's own request.honoured record,
     # written right after the method's unlearning.finished.
     anchor = events[seqs[-1]]
-    assert anchor["event"] == "request.honoured" and anchor["model"] == finished["model_after"]
+    assert anchor["event"] == "request.honoured"
+    assert anchor["model_sha256"] == finished["model_sha256"]
     assert events[seqs[-1] - 1]["event"] == "unlearning.finished"
     assert cli(["audit", str(log), "--inbox", str(inbox.root)]) == 0
     # A second job finds nothing pending in the inbox: partition 1 asks for nothing.

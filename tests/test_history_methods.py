@@ -69,7 +69,7 @@ def test_history_records_every_client_by_partition_and_reloads_under_new_node_id
     history = ctx.history
     assert info["history"]["cached"] is False and history.rounds == 3
     manifest = json.loads((history.directory / "manifest.json").read_text())
-    assert manifest["model_sha256"] == model_digest(arrays)
+    assert manifest["model_arrays_sha256"] == model_digest(arrays)
     assert sorted(manifest["files"]) == ["last_local.pt", "round-00001.pt", "round-00002.pt",
                                          "round-00003.pt", "update_sums.pt"]
     # Round 1 started from the initial model; each update is the reply's model minus it.

@@ -218,7 +218,7 @@ def test_receipts_are_appended_to_each_request_history(inbox):
     b = inbox.file("class", classes=[4])
     ask(inbox)
     ack = deliver_receipt(inbox, receipt_record([a.id, b.id], "accepted", 2**63 + 5,
-                                                model_before_sha256="cd" * 32))
+                                                model_before_arrays_sha256="cd" * 32))
     assert ack.content[RECEIPT_ACK]["written"] == 2
     deliver_receipt(inbox, receipt_record([a.id, b.id], "honoured", 2**63 + 5, method="not",
                                           model_sha256="ef" * 32, rounds=15, comm_bytes=10))

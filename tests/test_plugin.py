@@ -4,6 +4,7 @@ written to a temp dir outside fedunlearn and imported from there."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import subprocess
@@ -190,7 +191,8 @@ def test_user_app_serves_client_and_class_wise_requests(userapp, tmp_path, user_
         assert m.metrics["test"] > 50.0 and 0.0 <= m.metrics["forget"] <= 100.0
         saved = load_model(m.model_path)
         from fedunlearn.audit import model_digest
-        assert model_digest(saved) == m.model_sha256
+        assert model_digest(saved) == m.model_arrays_sha256
+        assert hashlib.sha256(open(m.model_path, "rb").read()).hexdigest() == m.model_sha256
         assert json.loads((out / name / "results.json").read_text())["model_sha256"] == m.model_sha256
     # Client-wise: the target never trained in recovery; retained nodes ran the user's
     # own train handler (plain "train", quickstart metric names).
@@ -354,7 +356,9 @@ def test_the_example_app_under_flwr_run(tmp_path):
     for method in ("not", "puf"):
         res = json.loads((out / method / "results.json").read_text())
         assert res["status"] == "honoured" and res["rounds"] >= 2
-        assert model_digest(load_model(out / method / "model.pt")) == res["model_sha256"]
+        assert model_digest(load_model(out / method / "model.pt")) == res["model_arrays_sha256"]
+        assert hashlib.sha256((out / method / "model.pt").read_bytes()).hexdigest() == \
+            res["model_sha256"]
     assert "Receipt (honoured)" in text and "not        honoured" in text
 
 
@@ -416,7 +420,7 @@ def test_history_methods_serve_from_a_keeper_around_the_users_fedavg(userapp, tm
                           train_config=ConfigRecord({"lr": 0.05}))
     manifest = keeper.history.manifest
     assert manifest["rounds"] == 3 and manifest["keyed_by"] == "node-id"
-    assert manifest["model_sha256"] == model_digest(result.arrays)
+    assert manifest["model_arrays_sha256"] == model_digest(result.arrays)
     # Rounds 1 and 3 stored (delta_t=2), update sums and last local models per node.
     names = sorted(p.name for p in (tmp_path / "history").iterdir())
     assert names == ["last_local.pt", "manifest.json", "round-00001.pt", "round-00003.pt",
@@ -429,7 +433,7 @@ def test_history_methods_serve_from_a_keeper_around_the_users_fedavg(userapp, tm
         m = outcome.methods[name]
         assert m.status == "honoured", m.reason
         assert m.flops > 0
-        assert model_digest(load_model(m.model_path)) == m.model_sha256
+        assert model_digest(load_model(m.model_path)) == m.model_arrays_sha256
     assert outcome.methods["fukd"].notes["subtracted_partitions"] == [USER_NODE[2]]
     # The user's train handler counts no samples: FLOPs estimated from num-examples x
     # the local epochs asked, and said so in the cost.

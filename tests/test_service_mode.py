@@ -7,6 +7,7 @@ ClientApp over 10 digits nodes on the in-process engine."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_requests_arriving_while_training_are_served_and_training_goes_on(userap
     for v in versions:
         from fedunlearn import load_model
         from fedunlearn.audit import model_digest
-        assert model_digest(load_model(v["path"])) == v["sha256"]
+        assert model_digest(load_model(v["path"])) == v["arrays_sha256"]
+        assert hashlib.sha256(Path(v["path"]).read_bytes()).hexdigest() == v["sha256"]
     # After its step the client-wise target never trains again; the class-wise target
     # trains on its retained data (train.retained with its forget set) from then on.
     after_first = trained_nodes(grid.sent[sent_at[2]:])
@@ -108,7 +110,7 @@ def test_requests_arriving_while_training_are_served_and_training_goes_on(userap
     assert last["status"] == "honoured" and last["version"] == 2 and last["round"] == 4
     assert last["model_sha256"] == versions[2]["sha256"]
     check = last["check"]
-    assert check["model-sha256-ok"] is True and check["forget-total"] > 0
+    assert check["model-arrays-sha256-ok"] is True and check["forget-total"] > 0
     assert 0 <= check["forget-accuracy"] <= 100 and check["retain-loss"] >= 0
     assert last["filed_to_honoured_s"] >= 0
     client_check = Inbox(str(inboxes[0])).events(filed["client"])[-1]["check"]
@@ -356,7 +358,7 @@ def test_simulation_serves_two_requests_and_the_served_model_is_close_to_never_s
     assert rounds == [0, 5, 12, 40]
     assert abs(served["forget"] - never["forget"]) <= FORGET_TOLERANCE, (served["forget"],
                                                                          never["forget"])
-    assert served["receipts"]["class"]["check"]["model-sha256-ok"] is True
+    assert served["receipts"]["class"]["check"]["model-arrays-sha256-ok"] is True
 
 
 def test_harness_service_mode_resumes_to_a_larger_round_budget(tmp_path):
@@ -510,7 +512,7 @@ def test_the_example_app_in_service_mode(tmp_path):
     assert [v["kind"] for v in versions] == ["start", "unlearned", "final"]
     assert versions[1]["round"] == 0 and versions[1]["honours"][0]["scope"] == "client"
     check = next(iter(versions[1]["node_checks"].values()))
-    assert check["model-sha256-ok"] is True and check["forget-total"] > 0
+    assert check["model-arrays-sha256-ok"] is True and check["forget-total"] > 0
     assert all(0 <= v["metrics"]["test"] <= 100 for v in versions)
 
 
@@ -564,7 +566,7 @@ def test_a_hostile_receipt_acknowledgement_neither_stops_nor_bloats_the_service(
     def hostile(node, reply):
         if reply.has_error() or RECEIPT_ACK not in reply.content.config_records:
             return reply
-        ack = ConfigRecord({"written": 1, "check-model-sha256-ok": True,
+        ack = ConfigRecord({"written": 1, "check-model-arrays-sha256-ok": True,
                             "check-forget-accuracy": b"\x00\x01",
                             "check-error": "x" * 20_000_000, "check-owned": 1.0,
                             "check-retain-total": 5})
@@ -579,7 +581,7 @@ def test_a_hostile_receipt_acknowledgement_neither_stops_nor_bloats_the_service(
     assert outcome.round == 3 and len(outcome.steps) == 1
     versions = read_versions(tmp_path / "state")
     check = next(iter(versions[1]["node_checks"].values()))
-    assert check["model-sha256-ok"] is True and check["retain-total"] == 5
+    assert check["model-arrays-sha256-ok"] is True and check["retain-total"] == 5
     assert "forget-accuracy" not in check and "owned" not in check
     assert len(check["error"]) == 300
     assert (tmp_path / "state" / "versions.json").stat().st_size < 100_000

@@ -4,7 +4,9 @@ else of the job changed by the measuring."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +51,8 @@ def test_every_round_is_measured_and_the_job_is_otherwise_the_same(tmp_path):
 
     for method in ("retrain", "not"):
         saved = traced[method]["model"]
-        assert model_digest(load_model(saved["path"])) == saved["sha256"]
+        assert model_digest(load_model(saved["path"])) == saved["arrays_sha256"]
+        assert hashlib.sha256(Path(saved["path"]).read_bytes()).hexdigest() == saved["sha256"]
     negated = load_model(tmp_path / "traced" / "not" / "model-round0.pt")
     pretrained = torch.load(traced["not"]["pretrain"]["path"], weights_only=True)["state"]
     assert torch.equal(torch.from_numpy(negated["conv1.weight"].numpy()), -pretrained["conv1.weight"])

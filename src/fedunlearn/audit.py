@@ -12,8 +12,11 @@ goes on. Events (``event`` field):
   a SHA-256 digest of the request (never the ids themselves), inbox request ids;
 * ``request.accepted`` / ``request.rejected`` (with the reason);
 * ``method.refused``: a method that cannot serve the requests (with the reason);
-* ``unlearning.started``: method, parameters, target nodes, hash of the model before;
-* ``unlearning.finished``: rounds, bytes, metrics, hashes of the model before and after;
+* ``unlearning.started``: method, parameters, target nodes, the array digest of the
+  model before (``model_before_arrays_sha256``);
+* ``unlearning.finished``: rounds, bytes, metrics, the model before's array digest, and
+  the model after: ``model_sha256``, the SHA-256 of the file it was saved to (what
+  ``sha256sum`` prints), and ``model_arrays_sha256``, its array digest;
 * ``receipt.sent``: the verdict sent back to a node's inbox;
 * ``job.finished`` / ``job.failed``.
 
@@ -36,6 +39,14 @@ them), nor a log rewritten with a recomputed chain. Two anchors outside the log 
   (``fedunlearn audit LOG --inbox DIR``, :func:`check_anchors`).
 
 ``fedunlearn audit LOG`` prints a log as a table (:func:`format_table`).
+
+Two hashes name a model. ``model_sha256`` (``sha256`` in ``versions.json``) is always the
+SHA-256 of a saved file's bytes, so ``sha256sum model.pt`` confirms it. A model that is
+not a file (the model a method starts from, the model a node is sent) is named by its
+*array digest* (:func:`model_digest`), always under a name with ``arrays`` in it
+(``model_arrays_sha256``, ``model_before_arrays_sha256``). Logs written before this
+split (fedunlearn up to 626ba18) name the array digest ``model``, ``model_before``,
+``model_after`` and ``model_sha256``; ``fedunlearn verify`` reads both.
 """
 
 from __future__ import annotations
@@ -80,7 +91,11 @@ def head_path(log_path: Path) -> Path:
 
 
 def model_digest(arrays: ArrayRecord) -> str:
-    """SHA-256 of a model: every array's name, dtype, shape and bytes, in order."""
+    """The *array digest* of a model: SHA-256 over every array's name, dtype, shape and
+    bytes, in order. It names a model held in memory (the same arrays give the same
+    digest, however they are stored); it is **not** the SHA-256 of a saved file (see
+    :func:`fedunlearn.files.file_sha256`), and fedunlearn records it only under names with
+    ``arrays`` in them."""
     h = hashlib.sha256()
     for name, array in arrays.items():
         h.update(json.dumps([name, array.dtype, list(array.shape)]).encode())

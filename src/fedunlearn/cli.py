@@ -21,9 +21,15 @@ inbox's receipts carry; it exits 1 when any check fails (a record removed, edite
 inserted, a cut tail, a log rewritten since a receipt), 0 otherwise.
 
 ``fedunlearn versions DIR [--request ID] [--json]`` lists the versions a service
-(:mod:`.live`) published in its state directory: version, round, kind, SHA-256, the
-requests each honours and the target nodes' own checks; ``--request`` keeps the versions
-that honour one inbox request.
+(:mod:`.live`) published in its state directory: version, round, kind, SHA-256 (of the
+version's file), the requests each honours and the target nodes' own checks;
+``--request`` keeps the versions that honour one inbox request.
+
+``fedunlearn verify MODEL [--audit PATH ...] [--json]`` recomputes a saved model's
+SHA-256 (of the file's bytes, as ``sha256sum`` does) and its array digest and names
+every record that holds either (:mod:`.verify`): the audit log, ``results.json``,
+``versions.json``, an inbox's receipts. It exits 1 when no record names the model, when
+one names the file with another hash, or when an audit log that names it is broken.
 
 ``fedunlearn cka --data digits --model cnn REF=PATH NAME=PATH ... --out DIR`` compares
 saved models (torch state dicts, e.g. ``<output_dir>/<method>/model.pt``) with the
@@ -68,11 +74,16 @@ def _inbox(args, create: bool) -> Inbox:
 
 
 def _row(entry: InboxEntry) -> dict:
-    last = next((e for e in reversed(entry.events) if e["status"] == entry.status), {})
+    """A request's row: its status and, for the events of that status, every method
+    (a request several methods served has one receipt per method) or the reason."""
+    same = [e for e in entry.events if e["status"] == entry.status]
+    last = same[-1] if same else {}
+    methods = list(dict.fromkeys(e["method"] for e in same if e.get("method")))
+    runs = list(dict.fromkeys(str(e["run"]) for e in same if e.get("run", "") != ""))
     return {"id": entry.request.id, "filed": entry.request.filed_at, "scope": entry.request.scope,
             "what": entry.request.what(), "status": entry.status,
-            "run": last.get("run", ""), "detail": last.get("reason") or last.get("method") or "",
-            "note": entry.request.note}
+            "run": ", ".join(runs), "methods": methods,
+            "detail": last.get("reason") or ", ".join(methods), "note": entry.request.note}
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -131,7 +142,7 @@ def cmd_show(args) -> int:
                 v = check.get(key)
                 return "" if v is None else f" (loss {v:.4f})"
             print(f"      node's check of version {event.get('version', '?')}: model hash "
-                  f"{'matches' if check.get('model-sha256-ok') else 'DOES NOT MATCH'}; forget "
+                  f"{'matches' if _hash_ok(check) else 'DOES NOT MATCH'}; forget "
                   f"data {pct('forget-accuracy')}{loss('forget-loss')} on "
                   f"{check.get('forget-total', 0)} sample(s), retained data "
                   f"{pct('retain-accuracy')}{loss('retain-loss')} on "
@@ -160,7 +171,7 @@ def cmd_versions(args) -> int:
             + (f" ({', '.join(h['inbox_ids'])})" if h.get("inbox_ids") else "")
             for h in v.get("honours", [])) or "-"
         checks = "; ".join(
-            f"node {n}: hash {'ok' if c.get('model-sha256-ok') else 'MISMATCH'}, forget "
+            f"node {n}: hash {'ok' if _hash_ok(c) else 'MISMATCH'}, forget "
             f"{c.get('forget-accuracy', '-')}%, "
             + (f"retained {c.get('retain-accuracy', '-')}%" if c.get("retain-total")
                else "nothing retained")
@@ -171,6 +182,22 @@ def cmd_versions(args) -> int:
                      "honours": honours, "node check": checks})
     print(_table(rows, ["version", "round", "kind", "sha256", "test", "honours", "node check"]))
     return 0
+
+
+def _hash_ok(check: dict) -> bool:
+    """A node's check: the model it was sent has the array digest its receipt names
+    (``model-sha256-ok`` in checks recorded before the hashes were split)."""
+    return bool(check.get("model-arrays-sha256-ok", check.get("model-sha256-ok")))
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify_model  # torch only for this command
+
+    result = verify_model(args.model, args.audit or None)
+    print(json.dumps(result.as_dict(), indent=1) if args.json else result.text())
+    for line in result.notes:
+        print(line, file=sys.stderr)
+    return 0 if result.ok else 1
 
 
 def cmd_withdraw(args) -> int:
@@ -251,11 +278,12 @@ def cmd_cka(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedunlearn", description="Unlearning requests on a SuperNode's inbox; the "
-        "server's audit log; CKA of saved models.")
+        "server's audit log; a saved model's hashes; CKA of saved models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_request_commands(sub)
     _add_audit_command(sub)
     _add_versions_command(sub)
+    _add_verify_command(sub)
     _add_cka_command(sub)
     return parser
 
@@ -273,7 +301,9 @@ def _add_request_commands(sub) -> None:
     inbox_arg(p)
     p.add_argument("--scope", required=True, choices=["client", "class", "instance"])
     p.add_argument("--classes", default="", help="class-wise: labels, e.g. 3,5")
-    p.add_argument("--sample-ids", default="", help="instance-wise: global training ids")
+    p.add_argument("--sample-ids", default="", help="instance-wise: the samples' positions "
+                   "in this node's training set (0-based), or the data owner's own ids when "
+                   "the node's attach() was given sample_ids=")
     p.add_argument("--fraction", type=float, default=None,
                    help="instance-wise without ids: this share of the node's training data")
     p.add_argument("--note", default="", help="free text kept with the request")
@@ -317,6 +347,19 @@ def _add_versions_command(sub) -> None:
                    "inbox request id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_versions)
+
+
+def _add_verify_command(sub) -> None:
+    """``fedunlearn verify``."""
+    p = sub.add_parser("verify", help="recompute a saved model's SHA-256 and array digest "
+                       "and name the records that hold them")
+    p.add_argument("model", help="a saved model, e.g. <output-dir>/<method>/model.pt")
+    p.add_argument("--audit", action="append", default=[], metavar="PATH",
+                   help="also search this audit log, results.json, versions.json, inbox or "
+                   "folder holding them (repeatable; the model's folder and the one above "
+                   "are always searched)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_verify)
 
 
 def _add_cka_command(sub) -> None:

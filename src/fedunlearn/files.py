@@ -9,7 +9,9 @@ one.)
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -20,8 +22,11 @@ from typing import Any
 FAILED_FILE = "failed.json"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` into a temporary file, fsync it, and rename it to ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
+                 digest: Any = None) -> Path:
+    """``write(tmp)`` into a temporary file, fsync it, and rename it to ``path``. With
+    ``digest`` (e.g. ``hashlib.sha256()``), the bytes written are fed to it, read back
+    from the temporary file that becomes ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
@@ -29,6 +34,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
+            if digest is not None:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -37,19 +45,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _jsonable(value: Any):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
+def json_ready(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: a float that is not finite (NaN, ±inf, numpy's
+    included) becomes ``None`` (``null``: not measured, or no number to give), numpy
+    scalars and arrays become numbers and lists, tuples and sets become lists, dict keys
+    strings; anything else JSON has no type for becomes its string."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {_key(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return [json_ready(v) for v in sorted(value, key=repr)]
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalars and arrays
+        return json_ready(value.tolist())
     return str(value)
+
+
+def _key(key: Any) -> str:
+    """A dict key as ``json.dumps`` writes it (``3`` -> ``"3"``, ``True`` -> ``"true"``)."""
+    if isinstance(key, str):
+        return key
+    key = json_ready(key)
+    return key if isinstance(key, str) else json.dumps(key)
 
 
 def write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2,
                sort_keys: bool = False) -> Path:
-    """``payload`` as JSON, atomically (numpy scalars as numbers, sets and tuples as
-    lists, anything else as its string)."""
-    text = json.dumps(payload, indent=indent, sort_keys=sort_keys, default=_jsonable)
+    """``payload`` as strict JSON (RFC 8259: no ``NaN`` or ``Infinity``, which
+    ``JSON.parse`` and other strict readers refuse), atomically. Values are converted by
+    :func:`json_ready`: a non-finite number is written as ``null``."""
+    text = json.dumps(json_ready(payload), indent=indent, sort_keys=sort_keys,
+                      allow_nan=False)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -58,6 +88,25 @@ def save_state_dict(path: str | os.PathLike, state: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def save_state_dict_sha256(path: str | os.PathLike, state: Any) -> tuple[Path, str]:
+    """``torch.save(state)`` atomically; return the path and the SHA-256 of the file's
+    bytes, as written (what ``sha256sum PATH`` prints)."""
+    import torch
+
+    digest = hashlib.sha256()
+    path = atomic_write(path, lambda tmp: torch.save(state, tmp), digest=digest)
+    return path, digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (what ``sha256sum PATH`` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

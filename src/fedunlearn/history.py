@@ -301,11 +301,18 @@ def history_dir(checkpoint_dir: Path, pretrain_key: str, spec: HistorySpec) -> P
     return Path(checkpoint_dir) / f"history-{pretrain_key}-{spec.digest()}"
 
 
+def recorded_model_digest(manifest: dict) -> str | None:
+    """The array digest (:func:`fedunlearn.audit.model_digest`) of the model a recorded
+    training ended at: the manifest's ``model_arrays_sha256`` (``model_sha256`` in
+    histories recorded before fedunlearn named file hashes so)."""
+    return manifest.get("model_arrays_sha256") or manifest.get("model_sha256")
+
+
 def find_history(checkpoint_dir: Path, pretrain_key: str, need: HistorySpec,
-                 model_sha256: str | None = None) -> TrainingHistory | None:
+                 model_arrays_sha256: str | None = None) -> TrainingHistory | None:
     """A complete history for ``pretrain_key`` that covers ``need`` (and, when given,
-    was recorded with the checkpoint whose SHA-256 is ``model_sha256``); the smallest
-    such one, or ``None``."""
+    was recorded with the checkpoint whose array digest is ``model_arrays_sha256``); the
+    smallest such one, or ``None``."""
     found = []
     for path in Path(checkpoint_dir).glob(f"history-{pretrain_key}-*"):
         if not path.is_dir() or not (path / MANIFEST).exists():
@@ -316,7 +323,8 @@ def find_history(checkpoint_dir: Path, pretrain_key: str, need: HistorySpec,
             continue
         if history.manifest.get("format") != FORMAT or not history.spec.covers(need):
             continue
-        if model_sha256 is not None and history.manifest.get("model_sha256") != model_sha256:
+        if (model_arrays_sha256 is not None
+                and recorded_model_digest(history.manifest) != model_arrays_sha256):
             continue
         found.append((history.manifest.get("bytes", 0), str(path), history))
     return min(found)[2] if found else None

@@ -151,7 +151,7 @@ class HistoryKeeper(Strategy):
                                    "(every node failed or none was selected)")
             final = result.arrays if len(result.arrays) else initial_arrays
             self.history = self._recorder.finish({
-                "keyed_by": KEYED_BY_NODE, "model_sha256": model_digest(final),
+                "keyed_by": KEYED_BY_NODE, "model_arrays_sha256": model_digest(final),
                 "num_clients": nodes, "strategy": type(self.strategy).__name__,
                 "skipped_nodes": sorted(self._skipped)})
         except BaseException:

@@ -69,9 +69,15 @@ STATUSES = PENDING + FINAL
 MAX_NOTE_CHARS = 500
 REQUEST_FILE_FIELDS = ("id", "filed_at", "scope", "classes", "sample_ids", "fraction", "note")
 RECEIPT_FIELDS = ("request-ids", "status", "run", "reason", "reasons", "method",
-                  "model-sha256", "model-before-sha256", "server-time", "rounds", "comm-bytes", "audit-seq",
-                  "audit-sha256", "version", "round", "deadline-missed")
-"""Fields of the ``receipt`` record the server sends with ``query.unlearn``."""
+                  "model-sha256",
+                  "model-arrays-sha256", "model-before-arrays-sha256", "server-time",
+                  "rounds", "comm-bytes", "audit-seq", "audit-sha256", "version", "round",
+                  "deadline-missed")
+"""Fields of the ``receipt`` record the server sends with ``query.unlearn``:
+``model-sha256`` is the SHA-256 of the saved model file (``sha256sum`` confirms it);
+``model-arrays-sha256`` and ``model-before-arrays-sha256`` are array digests
+(:func:`fedunlearn.audit.model_digest`) of the unlearned model and of the model it
+started from."""
 
 
 class InboxError(ValueError):
@@ -439,9 +445,12 @@ def parse_receipt(record: Any) -> dict:
             raise WireError("reasons", reasons, "expected one reason (a string of at most 600 "
                             "characters) per request id")
         out["reasons"] = list(reasons)
-    for key in ("reason", "method", "model-sha256", "model-before-sha256", "server-time"):
+    for key in ("reason", "method", "server-time"):
         if key in record:
             out[key.replace("-", "_")] = text(key, record[key], 600)
+    for key in ("model-sha256", "model-arrays-sha256", "model-before-arrays-sha256"):
+        if key in record:
+            out[key.replace("-", "_")] = text(key, record[key], 64, pattern=r"[0-9a-f]{64}")
     for key in ("rounds", "comm-bytes", "audit-seq", "version", "round", "deadline-missed"):
         if key in record:
             out[key.replace("-", "_")] = exact_int(key, record[key], lo=0, hi=2**62)

@@ -6,8 +6,9 @@ records (:mod:`.lifecycle` calls it the same way for :func:`fedunlearn.serve`, t
 experiment harness and service mode). It writes the audit record of the step
 (:mod:`.audit`) and, for requests filed through a node's inbox (:mod:`.inbox`), sends the
 verdict back to the node as a receipt: ``accepted`` or ``rejected`` (with the reason)
-once requests are checked, ``honoured`` (with the method, the run and the hash of the
-unlearned model) once a method has unlearned. Service mode sends its receipts through
+once requests are checked, ``honoured`` (with the method, the run and the hashes of the
+unlearned model: ``model-sha256``, the SHA-256 of the file it was saved to, and
+``model-arrays-sha256``, its array digest) once a method has unlearned. Service mode sends its receipts through
 its own durable outbox (``receipts=False``).
 """
 
@@ -43,6 +44,7 @@ class Ledger:
         self.receipts = receipts
         self.requests: dict[int, UnlearningRequest] = {}
         self.model_before = ""
+        """The array digest of the model the job starts from (not a file)."""
 
     def interrupted(self) -> dict | None:
         """Say so in the log (and the job's log) when the previous run on this audit log
@@ -82,7 +84,7 @@ class Ledger:
             if request.inbox_ids:
                 receipts.setdefault(node, []).append(federation.receipt_record(
                     request.inbox_ids, "accepted", self.run_id,
-                    model_before_sha256=self.model_before))
+                    model_before_arrays_sha256=self.model_before))
         for entry in rejected:
             if entry.get("inbox_ids"):
                 receipts.setdefault(entry["node_id"], []).append(federation.receipt_record(
@@ -99,28 +101,34 @@ class Ledger:
         targets = sorted(self.requests if targets is None else targets)
         self.audit.record("unlearning.started", method=strategy.name,
                           params=strategy.params.as_dict(), targets=targets,
-                          model_before=model_before or self.model_before, **fields)
+                          model_before_arrays_sha256=model_before or self.model_before,
+                          **fields)
 
     def unlearning_finished(self, method: str, *, rounds: int, comm_bytes: int,
-                            wall_s: float, metrics: dict, model_before: str, model_after: str,
+                            wall_s: float, metrics: dict, model_before: str,
+                            model_sha256: str, model_arrays_sha256: str,
                             honours: list[dict], **fields) -> None:
         """``unlearning.finished`` and one ``request.honoured`` per request served
         (``honours``: ``node``, ``scope``, ``digest``, ``inbox_ids`` and any other field
-        of the request's record); honoured receipts to their inboxes. ``fields``'
+        of the request's record); honoured receipts to their inboxes. ``model_sha256``:
+        the SHA-256 of the saved model file; ``model_before`` and ``model_arrays_sha256``:
+        array digests (:func:`fedunlearn.audit.model_digest`). ``fields``'
         ``not_measured`` (metric -> why) goes into the receipts' ``reason``."""
+        hashes = {"model_sha256": model_sha256, "model_arrays_sha256": model_arrays_sha256}
         self.audit.record("unlearning.finished", method=method, rounds=rounds,
                           comm_bytes=comm_bytes, wall_s=round(wall_s, 3), metrics=metrics,
-                          model_before=model_before, model_after=model_after, **fields)
+                          model_before_arrays_sha256=model_before, **hashes, **fields)
         for h in honours:
-            self.audit.record("request.honoured", method=method, model=model_after,
-                              **{k: h[k] for k in h if k not in ("method", "model")})
+            self.audit.record("request.honoured", method=method, **hashes,
+                              **{k: h[k] for k in h if k not in ("method", *hashes)})
         unmeasured = "; ".join(f"{k} not measured: {why}"
                                for k, why in fields.get("not_measured", {}).items())
         if self.receipts:
             self._send({node: federation.receipt_record(
                             r.inbox_ids, "honoured", self.run_id, method=method,
-                            model_sha256=model_after, model_before_sha256=model_before,
-                            rounds=rounds, comm_bytes=comm_bytes, reason=unmeasured or None)
+                            model_before_arrays_sha256=model_before, rounds=rounds,
+                            comm_bytes=comm_bytes, reason=unmeasured or None,
+                            **hashes)
                         for node, r in self.requests.items() if r.inbox_ids})
 
     def unlearning_failed(self, method: str, reason: str, *, model_before: str,
@@ -130,7 +138,7 @@ class Ledger:
         retry is due); failed receipts to their inboxes (they stay pending unless
         another method honours them)."""
         self.audit.record("unlearning.failed", method=method, reason=reason[:2000],
-                          model_before=model_before, **fields)
+                          model_before_arrays_sha256=model_before, **fields)
         for f in failures:
             self.audit.record("request.failed", method=method, reason=reason[:2000],
                               **{k: f[k] for k in f if k not in ("method", "reason")})

@@ -10,8 +10,9 @@ harness and service mode take for every method they run on a set of accepted req
 3. **failure**: a method that could not finish returns no model; its reason (with the
    nodes that left the federation) goes into ``unlearning.failed`` and, when the failure
    is final, one ``request.failed`` per request, and to the inbox receipts;
-4. **publication**: the caller's ``publish(run)`` stores the model (``model.pt`` and its
-   hash, ``results.json`` or a service version) and says what it published; then
+4. **publication**: the caller's ``publish(run)`` stores the model (``model.pt`` and the
+   SHA-256 of its bytes, ``results.json`` or a service version) and says what it
+   published; then
    ``unlearning.finished`` and one ``request.honoured`` per request are recorded and the
    honoured receipts sent (service mode records them itself once its checkpoint holds
    the step: ``publish`` returns ``None``).
@@ -47,6 +48,7 @@ class MethodRun:
     arrays: ArrayRecord | None = None
     wall_s: float = 0.0
     model_before: str = ""
+    """The array digest of the model the method started from (not a file)."""
     published: dict = field(default_factory=dict)
 
 
@@ -66,7 +68,8 @@ def run_method(strategy, grid: Grid, arrays: ArrayRecord,
     """Run ``strategy`` on ``requests`` from ``arrays`` and publish the outcome.
 
     ``publish(run)`` is called with an honoured run; it returns what it published
-    (``metrics``, ``model_after``, and any field for ``unlearning.finished``), or
+    (``metrics``, ``model_sha256``: the SHA-256 of the file it saved the model to,
+    ``model_arrays_sha256``, and any field for ``unlearning.finished``), or
     ``None`` when it records the step itself. ``final``: a failure is the requests'
     last word (service mode retries first). ``request_extra(node)``: fields added to each
     ``request.*`` record."""
@@ -99,11 +102,13 @@ def run_method(strategy, grid: Grid, arrays: ArrayRecord,
     published = publish(run)
     if published is not None:
         run.published = dict(published)
-        fields = {k: v for k, v in published.items() if k not in ("metrics", "model_after")}
+        fields = {k: v for k, v in published.items()
+                  if k not in ("metrics", "model_sha256", "model_arrays_sha256")}
         cost = strategy.cost
         ledger.unlearning_finished(
             name, rounds=cost.rounds, comm_bytes=cost.comm_bytes, wall_s=cost.wall_s,
             metrics=published.get("metrics", {}), model_before=before,
-            model_after=published.get("model_after") or model_digest(unlearned),
+            model_sha256=published["model_sha256"],
+            model_arrays_sha256=published.get("model_arrays_sha256") or model_digest(unlearned),
             honours=named(), **fields)
     return run

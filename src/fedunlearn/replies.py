@@ -242,7 +242,9 @@ def check_evaluate_metrics(reply: Message) -> None:
 
 #: A node's check of a published model, as its receipt acknowledgement carries it
 #: (``check-<key>``): the key and what its value may be.
-CHECK_FIELDS = {"model-sha256-ok": "bool", "forget-total": "count", "retain-total": "count",
+CHECK_HASH_OK = "model-arrays-sha256-ok"
+"""The node's check: the model it was sent has the array digest its receipt names."""
+CHECK_FIELDS = {CHECK_HASH_OK: "bool", "forget-total": "count", "retain-total": "count",
                 "forget-accuracy": "percent", "retain-accuracy": "percent",
                 "forget-loss": "loss", "retain-loss": "loss", "error": "text"}
 MAX_CHECK_TEXT = 300

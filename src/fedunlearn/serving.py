@@ -11,8 +11,10 @@ strategies. It
    (a node that joins later or under a new id takes no part);
 3. runs each strategy from the user's model (the unlearning step, then recovery),
    asks the targets how the unlearned model does on their forget and retained data,
-   writes the model atomically (``<output_dir>/<method>/model.pt`` with its SHA-256),
-   and records everything in the audit log and the inbox receipts;
+   writes the model atomically (``<output_dir>/<method>/model.pt``; the SHA-256 of the
+   file's bytes, which ``sha256sum`` confirms, is the ``model_sha256`` of its results,
+   the audit log and the receipts), and records everything in the audit log and the inbox
+   receipts;
 4. returns a :class:`ServeOutcome`: the unlearned ``ArrayRecord`` (of the last method
    that finished), a report of every request and method, and each method's outcome.
 
@@ -38,7 +40,7 @@ from flwr.serverapp import Grid
 from . import federation
 from .arrays import check_model_arrays
 from .audit import AuditLog, audit_path, model_digest
-from .files import FAILED_FILE, save_state_dict, write_json
+from .files import FAILED_FILE, save_state_dict_sha256, write_json
 from .ledger import Ledger
 from .lifecycle import MethodRun, run_method
 from .metrics import flops_per_sample
@@ -51,6 +53,8 @@ from .strategies.base import UnlearningContext, UnlearningStrategy
 
 MODEL_FILE = "model.pt"
 RESULT_FILE = "results.json"
+PARTIAL_FLOPS = ("only server-side arithmetic is counted: the work on the nodes is not "
+                 "(give serve() or the strategy model_fn= and example_input= to count it)")
 
 
 @dataclass
@@ -63,21 +67,31 @@ class MethodOutcome:
     reason: str = ""
     model_path: str = ""
     model_sha256: str = ""
+    """SHA-256 of ``model_path``'s bytes (``sha256sum model_path`` prints it)."""
+    model_arrays_sha256: str = ""
+    """The model's array digest (:func:`fedunlearn.audit.model_digest`): what a node
+    sent the model checks it against."""
     rounds: int = 0
     comm_bytes: int = 0
     flops: int = 0
     wall_s: float = 0.0
     metrics: dict = field(default_factory=dict)
     """``test`` (from ``evaluate_fn``), ``forget`` and ``retain`` (accuracy % reported by
-    the target nodes on their own forget / retained data)."""
+    the target nodes on their own forget / retained data; NaN, ``null`` in
+    ``results.json``: not measured)."""
     notes: dict = field(default_factory=dict)
     not_measured: dict = field(default_factory=dict)
     """Metric -> why it was not measured (e.g. ``{"test": "evaluate_fn raised ..."}``)."""
+    flops_partial: str = ""
+    """Why ``flops`` counts only part of the work ("": it counts all of it)."""
 
     def as_dict(self) -> dict:
         return {"method": self.method, "status": self.status, "reason": self.reason,
                 "model_path": self.model_path, "model_sha256": self.model_sha256,
+                "model_arrays_sha256": self.model_arrays_sha256,
                 "rounds": self.rounds, "comm_bytes": self.comm_bytes, "flops": self.flops,
+                "flops_partial": bool(self.flops_partial),
+                **({"flops_partial_reason": self.flops_partial} if self.flops_partial else {}),
                 "wall_s": round(self.wall_s, 3), "metrics": self.metrics,
                 "not_measured": self.not_measured, "notes": self.notes}
 
@@ -100,16 +114,23 @@ class ServeOutcome:
         return any(m.status == "honoured" for m in self.methods.values())
 
     def table(self) -> str:
-        """One line per method: test, forget and retain accuracy, rounds, bytes, model."""
+        """One line per method: test, forget and retain accuracy, rounds, bytes, FLOPs
+        (``*``: partial, said in a footnote) and the model file with the first 12 hex
+        digits of its SHA-256 (``sha256sum`` of the file)."""
         rows = [f"{'method':<10} {'status':<9} {'test':>7} {'forget':>7} {'retain':>7} "
-                f"{'rounds':>6} {'comm (B)':>10} {'FLOPs':>9}  model (sha256)"]
+                f"{'rounds':>6} {'comm (B)':>10} {'FLOPs':>10}  model (file sha256)"]
+        partial: dict[str, list[str]] = {}  # reason -> methods
         for m in self.methods.values():
             def pct(key):
                 v = m.metrics.get(key)
                 return f"{v:7.2f}" if isinstance(v, float) and v == v else f"{'-':>7}"
             model = f"{m.model_path} ({m.model_sha256[:12]})" if m.model_path else m.reason
+            flops = f"{m.flops:.3g}" + ("*" if m.flops_partial else " ")
+            if m.flops_partial:
+                partial.setdefault(m.flops_partial, []).append(m.method)
             rows.append(f"{m.method:<10} {m.status:<9} {pct('test')} {pct('forget')} "
-                        f"{pct('retain')} {m.rounds:>6} {m.comm_bytes:>10.3g} {m.flops:>9.3g}  {model}")
+                        f"{pct('retain')} {m.rounds:>6} {m.comm_bytes:>10.3g} {flops:>10}  {model}")
+        rows += [f"* partial FLOPs ({', '.join(names)}): {why}" for why, names in partial.items()]
         return "\n".join(rows)
 
 
@@ -145,7 +166,9 @@ def serve(grid: Grid, arrays: ArrayRecord,
     model_fn, example_input : optional
         The model factory and one input batch, to count FLOPs
         (``torch.utils.flop_counter``); default: those of the first strategy given both.
-        Without them the report's FLOPs count only server-side arithmetic.
+        Without them the report's FLOPs count only server-side arithmetic: the table
+        marks them ``*`` with a footnote, ``results.json`` says ``"flops_partial": true``
+        and why (``flops_partial_reason``).
     reply_timeout : float
         Seconds to wait for the nodes' replies in any exchange (default 600): a node
         that has not answered by then failed that round.
@@ -165,7 +188,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
     guarded = federation.GuardedGrid(grid, log_ if audit else None, reply_timeout)
     ledger = Ledger(log_, guarded, run)
     ledger.interrupted()
-    log_.record("serve.started", methods=names, model_before=model_digest(arrays),
+    log_.record("serve.started", methods=names, model_before_arrays_sha256=model_digest(arrays),
                 history=str(history.directory) if history is not None else None)
     try:
         return _serve(guarded, ledger, log_, arrays, strategies, out, evaluation, history,
@@ -244,7 +267,7 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluation, history, 
     ledger.verdicts(accepted, rejected, arrays)
     report = {"nodes": answered, "accepted": [dict(r.describe(), node_id=n)
                                               for n, r in sorted(accepted.items())],
-              "rejected": rejected, "model_before": model_digest(arrays)}
+              "rejected": rejected, "model_before_arrays_sha256": model_digest(arrays)}
     outcomes: dict[str, MethodOutcome] = {}
     if not accepted:
         log(INFO, "fedunlearn.serve: no valid unlearning request (%d rejected); the model "
@@ -325,17 +348,20 @@ def _publish(grid, strategy, run: MethodRun, accepted, report, out: Path,
         if problem:
             not_measured["test"] = problem
     path, digest = save_model(out / name / MODEL_FILE, unlearned)
+    arrays_digest = model_digest(unlearned)
     outcome = MethodOutcome(name, "honoured", unlearned, model_path=str(path),
-                            model_sha256=digest, rounds=cost.rounds,
-                            comm_bytes=cost.comm_bytes, flops=cost.flops,
+                            model_sha256=digest, model_arrays_sha256=arrays_digest,
+                            rounds=cost.rounds, comm_bytes=cost.comm_bytes, flops=cost.flops,
                             wall_s=run.wall_s, metrics=metrics,
-                            notes=_jsonable(strategy.notes), not_measured=not_measured)
+                            notes=_jsonable(strategy.notes), not_measured=not_measured,
+                            flops_partial=PARTIAL_FLOPS if cost.flops_partial else "")
     outcomes[name] = outcome
     write_json(out / name / RESULT_FILE, dict(outcome.as_dict(), request=report["accepted"],
                                               cost=strategy.cost_dict()))
     log(INFO, "[%s] honoured: %s; model %s (sha256 %s)", name,
         ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), path, digest[:12])
-    published = {"metrics": metrics, "model_after": digest}
+    published = {"metrics": metrics, "model_sha256": digest,
+                 "model_arrays_sha256": arrays_digest}
     if not_measured:  # into unlearning.finished and the honoured receipts
         published["not_measured"] = not_measured
     return published
@@ -373,10 +399,10 @@ def target_metrics(grid, arrays: ArrayRecord, requests: dict) -> dict:
 
 def save_model(path: Path, arrays: ArrayRecord) -> tuple[Path, str]:
     """Write ``arrays`` as a torch state dict, atomically; return the path and the
-    model's SHA-256 (:func:`fedunlearn.audit.model_digest`, the hash the audit log and
-    the receipts name)."""
-    save_state_dict(path, arrays.to_torch_state_dict())
-    return path, model_digest(arrays)
+    SHA-256 of the file's bytes as written (``sha256sum PATH`` prints the same; it is the
+    ``model_sha256`` the results, the audit log and the receipts name). The model's array
+    digest is :func:`fedunlearn.audit.model_digest`."""
+    return save_state_dict_sha256(path, arrays.to_torch_state_dict())
 
 
 def load_model(path: str | os.PathLike) -> ArrayRecord:

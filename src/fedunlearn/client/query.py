@@ -12,6 +12,7 @@ from flwr.common.logger import log
 from .. import protocol as P
 from ..inbox import INBOX_KEY, parse_receipt
 from ..metrics import predict
+from ..replies import CHECK_HASH_OK
 from ..requests import (
     INVALID_SCOPE,
     MAX_ERROR_CHARS,
@@ -184,7 +185,8 @@ def handle_receipt(msg: Message, context: Context, view_for=None) -> Message:
 def node_check(msg: Message, context: Context, receipt: dict, view_for=None) -> dict:
     """The node's own check of a published model (an ``honoured`` receipt's ``arrays``,
     with the honoured request echoed in its ``config``): does the model hash to the
-    SHA-256 the receipt names, and how does it do on the forget data and on the data the
+    array digest the receipt names (``model-arrays-sha256``: the node holds the arrays,
+    not the server's file), and how does it do on the forget data and on the data the
     node keeps (accuracy in %, mean cross-entropy; ``nan`` for an empty set)."""
     import torch
 
@@ -192,7 +194,7 @@ def node_check(msg: Message, context: Context, receipt: dict, view_for=None) -> 
     from .actions import ActionJob
 
     arrays = msg.content[P.MODEL_KEY]
-    out: dict = {"model-sha256-ok": model_digest(arrays) == receipt.get("model_sha256")}
+    out: dict = {CHECK_HASH_OK: model_digest(arrays) == receipt.get("model_arrays_sha256")}
     job = ActionJob.from_message(msg, context, view_for)
     for name, ids in (("forget", job.forget), ("retain", job.retained)):
         logits, labels = predict(job.model, job.view.dataset, ids, device=job.device)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
 
-from ..files import atomic_write, save_state_dict
+from ..files import save_state_dict, write_json
 
 
 def checkpoint_path(directory: Path, key: str) -> Path:
@@ -22,8 +19,7 @@ def save_checkpoint(path: Path, arrays: ArrayRecord, meta: dict) -> None:
     so an interrupted run never leaves a half-written model that a later run loads."""
     path = Path(path)
     save_state_dict(path, {"state": arrays.to_torch_state_dict(), "meta": meta})
-    text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+    write_json(path.with_suffix(".json"), meta, sort_keys=True)
 
 
 def load_checkpoint(path: Path) -> tuple[ArrayRecord, dict] | None:

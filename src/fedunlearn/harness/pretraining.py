@@ -128,7 +128,7 @@ def _pretrain_from_scratch(grid: Grid, context: UnlearningContext, directory, ke
     log(INFO, "[pretrain] saved %s", path)
     info = {"key": key, "path": str(path), "cached": False, "cost": cost}
     if recorder is not None:
-        recorded = recorder.finish({"pretrain_key": key, "model_sha256": model_digest(arrays),
+        recorded = recorder.finish({"pretrain_key": key, "model_arrays_sha256": model_digest(arrays),
                                     "num_clients": cfg.num_clients})
         log(INFO, "[pretrain] saved the training history %s (%s, %d bytes)",
             recorded.directory, spec.describe(), recorded.nbytes())

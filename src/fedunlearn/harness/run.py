@@ -30,7 +30,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from .. import federation
-from ..audit import AuditLog, audit_path
+from ..audit import AuditLog, audit_path, model_digest
 from .backdoor import patch_size_for, trigger_value
 from .config import ExperimentConfig
 from .data import FederatedData, federated_data
@@ -203,7 +203,10 @@ class Experiment:
         several = len(cfg.methods) > 1
         model_path, digest = save_model(
             results_path(self.output_dir, method, several).with_name(MODEL_FILE), run.arrays)
-        result["model"] = {"path": str(model_path), "sha256": digest}
+        arrays_digest = model_digest(run.arrays)
+        # sha256: of the file's bytes (sha256sum); arrays_sha256: the array digest.
+        result["model"] = {"path": str(model_path), "sha256": digest,
+                           "arrays_sha256": arrays_digest}
         if cfg.eval_trajectory:
             retrain = (unlearned if method == "retrain"
                        else results.get("retrain", {}).get("unlearned"))
@@ -214,7 +217,8 @@ class Experiment:
         path = write_json(results_path(self.output_dir, method, several), result)
         log(INFO, "[%s] wrote %s", method, path)
         results[method] = result
-        return {"metrics": unlearned, "model_after": digest}
+        return {"metrics": unlearned, "model_sha256": digest,
+                "model_arrays_sha256": arrays_digest}
 
     def started(self) -> None:
         """``job.started``: the job's methods, data and federation."""

@@ -208,7 +208,7 @@ class Intake:
             if request.inbox_ids:
                 receipts.setdefault(node, []).append(federation.receipt_record(
                     request.inbox_ids, "accepted", self.run_id,
-                    model_before_sha256=model_digest(self.arrays), round=self.state.round,
+                    model_before_arrays_sha256=model_digest(self.arrays), round=self.state.round,
                     version=self.state.version))
 
     def _rejection_receipts(self, rejected: list[dict], receipts: dict[int, list]) -> None:

@@ -246,7 +246,7 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
                 self.ledger.interrupted()
             self.audit.record("service.started", method=self.method.name,
                               config=dataclasses.asdict(self.config),
-                              model=model_digest(arrays))
+                              model_arrays_sha256=model_digest(arrays))
             self.verify(verified)
             self.publish("start", [])
             self.checkpoint()
@@ -261,7 +261,7 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
                 self.state_dir / CHECKPOINT_FILE, self.state.round, self.state.version,
                 len(self.state.pending))
             self.audit.record("service.resumed", method=self.method.name,
-                              model=model_digest(self.arrays),
+                              model_arrays_sha256=model_digest(self.arrays),
                               pending=len(self.state.pending))
             self.rejoin_simulation(grid)
             self.grid.verify(self.state.view)
@@ -287,8 +287,8 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         if model_digest(self.arrays) != self._last_digest():
             self.publish("final", [])
             self.checkpoint()
-        self.audit.record("service.finished", stopped=stopped, model=model_digest(self.arrays),
-                          pending=len(self.state.pending))
+        self.audit.record("service.finished", stopped=stopped, pending=len(self.state.pending),
+                          model_arrays_sha256=model_digest(self.arrays))
         log(INFO, "[service] stopped at round %d (%s): version %d, %d step(s), %d pending, "
             "%d failed; versions in %s", self.state.round, stopped, self.state.version,
             len(self.state.steps), len(self.state.pending), len(self.state.failed),

@@ -19,9 +19,16 @@ from ..protocol import (
     RECEIPT_RECORD,
     reply_timeout,
 )
-from ..replies import parse_node_check
+from ..replies import CHECK_HASH_OK, parse_node_check
 from ..requests import UnlearningRequest, request_to_config
-from .state import VERSIONS_FILE, _atomic_json, _fmt, _request_from_dict, read_versions
+from .state import (
+    VERSIONS_FILE,
+    _atomic_json,
+    _fmt,
+    _request_from_dict,
+    arrays_digest_of,
+    read_versions,
+)
 
 
 class Outbox:
@@ -98,7 +105,8 @@ class Outbox:
         arrays = self._version_arrays(item)
         record = federation.receipt_record(
             request.inbox_ids, "honoured", self.run_id, method=item["method"],
-            model_sha256=item["sha256"], rounds=item["rounds"], comm_bytes=item["comm_bytes"],
+            model_sha256=item["sha256"], model_arrays_sha256=arrays_digest_of(item),
+            rounds=item["rounds"], comm_bytes=item["comm_bytes"],
             version=item["version"], round=item["round"],
             deadline_missed=int(bool(item.get("deadline_missed"))))
         anchor = self.audit.head()
@@ -150,11 +158,11 @@ class Outbox:
                     f"retained {_fmt(check.get('retain-accuracy'))}% "
                     f"(loss {_fmt(check.get('retain-loss'))})")
         log(INFO, "[service]   node %d checked version %d: hash %s; forget %s%% (loss %s), %s",
-            node, item["version"], "ok" if check.get("model-sha256-ok") else "MISMATCH",
+            node, item["version"], "ok" if check.get(CHECK_HASH_OK) else "MISMATCH",
             _fmt(check.get("forget-accuracy")), _fmt(check.get("forget-loss")), retained)
 
     def _version_arrays(self, item: dict) -> ArrayRecord:
-        if item["sha256"] == model_digest(self.arrays):
+        if arrays_digest_of(item) == model_digest(self.arrays):
             return self.arrays
         from ..serving import load_model
 

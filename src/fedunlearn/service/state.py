@@ -134,7 +134,9 @@ def _atomic_json(path: Path, value) -> None:
 
 def read_versions(state_dir: str | os.PathLike) -> list[dict]:
     """The versions a service published in ``state_dir`` (oldest first): ``version``,
-    ``round``, ``sha256``, ``path``, ``kind`` (``start``, ``unlearned``, ``trained``,
+    ``round``, ``sha256`` (of the file's bytes: ``sha256sum path`` prints it),
+    ``arrays_sha256`` (the model's array digest), ``path``, ``kind`` (``start``,
+    ``unlearned``, ``trained``,
     ``final``), ``honours`` (the requests it honours: node, scope, inbox ids, digest),
     ``published_at``."""
     path = Path(state_dir) / VERSIONS_FILE
@@ -149,6 +151,12 @@ def read_versions(state_dir: str | os.PathLike) -> list[dict]:
     except (ValueError, KeyError, TypeError) as err:  # truncated, edited, garbage
         raise ValueError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]}): "
                          "restore it from a backup") from None
+
+
+def arrays_digest_of(entry: dict) -> str:
+    """A version's array digest: ``arrays_sha256``; a version written before fedunlearn
+    named file hashes ``sha256`` has none, and its ``sha256`` is the array digest."""
+    return entry.get("arrays_sha256") or entry.get("sha256", "")
 
 
 def honoured_by(versions: list[dict], request_id: str) -> list[dict]:

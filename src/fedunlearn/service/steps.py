@@ -104,6 +104,8 @@ class Steps:
                 "method": strategy.name, "targets": sorted(p.node for p in due),
                 "rounds": cost.rounds, "comm_bytes": cost.comm_bytes, "flops": cost.flops,
                 "wall_s": round(run.wall_s, 3), "model_sha256": entry["sha256"],
+                "model_arrays_sha256": entry["arrays_sha256"],
+                "flops_partial": cost.flops_partial,
                 "path": entry["path"], "metrics": entry.get("metrics", {}),
                 "requests": honours,
                 "filed_to_published_s": [round(time.time() - p.accepted_at, 3) for p in due]}
@@ -114,10 +116,11 @@ class Steps:
                                     "request": _request_dict(p.request),
                                     "version": entry["version"], "round": self.state.round,
                                     "method": strategy.name, "sha256": entry["sha256"],
+                                    "arrays_sha256": entry["arrays_sha256"],
                                     "path": entry["path"], "rounds": cost.rounds,
                                     "comm_bytes": cost.comm_bytes,
                                     "deadline_missed": self._deadline_missed(p)})
-        info["model_before"] = run.model_before
+        info["model_before_arrays_sha256"] = run.model_before
         info["audited"] = False
         self.checkpoint()  # served: from here on a crash never serves these again
         self.audit_steps()
@@ -141,7 +144,10 @@ class Steps:
             self.ledger.unlearning_finished(
                 step["method"], rounds=step["rounds"], comm_bytes=step["comm_bytes"],
                 wall_s=step["wall_s"], metrics=step["metrics"],
-                model_before=step["model_before"], model_after=step["model_sha256"],
+                model_before=step.get("model_before_arrays_sha256", step.get("model_before")),
+                model_sha256=step["model_sha256"],
+                # a step checkpointed before file hashes: its model_sha256 is the digest
+                model_arrays_sha256=step.get("model_arrays_sha256", step["model_sha256"]),
                 honours=honours, published_version=step["version"])
             step["audited"] = True
         if pending:

@@ -14,7 +14,7 @@ from flwr.common.logger import log
 
 from ..arrays import check_model_arrays
 from ..audit import audit_path, model_digest
-from ..files import save_state_dict
+from ..files import file_sha256, save_state_dict, save_state_dict_sha256
 from .config import ServiceError
 from .state import (
     CHECKPOINT_FILE,
@@ -22,6 +22,7 @@ from .state import (
     VERSIONS_FILE,
     ServiceState,
     _atomic_json,
+    arrays_digest_of,
     read_versions,
 )
 
@@ -38,10 +39,11 @@ class Storage:
         # short before its checkpoint is replaced, never skipped over.
         number = 0 if kind == "start" else self.state.version + 1
         path = self.state_dir / VERSIONS_DIR / f"v{number:04d}.pt"
-        state_dict = self.arrays.to_torch_state_dict()
-        save_state_dict(path, state_dict)
+        _, digest = save_state_dict_sha256(path, self.arrays.to_torch_state_dict())
+        # sha256: of the file's bytes (sha256sum); arrays_sha256: the array digest.
         entry = {"version": number, "round": self.state.round, "kind": kind,
-                 "sha256": model_digest(self.arrays), "path": str(path), "honours": honours,
+                 "sha256": digest, "arrays_sha256": model_digest(self.arrays),
+                 "path": str(path), "honours": honours,
                  "method": self.method.name if kind == "unlearned" else None,
                  "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if self.evaluation is not None:  # a crash in it leaves the version published
@@ -53,7 +55,8 @@ class Storage:
         self.state.version = number
         self.state.last_version_round = self.state.round
         self.audit.record("version.published", published_version=number, kind=kind,
-                          model=entry["sha256"], path=str(path),
+                          model_sha256=entry["sha256"],
+                          model_arrays_sha256=entry["arrays_sha256"], path=str(path),
                           honours=[{k: h[k] for k in ("node", "scope", "digest", "inbox_ids")}
                                    for h in honours])
         metrics = ", ".join(f"{k} {v:.2f}%" for k, v in entry.get("metrics", {}).items()
@@ -63,8 +66,9 @@ class Storage:
         return entry
 
     def _last_digest(self) -> str:
+        """The array digest of the last version published ("" for none)."""
         versions = read_versions(self.state_dir)
-        return versions[-1]["sha256"] if versions else ""
+        return arrays_digest_of(versions[-1]) if versions else ""
 
     def checkpoint(self) -> None:
         """Everything the service knows, in one file, replaced atomically."""
@@ -131,8 +135,9 @@ class Storage:
 
     def _check_versions(self) -> None:
         """At resume: every version the checkpoint has published is listed in
-        ``versions.json`` and its file still holds the model whose hash the receipts name
-        (a proof that went missing or changed is found now, not by an auditor later)."""
+        ``versions.json`` and its file still holds the model whose hashes the receipts
+        name: the file's SHA-256 and the array digest (a proof that went missing or
+        changed is found now, not by an auditor later)."""
         try:
             versions = read_versions(self.state_dir)
         except (OSError, ValueError) as err:
@@ -144,18 +149,27 @@ class Storage:
                 raise ServiceError(f"{self.state_dir / VERSIONS_FILE} does not list version "
                                    f"{number}, which the checkpoint has published: restore it "
                                    "from a backup")
-            path = Path(entry.get("path", ""))
-            try:
-                digest = model_digest(ArrayRecord(torch.load(path, map_location="cpu",
-                                                             weights_only=True)))
-            except Exception as err:  # missing, truncated, garbage
-                raise ServiceError(f"version {number}'s file {path} cannot be read "
-                                   f"({type(err).__name__}): the model its receipts name is "
-                                   "gone; restore it from a backup") from None
-            if digest != entry.get("sha256"):
-                raise ServiceError(f"version {number}'s file {path} no longer holds the model "
-                                   f"its receipts name (SHA-256 {str(entry.get('sha256'))[:12]}, "
-                                   f"found {digest[:12]}): restore it from a backup")
+            self._check_version_file(number, entry)
+
+    @staticmethod
+    def _check_version_file(number: int, entry: dict) -> None:
+        path = Path(entry.get("path", ""))
+        try:
+            found = {"arrays_sha256": model_digest(ArrayRecord(torch.load(
+                path, map_location="cpu", weights_only=True)))}
+            if "arrays_sha256" in entry:  # a version written before it holds an array digest
+                found["sha256"] = file_sha256(path)
+        except Exception as err:  # missing, truncated, garbage
+            raise ServiceError(f"version {number}'s file {path} cannot be read "
+                               f"({type(err).__name__}): the model its receipts name is "
+                               "gone; restore it from a backup") from None
+        expected = {"arrays_sha256": arrays_digest_of(entry), "sha256": entry.get("sha256")}
+        for key, digest in found.items():
+            if digest != expected[key]:
+                raise ServiceError(
+                    f"version {number}'s file {path} no longer holds the model its receipts "
+                    f"name ({key} {str(expected[key])[:12]}, found {digest[:12]}): restore "
+                    "it from a backup")
 
     def _check_model(self, arrays: ArrayRecord) -> None:
         """With a model factory, ``arrays`` must be that model's (names, shapes, floating

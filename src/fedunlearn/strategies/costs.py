@@ -48,6 +48,14 @@ class CostMeter:
         return (self.samples_processed * self.flops_per_sample
                 + self.forward_samples * self.forward_flops_per_sample + self.extra_flops)
 
+    @property
+    def flops_partial(self) -> bool:
+        """``flops`` leaves out work done on the nodes: samples were trained or run
+        forward there, but their per-sample FLOPs were unknown (no model factory and
+        example input to count them with), so only server-side arithmetic is counted."""
+        return bool((self.samples_processed and not self.flops_per_sample)
+                    or (self.forward_samples and not self.forward_flops_per_sample))
+
     def add(self, other: CostMeter) -> None:
         """Add ``other``'s counts (storage: the larger of the two; both are peaks)."""
         for f in ("rounds", "bytes_down", "bytes_up", "samples_processed", "forward_samples",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord
 
-from ..history import TrainingHistory
+from ..history import TrainingHistory, recorded_model_digest
 from ..requests import UnlearningRequest
 from .base import UnlearningStrategy
 
@@ -37,14 +37,14 @@ class HistoryUnlearning(UnlearningStrategy):
         if shared is not None and not shared.spec.covers(need):
             return (f"{self.name} needs a training history with {need.describe()}, and the "
                     f"one bound ({shared.directory}) recorded {shared.spec.describe()}")
-        recorded = shared.manifest.get("model_sha256") if shared is not None else None
+        recorded = recorded_model_digest(shared.manifest) if shared is not None else None
         original = self.context.original_arrays
         if recorded and original is not None and not self.context.managed:
             from ..audit import model_digest
 
             if model_digest(original) != recorded:
                 return (f"{self.name} replays the training history {shared.directory}, "
-                        f"which ended at the model with SHA-256 {recorded[:12]}, and is "
+                        f"which ended at the model with array digest {recorded[:12]}, and is "
                         f"asked to unlearn from a different model ({model_digest(original)[:12]}):"
                         " serve the model the recorded training produced")
         if shared is not None and shared.manifest.get("keyed_by") == "node-id":
