@@ -95,7 +95,7 @@ def test_a_raising_evaluate_fn_still_publishes_the_model_and_the_receipt(userapp
     why = "evaluate_fn raised FileNotFoundError: no test set at /data/test"
     assert m.status == "honoured" and "test" not in m.metrics
     assert m.not_measured == {"test": why}
-    assert model_digest(load_model(m.model_path)) == m.model_sha256
+    assert model_digest(load_model(m.model_path)) == m.model_arrays_sha256
     assert outcome.table().splitlines()[1].split()[2] == "-"
     results = json.loads((tmp_path / "out" / "ft" / "results.json").read_text())
     assert results["not_measured"] == {"test": why}
