@@ -87,3 +87,27 @@ def test_the_next_run_records_an_interrupted_one(tmp_path):
     assert AuditLog(tmp_path / "audit.jsonl", run_id=3).note_interrupted() is None
     reading = read_audit(tmp_path / "audit.jsonl")
     assert reading.intact and [r["event"] for r in reading.records][2] == "job.interrupted"
+
+
+def test_fedunlearn_run_fails_where_flwr_run_exits_0_after_a_failure(monkeypatch, tmp_path,
+                                                                    capsys):
+    """The example app's run whose dependencies could not be installed: `flwr run` exits
+    0, `fedunlearn-run --app DIR` exits 1 (and shows Flower's error)."""
+    from pathlib import Path
+
+    import fedunlearn.launch as launch
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "quickstart-pytorch-unlearning"
+    failed = ["Successfully started run 7632652077284403983\n",
+              "\x1b[91mERROR \x1b[0m:     Simulation raised an exception\n",
+              "\x1b[91mERROR \x1b[0m:     Exit Code: 608\n",
+              "Runtime installation of app dependencies failed. Check the logs for details.\n"]
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: _FakeFlwr(failed))
+    rc = main(["--app", str(example), "--log-file", str(tmp_path / "job.log")])
+    assert rc == 1
+    assert "Exit Code: 608" in capsys.readouterr().out
+    assert "Exit Code: 608" in (tmp_path / "job.log").read_text()
+    # the same app's run that finished: 0
+    monkeypatch.setattr(launch.subprocess, "Popen",
+                        lambda *a, **k: _FakeFlwr(["Successfully started run 1\n", "done\n"]))
+    assert main(["--app", str(example), "--log-file", str(tmp_path / "job.log")]) == 0

@@ -152,8 +152,9 @@ class JobConsole:
             fields = {}
             if isinstance(event.get("test"), (int, float)):
                 fields["test"] = f"test {event['test']:.2f}%"
+            # redrawn now, not at the next of 4 refreshes a second: a round is news
             self.progress.update(self.task, completed=int(event.get("round", 0) or 0),
-                                 total=rounds, **fields)
+                                 total=rounds, refresh=True, **fields)
 
     def _start_phase(self, name: str, rounds: int | None) -> None:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -164,7 +165,11 @@ class JobConsole:
                 TextColumn("{task.description}"), BarColumn(bar_width=24),
                 MofNCompleteColumn(), TextColumn("rounds  {task.fields[test]}"),
                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                console=self.console, transient=True, refresh_per_second=4)
+                console=self.console, transient=True, refresh_per_second=4,
+                # This object is the job's sys.stdout: rich's live display must not
+                # swap it for its own proxy, which would print the lines this filter
+                # hides (and, restored when the bar stops, outlive the job).
+                redirect_stdout=False)
             self.progress.start()
         if self.task is not None:
             self.progress.remove_task(self.task)
