@@ -287,24 +287,12 @@ def read_audit(path: Path, head: bool = True) -> AuditReading:
             if not isinstance(record, dict):
                 raise ValueError("not an object")
         except ValueError:
-            begun = _crash_prefix(line)
-            if begun is None:
-                out.chain_breaks.append(f"line {number}: not a record of this log "
-                                        f"({line[:40]!r}): inserted")
-            else:
-                out.skipped.append(f"line {number}: not a complete JSON record "
-                                   f"({line[:40]!r}); ignored")
-                partial = (number, begun)
+            partial = _not_a_record(out, number, line)
             continue
         seq = record.get("seq")
         seq_ok = isinstance(seq, int) and not isinstance(seq, bool)
         if partial is not None:
-            # A writer that died mid-record left the start of record seq N; the next
-            # writer sealed it and wrote seq N again. Any other partial line was put there.
-            if partial[1] not in (-1, seq):
-                out.chain_breaks.append(
-                    f"line {partial[0]}: a partial record of seq {partial[1]} followed by "
-                    f"seq {seq}: not left by a crash (inserted)")
+            _check_partial(out, partial, seq)
             partial = None
         if seq_ok and seq > prev_seq + 1:
             out.chain_breaks.append(
@@ -330,6 +318,28 @@ def read_audit(path: Path, head: bool = True) -> AuditReading:
 
 
 _PARTIAL_SEQ = re.compile(rb'\{"seq":(\d+)')
+
+
+def _not_a_record(out: AuditReading, number: int, line: bytes) -> tuple[int, int] | None:
+    """A line that is no record: the start of one a crash left (skipped; returns its
+    line number and the seq it began) or anything else (a chain break: inserted)."""
+    begun = _crash_prefix(line)
+    if begun is None:
+        out.chain_breaks.append(f"line {number}: not a record of this log "
+                                f"({line[:40]!r}): inserted")
+        return None
+    out.skipped.append(f"line {number}: not a complete JSON record ({line[:40]!r}); "
+                       "ignored")
+    return number, begun
+
+
+def _check_partial(out: AuditReading, partial: tuple[int, int], seq) -> None:
+    """A writer that died mid-record left the start of record seq N; the next writer
+    sealed it and wrote seq N again. Any other partial line was put there."""
+    number, begun = partial
+    if begun not in (-1, seq):
+        out.chain_breaks.append(f"line {number}: a partial record of seq {begun} followed "
+                                f"by seq {seq}: not left by a crash (inserted)")
 
 
 def _crash_prefix(line: bytes) -> int | None:

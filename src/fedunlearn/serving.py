@@ -166,17 +166,14 @@ def serve(grid: Grid, arrays: ArrayRecord,
     model_fn, example_input : optional
         The model factory and one input batch, to count FLOPs
         (``torch.utils.flop_counter``); default: those of the first strategy given both.
-        Without them the report's FLOPs count only server-side arithmetic: the table
-        marks them ``*`` with a footnote, ``results.json`` says ``"flops_partial": true``
-        and why (``flops_partial_reason``).
+        Without them FLOPs count only server-side arithmetic (``*`` in the table,
+        ``flops_partial`` and its reason in ``results.json``).
     reply_timeout : float
         Seconds to wait for the nodes' replies in any exchange (default 600): a node
         that has not answered by then failed that round.
     """
     strategies, names = _checked_strategies(strategies)
     evaluation = ServerEvaluation.of(evaluate_fn, test_metric)
-    for s in strategies:
-        s.check_ready()
     history = _training_history(history)
     if model_fn is None or example_input is None:
         model_fn, example_input = _flop_model(strategies, model_fn, example_input)
@@ -212,6 +209,8 @@ def _checked_strategies(strategies) -> tuple[list[UnlearningStrategy], list[str]
     names = [s.name for s in strategies]
     if len(set(names)) != len(names):
         raise ValueError(f"serve() got a method twice: {names}")
+    for s in strategies:
+        s.check_ready()
     return strategies, names
 
 

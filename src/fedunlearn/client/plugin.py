@@ -94,11 +94,7 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
         ``False``: the app's own ``@app.train()`` serves them, registered before or after
         this call.
     """
-    if not isinstance(app, ClientApp):
-        raise TypeError(f"attach() takes the user's flwr ClientApp, got {type(app).__name__}")
-    if not callable(model_fn):
-        raise TypeError("model_fn must be a callable that builds a fresh model")
-    _check_now(data, val_data, labels, image_key, label_key)
+    _check_now(app, model_fn, data, val_data, labels, image_key, label_key)
     view_for = _cached_view(model_fn, data, val_data, labels, num_classes, train_fn,
                             sample_ids, batch_size, momentum, seed, device, image_key,
                             label_key)
@@ -107,9 +103,14 @@ def attach(app: ClientApp, *, model_fn: Callable[[], Any],
     return app
 
 
-def _check_now(data, val_data, labels, image_key, label_key) -> None:
-    """The checks :func:`build_view` makes on the node, made when ``attach()`` is called
-    where they can be (``data`` a dataset, not ``data(context)``): errors come at import."""
+def _check_now(app, model_fn, data, val_data, labels, image_key, label_key) -> None:
+    """``attach()``'s arguments, and the checks :func:`build_view` makes on the node, made
+    when ``attach()`` is called where they can be (``data`` a dataset, not
+    ``data(context)``): errors come at import."""
+    if not isinstance(app, ClientApp):
+        raise TypeError(f"attach() takes the user's flwr ClientApp, got {type(app).__name__}")
+    if not callable(model_fn):
+        raise TypeError("model_fn must be a callable that builds a fresh model")
     for name, key in (("image_key", image_key), ("label_key", label_key)):
         if key is not None and not isinstance(key, str):
             raise TypeError(f"{name}: expected a column name (str), got {type(key).__name__}")
