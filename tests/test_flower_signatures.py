@@ -252,6 +252,9 @@ def test_methods_that_need_a_model_factory_or_server_data_refuse_when_built(user
     FedEraser(recovery, params={"delta_t": 2}, model_fn=task.Net)
     FUKD(recovery, model_fn=task.Net, server_data=task.Blobs(4, 0))
     FineTune(recovery), PUF(recovery)  # no model factory needed
+    with pytest.raises(ValueError, match=r"^NoT needs example_input, to trace the layers it "
+                                         r"negates: pass NoT\(\.\.\., example_input=x\)"):
+        NoT(recovery, model_fn=task.Net)
 
 
 def test_the_service_takes_flowers_evaluate_fn_and_survives_its_crash(userapp, tmp_path,

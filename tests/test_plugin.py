@@ -263,10 +263,13 @@ def test_a_node_without_num_examples_fails_the_method_by_name(userapp, tmp_path,
 def test_start_on_an_unbound_unlearning_strategy_raises(userapp):
     from fedunlearn import NoT
 
-    _, task = userapp
+    import torch
     from flwr.app import ArrayRecord
+
+    _, task = userapp
+    not_ = NoT(model_fn=task.Net, example_input=torch.zeros(1, 1, 8, 8))
     with pytest.raises(RuntimeError, match="serve"):
-        NoT(model_fn=task.Net).start(None, ArrayRecord(task.Net().state_dict()), num_rounds=3)
+        not_.start(None, ArrayRecord(task.Net().state_dict()), num_rounds=3)
 
 
 def test_server_side_import_does_not_load_the_client_side():

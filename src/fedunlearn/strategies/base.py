@@ -58,7 +58,7 @@ from .roles import Roles
 from .round_records import PlayedRound, RoundRecords
 from .settings import ROLES, STOP_RULES, Phase, Recovery, Training, _check_int  # noqa: F401  (re-exported)
 from .stopping import FIXED, MAXIMUM
-from .validation import Validating
+from .validation import Validating, check_needs
 
 
 class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, FedAvgM):
@@ -113,6 +113,8 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
     Params: type[MethodParams] = MethodParams
     #: What the method builds models for (non-empty: ``model_fn`` is required).
     model_fn_use: str = ""
+    #: What the method traces the model with (non-empty: ``example_input`` is required).
+    example_input_use: str = ""
 
     @classmethod
     def history_needs(cls, params: MethodParams) -> HistorySpec:
@@ -160,10 +162,7 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
         self.round_start: ArrayRecord | None = None
         self.notes: dict = {}
         self._asked_epochs: dict[int, int] = {}
-        if self.model_fn_use and self._model_fn is None and self.context.model_factory is None:
-            raise ValueError(f"{type(self).__name__} needs model_fn, {self.model_fn_use}: pass "
-                             f"{type(self).__name__}(..., model_fn=Net), Net being the "
-                             "callable that builds a fresh model of your architecture")
+        check_needs(self)
 
     # -- binding, up-front checks -----------------------------------------------------
     def fresh(self) -> UnlearningStrategy:

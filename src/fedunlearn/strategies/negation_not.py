@@ -76,6 +76,7 @@ class NoT(FineTune):
 
     Params = NoTParams
     model_fn_use = "to find the layers it negates"
+    example_input_use = "to trace the layers it negates"
 
     def __init__(self, recovery=None, params=None, *, layers=None,
                  include_bias: bool = True, **kwargs) -> None:

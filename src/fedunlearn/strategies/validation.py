@@ -77,3 +77,19 @@ class Validating:
         meter.forward_flops_per_sample = self.context.forward_flops_per_sample
         return 100.0 * correct / total if total else float("nan")
 
+
+
+def check_needs(strategy) -> None:
+    """Refuse at construction what a method needs and was not given: a model factory
+    (``model_fn_use``) or an input batch to trace the model with (``example_input_use``),
+    unless the run's context supplies it (the experiment harness)."""
+    name, context = type(strategy).__name__, strategy.context
+    if strategy.model_fn_use and strategy._model_fn is None and context.model_factory is None:
+        raise ValueError(f"{name} needs model_fn, {strategy.model_fn_use}: pass "
+                         f"{name}(..., model_fn=Net), Net being the callable that builds a "
+                         "fresh model of your architecture")
+    if (strategy.example_input_use and strategy._example_input is None
+            and context.example_input is None):
+        raise ValueError(f"{name} needs example_input, {strategy.example_input_use}: pass "
+                         f"{name}(..., example_input=x), x one input batch of your model, "
+                         "e.g. torch.zeros(1, 3, 32, 32)")
