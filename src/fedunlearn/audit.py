@@ -14,6 +14,8 @@ goes on. Events (``event`` field):
 * ``method.refused``: a method that cannot serve the requests (with the reason);
 * ``unlearning.started``: method, parameters, target nodes, hash of the model before;
 * ``unlearning.finished``: rounds, bytes, metrics, hashes of the model before and after;
+* ``unlearning.degraded``: the same, for a model judged unfit (the recovery diverged),
+  with the reason; its requests get ``request.failed``;
 * ``receipt.sent``: the verdict sent back to a node's inbox;
 * ``job.finished`` / ``job.failed``.
 

@@ -69,7 +69,7 @@ MAX_NOTE_CHARS = 500
 REQUEST_FILE_FIELDS = ("id", "filed_at", "scope", "classes", "sample_ids", "fraction", "note")
 RECEIPT_FIELDS = ("request-ids", "status", "run", "reason", "method", "model-sha256",
                   "model-before-sha256", "server-time", "rounds", "comm-bytes", "audit-seq",
-                  "audit-sha256", "version", "round", "deadline-missed")
+                  "audit-sha256", "version", "round", "deadline-missed", "unmeasured")
 """Fields of the ``receipt`` record the server sends with ``query.unlearn``."""
 
 
@@ -391,7 +391,8 @@ def parse_receipt(record: Any) -> dict:
         # Flower run ids are unsigned 64-bit: they travel as decimal strings.
         "run": int(text("run", require(record, "run", "the run id"), 20, pattern=r"[0-9]{1,20}")),
     }
-    for key in ("reason", "method", "model-sha256", "model-before-sha256", "server-time"):
+    for key in ("reason", "method", "model-sha256", "model-before-sha256", "server-time",
+                "unmeasured"):
         if key in record:
             out[key.replace("-", "_")] = text(key, record[key], 600)
     for key in ("rounds", "comm-bytes", "audit-seq", "version", "round", "deadline-missed"):

@@ -21,6 +21,7 @@ from flwr.common.logger import log
 
 from . import federation
 from .audit import AuditLog, model_digest
+from .serve_checks import unmeasured_note
 from .requests import UnlearningRequest
 
 
@@ -103,21 +104,50 @@ class Ledger:
 
     def unlearning_finished(self, method: str, *, rounds: int, comm_bytes: int,
                             wall_s: float, metrics: dict, model_before: str, model_after: str,
-                            honours: list[dict], **fields) -> None:
+                            honours: list[dict], unmeasured: dict | None = None,
+                            **fields) -> None:
         """``unlearning.finished`` and one ``request.honoured`` per request served
         (``honours``: ``node``, ``scope``, ``digest``, ``inbox_ids`` and any other field
-        of the request's record); honoured receipts to their inboxes."""
+        of the request's record); honoured receipts to their inboxes. ``unmeasured``
+        (what the targets could not measure, part -> why) goes into every one of them."""
+        extra = {"unmeasured": dict(unmeasured)} if unmeasured else {}
         self.audit.record("unlearning.finished", method=method, rounds=rounds,
                           comm_bytes=comm_bytes, wall_s=round(wall_s, 3), metrics=metrics,
-                          model_before=model_before, model_after=model_after, **fields)
+                          model_before=model_before, model_after=model_after, **extra,
+                          **fields)
         for h in honours:
-            self.audit.record("request.honoured", method=method, model=model_after,
+            self.audit.record("request.honoured", method=method, model=model_after, **extra,
                               **{k: h[k] for k in h if k not in ("method", "model")})
         if self.receipts:
+            note = unmeasured_note(unmeasured) if unmeasured else None
             self._send({node: federation.receipt_record(
                             r.inbox_ids, "honoured", self.run_id, method=method,
                             model_sha256=model_after, model_before_sha256=model_before,
-                            rounds=rounds, comm_bytes=comm_bytes)
+                            rounds=rounds, comm_bytes=comm_bytes, unmeasured=note)
+                        for node, r in self.requests.items() if r.inbox_ids})
+
+    def unlearning_degraded(self, method: str, reason: str, *, rounds: int,
+                            comm_bytes: int, wall_s: float, metrics: dict,
+                            model_before: str, model_after: str, failures: list[dict],
+                            **fields) -> None:
+        """``unlearning.degraded`` (the method finished, but its model is unfit: the
+        recovery diverged) and one ``request.failed`` per request it leaves unserved;
+        ``failed`` receipts naming the degraded model (the requests stay pending unless
+        another method honours them)."""
+        self.audit.record("unlearning.degraded", method=method, reason=reason[:2000],
+                          rounds=rounds, comm_bytes=comm_bytes, wall_s=round(wall_s, 3),
+                          metrics=metrics, model_before=model_before,
+                          model_after=model_after, **fields)
+        why = f"degraded: {reason}"
+        for f in failures:
+            self.audit.record("request.failed", method=method, reason=why[:2000],
+                              model=model_after,
+                              **{k: f[k] for k in f if k not in ("method", "reason", "model")})
+        if self.receipts:
+            self._send({node: federation.receipt_record(
+                            r.inbox_ids, "failed", self.run_id, method=method,
+                            reason=f"{method}'s model is degraded, not used: {reason}",
+                            model_sha256=model_after, model_before_sha256=model_before)
                         for node, r in self.requests.items() if r.inbox_ids})
 
     def unlearning_failed(self, method: str, reason: str, *, model_before: str,

@@ -14,7 +14,11 @@ harness and service mode take for every method they run on a set of accepted req
    hash, ``results.json`` or a service version) and says what it published; then
    ``unlearning.finished`` and one ``request.honoured`` per request are recorded and the
    honoured receipts sent (service mode records them itself once its checkpoint holds
-   the step: ``publish`` returns ``None``).
+   the step: ``publish`` returns ``None``). A publication that found the model
+   ``degraded`` (:mod:`.serve_checks`: the recovery diverged) makes the run
+   ``degraded``: ``unlearning.degraded``, one ``request.failed`` per request and
+   ``failed`` receipts saying why (the requests stay pending unless another method
+   honours them); ``unmeasured`` goes into the honoured records and receipts.
 
 Every record goes through :class:`fedunlearn.ledger.Ledger`.
 """
@@ -38,8 +42,9 @@ METHOD_FAILURES = (UnlearningFailed, RuntimeError, ValueError)
 
 @dataclass
 class MethodRun:
-    """What :func:`run_method` did: ``status`` is ``refused``, ``failed`` or
-    ``honoured`` (then ``arrays`` is the unlearned model)."""
+    """What :func:`run_method` did: ``status`` is ``refused``, ``failed``, ``degraded``
+    (``arrays`` is the model its publication judged diverged) or ``honoured`` (then
+    ``arrays`` is the unlearned model)."""
 
     method: str
     status: str
@@ -65,9 +70,10 @@ def run_method(strategy, grid: Grid, arrays: ArrayRecord,
                failed_fields: dict | None = None) -> MethodRun:
     """Run ``strategy`` on ``requests`` from ``arrays`` and publish the outcome.
 
-    ``publish(run)`` is called with an honoured run; it returns what it published
-    (``metrics``, ``model_after``, and any field for ``unlearning.finished``), or
-    ``None`` when it records the step itself. ``final``: a failure is the requests'
+    ``publish(run)`` is called with a finished run; it returns what it published
+    (``metrics``, ``model_after``, ``degraded`` (why the model is unfit), ``unmeasured``,
+    and any field for ``unlearning.finished``), or ``None`` when it records the step
+    itself. ``final``: a failure is the requests'
     last word (service mode retries first). ``request_extra(node)``: fields added to each
     ``request.*`` record."""
     name = strategy.name
@@ -99,11 +105,16 @@ def run_method(strategy, grid: Grid, arrays: ArrayRecord,
     published = publish(run)
     if published is not None:
         run.published = dict(published)
-        fields = {k: v for k, v in published.items() if k not in ("metrics", "model_after")}
+        fields = {k: v for k, v in published.items()
+                  if k not in ("metrics", "model_after", "degraded")}
         cost = strategy.cost
-        ledger.unlearning_finished(
-            name, rounds=cost.rounds, comm_bytes=cost.comm_bytes, wall_s=cost.wall_s,
-            metrics=published.get("metrics", {}), model_before=before,
-            model_after=published.get("model_after") or model_digest(unlearned),
-            honours=named(), **fields)
+        common = dict(rounds=cost.rounds, comm_bytes=cost.comm_bytes, wall_s=cost.wall_s,
+                      metrics=published.get("metrics", {}), model_before=before,
+                      model_after=published.get("model_after") or model_digest(unlearned))
+        if published.get("degraded"):
+            run.status, run.reason = "degraded", str(published["degraded"])
+            ledger.unlearning_degraded(name, run.reason,
+                                       failures=named() if final else [], **common, **fields)
+        else:
+            ledger.unlearning_finished(name, honours=named(), **common, **fields)
     return run

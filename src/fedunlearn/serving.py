@@ -14,16 +14,21 @@ strategies. It
    writes the model atomically (``<output_dir>/<method>/model.pt`` with its SHA-256),
    and records everything in the audit log and the inbox receipts;
 4. returns a :class:`ServeOutcome`: the unlearned ``ArrayRecord`` (of the last method
-   that finished), a report of every request and method, and each method's outcome.
+   that honoured the requests), a report of every request and method, and each method's
+   outcome.
 
 The server never needs the nodes' data. A method that cannot serve the requests is
 refused up front with the reason; a method that fails mid-way is reported as failed
-(``failed.json`` with the reason) and returns no model; the other methods still run.
+(``failed.json`` with the reason) and returns no model; one whose recovery diverged is
+``degraded`` (:mod:`.serve_checks`); the other methods still run. When no node could
+answer the query, or no method honoured the accepted requests, ``serve()`` raises
+:class:`~fedunlearn.serve_checks.ServeError` once everything is recorded.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +51,16 @@ from .parsing import WireError
 from .protocol import EVALUATE_UNLEARN, MODEL_KEY, REPLY_TIMEOUT_S, reply_timeout
 from .replies import parse_evaluate_reply
 from .requests import request_to_config
+from .serve_checks import (
+    MAX_ACCURACY_DROP,
+    DivergenceCheck,
+    ServeError,
+    no_answer_error,
+    no_method_error,
+    no_request_line,
+    query_failures,
+    unmeasured_note,
+)
 from .strategies.base import UnlearningContext, UnlearningStrategy
 
 MODEL_FILE = "model.pt"
@@ -54,10 +69,11 @@ RESULT_FILE = "results.json"
 
 @dataclass
 class MethodOutcome:
-    """What one method did: its model (``None`` if it failed or was refused)."""
+    """What one method did: its model (``None`` if it failed or was refused; a
+    ``degraded`` method's model is kept here for inspection, never handed on)."""
 
     method: str
-    status: str  # "honoured", "refused" or "failed"
+    status: str  # "honoured", "degraded", "refused" or "failed"
     arrays: ArrayRecord | None = None
     reason: str = ""
     model_path: str = ""
@@ -70,13 +86,15 @@ class MethodOutcome:
     """``test`` (from ``evaluate_fn``), ``forget`` and ``retain`` (accuracy % reported by
     the target nodes on their own forget / retained data)."""
     notes: dict = field(default_factory=dict)
+    unmeasured: dict = field(default_factory=dict)
+    """What the targets could not measure: ``{"forget": "node 12: <reason>", ...}``."""
 
     def as_dict(self) -> dict:
         return {"method": self.method, "status": self.status, "reason": self.reason,
                 "model_path": self.model_path, "model_sha256": self.model_sha256,
                 "rounds": self.rounds, "comm_bytes": self.comm_bytes, "flops": self.flops,
                 "wall_s": round(self.wall_s, 3), "metrics": self.metrics,
-                "notes": self.notes}
+                "unmeasured": self.unmeasured, "notes": self.notes}
 
 
 @dataclass
@@ -84,8 +102,9 @@ class ServeOutcome:
     """The result of :func:`serve`."""
 
     arrays: ArrayRecord
-    """The unlearned model of the last method that finished (the input model when no
-    request was accepted or no method finished)."""
+    """The unlearned model of the last method that honoured the requests; the input
+    model when no request was accepted (when requests were accepted and no method
+    honoured them, :func:`serve` raises). Never a ``degraded`` method's model."""
     methods: dict[str, MethodOutcome]
     report: dict
 
@@ -104,6 +123,11 @@ class ServeOutcome:
             model = f"{m.model_path} ({m.model_sha256[:12]})" if m.model_path else m.reason
             rows.append(f"{m.method:<10} {m.status:<9} {pct('test')} {pct('forget')} "
                         f"{pct('retain')} {m.rounds:>6} {m.comm_bytes:>10.3g} {m.flops:>9.3g}  {model}")
+        for m in self.methods.values():  # what a row's numbers do not say
+            if m.status == "degraded":
+                rows.append(f"  {m.method} degraded: {m.reason}")
+            if m.unmeasured:
+                rows.append(f"  {m.method}: {unmeasured_note(m.unmeasured)}")
         return "\n".join(rows)
 
 
@@ -112,7 +136,8 @@ def serve(grid: Grid, arrays: ArrayRecord,
           output_dir: str | os.PathLike, evaluate_fn: Callable | None = None,
           history=None, model_fn: Callable | None = None, example_input=None,
           run_id: int | None = None, audit: bool = True,
-          reply_timeout: float = REPLY_TIMEOUT_S) -> ServeOutcome:
+          reply_timeout: float = REPLY_TIMEOUT_S,
+          max_accuracy_drop: float | None = MAX_ACCURACY_DROP) -> ServeOutcome:
     """Collect the nodes' unlearning requests and serve them with ``strategies``.
 
     Parameters
@@ -142,6 +167,16 @@ def serve(grid: Grid, arrays: ArrayRecord,
     reply_timeout : float
         Seconds to wait for the nodes' replies in any exchange (default 600): a node
         that has not answered by then failed that round.
+    max_accuracy_drop : float or None
+        A method whose model's test accuracy (``evaluate_fn``) or targets' retained
+        accuracy falls more than this many points below the input model's is
+        ``degraded`` (default 20; ``None``: only a model with NaN/inf is).
+
+    Raises
+    ------
+    ServeError
+        No node could answer the query, or no method honoured the accepted requests
+        (each named with its reason; everything is recorded first).
     """
     strategies, names = _checked_strategies(strategies)
     for s in strategies:
@@ -150,6 +185,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
     if model_fn is None or example_input is None:
         model_fn, example_input = _flop_model(strategies, model_fn, example_input)
     _checked_arrays(arrays, strategies, model_fn)  # before any request is accepted
+    divergence = DivergenceCheck(max_drop=max_accuracy_drop)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = federation.run_id_of(grid) if run_id is None else int(run_id)
@@ -161,7 +197,7 @@ def serve(grid: Grid, arrays: ArrayRecord,
                 history=str(history.directory) if history is not None else None)
     try:
         return _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
-                      model_fn, example_input)
+                      model_fn, example_input, divergence)
     except BaseException as err:
         log_.record("serve.failed", error=f"{type(err).__name__}: {err}"[:1000])
         raise
@@ -220,7 +256,53 @@ def _flop_model(strategies: list[UnlearningStrategy], model_fn, example_input):
 
 
 def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history, model_fn,
-           example_input) -> ServeOutcome:
+           example_input, divergence) -> ServeOutcome:
+    accepted, reports, view, report = _collect(guarded, ledger, log_, arrays)
+    outcomes: dict[str, MethodOutcome] = {}
+    if not accepted:
+        log(INFO, no_request_line(len(reports), len(report["rejected"]),
+                                  report["unanswered"]))
+        log_.record("serve.finished", honoured=[])
+        return ServeOutcome(arrays, outcomes, report)
+    fully = {n for n, r in accepted.items() if reports.get(n, {}).get("num-retained", 1) == 0}
+    flops = _flops_per_sample(model_fn, example_input, reports)
+    context = UnlearningContext(requests=accepted, fully_forgotten=fully,
+                                node_partitions=view, original_arrays=arrays,
+                                model_factory=model_fn, example_input=example_input,
+                                flops_per_sample=flops["train"],
+                                forward_flops_per_sample=flops["forward"], history=history)
+    divergence.baseline = report["input_metrics"] = _input_metrics(
+        guarded, arrays, accepted, evaluate_fn)
+    final = arrays
+    for strategy in strategies:
+        strategy.bind(context)
+        run = run_method(strategy, guarded, arrays, accepted, ledger,
+                         lambda run: _publish(guarded, strategy, run, accepted, report, out,
+                                              evaluate_fn, outcomes, divergence),
+                         departed=lambda: guarded.departed)
+        if run.status == "refused":
+            log(WARNING, "[%s] refused: %s", run.method, run.reason)
+        elif run.status == "failed":
+            log(WARNING, "[%s] FAILED: %s", run.method, run.reason)
+        if run.status in ("refused", "failed"):
+            outcomes[run.method] = MethodOutcome(run.method, run.status, reason=run.reason,
+                                                 wall_s=run.wall_s)
+            write_json(out / run.method / FAILED_FILE, outcomes[run.method].as_dict())
+        elif run.status == "honoured":
+            final = run.arrays
+    outcome = ServeOutcome(final, outcomes, report)
+    problem = no_method_error(outcomes)
+    if problem is not None:
+        raise ServeError(problem, outcome)  # serve() records it as serve.failed
+    log_.record("serve.finished",
+                **{s: [n for n, o in outcomes.items() if o.status == s]
+                   for s in ("honoured", "degraded", "failed")})
+    return outcome
+
+
+def _collect(guarded, ledger, log_, arrays):
+    """Ask every node for its request and check them: ``(accepted, reports, view,
+    report)``. Raises :class:`ServeError` when no node could answer (named, with why)."""
     nodes = sorted(guarded.get_node_ids())
     if not nodes:
         raise RuntimeError("serve(): no node is connected to the grid")
@@ -234,79 +316,95 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
     guarded.reports = reports
     ledger.verified(view)
     ledger.verdicts(accepted, rejected, arrays)
+    failures = query_failures(replies, reports)
     report = {"nodes": answered, "accepted": [dict(r.describe(), node_id=n)
                                               for n, r in sorted(accepted.items())],
-              "rejected": rejected, "model_before": model_digest(arrays)}
-    outcomes: dict[str, MethodOutcome] = {}
-    if not accepted:
-        log(INFO, "fedunlearn.serve: no valid unlearning request (%d rejected); the model "
-            "is unchanged", len(rejected))
-        log_.record("serve.finished", honoured=[])
-        return ServeOutcome(arrays, outcomes, report)
-    fully = {n for n, r in accepted.items() if reports.get(n, {}).get("num-retained", 1) == 0}
-    flops = {"train": 0, "forward": 0}
-    if model_fn is not None and example_input is not None:
-        classes = max((int(r.get("num-classes", 0)) for r in reports.values()), default=0)
-        with torch.random.fork_rng(devices=[]):  # the user's random state stays as it was
-            model = model_fn()
-            if not classes:
-                with torch.no_grad():
-                    classes = int(model.eval()(example_input[:1]).shape[-1])
-            flops = flops_per_sample(model, tuple(example_input.shape[1:]), classes)
-    context = UnlearningContext(requests=accepted, fully_forgotten=fully,
-                                node_partitions=view, original_arrays=arrays,
-                                model_factory=model_fn, example_input=example_input,
-                                flops_per_sample=flops["train"],
-                                forward_flops_per_sample=flops["forward"], history=history)
-    final = arrays
-    for strategy in strategies:
-        strategy.bind(context)
-        run = run_method(strategy, guarded, arrays, accepted, ledger,
-                         lambda run: _publish(guarded, strategy, run, accepted, report, out,
-                                              evaluate_fn, outcomes),
-                         departed=lambda: guarded.departed)
-        if run.status == "refused":
-            log(WARNING, "[%s] refused: %s", run.method, run.reason)
-        elif run.status == "failed":
-            log(WARNING, "[%s] FAILED: %s", run.method, run.reason)
-        if run.status != "honoured":
-            outcomes[run.method] = MethodOutcome(run.method, run.status, reason=run.reason,
-                                                 wall_s=run.wall_s)
-            write_json(out / run.method / FAILED_FILE, outcomes[run.method].as_dict())
-            continue
-        final = run.arrays
-    log_.record("serve.finished",
-                honoured=[n for n, o in outcomes.items() if o.status == "honoured"],
-                failed=[n for n, o in outcomes.items() if o.status == "failed"])
-    return ServeOutcome(final, outcomes, report)
+              "rejected": rejected, "unanswered": failures,
+              "model_before": model_digest(arrays)}
+    if not answered:
+        raise ServeError(no_answer_error(nodes, failures), ServeOutcome(arrays, {}, report))
+    if failures:
+        log(WARNING, "fedunlearn.serve: %d of %d node(s) did not answer the query: %s",
+            len(failures), len(nodes),
+            "; ".join(f"node {n}: {r}" for n, r in sorted(failures.items())))
+    return accepted, reports, view, report
+
+
+def _flops_per_sample(model_fn, example_input, reports) -> dict:
+    """FLOPs per training / forward sample of ``model_fn``'s model (0 without one)."""
+    if model_fn is None or example_input is None:
+        return {"train": 0, "forward": 0}
+    classes = max((int(r.get("num-classes", 0)) for r in reports.values()), default=0)
+    with torch.random.fork_rng(devices=[]):  # the user's random state stays as it was
+        model = model_fn()
+        if not classes:
+            with torch.no_grad():
+                classes = int(model.eval()(example_input[:1]).shape[-1])
+        return flops_per_sample(model, tuple(example_input.shape[1:]), classes)
+
+
+def _input_metrics(grid, arrays, accepted, evaluate_fn) -> dict:
+    """The input model's accuracy (%), measured once, where methods are judged against it:
+    ``test`` (``evaluate_fn``) and the targets' ``forget`` / ``retain``."""
+    unmeasured: dict[str, str] = {}
+    metrics = target_metrics(grid, arrays, accepted, unmeasured)
+    if evaluate_fn is not None:
+        value = evaluate_fn(arrays)
+        metrics.update(value if isinstance(value, dict) else {"test": float(value)})
+    return {k: float(v) for k, v in metrics.items()
+            if k not in unmeasured and isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def _publish(grid, strategy, run: MethodRun, accepted, report, out: Path, evaluate_fn,
-             outcomes: dict) -> dict:
-    """serve()'s publication of an honoured run: the targets' measurements, the server's
-    own evaluation, ``model.pt`` with its hash and ``results.json``."""
+             outcomes: dict, divergence: DivergenceCheck) -> dict:
+    """serve()'s publication of a finished run: the targets' measurements, the server's
+    own evaluation, the divergence check, ``model.pt`` with its hash and
+    ``results.json``; ``degraded`` / ``unmeasured`` in what it returns say so to the
+    lifecycle (audit records, receipts)."""
     name, unlearned, cost = run.method, run.arrays, strategy.cost
-    metrics = target_metrics(grid, unlearned, accepted)
+    unmeasured: dict[str, str] = {}
+    metrics = target_metrics(grid, unlearned, accepted, unmeasured)
     if evaluate_fn is not None:
         value = evaluate_fn(unlearned)
         metrics.update(value if isinstance(value, dict) else {"test": float(value)})
+    degraded = divergence.degradation(unlearned, metrics)
     path, digest = save_model(out / name / MODEL_FILE, unlearned)
-    outcome = MethodOutcome(name, "honoured", unlearned, model_path=str(path),
+    outcome = MethodOutcome(name, "degraded" if degraded else "honoured", unlearned,
+                            reason=degraded or "", model_path=str(path),
                             model_sha256=digest, rounds=cost.rounds,
                             comm_bytes=cost.comm_bytes, flops=cost.flops,
                             wall_s=run.wall_s, metrics=metrics,
-                            notes=_jsonable(strategy.notes))
+                            notes=_jsonable(strategy.notes), unmeasured=unmeasured)
     outcomes[name] = outcome
     write_json(out / name / RESULT_FILE, dict(outcome.as_dict(), request=report["accepted"],
                                               cost=strategy.cost_dict()))
-    log(INFO, "[%s] honoured: %s; model %s (sha256 %s)", name,
-        ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), path, digest[:12])
-    return {"metrics": metrics, "model_after": digest}
+    _log_published(outcome)
+    published = {"metrics": metrics, "model_after": digest}
+    if unmeasured:
+        published["unmeasured"] = unmeasured
+    if degraded:
+        published["degraded"] = degraded
+    return published
 
 
-def target_metrics(grid, arrays: ArrayRecord, requests: dict) -> dict:
+def _log_published(outcome: MethodOutcome) -> None:
+    measured = ", ".join(f"{k} {v:.2f}" for k, v in outcome.metrics.items())
+    where = f"model {outcome.model_path} (sha256 {outcome.model_sha256[:12]})"
+    if outcome.status == "degraded":
+        log(WARNING, "[%s] DEGRADED: %s (%s); %s is kept for inspection, not handed on",
+            outcome.method, outcome.reason, measured, where)
+    else:
+        log(INFO, "[%s] honoured: %s; %s", outcome.method, measured, where)
+    if outcome.unmeasured:
+        log(WARNING, "[%s] %s", outcome.method, unmeasured_note(outcome.unmeasured))
+
+
+def target_metrics(grid, arrays: ArrayRecord, requests: dict,
+                   unmeasured: dict | None = None) -> dict:
     """Forget and retain accuracy (%) of ``arrays``, measured by the target nodes on
-    their own data (counts only come back)."""
+    their own data (counts only come back). A part not every target could measure is
+    ``nan``; ``unmeasured`` (when given) gets why: ``{"forget": "node 12: <reason>",
+    "retain": ...}``."""
     messages = []
     for node, request in sorted(requests.items()):
         config = ConfigRecord({"max-members": 0})
@@ -314,14 +412,15 @@ def target_metrics(grid, arrays: ArrayRecord, requests: dict) -> dict:
         messages.append(Message(RecordDict({MODEL_KEY: arrays, "config": config}),
                                 dst_node_id=node, message_type=EVALUATE_UNLEARN))
     sums = {"forget-correct": 0, "forget-total": 0, "retain-correct": 0, "retain-total": 0}
-    failed = []
+    failed: dict[int, str] = {}
     for reply in grid.send_and_receive(messages, timeout=reply_timeout(grid)):
+        node = int(reply.metadata.src_node_id)
         try:
             if reply.has_error():
                 raise WireError("reply", reply.error.reason, "expected the node's counts")
             counts = parse_evaluate_reply(reply, max_members=0).counts
-        except WireError:
-            failed.append(int(reply.metadata.src_node_id))
+        except WireError as err:
+            failed[node] = reply.error.reason if reply.has_error() else str(err)
             continue
         for key in sums:
             sums[key] += counts[key]
@@ -330,7 +429,10 @@ def target_metrics(grid, arrays: ArrayRecord, requests: dict) -> dict:
         total = sums[f"{part}-total"]
         out[part] = 100.0 * sums[f"{part}-correct"] / total if total and not failed else float("nan")
     if failed:
-        log(WARNING, "target node(s) %s did not measure the unlearned model", failed)
+        why = "; ".join(f"node {n}: {r}" for n, r in sorted(failed.items()))
+        log(WARNING, "target node(s) %s did not measure the model: %s", sorted(failed), why)
+        if unmeasured is not None:
+            unmeasured.update({"forget": why, "retain": why})
     return out
 
 
@@ -351,5 +453,5 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-__all__ = ["MethodOutcome", "ServeOutcome", "load_model", "save_model", "serve",
-           "target_metrics"]
+__all__ = ["MethodOutcome", "ServeError", "ServeOutcome", "load_model", "save_model",
+           "serve", "target_metrics"]
