@@ -254,3 +254,53 @@ def test_a_diverging_recovery_is_degraded_and_never_handed_on(local_grid, server
     with pytest.raises(ServeError, match="not degraded: test accuracy") as raised:
         serve(grid, arrays, not_, output_dir=tmp_path / "alone", evaluate_fn=evaluate)
     assert model_digest(raised.value.outcome.arrays) == model_digest(arrays)
+
+
+def test_a_model_gone_non_finite_is_degraded_and_a_bad_threshold_is_refused(
+        userapp, user_grid, tmp_path):
+    import numpy as np
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from fedunlearn import FineTune, Recovery, ServeError, serve
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    Inbox(str(tmp_path / "i0")).file(scope="client")
+    grid = user_grid(client_app.app, inboxes={0: tmp_path / "i0"})
+    arrays = fedavg(grid, task, rounds=1)
+    with pytest.raises(ValueError, match=r"max_accuracy_drop=-5: expected accuracy points "
+                                         r"in \[0, 100\], or None"):
+        serve(grid, arrays, FineTune(Recovery(rounds=1)), output_dir=tmp_path / "x",
+              max_accuracy_drop=-5)
+    assert not (tmp_path / "x").exists()  # refused before anything was asked
+    real = client_app.app._registered_funcs["train.default"]
+
+    def blows_up(msg, context):  # a finite loss, but the weights overflowed
+        reply = real(msg, context)
+        state = reply.content["arrays"].to_torch_state_dict()
+        state = {k: v * float("inf") for k, v in state.items()}
+        return Message(RecordDict({"arrays": ArrayRecord(state),
+                                   "metrics": MetricRecord({"train_loss": 0.5,
+                                                            "num-examples": 48})}),
+                       reply_to=msg)
+
+    client_app.app._registered_funcs["train.default"] = blows_up
+    # Non-finite train replies are never aggregated: with none left, the method fails.
+    with pytest.raises(ServeError, match=r"ft failed: .*expected finite values"):
+        serve(grid, arrays, FineTune(Recovery(rounds=1)), output_dir=tmp_path / "o")
+    client_app.app._registered_funcs["train.default"] = real
+
+    class Overflows(FineTune):  # a method of the user's own whose model overflowed
+        name = "overflows"
+
+        def unlearning_step(self, grid, arrays):
+            state = arrays.to_torch_state_dict()
+            return ArrayRecord({k: v * float("inf") for k, v in state.items()})
+
+    with pytest.raises(ServeError, match=r"overflows degraded: the unlearned model holds "
+                                         r"non-finite values \(NaN/inf\)") as raised:
+        serve(grid, arrays, Overflows(Recovery(rounds=0)), output_dir=tmp_path / "o2",
+              max_accuracy_drop=None)
+    m = raised.value.outcome.methods["overflows"]
+    assert m.status == "degraded"
+    assert not all(np.isfinite(a.numpy()).all() for a in m.arrays.values())

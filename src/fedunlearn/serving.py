@@ -168,24 +168,14 @@ def serve(grid: Grid, arrays: ArrayRecord,
         Seconds to wait for the nodes' replies in any exchange (default 600): a node
         that has not answered by then failed that round.
     max_accuracy_drop : float or None
-        A method whose model's test accuracy (``evaluate_fn``) or targets' retained
-        accuracy falls more than this many points below the input model's is
-        ``degraded`` (default 20; ``None``: only a model with NaN/inf is).
+        A method whose test accuracy (``evaluate_fn``) or targets' retained accuracy falls
+        more than this many points below the input model's is ``degraded`` (default 20).
 
-    Raises
-    ------
-    ServeError
-        No node could answer the query, or no method honoured the accepted requests
-        (each named with its reason; everything is recorded first).
+    Raises :class:`ServeError` when no node could answer the query or no method honoured
+    the accepted requests (each named with its reason; everything is recorded first).
     """
-    strategies, names = _checked_strategies(strategies)
-    for s in strategies:
-        s.check_ready()
-    history = _training_history(history)
-    if model_fn is None or example_input is None:
-        model_fn, example_input = _flop_model(strategies, model_fn, example_input)
-    _checked_arrays(arrays, strategies, model_fn)  # before any request is accepted
-    divergence = DivergenceCheck(max_drop=max_accuracy_drop)
+    strategies, names, history, model_fn, example_input, divergence = _checked_inputs(
+        strategies, arrays, history, model_fn, example_input, max_accuracy_drop)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     run = federation.run_id_of(grid) if run_id is None else int(run_id)
@@ -201,6 +191,20 @@ def serve(grid: Grid, arrays: ArrayRecord,
     except BaseException as err:
         log_.record("serve.failed", error=f"{type(err).__name__}: {err}"[:1000])
         raise
+
+
+def _checked_inputs(strategies, arrays, history, model_fn, example_input, max_accuracy_drop):
+    """serve()'s arguments checked before any request is accepted: ``(strategies, names,
+    history, model_fn, example_input, divergence check)``."""
+    strategies, names = _checked_strategies(strategies)
+    for s in strategies:
+        s.check_ready()
+    history = _training_history(history)
+    if model_fn is None or example_input is None:
+        model_fn, example_input = _flop_model(strategies, model_fn, example_input)
+    _checked_arrays(arrays, strategies, model_fn)
+    return (strategies, names, history, model_fn, example_input,
+            DivergenceCheck(max_drop=max_accuracy_drop))
 
 
 def _checked_strategies(strategies) -> tuple[list[UnlearningStrategy], list[str]]:
