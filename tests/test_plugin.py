@@ -346,7 +346,7 @@ def test_the_example_app_under_flwr_run(tmp_path):
 
     app = Path(__file__).resolve().parents[1] / "examples" / "quickstart-pytorch-unlearning"
     out, log = tmp_path / "out", tmp_path / "run.log"
-    rc = flwr_run({"num-server-rounds": 3, "recovery-rounds": 2, "methods": "not,puf",
+    rc = flwr_run({"num-server-rounds": 3, "recovery-rounds": 5, "methods": "not,puf",
                    "output-dir": str(out), "inbox-root": str(tmp_path / "inboxes")},
                   num_supernodes=4, app=app, env={"FLWR_HOME": str(tmp_path / "home")},
                   log_file=log, echo=False)

@@ -201,7 +201,7 @@ def test_a_target_that_cannot_measure_is_said_on_the_outcome_and_receipt(userapp
 def test_a_diverging_recovery_is_degraded_and_never_handed_on(local_grid, server_identity,
                                                               single_thread, tmp_path,
                                                               monkeypatch):
-    """The example's digits app: Recovery(lr=0.5) drives NoT to chance (about 7 %
+    """The example's digits app: Recovery(lr=1.0) drives NoT to chance (about 7 %
     test) from a model at about 70 %, while FT at lr 0.05 recovers. NoT is degraded on
     the table, the outcome, results.json, the audit log and the receipt; the outcome's
     model is FT's."""
@@ -223,7 +223,7 @@ def test_a_diverging_recovery_is_degraded_and_never_handed_on(local_grid, server
         train_config=ConfigRecord({"lr": 0.05})).arrays
     before = evaluate(arrays)["test"]
     out = tmp_path / "out"
-    not_ = NoT(Recovery(rounds=3, lr=0.5), model_fn=Net, example_input=torch.zeros(1, 1, 8, 8))
+    not_ = NoT(Recovery(rounds=3, lr=1.0), model_fn=Net, example_input=torch.zeros(1, 1, 8, 8))
     outcome = serve(grid, arrays, [not_, FineTune(Recovery(rounds=3, lr=0.05))],
                     output_dir=out, evaluate_fn=evaluate)
     print(outcome.table())

@@ -14,9 +14,12 @@
 * a **recovery that diverged** (:class:`DivergenceCheck`): the unlearned model holds
   non-finite values, or its test accuracy (``evaluate_fn``) or the targets' retained
   accuracy fell more than ``max_drop`` points (default :data:`MAX_ACCURACY_DROP`) below
-  the input model's: the method is ``degraded``, its model is saved for inspection but
+  the input model's *to the level of guessing* (at most twice chance, ``200 /
+  num_classes`` %): the method is ``degraded``, its model is saved for inspection but
   never handed on as ``ServeOutcome.arrays``, and its requests stay pending (a ``failed``
-  receipt saying so) unless another method honours them.
+  receipt saying so) unless another method honours them. A model that fell as far but
+  is still well above chance (a recovery that is learning, with too few rounds) stays
+  honoured, with a warning in the log.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from .replies import parse_node_report
 MAX_ACCURACY_DROP = 20.0
 """Default of ``serve(max_accuracy_drop=)``: how many accuracy points (%) the unlearned
 model's test accuracy (or a target's retained accuracy) may fall below the input
-model's before the method counts as degraded. Forgetting a whole class everywhere
-lowers test accuracy by up to ``100 / num_classes`` points by design: with few classes,
-raise it (or pass ``None`` to turn the check off)."""
+model's, to the level of guessing, before the method counts as degraded. Forgetting a
+whole class everywhere lowers test accuracy by up to ``100 / num_classes`` points by
+design: with two or three classes, raise it (or pass ``None`` to keep only the NaN/inf
+check)."""
 
 
 class ServeError(RuntimeError):
@@ -117,11 +121,14 @@ class DivergenceCheck:
 
     ``baseline``: the input model's ``test`` (the server's ``evaluate_fn``) and
     ``retain`` (the targets' retained data) accuracy in %, each where measured;
-    ``max_drop``: the points either may fall (``None``: only non-finite values count).
+    ``max_drop``: the points either may fall (``None``: only non-finite values count);
+    ``num_classes``: the label set's size the nodes report (chance is ``100 /
+    num_classes`` %; unknown: any fall of more than ``max_drop`` counts).
     """
 
     baseline: dict = field(default_factory=dict)
     max_drop: float | None = MAX_ACCURACY_DROP
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_drop is not None and (isinstance(self.max_drop, bool) or not isinstance(
@@ -129,22 +136,49 @@ class DivergenceCheck:
             raise ValueError(f"max_accuracy_drop={self.max_drop!r}: expected accuracy "
                              "points in [0, 100], or None to turn the check off")
 
+    @property
+    def guessing(self) -> float:
+        """The accuracy (%) at or below which a model is no better than guessing: twice
+        chance (100 % when the label set is unknown or has two classes)."""
+        return min(100.0, 200.0 / self.num_classes) if self.num_classes else 100.0
+
     def degradation(self, arrays: ArrayRecord, metrics: Mapping[str, float]) -> str | None:
         """Why ``arrays`` (with ``metrics``, accuracy in %) is degraded; ``None`` if not."""
         bad = [k for k, a in arrays.items() if not _finite(to_numpy(a, writable=False))]
         if bad:
             return (f"the unlearned model holds non-finite values (NaN/inf) in {bad[:3]}: "
                     "the recovery diverged; lower Recovery(lr=...)")
-        if self.max_drop is None:
+        chance = f" (chance {100.0 / self.num_classes:.0f}%)" if self.num_classes else ""
+        for _, what, now, before in self.drops(metrics):
+            if now <= self.guessing:
+                return (f"{what} {now:.2f}% is more than {self.max_drop:g} points below the "
+                        f"input model's {before:.2f}%, down to guessing{chance}: the "
+                        "recovery diverged or never took hold; lower Recovery(lr=...) or "
+                        "give it more rounds")
+        return None
+
+    def shortfall(self, metrics: Mapping[str, float]) -> str | None:
+        """A warning for a model that fell more than ``max_drop`` points but is still
+        above guessing (not degraded); ``None`` if none fell that far."""
+        drops = self.drops(metrics)
+        if not drops:
             return None
+        return "; ".join(f"{what} {now:.2f}% is more than {self.max_drop:g} points below the "
+                         f"input model's {before:.2f}%" for _, what, now, before in drops) + (
+            ": the recovery may need more rounds (not degraded: above guessing)")
+
+    def drops(self, metrics: Mapping[str, float]) -> list[tuple[str, str, float, float]]:
+        """``(key, what, now, before)`` for each accuracy more than ``max_drop`` points
+        below the input model's (degraded or not)."""
+        if self.max_drop is None:
+            return []
+        out = []
         for key, what in (("test", "test accuracy"), ("retain", "the targets' retained "
                                                                "accuracy")):
             now, before = metrics.get(key), self.baseline.get(key)
             if _number(now) and _number(before) and now < before - self.max_drop:
-                return (f"{what} {now:.2f}% is more than {self.max_drop:g} points below the "
-                        f"input model's {before:.2f}%: the recovery diverged or is far from "
-                        "done; lower Recovery(lr=...) or give it more rounds")
-        return None
+                out.append((key, what, float(now), float(before)))
+        return out
 
 
 def _finite(values) -> bool:

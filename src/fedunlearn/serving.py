@@ -277,6 +277,8 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
                                 forward_flops_per_sample=flops["forward"], history=history)
     divergence.baseline = report["input_metrics"] = _input_metrics(
         guarded, arrays, accepted, evaluate_fn)
+    divergence.num_classes = max((int(r.get("num-classes", 0)) for r in reports.values()),
+                                 default=0) or None
     final = arrays
     for strategy in strategies:
         strategy.bind(context)
@@ -349,12 +351,14 @@ def _flops_per_sample(model_fn, example_input, reports) -> dict:
 
 def _input_metrics(grid, arrays, accepted, evaluate_fn) -> dict:
     """The input model's accuracy (%), measured once, where methods are judged against it:
-    ``test`` (``evaluate_fn``) and the targets' ``forget`` / ``retain``."""
+    ``test`` (``evaluate_fn``) and the targets' ``forget`` / ``retain``. The random state
+    stays as it was (in one process, the nodes' handlers share it)."""
     unmeasured: dict[str, str] = {}
-    metrics = target_metrics(grid, arrays, accepted, unmeasured)
-    if evaluate_fn is not None:
-        value = evaluate_fn(arrays)
-        metrics.update(value if isinstance(value, dict) else {"test": float(value)})
+    with torch.random.fork_rng(devices=[]):
+        metrics = target_metrics(grid, arrays, accepted, unmeasured)
+        if evaluate_fn is not None:
+            value = evaluate_fn(arrays)
+            metrics.update(value if isinstance(value, dict) else {"test": float(value)})
     return {k: float(v) for k, v in metrics.items()
             if k not in unmeasured and isinstance(v, (int, float)) and math.isfinite(v)}
 
@@ -372,6 +376,8 @@ def _publish(grid, strategy, run: MethodRun, accepted, report, out: Path, evalua
         value = evaluate_fn(unlearned)
         metrics.update(value if isinstance(value, dict) else {"test": float(value)})
     degraded = divergence.degradation(unlearned, metrics)
+    if not degraded and divergence.shortfall(metrics):
+        log(WARNING, "[%s] %s", name, divergence.shortfall(metrics))
     path, digest = save_model(out / name / MODEL_FILE, unlearned)
     outcome = MethodOutcome(name, "degraded" if degraded else "honoured", unlearned,
                             reason=degraded or "", model_path=str(path),
