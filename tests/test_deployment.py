@@ -588,7 +588,7 @@ def test_user_app_on_a_deployment_with_private_data_folders(tmp_path, deployment
     watcher = threading.Thread(target=_serverapp_opens, args=(data, stop, seen), daemon=True)
     watcher.start()
     try:
-        code = deployment.run(['num-server-rounds=2', 'recovery-rounds=1', 'methods="not"'],
+        code = deployment.run(['num-server-rounds=2', 'recovery-rounds=5', 'methods="not"'],
                               env, timeout=2 * RUN_TIMEOUT_S + 60)
     finally:
         stop.set()

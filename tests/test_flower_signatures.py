@@ -73,8 +73,9 @@ def test_flowers_and_the_percent_evaluate_fn_both_give_the_test_column(userapp, 
         assert 0.0 < m.metrics["test"] <= 100.0
         row = outcome.table().splitlines()[1].split()
         assert float(row[2]) == pytest.approx(expected, abs=0.01)  # the table's test column
-    # Flower's form was called with the rounds the method ran.
-    assert rounds == [2]
+    # Flower's form was called on the input model (round 0: what a degraded recovery is
+    # judged against) and with the rounds the method ran.
+    assert rounds == [0, 2]
 
 
 def test_a_raising_evaluate_fn_still_publishes_the_model_and_the_receipt(userapp, tmp_path,
@@ -203,16 +204,16 @@ def test_recovery_fraction_train_samples_half_the_nodes_that_may_train(userapp, 
 
 def test_recovery_min_nodes_above_the_nodes_that_may_train_fail_the_method_by_name(
         userapp, tmp_path, user_grid):
-    from fedunlearn import FineTune, Recovery, serve
+    from fedunlearn import FineTune, Recovery, ServeError, serve
     from fedunlearn.inbox import Inbox
 
     client_app, task = userapp
     Inbox(str(tmp_path / "inbox-0")).file(scope="client")  # 3 nodes left to train
     grid = user_grid(client_app.app, inboxes={0: tmp_path / "inbox-0"})
-    outcome = serve(grid, fedavg(grid, task, rounds=1),
-                    FineTune(Recovery(rounds=1, min_available_nodes=4)),
-                    output_dir=tmp_path / "o")
-    m = outcome.methods["ft"]
+    with pytest.raises(ServeError, match="no method honoured") as raised:  # the only one
+        serve(grid, fedavg(grid, task, rounds=1),
+              FineTune(Recovery(rounds=1, min_available_nodes=4)), output_dir=tmp_path / "o")
+    m = raised.value.outcome.methods["ft"]
     assert m.status == "failed"
     assert "needs at least 4 nodes" in m.reason and "only 3 may train" in m.reason
 

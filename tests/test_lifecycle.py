@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedunlearn import FineTune, Recovery, ServiceConfig, UnlearningFailed, serve
+from fedunlearn import FineTune, Recovery, ServeError, ServiceConfig, UnlearningFailed, serve
 from fedunlearn.inbox import Inbox
 from tests.test_plugin import fedavg, user_grid, userapp  # noqa: F401  (fixtures)
 
@@ -61,7 +61,8 @@ def test_serve_takes_the_lifecycle(userapp, user_grid, tmp_path, calls):
     Inbox(str(tmp_path / "i0")).file(scope="client")
     serve(grid, arrays, [FineTune(recovery)], output_dir=tmp_path / "ok")
     Inbox(str(tmp_path / "i1")).file(scope="client")
-    serve(grid, arrays, [Breaks(recovery)], output_dir=tmp_path / "broken")
+    with pytest.raises(ServeError, match="breaks failed: UnlearningFailed"):
+        serve(grid, arrays, [Breaks(recovery)], output_dir=tmp_path / "broken")
     assert calls == [("ft", "honoured"), ("breaks", "failed")]
     assert lifecycle_events(tmp_path / "ok") == HONOURED
     assert lifecycle_events(tmp_path / "broken") == FAILED

@@ -236,7 +236,7 @@ def test_class_wise_request_trains_on_retained_data_and_bad_ids_are_rejected(use
 
 
 def test_a_node_without_num_examples_fails_the_method_by_name(userapp, tmp_path, user_grid):
-    from fedunlearn import FineTune, Recovery, serve
+    from fedunlearn import FineTune, Recovery, ServeError, serve
     from fedunlearn.inbox import Inbox
     from flwr.app import ArrayRecord, MetricRecord
 
@@ -252,8 +252,9 @@ def test_a_node_without_num_examples_fails_the_method_by_name(userapp, tmp_path,
                                    "metrics": MetricRecord({"train_loss": 0.1})}), reply_to=msg)
 
     client_app.app._registered_funcs["train.default"] = no_weight
-    outcome = serve(grid, arrays, FineTune(Recovery(rounds=1)), output_dir=tmp_path / "o")
-    m = outcome.methods["ft"]
+    with pytest.raises(ServeError, match="no method honoured .*ft failed: .*num-examples") as raised:
+        serve(grid, arrays, FineTune(Recovery(rounds=1)), output_dir=tmp_path / "o")
+    m = raised.value.outcome.methods["ft"]
     assert m.status == "failed" and m.arrays is None
     assert f"node {USER_NODE[1]}" in m.reason and "num-examples" in m.reason
     assert (tmp_path / "o" / "ft" / "failed.json").exists()
@@ -350,7 +351,7 @@ def test_the_example_app_under_flwr_run(tmp_path):
 
     app = Path(__file__).resolve().parents[1] / "examples" / "quickstart-pytorch-unlearning"
     out, log = tmp_path / "out", tmp_path / "run.log"
-    rc = flwr_run({"num-server-rounds": 3, "recovery-rounds": 2, "methods": "not,puf",
+    rc = flwr_run({"num-server-rounds": 3, "recovery-rounds": 5, "methods": "not,puf",
                    "output-dir": str(out), "inbox-root": str(tmp_path / "inboxes")},
                   num_supernodes=4, app=app, env={"FLWR_HOME": str(tmp_path / "home")},
                   log_file=log, echo=False)
@@ -452,8 +453,13 @@ def test_history_methods_are_refused_without_a_matching_history(userapp, tmp_pat
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.serverapp.strategy import FedAvg
 
-    from fedunlearn import FUKD, PGD, FedEraser, HistoryKeeper, Recovery, serve
+    from fedunlearn import FUKD, PGD, FedEraser, HistoryKeeper, Recovery, ServeError, serve
     from fedunlearn.inbox import Inbox
+
+    def refused(*args, **kwargs):  # no method could serve: serve() raises, naming each
+        with pytest.raises(ServeError, match="no method honoured") as raised:
+            serve(*args, **kwargs)
+        return raised.value.outcome
 
     client_app, task = userapp
     Inbox(str(tmp_path / "i0")).file(scope="client")
@@ -473,17 +479,18 @@ def test_history_methods_are_refused_without_a_matching_history(userapp, tmp_pat
     result = keeper.start(grid, ArrayRecord(task.Net().state_dict()), num_rounds=1,
                           train_config=ConfigRecord({"lr": 0.05}))
     recovery = Recovery(rounds=1)
-    outcome = serve(grid, result.arrays, [FedEraser(recovery, model_fn=task.Net)],
-                    output_dir=tmp_path / "o", history=keeper)
+    outcome = refused(grid, result.arrays, [FedEraser(recovery, model_fn=task.Net)],
+                      output_dir=tmp_path / "o", history=keeper)
     assert outcome.methods["federaser"].status == "refused"
     assert "client updates every 1 round" in outcome.methods["federaser"].reason
     # A model other than the one the recorded training ended with: refused by hash.
     other = ArrayRecord(task.Net().state_dict())
-    pgd = PGD(recovery, model_fn=task.Net)
-    outcome = serve(grid, other, pgd, output_dir=tmp_path / "o2", history=keeper)
+    outcome = refused(grid, other, PGD(recovery, model_fn=task.Net), output_dir=tmp_path / "o2",
+                      history=keeper)
     assert outcome.methods["pgd"].status == "refused"
     assert "different model" in outcome.methods["pgd"].reason
-    outcome = serve(grid, result.arrays, pgd, output_dir=tmp_path / "o3")
+    outcome = refused(grid, result.arrays, PGD(recovery, model_fn=task.Net),
+                      output_dir=tmp_path / "o3")
     assert "HistoryKeeper" in outcome.methods["pgd"].reason
 
 

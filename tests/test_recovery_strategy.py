@@ -48,7 +48,7 @@ def test_the_default_recovery_is_bit_identical_to_before(tmp_path):
 
 def example(tmp_path, strategy: str) -> dict:
     out = tmp_path / strategy
-    run_app({"num-server-rounds": 2, "recovery-rounds": 2, "methods": "not",
+    run_app({"num-server-rounds": 2, "recovery-rounds": 5, "methods": "not",
              "recovery-strategy": strategy, "output-dir": str(out)}, 3, app=EXAMPLE)
     result = json.loads((out / "not" / "results.json").read_text())
     result["digest"] = model_digest(ArrayRecord(torch.load(result["model_path"])))
@@ -66,7 +66,7 @@ def test_the_example_app_recovers_with_the_users_flower_strategy(tmp_path, defau
     got = example(tmp_path, strategy)
     assert got["status"] == "honoured", got["reason"]
     recovery = got["notes"]["recovery"]
-    assert recovery["aggregation"] == name and recovery["rounds"] == 2
+    assert recovery["aggregation"] == name and recovery["rounds"] == 5
     assert "aggregation" not in default_run["notes"]["recovery"]
     assert got["digest"] != default_run["digest"]  # another server optimizer, another model
     assert 0 <= got["metrics"]["test"] <= 100

@@ -19,7 +19,8 @@ library never imports it.
 from __future__ import annotations
 
 _SERVER = {"serve": "serving", "ServeOutcome": "serving", "MethodOutcome": "serving",
-           "load_model": "serving", "HistoryKeeper": "history_keeper", "HistorySpec": "history",
+           "load_model": "serving", "ServeError": "serve_checks",
+           "HistoryKeeper": "history_keeper", "HistorySpec": "history",
            "ExcludeForgotten": "strategies.exclude_forgotten",
            "Recovery": "strategies", "Training": "strategies",
            "UnlearningFailed": "strategies", "UnlearningStrategy": "strategies",

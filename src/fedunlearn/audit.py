@@ -17,6 +17,8 @@ goes on. Events (``event`` field):
 * ``unlearning.finished``: rounds, bytes, metrics, the model before's array digest, and
   the model after: ``model_sha256``, the SHA-256 of the file it was saved to (what
   ``sha256sum`` prints), and ``model_arrays_sha256``, its array digest;
+* ``unlearning.degraded``: the same, for a model judged unfit (the recovery diverged),
+  with the reason; its requests get ``request.failed``;
 * ``receipt.sent``: the verdict sent back to a node's inbox;
 * ``job.finished`` / ``job.failed``.
 

@@ -72,7 +72,7 @@ RECEIPT_FIELDS = ("request-ids", "status", "run", "reason", "reasons", "method",
                   "model-sha256",
                   "model-arrays-sha256", "model-before-arrays-sha256", "server-time",
                   "rounds", "comm-bytes", "audit-seq", "audit-sha256", "version", "round",
-                  "deadline-missed")
+                  "deadline-missed", "unmeasured")
 """Fields of the ``receipt`` record the server sends with ``query.unlearn``:
 ``model-sha256`` is the SHA-256 of the saved model file (``sha256sum`` confirms it);
 ``model-arrays-sha256`` and ``model-before-arrays-sha256`` are array digests
@@ -445,7 +445,7 @@ def parse_receipt(record: Any) -> dict:
             raise WireError("reasons", reasons, "expected one reason (a string of at most 600 "
                             "characters) per request id")
         out["reasons"] = list(reasons)
-    for key in ("reason", "method", "server-time"):
+    for key in ("reason", "method", "server-time", "unmeasured"):
         if key in record:
             out[key.replace("-", "_")] = text(key, record[key], 600)
     for key in ("model-sha256", "model-arrays-sha256", "model-before-arrays-sha256"):

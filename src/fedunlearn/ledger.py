@@ -22,6 +22,7 @@ from flwr.common.logger import log
 
 from . import federation
 from .audit import AuditLog, model_digest
+from .serve_checks import unmeasured_note
 from .requests import UnlearningRequest
 
 
@@ -107,28 +108,57 @@ class Ledger:
     def unlearning_finished(self, method: str, *, rounds: int, comm_bytes: int,
                             wall_s: float, metrics: dict, model_before: str,
                             model_sha256: str, model_arrays_sha256: str,
-                            honours: list[dict], **fields) -> None:
+                            honours: list[dict], unmeasured: dict | None = None,
+                            **fields) -> None:
         """``unlearning.finished`` and one ``request.honoured`` per request served
         (``honours``: ``node``, ``scope``, ``digest``, ``inbox_ids`` and any other field
         of the request's record); honoured receipts to their inboxes. ``model_sha256``:
         the SHA-256 of the saved model file; ``model_before`` and ``model_arrays_sha256``:
-        array digests (:func:`fedunlearn.audit.model_digest`). ``fields``'
-        ``not_measured`` (metric -> why) goes into the receipts' ``reason``."""
+        array digests (:func:`fedunlearn.audit.model_digest`). ``unmeasured`` (what the
+        targets could not measure, part -> why) goes into every record and receipt;
+        ``fields``' ``not_measured`` (the server's test) into the receipts' ``reason``."""
         hashes = {"model_sha256": model_sha256, "model_arrays_sha256": model_arrays_sha256}
+        extra = {"unmeasured": dict(unmeasured)} if unmeasured else {}
         self.audit.record("unlearning.finished", method=method, rounds=rounds,
                           comm_bytes=comm_bytes, wall_s=round(wall_s, 3), metrics=metrics,
-                          model_before_arrays_sha256=model_before, **hashes, **fields)
+                          model_before_arrays_sha256=model_before, **hashes, **extra,
+                          **fields)
         for h in honours:
-            self.audit.record("request.honoured", method=method, **hashes,
+            self.audit.record("request.honoured", method=method, **hashes, **extra,
                               **{k: h[k] for k in h if k not in ("method", *hashes)})
-        unmeasured = "; ".join(f"{k} not measured: {why}"
-                               for k, why in fields.get("not_measured", {}).items())
+        not_measured = "; ".join(f"{k} not measured: {why}"
+                                 for k, why in fields.get("not_measured", {}).items())
         if self.receipts:
+            note = unmeasured_note(unmeasured) if unmeasured else None
             self._send({node: federation.receipt_record(
                             r.inbox_ids, "honoured", self.run_id, method=method,
                             model_before_arrays_sha256=model_before, rounds=rounds,
-                            comm_bytes=comm_bytes, reason=unmeasured or None,
-                            **hashes)
+                            comm_bytes=comm_bytes, reason=not_measured or None,
+                            unmeasured=note, **hashes)
+                        for node, r in self.requests.items() if r.inbox_ids})
+
+    def unlearning_degraded(self, method: str, reason: str, *, rounds: int,
+                            comm_bytes: int, wall_s: float, metrics: dict,
+                            model_before: str, model_sha256: str, model_arrays_sha256: str,
+                            failures: list[dict], **fields) -> None:
+        """``unlearning.degraded`` (the method finished, but its model is unfit: the
+        recovery diverged) and one ``request.failed`` per request it leaves unserved;
+        ``failed`` receipts naming the degraded model (the requests stay pending unless
+        another method honours them)."""
+        hashes = {"model_sha256": model_sha256, "model_arrays_sha256": model_arrays_sha256}
+        self.audit.record("unlearning.degraded", method=method, reason=reason[:2000],
+                          rounds=rounds, comm_bytes=comm_bytes, wall_s=round(wall_s, 3),
+                          metrics=metrics, model_before_arrays_sha256=model_before,
+                          **hashes, **fields)
+        why = f"degraded: {reason}"
+        for f in failures:
+            self.audit.record("request.failed", method=method, reason=why[:2000], **hashes,
+                              **{k: f[k] for k in f if k not in ("method", "reason", *hashes)})
+        if self.receipts:
+            self._send({node: federation.receipt_record(
+                            r.inbox_ids, "failed", self.run_id, method=method,
+                            reason=f"{method}'s model is degraded, not used: {reason}",
+                            model_before_arrays_sha256=model_before, **hashes)
                         for node, r in self.requests.items() if r.inbox_ids})
 
     def unlearning_failed(self, method: str, reason: str, *, model_before: str,

@@ -15,7 +15,11 @@ harness and service mode take for every method they run on a set of accepted req
    published; then
    ``unlearning.finished`` and one ``request.honoured`` per request are recorded and the
    honoured receipts sent (service mode records them itself once its checkpoint holds
-   the step: ``publish`` returns ``None``).
+   the step: ``publish`` returns ``None``). A publication that found the model
+   ``degraded`` (:mod:`.serve_checks`: the recovery diverged) makes the run
+   ``degraded``: ``unlearning.degraded``, one ``request.failed`` per request and
+   ``failed`` receipts saying why (the requests stay pending unless another method
+   honours them); ``unmeasured`` goes into the honoured records and receipts.
 
 Every record goes through :class:`fedunlearn.ledger.Ledger`.
 """
@@ -39,8 +43,9 @@ METHOD_FAILURES = (UnlearningFailed, RuntimeError, ValueError)
 
 @dataclass
 class MethodRun:
-    """What :func:`run_method` did: ``status`` is ``refused``, ``failed`` or
-    ``honoured`` (then ``arrays`` is the unlearned model)."""
+    """What :func:`run_method` did: ``status`` is ``refused``, ``failed``, ``degraded``
+    (``arrays`` is the model its publication judged diverged) or ``honoured`` (then
+    ``arrays`` is the unlearned model)."""
 
     method: str
     status: str
@@ -67,10 +72,11 @@ def run_method(strategy, grid: Grid, arrays: ArrayRecord,
                failed_fields: dict | None = None) -> MethodRun:
     """Run ``strategy`` on ``requests`` from ``arrays`` and publish the outcome.
 
-    ``publish(run)`` is called with an honoured run; it returns what it published
+    ``publish(run)`` is called with a finished run; it returns what it published
     (``metrics``, ``model_sha256``: the SHA-256 of the file it saved the model to,
-    ``model_arrays_sha256``, and any field for ``unlearning.finished``), or
-    ``None`` when it records the step itself. ``final``: a failure is the requests'
+    ``model_arrays_sha256``, ``degraded`` (why the model is unfit), ``unmeasured``, and
+    any field for ``unlearning.finished``), or ``None`` when it records the step itself.
+    ``final``: a failure is the requests'
     last word (service mode retries first). ``request_extra(node)``: fields added to each
     ``request.*`` record."""
     name = strategy.name
@@ -103,12 +109,17 @@ def run_method(strategy, grid: Grid, arrays: ArrayRecord,
     if published is not None:
         run.published = dict(published)
         fields = {k: v for k, v in published.items()
-                  if k not in ("metrics", "model_sha256", "model_arrays_sha256")}
+                  if k not in ("metrics", "model_sha256", "model_arrays_sha256", "degraded")}
         cost = strategy.cost
-        ledger.unlearning_finished(
-            name, rounds=cost.rounds, comm_bytes=cost.comm_bytes, wall_s=cost.wall_s,
-            metrics=published.get("metrics", {}), model_before=before,
-            model_sha256=published["model_sha256"],
-            model_arrays_sha256=published.get("model_arrays_sha256") or model_digest(unlearned),
-            honours=named(), **fields)
+        common = dict(rounds=cost.rounds, comm_bytes=cost.comm_bytes, wall_s=cost.wall_s,
+                      metrics=published.get("metrics", {}), model_before=before,
+                      model_sha256=published["model_sha256"],
+                      model_arrays_sha256=(published.get("model_arrays_sha256")
+                                           or model_digest(unlearned)))
+        if published.get("degraded"):
+            run.status, run.reason = "degraded", str(published["degraded"])
+            ledger.unlearning_degraded(name, run.reason,
+                                       failures=named() if final else [], **common, **fields)
+        else:
+            ledger.unlearning_finished(name, honours=named(), **common, **fields)
     return run

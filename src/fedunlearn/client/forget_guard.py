@@ -65,9 +65,11 @@ class ForgetList:
         return ", ".join(self.sources) or "-"
 
 
-def forget_list(view: NodeView, node_config) -> ForgetList:
+def forget_list(view: NodeView | Callable[[], NodeView], node_config) -> ForgetList:
     """The node's forget list from its inbox (requests with an ``honoured`` receipt) and
-    its node-config request (see the module docstring)."""
+    its node-config request (see the module docstring). ``view`` may be a function that
+    builds the view: it is called only when a class- or instance-wise request needs the
+    node's data (a node that forgets nothing never loads it here)."""
     honoured, sources = [], []
     if INBOX_KEY in node_config:
         entries, _ = node_inbox(node_config).entries()
@@ -75,6 +77,9 @@ def forget_list(view: NodeView, node_config) -> ForgetList:
         sources = [r.id for r in honoured]
     if any(r.scope == "client" for r in honoured):
         return ForgetList(client=True, sources=tuple(sources))
+    if not honoured and "forget-scope" not in node_config:
+        return ForgetList()
+    view = view() if callable(view) else view
     forget = _inbox_positions(view, honoured)
     if "forget-scope" in node_config:
         config = {k: v for k, v in node_config.items() if k != INBOX_KEY}
@@ -119,7 +124,7 @@ def forget_guard(view_for: Callable[[Context], NodeView],
         if inbox is not None and INBOX_KEY not in context.node_config:
             context.node_config[INBOX_KEY] = str(inbox(context))
         try:
-            forget = forget_list(view_for(context), context.node_config)
+            forget = forget_list(lambda: view_for(context), context.node_config)
         except (ValueError, OSError) as err:
             return refusal(msg, f"fedunlearn could not read this node's forget list ({err}); "
                                 "it trains on nothing until it can")
