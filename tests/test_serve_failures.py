@@ -148,7 +148,8 @@ def test_every_method_failing_raises_naming_each_method(userapp, user_grid, tmp_
     client_app.app._registered_funcs["train.default"] = out_of_memory
     out = tmp_path / "out"
     with pytest.raises(ServeError, match="no method honoured") as raised:
-        serve(grid, arrays, [FineTune(Recovery(rounds=1)), PGD(Recovery(rounds=1))],
+        serve(grid, arrays, [FineTune(Recovery(rounds=1)),
+                             PGD(Recovery(rounds=1), model_fn=task.Net)],
               output_dir=out)
     client_app.app._registered_funcs["train.default"] = real
     message = str(raised.value)
@@ -232,13 +233,14 @@ def test_a_diverging_recovery_is_degraded_and_never_handed_on(local_grid, server
     assert m.status == "degraded" and m.metrics["test"] < before - 20
     assert f"input model's {before:.2f}%" in m.reason and "lower Recovery(lr=...)" in m.reason
     assert ft.status == "honoured"
-    assert model_digest(outcome.arrays) == ft.model_sha256  # never NoT's model
-    assert model_digest(load_model(m.model_path)) == m.model_sha256  # kept for inspection
-    assert "not        degraded" in outcome.table() and "not degraded: test accuracy" in outcome.table()
+    assert model_digest(outcome.arrays) == ft.model_arrays_sha256  # never NoT's model
+    assert model_digest(load_model(m.model_path)) == m.model_arrays_sha256  # kept for inspection
+    table = outcome.table()
+    assert "not        degraded" in table and "not degraded: test accuracy" in table
     assert json.loads((out / "not" / "results.json").read_text())["status"] == "degraded"
     events = audit_events(out)
     (degraded,) = [e for e in events if e["event"] == "unlearning.degraded"]
-    assert degraded["method"] == "not" and degraded["model_after"] == m.model_sha256
+    assert degraded["method"] == "not" and degraded["model_sha256"] == m.model_sha256
     assert any(e["event"] == "request.failed" and e["reason"].startswith("degraded: ")
                for e in events)
     inbox = Inbox(str(tmp_path / "inboxes" / f"inbox-{grid.run.run_id}-0"))
