@@ -229,7 +229,7 @@ def _serve(guarded, ledger, log_, arrays, strategies, out, evaluate_fn, history,
     accepted, rejected = federation.collect_valid_requests(
         replies, None, audit=log_, reports=reports)
     answered = sorted(reports)
-    view = {n: reports[n].get("partition-id", i) for i, n in enumerate(answered)}
+    view = {n: federation.node_label(n, reports[n]) for n in answered}
     guarded.verify(view)
     guarded.reports = reports
     ledger.verified(view)
