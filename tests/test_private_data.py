@@ -240,3 +240,31 @@ def test_partition_id_stays_an_option_and_a_bad_one_is_named(private_app, tmp_pa
     assert private.draw_id != view(11, **{"dataset-path": str(tmp_path / "e")}).draw_id
     with pytest.raises(ValueError, match=r"partition-id='2'.*non-negative integer"):
         view(11, **{"dataset-path": path, "partition-id": "2"})
+
+
+# -- scripts/deploy_local.sh --private-data: its settings, checked before anything starts --
+def _deploy(tmp_path, *args, **env):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    full = {**os.environ, "FLWR_BIN_DIR": str(Path(sys.executable).parent),
+            "WORKDIR": str(tmp_path / "work"), **env}
+    done = subprocess.run(["bash", str(repo / "scripts" / "deploy_local.sh"), *args],
+                          env=full, capture_output=True, text=True, timeout=300, cwd=repo)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash script, Linux")
+def test_deploy_script_private_data_settings_are_checked_first(tmp_path):
+    code, out = _deploy(tmp_path, "--private-data", APP=".")
+    assert code == 2 and "needs partition-id on every node" in out
+    code, out = _deploy(tmp_path, "--private-dat")
+    assert code == 2 and "unknown option --private-dat" in out
+    code, out = _deploy(tmp_path, "--private-data", "recovery-rounds=4",
+                        DATASET_PATH_0=str(tmp_path / "missing"))
+    assert code == 2 and f"DATASET_PATH_0={tmp_path / 'missing'} is not a folder" in out
+    # The estimate comes first, from the example's defaults and the pairs given.
+    assert "expected duration: about" in out and "(15 message waves to 3 SuperNodes)" in out
+    assert not (tmp_path / "work" / "logs" / "superlink.log").exists()  # nothing started

@@ -164,7 +164,8 @@ def own_request(view: NodeView, node_config, run_config_requests: bool = True,
                              f"set ({len(view.train_ids)} samples)")
         ids = tuple(int(i) for i in positions)
     if scope == "instance" and not ids:
-        ids = tuple(sample_fraction(view.train_indices(), fraction, seed=view.seed + view.draw_id))
+        ids = tuple(sample_fraction(view.train_indices(), fraction,
+                                    seed=view.seed + view.draw_id))
     return UnlearningRequest(scope=scope, partition_id=data_of if data_of >= 0 else pid,
                              classes=tuple(classes) if scope == "class" else (),
                              sample_ids=tuple(ids) if scope == "instance" else ())
