@@ -20,9 +20,9 @@
 # set, else the script writes node i's share of scikit-learn's digits there (an on-disk
 # Hugging Face dataset, train/test) before the SuperNodes start.
 #
-# The defaults finish in a sitting: about 4 minutes (harness) and 4 minutes
-# (--private-data) on an idle 2-core machine, up to 3x that on a busy one; the script
-# prints its estimate at the start (docs/deployment.md, "Timing").
+# The defaults finish in a sitting on 2 cores: measured 8 min (harness) and 11 min
+# (--private-data) while other jobs kept the machine at load average 5-10; the script
+# prints its estimate for an idle machine first (docs/deployment.md, "Timing").
 #
 # Usage (from the repository root):
 #   scripts/deploy_local.sh [--private-data] [run-config pairs...]
