@@ -12,9 +12,22 @@
 # The run-config's `forget.clients` keeps its default: a deployment ignores it (requests
 # come from the nodes).
 #
+# With --private-data, the nodes hold data of their own and no partition id: each
+# SuperNode starts with only `dataset-path` (its own folder) and `inbox` in its
+# node-config, and a user's app built with `fedunlearn.client.attach()` and
+# `fedunlearn.serve()` runs (APP, default examples/quickstart-pytorch-unlearning). Every
+# request binds to the node that filed it. Each node's folder is DATASET_PATH_<i> when
+# set, else the script writes node i's share of scikit-learn's digits there (an on-disk
+# Hugging Face dataset, train/test) before the SuperNodes start.
+#
+# The defaults finish in a sitting on 2 cores: measured 8 min (harness) and 11 min
+# (--private-data) while other jobs kept the machine at load average 5-10; the script
+# prints its estimate for an idle machine first (docs/deployment.md, "Timing").
+#
 # Usage (from the repository root):
-#   scripts/deploy_local.sh [run-config pairs...]
+#   scripts/deploy_local.sh [--private-data] [run-config pairs...]
 #   scripts/deploy_local.sh 'pretrain.rounds=10' 'unlearn.rounds=5'
+#   FORGET_NODE=1 FORGET_SCOPE=class FORGET_CLASSES=3 scripts/deploy_local.sh --private-data
 #   NUM_NODES=5 FORGET_SCOPE=class FORGET_CLASSES=3 METHOD=retrain,ft,not scripts/deploy_local.sh
 #   STRANGER_NODES=1 scripts/deploy_local.sh   # plus a SuperNode whose key is not registered
 #   SECURE=0 FORGET_VIA=node-config scripts/deploy_local.sh   # insecure, node-config request
@@ -54,10 +67,15 @@
 #   APP                the Flower app to run: this repository (the harness) or another
 #                      app's folder, e.g. examples/quickstart-pytorch-unlearning; for
 #                      another app only output-dir and the arguments go into its
-#                      run-config                                          (default .)
+#                      run-config       (default . ; --private-data: the example)
+#   DATASET_PATH_<i>   --private-data: SuperNode i's own data folder (default: node i's
+#                      share of digits, written to $WORKDIR/node-data/node-<i>)
 #
 # Every run-config pair given as an argument is passed to `flwr run --run-config`
 # after the script's own (later keys win), e.g. 'dataset.name="digits"' pretrain.rounds=5.
+# The script's own: for the harness pretrain.rounds=5 unlearn.rounds=3 (the app's
+# defaults, 30 and 11 rounds, do not finish in a sitting on 2 cores); for the example
+# app num-server-rounds=3 recovery-rounds=2 methods="not".
 #
 # The SuperLink and SuperNodes get free ports of their own, so several runs (and the
 # default ports 8000/9094 or the simulation's 39091/39093) do not collide. On exit
@@ -76,6 +94,19 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
+PRIVATE_DATA="${PRIVATE_DATA:-0}"
+ARGS=()
+for arg in "$@"; do
+    case "$arg" in
+        --private-data) PRIVATE_DATA=1 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        --*) echo "unknown option $arg (options: --private-data, --help; anything else is a" \
+                  "run-config pair key=value)" >&2; exit 2 ;;
+        *) ARGS+=("$arg") ;;
+    esac
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}
+
 NUM_NODES="${NUM_NODES:-3}"
 SECURE="${SECURE:-1}"
 STRANGER_NODES="${STRANGER_NODES:-0}"
@@ -89,7 +120,11 @@ METHOD="${METHOD:-not}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-0}"
 RUNS="${RUNS:-1}"
 RESTARTS="${RESTARTS:-0}"
-APP="${APP:-.}"
+if [[ "$PRIVATE_DATA" == 1 ]]; then
+    APP="${APP:-examples/quickstart-pytorch-unlearning}"
+else
+    APP="${APP:-.}"
+fi
 WORKDIR="${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/fedunlearn-deploy.XXXXXX")}"
 mkdir -p "$WORKDIR"
 WORKDIR="$(cd "$WORKDIR" && pwd)"
@@ -136,6 +171,12 @@ fi
 if ! [[ "$STRANGER_NODES" =~ ^[0-9]+$ ]] || { [[ "$SECURE" == 0 ]] && ((STRANGER_NODES > 0)); }; then
     echo "STRANGER_NODES=$STRANGER_NODES must be a count and needs SECURE=1 (without" \
          "SuperNode authentication nothing refuses an unregistered SuperNode)" >&2
+    exit 2
+fi
+if [[ "$PRIVATE_DATA" == 1 && "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]]; then
+    echo "--private-data runs a user's app (attach() + serve(), e.g." \
+         "APP=examples/quickstart-pytorch-unlearning): the harness at the repository root" \
+         "needs partition-id on every node" >&2
     exit 2
 fi
 if [[ "$FORGET_VIA" != inbox && "$FORGET_VIA" != node-config ]]; then
@@ -254,6 +295,79 @@ for s in socks:
 EOF
 }
 
+# --- The script's run-config defaults (sized to finish in a sitting), the estimate -------
+DEFAULT_RUN_CONFIG=""   # another app: its own defaults
+if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]]; then
+    DEFAULT_RUN_CONFIG="pretrain.rounds=5 unlearn.rounds=3"
+elif [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT/examples/quickstart-pytorch-unlearning" ]]; then
+    DEFAULT_RUN_CONFIG="num-server-rounds=3 recovery-rounds=2 methods=\"not\""
+fi
+[[ -n "$DEFAULT_RUN_CONFIG" ]] && "$PYTHON" - "$NUM_NODES" "$RUNS" "$METHOD" \
+    $DEFAULT_RUN_CONFIG "$@" <<'EOF' >&2
+# Every message starts a ClientApp process (~9 CPU-s: torch and fedunlearn imported) and
+# SuperNodes poll every 3 s: a wave of messages to N nodes takes about 4.5 N + 3 s on 2
+# cores. Measured: docs/deployment.md, "Timing".
+import re, sys
+nodes, runs, method, pairs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+cfg = {}
+for pair in pairs:
+    key, _, value = pair.partition("=")
+    cfg[key.strip()] = value.strip().strip('"')
+num = lambda key, default: int(cfg[key]) if re.fullmatch(r"\d+", cfg.get(key, "")) else default
+if "num-server-rounds" in cfg or "recovery-rounds" in cfg:  # the example app
+    methods = len(cfg.get("methods", "not").split(","))
+    waves = 2 * num("num-server-rounds", 3) + 3 + methods * (num("recovery-rounds", 2) + 2)
+else:  # the harness: pretraining, then per method its rounds and two evaluations
+    methods = len(cfg.get("method", method).split(","))
+    waves = num("pretrain.rounds", 5) + 6 + methods * (num("unlearn.rounds", 3) + 3)
+seconds = runs * (40 + waves * (4.5 * nodes + 3))
+print(f"[deploy_local] expected duration: about {seconds / 60:.0f} min on an idle 2-core "
+      f"machine ({waves} message waves to {nodes} SuperNodes), up to 3x on a busy one")
+EOF
+
+# --- --private-data: each node's own data folder, written before anything starts -------
+DATASET_PATHS=()
+if [[ "$PRIVATE_DATA" == 1 ]]; then
+    missing=()
+    for ((i = 0; i < NUM_NODES; i++)); do
+        path_var="DATASET_PATH_$i"
+        if [[ -n "${!path_var:-}" ]]; then
+            if [[ ! -d "${!path_var}" ]]; then
+                echo "$path_var=${!path_var} is not a folder (SuperNode $i's own data)" >&2
+                exit 2
+            fi
+            DATASET_PATHS+=("$(cd "${!path_var}" && pwd)")
+        else
+            DATASET_PATHS+=("$WORKDIR/node-data/node-$i")
+            missing+=("$i")
+        fi
+    done
+    if ((${#missing[@]})); then
+        "$PYTHON" - "$WORKDIR/node-data" "$NUM_NODES" "${missing[@]}" <<'EOF'
+# Node i's share of scikit-learn's digits (the example app's own split: the last 360 of
+# the shuffle are the server's test set), as an on-disk Hugging Face dataset.
+import sys
+import numpy as np
+from datasets import Dataset, DatasetDict
+from datasets.utils.logging import disable_progress_bar
+from sklearn.datasets import load_digits
+
+disable_progress_bar()
+root, n = sys.argv[1], int(sys.argv[2])
+x, y = load_digits(return_X_y=True)
+order = np.random.default_rng(42).permutation(len(y))[: len(y) - 360]
+for i in map(int, sys.argv[3:]):
+    part = np.array_split(order, n)[i]
+    cut = int(0.8 * len(part))
+    table = lambda ids: Dataset.from_dict({"img": (x[ids] / 16.0).reshape(-1, 8, 8).tolist(),
+                                           "label": y[ids].tolist()})
+    DatasetDict({"train": table(part[:cut]), "test": table(part[cut:])}).save_to_disk(
+        f"{root}/node-{i}")
+EOF
+        log "wrote node(s) ${missing[*]}'s own digits data to $WORKDIR/node-data/node-<i>"
+    fi
+fi
+
 read -r -a PORTS <<< "$(free_ports $((NUM_NODES + STRANGER_NODES + 1)))"
 SUPERLINK_PORT="${PORTS[0]}"
 SUPERLINK="127.0.0.1:$SUPERLINK_PORT"
@@ -365,7 +479,11 @@ start_supernode() {  # start_supernode <name> <port> <node-config>: key certs/su
 }
 for ((i = 0; i < NUM_NODES; i++)); do
     mkdir -p "$WORKDIR/inbox-$i"
-    node_config="partition-id=$i num-partitions=$NUM_NODES inbox=\"$WORKDIR/inbox-$i\""
+    if [[ "$PRIVATE_DATA" == 1 ]]; then  # its own data folder and inbox, no partition id
+        node_config="dataset-path=\"${DATASET_PATHS[i]}\" inbox=\"$WORKDIR/inbox-$i\""
+    else
+        node_config="partition-id=$i num-partitions=$NUM_NODES inbox=\"$WORKDIR/inbox-$i\""
+    fi
     if [[ "$i" == "$FORGET_NODE" && "$FORGET_VIA" == node-config ]]; then
         node_config+=" forget-scope=\"$FORGET_SCOPE\""
         [[ -n "$FORGET_CLASSES" ]] && node_config+=" forget-classes=\"$FORGET_CLASSES\""
@@ -378,8 +496,10 @@ for ((i = 0; i < NUM_NODES; i++)); do
 done
 STRANGER_PIDS=()
 for ((k = 0; k < STRANGER_NODES; k++)); do
+    stranger_config="partition-id=0 num-partitions=$NUM_NODES"
+    [[ "$PRIVATE_DATA" == 1 ]] && stranger_config="dataset-path=\"${DATASET_PATHS[0]}\""
     start_supernode "stranger-$k" "${PORTS[NUM_NODES + k + 1]}" \
-        "partition-id=0 num-partitions=$NUM_NODES forget-scope=\"client\""
+        "$stranger_config forget-scope=\"client\""
     STRANGER_PIDS+=("${STARTED[-1]}")
 done
 
@@ -432,6 +552,7 @@ run_job_once() {  # one `flwr run`: 0 done, 3 the ServerApp died, 1 any other fa
     else  # a user's app: its own run-config keys
         run_config="output-dir=\"$out\""
     fi
+    run_config+=" $DEFAULT_RUN_CONFIG"
     for pair in "${RUN_ARGS[@]}"; do run_config+=" $pair"; done
     run_log="$LOG_DIR/run.log"
     ((RUNS > 1)) && run_log="$LOG_DIR/run-$k.log"

@@ -578,24 +578,27 @@ def test_user_app_on_a_deployment_with_private_data_folders(tmp_path, deployment
     for i, root in enumerate(data):
         _write_node_data(root, i, 3)
     env = {"NUM_NODES": "3", "SECURE": "0", "FORGET_NODE": "none", "RUNS": "2",
-           "APP": str(REPO / "examples" / "quickstart-pytorch-unlearning"),
            "OUTPUT_DIR": str(tmp_path / "out"), "RUN_TIMEOUT": str(RUN_TIMEOUT_S),
            "INBOX_REQUEST_1": ("--scope class --classes 3;--scope instance --sample-ids 0,1,2;"
                                "--scope instance --sample-ids 5,9999")}
     for i, root in enumerate(data):
-        env[f"NODE_CONFIG_{i}"] = f"dataset-path=\"{root}\""
+        env[f"DATASET_PATH_{i}"] = str(root)
     stop, seen = threading.Event(), []
     watcher = threading.Thread(target=_serverapp_opens, args=(data, stop, seen), daemon=True)
     watcher.start()
     try:
-        code = deployment.run(['num-server-rounds=2', 'recovery-rounds=5', 'methods="not"'],
-                              env, timeout=2 * RUN_TIMEOUT_S + 60)
+        code = deployment.run(['--private-data', 'num-server-rounds=2', 'recovery-rounds=5',
+                               'methods="not"'], env, timeout=2 * RUN_TIMEOUT_S + 60)
     finally:
         stop.set()
         watcher.join()
     output = deployment.output()
     assert code == 0, output[-6000:]
     assert not seen, f"the ServerApp opened node data: {sorted(set(seen))}"
+    # Each SuperNode was started with its own folder and inbox only: no partition id.
+    configs = re.findall(r"starting SuperNode \d .*--node-config '(.*)'", output)
+    assert len(configs) == 3 and all(c.startswith("dataset-path=") and "inbox=" in c
+                                     and "partition-id" not in c for c in configs), configs
     run_lines = [line for line in output.splitlines() if "--run-config" in line]
     assert len(run_lines) == 2 and not any("node-data" in line for line in run_lines)
     served = []

@@ -67,8 +67,10 @@ class UnlearningRequest:
     ----------
     scope : str
         ``"client"``, ``"class"`` or ``"instance"``.
-    partition_id : int
+    partition_id : int or None
         The partition whose data is to be forgotten. A node may only name its own.
+        ``None``: the node has no partition id (a deployment's node with private data);
+        the request names the sending node's own data, bound by ``node_id``.
     classes : tuple of int
         Labels to forget (class-wise).
     sample_ids : tuple of int
@@ -83,7 +85,7 @@ class UnlearningRequest:
     """
 
     scope: str
-    partition_id: int
+    partition_id: int | None
     classes: tuple[int, ...] = ()
     sample_ids: tuple[int, ...] = ()
     node_id: int = field(default=0, compare=False)
@@ -91,7 +93,9 @@ class UnlearningRequest:
 
     def to_config_record(self) -> ConfigRecord:
         """The wire form: only the fields the scope uses."""
-        record = ConfigRecord({"scope": self.scope, "partition-id": int(self.partition_id)})
+        record = ConfigRecord({"scope": self.scope})
+        if self.partition_id is not None:  # a node without a partition id sends none
+            record["partition-id"] = int(self.partition_id)
         if self.scope == "class":
             record["classes"] = [int(c) for c in self.classes]
         if self.scope == "instance":
@@ -116,9 +120,10 @@ class UnlearningRequest:
         only_fields(record, REQUEST_FIELDS, "request")
         scope = text("scope", require(record, "scope", "expected one of " + ", ".join(SCOPES)),
                      max_len=16, choices=SCOPES)
-        partition_id = exact_int("partition-id",
-                                 require(record, "partition-id", "expected an integer"),
-                                 lo=0, hi=MAX_PARTITION_ID)
+        partition_id = None  # absent: a node without a partition id (its own data)
+        if "partition-id" in record:
+            partition_id = exact_int("partition-id", record["partition-id"], lo=0,
+                                     hi=MAX_PARTITION_ID)
         classes: tuple[int, ...] = ()
         sample_ids: tuple[int, ...] = ()
         if "classes" in record:
@@ -143,7 +148,9 @@ class UnlearningRequest:
 
     def describe(self) -> dict:
         """A JSON-friendly summary (used in results files)."""
-        out: dict = {"scope": self.scope, "partition_id": self.partition_id}
+        out: dict = {"scope": self.scope}
+        if self.partition_id is not None:
+            out["partition_id"] = self.partition_id
         if self.scope == "class":
             out["classes"] = list(self.classes)
         if self.scope == "instance":
@@ -151,9 +158,11 @@ class UnlearningRequest:
         return out
 
     def digest(self) -> str:
-        """SHA-256 of what the request names (scope, partition, classes, sorted ids):
-        proves which forget set was served without recording the ids themselves."""
-        blob = json.dumps([self.scope, int(self.partition_id), sorted(self.classes),
+        """SHA-256 of what the request names (scope, partition (``null`` for a node
+        without one), classes, sorted ids): proves which forget set was served without
+        recording the ids themselves."""
+        partition = None if self.partition_id is None else int(self.partition_id)
+        blob = json.dumps([self.scope, partition, sorted(self.classes),
                            sorted(self.sample_ids)], separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 
@@ -259,7 +268,7 @@ def check_request_shape(request: UnlearningRequest, sender_partition: int,
     node = request.node_id
     if request.scope not in SCOPES:
         return f"unknown scope {request.scope!r}; allowed: {', '.join(SCOPES)}"
-    if request.partition_id != sender_partition:
+    if request.partition_id is not None and request.partition_id != sender_partition:
         owners = [n for n, p in node_partitions.items() if p == request.partition_id]
         owner = f"node {owners[0]}" if owners else "no node of this federation"
         return (
@@ -280,11 +289,13 @@ def check_request_shape(request: UnlearningRequest, sender_partition: int,
     return None
 
 
-def ids_not_held_reason(shown_ids, count: int, partition: int, num_train: int) -> str:
-    """Why an instance-wise request naming ids its node does not hold is rejected."""
+def ids_not_held_reason(shown_ids, count: int, partition: int | None, num_train: int) -> str:
+    """Why an instance-wise request naming ids its node does not hold is rejected
+    (``partition=None``: a node without a partition id)."""
     shown = ", ".join(str(i) for i in shown_ids[:10])
     more = f" (and {count - 10} more)" if count > 10 else ""
-    return (f"sample id(s) {shown}{more} are not in partition {partition}'s training split "
+    holder = "the node" if partition is None else f"partition {partition}"
+    return (f"sample id(s) {shown}{more} are not in {holder}'s training split "
             f"({num_train} samples)")
 
 
@@ -308,14 +319,16 @@ def request_to_config(request: UnlearningRequest) -> dict:
     return out
 
 
-def request_from_config(config: Mapping, partition_id: int) -> UnlearningRequest | None:
+def request_from_config(config: Mapping, partition_id: int | None) -> UnlearningRequest | None:
     """The node's accepted request as echoed in a train/evaluate config (inverse of
     :func:`request_to_config`); ``None`` when the config carries none. Parsed as
     strictly as a request: a malformed echo raises ``ValueError``."""
     scope = config.get(CONFIG_PREFIX + "scope")
     if not scope:
         return None
-    record: dict = {"scope": scope, "partition-id": partition_id}
+    record: dict = {"scope": scope}
+    if partition_id is not None:
+        record["partition-id"] = partition_id
     for key in ("classes", "sample-ids"):
         if CONFIG_PREFIX + key in config:
             record[key] = config[CONFIG_PREFIX + key]

@@ -286,7 +286,7 @@ def _collect(guarded, ledger, log_, arrays):
     accepted, rejected = federation.collect_valid_requests(
         replies, None, audit=log_, reports=reports)
     answered = sorted(reports)
-    view = {n: reports[n].get("partition-id", i) for i, n in enumerate(answered)}
+    view = {n: federation.node_label(n, reports[n]) for n in answered}
     guarded.verify(view)
     guarded.reports = reports
     ledger.verified(view)

@@ -40,7 +40,7 @@ def handle_evaluate(msg: Message, context: Context, view_for=None) -> Message:
              "val-total": int(len(ids))})}), reply_to=msg)
     retained, forget = job.retained, job.forget
     max_members = int(config.get("max-members", 200))
-    rng = np.random.default_rng(view.seed + 7919 * view.partition_id)
+    rng = np.random.default_rng(view.seed + 7919 * view.draw_id)
 
     metrics: dict = {"num-examples": int(retained.size)}
     for name, ids in (("retain", retained), ("forget", forget)):

@@ -19,7 +19,6 @@ kept here so each action module holds only its own algorithm:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import numpy as np
 import torch

@@ -40,8 +40,9 @@ class NodeView:
     data read through :mod:`.user_data`); ``train_ids`` and
     ``val_ids`` are positions in it (the harness: global ids of a public training set; a
     plugin node: its own training set, its validation set appended after it);
-    ``labels`` holds the label of every position; ``partition_id`` seeds per-node draws
-    (a plugin node: its node-config ``partition-id`` or 0).
+    ``labels`` holds the label of every position; ``partition_id`` is the node-config's
+    ``partition-id`` (``None``: a node with private data has none; its requests bind to
+    the node that sends them); :attr:`draw_id` seeds per-node draws.
 
     What only the experiment harness sets: ``partitions`` (the node holds one of that many
     partitions of a data set the server knows, and reports it), ``transform`` (applied
@@ -57,7 +58,7 @@ class NodeView:
     label_array: np.ndarray
     model_fn: object
     num_classes: int
-    partition_id: int = 0
+    partition_id: int | None = 0
     batch_size: int = 32
     momentum: float = 0.9
     seed: int = 0
@@ -74,10 +75,19 @@ class NodeView:
     user_train: object = None
     """The training set as the user holds it (:class:`.user_data.UserData`): ``train_fn``
     gets batches of it, in the user's format (``None``: batches of ``dataset``)."""
+    node_key: int = 0
+    """Seeds this node's draws when it has no ``partition_id``: a stable number from its
+    node-config (:func:`fedunlearn.client.plugin.node_key`)."""
     model_key: tuple | None = None
     """What determines ``model_fn()``'s architecture when fedunlearn builds it (the
     harness: model name and data shape), so that a node may load a message's model into
     an instance it built before (:mod:`.actions`); ``None``: always a fresh one."""
+
+    @property
+    def draw_id(self) -> int:
+        """The number that seeds this node's random draws (local shuffles, membership
+        samples, a forget fraction's ids): its partition id, else :attr:`node_key`."""
+        return self.partition_id if self.partition_id is not None else self.node_key
 
     def train_indices(self) -> np.ndarray:
         return self.train_ids
@@ -158,7 +168,8 @@ def own_request(view: NodeView, node_config, run_config_requests: bool = True,
                              f"set ({len(view.train_ids)} samples)")
         ids = tuple(int(i) for i in positions)
     if scope == "instance" and not ids:
-        ids = tuple(sample_fraction(view.train_indices(), fraction, seed=view.seed + pid))
+        ids = tuple(sample_fraction(view.train_indices(), fraction,
+                                    seed=view.seed + view.draw_id))
     return UnlearningRequest(scope=scope, partition_id=data_of if data_of >= 0 else pid,
                              classes=tuple(classes) if scope == "class" else (),
                              sample_ids=tuple(ids) if scope == "instance" else ())

@@ -24,6 +24,7 @@ id per sample (``sample_ids``).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -223,11 +224,11 @@ def build_view(context, model_fn, data, val_data, labels, num_classes, train_fn,
         if ids.shape != (n_train,) or len(np.unique(ids)) != n_train:
             raise ValueError(f"sample_ids: expected {n_train} distinct ids, one per "
                              "training sample")
-    partition = context.node_config.get("partition-id", 0)
+    partition = _partition_id(context)
     return NodeView(dataset=dataset, train_ids=np.arange(n_train, dtype=np.int64),
                     val_ids=np.arange(n_train, n_train + n_val, dtype=np.int64),
                     label_array=label_array, model_fn=model_fn, num_classes=classes,
-                    partition_id=int(partition) if isinstance(partition, int) else 0,
+                    partition_id=partition, node_key=node_key(context),
                     batch_size=int(batch_size), momentum=float(momentum), seed=int(seed),
                     device=device, train_fn=train_fn, sample_ids=ids, user_train=train)
 
@@ -237,4 +238,27 @@ def _is_factory(data) -> bool:
     return callable(data) and not hasattr(data, "__getitem__") and not hasattr(data, "__iter__")
 
 
-__all__ = ["attach", "build_view", "node_dataset"]
+def _partition_id(context: Context) -> int | None:
+    """The node-config's ``partition-id`` (a simulation's node), or ``None``: a node with
+    private data has none, and its requests bind to the node itself."""
+    value = context.node_config.get("partition-id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"node-config partition-id={value!r}: expected a non-negative "
+                         "integer, or no partition-id at all (a node with private data)")
+    return int(value)
+
+
+def node_key(context: Context) -> int:
+    """A stable number seeding the random draws of a node without a partition id: the
+    first 32 bits of the SHA-256 of its node-config ``dataset-path``, else of its
+    ``inbox``, else of its node id (the same across runs and restarts while the
+    SuperNode keeps its node-config)."""
+    nc = context.node_config
+    source = next((f"{k}={nc[k]}" for k in ("dataset-path", INBOX_KEY) if k in nc),
+                  f"node-id={int(context.node_id)}")
+    return int(hashlib.sha256(source.encode()).hexdigest()[:8], 16)
+
+
+__all__ = ["attach", "build_view", "node_dataset", "node_key"]

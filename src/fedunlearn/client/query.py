@@ -30,13 +30,14 @@ from .node import NodeView, local_check, node_inbox, own_request, resolve_view
 
 def node_report(view: NodeView, context: Context) -> ConfigRecord:
     """What a node tells the server about itself: never its data. The harness's nodes
-    name their partition; every node reports its training split's size, its label set
-    and the labels it holds."""
+    name their partition (a plugin node only when its node-config has a ``partition-id``:
+    a node with private data has none, and the server labels it by its node id); every
+    node reports its training split's size, its label set and the labels it holds."""
     record = ConfigRecord()
     if view.reports_partition:
         record[P.PARTITION_ID] = view.partition_id
         record[P.NUM_PARTITIONS] = view.num_partitions()
-    elif P.PARTITION_ID in context.node_config:
+    elif view.partition_id is not None and P.PARTITION_ID in context.node_config:
         record[P.PARTITION_ID] = view.partition_id
     record[P.NUM_TRAIN] = int(len(view.train_ids))
     record[P.NUM_CLASSES] = int(view.num_classes)
@@ -84,17 +85,14 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
                               rejected=refused)
     except (ValueError, OSError) as err:  # OSError: an unreadable inbox
         # Report the problem instead of failing the node: the server rejects it by name.
-        content[REQUEST_RECORD] = ConfigRecord(
-            {"scope": INVALID_SCOPE, "partition-id": view.partition_id,
-             "error": str(err)[:MAX_ERROR_CHARS]})
+        content[REQUEST_RECORD] = _error_record(view, str(err))
         if getattr(err, "inbox_ids", ()):
             content[REQUEST_RECORD]["inbox-ids"] = list(err.inbox_ids)
     else:
         problem = (None if request is None or view.reports_partition
                    else local_check(view, request))
         if problem is not None:
-            record = ConfigRecord({"scope": INVALID_SCOPE, "partition-id": view.partition_id,
-                                   "error": problem[:MAX_ERROR_CHARS]})
+            record = _error_record(view, problem)
             if request.inbox_ids:
                 record["inbox-ids"] = list(request.inbox_ids)
             content[REQUEST_RECORD] = record
@@ -117,7 +115,16 @@ def handle_query(msg: Message, context: Context, view_for=None) -> Message:
     return Message(content, reply_to=msg)
 
 
-def record_sent(context: Context, partition_id: int, request) -> None:
+def _error_record(view: NodeView, error: str) -> ConfigRecord:
+    """The request record of a node that could not build its request (``scope="invalid"``,
+    its partition id when it has one)."""
+    record = ConfigRecord({"scope": INVALID_SCOPE, "error": error[:MAX_ERROR_CHARS]})
+    if view.partition_id is not None:
+        record["partition-id"] = view.partition_id
+    return record
+
+
+def record_sent(context: Context, partition_id: int | None, request) -> None:
     """Note in each inbox request's history that it went to the server in this run."""
     inbox = node_inbox(context.node_config)
     for request_id in request.inbox_ids:

@@ -13,19 +13,22 @@ of it that it keeps for the whole job:
   and every train or evaluate reply is checked (:mod:`.replies`) before a strategy sees
   it, a malformed one becoming a failed node for that round;
 * :func:`collect_valid_requests`: the unlearning requests, parsed strictly, each bound
-  to the node that sent it and validated against the verified view only;
+  to the node that sent it and validated against the verified view only (a plugin
+  server's view labels a node by the partition id it reports, else by its node id:
+  :func:`node_label`);
 * :func:`send_receipts`: the verdict on inbox requests, sent back to their nodes.
 """
 
 
 from .guarded_grid import GuardedGrid, is_deployment
-from .intake import (ERROR_RECORD_FIELDS, collect_valid_requests, node_reports,
+from .intake import (ERROR_RECORD_FIELDS, collect_valid_requests, node_label, node_reports,
                      validate_reported, withdrawn_ids)
 from .nodes import (MALFORMED_REPLY, NODE_STALL_S, check_partitions, query, run_id_of,
                     wait_for_nodes)
 from .receipts import receipt_record, send_receipts
 
 __all__ = ["ERROR_RECORD_FIELDS", "MALFORMED_REPLY", "NODE_STALL_S", "GuardedGrid",
-           "check_partitions", "collect_valid_requests", "is_deployment", "node_reports",
+           "check_partitions", "collect_valid_requests", "is_deployment", "node_label",
+           "node_reports",
            "query", "receipt_record", "run_id_of", "send_receipts", "validate_reported",
            "wait_for_nodes", "withdrawn_ids"]

@@ -298,8 +298,9 @@ class GuardedGrid(Grid):
         partition = self.verified[node]
         report = self.reports.get(node)
         if report is not None and "num-train" in report:
-            # What the node reported: its training split and its accepted request's counts.
-            request = request_from_config(config, partition)
+            # What the node reported: its training split and its accepted request's counts
+            # (a plugin node's label may be its node id: not a partition to parse).
+            request = request_from_config(config, None)
             if request is None:
                 return {"retain-total": report["num-train"], "forget-total": 0}
             if "num-forget" in report:

@@ -9,7 +9,7 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.common.logger import log
 
-from ..parsing import WireError, only_fields, shorten, str_list
+from ..parsing import MissingField, WireError, only_fields, shorten, str_list
 from ..protocol import REJECTED_RECORD, WITHDRAWN_RECORD
 from ..replies import parse_node_record, parse_node_report
 from ..requests import (
@@ -74,6 +74,14 @@ def withdrawn_ids(msg) -> tuple[str, ...]:
                               INBOX_ID_PATTERN))
     except WireError:
         return ()
+
+
+def node_label(node: int, report: Mapping) -> int:
+    """The label a plugin server files a node under in its view (node -> label): the
+    partition id the node reports (a simulation gives every node one), else its node id
+    (a deployment's node with private data has none). A request binds to the node that
+    sent it either way; the label only names the node in the view and the audit log."""
+    return int(report["partition-id"]) if "partition-id" in report else int(node)
 
 
 def node_reports(replies, nodes: Mapping[int, int] | None = None) -> dict[int, dict]:
@@ -175,7 +183,7 @@ def _read_replies(replies, data, reports: dict[int, dict] | None) -> _Replies:
                 report = parse_node_report(msg.content)
                 if reports is not None:
                     reports[node] = report
-                read.claims[node] = report.get("partition-id", 0)
+                read.claims[node] = node_label(node, report)
             else:
                 read.claims[node] = parse_node_record(msg.content)
         except WireError as err:
@@ -250,6 +258,9 @@ def _checked_request(node: int, record, node_partitions: dict[int, int], data, l
             return None, f"malformed request record: {err}"
     try:
         request = UnlearningRequest.from_config_record(record, node_id=node)
+        if data is not None and request.partition_id is None:  # the harness's nodes name it
+            raise MissingField("partition-id", "expected an integer (the partition this "
+                               "node holds)", prefix="malformed request record: ")
     except WireError as err:
         return None, str(err)
     if data is None:
@@ -318,7 +329,7 @@ def validate_reported(request: UnlearningRequest, partition: int, report: dict,
         return reason
     if request.scope == "instance" and report.get("num-ids-not-held", 0):
         return ids_not_held_reason(report.get("ids-not-held", []), report["num-ids-not-held"],
-                                   partition, report.get("num-train", 0))
+                                   request.partition_id, report.get("num-train", 0))
     if "num-forget" not in report:
         return ("the node did not report the size of its forget set (num-forget): it "
                 "cannot be checked")

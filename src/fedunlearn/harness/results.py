@@ -23,9 +23,7 @@ A method that cannot serve the job's requests writes ``skipped.json`` (``method`
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -48,7 +48,7 @@ class Intake:
             raise ServiceError(f"no node answered the partition check (asked {nodes})"
                                + (f": {'; '.join(w[:300] for w in why[:3])}" if why else ""))
         answered = sorted(reports)
-        view = {n: int(reports[n].get("partition-id", i)) for i, n in enumerate(answered)}
+        view = {n: federation.node_label(n, reports[n]) for n in answered}
         self.grid.verify(view)
         self.grid.reports = reports
         self.state.view, self.state.reports = view, reports

@@ -123,7 +123,9 @@ def _request_dict(r: UnlearningRequest) -> dict:
 
 
 def _request_from_dict(d: dict) -> UnlearningRequest:
-    return UnlearningRequest(scope=d["scope"], partition_id=int(d["partition_id"]),
+    partition = d["partition_id"]  # None: a node without a partition id
+    return UnlearningRequest(scope=d["scope"],
+                             partition_id=None if partition is None else int(partition),
                              classes=tuple(d["classes"]), sample_ids=tuple(d["sample_ids"]),
                              node_id=int(d["node_id"]), inbox_ids=tuple(d["inbox_ids"]))
 

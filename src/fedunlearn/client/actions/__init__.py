@@ -64,7 +64,7 @@ class ActionJob:
     @property
     def seed(self) -> int:
         """Per round and per node: every shuffle differs, and repeats exactly."""
-        return int(self.config.get("seed", 0)) * 1000 + self.view.partition_id
+        return int(self.config.get("seed", 0)) * 1000 + self.view.draw_id
 
     def exclude(self, ids) -> None:
         """Move training positions ``ids`` from the retained to the forget set."""

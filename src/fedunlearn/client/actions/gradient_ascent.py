@@ -134,7 +134,7 @@ def gradient_ascent(job: ActionJob) -> ActionResult:
         lr=method_param(config, "lr"), momentum=view.momentum,
         max_steps=method_param(config, "max_steps", int), loss_bound=bound,
         clip_norm=method_param(config, "clip_norm"), device=job.device)
-    log(INFO, "[gradient_ascent] partition %d: %d steps on %d forget samples, stopped by %s",
+    log(INFO, "[gradient_ascent] partition %s: %d steps on %d forget samples, stopped by %s",
         view.partition_id, out["steps"], job.forget.size, out["stop"])
     return ActionResult(job.model, int(job.forget.size), out["loss"], out["trained"],
                         forward_samples=out["measured"])

@@ -88,6 +88,6 @@ def projected_ascent(job: ActionJob) -> ActionResult:
     with torch.no_grad():
         for name, value in model.named_buffers():
             value.copy_(buffers[name])
-    log(INFO, "[projected_ascent] partition %d: %d steps on %d forget samples (%d "
+    log(INFO, "[projected_ascent] partition %s: %d steps on %d forget samples (%d "
         "projected), stopped by %s", view.partition_id, steps, job.forget.size, projected, stop)
     return ActionResult(model, int(job.forget.size), total / max(seen, 1), seen)

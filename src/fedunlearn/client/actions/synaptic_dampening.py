@@ -86,6 +86,6 @@ def synaptic_dampening(job: ActionJob) -> ActionResult:
     count = dampen(list(model.parameters()), imp_all, imp_forget,
                    method_param(config, "alpha"), method_param(config, "dampening"))
     total = sum(p.numel() for p in model.parameters())
-    log(INFO, "[synaptic_dampening] partition %d: dampened %d of %d weights",
+    log(INFO, "[synaptic_dampening] partition %s: dampened %d of %d weights",
         view.partition_id, count, total)
     return ActionResult(model, int(everything.size), float("nan"), seen_all + seen_forget)
