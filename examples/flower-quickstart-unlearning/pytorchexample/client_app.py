@@ -84,7 +84,6 @@ def evaluate(msg: Message, context: Context):
     return Message(content=content, reply_to=msg)
 
 
-# fedunlearn: unlearning requests from this node's inbox, served on its own data
 attach(app, model_fn=Net, train_fn=train_fn,  # fedunlearn
        data=lambda ctx: load_data(ctx.node_config["partition-id"], ctx.node_config["num-partitions"], ctx.run_config["batch-size"]),  # fedunlearn
        inbox=lambda ctx: f"{ctx.run_config['inbox-root']}/node-{ctx.node_config['partition-id']}")  # fedunlearn

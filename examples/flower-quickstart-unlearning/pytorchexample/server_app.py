@@ -38,9 +38,8 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=global_evaluate,
     )
 
-    # fedunlearn: serve the nodes' unlearning requests, then train on without forgotten data
-    out = context.run_config["output-dir"]  # fedunlearn
-    methods = [NoT(Recovery(), model_fn=Net, example_input=torch.zeros(1, 3, 32, 32)), FineTune(Recovery()), PUF(Recovery())]  # fedunlearn
+    out, recovery = context.run_config["output-dir"], Recovery(rounds=context.run_config["recovery-rounds"])  # fedunlearn
+    methods = [NoT(recovery, model_fn=Net, example_input=torch.zeros(1, 3, 32, 32)), FineTune(recovery), PUF(recovery)]  # fedunlearn
     outcome = serve(grid, result.arrays, methods, output_dir=out, evaluate_fn=global_evaluate)  # fedunlearn
     print(outcome.table())  # fedunlearn
     result = ExcludeForgotten(strategy, output_dir=out).start(  # fedunlearn
