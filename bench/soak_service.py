@@ -290,7 +290,7 @@ class Clock:
         left = rounds - self.last_round
         n = rng.choice([0, 1, 2] if left > 2 * kills_left + 2 else
                        [0, 1] if left > kills_left + 2 else [0])
-        return rng.uniform(0.0, min(self.startups) + n * _median(self.rounds or [0.0]))
+        return rng.uniform(0.0, _median(self.startups) + n * _median(self.rounds or [0.0]))
 
 
 def _median(values: list[float]) -> float:
@@ -304,7 +304,9 @@ def kill_phase(log: Path) -> str:
     for needle, phase in (("Receipt (", "receipt"), ("checked version", "receipt"),
                           ("published version", "publication"),
                           ("unlearning step", "unlearning step"), ("negated", "unlearning step"),
-                          ("resumed from", "resume"), ("| v", "training round")):
+                          ("resumed from", "resume"), ("| v", "training round"),
+                          ("request accepted", "query"), ("REJECTED", "query"),
+                          ("withdrew", "query"), ("Node ", "query")):
         if needle in last:
             return phase
     return "start" if not any("[service]" in line for line in lines) else "other"
