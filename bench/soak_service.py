@@ -350,14 +350,16 @@ def final_records(records: list[dict]) -> dict[str, list[str]]:
 def check_versions(state: Path, records: list[dict], problems: list[str]) -> list[dict]:
     from fedunlearn import load_model, read_versions
     from fedunlearn.audit import model_digest
+    from fedunlearn.files import file_sha256
 
     versions = read_versions(state)
     if [v["version"] for v in versions] != list(range(len(versions))):
         problems.append(f"version numbers have a gap: {[v['version'] for v in versions]}")
     for v in versions:
-        if model_digest(load_model(v["path"])) != v["sha256"]:
+        if (model_digest(load_model(v["path"])) != v["arrays_sha256"]
+                or file_sha256(v["path"]) != v["sha256"]):
             problems.append(f"version {v['version']}'s file does not hold its model")
-    published = [(r["published_version"], r["model"]) for r in records
+    published = [(r["published_version"], r["model_sha256"]) for r in records
                  if r["event"] == "version.published"]
     if published != [(v["version"], v["sha256"]) for v in versions if not v.get("abandoned")]:
         problems.append(f"version.published records {published} do not name the versions "

@@ -7,6 +7,9 @@ mode that loses nothing, item 16)."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,9 +31,10 @@ def _versions_hold_their_models(state) -> list[dict]:
     versions = read_versions(state)
     assert [v["version"] for v in versions] == list(range(len(versions)))
     for v in versions:
-        assert model_digest(load_model(v["path"])) == v["sha256"]
+        assert model_digest(load_model(v["path"])) == v["arrays_sha256"]
+        assert hashlib.sha256(Path(v["path"]).read_bytes()).hexdigest() == v["sha256"]
     log = audit_events(state / "audit.jsonl")
-    published = [(e["published_version"], e["model"]) for e in log
+    published = [(e["published_version"], e["model_sha256"]) for e in log
                  if e["event"] == "version.published"]
     assert published == [(v["version"], v["sha256"]) for v in versions
                          if not v.get("abandoned")]
@@ -72,7 +76,7 @@ def test_an_honoured_receipt_sent_again_after_a_kill_reaches_the_data_owner_once
     events = inbox.events(filed.id)
     honoured = [e for e in events if e["status"] == "honoured"]
     assert len(honoured) == 1 and honoured[0]["version"] == 1
-    assert honoured[0]["check"]["model-sha256-ok"] is True
+    assert honoured[0]["check"]["model-arrays-sha256-ok"] is True
     log = audit_events(tmp_path / "state" / "audit.jsonl")
     sent = [(e["written"], e.get("already", 0)) for e in log
             if e["event"] == "receipt.sent" and e["status"] == "honoured"]

@@ -427,7 +427,7 @@ def test_a_crash_between_publishing_and_recording_neither_skips_nor_repeats(user
     kept = [v for v in versions if not v.get("abandoned")]
     assert [v["kind"] for v in kept] == ["start", "unlearned", "final"]
     log = audit_events(tmp_path / "state" / "audit.jsonl")
-    published = [(e["published_version"], e["model"]) for e in log
+    published = [(e["published_version"], e["model_sha256"]) for e in log
                  if e["event"] == "version.published"]
     assert published == [(v["version"], v["sha256"]) for v in kept]
     abandoned = [e["published_version"] for e in log if e["event"] == "version.abandoned"]
