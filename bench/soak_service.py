@@ -147,13 +147,14 @@ class Life:
                 return time.monotonic()
         raise RuntimeError(f"no 'running' in 300 s: see {self.log.name}")
 
-    def follow(self, running: float, delay: float, clock: Clock, owners: DataOwners) -> str:
+    def follow(self, running: float, delay: float, most: int, clock: Clock,
+               owners: DataOwners) -> str:
         """Follow the child's rounds (the data owners act on them) until ``delay``
-        after ``running`` (``"due"``), the watched request's acceptance
-        (``"accepted"``) or its end (``"ended"``). ``delay`` < 0: a random time within
-        the round after the first one this life plays."""
+        after ``running`` or its ``most``-th round (``"due"``), the watched request's
+        acceptance (``"accepted"``) or its end (``"ended"``). ``delay`` < 0: a random
+        time within its second round."""
         deadline = running + delay if delay >= 0 else float("inf")
-        stamp, first = running, True
+        stamp, seen = running, 0
         while time.monotonic() < deadline:
             if owners.accepted():
                 return "accepted"
@@ -164,12 +165,14 @@ class Life:
                 return "ended"
             if line.startswith("round "):
                 now = time.monotonic()
-                (clock.startups if first else clock.rounds).append(now - stamp)
-                if delay < 0 and not first:
+                (clock.rounds if seen else clock.startups).append(now - stamp)
+                if delay < 0 and seen == 1:
                     deadline = now + random.uniform(0.0, now - stamp)
-                stamp, first = now, False
+                stamp, seen = now, seen + 1
                 clock.last_round = int(line.split()[1])
                 owners.on_round(clock.last_round)
+                if seen >= most:
+                    return "due"
         return "due"
 
     def kill(self) -> None:
@@ -247,9 +250,9 @@ def soak(workdir: Path, kills: int, rounds: int, seed: int) -> dict:
         life = Life(workdir, rounds, seed, lives)
         running = life.wait_running()
         owners.on_round(clock.last_round)
-        delay = (clock.kill_delay(rng, rounds, kills - killed) if killed < kills
-                 else float("inf"))
-        outcome = life.follow(running, delay, clock, owners)
+        delay, most = (clock.kill_plan(rng, rounds, kills - killed) if killed < kills
+                       else (float("inf"), rounds))
+        outcome = life.follow(running, delay, most, clock, owners)
         if outcome == "ended":
             if life.proc.returncode != 0 or killed < kills:
                 raise RuntimeError(
@@ -280,17 +283,19 @@ class Clock:
         self.rounds: list[float] = []
         self.last_round = 0
 
-    def kill_delay(self, rng: random.Random, rounds: int, kills_left: int) -> float:
-        """A random time after "running", within the start (or resume) and the first
-        n + 1 rounds of this life: n is 0, 1 or 2, smaller as the rounds left run short
-        of the kills left, so the kills do not outlast the rounds. -1 before anything
-        was measured: the first life is killed a random time within its second round."""
+    def kill_plan(self, rng: random.Random, rounds: int, kills_left: int) -> tuple[float, int]:
+        """``(delay, most)``: kill a random time after "running", and at the latest when
+        the life has finished ``most`` rounds. ``most`` is drawn so that the kills left
+        spend about the rounds left (one round kept for the last life); with ``most``
+        0 the kill falls within the start or resume and the first round. ``(-1, 1)``
+        before anything was measured: within the first life's second round."""
         if not self.startups:
-            return -1.0
-        left = rounds - self.last_round
-        n = rng.choice([0, 1, 2] if left > 2 * kills_left + 2 else
-                       [0, 1] if left > kills_left + 2 else [0])
-        return rng.uniform(0.0, _median(self.startups) + n * _median(self.rounds or [0.0]))
+            return -1.0, 2
+        budget = max(0, rounds - self.last_round - 1) / max(1, kills_left)
+        most = min(2, int(budget) + (rng.random() < budget - int(budget)))
+        if most == 0:
+            return rng.uniform(0.0, min(self.startups)), 0
+        return rng.uniform(0.0, _median(self.startups) + most * _median(self.rounds or [0.0])), most
 
 
 def _median(values: list[float]) -> float:
@@ -304,7 +309,7 @@ def kill_phase(log: Path) -> str:
     for needle, phase in (("Receipt (", "receipt"), ("checked version", "receipt"),
                           ("published version", "publication"),
                           ("unlearning step", "unlearning step"), ("negated", "unlearning step"),
-                          ("resumed from", "resume"), ("| v", "training round"),
+                          ("resumed from", "resume, query or first round"), ("| v", "training round"),
                           ("request accepted", "query"), ("REJECTED", "query"),
                           ("withdrew", "query"), ("Node ", "query")):
         if needle in last:
