@@ -389,10 +389,11 @@ def test_harness_service_mode_resumes_to_a_larger_round_budget(tmp_path):
 @pytest.mark.parametrize("dies_in", ["publish", "audit_steps"])
 def test_a_crash_between_publishing_and_recording_neither_skips_nor_repeats(userapp, tmp_path,
                                                                             dies_in, user_grid):
-    """The process dies right after an unlearned version is written (before the
-    checkpoint marks its requests served), or right after that checkpoint (before the
-    audit records): resumed, the version numbers have no gap, and the request is
-    honoured once in the audit log and on the receipt."""
+    """The process dies right after an unlearned version is written, or while the step's
+    records are made (both before the checkpoint that commits the step): resumed, the
+    step runs again; the version numbers have no gap and never name two models (the
+    cut-short version is reused when the step gives the same model, else abandoned),
+    and the request is honoured once in the audit log and on the receipt."""
     from fedunlearn import read_versions
     from fedunlearn.inbox import Inbox
     from fedunlearn.service import UnlearningService
@@ -421,11 +422,21 @@ def test_a_crash_between_publishing_and_recording_neither_skips_nor_repeats(user
         service.run(grid, arrays)
     outcome = _service(task, tmp_path, rounds=3).run(grid, arrays)
     assert outcome.resumed_from == 0 and len(outcome.steps) == 1
-    assert [v["version"] for v in read_versions(tmp_path / "state")] == [0, 1, 2]
-    names = [e["event"] for e in audit_events(tmp_path / "state" / "audit.jsonl")]
+    versions = read_versions(tmp_path / "state")
+    assert [v["version"] for v in versions] == list(range(len(versions)))
+    kept = [v for v in versions if not v.get("abandoned")]
+    assert [v["kind"] for v in kept] == ["start", "unlearned", "final"]
+    log = audit_events(tmp_path / "state" / "audit.jsonl")
+    published = [(e["published_version"], e["model_sha256"]) for e in log
+                 if e["event"] == "version.published"]
+    assert published == [(v["version"], v["sha256"]) for v in kept]
+    abandoned = [e["published_version"] for e in log if e["event"] == "version.abandoned"]
+    assert abandoned == [v["version"] for v in versions if v.get("abandoned")]
+    names = [e["event"] for e in log]
     assert names.count("request.honoured") == 1 and names.count("unlearning.finished") == 1
-    statuses = [e["status"] for e in Inbox(str(inboxes[2])).events(request_id)]
-    assert statuses.count("honoured") == 1
+    events = Inbox(str(inboxes[2])).events(request_id)
+    assert [e["status"] for e in events].count("honoured") == 1
+    assert events[-1]["version"] == outcome.steps[0]["version"] == kept[1]["version"]
 
 
 def test_stop_and_wall_clock_budgets_and_validation_lines(userapp, tmp_path, caplog, user_grid):

@@ -144,8 +144,9 @@ def handle_receipt(msg: Message, context: Context, view_for=None) -> Message:
     here, on the node, before it is written: the model's SHA-256 against the one the
     receipt names, and its accuracy and loss on this node's forget and retained data
     (:func:`node_check`). The check goes into every named request's receipt and back to
-    the server in the acknowledgement; the data never leaves the node."""
-    written = 0
+    the server in the acknowledgement; the data never leaves the node. A verdict a
+    request already holds is not written again (``already`` in the acknowledgement)."""
+    written = already = 0
     try:
         receipt = parse_receipt(msg.content[RECEIPT_RECORD])
     except ValueError as err:
@@ -174,6 +175,9 @@ def handle_receipt(msg: Message, context: Context, view_for=None) -> Message:
                 log(WARNING, "receipt for unknown inbox request %s ignored", request_id)
                 continue
             entry_event = dict(event) if reason is None else dict(event, reason=reason)
+            if _holds_already(inbox, request_id, entry_event):
+                already += 1  # sent again by a server that did not learn it arrived
+                continue
             if check is not None:
                 entry_event["check"] = dict(check)
                 waited = _since_filed(inbox, request_id)
@@ -186,7 +190,34 @@ def handle_receipt(msg: Message, context: Context, view_for=None) -> Message:
                 continue
             written += 1
     ack["written"] = written
+    if already:
+        ack["already"] = already
     return Message(RecordDict({RECEIPT_ACK: ack}), reply_to=msg)
+
+
+#: What makes two verdicts the same verdict (besides their status); a receipt that names
+#: neither a version nor a round (not service mode) is also told apart by its run.
+_VERDICT_KEYS = ("method", "model_sha256", "version", "round", "reason")
+
+
+def _holds_already(inbox, request_id: str, event: dict) -> bool:
+    """Whether the request's history already holds this final verdict: a rejection (a
+    request is rejected once), or the same honoured or failed verdict (same method,
+    model, version, round, reason), sent again by a server that was killed before it
+    learnt that the first one arrived. The data owner gets each verdict once."""
+    status = event["status"]
+    if status not in ("rejected", "honoured", "failed"):
+        return False
+    keys = _VERDICT_KEYS
+    if event.get("version") is None and event.get("round") is None:
+        keys += ("run",)
+    try:
+        history = inbox.events(request_id)
+    except (OSError, ValueError):
+        return False  # written, and the reason the history cannot be read stays visible
+    return any(e.get("status") == status and (
+        status == "rejected" or all(e.get(k) == event.get(k) for k in keys))
+        for e in history)
 
 
 def node_check(msg: Message, context: Context, receipt: dict, view_for=None) -> dict:

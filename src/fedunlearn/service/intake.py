@@ -109,6 +109,7 @@ class Intake:
                  if n in connected and n not in self.grid.departed]
         if not nodes:
             return
+        self.audit.hold()  # this query's records are committed by its checkpoint
         replies = federation.query(self.grid, nodes,
                                    run_config_requests=self.run_config_requests)
         self._drop_withdrawn(replies)

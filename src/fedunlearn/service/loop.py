@@ -47,10 +47,10 @@ from .. import federation
 from ..arrays import records
 from ..audit import AuditLog, audit_path, model_digest
 from ..files import remove_stale_temporaries
-from ..ledger import Ledger
 from ..protocol import NUM_EXAMPLES, REPLY_TIMEOUT_S
 from ..server_evaluation import ServerEvaluation
 from ..strategies.base import Phase, UnlearningContext, UnlearningStrategy
+from .commit import CommittedLedger, ServiceAudit
 from .config import ServiceConfig, ServiceError
 from .intake import Intake
 from .outbox import Outbox
@@ -64,19 +64,6 @@ from .state import (
 )
 from .steps import Steps
 from .storage import Storage
-
-
-class _RoundAudit:
-    """The audit log, with the service's round and version on every record."""
-
-    def __init__(self, audit: AuditLog, where: Callable[[], dict]) -> None:
-        self.inner, self.where = audit, where
-
-    def record(self, event: str, **fields):
-        return self.inner.record(event, **{**self.where(), **fields})
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 class _Trainer(UnlearningStrategy):
@@ -219,12 +206,12 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         run = federation.run_id_of(grid)
         self.run_id = run
         audit = AuditLog(audit_path(self.state_dir), run)
-        self.audit = _RoundAudit(audit, lambda: {"round": self.state.round,
-                                                 "version": self.state.version})
+        self.audit = ServiceAudit(audit, lambda: {"round": self.state.round,
+                                                  "version": self.state.version})
         self.grid = federation.GuardedGrid(grid, self.audit, self.reply_timeout)
         # The one writer of request and unlearning records; receipts go through the
         # service's own durable outbox.
-        self.ledger = Ledger(self.audit, self.grid, run, receipts=False)
+        self.ledger = CommittedLedger(self.audit, self.grid, run, receipts=False)
         self.started = time.monotonic()
         self.trainer = _Trainer(seed=self.config.seed)
         self._check_model(arrays)
@@ -232,30 +219,27 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         try:
             loaded = self.load()  # a state file it cannot read: service.failed, named
             self.state = loaded[0] if loaded is not None else ServiceState()
+            if loaded is not None:  # the records its checkpoint committed, each once
+                self.audit.write(self.audit.missing(self.state.due_records,
+                                                    self.state.audit_seq))
+                self.state.due_records = []
             return self._serve(arrays, verified, audit, loaded, grid)
         except BaseException as err:  # said in the log: no later run takes it for a crash
+            self.audit.release()  # records of work a resume does again
             self.audit.record("service.failed", error=f"{type(err).__name__}: {err}"[:1000])
             raise
 
     def _serve(self, arrays, verified, audit, loaded, grid) -> ServiceOutcome:
         resumed_from = None
-        if loaded is None:
-            self.state = ServiceState(method=self.method.name, model_keys=list(arrays.keys()))
-            self.arrays, self.momentum = arrays, None
-            if self.note_interrupted:
-                self.ledger.interrupted()
-            self.audit.record("service.started", method=self.method.name,
-                              config=dataclasses.asdict(self.config),
-                              model_arrays_sha256=model_digest(arrays))
-            self.verify(verified)
-            self.publish("start", [])
-            self.checkpoint()
+        if loaded is None or not self.state.started:  # new, or a start cut short
+            self._start(arrays, verified)
         else:
             self.state, self.arrays, self.momentum = loaded
             if self.note_interrupted:
                 self.ledger.interrupted()
             self._check_resume(arrays)
             self._check_versions()
+            self.remove_unlisted_versions()
             resumed_from = self.state.round
             log(INFO, "[service] resumed from %s: round %d, version %d, %d pending request(s)",
                 self.state_dir / CHECKPOINT_FILE, self.state.round, self.state.version,
@@ -297,6 +281,25 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
                               list(self.state.steps), list(self.state.failed),
                               [p.as_dict() for p in self.state.pending], resumed_from,
                               read_versions(self.state_dir))
+
+    def _start(self, arrays: ArrayRecord, verified) -> None:
+        """A new service: its first checkpoint before anything else (a kill from here on
+        leaves one, with ``started`` false: the start is made again), then the start's
+        records, the view and version 0, committed by the checkpoint that follows."""
+        self.state = ServiceState(method=self.method.name, model_keys=list(arrays.keys()),
+                                  started=False)
+        self.arrays, self.momentum = arrays, None
+        self.checkpoint()
+        if self.note_interrupted:
+            self.ledger.interrupted()
+        self.audit.hold()
+        self.audit.record("service.started", method=self.method.name,
+                          config=dataclasses.asdict(self.config),
+                          model_arrays_sha256=model_digest(arrays))
+        self.verify(verified)
+        self.publish("start", [])
+        self.state.started = True
+        self.checkpoint()
 
     def budget_spent(self) -> str:
         c = self.config

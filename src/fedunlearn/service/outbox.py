@@ -128,12 +128,16 @@ class Outbox:
             return {}
         ack = reply.content.config_records.get(RECEIPT_ACK, ConfigRecord())
         check, problems = parse_node_check(ack)
-        written = ack.get("written", 0)
+        written, already = ack.get("written", 0), ack.get("already", 0)
         if isinstance(written, bool) or not isinstance(written, int):
             problems.append(f"written={shorten(written, 40)}: expected an integer")
             written = 0
+        if isinstance(already, bool) or not isinstance(already, int):
+            problems.append(f"already={shorten(already, 40)}: expected an integer")
+            already = 0
         self.audit.record("receipt.sent", node=node, status="honoured",
                           inbox_ids=list(request.inbox_ids), written=written,
+                          **({"already": already} if already else {}),
                           method=item["method"], published_version=item["version"],
                           check=check, **({"check_refused": problems} if problems else {}))
         if problems:

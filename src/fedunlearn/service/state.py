@@ -68,6 +68,13 @@ class ServiceState:
     method: str = ""
     model_keys: list[str] = field(default_factory=list)
     last_version_round: int = 0
+    #: False until the start is committed (start version, view): a service killed before
+    #: that starts again on its directory instead of resuming.
+    started: bool = True
+    #: The audit log's last seq when this checkpoint was written, and the records it
+    #: commits (written right after it; at resume the ones missing are written).
+    audit_seq: int = -1
+    due_records: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"format": STATE_FORMAT, "round": self.round, "version": self.version,
@@ -80,7 +87,9 @@ class ServiceState:
                 "seen_inbox": sorted(self.seen_inbox), "failed": self.failed,
                 "steps": self.steps, "outbox": self.outbox, "verdicts": self.verdicts,
                 "method": self.method,
-                "model_keys": self.model_keys, "last_version_round": self.last_version_round}
+                "model_keys": self.model_keys, "last_version_round": self.last_version_round,
+                "started": self.started, "audit_seq": self.audit_seq,
+                "due_records": self.due_records}
 
     @classmethod
     def from_json(cls, d: dict) -> ServiceState:
@@ -98,7 +107,9 @@ class ServiceState:
                    steps=list(d["steps"]), outbox=list(d["outbox"]),
                    verdicts=dict(d.get("verdicts", {})), method=d["method"],
                    model_keys=list(d["model_keys"]),
-                   last_version_round=int(d["last_version_round"]))
+                   last_version_round=int(d["last_version_round"]),
+                   started=bool(d.get("started", True)), audit_seq=int(d.get("audit_seq", -1)),
+                   due_records=list(d.get("due_records", [])))
 
 
 @dataclass

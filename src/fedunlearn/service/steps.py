@@ -122,7 +122,8 @@ class Steps:
                                     "deadline_missed": self._deadline_missed(p)})
         info["model_before_arrays_sha256"] = run.model_before
         info["audited"] = False
-        self.checkpoint()  # served: from here on a crash never serves these again
+        # One checkpoint commits the step: its requests served, the version and the
+        # step's records (held since publish()); a crash before it runs the step again.
         self.audit_steps()
         log(INFO, "[service]   %s: %d round(s), %.3g B, %.1f s; published version %d: %s "
             "(sha256 %s)", strategy.name, cost.rounds, cost.comm_bytes, run.wall_s,
@@ -131,9 +132,9 @@ class Steps:
         return None  # recorded by audit_steps, once the checkpoint holds the step
 
     def audit_steps(self) -> None:
-        """Write the audit records of honoured steps that have none yet (a crash between
-        the checkpoint that marks a step served and its records is caught up on resume:
-        every honoured request is recorded exactly once)."""
+        """Record the honoured steps that have no records yet and checkpoint: held since
+        :meth:`publish`, the records are committed with the step (a checkpoint of an
+        earlier fedunlearn that holds an unrecorded step is caught up at resume)."""
         pending = [step for step in self.state.steps if not step.get("audited", True)]
         for step in pending:
             honours = [{"node": r["node"], "scope": r["scope"], "digest": r["digest"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -32,12 +32,12 @@ class Storage:
 
     # -- state on disk ----------------------------------------------------------------
     def publish(self, kind: str, honours: list[dict]) -> dict:
-        """Write the current model as the next version (atomically) and list it."""
+        """Write the current model as the next version (atomically) and list it; its
+        ``version.published`` record is committed by the checkpoint that follows."""
+        self.audit.hold()
         versions = (read_versions(self.state_dir)
                     if (self.state_dir / VERSIONS_FILE).exists() else [])
-        # From the checkpoint's version: a version written by a step that a crash cut
-        # short before its checkpoint is replaced, never skipped over.
-        number = 0 if kind == "start" else self.state.version + 1
+        number = self._version_number(versions, kind, model_digest(self.arrays))
         path = self.state_dir / VERSIONS_DIR / f"v{number:04d}.pt"
         _, digest = save_state_dict_sha256(path, self.arrays.to_torch_state_dict())
         # sha256: of the file's bytes (sha256sum); arrays_sha256: the array digest.
@@ -50,7 +50,8 @@ class Storage:
             entry["metrics"], problem = self.evaluation.measure(self.state.round, self.arrays)
             if problem:
                 entry["not_measured"] = {"test": problem}
-        versions = [v for v in versions if v["version"] < number] + [entry]
+        versions = sorted([v for v in versions if v["version"] != number] + [entry],
+                          key=lambda v: v["version"])
         _atomic_json(self.state_dir / VERSIONS_FILE, {"versions": versions})
         self.state.version = number
         self.state.last_version_round = self.state.round
@@ -65,18 +66,69 @@ class Storage:
             self.state.round, f", {metrics}" if metrics else "", path)
         return entry
 
+    def _version_number(self, versions: list[dict], kind: str, digest: str) -> int:
+        """The number a model is published under: the one after the checkpoint's version
+        (0 for the start). A number that a run cut short before its checkpoint already
+        listed is reused when it holds this very model, else that version is abandoned
+        (``version.abandoned``, marked in ``versions.json``, its file kept) and the
+        number after it taken: never two models under one number."""
+        number = 0 if kind == "start" else self.state.version + 1
+        listed = {v["version"]: v for v in versions}
+        while number in listed:
+            entry = listed[number]
+            if entry.get("abandoned"):
+                number += 1
+            elif arrays_digest_of(entry) == digest and entry.get("kind") == kind:
+                return number
+            else:
+                self._abandon(versions, entry)
+                number += 1
+        return number
+
+    def _abandon(self, versions: list[dict], entry: dict) -> None:
+        number = entry["version"]
+        reason = ("published by a run that was cut short before its checkpoint; the "
+                  "service went on from the checkpoint's model, no receipt names it")
+        if not self.audit.recorded("version.abandoned", published_version=number):
+            self.audit.now("version.abandoned", published_version=number,
+                           kind=entry.get("kind"), model_sha256=entry.get("sha256"),
+                           model_arrays_sha256=arrays_digest_of(entry),
+                           path=entry.get("path"), reason=reason)
+        entry["abandoned"] = reason
+        _atomic_json(self.state_dir / VERSIONS_FILE, {"versions": versions})
+        log(WARNING, "[service] version %d (%s) was %s: abandoned, its number is not reused",
+            number, entry.get("kind"), reason)
+
+    def remove_unlisted_versions(self) -> None:
+        """At resume: a version file past the last listed version was written by a run
+        cut short before it listed it; nothing names it, and it is removed."""
+        listed = [v["version"] for v in read_versions(self.state_dir)]
+        for path in sorted((self.state_dir / VERSIONS_DIR).glob("v*.pt")):
+            stem = path.stem[1:]
+            if stem.isdigit() and int(stem) > max(listed, default=-1) and path.is_file():
+                path.unlink()
+                log(WARNING, "[service] removed %s: written by a run cut short before it "
+                    "listed the version", path)
+
     def _last_digest(self) -> str:
-        """The array digest of the last version published ("" for none)."""
-        versions = read_versions(self.state_dir)
+        """The array digest of the last version published ("" for none; an abandoned
+        one is not published)."""
+        versions = [v for v in read_versions(self.state_dir) if not v.get("abandoned")]
         return arrays_digest_of(versions[-1]) if versions else ""
 
     def checkpoint(self) -> None:
-        """Everything the service knows, in one file, replaced atomically."""
+        """Everything the service knows, in one file, replaced atomically; then the audit
+        records it commits (held since :meth:`ServiceAudit.hold`), each once."""
+        self.state.due_records = self.audit.release()
+        head = self.audit.head()
+        self.state.audit_seq = head[0] if head is not None else -1
         blob = {"model": self.arrays.to_torch_state_dict(),
                 "momentum": (None if self.momentum is None
                              else [torch.from_numpy(a.copy()) for a in self.momentum]),
                 "state": json.dumps(self.state.to_json())}
         save_state_dict(self.state_dir / CHECKPOINT_FILE, blob)
+        self.audit.write(self.state.due_records)
+        self.state.due_records = []
 
     def load(self):
         """The checkpoint's ``(state, model, momentum)``, or ``None`` for a fresh state
