@@ -48,8 +48,10 @@ def test_the_default_recovery_is_bit_identical_to_before(tmp_path):
 
 def example(tmp_path, strategy: str) -> dict:
     out = tmp_path / strategy
-    run_app({"num-server-rounds": 2, "recovery-rounds": 5, "methods": "not",
-             "recovery-strategy": strategy, "output-dir": str(out)}, 3, app=EXAMPLE)
+    torch.manual_seed(0)  # the user's app draws its initial model from the global generator
+    run_app({"num-server-rounds": 2, "recovery-rounds": 5, "methods": "not,ft",
+             "recovery-strategy": strategy, "output-dir": str(out),
+             "inbox-root": str(out / "inboxes")}, 3, app=EXAMPLE, run_id=5)
     result = json.loads((out / "not" / "results.json").read_text())
     result["digest"] = model_digest(ArrayRecord(torch.load(result["model_path"])))
     return result
@@ -64,7 +66,9 @@ def default_run(tmp_path_factory, one_thread):
 def test_the_example_app_recovers_with_the_users_flower_strategy(tmp_path, default_run,
                                                                 strategy, name):
     got = example(tmp_path, strategy)
-    assert got["status"] == "honoured", got["reason"]
+    # 5 rounds from a 2-round model: NoT may also end degraded (serve() judges it; FT
+    # keeps the run honoured); either way the recovery ran through the user's strategy.
+    assert got["status"] in ("honoured", "degraded"), got["reason"]
     recovery = got["notes"]["recovery"]
     assert recovery["aggregation"] == name and recovery["rounds"] == 5
     assert "aggregation" not in default_run["notes"]["recovery"]
