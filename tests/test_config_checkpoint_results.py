@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -64,6 +66,23 @@ def test_checkpoint_roundtrip_is_atomic(tmp_path):
     assert torch.equal(loaded.to_torch_state_dict()["w"], arrays.to_torch_state_dict()["w"])
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
     assert json.loads(path.with_suffix(".json").read_text())["key"] == "abc"
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_saved_models_and_results_get_the_umask_s_permissions(tmp_path, umask, mode):
+    """A saved model (serve()'s ``model.pt``, the pretraining cache) and a results file
+    are readable as any file the user creates is: 0666 less the umask, not 0600."""
+    from fedunlearn.files import save_state_dict, write_json
+
+    old = os.umask(umask)
+    try:
+        model = save_state_dict(tmp_path / "model.pt", {"w": torch.zeros(2)})
+        results = write_json(tmp_path / "results.json", {"ok": True})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(model.stat().st_mode) == mode
+    assert stat.S_IMODE(results.stat().st_mode) == mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "results.json"]
 
 
 def result(method, retain, forget, test, mia, comm=100, asr=None):
