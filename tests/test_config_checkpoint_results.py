@@ -46,6 +46,26 @@ def test_unknown_key_rejected_before_starting_flower():
         check_run_config({"pretrain.epochs": 3})
 
 
+@pytest.mark.parametrize("key,suggested", [
+    ("federation.num_clients", "'federation.num-clients'"),  # Hydra's spelling
+    ("unlearn.rouns", "'unlearn.rounds'"),
+    ("federation.local_epoch", "'federation.local-epochs'"),
+])
+def test_unknown_key_error_says_did_you_mean_and_not_every_key(key, suggested):
+    with pytest.raises(ValueError) as err:
+        check_run_config({key: 1})
+    message = str(err.value)
+    assert f"unknown run-config key {key!r}: did you mean {suggested}?" in message
+    assert "docs/running.md" in message and "pretrain.rounds" not in message
+
+
+def test_unknown_key_without_a_close_one_lists_its_section():
+    with pytest.raises(ValueError) as err:
+        check_run_config({"pretrain.epochs": 3})
+    assert "the 'pretrain' keys: ['pretrain.lr', 'pretrain.rounds']" in str(err.value)
+    assert "federation." not in str(err.value)
+
+
 def test_pretrain_key_tracks_everything_that_determines_the_model():
     base = ExperimentConfig.from_run_config(run_config())
     same = dataclasses.replace(base, methods=("not",), unlearn_rounds=3, output_dir="/x")
