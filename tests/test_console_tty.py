@@ -157,6 +157,9 @@ def test_fedunlearn_run_in_a_terminal_shows_a_bar_and_no_raw_line(tmp_path):
     for counted in ("1/3 rounds", "2/3 rounds", "3/3 rounds  test 93.00%"):
         assert counted in drawn, counted
     assert screen(raw) == [
+        # during Flower's start-up (20-80 s of nothing else), one line says what is going on
+        "starting Flower: a simulation of 10 SuperNodes (the first round follows in 20-80 s) "
+        "...",
         "fedunlearn: client on digits/cnn, 3 clients (iid), methods: not",
         "[pretrain] checkpoint after round 1",
         "[pretrain] checkpoint after round 2",

@@ -114,6 +114,10 @@ def stop_pids(pids: Sequence[int], timeout: float = 10.0) -> None:
                 pass
 
 
+#: Start of the line :func:`flwr_run` prints while Flower starts (a blank screen otherwise).
+STARTING = "starting Flower"
+
+
 def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1,
              num_gpus: float = 0.0, app: str | Path | None = None,
              ports: tuple[int, int] | None = None, env: Mapping[str, str] | None = None,
@@ -135,6 +139,10 @@ def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1
         if log:
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
+        if echo:  # Flower prints nothing a user reads until the first round
+            sys.stdout.write(f"{STARTING}: a simulation of {int(num_supernodes)} SuperNodes "
+                             "(the first round follows in 20-80 s) ...\n")
+            sys.stdout.flush()
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         assert proc.stdout is not None

@@ -37,7 +37,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ..console import JobConsole
-from ..launch import HARNESS_FINISHED, check_run_config, flwr_run, run_config_arg
+from ..launch import HARNESS_FINISHED, STARTING, check_run_config, flwr_run, run_config_arg
 from .config import (conf_dir, federation_settings, foreign_method_settings,
                      method_setting_paths, to_run_config)
 
@@ -50,7 +50,7 @@ TAIL_LINES = 40
 _STATE: dict[str, list] = {"job_dirs": [], "failed": []}
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_SHOWN = ("Results written", "REJECTED", "No valid unlearning request", "Exit Code",
+_SHOWN = (STARTING, "Results written", "REJECTED", "No valid unlearning request", "Exit Code",
           "unhandled exception")
 
 
