@@ -134,3 +134,30 @@ def test_comparison_without_retrain_has_no_deltas():
 def test_results_path_layout(tmp_path):
     assert results_path(tmp_path, "not", several=False) == tmp_path / "results.json"
     assert results_path(tmp_path, "not", several=True) == tmp_path / "not" / "results.json"
+
+
+def test_the_closing_table_fits_100_columns_with_the_same_numbers():
+    """The console's closing table (every method's metrics, ASR, costs, storage, a
+    centralized title and a refusal) fits a 100-column terminal and shows every number
+    of comparison.md's table."""
+    from fedunlearn.harness.results import comparison_markdown, comparison_text
+
+    results = []
+    for i, name in enumerate(["retrain", "federaser", "l1_sparse", "not"]):
+        r = result(name, 97.0 + i / 7, 96.5 - i / 3, 95.0 + i / 9, 50.0 + i, comm=1.29e8 + i,
+                   asr=0.31 * i)
+        r["cost"].update(storage_bytes=7.92e7 * i, flops=6.34e10 - i, wall_s=123.4 + i)
+        r["original"]["asr"] = 64.2
+        r["config"] = {"num_clients": 1}
+        results.append(r)
+    skipped = {"fcu": "cannot serve client-wise requests: " + "a long reason " * 10}
+    text = comparison_text(results, skipped=skipped)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100, text
+    assert lines[0] == "fedunlearn results (centralized: one client holds all training data)"
+    md_cells = [c.strip() for line in comparison_markdown(results).splitlines()[2:]
+                if line.startswith("| ") for c in line.strip("|").split("|")[1:] if c.strip()]
+    for cell in md_cells:  # every number, with its |Δ|, as in the markdown table
+        assert cell in text, cell
+    assert "fcu: refused (cannot serve client-wise requests" in text
+    assert "Gap: Avg. Gap" in text
