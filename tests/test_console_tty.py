@@ -157,6 +157,9 @@ def test_fedunlearn_run_in_a_terminal_shows_a_bar_and_no_raw_line(tmp_path):
     for counted in ("1/3 rounds", "2/3 rounds", "3/3 rounds  test 93.00%"):
         assert counted in drawn, counted
     assert screen(raw) == [
+        # during Flower's start-up (20-80 s of nothing else), one line says what is going on
+        "starting Flower: a simulation of 10 SuperNodes (the first round follows in 20-80 s) "
+        "...",
         "fedunlearn: client on digits/cnn, 3 clients (iid), methods: not",
         "[pretrain] checkpoint after round 1",
         "[pretrain] checkpoint after round 2",
@@ -242,12 +245,12 @@ def test_a_sweep_in_a_terminal_shows_every_job_and_the_report(tmp_path):
 @pytest.mark.parametrize("engine", ["flower", "local"])
 def test_a_real_job_in_a_terminal(tmp_path, engine, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    # wide enough for the closing table (it wraps at 100 columns: one table row, 2 lines)
+    # the closing tables fit a terminal of 100 columns
     rc, raw = run_in_pty([sys.executable, "-m", "fedunlearn.launch", "--engine", engine,
                           "method=retrain,not", "federation.num-clients=3",
                           "pretrain.rounds=2", "unlearn.rounds=2",
                           f"output-dir={tmp_path / 'out'}", f"checkpoint-dir={tmp_path / 'c'}"],
-                         cwd=tmp_path, columns=160)
+                         cwd=tmp_path, columns=100)
     assert rc == 0, raw
     _assert_no_raw_line(raw)
     assert "[retrain] method 1/2" in plain(raw) and "2/2 rounds" in plain(raw)
@@ -255,6 +258,7 @@ def test_a_real_job_in_a_terminal(tmp_path, engine, monkeypatch):
     text = "\n".join(shown)
     assert len(shown) <= 25, text
     assert any(line.lstrip().startswith("Method") for line in shown), text
+    assert max(map(len, shown)) <= 100, text
     for method in ("retrain", "not"):
         assert any(line.lstrip().startswith(f"{method} ") for line in shown), text
     assert shown[-1] == f"Results written to {tmp_path / 'out'}", text

@@ -20,7 +20,9 @@ processes) takes about 3 minutes on an idle 2-core machine.
 
 Every process the run starts, down to the SuperExec, ServerApp and ClientApp processes,
 is stopped by PID: by the script's trap, and if anything survives it, by the fixture's
-teardown, which then fails the test.
+teardown, which then fails the test. The script runs as the leader of its own process
+group (``tests/processes.py``): when pytest is interrupted (Ctrl-C, SIGTERM, SIGHUP) the
+group is stopped, and when pytest is killed the script gets SIGTERM and its trap runs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from .processes import running, start_group, stop, stop_group
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "deploy_local.sh"
 BIN_DIR = Path(sys.executable).parent
@@ -50,15 +54,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 # ---------------------------------------------------------------------------------------
 # Processes
 # ---------------------------------------------------------------------------------------
-def _running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def _processes_with_home_under(root: Path) -> list[int]:
     """PIDs of live processes whose ``FLWR_HOME`` lies under ``root``.
 
@@ -76,29 +71,10 @@ def _processes_with_home_under(root: Path) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if any(var.startswith(prefix) or var == exact for var in environ.split(b"\0")) and _running(
+        if any(var.startswith(prefix) or var == exact for var in environ.split(b"\0")) and running(
                 int(entry.name)):
             found.append(int(entry.name))
     return found
-
-
-def _stop(pids: list[int], timeout: float) -> list[int]:
-    """SIGTERM, then SIGKILL after ``timeout``; returns the PIDs that needed SIGKILL."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_running(p) for p in pids):
-        time.sleep(0.1)
-    killed = [p for p in pids if _running(p)]
-    for pid in killed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return killed
 
 
 class Deployment:
@@ -118,9 +94,9 @@ class Deployment:
         full_env = dict(os.environ, WORKDIR=str(self.workdir), FLWR_BIN_DIR=str(BIN_DIR),
                         **env)
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
+            self.proc = start_group(
                 ["bash", str(SCRIPT), *args], cwd=REPO, env=full_env, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def wait(self, timeout: float) -> int:
         try:
@@ -173,11 +149,13 @@ class Deployment:
         system has reused for someone else's process is never touched.
         """
         if self.proc is not None and self.proc.poll() is None:
-            _stop([self.proc.pid], timeout=30.0)  # SIGTERM runs the script's cleanup trap
+            stop([self.proc.pid], timeout=30.0)  # SIGTERM runs the script's cleanup trap
             self.proc.wait()
         leftover = _processes_with_home_under(self.workdir)
+        if self.proc is not None:
+            stop_group(self.proc, timeout=5.0)  # what the trap missed; forgets the group
         if leftover:
-            _stop(leftover, timeout=5.0)
+            stop(leftover, timeout=5.0)
         return leftover
 
 

@@ -160,3 +160,56 @@ def test_federation_settings_carry_client_resources():
 
 def test_conf_dir_is_the_repo_conf():
     assert conf_dir() == Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_a_sweep_over_retrain_and_not_can_set_a_not_parameter():
+    """``-m method=retrain,not method.params.perturbation=negate,reinit``: Retrain is the
+    reference such a sweep needs; it runs without NoT's parameter (noted), NoT with it."""
+    from fedunlearn.experiment.config import foreign_method_settings
+    from fedunlearn.experiment.runner import open_method_settings
+
+    argv = ["fedunlearn-experiment", "-m", "method=retrain,not",
+            "method.params.perturbation=negate,reinit", "method.unlearn.lr=0.05"]
+    opened = open_method_settings(argv)
+    assert opened[3:] == ["++method.params.perturbation=negate,reinit",
+                          "++method.unlearn.lr=0.05"]
+    assert open_method_settings(argv[:1] + argv[2:]) == argv[:1] + argv[2:]  # one job: as is
+    for value in ("negate", "reinit"):  # each job of the sweep, as Hydra composes it
+        retrain = compose(["method=retrain", f"++method.params.perturbation={value}",
+                           "++method.unlearn.lr=0.05"])
+        assert foreign_method_settings(retrain) == ["method.params.perturbation",
+                                                    "method.unlearn.lr"]
+        flat = to_run_config(retrain)
+        assert flat["method"] == "retrain" and flat["method-params"] == ""
+        assert "unlearn.lr" not in flat
+        noT = compose(["method=not", f"++method.params.perturbation={value}",
+                       "++method.unlearn.lr=0.05"])
+        assert foreign_method_settings(noT) == []
+        flat = to_run_config(noT)
+        assert f"not.perturbation={value}" in flat["method-params"].split()
+        assert flat["unlearn.lr"] == 0.05
+
+
+def test_a_sweep_still_refuses_a_method_setting_no_method_has():
+    from hydra.errors import ConfigCompositionException
+
+    from fedunlearn.experiment.runner import open_method_settings
+
+    argv = ["x", "-m", "method=retrain,not", "method.params.perturbaton=negate"]
+    assert open_method_settings(argv) == argv
+    with pytest.raises(ConfigCompositionException, match="perturbaton"):
+        compose(["method=not", "method.params.perturbaton=negate"])
+
+
+def test_experiment_help_says_what_it_runs_with_examples_and_the_guide():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fedunlearn.experiment", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    head = done.stdout.split("== Configuration groups ==")[0]
+    assert "is powered by Hydra" not in head
+    assert "one Hydra job = one Flower" in head and "docs/experiments.md" in head
+    assert "fedunlearn-experiment -m method=retrain,ft,not seed=0,1,2" in head
+    assert "federation.num_clients" in head and "federation.num-clients" in head

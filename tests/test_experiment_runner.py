@@ -148,7 +148,11 @@ def test_num_gpus_reaches_flowers_federation_config(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "superlink_pids", lambda port: [])
     cfg = compose(["method=ft", "federation=tiny", "federation.client_resources.num_gpus=0.25",
                    "federation.client_resources.num_cpus=2"])
-    assert runner.run_job(cfg, tmp_path / "job", out=io.StringIO())
+    shown = io.StringIO()
+    assert runner.run_job(cfg, tmp_path / "job", out=shown)
+    # the job's console says Flower is starting (20-80 s before its first line)
+    assert ("[j] starting Flower: a simulation of 3 SuperNodes (the first round follows" in
+            shown.getvalue().replace("[job]", "[j]"))
     cmd = seen["cmd"]
     federation = cmd[cmd.index("--federation-config") + 1]
     assert federation == ("num-supernodes=3 client-resources-num-cpus=2 "

@@ -13,13 +13,29 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 #: A method that could not finish writes its reason here, in place of its results.
 FAILED_FILE = "failed.json"
+
+
+def _create_temporary(path: Path) -> str:
+    """A new empty file beside ``path`` (a name no one else has), created with the
+    permissions of any file the user creates: 0666 less the umask (typically 0644), as
+    ``torch.save`` or ``open`` would give the target. ``tempfile.mkstemp`` would give 0600,
+    which the rename would carry over to every model and results file."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}-{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(tmp)
+    raise FileExistsError(f"no free temporary name beside {path} after 100 tries")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
@@ -29,8 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *,
     from the temporary file that becomes ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temporary(path)
     try:
         write(tmp)
         with open(tmp, "rb") as fh:

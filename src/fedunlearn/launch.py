@@ -114,6 +114,10 @@ def stop_pids(pids: Sequence[int], timeout: float = 10.0) -> None:
                 pass
 
 
+#: Start of the line :func:`flwr_run` prints while Flower starts (a blank screen otherwise).
+STARTING = "starting Flower"
+
+
 def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1,
              num_gpus: float = 0.0, app: str | Path | None = None,
              ports: tuple[int, int] | None = None, env: Mapping[str, str] | None = None,
@@ -135,6 +139,10 @@ def flwr_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1
         if log:
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
+        if echo:  # Flower prints nothing a user reads until the first round
+            sys.stdout.write(f"{STARTING}: a simulation of {int(num_supernodes)} SuperNodes "
+                             "(the first round follows in 20-80 s) ...\n")
+            sys.stdout.flush()
         proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         assert proc.stdout is not None
@@ -220,7 +228,8 @@ def check_run_config(overrides: Mapping, app: str | Path | None = None) -> dict:
     merged = default_run_config(app)
     unknown = sorted(set(overrides) - set(merged))
     if unknown:
-        raise ValueError(f"unknown run-config key(s) {unknown}; known keys: {sorted(merged)}")
+        raise ValueError("; ".join(unknown_key_message(key, merged) for key in unknown)
+                         + " (every key and its default: docs/running.md)")
     merged.update(overrides)
     from .harness.methods import check_methods
 
@@ -228,6 +237,25 @@ def check_run_config(overrides: Mapping, app: str | Path | None = None) -> dict:
     check_methods(cfg)
     check_machine(cfg)
     return merged
+
+
+def unknown_key_message(key: str, known) -> str:
+    """``unknown run-config key 'x'`` with the closest known keys (``did you mean``: the
+    key with dashes for underscores, else a close name in its section, else a close key
+    anywhere), or else the keys of its section (the part before the first dot)."""
+    import difflib
+
+    known = sorted(known)
+    section, _, name = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == section}
+    close = [key.replace("_", "-")] if key.replace("_", "-") in known else [
+        siblings[n] for n in difflib.get_close_matches(name, sorted(siblings), n=2, cutoff=0.6)
+    ] or difflib.get_close_matches(key, known, n=2, cutoff=0.8)
+    if close:
+        return f"unknown run-config key {key!r}: did you mean {' or '.join(map(repr, close))}?"
+    top = key.split(".")[0]
+    same = [k for k in known if k.split(".")[0] == top]
+    return f"unknown run-config key {key!r}" + (f"; the {top!r} keys: {same}" if same else "")
 
 
 def check_machine(cfg) -> None:

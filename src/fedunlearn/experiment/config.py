@@ -141,8 +141,10 @@ def to_run_config(cfg: Mapping | DictConfig) -> dict[str, bool | int | float | s
     and that method ignores them). ``forget.ratio``, when set, determines
     ``forget.clients``.
     """
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    foreign = foreign_method_settings(cfg)
+    if foreign:
+        cfg = dict(cfg, method=_without(cfg["method"], foreign))
     out: dict[str, bool | int | float | str] = {}
     for key, (path, kind) in RUN_CONFIG_MAP.items():
         value = _select(cfg, path)
@@ -156,6 +158,50 @@ def to_run_config(cfg: Mapping | DictConfig) -> dict[str, bool | int | float | s
     if ratio is not _MISSING and ratio is not None:
         out["forget.clients"] = ratio_clients(ratio, int(out.get("federation.num-clients", 10)))
     return out
+
+
+def _leaves(node: Any, prefix: str = "") -> set[str]:
+    """Dotted paths of the leaves of a mapping (a list is a leaf)."""
+    if not isinstance(node, Mapping):
+        return {prefix} if prefix else set()
+    return set().union(*(_leaves(v, f"{prefix}{k}.") for k, v in node.items())) if node else set()
+
+
+def method_setting_paths() -> dict[str, set[str]]:
+    """Per option of ``conf/method/``: the paths under ``method.`` its yaml declares
+    (``params.perturbation``, ``unlearn.lr``, ...), ``name`` left out."""
+    out = {}
+    for path in sorted((conf_dir() / "method").glob("*.yaml")):
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        out[path.stem] = {p.rstrip(".") for p in _leaves(data)} - {"name"}
+    return out
+
+
+def foreign_method_settings(cfg: Mapping | DictConfig) -> list[str]:
+    """``method.*`` settings of a job that its method does not have but another method
+    of ``conf/method/`` has, e.g. NoT's ``method.params.perturbation`` in a Retrain job
+    of ``-m method=retrain,not method.params.perturbation=negate,reinit``. The job runs
+    without them (:func:`to_run_config` drops them; the runner notes it)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    method = cfg.get("method") or {}
+    declared = method_setting_paths()
+    own = declared.get(str(method.get("name", "")))
+    if own is None:  # several methods (compare) or a plugin's: no yaml of its own
+        return []
+    others = set().union(*declared.values())
+    return sorted(f"method.{p}" for p in {q.rstrip(".") for q in _leaves(method)} - {"name"}
+                  if p not in own and p in others)
+
+
+def _without(method: Mapping, paths: list[str]) -> dict:
+    """A copy of the ``method`` node without the dotted ``method.*`` ``paths``."""
+    drop = {p.removeprefix("method.") for p in paths}
+
+    def prune(node: Mapping, prefix: str) -> dict:
+        return {k: prune(v, f"{prefix}{k}.") if isinstance(v, Mapping) else v
+                for k, v in node.items() if f"{prefix}{k}" not in drop}
+    return prune(method, "")
 
 
 def federation_settings(cfg: Mapping | DictConfig) -> dict[str, int | float]:

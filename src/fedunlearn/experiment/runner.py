@@ -37,8 +37,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ..console import JobConsole
-from ..launch import HARNESS_FINISHED, check_run_config, flwr_run, run_config_arg
-from .config import conf_dir, federation_settings, to_run_config
+from ..launch import HARNESS_FINISHED, STARTING, check_run_config, flwr_run, run_config_arg
+from .config import (conf_dir, federation_settings, foreign_method_settings,
+                     method_setting_paths, to_run_config)
 
 ERROR_FILE = "error.txt"
 LOG_FILE = "flwr.log"
@@ -49,7 +50,7 @@ TAIL_LINES = 40
 _STATE: dict[str, list] = {"job_dirs": [], "failed": []}
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_SHOWN = ("Results written", "REJECTED", "No valid unlearning request", "Exit Code",
+_SHOWN = (STARTING, "Results written", "REJECTED", "No valid unlearning request", "Exit Code",
           "unhandled exception")
 
 
@@ -158,6 +159,7 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
     try:
         run_config, fed = _checked_run_config(cfg, job_dir, base)
         _write_run_config(job_dir, run_config, fed)
+        _note_foreign_settings(cfg, out, tag)
         if dry_run:
             out.write(f"{tag} dry run: --run-config '{run_config_arg(run_config)}'\n"
                       f"{tag} written to {job_dir / RUN_CONFIG_FILE}\n")
@@ -180,6 +182,16 @@ def run_job(cfg: DictConfig | Mapping, job_dir: str | Path, *, tag: str = "[job]
     out.write(f"{tag} done in {time.perf_counter() - start:.0f}s -> {job_dir}\n")
     out.flush()
     return True
+
+
+def _note_foreign_settings(cfg: DictConfig | Mapping, out, tag: str) -> None:
+    """Say which of another method's settings this job's method runs without."""
+    foreign = foreign_method_settings(cfg)
+    if foreign:
+        method = OmegaConf.select(cfg, "method.name") if isinstance(cfg, DictConfig) \
+            else cfg["method"]["name"]
+        out.write(f"{tag} note: {method} has no {', '.join(foreign)} (another method's "
+                  "setting in this sweep): ignored\n")
 
 
 def _checked_run_config(cfg: DictConfig | Mapping, job_dir: Path,
@@ -351,9 +363,26 @@ def rewrite_method_list(argv: list[str]) -> list[str]:
     return out
 
 
+_METHOD_SETTING = re.compile(r"^method\.([A-Za-z0-9_.]+)=")
+
+
+def open_method_settings(argv: list[str]) -> list[str]:
+    """In a multirun, ``method.<path>=...`` for a setting some method of ``conf/method/``
+    declares becomes ``++method.<path>=...``, so that a sweep over methods can set one
+    method's setting (``-m method=retrain,not method.params.perturbation=negate,reinit``):
+    in the jobs of the other methods it is dropped with a note
+    (:func:`fedunlearn.experiment.config.foreign_method_settings`). A path no method
+    declares is left as it is, for Hydra to refuse."""
+    if not any(a in ("-m", "--multirun") or a == "hydra.mode=MULTIRUN" for a in argv):
+        return list(argv)
+    declared = set().union(*method_setting_paths().values())
+    return [f"++{arg}" if (m := _METHOD_SETTING.match(arg)) and m.group(1) in declared else arg
+            for arg in argv]
+
+
 def main() -> None:
     """Console script ``fedunlearn-experiment``; exits 1 if any job failed."""
-    sys.argv = rewrite_method_list(sys.argv)
+    sys.argv = open_method_settings(rewrite_method_list(sys.argv))
     hydra_main()
     if _STATE["failed"]:
         sys.exit(1)

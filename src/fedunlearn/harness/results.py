@@ -135,24 +135,54 @@ def comparison_markdown(results: Sequence[dict], skipped: dict[str, str] | None 
     return "\n".join(lines) + "\n\n" + note + "\n" + (extra[1:] + "\n" if extra else "")
 
 
+#: The console's narrower names for the comparison's headers and its first row (the
+#: numbers are the same); a legend under the table spells them out.
+SHORT_HEADERS = {"Avg. Gap": "Gap", "Comm. (B)": "Comm. B", "Wall (s)": "Wall s",
+                 "Storage (B)": "Stored B", "original (pretrained)": "original"}
+#: The console's closing table fits this many columns (wider: the costs go below).
+TEXT_WIDTH = 100
+
+
 def comparison_text(results: Sequence[dict], title: str = "fedunlearn results",
                     skipped: dict[str, str] | None = None) -> str:
-    """The comparison as a rich table rendered to plain text (for logs and terminals);
-    the centralized setting says so in the title."""
+    """The comparison as plain-text tables for logs and terminals, each at most
+    :data:`TEXT_WIDTH` columns: the metrics and the costs side by side when they fit,
+    else the costs in a second table; the centralized setting says so in the title."""
+    if is_centralized(results):
+        title += " (centralized: one client holds all training data)"
+    header, rows = comparison_rows(results)
+    header = [SHORT_HEADERS.get(h, h) for h in header]
+    rows = [[SHORT_HEADERS.get(row[0], row[0])] + row[1:] for row in rows]
+    tables = [_text_table(header, rows)]
+    if max(map(len, tables[0].splitlines())) > TEXT_WIDTH:
+        split = header.index("Comm. B")
+        tables = [_text_table(header[:split], [r[:split] for r in rows]),
+                  _text_table(header[:1] + header[split:],
+                              [r[:1] + r[split:] for r in rows[1:]])]  # no costs: original
+    legend = ("(x): |Δ| to Retrain; Gap: Avg. Gap, the mean |Δ| over Retain, Forget, Test, "
+              "MIA; original: the pretrained model" if "Gap" in header else
+              "original: the pretrained model; add retrain for Δ and Avg. Gap")
+    lines = [title[:TEXT_WIDTH]] + [line for t in tables for line in t.splitlines()]
+    lines += [w for line in [legend, *_skipped_lines(skipped)] for w in _wrap(line)]
+    return "\n".join(lines) + "\n"
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    if is_centralized(results):
-        title += " (centralized: one client holds all training data)"
-    header, rows = comparison_rows(results)
-    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for h in header:
         table.add_column(h, justify="left" if h == "Method" else "right")
     for row in rows:
         table.add_row(*row)
     buf = io.StringIO()
     Console(file=buf, width=240, force_terminal=False, color_system=None).print(table)
-    for line in _skipped_lines(skipped):
-        buf.write(line + "\n")
-    return buf.getvalue()
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines() if line.strip())
+
+
+def _wrap(text: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, TEXT_WIDTH)
