@@ -180,7 +180,7 @@ def test_trajectory_without_any_retrain_is_skipped_and_plain_results_are_unchang
     plain = (by_clients[10] / "summary.md").read_text()
     assert "Avg. Gap to Retrain over rounds" not in plain
     assert sorted(p.name for p in by_clients[10].iterdir()) == [
-        "metrics.png", "summary.csv", "summary.md"]
+        "metrics.pdf", "metrics.png", "summary.csv", "summary.md"]
 
 
 def test_two_local_jobs_retrain_and_not_through_the_report(tmp_path):

@@ -9,8 +9,11 @@ several sweeps), groups them by setting and writes to ``<dir>/report`` (or ``--o
   seeds with ``(|Δ|)`` to Retrain, the Average Gap, communication bytes and FLOPs, the
   lowest Average Gap among non-Retrain methods marked with ★ (the layout of the paper's
   Table 1);
-* ``<setting>/metrics.png``: the metrics and the two costs per method side by side, error
-  bars = std (the paper's Figure 1);
+* ``<setting>/metrics.png`` (and ``.pdf``): the metrics as method − Retrain in percentage
+  points (absolute, on zoomed axes, without Retrain), the Avg. Gap, communication and
+  computation with units (MB, GFLOPs), error bars = std over seeds, the seed count in the
+  title (the paper's Figure 1); every figure is saved as PNG and PDF (``--formats``
+  adds SVG);
 * ``forget_ratio.png`` when settings differ only in the forget ratio (number of target
   clients): Average Gap and communication per method against the ratio (Figure 6);
 * when NoT results carry per-round trajectories (``eval.trajectory=true``):
@@ -51,6 +54,7 @@ The package, by concern (every name is re-exported here):
 * :mod:`.aggregation`: :class:`Row`, :class:`Group`, :func:`build_rows`,
   :func:`group_results` (mean ± std, Δ, Avg. Gap, ★; titles and folder names);
 * :mod:`.tables`: ``summary.md`` tables and ``summary.csv``;
+* :mod:`.figure_style`: figure formats and saving, units, seed captions, zoomed limits;
 * :mod:`.plots`: ``metrics.png``;
 * :mod:`.forget_ratio`: ``forget_ratio.png`` and its table;
 * :mod:`.trajectories`: NoT's Avg. Gap to Retrain per round (:func:`gap_trajectories`);
@@ -66,17 +70,21 @@ from .cka import CKA_FILE, cka_models, draw_cka
 from .cli import main
 from .constants import (BEST_MARK, COST_KEYS, DISPLAY, LABELS, METHOD_FIELDS, NO_RETRAIN_NOTE,
                         PROTOCOL_FIELDS, REFERENCE, REPORT_DIR, STD_NOTE)
-from .forget_ratio import plot_forget_ratio, ratio_families, ratio_table
+from .figure_style import (ALLOWED_FORMATS, FIGURE_FORMATS, check_formats, save_figure,
+                           seed_caption, unit_scale, zoom_limits)
+from .forget_ratio import forget_ratio_figure, plot_forget_ratio, ratio_families, ratio_table
 from .gap_figures import (GAP_FIGURES, draw_gap_figures, gap_figure_lines, gap_markdown, gap_table,
                           plot_gap, write_gap_csv)
 from .loading import load_results, setting_of
-from .plots import plot_metrics
+from .plots import metrics_figure, plot_metrics
 from .tables import CSV_SETTING, csv_header, csv_rows, group_markdown, table_markdown, write_csv
 from .trajectories import (GAP_NOTE, PERTURBATION_ORDER, TRAJECTORY_METHOD, GapLine,
                            GapTrajectories, gap_trajectories, layers_of, perturbation_of)
 from .writer import Report, write_report
 
 __all__ = [
+    "ALLOWED_FORMATS", "FIGURE_FORMATS", "check_formats", "forget_ratio_figure",
+    "metrics_figure", "save_figure", "seed_caption", "unit_scale", "zoom_limits",
     "BEST_MARK", "CKA_FILE", "COST_KEYS", "CSV_SETTING", "DISPLAY", "GAP_FIGURES", "GAP_NOTE",
     "LABELS", "METHOD_FIELDS", "NO_RETRAIN_NOTE", "PERTURBATION_ORDER", "PROTOCOL_FIELDS",
     "REFERENCE", "REPORT_DIR", "STD_NOTE", "TRAJECTORY_METHOD",

@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .aggregation import Group, _slug, method_order
 from .constants import REFERENCE
 from .loading import _key
+from .figure_style import (FIGURE_FORMATS, family_title, plain_numbers, save_figure,
+                           seed_caption, unit_scale)
 from .plots import _colors
 from .tables import _e2, _f2
 
@@ -32,14 +35,17 @@ def ratio_families(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
     return out
 
 
-def plot_forget_ratio(name: str, members: Sequence[Group], path: Path) -> Path:
-    """Figure 6 style: Avg. Gap and communication per method against the forget ratio."""
+def forget_ratio_figure(members: Sequence[Group]) -> Any:
+    """Figure 6 style as a matplotlib ``Figure``: Avg. Gap and communication (in kB, MB
+    or GB) per method against the forget ratio."""
     from matplotlib.figure import Figure
 
     methods = sorted({r.method for g in members for r in g.rows}, key=method_order)
     colors = _colors(methods)
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_gap, ax_comm = fig.subplots(1, 2)
+    scale, unit = unit_scale((r.cost_mean["comm_bytes"] for g in members for r in g.rows),
+                             "bytes")
     for method in methods:
         labels = sorted({r.label for g in members for r in g.rows if r.method == method})
         for label in labels:
@@ -52,9 +58,10 @@ def plot_forget_ratio(name: str, members: Sequence[Group], path: Path) -> Path:
                 if gap_pts:
                     ax_gap.plot([p for p, _ in gap_pts], [v for _, v in gap_pts],
                                 color=colors[method], marker="o", label=label)
-            ax_comm.errorbar(ratios, [r.cost_mean["comm_bytes"] for _, r in pts],
-                             yerr=[0 if not math.isfinite(r.cost_std["comm_bytes"])
-                                   else r.cost_std["comm_bytes"] for _, r in pts], **style)
+            errs = [r.cost_std["comm_bytes"] / scale if r.n > 1 else math.nan for _, r in pts]
+            ax_comm.errorbar(ratios, [r.cost_mean["comm_bytes"] / scale for _, r in pts],
+                             yerr=None if not any(math.isfinite(e) for e in errs) else
+                             [0.0 if not math.isfinite(e) else e for e in errs], **style)
     ticks = sorted({100 * g.setting["ratio"] for g in members})
     for ax in (ax_gap, ax_comm):
         ax.set_xlabel("forget ratio (% of clients asking to be forgotten)")
@@ -65,15 +72,23 @@ def plot_forget_ratio(name: str, members: Sequence[Group], path: Path) -> Path:
             ax.legend(fontsize=8)
     ax_gap.set_ylabel("Avg. Gap to Retrain (percentage points)")
     ax_gap.set_title("Avg. Gap ↓")
-    ax_comm.set_ylabel("Communication (bytes)")
-    ax_comm.set_title("Communication ↓ (mean ± std)")
+    plain_numbers(ax_comm)
+    ax_comm.set_ylabel(f"Communication ({unit})")
+    ax_comm.set_title("Communication ↓")
     if not ax_gap.get_lines():
         ax_gap.text(0.5, 0.5, "no Retrain results: no Avg. Gap", ha="center",
                     transform=ax_gap.transAxes)
-    fig.suptitle(f"{name}: effect of the forget ratio", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    caption = seed_caption(r.n for g in members for r in g.rows)
+    fig.suptitle(f"{family_title(members[0].setting)}: effect of the forget ratio\n{caption}",
+                 fontsize=10)
+    return fig
+
+
+def plot_forget_ratio(name: str, members: Sequence[Group], path: Path,
+                      formats: Sequence[str] = FIGURE_FORMATS) -> list[Path]:
+    """Draw :func:`forget_ratio_figure` of the family ``name`` to ``path`` in each of
+    ``formats``; the files written, the PNG first."""
+    return save_figure(forget_ratio_figure(members), path, formats)
 
 
 def ratio_table(members: Sequence[Group]) -> str:

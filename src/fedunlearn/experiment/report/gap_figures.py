@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .aggregation import Group
+from .figure_style import FIGURE_FORMATS, save_figure, seed_caption
 from .tables import _f2, _num
 from .trajectories import GAP_NOTE, GapLine, GapTrajectories
 
@@ -77,8 +78,10 @@ def gap_table(lines: Sequence[GapLine], name: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot_gap(lines: Sequence[GapLine], path: Path, title: str) -> Path:
-    """Avg. Gap to Retrain against rounds, one line per variant, ±std shaded."""
+def plot_gap(lines: Sequence[GapLine], path: Path, title: str,
+             formats: Sequence[str] = FIGURE_FORMATS) -> list[Path]:
+    """Avg. Gap to Retrain against rounds, one line per variant, ±std shaded; saved in
+    each of ``formats`` (the files written, the PNG first)."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -105,9 +108,7 @@ def plot_gap(lines: Sequence[GapLine], path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path, formats)
 
 
 GAP_FIGURES = (("perturbation", "gap_by_perturbation.png", "Perturbation"),
@@ -128,8 +129,8 @@ def write_gap_csv(path: Path, figures: Sequence[tuple[str, list[GapLine]]]) -> N
     path.write_text(buf.getvalue())
 
 
-def draw_gap_figures(group: Group, traj: GapTrajectories,
-                     gdir: Path) -> tuple[list[tuple[str, str, str, list[GapLine]]], list[Path]]:
+def draw_gap_figures(group: Group, traj: GapTrajectories, gdir: Path,
+                     formats: Sequence[str] = FIGURE_FORMATS) -> tuple[list[tuple[str, str, str, list[GapLine]]], list[Path]]:
     """Draw the setting's gap figures (and ``gap_trajectory.csv``) into ``gdir``:
     ``(file name, line kind, what is fixed, lines)`` per figure, and the files written."""
     figures, files = [], []
@@ -138,8 +139,9 @@ def draw_gap_figures(group: Group, traj: GapTrajectories,
         if not lines:
             continue
         seeds = sorted({s for line in lines for s in line.seeds})
-        files.append(plot_gap(lines, gdir / fname, f"{group.title}\nNoT, {what}; "
-                              f"mean ± std over seeds {seeds}"))
+        caption = seed_caption(line.n for line in lines)
+        files += plot_gap(lines, gdir / fname, f"{group.title}\nNoT, {what}; {caption} "
+                          f"(seeds {', '.join(map(str, seeds))})", formats)
         figures.append((fname, name, what, lines))
     if figures:
         write_gap_csv(gdir / "gap_trajectory.csv", [(f, lines) for f, _, _, lines in figures])

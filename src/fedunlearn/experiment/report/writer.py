@@ -3,12 +3,14 @@ gap figures and the CKA figure per setting, and the forget-ratio figures."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .aggregation import Group, group_results
 from .cka import CKA_FILE, draw_cka
 from .constants import REPORT_DIR
+from .figure_style import FIGURE_FORMATS, check_formats
 from .forget_ratio import plot_forget_ratio, ratio_families, ratio_table
 from .gap_figures import draw_gap_figures, gap_markdown
 from .loading import _key, load_results, setting_of
@@ -24,8 +26,11 @@ class Report:
     files: list[Path]
 
 
-def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report | None:
-    """Write the report for every results file under ``root``; None if there are none."""
+def write_report(root: str | Path, out_dir: str | Path | None = None,
+                 formats: str | Sequence[str] = FIGURE_FORMATS) -> Report | None:
+    """Write the report for every results file under ``root``; None if there are none.
+    Every figure is saved in each of ``formats`` (PNG and PDF by default; SVG allowed)."""
+    formats = check_formats(formats)
     root = Path(root)
     results = load_results(root)
     if not results:
@@ -42,15 +47,15 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report 
     for g in groups:
         gdir = out / g.slug
         gdir.mkdir(parents=True, exist_ok=True)
-        png = plot_metrics(g, gdir / "metrics.png")
+        pngs = plot_metrics(g, gdir / "metrics.png", formats)
         group_md = group_markdown(g, "#", images=["metrics.png"])
         write_csv(gdir / "summary.csv", [g])
-        files += [gdir / "summary.md", gdir / "summary.csv", png]
+        files += [gdir / "summary.md", gdir / "summary.csv", *pngs]
         sections.append(group_markdown(g, "##", images=[f"{g.slug}/metrics.png"]))
         # Per-round trajectories (eval.trajectory=true): the NoT paper's Figures 4 and 5.
         traj = gap_trajectories(by_setting.get(_key(g.setting), []))
         if traj.lines or traj.notes:
-            figures, gap_files = draw_gap_figures(g, traj, gdir)
+            figures, gap_files = draw_gap_figures(g, traj, gdir, formats)
             group_md += "\n" + gap_markdown(g, traj, figures, "##")
             files += gap_files
             sections.append(gap_markdown(g, traj, figures, "###", prefix=f"{g.slug}/"))
@@ -65,8 +70,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Report 
     families = ratio_families(groups)
     for name, members in families:
         fname = "forget_ratio.png" if len(families) == 1 else f"forget_ratio-{name}.png"
-        png = plot_forget_ratio(name, members, out / fname)
-        files.append(png)
+        files += plot_forget_ratio(name, members, out / fname, formats)
         sections.append(f"## {name}: forget ratio\n\n{ratio_table(members)}\n![{name}]({fname})\n")
     markdown = "\n".join(sections)
     (out / "summary.md").write_text(markdown)
