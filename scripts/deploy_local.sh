@@ -545,6 +545,19 @@ run_job() {  # run_job <k> <output dir>: one job, restarted up to RESTARTS times
     done
 }
 
+merge_pairs() {  # run-config pairs, each key once (flwr refuses a repeated key): later win
+    local -A value=()
+    local -a order=()
+    local pair key out=""
+    for pair in "$@"; do
+        key="${pair%%=*}"
+        [[ -z "${value[$key]+set}" ]] && order+=("$key")
+        value[$key]="$pair"
+    done
+    for key in "${order[@]}"; do out+="${out:+ }${value[$key]}"; done
+    printf '%s' "$out"
+}
+
 run_job_once() {  # one `flwr run`: 0 done, 3 the ServerApp died, 1 any other failure
     local k="$1" out="$2" attempt="$3" run_config pair run_log results f run_rc from
     if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]]; then
@@ -552,8 +565,8 @@ run_job_once() {  # one `flwr run`: 0 done, 3 the ServerApp died, 1 any other fa
     else  # a user's app: its own run-config keys
         run_config="output-dir=\"$out\""
     fi
-    run_config+=" $DEFAULT_RUN_CONFIG"
-    for pair in "${RUN_ARGS[@]}"; do run_config+=" $pair"; done
+    # shellcheck disable=SC2086  # the script's own pairs hold no spaces
+    run_config="$(merge_pairs $run_config $DEFAULT_RUN_CONFIG "${RUN_ARGS[@]}")"
     run_log="$LOG_DIR/run.log"
     ((RUNS > 1)) && run_log="$LOG_DIR/run-$k.log"
     log "job $k/$RUNS: flwr run $APP local-deployment --stream --run-config '$run_config'"

@@ -268,3 +268,21 @@ def test_deploy_script_private_data_settings_are_checked_first(tmp_path):
     # The estimate comes first, from the example's defaults and the pairs given.
     assert "expected duration: about" in out and "(15 message waves to 3 SuperNodes)" in out
     assert not (tmp_path / "work" / "logs" / "superlink.log").exists()  # nothing started
+
+
+def test_deploy_script_run_config_names_each_key_once_and_the_users_win():
+    """flwr refuses a run-config that repeats a key: the script's own pairs, its
+    defaults and the user's are merged, the later (the user's) winning."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "deploy_local.sh"
+    body = script.read_text()
+    function = body[body.index("merge_pairs() {"):]
+    function = function[:function.index("\n}\n") + 3]
+    merged = subprocess.run(
+        ["bash", "-c", function + 'merge_pairs "$@"', "merge",
+         'method="not"', 'output-dir="/o"', "pretrain.rounds=5", "unlearn.rounds=3",
+         "pretrain.rounds=2", 'method="puf,not"'],
+        capture_output=True, text=True, check=True).stdout
+    assert merged == 'method="puf,not" output-dir="/o" pretrain.rounds=2 unlearn.rounds=3'
