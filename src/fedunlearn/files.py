@@ -98,20 +98,36 @@ def write_json(path: str | os.PathLike, payload: Any, *, indent: int = 2,
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def save_state_dict(path: str | os.PathLike, state: Any) -> Path:
-    """``torch.save(state)`` atomically."""
+def _torch_bytes(state: Any) -> bytes:
+    """``torch.save(state)``'s bytes, the same for the same state: saved to a buffer, the
+    archive's inner folder is always ``archive`` (saved to a path it is named after the
+    file, here a random temporary name, and the bytes would differ run to run)."""
+    import io
+
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _write_bytes(data: bytes) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return write
+
+
+def save_state_dict(path: str | os.PathLike, state: Any) -> Path:
+    """``torch.save(state)`` atomically (the same state gives the same bytes)."""
+    return atomic_write(path, _write_bytes(_torch_bytes(state)))
 
 
 def save_state_dict_sha256(path: str | os.PathLike, state: Any) -> tuple[Path, str]:
     """``torch.save(state)`` atomically; return the path and the SHA-256 of the file's
-    bytes, as written (what ``sha256sum PATH`` prints)."""
-    import torch
-
+    bytes, as written (what ``sha256sum PATH`` prints; the same state, the same hash)."""
     digest = hashlib.sha256()
-    path = atomic_write(path, lambda tmp: torch.save(state, tmp), digest=digest)
+    path = atomic_write(path, _write_bytes(_torch_bytes(state)), digest=digest)
     return path, digest.hexdigest()
 
 
