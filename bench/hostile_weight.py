@@ -13,7 +13,8 @@ Per seed: honest FedAvg pretraining (the user's own, before ``serve``), then
   of the other nodes' first reports, ``reply.capped`` in the audit log) is all that
   bounds it;
 * the same attack with a Flower robust aggregator on the recovery
-  (``NoT(recovery, ..., aggregation=FedMedian(...))`` or ``FedTrimmedAvg``).
+  (``NoT(recovery, ..., aggregation=FedMedian(...))``, ``FedTrimmedAvg``, ``Krum``,
+  ``MultiKrum``; ``--aggregators``), and each of them on the honest federation.
 
 ``--cap-factors 10,2,1`` repeats the capped case with other cap factors (patched for the
 measurement only). Prints one line per run and a table: the NoT model's test accuracy,
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 from fedunlearn import NoT, Recovery, ServeError, serve
 from fedunlearn.engine import LocalGrid, server_identity
@@ -48,6 +49,9 @@ AGGREGATORS = {
     "fedmedian": lambda n: FedMedian(min_train_nodes=1, min_available_nodes=1),
     "fedtrimmedavg": lambda n: FedTrimmedAvg(min_train_nodes=1, min_available_nodes=1,
                                              beta=0.25),
+    "krum": lambda n: Krum(min_train_nodes=1, min_available_nodes=1, num_malicious_nodes=1),
+    "multikrum": lambda n: MultiKrum(min_train_nodes=1, min_available_nodes=1,
+                                     num_malicious_nodes=1, num_nodes_to_select=2),
 }
 
 
