@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
@@ -95,10 +97,17 @@ def run_config(root: Path) -> dict:
             "forget-scope": "client", "forget-classes": "3"}
 
 
+def seed_all(seed: int) -> None:
+    """Python's (Flower's node sampling), NumPy's and torch's (the nodes' shuffles)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def pretrain(app, net_cls, nodes, seed, rounds):
     rc = run_config(Path(tempfile.mkdtemp(prefix="hostile-pretrain-")))
     grid = LocalGrid(app, nodes, rc, run_id=1000 + seed)
-    torch.manual_seed(seed)
+    seed_all(seed)
     with server_identity(grid.run.run_id):
         return FedAvg(fraction_train=1.0, fraction_evaluate=0.0).start(
             grid, ArrayRecord(net_cls().state_dict()), num_rounds=rounds,
@@ -114,7 +123,7 @@ def one_run(args, app, net_cls, evaluate, arrays, seed, case):
     grid = HostileGrid(app, args.nodes, rc, run_id=2000 + seed,
                        hostile_partition=args.nodes - 1 if hostile else None, fixed=fixed)
     guarded_grid.WEIGHT_CAP_FACTOR = factor
-    torch.manual_seed(seed)
+    seed_all(seed)
     method = NoT(Recovery(rounds=args.recovery_rounds, lr=0.1, server_momentum=0.5),
                  model_fn=net_cls, example_input=torch.zeros(1, 1, 8, 8),
                  aggregation=AGGREGATORS[aggregator](args.nodes))
