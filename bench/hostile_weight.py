@@ -62,9 +62,9 @@ class HostileGrid(LocalGrid):
 
     def __init__(self, *args, hostile_partition: int | None = None, fixed=None, **kw):
         super().__init__(*args, **kw)
-        self.hostile = None if hostile_partition is None else sorted(
+        self.hostile = None if hostile_partition is None else min(
             n for n, c in self.contexts.items()
-            if c.node_config["partition-id"] == hostile_partition)[0]
+            if c.node_config["partition-id"] == hostile_partition)
         self.fixed = fixed
 
     def pull_messages(self, message_ids):
