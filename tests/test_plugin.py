@@ -711,3 +711,69 @@ def _as_received(msg, node):
                   reply_to_message_id="", group_id="", created_at=_time.time(), ttl=3600,
                   message_type=msg.metadata.message_type)
     return Message(msg.content, metadata=md)
+
+
+def test_an_inflated_node_never_publishes_its_own_model(userapp, local_grid, tmp_path):
+    """A node that reports num-train=10**12 and answers every train message with its own
+    model and num-examples=10**12 (issue: service mode that loses nothing, item 3; before
+    the cap the published model was exactly the node's): through serve() its replies are
+    counted at the cap (reply.capped), the model FT recovers is not the node's, and with
+    a robust recovery aggregator (FedMedian) it lies nearer the honest run's than the
+    node's."""
+    import numpy as np
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedMedian
+
+    from fedunlearn import FineTune, Recovery, ServeError, load_model, serve
+    from fedunlearn.inbox import Inbox
+
+    client_app, task = userapp
+    torch.manual_seed(123)
+    own = task.Net().state_dict()
+    hostile = USER_NODE[3]
+
+    def tamper(node, reply):
+        if node != hostile or reply.has_error():
+            return reply
+        kind, content = reply.metadata.message_type.split(".")[0], RecordDict(
+            dict(reply.content.items()))
+        if kind == "query" and "node" in content.config_records:
+            content["node"] = ConfigRecord({**dict(content["node"]), "num-train": 10**12})
+        elif kind == "train":
+            content["arrays"] = ArrayRecord(own)
+            content["metrics"] = MetricRecord({**dict(content["metrics"]),
+                                               "num-examples": 10**12})
+        reply.content = content
+        return reply
+
+    def run(name, aggregation=None, attack=True):
+        inbox = tmp_path / name / "inbox-0"
+        Inbox(str(inbox)).file(scope="client")
+        grid = local_grid(client_app.app, 4, {}, {0: {"inbox": str(inbox)}},
+                          run_id=USER_RUN_ID, arrival="sent", tamper=tamper if attack else None)
+        torch.manual_seed(0)
+        arrays = ArrayRecord(task.Net().state_dict())
+        try:
+            outcome = serve(grid, arrays, FineTune(Recovery(rounds=2, lr=0.05),
+                                                   aggregation=aggregation),
+                            output_dir=tmp_path / name / "out")
+        except ServeError as err:
+            outcome = err.outcome
+        model = load_model(outcome.methods["ft"].model_path)
+        events = [json.loads(line) for line in
+                  (tmp_path / name / "out" / "audit.jsonl").read_text().splitlines()]
+        return ({k: v.numpy() for k, v in model.items()},
+                [e for e in events if e["event"] == "reply.capped"])
+
+    def distance(a, b):
+        return max(float(np.abs(a[k] - np.asarray(b[k])).max()) for k in a)
+
+    capped_model, capped = run("capped")
+    assert capped and {(e["node"], e["num_examples"]) for e in capped} == {(hostile, 10**12)}
+    assert all(e["counted"] < 10**6 for e in capped)
+    assert distance(capped_model, own) > 0
+    honest_model, none = run("honest", attack=False)
+    assert none == []
+    median_model, _ = run("median", FedMedian(min_train_nodes=1, min_available_nodes=1))
+    assert distance(median_model, honest_model) < distance(median_model, own)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORGET_TOLERANCE = 6.0
 
 
-def _service(task, tmp_path, method=None, state="state", **config):
+def _service(task, tmp_path, method=None, state="state", rebuild=False, **config):
     from fedunlearn import NoT, Recovery, ServiceConfig, UnlearningService
 
     method = method or NoT(Recovery(rounds=2, lr=0.05, server_momentum=0.0),
@@ -39,7 +39,7 @@ def _service(task, tmp_path, method=None, state="state", **config):
 
     return UnlearningService(method, state_dir=tmp_path / state,
                              config=ServiceConfig(**{"rounds": 6, "lr": 0.05, **config}),
-                             evaluate_fn=evaluate)
+                             evaluate_fn=evaluate, rebuild=rebuild)
 
 
 def audit_events(path: Path) -> list[dict]:
@@ -655,6 +655,55 @@ def test_a_state_dir_without_its_checkpoint_is_never_silently_started_over(
     assert not any(path.exists() for path in stale)
     events = [e["event"] for e in audit_events(state / "audit.jsonl")]
     assert events.count("service.failed") == 2 and events.count("service.started") == 1
+
+
+def test_rebuild_goes_on_from_the_last_good_version_and_names_what_is_lost(
+        userapp, user_grid, tmp_path):
+    """UnlearningService(rebuild=True) over a state directory whose checkpoint is gone or
+    unreadable (issue: service mode that loses nothing, item 1): it goes on from the last
+    version whose file matches its hashes (a later one that does not is skipped), the
+    version a receipt names is never overwritten, the forgotten node never trains again,
+    its request is not served twice, and service.rebuilt names what was lost."""
+    from fedunlearn import ServiceError, read_versions
+    from fedunlearn.audit import read_audit
+    from fedunlearn.inbox import Inbox
+
+    task, grid, arrays, state = _served_once(userapp, user_grid, tmp_path)
+    before = read_versions(state)
+    (unlearned,) = [v for v in before if v["kind"] == "unlearned"]
+    last = before[-1]
+    assert last["version"] > unlearned["version"] and not last["honours"]
+    proof = Path(unlearned["path"]).read_bytes()
+    Path(last["path"]).write_bytes(b"not the model")  # a proof gone bad, honouring nothing
+    (state / "checkpoint.pt").write_bytes(b"\x00garbage")
+    grid.sent.clear()
+    outcome = _service(task, tmp_path, rounds=5, rebuild=True).run(grid, arrays)
+    assert outcome.resumed_from == unlearned["round"] and outcome.round == 5
+    (rebuilt,) = [e for e in audit_events(state / "audit.jsonl")
+                  if e["event"] == "service.rebuilt"]
+    assert rebuilt["from_version"] == unlearned["version"]
+    assert rebuilt["versions_skipped"] == [last["version"]]
+    assert rebuilt["rounds_lost"] == 2 - unlearned["round"] and rebuilt["lost_requests"] == []
+    assert "unreadable" in rebuilt["reason"]
+    assert list(state.glob("checkpoint.pt.unreadable-*"))  # kept aside, not overwritten
+    assert Path(unlearned["path"]).read_bytes() == proof
+    after = read_versions(state)
+    assert after[:unlearned["version"] + 1] == before[:unlearned["version"] + 1]
+    assert any(v["version"] == last["version"] and v.get("abandoned") for v in after)
+    forgotten = grid.node_id(0)
+    assert all(n != forgotten for n, _ in trained_nodes(grid.sent))
+    assert [e["event"] for e in audit_events(state / "audit.jsonl")].count(
+        "request.honoured") == 1
+    (entry,) = Inbox(str(tmp_path / "inbox-0")).entries()[0]
+    assert [e["status"] for e in entry.events].count("honoured") == 1
+    assert read_audit(state / "audit.jsonl").intact
+    # A version that honours a request cannot be given up: refused, naming it.
+    (state / "checkpoint.pt").unlink()
+    Path(unlearned["path"]).write_bytes(b"gone")
+    with pytest.raises(ServiceError, match=rf"cannot be rebuilt past version "
+                                           rf"{after[-1]['version']}|version "
+                                           rf"{unlearned['version']}'s file"):
+        _service(task, tmp_path, rounds=6, rebuild=True).run(grid, arrays)
 
 
 def test_a_resume_finds_a_missing_or_changed_proof_and_unreadable_versions(

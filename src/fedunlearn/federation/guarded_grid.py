@@ -19,7 +19,10 @@ from ..requests import forget_indices, request_from_config
 from .nodes import MALFORMED_REPLY, NODE_STALL_S  # noqa: F401
 
 #: On the plugin path, a train reply counts for at most this many times the median
-#: training set of the other nodes (their first reports).
+#: training set of the other nodes (their first reports). It bounds an inflated weight, not
+#: a crafted model: bench/hostile_weight.py measured that even 1x leaves a node sending
+#: its own model in control of FedAvg(M) (docs/deployment.md#a-hostile-node), so the
+#: factor leaves room for honestly unequal nodes and robust aggregators do the rest.
 WEIGHT_CAP_FACTOR = 10
 
 
@@ -286,7 +289,9 @@ class GuardedGrid(Grid):
         for key, record in records(reply.content, MetricRecord).items():
             content[key] = MetricRecord({**dict(record), NUM_EXAMPLES: cap})
         log(WARNING, "Node %d's train reply weighs %d examples, more than %d x the median of "
-            "the other nodes: counted as %d", node, claimed, WEIGHT_CAP_FACTOR, cap)
+            "the other nodes: counted as %d (against a node that also sends a crafted model, "
+            "give the recovery a robust aggregator, e.g. aggregation=FedMedian(...))", node,
+            claimed, WEIGHT_CAP_FACTOR, cap)
         if self.audit is not None:
             self.audit.record("reply.capped", node=node, partition=self.verified.get(node),
                               num_examples=claimed, counted=cap)

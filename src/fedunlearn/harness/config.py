@@ -113,6 +113,7 @@ class ExperimentConfig:
     service_method_retries: int = DEFAULTS["service_method_retries"]
     service_retry_after: int = DEFAULTS["service_retry_after"]
     service_wall_s: float = DEFAULTS["service_wall_s"]
+    service_rebuild: bool = DEFAULTS["service_rebuild"]
 
     # -- construction -------------------------------------------------------------
     @classmethod

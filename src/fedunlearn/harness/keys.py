@@ -336,6 +336,8 @@ KEYS: tuple[Key, ...] = (
     _service("method_retries", 2, "retries of a failed unlearning step"),
     _service("retry_after", 1, "rounds between two tries of a failed step"),
     _service("wall_s", 0.0, "wall-clock budget of one ServerApp process (s)"),
+    Key("service.rebuild", bool, False, "rebuild from the last good version when the "
+        "checkpoint is missing or unreadable", "service_rebuild"),
 )
 
 BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}

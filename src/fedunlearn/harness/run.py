@@ -392,7 +392,8 @@ def run_service(experiment: Experiment) -> dict:
         model_fn=experiment.new_model, example_input=experiment.example_input,
         on_round=on_round, reply_timeout=cfg.reply_timeout,
         run_config_requests=not experiment.deployment, context_defaults=context,
-        note_interrupted=False, verbose=True)  # the job's console hides Flower's lines
+        note_interrupted=False, verbose=True,  # the job's console hides Flower's lines
+        rebuild=cfg.service_rebuild)
     emit("phase", phase="service", index=1, of=1)
     outcome = service.run(experiment.grid.inner, arrays,
                           verified=(experiment.context.node_partitions,

@@ -54,9 +54,11 @@ from .commit import CommittedLedger, ServiceAudit
 from .config import ServiceConfig, ServiceError
 from .intake import Intake
 from .outbox import Outbox
+from .rebuild import Rebuild
 from .state import (
     CHECKPOINT_FILE,
     VERSIONS_DIR,
+    VERSIONS_FILE,
     ServiceOutcome,
     ServiceState,
     _fmt,
@@ -89,7 +91,7 @@ class _Trainer(UnlearningStrategy):
 
 
 
-class UnlearningService(Intake, Steps, Outbox, Storage):
+class UnlearningService(Intake, Steps, Outbox, Storage, Rebuild):
     """Train continuously and serve unlearning requests as they arrive.
 
     Parameters
@@ -133,6 +135,11 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
     verbose : bool
         Keep Flower's own per-round log lines (its strategies' ``aggregate_train: ...``);
         by default only the service's round lines and step blocks are logged.
+    rebuild : bool
+        When ``state_dir``'s checkpoint is missing or cannot be read but it lists
+        published versions: go on from the last good version (``service.rebuilt`` in
+        the audit log names what is lost) instead of stopping. A readable checkpoint is
+        resumed as always.
     """
 
     def __init__(self, method: UnlearningStrategy | None = None, *,
@@ -144,7 +151,7 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
                  on_round: Callable[[int, dict], None] | None = None,
                  reply_timeout: float = REPLY_TIMEOUT_S, run_config_requests: bool = False,
                  context_defaults: dict | None = None, note_interrupted: bool = True,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, rebuild: bool = False) -> None:
         if method is None:  # NoT with the default recovery
             from ..strategies import get_method
 
@@ -179,6 +186,7 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         self.context_defaults = dict(context_defaults or {})
         self.note_interrupted = note_interrupted
         self.verbose = bool(verbose)
+        self.rebuild = bool(rebuild)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, grid: Grid, arrays: ArrayRecord, *,
@@ -217,9 +225,9 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
         self._check_model(arrays)
         self.state = ServiceState()
         try:
-            loaded = self.load()  # a state file it cannot read: service.failed, named
-            self.state = loaded[0] if loaded is not None else ServiceState()
-            if loaded is not None:  # the records its checkpoint committed, each once
+            loaded = self._load_or_rebuild()  # unreadable: service.failed, named
+            self.state = loaded[0] if loaded not in (None, "rebuild") else ServiceState()
+            if loaded not in (None, "rebuild"):  # the records its checkpoint committed, once
                 self.audit.write(self.audit.missing(self.state.due_records,
                                                     self.state.audit_seq))
                 self.state.due_records = []
@@ -231,7 +239,10 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
 
     def _serve(self, arrays, verified, audit, loaded, grid) -> ServiceOutcome:
         resumed_from = None
-        if loaded is None or not self.state.started:  # new, or a start cut short
+        if loaded == "rebuild":
+            self.rebuild_state(arrays, verified)
+            resumed_from = self.state.round
+        elif loaded is None or not self.state.started:  # new, or a start cut short
             self._start(arrays, verified)
         else:
             self.state, self.arrays, self.momentum = loaded
@@ -281,6 +292,18 @@ class UnlearningService(Intake, Steps, Outbox, Storage):
                               list(self.state.steps), list(self.state.failed),
                               [p.as_dict() for p in self.state.pending], resumed_from,
                               read_versions(self.state_dir))
+
+    def _load_or_rebuild(self):
+        """:meth:`load`'s answer, or ``"rebuild"`` where ``rebuild`` was asked and the
+        checkpoint is missing or unreadable in a directory that lists versions."""
+        if not self.rebuild or not (self.state_dir / VERSIONS_FILE).exists():
+            return self.load()
+        try:
+            return self.load()
+        except ServiceError as err:
+            log(WARNING, "[service] %s; rebuilding from the last good version (rebuild=True)",
+                str(err)[:300])
+            return "rebuild"
 
     def _start(self, arrays: ArrayRecord, verified) -> None:
         """A new service: its first checkpoint before anything else (a kill from here on
