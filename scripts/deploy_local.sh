@@ -75,7 +75,8 @@
 # after the script's own (later keys win), e.g. 'dataset.name="digits"' pretrain.rounds=5.
 # The script's own: for the harness pretrain.rounds=5 unlearn.rounds=3 (the app's
 # defaults, 30 and 11 rounds, do not finish in a sitting on 2 cores); for the example
-# app num-server-rounds=3 recovery-rounds=2 methods="not".
+# app num-server-rounds=3 recovery-rounds=5 methods="not" (fewer recovery rounds can leave
+# NoT degraded, which serve() reports as a failure).
 #
 # The SuperLink and SuperNodes get free ports of their own, so several runs (and the
 # default ports 8000/9094 or the simulation's 39091/39093) do not collide. On exit
@@ -300,7 +301,7 @@ DEFAULT_RUN_CONFIG=""   # another app: its own defaults
 if [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT" ]]; then
     DEFAULT_RUN_CONFIG="pretrain.rounds=5 unlearn.rounds=3"
 elif [[ "$(cd "$APP" && pwd)" == "$REPO_ROOT/examples/quickstart-pytorch-unlearning" ]]; then
-    DEFAULT_RUN_CONFIG="num-server-rounds=3 recovery-rounds=2 methods=\"not\""
+    DEFAULT_RUN_CONFIG="num-server-rounds=3 recovery-rounds=5 methods=\"not\""
 fi
 [[ -n "$DEFAULT_RUN_CONFIG" ]] && "$PYTHON" - "$NUM_NODES" "$RUNS" "$METHOD" \
     $DEFAULT_RUN_CONFIG "$@" <<'EOF' >&2
