@@ -258,7 +258,8 @@ def test_a_real_job_in_a_terminal(tmp_path, engine, monkeypatch):
     text = "\n".join(shown)
     assert len(shown) <= 25, text
     assert any(line.lstrip().startswith("Method") for line in shown), text
-    assert max(map(len, shown)) <= 100, text
+    table = shown[shown.index("fedunlearn results"):]  # a path line may be longer
+    assert max(map(len, table[:-1])) <= 100, text  # the closing table fits 100 columns
     for method in ("retrain", "not"):
         assert any(line.lstrip().startswith(f"{method} ") for line in shown), text
     assert shown[-1] == f"Results written to {tmp_path / 'out'}", text
