@@ -55,8 +55,11 @@ wait
 """
 
 INNER_TEST = """
-import os, subprocess, sys, time
+import os, signal, subprocess, sys, time
 import pytest
+# Ctrl-C as in a terminal: a test runner started in the background by a non-interactive
+# shell (a CI script) inherits SIGINT ignored, and so would this pytest.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {repo!r})
 from tests.processes import start_group, stop_group
 
