@@ -98,25 +98,14 @@ class ExcludeForgotten(Strategy):
         return view
 
     def _dropped(self, messages: Iterable[Message], hidden: set[int], what: str) -> list:
-        out = []
-        for msg in messages:
-            if int(msg.metadata.dst_node_id) in hidden:
-                log(WARNING, "ExcludeForgotten: %s message to forgotten node %s not sent",
-                    what, msg.metadata.dst_node_id)
-                continue
-            out.append(msg)
-        return out
+        """``messages`` less those addressed to a forgotten node (each logged)."""
+        return _without(messages, hidden, "dst_node_id", f"{what} message to forgotten "
+                        "node %s not sent")
 
     def _accepted(self, replies: Iterable[Message], what: str) -> list[Message]:
-        hidden = self.kept_out()
-        out = []
-        for msg in replies:
-            if int(msg.metadata.src_node_id) in hidden:
-                log(WARNING, "ExcludeForgotten: %s reply from forgotten node %s dropped",
-                    what, msg.metadata.src_node_id)
-                continue
-            out.append(msg)
-        return out
+        """``replies`` less those from a forgotten node (each logged)."""
+        return _without(replies, self.kept_out(), "src_node_id", f"{what} reply from "
+                        "forgotten node %s dropped")
 
     # -- Flower's Strategy ----------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -173,6 +162,19 @@ class ExcludeForgotten(Strategy):
                 msg = Message(content, metadata=msg.metadata)
             out.append(msg)
         return out
+
+
+def _without(messages: Iterable[Message], hidden: set[int], side: str, note: str) -> list:
+    """``messages`` whose ``metadata.<side>`` is not in ``hidden``; each one left out is
+    logged with ``note`` (``%s``: the node)."""
+    out = []
+    for msg in messages:
+        node = getattr(msg.metadata, side)
+        if int(node) in hidden:
+            log(WARNING, "ExcludeForgotten: " + note, node)
+            continue
+        out.append(msg)
+    return out
 
 
 __all__ = ["ExcludeForgotten"]
