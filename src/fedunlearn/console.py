@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER
 
 MARK = "fedunlearn-progress "
 """Start of a progress event's log message (the rest is one JSON object)."""
@@ -47,9 +47,13 @@ CHATTER = re.compile("|".join([
 
 def emit(kind: str, **fields) -> None:
     """Log one progress event: ``phase`` (a method starts: ``phase``, ``index``, ``of``)
-    or ``round`` (``phase``, ``round``, ``rounds``, and ``test`` when measured)."""
-    log(logging.INFO, "%s%s", MARK, json.dumps({"kind": kind, **fields}, allow_nan=False,
-                                               default=str))
+    or ``round`` (``phase``, ``round``, ``rounds``, and ``test`` when measured).
+
+    On Flower's logger, not the library's (:mod:`fedunlearn.logs`): an event is the
+    launcher's input, not a message, and a user's ``fedunlearn`` level must not stop
+    the progress bar."""
+    event = json.dumps({"kind": kind, **fields}, allow_nan=False, default=str)
+    FLOWER_LOGGER.log(logging.INFO, "%s%s", MARK, event)
 
 
 def parse(line: str) -> tuple[str, dict | None]:

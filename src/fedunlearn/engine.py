@@ -37,12 +37,13 @@ import torch
 from flwr.app import (ArrayRecord, ConfigRecord, Context, Error, Message, Metadata,
                       MetricRecord, RecordDict)
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.common.logger import FLOWER_LOGGER, log
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from .arrays import copy_record
+from .logs import log
 
 ENGINES = ("flower", "local")
 """``flower``: ``flwr run`` on Flower's simulation engine (Ray); ``local``: in-process."""

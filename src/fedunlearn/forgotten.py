@@ -20,7 +20,7 @@ import os
 from logging import WARNING
 from pathlib import Path
 
-from flwr.common.logger import log
+from .logs import log
 
 from .audit import audit_path, read_audit
 

@@ -25,7 +25,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.logger import log
+from .logs import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 

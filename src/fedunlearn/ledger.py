@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord
-from flwr.common.logger import log
+from .logs import log
 
 from . import federation
 from .audit import AuditLog, model_digest

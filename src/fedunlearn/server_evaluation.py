@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from logging import WARNING
 
 from flwr.app import ArrayRecord
-from flwr.common.logger import log
+from .logs import log
 
 FLOWER_FORM = "evaluate_fn(server_round, arrays) -> MetricRecord | None"
 PERCENT_FORM = "evaluate_fn(arrays) -> dict | float (accuracy in %)"

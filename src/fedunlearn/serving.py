@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common.logger import log
+from .logs import log
 from flwr.serverapp import Grid
 
 from . import federation

@@ -25,7 +25,7 @@ from logging import WARNING
 
 import numpy as np
 from flwr.app import Context
-from flwr.common.logger import log
+from ..logs import log
 
 from ..inbox import FINAL, INBOX_KEY, Inbox, InboxRequest
 from ..requests import UnlearningRequest, forget_indices, validate_request

@@ -7,7 +7,7 @@ from logging import WARNING
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common.logger import log
+from ..logs import log
 
 from .. import protocol as P
 from ..inbox import INBOX_KEY, parse_receipt

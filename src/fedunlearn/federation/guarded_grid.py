@@ -8,7 +8,7 @@ from logging import WARNING
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..arrays import records

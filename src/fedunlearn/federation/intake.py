@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.common.logger import log
+from ..logs import log
 
 from ..parsing import MissingField, WireError, only_fields, shorten, str_list
 from ..protocol import REJECTED_RECORD, WITHDRAWN_RECORD

@@ -6,7 +6,7 @@ import time
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..parsing import WireError

@@ -5,7 +5,7 @@ from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..protocol import reply_timeout

@@ -11,7 +11,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from .backdoor import attack_success_rate

@@ -14,7 +14,7 @@ from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord, Message
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..audit import model_digest

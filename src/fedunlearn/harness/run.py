@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from .. import federation

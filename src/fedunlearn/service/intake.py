@@ -9,7 +9,7 @@ import json
 import time
 from logging import INFO, WARNING
 
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from .. import federation

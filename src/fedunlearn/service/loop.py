@@ -40,13 +40,14 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.common.logger import FLOWER_LOGGER, log
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 
 from .. import federation
 from ..arrays import records
 from ..audit import AuditLog, audit_path, model_digest
 from ..files import remove_stale_temporaries
+from ..logs import log
 from ..protocol import NUM_EXAMPLES, REPLY_TIMEOUT_S
 from ..server_evaluation import ServerEvaluation
 from ..strategies.base import Phase, UnlearningContext, UnlearningStrategy

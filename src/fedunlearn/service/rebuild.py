@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
-from flwr.common.logger import log
+from ..logs import log
 
 from ..audit import audit_path, read_audit
 from ..requests import UnlearningRequest, merge_requests

@@ -7,7 +7,7 @@ import time
 from logging import INFO, WARNING
 
 import torch
-from flwr.common.logger import log
+from ..logs import log
 
 from ..lifecycle import request_fields, run_method
 from ..metrics import flops_per_sample

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
-from flwr.common.logger import log
+from ..logs import log
 
 from ..arrays import check_model_arrays
 from ..audit import audit_path, model_digest

@@ -17,7 +17,7 @@ from __future__ import annotations
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..metrics import arrayrecord_nbytes

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 

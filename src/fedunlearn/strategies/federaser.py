@@ -11,7 +11,7 @@ from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..history import HistorySpec

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 from torch import nn
 from torch.utils.data import DataLoader, Subset

@@ -11,7 +11,7 @@ from logging import INFO
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..arrays import record_from_state

@@ -8,7 +8,7 @@ from logging import INFO
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..metrics import arrayrecord_nbytes

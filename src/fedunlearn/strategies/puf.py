@@ -10,7 +10,7 @@ from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..protocol import MODEL_KEY

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from logging import WARNING
 
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from ..requests import UnlearningRequest, merge_requests

@@ -6,7 +6,7 @@ from __future__ import annotations
 from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common.logger import log
+from ..logs import log
 from flwr.serverapp import Grid
 
 from .. import protocol as P

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from logging import INFO
 
 import torch
-from flwr.common.logger import log
+from ...logs import log
 from torch import nn
 
 from ..local_steps import local_loader, method_param, require_local_data, weights_are_finite

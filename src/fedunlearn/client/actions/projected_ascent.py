@@ -16,7 +16,7 @@ from __future__ import annotations
 from logging import INFO
 
 import torch
-from flwr.common.logger import log
+from ...logs import log
 from torch import nn
 
 from ..local_steps import local_loader, method_param, require_local_data

@@ -25,7 +25,7 @@ from logging import INFO
 
 import numpy as np
 import torch
-from flwr.common.logger import log
+from ...logs import log
 from torch import nn
 
 from ..local_steps import local_loader, method_param, require_local_data
