@@ -120,6 +120,30 @@ def test_forget_ratio_sets_the_target_clients(ratio, clients):
     assert flat["forget.clients"] == clients  # ratio wins over clients
 
 
+@pytest.mark.parametrize("ratio,num_clients,targets", [(0.5, 10, (0, 1, 2, 3, 4)),
+                                                        (0.1, 3, (0,)), (1.0, 3, (0, 1, 2))])
+def test_forget_ratio_is_a_run_config_key_with_the_hydra_meaning(ratio, num_clients, targets):
+    """``fedunlearn-run forget.ratio=0.5`` (or ``flwr run --run-config``) picks the same
+    target clients as the Hydra override ``forget.ratio=0.5``; it replaces
+    ``forget.clients``, and 0 (the default) leaves ``forget.clients`` in charge."""
+    run_config = {"forget.ratio": ratio, "forget.clients": "2",
+                  "federation.num-clients": num_clients}
+    assert ExperimentConfig.from_run_config(run_config).forget.clients == targets
+    hydra = to_run_config(compose([f"forget.ratio={ratio}", "forget.clients='2'",
+                                   f"federation.num_clients={num_clients}"]))
+    assert hydra["forget.ratio"] == ratio
+    assert ExperimentConfig.from_run_config(hydra).forget.clients == targets
+    assert ExperimentConfig.from_run_config({**run_config, "forget.ratio": 0.0}) \
+        .forget.clients == (2,)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+def test_a_forget_ratio_outside_0_1_is_refused_naming_it(ratio):
+    with pytest.raises(ValueError, match=rf"forget.ratio={ratio} must be in \[0, 1\] "
+                                         r"\(0: forget.clients names the targets\)"):
+        ExperimentConfig.from_run_config({"forget.ratio": ratio})
+
+
 def test_forget_ratio_bounds_and_small_federations():
     assert ratio_clients(0.1, 3) == "0"  # at least one target
     assert ratio_clients(0.5, 3) == "0,1"
@@ -130,7 +154,7 @@ def test_forget_ratio_bounds_and_small_federations():
 
 
 def test_lists_and_numbers_become_run_config_strings():
-    flat = to_run_config(compose(["forget=class", "forget.ratio=null", "forget.clients=[0,2]",
+    flat = to_run_config(compose(["forget=class", "forget.ratio=0", "forget.clients=[0,2]",
                                   "forget.classes=3"]))
     assert flat["forget.clients"] == "0,2" and flat["forget.classes"] == "3"
     assert flat["forget.scope"] == "class"
@@ -153,7 +177,7 @@ def test_federation_settings_carry_client_resources():
         federation_settings(compose(["federation.client_resources.num_cpus=0.5"]))
     # runner-only keys never reach the run-config
     flat = to_run_config(compose(["federation.client_resources.num_gpus=1"]))
-    assert not any(k.endswith(("resources.num-gpus", "num-supernodes", "forget.ratio"))
+    assert not any(k.endswith(("resources.num-gpus", "num-supernodes"))
                    or "client_resources" in k for k in flat)
     assert set(flat) <= set(default_run_config())
 

@@ -44,6 +44,8 @@ HOSTILE = [
      "in execution order: 'conv1'"),
     ("federation.reply-timeout", 0, "federation.reply-timeout=0.0 must be in (0, 86400]"),
     ("forget.clients", "0,10", "forget.clients: [10] outside the partitions 0..9"),
+    ("forget.ratio", 1.5, "forget.ratio=1.5 must be in [0, 1] (0: forget.clients names the "
+     "targets)"),
     ("forget.data-of", 10, "forget.data-of=10 must be in [-1, 9] (-1: the client's own)"),
     ("federation.batch-size", True, "federation.batch-size=True: expected an integer"),
     ("negation.bias", "maybe", "negation.bias='maybe': expected true or false"),

@@ -11,22 +11,22 @@ type: the keys and types come from the key table, the paths from :func:`hydra_pa
 ``conf/config.yaml`` with its defaults and checks that the result equals the key table's
 defaults key by key, so the sources cannot drift apart silently.
 
-Some config values are for the runner only and never reach Flower: ``forget.ratio``
-(turned into ``forget.clients``), ``federation.num_supernodes`` and
+``forget.ratio`` is a run-config key as well (the app derives the clients from it); the
+job's run-config also names the clients it gives (``forget.clients``). Some config
+values are for the runner only and never reach Flower: ``federation.num_supernodes`` and
 ``federation.client_resources`` (the simulation's ``--federation-config``), ``verbose``
 and ``report``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..harness.keys import KEYS, format_method_params
+from ..harness.keys import KEYS, format_method_params, ratio_targets
 from ..launch import project_root
 
 #: Hydra paths of the run-config keys not at their own dotted path (with ``-`` as ``_``):
@@ -122,15 +122,12 @@ def _method_params_text(name: Any, params: Any) -> str:
 
 
 def ratio_clients(ratio: float, num_clients: int) -> str:
-    """Target clients for a forget ratio: ``0..k-1`` with ``k = round(ratio * n)``.
+    """Target clients for a forget ratio, as run-config ``forget.clients`` text:
+    :func:`fedunlearn.harness.keys.ratio_targets` (``0..k-1``, ``k = round(ratio * n)``).
 
     ``ratio_clients(0.5, 10) == "0,1,2,3,4"``. At least one client, at most all.
     """
-    ratio = float(ratio)
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"forget.ratio={ratio} must be in (0, 1]")
-    k = min(num_clients, max(1, math.floor(ratio * num_clients + 0.5 + 1e-9)))
-    return ",".join(str(i) for i in range(k))
+    return ",".join(str(i) for i in ratio_targets(ratio, num_clients))
 
 
 def to_run_config(cfg: Mapping | DictConfig) -> dict[str, bool | int | float | str]:
@@ -138,7 +135,7 @@ def to_run_config(cfg: Mapping | DictConfig) -> dict[str, bool | int | float | s
 
     Only keys whose config path is present are passed on (a method without
     hyperparameters, e.g. Retrain, passes no ``unlearn.*``: the app's defaults apply,
-    and that method ignores them). ``forget.ratio``, when set, determines
+    and that method ignores them). ``forget.ratio``, when above 0, determines
     ``forget.clients``.
     """
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -154,9 +151,9 @@ def to_run_config(cfg: Mapping | DictConfig) -> dict[str, bool | int | float | s
             out[key] = _method_params_text(_select(cfg, "method.name"), value)
             continue
         out[key] = _cast(value, kind, key, path)
-    ratio = _select(cfg, "forget.ratio")
-    if ratio is not _MISSING and ratio is not None:
-        out["forget.clients"] = ratio_clients(ratio, int(out.get("federation.num-clients", 10)))
+    if out.get("forget.ratio"):  # the clients it names, for run_config.json and the log
+        out["forget.clients"] = ratio_clients(out["forget.ratio"],
+                                              int(out.get("federation.num-clients", 10)))
     return out
 
 

@@ -24,8 +24,8 @@ from ..parsing import parse_int_list  # noqa: F401  (re-export)
 from .backdoor import BackdoorConfig
 from .keys import (BY_NAME, DEFAULTS, KEYS, MAX_COUNT, MAX_REPLY_TIMEOUT_S,  # noqa: F401
                    MAX_SYNTHETIC_SIZE, PARTITIONINGS, format_method_params,
-                   parse_method_params, parse_str_list, read_bool, read_float, read_int,
-                   read_str)
+                   parse_method_params, parse_str_list, ratio_targets, read_bool, read_float,
+                   read_int, read_str)
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
 
@@ -43,6 +43,7 @@ class ForgetConfig:
 
     scope: str = DEFAULTS["forget.scope"]
     clients: tuple[int, ...] = DEFAULTS["forget.clients"]
+    ratio: float = DEFAULTS["forget.ratio"]  # > 0: clients are 0..k-1 (ratio_targets)
     classes: tuple[int, ...] = DEFAULTS["forget.classes"]
     fraction: float = DEFAULTS["forget.fraction"]
     sample_ids: tuple[int, ...] = DEFAULTS["forget.sample_ids"]
@@ -134,6 +135,9 @@ class ExperimentConfig:
                 nested[group][name] = value
             else:
                 top[key.field] = value
+        ratio = nested["forget"]["ratio"]
+        if 0 < ratio <= 1:  # outside: validate() names the range
+            nested["forget"]["clients"] = ratio_targets(ratio, top["num_clients"])
         cfg = cls(**top, forget=ForgetConfig(**nested["forget"]),
                   backdoor=BackdoorConfig(**nested["backdoor"]))
         cfg.validate()

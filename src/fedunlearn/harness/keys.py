@@ -129,6 +129,17 @@ def format_method_params(values: Mapping[str, Mapping[str, Any]]) -> str:
     return " ".join(items)
 
 
+def ratio_targets(ratio: float, num_clients: int) -> tuple[int, ...]:
+    """The target clients of forget ratio ``ratio``: ``0..k-1``, ``k = round(ratio * n)``
+    (the NoT paper's forget ratio: 0.1/0.5/0.9 of 10 clients = 1/5/9 targets), at least
+    one client, at most all. Run-config ``forget.ratio`` (Hydra: the same path)."""
+    ratio = float(ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"forget.ratio={ratio} must be in (0, 1] (0: forget.clients "
+                         "names the targets)")
+    return tuple(range(min(num_clients, max(1, math.floor(ratio * num_clients + 0.5 + 1e-9)))))
+
+
 def _lower(key: str, value: Any) -> str:
     return read_str(key, value).lower()
 
@@ -297,6 +308,9 @@ KEYS: tuple[Key, ...] = (
         "forget.scope", choices=SCOPES, read=_word),
     Key("forget.clients", str, "0", "partition ids that ask to be forgotten",
         "forget.clients", read=_ids),
+    Key("forget.ratio", float, 0.0, "share of the clients that ask: clients 0..k-1, "
+        "k = round(ratio * num-clients); replaces forget.clients", "forget.ratio",
+        Range(0, 1, note="0: forget.clients names the targets")),
     Key("forget.classes", str, "", "class-wise: labels to forget", "forget.classes",
         read=_ids),
     Key("forget.fraction", float, 0.1, "instance-wise: share of the training split",
