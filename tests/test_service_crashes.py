@@ -87,7 +87,7 @@ def test_an_honoured_receipt_sent_again_after_a_kill_reaches_the_data_owner_once
 
 
 def test_a_kill_between_publish_and_the_checkpoint_never_gives_one_number_two_models(
-        userapp, user_grid, tmp_path):
+        userapp, user_grid, tmp_path, capsys):
     """The step publishes version 1 and dies before its checkpoint; the step runs again
     from the checkpoint and gives another model: version 1 stays as it was, marked
     abandoned (`version.abandoned`), and the step is published as version 2. No number
@@ -128,6 +128,24 @@ def test_a_kill_between_publish_and_the_checkpoint_never_gives_one_number_two_mo
     assert [(e["version"], e["model_sha256"]) for e in honoured] == [
         (2, versions[2]["sha256"])]
     _log_verifies(tmp_path / "state", tmp_path / "inbox-2")
+    _listing_flags_the_abandoned_version(tmp_path / "state", capsys, abandoned=1)
+
+
+def _listing_flags_the_abandoned_version(state, capsys, abandoned: int) -> None:
+    """``fedunlearn versions`` marks the abandoned version and says why; the others are
+    ``published``."""
+    from fedunlearn.cli import main as cli
+
+    capsys.readouterr()
+    assert cli(["versions", str(state)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    columns = header.split()
+    assert columns[:4] == ["version", "round", "kind", "status"]
+    status = {int(r.split()[0]): r.split()[3] for r in rows if r.split()[0].isdigit()}
+    assert status == {v: "ABANDONED" if v == abandoned else "published" for v in status}
+    assert len(status) == 4
+    (why,) = [r for r in rows if r.startswith(f"version {abandoned} abandoned: ")]
+    assert "cut short before its checkpoint" in why
 
 
 def test_a_kill_between_a_querys_records_and_its_checkpoint_records_each_verdict_once(

@@ -21,7 +21,9 @@ inbox's receipts carry; it exits 1 when any check fails (a record removed, edite
 inserted, a cut tail, a log rewritten since a receipt), 0 otherwise.
 
 ``fedunlearn versions DIR [--request ID] [--json]`` lists the versions a service
-(:mod:`.live`) published in its state directory: version, round, kind, SHA-256 (of the
+(:mod:`.live`) published in its state directory: version, round, kind, status
+(``published``, or ``ABANDONED``: listed by a run cut short before its checkpoint, then
+replaced under the next number; the reason follows the table), SHA-256 (of the
 version's file), the requests each honours and the target nodes' own checks;
 ``--request`` keeps the versions that honour one inbox request.
 
@@ -178,9 +180,14 @@ def cmd_versions(args) -> int:
             for n, c in v.get("node_checks", {}).items()) or "-"
         test = v.get("metrics", {}).get("test")
         rows.append({"version": v["version"], "round": v["round"], "kind": v["kind"],
+                     "status": "ABANDONED" if v.get("abandoned") else "published",
                      "sha256": v["sha256"][:12], "test": "-" if test is None else f"{test:.2f}",
                      "honours": honours, "node check": checks})
-    print(_table(rows, ["version", "round", "kind", "sha256", "test", "honours", "node check"]))
+    print(_table(rows, ["version", "round", "kind", "status", "sha256", "test", "honours",
+                        "node check"]))
+    for v in versions:
+        if v.get("abandoned"):  # its reason: why no receipt names it, the service went on
+            print(f"version {v['version']} abandoned: {v['abandoned']}")
     return 0
 
 
