@@ -327,3 +327,50 @@ def test_the_compose_deployment_fits_together():
     assert run_config["federation.num-clients"] == len(nodes)
     output_volume = services["superlink"]["volumes"][0].split(":")[1]
     assert run_config["output-dir"] == output_volume   # the ServerApp runs in the SuperLink
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` of the Dockerfile, continuation lines joined."""
+    out, logical = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not logical and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        logical += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            word, _, rest = logical.strip().partition(" ")
+            out.append((word.upper(), " ".join(rest.split())))
+            logical = ""
+    return out
+
+
+def test_the_image_runs_as_a_user_who_owns_what_it_writes():
+    """The image's processes are not root: the last USER is a user the image creates
+    (after everything installed as root), and every folder the containers write (the
+    Dockerfile's VOLUMEs, compose.yaml's mount points, the run's FLWR_HOME) is created
+    and owned by that user; compose passes the user's ids the Dockerfile declares."""
+    steps = dockerfile_instructions()
+    users = [i for i, (word, _) in enumerate(steps) if word == "USER"]
+    assert users, "the Dockerfile has no USER: its processes run as root"
+    user = steps[users[-1]][1].split(":")[0]
+    assert user not in ("root", "0")
+    installs = [i for i, (word, args) in enumerate(steps) if word == "RUN" and "pip install" in args]
+    assert installs and max(installs) < users[-1], "pip install must run before USER"
+    created = [args for word, args in steps[:users[-1]]
+               if word == "RUN" and re.search(rf"useradd .*\b{user}\b", args)]
+    assert created, f"USER {user}: no RUN useradd creates it"
+    owned = set()
+    for _word, args in steps:
+        for chown in re.finditer(r"chown (\S+) ((?:/\S+ ?)+)", args):
+            if chown[1].split(":")[0] == user:
+                owned |= set(chown[2].split())
+    services = compose()["services"]
+    mounts = {volume.split(":")[1] for s in services.values() for volume in s.get("volumes", [])}
+    writable = {str(Path(m).parent) if Path(m).suffix else m for m in mounts}
+    writable |= {s["environment"]["FLWR_HOME"] for s in services.values()
+                 if "FLWR_HOME" in s.get("environment", {})}
+    writable |= {v for word, args in steps if word == "VOLUME" for v in yaml.safe_load(args)}
+    assert writable and writable <= owned, f"not owned by {user}: {sorted(writable - owned)}"
+    declared = {args.split("=")[0] for word, args in steps if word == "ARG"}
+    build_args = set(compose()["x-fedunlearn"]["build"]["args"])
+    ids = {a for a in build_args if a.endswith(("_UID", "_GID"))}
+    assert len(ids) == 2 and ids <= declared, (ids, declared)
