@@ -58,6 +58,8 @@ class ExperimentConfig:
 
     methods: tuple[str, ...] = DEFAULTS["methods"]
     seed: int = DEFAULTS["seed"]
+    # Seeds the data split alone (-1: ``seed``); :attr:`split_seed` is the value in use.
+    partition_seed: int = DEFAULTS["partition_seed"]
     output_dir: str = DEFAULTS["output_dir"]
     checkpoint_dir: str = DEFAULTS["checkpoint_dir"]
     device: str = DEFAULTS["device"]
@@ -93,6 +95,7 @@ class ExperimentConfig:
     eval_every: int = DEFAULTS["eval_every"]
     mia_max_members: int = DEFAULTS["mia_max_members"]
     eval_trajectory: bool = DEFAULTS["eval_trajectory"]  # results: trajectory
+    audit_outputs: bool = DEFAULTS["audit_outputs"]  # outputs.npz beside results.json
     # Share of the training pool reserved for the server (in no partition), e.g. FUKD's
     # unlabeled distillation data; part of the pretraining key.
     server_data_fraction: float = DEFAULTS["server_data_fraction"]
@@ -215,6 +218,13 @@ class ExperimentConfig:
         # server per request, so that a bad request is rejected without stopping the run.
 
     # -- derived values -----------------------------------------------------------
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data split (``partition-seed``, or ``seed`` when it is -1):
+        partitions, the server's share, each client's train/val split, an instance-wise
+        request's drawn ids and a backdoor client's poisoned ids."""
+        return self.seed if self.partition_seed < 0 else self.partition_seed
+
     def pretrain_key(self, resolved: Mapping[str, Any] | None = None) -> str:
         """Hash of everything that determines the pretrained model.
 
@@ -235,6 +245,8 @@ class ExperimentConfig:
             "lr": self.pretrain_lr,
             "seed": self.seed,
             "format": 1,
+            # Only when it differs from seed, so the keys of existing caches stay valid.
+            **({"partition_seed": self.split_seed} if self.split_seed != self.seed else {}),
             **({"data_size": self.data_size} if self.data_size else {}),
         }
         if self.server_data_fraction > 0:  # fewer samples in the partitions

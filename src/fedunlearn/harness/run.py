@@ -40,6 +40,7 @@ from ..ledger import Ledger
 from ..metrics import flops_per_sample
 from .models import create_model
 from ..layers import example_input_for
+from .outputs import OUTPUTS_FILE, PerExampleOutputs, forget_ids, split_record
 from .pretraining import pretrain
 from ..serving import MODEL_FILE, save_model
 from ..requests import UnlearningRequest
@@ -112,10 +113,15 @@ class Experiment:
     def on_round(phase: str, server_round: int, num_rounds: int) -> None:
         emit("round", phase=phase, round=server_round, rounds=num_rounds)
 
-    def new_model(self) -> torch.nn.Module:
+    def architecture(self) -> dict:
+        """What builds the job's model (``results.json``'s ``model.architecture``, read
+        by :func:`fedunlearn.load_module`): the model's name and the data's shape."""
         info = self.data.info
-        return create_model(self.cfg.model, num_classes=info.num_classes,
-                            in_channels=info.in_channels, image_size=info.image_size)
+        return {"name": self.cfg.model, "num_classes": info.num_classes,
+                "in_channels": info.in_channels, "image_size": info.image_size}
+
+    def new_model(self) -> torch.nn.Module:
+        return create_model(**self.architecture())
 
     def preflight(self) -> None:
         """Fail before pretraining on settings that would only fail after it."""
@@ -171,13 +177,25 @@ class Experiment:
                                        self.context.node_partitions,
                                        details=self.last_measurement)
 
+    def own_data_nodes(self) -> list[int]:
+        """Nodes with data of their own (``dataset-path``): no copy on the server."""
+        return sorted(n for n, r in self.grid.reports.items() if "num-partitions" not in r)
+
+    def prepare_outputs(self, accepted: dict) -> None:
+        """The accepted requests' forget ids (``results.json``) and, with
+        ``audit.outputs``, the writer of each method's ``outputs.npz``."""
+        self.forget_ids = forget_ids(accepted, self.data, self.own_data_nodes())
+        self.outputs = (PerExampleOutputs(self.cfg, self.data, self.new_model, self.device,
+                                          self.forget_ids)
+                        if self.cfg.audit_outputs else None)
+
     def pretrain(self) -> tuple[ArrayRecord, dict]:
         resolved = {}
         if self.trigger is not None:
             resolved["backdoor_resolved"] = {
                 "patch_size": patch_size_for(self.cfg.backdoor, self.data.info.image_size),
                 "value": [round(float(v), 6) for v in self.trigger]}
-        own = sorted(n for n, r in self.grid.reports.items() if "num-partitions" not in r)
+        own = self.own_data_nodes()
         if own:
             # Nodes with data of their own (dataset-path): the config does not say what
             # they hold, so no cached model stands for it.
@@ -200,13 +218,19 @@ class Experiment:
                                unlearned, pretrain_info)
         result["measurement"] = {"original": original_measurement,
                                  "unlearned": self.last_measurement}
+        result.update(split_record(cfg, self.forget_ids))
         several = len(cfg.methods) > 1
-        model_path, digest = save_model(
-            results_path(self.output_dir, method, several).with_name(MODEL_FILE), run.arrays)
+        target = results_path(self.output_dir, method, several)
+        if self.outputs is not None:
+            result["outputs"] = str(self.outputs.write(
+                target.with_name(OUTPUTS_FILE), method, self.context.original_arrays,
+                run.arrays))
+        model_path, digest = save_model(target.with_name(MODEL_FILE), run.arrays)
         arrays_digest = model_digest(run.arrays)
         # sha256: of the file's bytes (sha256sum); arrays_sha256: the array digest.
         result["model"] = {"path": str(model_path), "sha256": digest,
-                           "arrays_sha256": arrays_digest}
+                           "arrays_sha256": arrays_digest,
+                           "architecture": self.architecture()}
         if cfg.eval_trajectory:
             retrain = (unlearned if method == "retrain"
                        else results.get("retrain", {}).get("unlearned"))
@@ -266,6 +290,7 @@ class Experiment:
                        {"rejected": self.rejected, "pretrain": pretrain_info})
             log(INFO, "Wrote %s", self.output_dir / "no-request.json")
             return {}
+        self.prepare_outputs(accepted)
         several = len(cfg.methods) > 1
         strategies = [create_method(method, self.context) for method in cfg.methods]
         log(INFO, "[measure] original (pretrained) model")
