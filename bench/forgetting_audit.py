@@ -13,6 +13,7 @@ printed and kept in ``<out>/<setting>/audit-seeds.json``::
     python bench/forgetting_audit.py --seeds 32                       # digits, client 0, IID
     python bench/forgetting_audit.py --setting backdoor --seeds 32 --matched
     python bench/forgetting_audit.py --seeds 2 --methods retrain,not -- unlearn.rounds=5
+    python bench/forgetting_audit.py --seeds 16 --seed-stride 2    # seeds 0, 2, ..., 30
 
 Layout: ``<out>/<setting>/seed<k>/`` (one folder per method) and, with ``--matched``,
 ``<out>/<setting>/seed<k>-matched/``. The metrics over seeds (KLOM, the per-example
@@ -59,8 +60,9 @@ class Job:
 
 
 def plan(setting: str, seeds: int, methods: list[str], partition_seed: int,
-         matched: bool, out: Path, extra: dict) -> list[Job]:
-    """The jobs of one setting, seed by seed (the matched Retrain after its seed's job)."""
+         matched: bool, out: Path, extra: dict, stride: int = 1) -> list[Job]:
+    """The jobs of one setting, seed by seed (seeds ``0, stride, ..., (seeds-1)*stride``;
+    the matched Retrain after its seed's job)."""
     if setting not in SETTINGS:
         raise SystemExit(f"--setting {setting!r}; choose from {sorted(SETTINGS)}")
     if "retrain" not in methods:
@@ -70,7 +72,7 @@ def plan(setting: str, seeds: int, methods: list[str], partition_seed: int,
     common = {**base, **extra, "partition-seed": partition_seed, "audit.outputs": True,
               "eval.every": 1000}
     jobs = []
-    for seed in range(seeds):
+    for seed in range(0, seeds * stride, stride):
         rc = {**common, "seed": seed, "method": ",".join(methods)}
         jobs.append(Job(f"seed{seed}", out / setting / f"seed{seed}", rc, list(methods)))
         if matched:
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", default="iid-client", help=f"one of {sorted(SETTINGS)}")
     p.add_argument("--seeds", type=int, default=32, help="K: training seeds 0..K-1")
+    p.add_argument("--seed-stride", type=int, default=1,
+                   help="2: seeds 0, 2, ..., 2(K-1), so that no Original shares Retrain's "
+                        "initialisation (Retrain at seed s starts where pretraining at s+1 "
+                        "does)")
     p.add_argument("--methods", default="retrain,ft,not,puf")
     p.add_argument("--matched", action="store_true",
                    help="also the budget-matched Retrain (pretraining + recovery rounds)")
@@ -135,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", choices=("local", "flower"), default="local")
     p.add_argument("overrides", nargs="*", help="extra run-config KEY=VALUE for every job")
     args = p.parse_args(argv)
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds {args.seeds}: expected at least 1")
+    if args.seeds < 1 or args.seed_stride < 1:
+        raise SystemExit(f"--seeds {args.seeds} --seed-stride {args.seed_stride}: expected "
+                         "at least 1 each")
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out).expanduser().resolve()
     jobs = plan(args.setting, args.seeds, methods, args.partition_seed, args.matched, out,
-                parse_overrides(args.overrides))
+                parse_overrides(args.overrides), args.seed_stride)
     start = time.perf_counter()
     failed = run_jobs(jobs, out / args.setting / STATE_FILE, args.engine, args.checkpoint_dir)
     print(f"{args.setting}: {len(jobs)} job(s) in {out / args.setting}; this run "

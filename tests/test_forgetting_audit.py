@@ -67,4 +67,15 @@ def test_bad_arguments_are_refused_before_any_job(audit, tmp_path):
         audit.main(["--setting", "cifar", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="partition-seed"):
         audit.main(["--partition-seed", "-5", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="at least 1"):
+        audit.main(["--seeds", "0", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_seed_stride_keeps_retrains_initialisation_out_of_the_originals(audit, tmp_path):
+    jobs = audit.plan("iid-client", 3, ["retrain", "not"], 0, True, tmp_path, {}, stride=2)
+    assert [j.name for j in jobs] == ["seed0", "seed0-matched", "seed2", "seed2-matched",
+                                      "seed4", "seed4-matched"]
+    assert {j.run_config["partition-seed"] for j in jobs} == {0}
+    assert all(j.run_config["audit.outputs"] is True for j in jobs)
+    assert jobs[1].run_config["method-params"] == "retrain.budget=matched"
