@@ -51,7 +51,7 @@ class Job:
     methods: list[str] = field(default_factory=list)
 
     def method_dir(self, method: str) -> Path:
-        return results_path(self.directory, method, len(self.methods) > 1).parent
+        return results_path(self.directory, method).parent
 
     def done(self) -> bool:
         """Every method's ``results.json`` and ``outputs.npz`` are there."""

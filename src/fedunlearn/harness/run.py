@@ -97,8 +97,7 @@ class Experiment:
             self.trajectories.setdefault(phase, []).append(
                 {"round": server_round, **{k: _finite(v) for k, v in measured.items()}})
             if server_round == 0 and ":" not in phase:  # the model its unlearning step made
-                several = len(self.cfg.methods) > 1
-                save_model(results_path(self.output_dir, phase, several).with_name(
+                save_model(results_path(self.output_dir, phase).with_name(
                     ROUND0_MODEL_FILE), arrays)
             log(INFO, "[%s] round %d/%d  %s", phase, server_round, num_rounds,
                 _short(measured))
@@ -219,8 +218,7 @@ class Experiment:
         result["measurement"] = {"original": original_measurement,
                                  "unlearned": self.last_measurement}
         result.update(split_record(cfg, self.forget_ids))
-        several = len(cfg.methods) > 1
-        target = results_path(self.output_dir, method, several)
+        target = results_path(self.output_dir, method)
         if self.outputs is not None:
             result["outputs"] = str(self.outputs.write(
                 target.with_name(OUTPUTS_FILE), method, self.context.original_arrays,
@@ -238,7 +236,7 @@ class Experiment:
         # Verified nodes that left the federation so far (failed in every round and
         # evaluation since; see the audit log's node.departed).
         result["departed_nodes"] = self.grid.departed
-        path = write_json(results_path(self.output_dir, method, several), result)
+        path = write_json(target, result)
         log(INFO, "[%s] wrote %s", method, path)
         results[method] = result
         return {"metrics": unlearned, "model_sha256": digest,
@@ -251,12 +249,12 @@ class Experiment:
                             num_clients=cfg.num_clients, deployment=self.deployment,
                             ignored_forget_clients=list(self.ignored_forget_clients))
 
-    def not_published(self, run, accepted, several: bool, skipped: dict, failed: dict) -> None:
+    def not_published(self, run, accepted, skipped: dict, failed: dict) -> None:
         """A refused or failed method: its ``skipped.json`` or ``failed.json``. Its
         failure is its own: the other methods still run, and the job fails at the end,
         naming it."""
         method = run.method
-        target = results_path(self.output_dir, method, several)
+        target = results_path(self.output_dir, method)
         described = [dict(r.describe(), node_id=n) for n, r in sorted(accepted.items())]
         if run.status == "refused":
             skipped[method] = run.reason
@@ -291,7 +289,6 @@ class Experiment:
             log(INFO, "Wrote %s", self.output_dir / "no-request.json")
             return {}
         self.prepare_outputs(accepted)
-        several = len(cfg.methods) > 1
         strategies = [create_method(method, self.context) for method in cfg.methods]
         log(INFO, "[measure] original (pretrained) model")
         original = self.evaluate(pretrained)
@@ -311,11 +308,10 @@ class Experiment:
                                          pretrain_info, results),
                 departed=lambda: self.grid.departed)
             if run.status != "honoured":
-                self.not_published(run, accepted, several, skipped, failed)
+                self.not_published(run, accepted, skipped, failed)
         ordered = list(results.values())
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if several:
-            (self.output_dir / COMPARISON_FILE).write_text(comparison_markdown(ordered, skipped))
+        (self.output_dir / COMPARISON_FILE).write_text(comparison_markdown(ordered, skipped))
         for line in comparison_text(ordered, skipped=skipped).splitlines():
             log(INFO, "%s", line)
         log(INFO, "Results written to %s", self.output_dir)
