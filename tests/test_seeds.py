@@ -57,6 +57,11 @@ def test_a_bad_partition_seed_is_refused_naming_it(value, match):
         _cfg(**{"partition-seed": value})
 
 
+def test_per_example_outputs_in_service_mode_are_refused_not_ignored():
+    with pytest.raises(ValueError, match="audit.outputs=true: service mode"):
+        _cfg(method="not", **{"service.rounds": 5, "audit.outputs": True})
+
+
 def test_a_bad_retrain_budget_is_refused_naming_the_choices():
     from fedunlearn import Retrain
 
@@ -189,3 +194,27 @@ def test_load_module_without_a_record_asks_for_model_fn(tmp_path):
     assert torch.equal(loaded.weight, net.weight)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_module(tmp_path / "nope")
+
+
+def test_the_report_keeps_the_budget_matched_retrain_out_of_the_reference(tmp_path):
+    """``fedunlearn-report`` over a folder with both Retrains: the default is the
+    reference, the matched one a row of its own with its Δ to it."""
+    from fedunlearn.experiment.report import group_results, load_results
+
+    cfg = {"dataset": "digits", "model": "cnn", "num_clients": 10, "seed": 0,
+           "partitioning": "iid", "forget": {"scope": "client", "clients": [0]}}
+    rows = {("retrain", "pretrain"): 90.0, ("retrain", "matched"): 94.0, ("ft", None): 92.0}
+    for (method, budget), test in rows.items():
+        metrics = {"retain": 95.0, "forget": 90.0, "test": test, "mia": 50.0}
+        path = tmp_path / f"{method}-{budget}" / method / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({
+            "method": method, "params": {"budget": budget} if budget else {},
+            "original": metrics, "unlearned": metrics, "config": cfg,
+            "cost": {"rounds": 1, "comm_bytes": 1.0, "flops": 1.0, "wall_s": 1.0}}))
+    (group,) = group_results(load_results(tmp_path))
+    by_label = {row.label: row for row in group.rows}
+    assert list(by_label) == ["Retrain", "Retrain (matched)", "FT"]
+    assert group.reference is by_label["Retrain"] and group.reference.mean["test"] == 90.0
+    assert by_label["Retrain (matched)"].delta["test"] == pytest.approx(4.0)
+    assert by_label["FT"].delta["test"] == pytest.approx(2.0)

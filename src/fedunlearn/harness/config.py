@@ -210,6 +210,10 @@ class ExperimentConfig:
         self.backdoor.validate()
         if self.service_rounds:
             self.service_config()  # raises naming the bad service.* key
+            if self.audit_outputs:
+                raise ValueError("audit.outputs=true: service mode (service.rounds > 0) "
+                                 "publishes versions, not results.json with outputs.npz; "
+                                 "set audit.outputs=false or service.rounds=0")
             if len(self.methods) != 1:
                 raise ValueError(f"method={','.join(self.methods)}: service mode "
                                  "(service.rounds > 0) serves with one method; name one, "
