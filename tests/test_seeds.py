@@ -168,6 +168,11 @@ def test_load_module_gives_the_saved_model_as_a_module_from_outside(jobs, tmp_pa
             logits = net(x).numpy()
         saved = np.load({str(a / "ft" / "outputs.npz")!r})["model_test"]
         print("close", bool(np.allclose(logits, saved, atol=1e-5)))
+        original = fedunlearn.load_module({str(_results(a, "ft")["pretrain"]["path"])!r})
+        with torch.no_grad():
+            logits = original(x).numpy()
+        saved = np.load({str(a / "ft" / "outputs.npz")!r})["original_test"]
+        print("original", bool(np.allclose(logits, saved, atol=1e-5)))
         try:
             fedunlearn.load_module({str(a)!r})
         except ValueError as err:
@@ -176,7 +181,7 @@ def test_load_module_gives_the_saved_model_as_a_module_from_outside(jobs, tmp_pa
     done = subprocess.run([sys.executable, "-m", "userpkg.check"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["close", "True", "several", "True"]
+    assert done.stdout.split() == ["close", "True", "original", "True", "several", "True"]
 
 
 def test_load_module_without_a_record_asks_for_model_fn(tmp_path):
