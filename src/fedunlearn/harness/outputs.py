@@ -23,18 +23,23 @@ from ..client.node import _labels
 from ..metrics import predict
 from ..requests import forget_indices
 from ..training import load_arrays
+from .data import federated_data
 
 OUTPUTS_FILE = "outputs.npz"
 #: Retained training ids in ``outputs.npz`` (all of them when fewer are retained).
 RETAIN_SAMPLE = 500
 
 
-def forget_ids(requests: dict, data, own_data_nodes=()) -> np.ndarray | None:
-    """The union of the accepted requests' forget sets (sorted global training ids), or
-    ``None`` when a request names data the server has no copy of (a node with data of
-    its own: ``dataset-path``)."""
+def forget_ids(cfg, requests: dict, own_data_nodes=()) -> np.ndarray | None:
+    """The union of the accepted requests' forget sets (sorted global training ids) in
+    the split the run-config assigns (:func:`~fedunlearn.harness.data.federated_data`),
+    or ``None`` when a request names data of a node that holds its own
+    (``dataset-path``). A record of the experiment's design, built from the run-config
+    once the requests were checked: the server checks and bounds the requests with what
+    the nodes report, never with this split."""
     if any(n in own_data_nodes for n in requests):
         return None
+    data = federated_data(cfg)
     labels = _labels(data.train)
     parts = [forget_indices(r, data.train_indices(r.partition_id), labels)
              for r in requests.values()]
@@ -74,11 +79,12 @@ class PerExampleOutputs:
     """Writes ``outputs.npz`` for each method of a job; the original model's logits are
     computed once."""
 
-    def __init__(self, cfg, data, new_model, device, forget: np.ndarray | None) -> None:
+    def __init__(self, cfg, new_model, device, forget: np.ndarray | None) -> None:
         if forget is None:
             raise ValueError("audit.outputs=true needs the forget ids, and a request names "
                              "data the server has no copy of (a node with dataset-path); "
                              "set audit.outputs=false for this job")
+        data = federated_data(cfg)  # the run-config's split, as for the forget ids
         self.cfg, self.data, self.new_model, self.device = cfg, data, new_model, device
         self.ids = {"forget": forget,
                     "retain": retain_sample(data, forget, cfg.split_seed),

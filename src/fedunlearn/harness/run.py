@@ -183,8 +183,8 @@ class Experiment:
     def prepare_outputs(self, accepted: dict) -> None:
         """The accepted requests' forget ids (``results.json``) and, with
         ``audit.outputs``, the writer of each method's ``outputs.npz``."""
-        self.forget_ids = forget_ids(accepted, self.data, self.own_data_nodes())
-        self.outputs = (PerExampleOutputs(self.cfg, self.data, self.new_model, self.device,
+        self.forget_ids = forget_ids(self.cfg, accepted, self.own_data_nodes())
+        self.outputs = (PerExampleOutputs(self.cfg, self.new_model, self.device,
                                           self.forget_ids)
                         if self.cfg.audit_outputs else None)
 
