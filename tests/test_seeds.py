@@ -57,6 +57,22 @@ def test_a_bad_partition_seed_is_refused_naming_it(value, match):
         _cfg(**{"partition-seed": value})
 
 
+def test_the_retain_sample_is_500_retained_ids_fixed_by_the_partition_seed():
+    from fedunlearn.harness.outputs import retain_sample
+
+    def sample(seed, partition_seed):
+        cfg = ExperimentConfig.from_run_config({"seed": seed, "partition-seed": partition_seed})
+        data = federated_data(cfg)  # digits, 10 clients
+        forget = data.train_indices(0)
+        return forget, retain_sample(data, forget, cfg.split_seed)
+
+    forget, one = sample(1, 3)
+    _, two = sample(2, 3)
+    _, other = sample(1, 4)
+    assert len(one) == 500 and np.array_equal(one, two) and not np.array_equal(one, other)
+    assert np.all(np.diff(one) > 0) and not set(one.tolist()) & set(forget.tolist())
+
+
 def test_per_example_outputs_in_service_mode_are_refused_not_ignored():
     with pytest.raises(ValueError, match="audit.outputs=true: service mode"):
         _cfg(method="not", **{"service.rounds": 5, "audit.outputs": True})
