@@ -86,6 +86,7 @@ class Experiment:
         self.trajectories: dict[str, list[dict]] = {}
         self.history_spec = history_spec(cfg, self.method_params)
         self.rejected: list[dict] = []
+        self.forget_ids, self.outputs = None, None  # set once the requests are in
 
     def progress(self, phase: str, server_round: int, arrays, num_rounds: int):
         """Test accuracy in the log and in the progress display (:mod:`.console`); with
