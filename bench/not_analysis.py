@@ -154,15 +154,15 @@ def cka_section(root: Path, perturbation_root: Path, lwo_root: Path) -> str:
 
     perturbation_root = perturbation_root / "client"
     negate, ft = perturbation_root / "not-negate-seed0", perturbation_root / "not-none-seed0"
-    pretrained = json.loads((negate / "results.json").read_text())["pretrain"]["path"]
+    pretrained = json.loads((negate / "not" / "results.json").read_text())["pretrain"]["path"]
     original = root / "original.pt"
     root.mkdir(parents=True, exist_ok=True)
     torch.save(torch.load(pretrained, weights_only=True)["state"], original)
-    others = [("NoT@0", negate / "model-round0.pt"), ("NoT@end", negate / "model.pt"),
-              ("FT@end", ft / "model.pt"),
-              ("Retrain@end", perturbation_root / "retrain-seed0" / "model.pt"),
+    others = [("NoT@0", negate / "not" / "model-round0.pt"),
+              ("NoT@end", negate / "not" / "model.pt"), ("FT@end", ft / "not" / "model.pt"),
+              ("Retrain@end", perturbation_root / "retrain-seed0" / "retrain" / "model.pt"),
               ("NoT check start", lwo_root / "lwo-seed0" / "lwo" / "model-round0.pt"),
-              ("FT check start", lwo_root / "lwo-none-seed0" / "model-round0.pt")]
+              ("FT check start", lwo_root / "lwo-none-seed0" / "lwo" / "model-round0.pt")]
     result = run_cka("digits", "cnn", ("FT@0 (original)", str(original)),
                      [(n, str(p)) for n, p in others], root)
     return "#### CKA to the original model, per layer (digits / CNN, seed 0, 360 test " \

@@ -92,7 +92,7 @@ def fedunlearn_pretraining(rounds: int, clients: int, seed: int, work: Path,
                       env={"FLWR_HOME": str(work / "home-fu")}, log_file=log, echo=False)
     if rc != 0:
         sys.exit(f"fedunlearn run ({engine}) failed (exit {rc}); see {log}")
-    cost = json.loads((out / "results.json").read_text())["pretrain"]["cost"]
+    cost = json.loads((out / "ft" / "results.json").read_text())["pretrain"]["cost"]
     # Round 1 is the first training in each Ray actor; the plain app's warm-up round
     # absorbs the same one-time cost, so it is left out on both sides.
     return statistics.median(cost["round_s"][1:])

@@ -73,7 +73,7 @@ def run_job(clients: int, engine: str, rounds: int, work: Path) -> dict:
     sampler.join()
     if rc != 0:
         sys.exit(f"{engine} with {clients} clients failed (exit {rc}); see {out / 'job.log'}")
-    cost = json.loads((out / "results.json").read_text())["pretrain"]["cost"]
+    cost = json.loads((out / "ft" / "results.json").read_text())["pretrain"]["cost"]
     per_round = statistics.median(cost["round_s"][1:] or cost["round_s"])
     return {"clients": clients, "engine": engine, "round_s": per_round, "job_s": wall,
             "peak_mb": peak[0]}

@@ -132,8 +132,8 @@ def test_comparison_without_retrain_has_no_deltas():
 
 
 def test_results_path_layout(tmp_path):
-    assert results_path(tmp_path, "not", several=False) == tmp_path / "results.json"
-    assert results_path(tmp_path, "not", several=True) == tmp_path / "not" / "results.json"
+    """One folder per method, for one method as for a list."""
+    assert results_path(tmp_path, "not") == tmp_path / "not" / "results.json"
 
 
 def test_the_closing_table_fits_100_columns_with_the_same_numbers():

@@ -220,7 +220,7 @@ def test_secured_deployment_with_inbox_receipts_and_audit(tmp_path, deployment):
     assert "Failed to activate SuperNode" in stranger_log, stranger_log[-2000:]
 
     # --- Results: the request came from node 0's inbox, bound to its registered id -------
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "not" / "results.json").read_text())
     assert res["method"] == "not"
     assert [(r["scope"], r["partition_id"], r["node_id"]) for r in res["request"]] == [
         ("client", 0, node_of[0])]

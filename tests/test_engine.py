@@ -92,7 +92,7 @@ def test_fedunlearn_run_on_the_local_engine(tmp_path, monkeypatch, capsys):
                       f"output-dir={out}", f"checkpoint-dir={tmp_path / 'ck'}",
                       "eval.mia-max-members=40"])
     assert rc == 0
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "ft" / "results.json").read_text())
     assert res["method"] == "ft" and res["cost"]["rounds"] == 1
     assert res["request"][0]["partition_id"] == 0
     shown = capsys.readouterr().out

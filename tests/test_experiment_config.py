@@ -204,7 +204,8 @@ def test_a_sweep_over_retrain_and_not_can_set_a_not_parameter():
         assert foreign_method_settings(retrain) == ["method.params.perturbation",
                                                     "method.unlearn.lr"]
         flat = to_run_config(retrain)
-        assert flat["method"] == "retrain" and flat["method-params"] == ""
+        # Retrain's own parameter (its yaml's budget) only, none of NoT's
+        assert flat["method"] == "retrain" and flat["method-params"] == "retrain.budget=pretrain"
         assert "unlearn.lr" not in flat
         noT = compose(["method=not", f"++method.params.perturbation={value}",
                        "++method.unlearn.lr=0.05"])

@@ -241,7 +241,7 @@ def test_a_job_on_the_in_process_engine(tmp_path):
     out = io.StringIO()
     assert runner.run_job(cfg, tmp_path / "job", base_dir=tmp_path, out=out,
                           launcher=runner.launcher_for(cfg.engine))
-    res = json.loads((tmp_path / "job" / "results.json").read_text())
+    res = json.loads((tmp_path / "job" / "ft" / "results.json").read_text())
     assert res["method"] == "ft" and res["cost"]["rounds"] == 1
     assert "Results written to" in (tmp_path / "job" / runner.LOG_FILE).read_text()
     with pytest.raises(ValueError, match="engine='ray'; choose from"):

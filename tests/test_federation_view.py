@@ -381,6 +381,17 @@ def test_the_harness_server_checks_requests_without_the_client_partitions(
     # Measured on the nodes, bounded by what they reported: every count came back.
     assert res["measurement"]["unlearned"]["failed_nodes"] == []
     assert 0.0 <= res["unlearned"]["forget"] <= 100.0
+    # results.json's record of the design (forget_ids): partition 1's class-1 samples in
+    # the split the run-config assigns, built from the run-config apart from the server's
+    # guarded copy, after the checks
+    import numpy as np
+
+    from fedunlearn.harness.config import ExperimentConfig
+
+    data = real(ExperimentConfig.from_run_config(rc))
+    ids = data.train_indices(1)
+    labels = np.asarray([int(data.train[i][1]) for i in ids])
+    assert res["forget_ids"] == [int(i) for i in ids[labels == 1]] != []
 
 
 def test_harness_nodes_that_hold_their_own_data_folders(app, tmp_path, server_identity,
@@ -417,6 +428,7 @@ def test_harness_nodes_that_hold_their_own_data_folders(app, tmp_path, server_id
     res = run_experiment(grid, rc)["ft"]
     assert [(r["scope"], r["node_id"], r["num_samples"]) for r in res["request"]] == [
         ("instance", NODE_ID[1], 4)]
+    assert res["forget_ids"] is None  # the node's own data: no split of the run-config's
     assert res["pretrain"]["cached"] is False
     assert str(tmp_path / "out" / "pretrained") in res["pretrain"]["path"]
     assert res["measurement"]["unlearned"]["failed_nodes"] == []

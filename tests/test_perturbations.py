@@ -147,7 +147,7 @@ def test_a_perturbation_registered_outside_the_package_runs_in_a_job(tmp_path):
                     "checkpoint-dir": str(tmp_path / "ck"), "eval.mia-max-members": 40},
                    num_supernodes=3, log_file=tmp_path / "job.log", echo=False)
     assert rc == 0, (tmp_path / "job.log").read_text()[-2000:]
-    notes = json.loads((out / "results.json").read_text())["notes"]
+    notes = json.loads((out / "not" / "results.json").read_text())["notes"]
     assert notes["perturbation"] == "halve_for_test"
     assert notes["perturbed"] == ["conv1.weight", "conv1.bias"] and "negated" not in notes
 
@@ -205,5 +205,5 @@ def test_a_sweep_job_finds_a_perturbation_registered_outside(tmp_path):
     out = io.StringIO()
     assert runner.run_job(cfg, tmp_path / "job", base_dir=tmp_path, launcher=local_run,
                           out=out), out.getvalue()
-    notes = json.loads((tmp_path / "job" / "results.json").read_text())["notes"]
+    notes = json.loads((tmp_path / "job" / "not" / "results.json").read_text())["notes"]
     assert notes["perturbation"] == "halve_for_test"

@@ -115,7 +115,7 @@ def test_method_list_then_checkpoint_reuse(tmp_path, flwr_env, ckpt):
     # Same pretraining config: the cached model is loaded, pretraining is skipped.
     out2 = tmp_path / "again"
     log2 = run(dict(common, method="not"), out2, flwr_env)
-    res = load(out2 / "results.json")
+    res = load(out2 / "not" / "results.json")
     check_schema(res, "not")
     assert res["pretrain"]["cached"] is True
     assert res["pretrain"]["key"] == results["not"]["pretrain"]["key"]
@@ -210,7 +210,7 @@ def test_every_client_forgets_one_class(tmp_path, flwr_env, ckpt):
     run({"method": "not", "pretrain.rounds": 12, "unlearn.rounds": 8,
          "checkpoint-dir": str(ckpt), "forget.scope": "class", "forget.classes": "3",
          "forget.clients": "0,1,2,3,4"}, out, flwr_env, engine="local")
-    res = load(out / "results.json")
+    res = load(out / "not" / "results.json")
     check_schema(res, "not")
     assert len(res["request"]) == 5
     assert all(r["scope"] == "class" and r["classes"] == [3] for r in res["request"])
@@ -227,7 +227,7 @@ def test_bad_request_rejected_and_valid_one_unlearned(tmp_path, flwr_env, ckpt):
                "checkpoint-dir": str(ckpt), "forget.scope": "instance",
                "forget.clients": "1,2", "forget.fraction": 0.2, "forget.data-of": 1},
               out, flwr_env, engine="local")
-    res = load(out / "results.json")
+    res = load(out / "ft" / "results.json")
     check_schema(res, "ft")
     assert [(r["scope"], r["partition_id"]) for r in res["request"]] == [("instance", 1)]
     assert res["request"][0]["num_samples"] > 0

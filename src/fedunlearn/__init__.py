@@ -13,13 +13,13 @@ Node side (a user's ClientApp)::
 Importing :mod:`fedunlearn` loads the server side only (never :mod:`fedunlearn.client`).
 The paper's experiment harness (run-config, public-data partitions, model zoo, Retrain
 reference, MIA, ``results.json``) is :mod:`fedunlearn.harness`, built on this API; the
-library never imports it.
+library never imports it (but :func:`load_module`, for a model a harness job wrote).
 """
 
 from __future__ import annotations
 
 _SERVER = {"serve": "serving", "ServeOutcome": "serving", "MethodOutcome": "serving",
-           "load_model": "serving", "ServeError": "serve_checks",
+           "load_model": "serving", "load_module": "loading", "ServeError": "serve_checks",
            "HistoryKeeper": "history_keeper", "HistorySpec": "history",
            "ExcludeForgotten": "strategies.exclude_forgotten",
            "Recovery": "strategies", "Training": "strategies",

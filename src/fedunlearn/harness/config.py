@@ -59,6 +59,8 @@ class ExperimentConfig:
 
     methods: tuple[str, ...] = DEFAULTS["methods"]
     seed: int = DEFAULTS["seed"]
+    # Seeds the data split alone (-1: ``seed``); :attr:`split_seed` is the value in use.
+    partition_seed: int = DEFAULTS["partition_seed"]
     output_dir: str = DEFAULTS["output_dir"]
     checkpoint_dir: str = DEFAULTS["checkpoint_dir"]
     device: str = DEFAULTS["device"]
@@ -94,6 +96,7 @@ class ExperimentConfig:
     eval_every: int = DEFAULTS["eval_every"]
     mia_max_members: int = DEFAULTS["mia_max_members"]
     eval_trajectory: bool = DEFAULTS["eval_trajectory"]  # results: trajectory
+    audit_outputs: bool = DEFAULTS["audit_outputs"]  # outputs.npz beside results.json
     # Share of the training pool reserved for the server (in no partition), e.g. FUKD's
     # unlabeled distillation data; part of the pretraining key.
     server_data_fraction: float = DEFAULTS["server_data_fraction"]
@@ -211,6 +214,10 @@ class ExperimentConfig:
         self.backdoor.validate()
         if self.service_rounds:
             self.service_config()  # raises naming the bad service.* key
+            if self.audit_outputs:
+                raise ValueError("audit.outputs=true: service mode (service.rounds > 0) "
+                                 "publishes versions, not results.json with outputs.npz; "
+                                 "set audit.outputs=false or service.rounds=0")
             if len(self.methods) != 1:
                 raise ValueError(f"method={','.join(self.methods)}: service mode "
                                  "(service.rounds > 0) serves with one method; name one, "
@@ -219,6 +226,13 @@ class ExperimentConfig:
         # server per request, so that a bad request is rejected without stopping the run.
 
     # -- derived values -----------------------------------------------------------
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data split (``partition-seed``, or ``seed`` when it is -1):
+        partitions, the server's share, each client's train/val split, an instance-wise
+        request's drawn ids and a backdoor client's poisoned ids."""
+        return self.seed if self.partition_seed < 0 else self.partition_seed
+
     def pretrain_key(self, resolved: Mapping[str, Any] | None = None) -> str:
         """Hash of everything that determines the pretrained model.
 
@@ -239,6 +253,8 @@ class ExperimentConfig:
             "lr": self.pretrain_lr,
             "seed": self.seed,
             "format": 1,
+            # Only when it differs from seed, so the keys of existing caches stay valid.
+            **({"partition_seed": self.split_seed} if self.split_seed != self.seed else {}),
             **({"data_size": self.data_size} if self.data_size else {}),
         }
         if self.server_data_fraction > 0:  # fewer samples in the partitions

@@ -250,6 +250,9 @@ KEYS: tuple[Key, ...] = (
         "method_params", read=_params),
     Key("seed", int, 0, "seeds partitions, initialisation, shuffles and MIA subsampling",
         "seed", **_shared((ServiceConfig, "seed"))),
+    Key("partition-seed", int, -1, "seeds partitions, train/val splits and drawn forget "
+        "and backdoor ids (-1: seed)", "partition_seed",
+        Range(-1, R.MAX_SEED, integer=True, note="-1: the value of seed")),
     Key("output-dir", str, "", "where results go (empty: ~/fedunlearn-results/<time>)",
         "output_dir"),
     Key("checkpoint-dir", str, "", "the pretrained-model cache (empty: FEDUNLEARN_CACHE)",
@@ -336,6 +339,8 @@ KEYS: tuple[Key, ...] = (
         "mia_max_members", _COUNT),
     Key("eval.trajectory", bool, False, "measure every round of every method",
         "eval_trajectory"),
+    Key("audit.outputs", bool, False, "write each method's per-example logits (outputs.npz)",
+        "audit_outputs"),
     Key("server-data.fraction", float, 0.0, "share of the training pool for the server",
         "server_data_fraction", Range(0, 0.5, note="0: the server holds no data")),
     Key("history.max-mb", float, 2048.0, "bound on a recorded training history (MB)",

@@ -8,11 +8,12 @@ request (``forget.*``) and its backdoor.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 
 from flwr.app import Context
 
-from ..client.node import NodeView, _labels
+from ..client.node import NodeView, _labels, sample_fraction
 from ..client.plugin import build_view, node_dataset
 from .backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
 from .config import ExperimentConfig
@@ -79,10 +80,23 @@ def _build(context: Context, cfg: ExperimentConfig) -> NodeView:
                     momentum=cfg.momentum, seed=cfg.seed, device=cfg.device,
                     partitions=data.num_clients(), reports_partition=True,
                     transform=_poison(cfg, data, partition_id, train_ids, labels),
-                    forget_spec=cfg.forget if partition_id in cfg.forget.clients else None,
+                    forget_spec=planned_request(cfg, partition_id, train_ids),
                     forget_fraction=cfg.forget.fraction,
                     model_key=(cfg.model, info.num_classes, info.in_channels,
                                info.image_size))
+
+
+def planned_request(cfg: ExperimentConfig, partition_id: int, train_ids):
+    """The run-config's ``forget.*`` for this partition (``None`` if it asks for
+    nothing); an instance-wise fraction's ids drawn here under the split seed
+    (``partition-seed``), so that the forget set is part of the data split."""
+    spec = cfg.forget
+    if partition_id not in spec.clients:
+        return None
+    if spec.scope == "instance" and not spec.sample_ids:
+        ids = sample_fraction(train_ids, spec.fraction, seed=cfg.split_seed + partition_id)
+        spec = dataclasses.replace(spec, sample_ids=tuple(int(i) for i in ids))
+    return spec
 
 
 def _poison(cfg: ExperimentConfig, data, partition_id: int, train_ids, labels
@@ -91,7 +105,7 @@ def _poison(cfg: ExperimentConfig, data, partition_id: int, train_ids, labels
     bd = cfg.backdoor
     if partition_id not in bd.clients:
         return None
-    ids = poisoned_ids(train_ids, labels, bd, seed=cfg.seed + 104_729 + partition_id)
+    ids = poisoned_ids(train_ids, labels, bd, seed=cfg.split_seed + 104_729 + partition_id)
     return PoisonTransform(ids, patch_size_for(bd, data.info.image_size), bd.position,
                            trigger_value(bd, data.train), bd.target)
 

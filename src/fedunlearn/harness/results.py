@@ -1,6 +1,6 @@
 """Results files and comparison tables.
 
-Schema of ``results.json`` (one per method)::
+Schema of ``results.json`` (one per method, ``<out>/<method>/results.json``)::
 
     {
       "method": "not",
@@ -53,9 +53,11 @@ def result_record(strategy, context, rejected: list[dict], original: dict, unlea
     }
 
 
-def results_path(output_dir: Path, method: str, several: bool) -> Path:
-    """``<out>/results.json`` for one method, ``<out>/<method>/results.json`` for a list."""
-    return Path(output_dir) / method / RESULTS_FILE if several else Path(output_dir) / RESULTS_FILE
+def results_path(output_dir: Path, method: str) -> Path:
+    """``<out>/<method>/results.json``: one folder per method, for one method as for a
+    list (its ``model.pt``, ``outputs.npz``, ``skipped.json`` or ``failed.json`` beside
+    it; ``<out>/comparison.md`` the table of all)."""
+    return Path(output_dir) / method / RESULTS_FILE
 
 
 def metric_keys(results: Sequence[dict]) -> tuple[str, ...]:

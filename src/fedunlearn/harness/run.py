@@ -40,6 +40,7 @@ from ..ledger import Ledger
 from ..metrics import flops_per_sample
 from .models import create_model
 from ..layers import example_input_for
+from .outputs import OUTPUTS_FILE, PerExampleOutputs, forget_ids, split_record
 from .pretraining import pretrain
 from ..serving import MODEL_FILE, save_model
 from ..requests import UnlearningRequest
@@ -85,6 +86,7 @@ class Experiment:
         self.trajectories: dict[str, list[dict]] = {}
         self.history_spec = history_spec(cfg, self.method_params)
         self.rejected: list[dict] = []
+        self.forget_ids, self.outputs = None, None  # set once the requests are in
 
     def progress(self, phase: str, server_round: int, arrays, num_rounds: int):
         """Test accuracy in the log and in the progress display (:mod:`.console`); with
@@ -96,8 +98,7 @@ class Experiment:
             self.trajectories.setdefault(phase, []).append(
                 {"round": server_round, **{k: _finite(v) for k, v in measured.items()}})
             if server_round == 0 and ":" not in phase:  # the model its unlearning step made
-                several = len(self.cfg.methods) > 1
-                save_model(results_path(self.output_dir, phase, several).with_name(
+                save_model(results_path(self.output_dir, phase).with_name(
                     ROUND0_MODEL_FILE), arrays)
             log(INFO, "[%s] round %d/%d  %s", phase, server_round, num_rounds,
                 _short(measured))
@@ -112,10 +113,15 @@ class Experiment:
     def on_round(phase: str, server_round: int, num_rounds: int) -> None:
         emit("round", phase=phase, round=server_round, rounds=num_rounds)
 
-    def new_model(self) -> torch.nn.Module:
+    def architecture(self) -> dict:
+        """What builds the job's model (``results.json``'s ``model.architecture``, read
+        by :func:`fedunlearn.load_module`): the model's name and the data's shape."""
         info = self.data.info
-        return create_model(self.cfg.model, num_classes=info.num_classes,
-                            in_channels=info.in_channels, image_size=info.image_size)
+        return {"name": self.cfg.model, "num_classes": info.num_classes,
+                "in_channels": info.in_channels, "image_size": info.image_size}
+
+    def new_model(self) -> torch.nn.Module:
+        return create_model(**self.architecture())
 
     def preflight(self) -> None:
         """Fail before pretraining on settings that would only fail after it."""
@@ -171,13 +177,25 @@ class Experiment:
                                        self.context.node_partitions,
                                        details=self.last_measurement)
 
+    def own_data_nodes(self) -> list[int]:
+        """Nodes with data of their own (``dataset-path``): no copy on the server."""
+        return sorted(n for n, r in self.grid.reports.items() if "num-partitions" not in r)
+
+    def prepare_outputs(self, accepted: dict) -> None:
+        """The accepted requests' forget ids (``results.json``) and, with
+        ``audit.outputs``, the writer of each method's ``outputs.npz``."""
+        self.forget_ids = forget_ids(self.cfg, accepted, self.own_data_nodes())
+        self.outputs = (PerExampleOutputs(self.cfg, self.new_model, self.device,
+                                          self.forget_ids)
+                        if self.cfg.audit_outputs else None)
+
     def pretrain(self) -> tuple[ArrayRecord, dict]:
         resolved = {}
         if self.trigger is not None:
             resolved["backdoor_resolved"] = {
                 "patch_size": patch_size_for(self.cfg.backdoor, self.data.info.image_size),
                 "value": [round(float(v), 6) for v in self.trigger]}
-        own = sorted(n for n, r in self.grid.reports.items() if "num-partitions" not in r)
+        own = self.own_data_nodes()
         if own:
             # Nodes with data of their own (dataset-path): the config does not say what
             # they hold, so no cached model stands for it.
@@ -200,13 +218,18 @@ class Experiment:
                                unlearned, pretrain_info)
         result["measurement"] = {"original": original_measurement,
                                  "unlearned": self.last_measurement}
-        several = len(cfg.methods) > 1
-        model_path, digest = save_model(
-            results_path(self.output_dir, method, several).with_name(MODEL_FILE), run.arrays)
+        result.update(split_record(cfg, self.forget_ids))
+        target = results_path(self.output_dir, method)
+        if self.outputs is not None:
+            result["outputs"] = str(self.outputs.write(
+                target.with_name(OUTPUTS_FILE), method, self.context.original_arrays,
+                run.arrays))
+        model_path, digest = save_model(target.with_name(MODEL_FILE), run.arrays)
         arrays_digest = model_digest(run.arrays)
         # sha256: of the file's bytes (sha256sum); arrays_sha256: the array digest.
         result["model"] = {"path": str(model_path), "sha256": digest,
-                           "arrays_sha256": arrays_digest}
+                           "arrays_sha256": arrays_digest,
+                           "architecture": self.architecture()}
         if cfg.eval_trajectory:
             retrain = (unlearned if method == "retrain"
                        else results.get("retrain", {}).get("unlearned"))
@@ -214,7 +237,7 @@ class Experiment:
         # Verified nodes that left the federation so far (failed in every round and
         # evaluation since; see the audit log's node.departed).
         result["departed_nodes"] = self.grid.departed
-        path = write_json(results_path(self.output_dir, method, several), result)
+        path = write_json(target, result)
         log(INFO, "[%s] wrote %s", method, path)
         results[method] = result
         return {"metrics": unlearned, "model_sha256": digest,
@@ -227,12 +250,12 @@ class Experiment:
                             num_clients=cfg.num_clients, deployment=self.deployment,
                             ignored_forget_clients=list(self.ignored_forget_clients))
 
-    def not_published(self, run, accepted, several: bool, skipped: dict, failed: dict) -> None:
+    def not_published(self, run, accepted, skipped: dict, failed: dict) -> None:
         """A refused or failed method: its ``skipped.json`` or ``failed.json``. Its
         failure is its own: the other methods still run, and the job fails at the end,
         naming it."""
         method = run.method
-        target = results_path(self.output_dir, method, several)
+        target = results_path(self.output_dir, method)
         described = [dict(r.describe(), node_id=n) for n, r in sorted(accepted.items())]
         if run.status == "refused":
             skipped[method] = run.reason
@@ -266,7 +289,7 @@ class Experiment:
                        {"rejected": self.rejected, "pretrain": pretrain_info})
             log(INFO, "Wrote %s", self.output_dir / "no-request.json")
             return {}
-        several = len(cfg.methods) > 1
+        self.prepare_outputs(accepted)
         strategies = [create_method(method, self.context) for method in cfg.methods]
         log(INFO, "[measure] original (pretrained) model")
         original = self.evaluate(pretrained)
@@ -286,11 +309,10 @@ class Experiment:
                                          pretrain_info, results),
                 departed=lambda: self.grid.departed)
             if run.status != "honoured":
-                self.not_published(run, accepted, several, skipped, failed)
+                self.not_published(run, accepted, skipped, failed)
         ordered = list(results.values())
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if several:
-            (self.output_dir / COMPARISON_FILE).write_text(comparison_markdown(ordered, skipped))
+        (self.output_dir / COMPARISON_FILE).write_text(comparison_markdown(ordered, skipped))
         for line in comparison_text(ordered, skipped=skipped).splitlines():
             log(INFO, "%s", line)
         log(INFO, "Results written to %s", self.output_dir)

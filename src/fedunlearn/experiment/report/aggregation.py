@@ -14,7 +14,7 @@ from typing import Any
 
 from ...metrics import average_gap
 from ...harness.results import metric_keys
-from .constants import COST_KEYS, DISPLAY, METHOD_FIELDS, REFERENCE
+from .constants import COST_KEYS, DISPLAY, MATCHED_REFERENCE, METHOD_FIELDS, REFERENCE
 from .loading import _key, setting_of
 
 @dataclass
@@ -81,7 +81,18 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
 
 def method_order(method: str) -> tuple:
     """Retrain first, FT second, NoT last, the others alphabetically in between."""
-    return ({REFERENCE: 0, "ft": 1}.get(method, 3 if method == "not" else 2), method)
+    return ({REFERENCE: 0, MATCHED_REFERENCE: 0, "ft": 1}.get(method, 3 if method == "not" else 2),
+            method != REFERENCE, method)
+
+
+def row_method(result: dict) -> str:
+    """The row a result belongs to: its method, but a budget-matched Retrain
+    (``retrain.budget=matched``) is ``retrain-matched``, a row of its own measured
+    against the default Retrain, never pooled into the reference."""
+    method = str(result["method"])
+    if method == REFERENCE and (result.get("params") or {}).get("budget") == "matched":
+        return MATCHED_REFERENCE
+    return method
 
 
 def display_name(method: str) -> str:
@@ -92,7 +103,7 @@ def build_rows(entries: Sequence[tuple[Path, dict]], keys: Sequence[str]) -> lis
     """Aggregate the results of one setting into rows, with Δ, Avg. Gap and ★."""
     by_method: dict[str, list[tuple[Path, dict]]] = {}
     for path, r in entries:
-        by_method.setdefault(str(r["method"]), []).append((path, r))
+        by_method.setdefault(row_method(r), []).append((path, r))
     rows: list[Row] = []
     for method in sorted(by_method, key=method_order):
         items = by_method[method]

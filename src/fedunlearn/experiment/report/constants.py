@@ -3,8 +3,10 @@ methods' display names, the fields that split a setting or a row, and the table 
 
 REPORT_DIR = "report"
 REFERENCE = "retrain"
+#: The row of a budget-matched Retrain (``retrain.budget=matched``): beside the reference.
+MATCHED_REFERENCE = "retrain-matched"
 BEST_MARK = "★"
-DISPLAY = {"retrain": "Retrain", "ft": "FT", "not": "NoT", "federaser": "FedEraser",
+DISPLAY = {"retrain": "Retrain", "retrain-matched": "Retrain (matched)", "ft": "FT", "not": "NoT", "federaser": "FedEraser",
            "fukd": "FUKD", "pgd": "PGD", "mode": "MoDE", "fcu": "FCU", "puf": "PUF",
            "randl": "RandL", "ga": "GA", "badt": "BadT", "l1_sparse": "ℓ1-sparse",
            "ssd": "SSD", "salun": "SalUn"}

@@ -157,7 +157,7 @@ def federated_data(cfg) -> FederatedData:
     """The federation's data for an experiment config (the harness's public partitions)."""
     return build_federated_data(
         cfg.dataset, cfg.num_clients, partitioning=cfg.partitioning, alpha=cfg.alpha,
-        val_fraction=cfg.val_fraction, seed=cfg.seed, root=cfg.data_root,
+        val_fraction=cfg.val_fraction, seed=cfg.split_seed, root=cfg.data_root,
         download=cfg.data_download, server_fraction=cfg.server_data_fraction,
         size=cfg.data_size,
     )

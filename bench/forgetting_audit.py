@@ -1,0 +1,159 @@
+"""One setting over K training seeds on one data split, with per-example outputs.
+
+For seeds 0..K-1 runs the method list (Retrain included) as one job per seed on the
+in-process engine, with the partition seed fixed (the same forget ids and client
+partitions in every job: ``partition-seed``) and ``audit.outputs=true`` (``outputs.npz``
+beside each ``results.json``: the logits of the original and of the method's model on
+the forget ids, a fixed retain sample and the test set). With ``--matched``, each seed
+also runs the budget-matched Retrain (``retrain.budget=matched``: pretraining plus
+recovery rounds) as a job of its own, from the same cached pretrained model. Seeds whose
+outputs are all there are skipped (resume); progress and each job's wall time are
+printed and kept in ``<out>/<setting>/audit-seeds.json``::
+
+    python bench/forgetting_audit.py --seeds 32                       # digits, client 0, IID
+    python bench/forgetting_audit.py --setting backdoor --seeds 32 --matched
+    python bench/forgetting_audit.py --seeds 2 --methods retrain,not -- unlearn.rounds=5
+    python bench/forgetting_audit.py --seeds 16 --seed-stride 2    # seeds 0, 2, ..., 30
+
+Layout: ``<out>/<setting>/seed<k>/`` (one folder per method) and, with ``--matched``,
+``<out>/<setting>/seed<k>-matched/``. The metrics over seeds (KLOM, the per-example
+attack) read these folders (docs/experiments.md, Seeds and per-example outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedunlearn.engine import local_run
+from fedunlearn.harness.outputs import OUTPUTS_FILE
+from fedunlearn.harness.results import RESULTS_FILE, results_path
+from fedunlearn.launch import (check_run_config, flwr_run, load_preset, parse_overrides,
+                               project_root)
+
+#: The settings: a preset's run-config (empty: the default job, digits client 0 IID).
+SETTINGS = {"iid-client": "", "backdoor": "backdoor"}
+STATE_FILE = "audit-seeds.json"
+
+
+@dataclass
+class Job:
+    """One job of the audit: its folder, run-config and the methods it writes."""
+
+    name: str
+    directory: Path
+    run_config: dict
+    methods: list[str] = field(default_factory=list)
+
+    def method_dir(self, method: str) -> Path:
+        return results_path(self.directory, method).parent
+
+    def done(self) -> bool:
+        """Every method's ``results.json`` and ``outputs.npz`` are there."""
+        return all((self.method_dir(m) / RESULTS_FILE).is_file()
+                   and (self.method_dir(m) / OUTPUTS_FILE).is_file() for m in self.methods)
+
+
+def plan(setting: str, seeds: int, methods: list[str], partition_seed: int,
+         matched: bool, out: Path, extra: dict, stride: int = 1) -> list[Job]:
+    """The jobs of one setting, seed by seed (seeds ``0, stride, ..., (seeds-1)*stride``;
+    the matched Retrain after its seed's job)."""
+    if setting not in SETTINGS:
+        raise SystemExit(f"--setting {setting!r}; choose from {sorted(SETTINGS)}")
+    if "retrain" not in methods:
+        raise SystemExit(f"--methods {','.join(methods)}: the audit's reference is Retrain; "
+                         "add retrain")
+    base = dict(load_preset(SETTINGS[setting])) if SETTINGS[setting] else {}
+    common = {**base, **extra, "partition-seed": partition_seed, "audit.outputs": True,
+              "eval.every": 1000}
+    jobs = []
+    for seed in range(0, seeds * stride, stride):
+        rc = {**common, "seed": seed, "method": ",".join(methods)}
+        jobs.append(Job(f"seed{seed}", out / setting / f"seed{seed}", rc, list(methods)))
+        if matched:
+            params = " ".join(p for p in (str(common.get("method-params", "")),
+                                          "retrain.budget=matched") if p)
+            rc = {**common, "seed": seed, "method": "retrain", "method-params": params}
+            jobs.append(Job(f"seed{seed}-matched", out / setting / f"seed{seed}-matched",
+                            rc, ["retrain"]))
+    for job in jobs:
+        job.run_config["output-dir"] = str(job.directory)
+    for job in jobs[:2]:  # a bad key or value: before any job runs
+        try:
+            check_run_config(job.run_config)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+    return jobs
+
+
+def run_jobs(jobs: list[Job], state_path: Path, engine: str, checkpoint_dir: str) -> list[str]:
+    """Run the jobs not yet done, printing progress; the failed jobs' names."""
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"jobs": {}}
+    todo = [j for j in jobs if not j.done()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} job(s) already done; {len(todo)} to run",
+          flush=True)
+    failed, times = [], []
+    launcher = local_run if engine == "local" else flwr_run
+    for i, job in enumerate(todo, 1):
+        if checkpoint_dir:
+            job.run_config["checkpoint-dir"] = checkpoint_dir
+        t0 = time.perf_counter()
+        code = launcher(job.run_config,
+                        num_supernodes=int(job.run_config.get("federation.num-clients", 10)),
+                        log_file=job.directory.with_suffix(".log"), echo=False)
+        seconds = time.perf_counter() - t0
+        times.append(seconds)
+        ok = code == 0 and job.done()
+        if not ok:
+            failed.append(job.name)
+        eta = sum(times) / len(times) * (len(todo) - i)
+        print(f"[{i}/{len(todo)}] {job.name}: {'done' if ok else 'FAILED'} in {seconds:.0f} s "
+              f"({','.join(job.methods)}); about {eta / 60:.1f} min left", flush=True)
+        state["jobs"][job.name] = {"wall_s": round(seconds, 1), "ok": ok,
+                                   "methods": job.methods, "seed": job.run_config["seed"],
+                                   "finished": _dt.datetime.now().isoformat(timespec="seconds")}
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setting", default="iid-client", help=f"one of {sorted(SETTINGS)}")
+    p.add_argument("--seeds", type=int, default=32, help="K: training seeds 0..K-1")
+    p.add_argument("--seed-stride", type=int, default=1,
+                   help="2: seeds 0, 2, ..., 2(K-1), so that no Original shares Retrain's "
+                        "initialisation (Retrain at seed s starts where pretraining at s+1 "
+                        "does)")
+    p.add_argument("--methods", default="retrain,ft,not,puf")
+    p.add_argument("--matched", action="store_true",
+                   help="also the budget-matched Retrain (pretraining + recovery rounds)")
+    p.add_argument("--partition-seed", type=int, default=0,
+                   help="the data split every seed runs on (default 0)")
+    p.add_argument("--out", default=str(project_root() / "bench" / "results" /
+                                        "forgetting-audit"))
+    p.add_argument("--checkpoint-dir", default="")
+    p.add_argument("--engine", choices=("local", "flower"), default="local")
+    p.add_argument("overrides", nargs="*", help="extra run-config KEY=VALUE for every job")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.seed_stride < 1:
+        raise SystemExit(f"--seeds {args.seeds} --seed-stride {args.seed_stride}: expected "
+                         "at least 1 each")
+    methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out).expanduser().resolve()
+    jobs = plan(args.setting, args.seeds, methods, args.partition_seed, args.matched, out,
+                parse_overrides(args.overrides), args.seed_stride)
+    start = time.perf_counter()
+    failed = run_jobs(jobs, out / args.setting / STATE_FILE, args.engine, args.checkpoint_dir)
+    print(f"{args.setting}: {len(jobs)} job(s) in {out / args.setting}; this run "
+          f"{time.perf_counter() - start:.0f} s; failed: {failed or 'none'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""bench/forgetting_audit.py: K training seeds on one data split, per-example outputs,
+the budget-matched Retrain beside each seed, resume and progress."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["dataset.name=synthetic", "federation.num-clients=3", "pretrain.rounds=2",
+        "unlearn.rounds=2", "eval.mia-max-members=40"]
+
+
+@pytest.fixture(scope="module")
+def audit():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import forgetting_audit
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return forgetting_audit
+
+
+def test_k_seeds_on_one_split_then_resume(audit, tmp_path, capsys):
+    args = ["--seeds", "2", "--methods", "retrain,ft", "--matched", "--out", str(tmp_path),
+            "--checkpoint-dir", str(tmp_path / "ck"), *TINY]
+    assert audit.main(args) == 0
+    said = capsys.readouterr().out
+    assert "0 of 4 job(s) already done; 4 to run" in said and "[4/4] seed1-matched: done" in said
+    root = tmp_path / "iid-client"
+    forget, seeds = [], []
+    for seed in (0, 1):
+        for method in ("retrain", "ft"):
+            result = json.loads((root / f"seed{seed}" / method / "results.json").read_text())
+            z = np.load(root / f"seed{seed}" / method / "outputs.npz")
+            assert z["forget_ids"].tolist() == result["forget_ids"]
+            forget.append(result["forget_ids"])
+            seeds.append((result["seed"], result["partition_seed"]))
+        matched = audit.Job("m", root / f"seed{seed}-matched", {}, ["retrain"])
+        result = json.loads((matched.method_dir("retrain") / "results.json").read_text())
+        assert result["params"] == {"budget": "matched"} and result["cost"]["rounds"] == 4
+        assert result["forget_ids"] == forget[0]
+    assert all(f == forget[0] for f in forget) and len(forget[0]) > 0
+    assert seeds == [(0, 0), (0, 0), (1, 0), (1, 0)]
+    state = json.loads((root / "audit-seeds.json").read_text())
+    assert sorted(state["jobs"]) == ["seed0", "seed0-matched", "seed1", "seed1-matched"]
+    assert all(j["ok"] and j["wall_s"] > 0 for j in state["jobs"].values())
+
+    # resume: nothing to do; a job whose outputs are missing runs again, alone
+    assert audit.main(args) == 0
+    assert "4 of 4 job(s) already done; 0 to run" in capsys.readouterr().out
+    (root / "seed1" / "ft" / "outputs.npz").unlink()
+    assert audit.main(args) == 0
+    said = capsys.readouterr().out
+    assert "3 of 4 job(s) already done; 1 to run" in said and "[1/1] seed1: done" in said
+    assert (root / "seed1" / "ft" / "outputs.npz").is_file()
+
+
+def test_bad_arguments_are_refused_before_any_job(audit, tmp_path):
+    with pytest.raises(SystemExit, match="add retrain"):
+        audit.main(["--methods", "ft,not", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="choose from"):
+        audit.main(["--setting", "cifar", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="partition-seed"):
+        audit.main(["--partition-seed", "-5", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="at least 1"):
+        audit.main(["--seeds", "0", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_seed_stride_keeps_retrains_initialisation_out_of_the_originals(audit, tmp_path):
+    jobs = audit.plan("iid-client", 3, ["retrain", "not"], 0, True, tmp_path, {}, stride=2)
+    assert [j.name for j in jobs] == ["seed0", "seed0-matched", "seed2", "seed2-matched",
+                                      "seed4", "seed4-matched"]
+    assert {j.run_config["partition-seed"] for j in jobs} == {0}
+    assert all(j.run_config["audit.outputs"] is True for j in jobs)
+    assert jobs[1].run_config["method-params"] == "retrain.budget=matched"
