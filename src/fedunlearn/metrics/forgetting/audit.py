@@ -91,14 +91,14 @@ class ForgettingAudit:
         """A plain-text table: per point set, the method's row and the floor's."""
         head = (f"{self.method} (K={self.k_method}) against {self.reference} "
                 f"(K={self.k_reference}); floor: {self.reference} vs {self.reference}")
-        cols = (f"{'set':<10}{'row':<8}{'n':>5}{'KLOM p50':>10}{'p95':>7}{'p99':>7}"
+        cols = (f"{'set':<10}{'models':<14}{'n':>5}{'KLOM p50':>10}{'p95':>7}{'p99':>7}"
                 f"{'>floor95':>10}{'AUC':>7}{'TPR@1%':>8}{'TPR@5%':>8}")
         lines = [head, cols, "-" * len(cols)]
         for name, a in self.point_sets.items():
             for row, k, share, att in (
-                    (self.method[:7], a.klom, a.share_above_floor, a.attack),
+                    (self.method[:13], a.klom, a.share_above_floor, a.attack),
                     ("floor", a.klom_floor, a.floor_share_above_floor, a.attack_floor)):
-                lines.append(f"{name[:9]:<10}{row:<8}{a.n_points:>5}{k['p50']:>10.2f}"
+                lines.append(f"{name[:9]:<10}{row:<14}{a.n_points:>5}{k['p50']:>10.2f}"
                              f"{k['p95']:>7.2f}{k['p99']:>7.2f}{share:>10.2f}"
                              f"{att['auc']:>7.2f}{att['tpr_at_1pct_fpr']:>8.2f}"
                              f"{att['tpr_at_5pct_fpr']:>8.2f}")
@@ -133,8 +133,9 @@ def _check_models(method: NDArray, reference: NDArray, kinds: tuple[str, str],
         raise ValueError(f"method_outputs cover {method.shape[1]} examples and "
                          f"reference_outputs {reference.shape[1]}: both must be the same "
                          "examples in the same order")
-    if kinds[0] == "margins" and labels is not None:
-        as_labels(labels, method.shape[1], np.iinfo(np.int64).max)
+    if kinds[0] == "margins" and labels is not None and np.shape(labels) != method.shape[1:]:
+        raise ValueError(f"labels have shape {np.shape(labels)}, the outputs cover "
+                         f"{method.shape[1]} examples (margins need no labels)")
     if method.shape[0] < 2:
         raise ValueError(f"method_outputs hold {method.shape[0]} model(s): the audit "
                          "compares distributions over models, give at least 2")
