@@ -143,6 +143,7 @@ def test_to_dict_is_strict_json_and_names_the_reference():
     (np.zeros((4, 10)), np.zeros((6, 10)), None, {"attack_tail": "less"},
      r"one of \['two-sided', 'greater'\], got 'less'"),
     (np.zeros((4, 10)), np.zeros((6, 10)), None, {"reference": ""}, "reference must name"),
+    (np.zeros((4, 10)), np.zeros((6, 10)), [0] * 9, {}, r"labels have shape \(9,\).*10 examples"),
 ])
 def test_bad_input_is_refused_naming_the_value(method, reference, labels, kwargs, match):
     kwargs = {"reference": "retrain", **kwargs}
@@ -167,6 +168,8 @@ def test_model_outputs_refuses_a_single_module_and_reads_datasets_like_tensors()
     assert from_tensor.shape == (2, 5, 3)
     assert np.allclose(fu.model_outputs([net], dataset, batch_size=2)[0], from_tensor[0])
     assert np.allclose(fu.model_outputs([net], x.numpy())[0], from_tensor[0])
+    with pytest.raises(ValueError, match=r"one shape, got \[\(5, 3\), \(5, 2\)\]"):
+        fu.model_outputs([net, nn.Linear(4, 2)], x)
 
 
 # --- mean ± 95% CI --------------------------------------------------------------------------
