@@ -66,11 +66,14 @@ def test_klom_of_disjoint_margins_is_large():
 
 
 def test_audit_of_one_distribution_is_at_the_floor_and_the_attack_at_chance():
-    audit = fu.audit_forgetting(_normal(7, (16, 300)), _normal(8, (16, 300)),
+    """K = L = 32 models of one distribution: KLOM's percentiles and share above the floor
+    match the floor's (the floor is calibrated, not flattering)."""
+    audit = fu.audit_forgetting(_normal(7, (32, 300)), _normal(8, (32, 300)),
                                 reference="retrain")
     forget = audit["all"]
-    assert forget.share_above_floor < 0.12
-    assert forget.klom["p50"] <= forget.klom_floor["p95"]
+    assert 0.03 < forget.share_above_floor < 0.07
+    for p in ("p50", "p95", "p99"):
+        assert abs(forget.klom[p] - forget.klom_floor[p]) < 0.1, p
     assert abs(forget.attack["auc"] - 0.5) < 0.05
     assert abs(forget.attack_floor["auc"] - 0.5) < 0.05
     assert forget.attack["tpr_at_1pct_fpr"] < 0.05
@@ -80,7 +83,7 @@ def test_audit_of_separated_distributions_is_far_above_the_floor():
     reference = _normal(9, (16, 200))
     above = fu.audit_forgetting(_normal(10, (16, 200), loc=6.0), reference, reference="r")
     assert above["all"].share_above_floor > 0.95
-    assert above["all"].klom["p50"] > above["all"].klom_floor["p99"] + 0.5
+    assert above["all"].klom["p50"] > above["all"].klom_floor["p99"]
     assert above["all"].attack["auc"] > 0.99
     assert above["all"].attack["tpr_at_1pct_fpr"] > 0.9
     # A model less confident than Retrain stands out two-sided, not one-sided.
@@ -110,7 +113,8 @@ def test_to_dict_is_strict_json_and_names_the_reference():
     assert (out["method"], out["reference"], out["k_method"], out["k_reference"]) == \
         ("not", "retrain-41", 6, 8)
     forget = out["point_sets"]["forget"]
-    assert forget["ids"] == [0, 1, 2] and len(forget["klom_per_point"]) == 3
+    assert forget["ids"] == [0, 1, 2]
+    assert np.shape(forget["klom_values"]) == np.shape(forget["floor_values"]) == (20, 3)
     assert set(forget["attack"]) == {"auc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr"}
     assert out["settings"]["klom_models_per_side"] == 4
     assert (out["settings"]["attack_fit_models"], out["settings"]["attack_heldout_models"]) \
@@ -238,8 +242,9 @@ def test_the_original_as_unlearned_model_is_above_the_floor_on_the_forget_set(di
     audit = fu.audit_forgetting(outputs["original"], outputs["reference"], labels,
                                 reference="retrain", method="original", point_sets=sets)
     forget = audit["forget"]
-    assert forget.share_above_floor > 0.35 > 3 * forget.floor_share_above_floor
+    assert forget.share_above_floor > 0.2 > 3 * forget.floor_share_above_floor
     assert forget.klom["p95"] > forget.klom_floor["p99"]
+    assert forget.share_above_floor > audit["test"].share_above_floor
     assert forget.attack["auc"] > 0.7 and abs(forget.attack_floor["auc"] - 0.5) < 0.05
     assert forget.attack["tpr_at_5pct_fpr"] > 3 * forget.attack_floor["tpr_at_5pct_fpr"]
     # It memorised its training data: the forget set stands out more than unseen data.
@@ -253,7 +258,7 @@ def test_a_retrain_of_other_seeds_is_at_the_floor(digits_case):
                                 reference="retrain", point_sets=sets)
     for name in sets:
         point_set = audit[name]
-        assert point_set.share_above_floor < 0.15, name
+        assert point_set.share_above_floor < 0.1, name
         assert abs(point_set.attack["auc"] - point_set.attack_floor["auc"]) < 0.07, name
         assert point_set.attack["tpr_at_5pct_fpr"] < 0.12, name
 
@@ -300,7 +305,7 @@ def test_a_user_audits_k_models_in_two_lines(tmp_path):
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert (out["reference"], out["k_method"], out["k_reference"]) == ("retrain", 4, 8)
     forget = out["point_sets"]["forget"]
-    assert forget["attack"]["auc"] > 0.9 and forget["share_above_floor"] > 0.5
+    assert forget["attack"]["auc"] > 0.9 and forget["share_above_floor"] > 0.2
     assert abs(forget["attack_floor"]["auc"] - 0.5) < 0.2
     modules = eval(done.stdout.strip().splitlines()[-2])
     assert len(modules) == 6

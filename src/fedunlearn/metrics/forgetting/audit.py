@@ -30,7 +30,12 @@ PERCENTILES = (50, 95, 99)
 
 @dataclass(frozen=True)
 class PointSetAudit:
-    """One point set's numbers; each method number has its floor beside it."""
+    """One point set's numbers; each method number has its floor beside it.
+
+    ``klom_values`` and ``floor_values`` are ``(splits, n_points)``: the KLOM of every point
+    in every split, which the percentiles and the share above the floor summarise
+    (``klom_values.mean(axis=0)`` ranks the points).
+    """
 
     name: str
     ids: NDArray[np.int64]
@@ -40,8 +45,8 @@ class PointSetAudit:
     floor_share_above_floor: float
     attack: dict[str, float]
     attack_floor: dict[str, float]
-    klom_per_point: NDArray[np.float64] = field(repr=False)
-    floor_per_point: NDArray[np.float64] = field(repr=False)
+    klom_values: NDArray[np.float64] = field(repr=False)
+    floor_values: NDArray[np.float64] = field(repr=False)
 
     @property
     def n_points(self) -> int:
@@ -55,8 +60,8 @@ class PointSetAudit:
                "attack": dict(self.attack), "attack_floor": dict(self.attack_floor)}
         if per_point:
             out["ids"] = self.ids.tolist()
-            out["klom_per_point"] = self.klom_per_point.tolist()
-            out["floor_per_point"] = self.floor_per_point.tolist()
+            out["klom_values"] = self.klom_values.tolist()
+            out["floor_values"] = self.floor_values.tolist()
         return out
 
 
@@ -79,8 +84,8 @@ class ForgettingAudit:
         return self.point_sets[name]
 
     def to_dict(self, per_point: bool = False) -> dict:
-        """Strict-JSON-ready dict (``per_point=True`` adds each set's ids and per-point
-        KLOM of the method and of the floor)."""
+        """Strict-JSON-ready dict (``per_point=True`` adds each set's ids and the KLOM of
+        every point in every split, of the method and of the floor)."""
         return {"method": self.method, "reference": self.reference,
                 "k_method": self.k_method, "k_reference": self.k_reference,
                 "attack_score": self.attack_score, "settings": dict(self.settings),
@@ -187,7 +192,7 @@ def _audit_set(name, ids, margin_pair, score_pair, opts) -> PointSetAudit:
         share_above_floor=float(np.mean(method_kl > floor_p[1])),
         floor_share_above_floor=float(np.mean(floor_kl > floor_p[1])),
         attack=attack, attack_floor=floor_attack,
-        klom_per_point=method_kl, floor_per_point=floor_kl)
+        klom_values=method_kl, floor_values=floor_kl)
 
 
 def audit_forgetting(method_outputs: ArrayLike, reference_outputs: ArrayLike,

@@ -101,25 +101,29 @@ def klom(method_margins: ArrayLike, reference_margins: ArrayLike, *,
 def klom_with_floor(method_margins: ArrayLike, reference_margins: ArrayLike, *,
                     bins: int, smoothing: float, splits: int,
                     rng: np.random.Generator) -> tuple[NDArray, NDArray, int]:
-    """Per-example KLOM of the method and its noise floor, with matched sample sizes.
+    """KLOM of the method and of the noise floor, per split and example, matched in size.
 
     A binned KL estimate grows as the number of models per side shrinks, so the method is
     scored exactly as the floor is: in each of ``splits`` random splits the reference
     models give two disjoint halves A and B of ``h = min(K, L // 2)`` models; the floor is
     KLOM(B || A) and the method's value KLOM(h of its models || A) (all K when K == h,
-    else a random h). Both are averaged per example over the splits.
+    else a random h). Within one split both are KLOMs of two independent samples of h
+    models, so when the method's models are Retrains of other seeds the two have the same
+    distribution. The values are kept per split, not averaged: an average over splits
+    would smooth the floor (its halves are re-drawn from one pool) more than the method
+    (its models stay the same K), and make a Retrain look above its own floor.
 
-    Returns ``(method_per_example, floor_per_example, h)``.
+    Returns ``(method, floor, h)``, both ``(splits, n)``.
     """
     a = _as_margins(method_margins, "method margins")
     b = _as_margins(reference_margins, "reference margins")
     h = min(a.shape[0], b.shape[0] // 2)
-    method = np.zeros(a.shape[1])
-    floor = np.zeros(a.shape[1])
-    for _ in range(splits):
+    method = np.empty((splits, a.shape[1]))
+    floor = np.empty((splits, a.shape[1]))
+    for r in range(splits):
         perm = rng.permutation(b.shape[0])
         half_a, half_b = b[perm[:h]], b[perm[h:2 * h]]
         chosen = a if a.shape[0] == h else a[np.sort(rng.choice(a.shape[0], h, replace=False))]
-        method += klom(chosen, half_a, bins=bins, smoothing=smoothing)
-        floor += klom(half_b, half_a, bins=bins, smoothing=smoothing)
-    return method / splits, floor / splits, h
+        method[r] = klom(chosen, half_a, bins=bins, smoothing=smoothing)
+        floor[r] = klom(half_b, half_a, bins=bins, smoothing=smoothing)
+    return method, floor, h
