@@ -174,6 +174,10 @@ def _point_sets(point_sets: Mapping | None, n: int) -> dict[str, NDArray[np.int6
     return out
 
 
+def _percentiles(values: NDArray) -> dict[str, float]:
+    return {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))}
+
+
 def _audit_set(name, ids, margin_pair, score_pair, opts) -> PointSetAudit:
     seq = np.random.SeedSequence([opts["seed"], zlib.crc32(name.encode())])
     klom_rng, attack_rng = (np.random.default_rng(s) for s in seq.spawn(2))
@@ -183,14 +187,11 @@ def _audit_set(name, ids, margin_pair, score_pair, opts) -> PointSetAudit:
     attack, floor_attack, _ = attack_with_floor(
         score_pair[0][:, ids], score_pair[1][:, ids], splits=opts["splits"],
         tail=opts["attack_tail"], rng=attack_rng)
-    floor_p = np.percentile(floor_kl, PERCENTILES)
+    klom, floor = _percentiles(method_kl), _percentiles(floor_kl)
     return PointSetAudit(
-        name=name, ids=ids,
-        klom={f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(method_kl,
-                                                                            PERCENTILES))},
-        klom_floor={f"p{p}": float(v) for p, v in zip(PERCENTILES, floor_p)},
-        share_above_floor=float(np.mean(method_kl > floor_p[1])),
-        floor_share_above_floor=float(np.mean(floor_kl > floor_p[1])),
+        name=name, ids=ids, klom=klom, klom_floor=floor,
+        share_above_floor=float(np.mean(method_kl > floor["p95"])),
+        floor_share_above_floor=float(np.mean(floor_kl > floor["p95"])),
         attack=attack, attack_floor=floor_attack,
         klom_values=method_kl, floor_values=floor_kl)
 
