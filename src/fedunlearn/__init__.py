@@ -28,7 +28,10 @@ _SERVER = {"serve": "serving", "ServeOutcome": "serving", "MethodOutcome": "serv
            "get_method": "strategies", "list_methods": "strategies",
            "register_method": "strategies",
            "UnlearningService": "service", "ServiceConfig": "service",
-           "ServiceOutcome": "service", "ServiceError": "service", "read_versions": "service"}
+           "ServiceOutcome": "service", "ServiceError": "service", "read_versions": "service",
+           "audit_forgetting": "metrics.forgetting", "ForgettingAudit": "metrics.forgetting",
+           "model_outputs": "metrics.forgetting", "margins": "metrics.forgetting",
+           "klom": "metrics.forgetting", "mean_ci": "metrics.intervals"}
 #: Every method class by its registered name (all 16).
 _METHODS = {"NoT": "not", "FineTune": "ft", "PUF": "puf", "Retrain": "retrain",
             "MoDE": "mode", "FCU": "fcu", "FedEraser": "federaser", "FUKD": "fukd",
