@@ -97,6 +97,8 @@ class ExperimentConfig:
     mia_max_members: int = DEFAULTS["mia_max_members"]
     eval_trajectory: bool = DEFAULTS["eval_trajectory"]  # results: trajectory
     audit_outputs: bool = DEFAULTS["audit_outputs"]  # outputs.npz beside results.json
+    # > 0: each method's relearn time (harness/relearn.py), results.json's ``relearn``.
+    audit_relearn_rounds: int = DEFAULTS["audit_relearn_rounds"]
     # Share of the training pool reserved for the server (in no partition), e.g. FUKD's
     # unlabeled distillation data; part of the pretraining key.
     server_data_fraction: float = DEFAULTS["server_data_fraction"]
@@ -218,6 +220,11 @@ class ExperimentConfig:
                 raise ValueError("audit.outputs=true: service mode (service.rounds > 0) "
                                  "publishes versions, not results.json with outputs.npz; "
                                  "set audit.outputs=false or service.rounds=0")
+            if self.audit_relearn_rounds:
+                raise ValueError(f"audit.relearn-rounds={self.audit_relearn_rounds}: service "
+                                 "mode (service.rounds > 0) publishes versions, not "
+                                 "results.json with a relearn time; set "
+                                 "audit.relearn-rounds=0 or service.rounds=0")
             if len(self.methods) != 1:
                 raise ValueError(f"method={','.join(self.methods)}: service mode "
                                  "(service.rounds > 0) serves with one method; name one, "

@@ -41,6 +41,7 @@ class Evaluator:
     def __init__(self, cfg, data, new_model, device, trigger=None) -> None:
         self.cfg, self.data, self.new_model, self.device = cfg, data, new_model, device
         self.trigger = trigger
+        self._test_labels = None
         self.test_ids = np.arange(len(data.test))
         self.attack_nonmembers, self.heldout_nonmembers = split_nonmembers(
             len(data.test), seed=cfg.seed)
@@ -96,6 +97,35 @@ class Evaluator:
                                              self.trigger, self.data.info.image_size,
                                              device=self.device)
         return out
+
+    def forget_accuracy(self, grid: Grid, arrays: ArrayRecord, requests: dict,
+                        node_partitions: dict[int, int]) -> float:
+        """Forget accuracy alone (%), as :meth:`evaluate` counts it, asking only the
+        nodes with a request (the others hold no forget data); NaN when one of them
+        fails (logged)."""
+        nodes = sorted(n for n in requests if not node_partitions or n in node_partitions)
+        messages = _evaluation_messages(nodes, arrays, requests, 1)
+        replies = list(grid.send_and_receive(messages, timeout=reply_timeout(grid)))
+        sums, _, _, failed = _node_counts(replies, nodes, 1)
+        if failed:
+            log(WARNING, "forget accuracy: node(s) %s failed; the value is missing",
+                sorted(set(failed)))
+            return float("nan")
+        return _pct(sums["forget-correct"], sums["forget-total"])
+
+    def attack_success(self, arrays: ArrayRecord) -> float:
+        """The backdoor's attack success rate (%) on the server's test set."""
+        if self.trigger is None:
+            raise ValueError("attack_success: this job plants no backdoor "
+                             "(backdoor.clients is empty)")
+        model = load_arrays(self.new_model(), arrays).to(self.device)
+        if self._test_labels is None:  # the test set's labels, as evaluate() reads them
+            _, self._test_labels = predict(model, self.data.test, self.test_ids,
+                                           device=self.device)
+        labels = self._test_labels
+        return attack_success_rate(model, self.data.test, labels, self.cfg.backdoor,
+                                   self.trigger, self.data.info.image_size,
+                                   device=self.device)
 
     def _membership_attack(self, logits, labels, members: list, targets: list,
                            classes: list[int]) -> dict:

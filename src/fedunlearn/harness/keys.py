@@ -341,6 +341,10 @@ KEYS: tuple[Key, ...] = (
         "eval_trajectory"),
     Key("audit.outputs", bool, False, "write each method's per-example logits (outputs.npz)",
         "audit_outputs"),
+    Key("audit.relearn-rounds", int, 0, "after each method, at most this many rounds of "
+        "federated training with the targets' forget data until forget accuracy (ASR with "
+        "a backdoor) is back at the original's (0: off)", "audit_relearn_rounds",
+        Range(0, R.MAX_ROUNDS, integer=True, note="0: off")),
     Key("server-data.fraction", float, 0.0, "share of the training pool for the server",
         "server_data_fraction", Range(0, 0.5, note="0: the server holds no data")),
     Key("history.max-mb", float, 2048.0, "bound on a recorded training history (MB)",

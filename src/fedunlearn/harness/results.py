@@ -80,6 +80,9 @@ def comparison_rows(results: Sequence[dict]) -> tuple[list[str], list[list[str]]
     header = [h if h != "Asr" else "ASR" for h in header]
     if ref is not None:
         header.append("Avg. Gap")
+    relearned = any("relearn" in r for r in results)
+    if relearned:  # audit.relearn-rounds > 0
+        header.append("Relearn")
     header += ["Comm. (B)", "FLOPs", "Rounds", "Wall (s)"]
     stores = any(r["cost"].get("storage_bytes", 0) for r in results)
     if stores:  # a method keeps state between rounds (e.g. MoDE's degradation model)
@@ -87,7 +90,8 @@ def comparison_rows(results: Sequence[dict]) -> tuple[list[str], list[list[str]]
     rows = []
     original = results[0]["original"] if results else {}
     rows.append(["original (pretrained)"] + [_fmt(original.get(k)) for k in keys]
-                + ([""] if ref is not None else []) + [""] * (5 if stores else 4))
+                + ([""] if ref is not None else []) + ([""] if relearned else [])
+                + [""] * (5 if stores else 4))
     for r in results:
         m = r["unlearned"]
         d = deltas(m, ref, keys) if ref is not None else {}
@@ -99,6 +103,8 @@ def comparison_rows(results: Sequence[dict]) -> tuple[list[str], list[list[str]]
             cells.append(cell)
         if ref is not None:
             cells.append(_fmt(average_gap(m, ref)))
+        if relearned:
+            cells.append(relearn_cell(r.get("relearn")))
         c = r["cost"]
         cells += [f"{c['comm_bytes']:.3g}", f"{c['flops']:.3g}", str(c["rounds"]),
                   f"{c['wall_s']:.1f}"]
@@ -106,6 +112,15 @@ def comparison_rows(results: Sequence[dict]) -> tuple[list[str], list[list[str]]
             cells.append(f"{c.get('storage_bytes', 0):.3g}")
         rows.append([r["method"]] + cells)
     return header, rows
+
+
+def relearn_cell(record: dict | None) -> str:
+    """The comparison's Relearn cell: the rounds until the original's forget accuracy
+    (or ASR) came back, ``>N`` when N rounds did not bring it back, ``—`` unmeasured."""
+    if not record or record.get("unmeasured"):
+        return "—"
+    rounds = record.get("rounds")
+    return f">{record['rounds_max']}" if rounds is None else str(rounds)
 
 
 def is_centralized(results: Sequence[dict]) -> bool:
@@ -131,6 +146,13 @@ def comparison_markdown(results: Sequence[dict], skipped: dict[str, str] | None 
     note = ("Values in %; (x) = |Δ| to Retrain; Avg. Gap = mean |Δ| over Retain, Forget, "
             "Test, MIA." if ref else
             "Values in %. Add `retrain` to the method list to get Δ and Avg. Gap.")
+    relearn = next((r["relearn"] for r in results if "relearn" in r), None)
+    if relearn is not None:
+        metric = "ASR" if relearn["metric"] == "asr" else "forget accuracy"
+        within = f" within {relearn['tolerance']:g} points" if relearn["tolerance"] else ""
+        note += (f" Relearn = rounds of federated training with the forget data until "
+                 f"{metric} is back at the original's{within} (>N: not within N rounds"
+                 + ("; Retrain's is the reference)." if ref else ")."))
     if is_centralized(results):
         note += " " + CENTRALIZED_NOTE
     extra = "".join(f"\n- {line}" for line in _skipped_lines(skipped))

@@ -42,6 +42,7 @@ from .models import create_model
 from ..layers import example_input_for
 from .outputs import OUTPUTS_FILE, PerExampleOutputs, forget_ids, split_record
 from .pretraining import pretrain
+from .relearn import relearn, relearn_target
 from ..serving import MODEL_FILE, save_model
 from ..requests import UnlearningRequest
 from .results import (COMPARISON_FILE, FAILED_FILE, SKIPPED_FILE, comparison_markdown,
@@ -230,6 +231,8 @@ class Experiment:
         result["model"] = {"path": str(model_path), "sha256": digest,
                            "arrays_sha256": arrays_digest,
                            "architecture": self.architecture()}
+        if cfg.audit_relearn_rounds:
+            result["relearn"] = self.relearn(method, run.arrays, original)
         if cfg.eval_trajectory:
             retrain = (unlearned if method == "retrain"
                        else results.get("retrain", {}).get("unlearned"))
@@ -242,6 +245,17 @@ class Experiment:
         results[method] = result
         return {"metrics": unlearned, "model_sha256": digest,
                 "model_arrays_sha256": arrays_digest}
+
+    def relearn(self, method: str, arrays: ArrayRecord, original: dict) -> dict:
+        """``results.json``'s ``relearn`` (:mod:`.relearn`): rounds of federated
+        training with the targets' forget data until the original's forget accuracy (or
+        ASR) is back; ``arrays`` stay as they are."""
+        target = relearn_target(original, self.trigger is not None)
+        requests, parts = self.context.requests, self.context.node_partitions
+        measure = (self.evaluator.attack_success if target.metric == "asr" else
+                   lambda a: self.evaluator.forget_accuracy(self.grid, a, requests, parts))
+        return relearn(self.grid, self.context, arrays, self.cfg.audit_relearn_rounds,
+                       target, measure, f"{method}:relearn")
 
     def started(self) -> None:
         """``job.started``: the job's methods, data and federation."""
