@@ -14,6 +14,7 @@ printed and kept in ``<out>/<setting>/audit-seeds.json``::
     python bench/forgetting_audit.py --setting backdoor --seeds 32 --matched
     python bench/forgetting_audit.py --seeds 2 --methods retrain,not -- unlearn.rounds=5
     python bench/forgetting_audit.py --seeds 16 --seed-stride 2    # seeds 0, 2, ..., 30
+    python bench/forgetting_audit.py --setting backdoor --seeds 4 --relearn 10
 
 Layout: ``<out>/<setting>/seed<k>/`` (one folder per method) and, with ``--matched``,
 ``<out>/<setting>/seed<k>-matched/``. The metrics over seeds (KLOM, the per-example
@@ -60,9 +61,11 @@ class Job:
 
 
 def plan(setting: str, seeds: int, methods: list[str], partition_seed: int,
-         matched: bool, out: Path, extra: dict, stride: int = 1) -> list[Job]:
+         matched: bool, out: Path, extra: dict, stride: int = 1,
+         relearn: int = 0) -> list[Job]:
     """The jobs of one setting, seed by seed (seeds ``0, stride, ..., (seeds-1)*stride``;
-    the matched Retrain after its seed's job)."""
+    the matched Retrain after its seed's job); ``relearn`` > 0: every job measures each
+    method's relearn time (``audit.relearn-rounds``)."""
     if setting not in SETTINGS:
         raise SystemExit(f"--setting {setting!r}; choose from {sorted(SETTINGS)}")
     if "retrain" not in methods:
@@ -71,6 +74,8 @@ def plan(setting: str, seeds: int, methods: list[str], partition_seed: int,
     base = dict(load_preset(SETTINGS[setting])) if SETTINGS[setting] else {}
     common = {**base, **extra, "partition-seed": partition_seed, "audit.outputs": True,
               "eval.every": 1000}
+    if relearn:
+        common["audit.relearn-rounds"] = relearn
     jobs = []
     for seed in range(0, seeds * stride, stride):
         rc = {**common, "seed": seed, "method": ",".join(methods)}
@@ -139,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "forgetting-audit"))
     p.add_argument("--checkpoint-dir", default="")
     p.add_argument("--engine", choices=("local", "flower"), default="local")
+    p.add_argument("--relearn", type=int, default=0, metavar="N",
+                   help="after each method, at most N rounds of federated training with "
+                        "the forget data until forget accuracy (ASR) is back: "
+                        "results.json's relearn (audit.relearn-rounds; 0: off)")
     p.add_argument("overrides", nargs="*", help="extra run-config KEY=VALUE for every job")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.seed_stride < 1:
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out).expanduser().resolve()
     jobs = plan(args.setting, args.seeds, methods, args.partition_seed, args.matched, out,
-                parse_overrides(args.overrides), args.seed_stride)
+                parse_overrides(args.overrides), args.seed_stride, args.relearn)
     start = time.perf_counter()
     failed = run_jobs(jobs, out / args.setting / STATE_FILE, args.engine, args.checkpoint_dir)
     print(f"{args.setting}: {len(jobs)} job(s) in {out / args.setting}; this run "

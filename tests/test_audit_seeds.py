@@ -79,3 +79,14 @@ def test_a_seed_stride_keeps_retrains_initialisation_out_of_the_originals(audit,
     assert {j.run_config["partition-seed"] for j in jobs} == {0}
     assert all(j.run_config["audit.outputs"] is True for j in jobs)
     assert jobs[1].run_config["method-params"] == "retrain.budget=matched"
+
+
+def test_relearn_passes_the_key_to_every_job_and_a_bad_value_is_refused(audit, tmp_path):
+    jobs = audit.plan("backdoor", 2, ["retrain", "not"], 0, True, tmp_path, {}, relearn=10)
+    assert [j.run_config["audit.relearn-rounds"] for j in jobs] == [10] * 4
+    plain = audit.plan("backdoor", 1, ["retrain", "not"], 0, False, tmp_path, {})
+    assert "audit.relearn-rounds" not in plain[0].run_config
+    out = tmp_path / "refused"
+    with pytest.raises(SystemExit, match="audit.relearn-rounds=-3"):
+        audit.main(["--relearn", "-3", "--out", str(out)])
+    assert not out.exists()
