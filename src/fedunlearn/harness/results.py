@@ -13,7 +13,9 @@ Schema of ``results.json`` (one per method, ``<out>/<method>/results.json``)::
                "messages_up", "flops", "train_samples", "forward_samples",
                "server_flops", "wall_s", "storage_bytes",
                "phases": {"unlearning": {...same keys}, "recovery": {...}}},
-      "config": {...}, "pretrain": {...}, "notes": {...}
+      "config": {...}, "pretrain": {...}, "notes": {...},
+      "relearn": {"rounds_max", "rounds", "metric", "target", "tolerance", "curve",
+                  "cost"}    # only with audit.relearn-rounds > 0 (.relearn)
     }
 
 A method that cannot serve the job's requests writes ``skipped.json`` (``method``,
@@ -149,7 +151,9 @@ def comparison_markdown(results: Sequence[dict], skipped: dict[str, str] | None 
     relearn = next((r["relearn"] for r in results if "relearn" in r), None)
     if relearn is not None:
         metric = "ASR" if relearn["metric"] == "asr" else "forget accuracy"
-        within = f" within {relearn['tolerance']:g} points" if relearn["tolerance"] else ""
+        tolerance = relearn["tolerance"]
+        within = (f" within {tolerance:g} point{'' if tolerance == 1 else 's'}"
+                  if tolerance else "")
         note += (f" Relearn = rounds of federated training with the forget data until "
                  f"{metric} is back at the original's{within} (>N: not within N rounds"
                  + ("; Retrain's is the reference)." if ref else ")."))
