@@ -136,3 +136,13 @@ def test_the_relearn_column_says_when_the_rounds_did_not_bring_it_back():
     assert header[column - 1] == "Avg. Gap" and header[column + 1] == "Comm. (B)"
     assert (original[column], retrain[column], ft[column]) == ("", "4", ">5")
     assert "forget accuracy is back at the original's (>N: not within N rounds" in table
+
+
+def test_the_console_table_explains_the_relearn_column():
+    from fedunlearn.harness.results import comparison_text
+
+    record = {"rounds_max": 5, "rounds": 2, "metric": "asr", "tolerance": 1.0,
+              "target": 64.2, "curve": [[0, 0.3], [1, 30.0], [2, 64.0]]}
+    text = comparison_text([_row("retrain", record), _row("not", dict(record, rounds=1))])
+    assert "Relearn" in text.splitlines()[1]
+    assert "Relearn: rounds of training with the forget data" in " ".join(text.split())

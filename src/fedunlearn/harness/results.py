@@ -190,6 +190,9 @@ def comparison_text(results: Sequence[dict], title: str = "fedunlearn results",
     legend = ("(x): |Δ| to Retrain; Gap: Avg. Gap, the mean |Δ| over Retain, Forget, Test, "
               "MIA; original: the pretrained model" if "Gap" in header else
               "original: the pretrained model; add retrain for Δ and Avg. Gap")
+    if "Relearn" in header:
+        legend += ("; Relearn: rounds of training with the forget data until the "
+                   "original's forget accuracy (ASR) is back (>N: not within N)")
     lines = [title[:TEXT_WIDTH]] + [line for t in tables for line in t.splitlines()]
     lines += [w for line in [legend, *_skipped_lines(skipped)] for w in _wrap(line)]
     return "\n".join(lines) + "\n"
