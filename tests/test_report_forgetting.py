@@ -141,7 +141,7 @@ def test_figures_are_png_and_pdf(audited):
         assert f"]({slug}/{name}.png)" in report.markdown
 
 
-def test_fewer_than_four_seeds_says_why(tmp_path, capsys):
+def test_fewer_than_four_seeds_says_why_in_the_cli_and_the_hydra_report(tmp_path, capsys):
     root = k_seed_dir(tmp_path / "few", (0, 1, 2))
     report = write_forgetting_audit(root, tmp_path / "out")
     assert not report.settings
@@ -151,6 +151,15 @@ def test_fewer_than_four_seeds_says_why(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "Not computed: outputs.npz from 3 seed(s) (0, 1, 2)" in said
     assert json.loads((tmp_path / "cli" / "forgetting-audit.json").read_text())["skipped"]
+    # the Hydra runner's report at the end of a sweep is the same report
+    from omegaconf import OmegaConf
+
+    from fedunlearn.experiment.runner import ReportCallback
+
+    ReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}},
+                                                       "report": True}))
+    said = capsys.readouterr().out
+    assert "## Forgetting audit" in said and "Not computed: outputs.npz from 3 seed(s)" in said
 
 
 def test_no_outputs_and_bad_sources_are_refused(tmp_path):
