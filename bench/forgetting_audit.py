@@ -17,8 +17,11 @@ printed and kept in ``<out>/<setting>/audit-seeds.json``::
     python bench/forgetting_audit.py --setting backdoor --seeds 4 --relearn 10
 
 Layout: ``<out>/<setting>/seed<k>/`` (one folder per method) and, with ``--matched``,
-``<out>/<setting>/seed<k>-matched/``. The metrics over seeds (KLOM, the per-example
-attack) read these folders (docs/experiments.md, Seeds and per-example outputs).
+``<out>/<setting>/seed<k>-matched/``. At the end (``--no-report`` to skip) the audit over
+the seeds there (:func:`fedunlearn.experiment.report.write_forgetting_audit`: KLOM and the
+per-example attack of every method against each Retrain, with floors; the scalar metrics
+as mean ± 95% CI) is written to ``<out>/<setting>/report/`` (docs/measuring-forgetting.md,
+Running the audit; docs/experiments.md, Seeds and per-example outputs).
 """
 
 from __future__ import annotations
@@ -127,6 +130,21 @@ def run_jobs(jobs: list[Job], state_path: Path, engine: str, checkpoint_dir: str
     return failed
 
 
+def report(directory: Path) -> bool:
+    """The forgetting audit of ``directory``'s seeds, printed and written to
+    ``<directory>/report/``; False when it could not be written (the reason printed)."""
+    from fedunlearn.experiment.report import write_forgetting_audit
+
+    try:
+        audit = write_forgetting_audit(directory, directory / "report")
+    except ValueError as err:
+        print(f"report: not written: {err}", flush=True)
+        return False
+    print(audit.markdown, flush=True)
+    print(f"Forgetting audit written to {audit.out_dir} ({len(audit.files)} files)", flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", default="iid-client", help=f"one of {sorted(SETTINGS)}")
@@ -148,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="after each method, at most N rounds of federated training with "
                         "the forget data until forget accuracy (ASR) is back: "
                         "results.json's relearn (audit.relearn-rounds; 0: off)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the forgetting audit of the setting's seeds at the end "
+                        "(default: on; --no-report to skip)")
     p.add_argument("overrides", nargs="*", help="extra run-config KEY=VALUE for every job")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.seed_stride < 1:
@@ -161,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = run_jobs(jobs, out / args.setting / STATE_FILE, args.engine, args.checkpoint_dir)
     print(f"{args.setting}: {len(jobs)} job(s) in {out / args.setting}; this run "
           f"{time.perf_counter() - start:.0f} s; failed: {failed or 'none'}", flush=True)
+    if args.report:
+        report(out / args.setting)
     return 1 if failed else 0
 
 

@@ -22,7 +22,10 @@ several sweeps), groups them by setting and writes to ``<dir>/report`` (or ``--o
   ``<setting>/gap_by_layer.png`` (Figure 5: one line per perturbed layer selection at
   the perturbation with the most selections, negate on ties), mean ± std over seeds
   (shaded), their numbers (round 0, a few rounds, the end) in the summaries and per
-  round in ``<setting>/gap_trajectory.csv``. A point without ``gap`` (Retrain ran in
+  round in ``<setting>/gap_trajectory.csv``.
+* ``forgetting-audit.md`` / ``.json``, ``<setting>/forgetting_klom.png`` and
+  ``<setting>/forgetting_roc.png`` when results carry per-example outputs
+  (``audit.outputs=true``) from at least 4 seeds (fewer: the reason, in the summary). A point without ``gap`` (Retrain ran in
   another job, as in a sweep) gets it here from the Retrain result of the same setting
   and seed; a trajectory with neither is skipped with a note.
 
@@ -61,6 +64,10 @@ The package, by concern (every name is re-exported here):
 * :mod:`.gap_figures`: ``gap_by_perturbation.png``, ``gap_by_layer.png``,
   ``gap_trajectory.csv`` and their markdown;
 * :mod:`.cka`: the CKA figure;
+* :mod:`.forgetting`: :func:`write_forgetting_audit`, the per-example audit over seeds
+  (KLOM and the attack against each Retrain reference, with floors; scalars as mean ±
+  95% CI) where results have ``outputs.npz``; :mod:`.forgetting_tables` and
+  :mod:`.forgetting_figures` its markdown/JSON and figures;
 * :mod:`.writer`: :func:`write_report`, the whole report;
 * :mod:`.cli`: :func:`main`, ``fedunlearn-report`` (``python -m fedunlearn.experiment.report``).
 """
@@ -72,6 +79,8 @@ from .constants import (BEST_MARK, COST_KEYS, DISPLAY, LABELS, METHOD_FIELDS, NO
                         PROTOCOL_FIELDS, REFERENCE, REPORT_DIR, STD_NOTE)
 from .figure_style import (ALLOWED_FORMATS, FIGURE_FORMATS, check_formats, save_figure,
                            seed_caption, unit_scale, zoom_limits)
+from .forgetting import (AUDIT_JSON, AUDIT_MD, MIN_AUDIT_SEEDS, ForgettingReport,
+                         forgetting_report, reference_name, write_forgetting_audit)
 from .forget_ratio import forget_ratio_figure, plot_forget_ratio, ratio_families, ratio_table
 from .gap_figures import (GAP_FIGURES, draw_gap_figures, gap_figure_lines, gap_markdown, gap_table,
                           plot_gap, write_gap_csv)
@@ -95,4 +104,6 @@ __all__ = [
     "method_order", "perturbation_of", "plot_forget_ratio", "plot_gap", "plot_metrics",
     "ratio_families", "ratio_table", "setting_of", "table_markdown", "write_csv",
     "write_gap_csv", "write_report",
+    "AUDIT_JSON", "AUDIT_MD", "MIN_AUDIT_SEEDS", "ForgettingReport", "forgetting_report",
+    "reference_name", "write_forgetting_audit",
 ]

@@ -16,7 +16,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="fedunlearn-report",
         description="Tables (summary.md/.csv) and figures (metrics, forget_ratio; "
                     "gap_by_perturbation, gap_by_layer from trajectories; PNG and PDF) "
-                    "from every results.json under a directory, in the NoT paper's layout.")
+                    "from every results.json under a directory, in the NoT paper's layout; "
+                    "with outputs.npz from >= 4 seeds also the forgetting audit "
+                    "(forgetting-audit.md/.json, KLOM and attack-ROC figures).")
     parser.add_argument("root", help="a sweep dir, job dir, or any folder of results")
     parser.add_argument("--out", default=None, help="output folder (default: <root>/report)")
     parser.add_argument("--quiet", action="store_true", help="do not print the tables")

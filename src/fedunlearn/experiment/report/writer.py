@@ -11,6 +11,7 @@ from .aggregation import Group, group_results
 from .cka import CKA_FILE, draw_cka
 from .constants import REPORT_DIR
 from .figure_style import FIGURE_FORMATS, check_formats
+from .forgetting import forgetting_report
 from .forget_ratio import plot_forget_ratio, ratio_families, ratio_table
 from .gap_figures import draw_gap_figures, gap_markdown
 from .loading import _key, load_results, setting_of
@@ -72,6 +73,11 @@ def write_report(root: str | Path, out_dir: str | Path | None = None,
         fname = "forget_ratio.png" if len(families) == 1 else f"forget_ratio-{name}.png"
         files += plot_forget_ratio(name, members, out / fname, formats)
         sections.append(f"## {name}: forget ratio\n\n{ratio_table(members)}\n![{name}]({fname})\n")
+    # The per-example audit over seeds, where the results have outputs.npz beside them.
+    audit = forgetting_report(results, out, formats, groups=groups)
+    if audit is not None:
+        sections.append(audit.section)
+        files += audit.files
     markdown = "\n".join(sections)
     (out / "summary.md").write_text(markdown)
     write_csv(out / "summary.csv", groups)

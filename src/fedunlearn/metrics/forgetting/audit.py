@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .attack import ATTACK_TAILS, attack_with_floor
+from .attack import ATTACK_TAILS, attack_with_floor_roc
 from .klom import DEFAULT_BINS, DEFAULT_SMOOTHING, check_settings, klom_with_floor
 from .scores import as_labels, as_logits, logit_confidence, margins
 
@@ -34,7 +34,9 @@ class PointSetAudit:
 
     ``klom_values`` and ``floor_values`` are ``(splits, n_points)``: the KLOM of every point
     in every split, which the percentiles and the share above the floor summarise
-    (``klom_values.mean(axis=0)`` ranks the points).
+    (``klom_values.mean(axis=0)`` ranks the points). ``roc`` holds the attack's ROC curves
+    behind ``attack`` and ``attack_floor``: ``{"fpr", "tpr", "floor_tpr"}``, the TPR at
+    each FPR of a log-spaced grid from 1e-3 to 1, averaged over the splits.
     """
 
     name: str
@@ -47,6 +49,7 @@ class PointSetAudit:
     attack_floor: dict[str, float]
     klom_values: NDArray[np.float64] = field(repr=False)
     floor_values: NDArray[np.float64] = field(repr=False)
+    roc: dict[str, NDArray[np.float64]] | None = field(default=None, repr=False)
 
     @property
     def n_points(self) -> int:
@@ -62,6 +65,8 @@ class PointSetAudit:
             out["ids"] = self.ids.tolist()
             out["klom_values"] = self.klom_values.tolist()
             out["floor_values"] = self.floor_values.tolist()
+            if self.roc is not None:
+                out["roc"] = {key: np.asarray(v).tolist() for key, v in self.roc.items()}
         return out
 
 
@@ -184,7 +189,7 @@ def _audit_set(name, ids, margin_pair, score_pair, opts) -> PointSetAudit:
     method_kl, floor_kl, _ = klom_with_floor(
         margin_pair[0][:, ids], margin_pair[1][:, ids], bins=opts["bins"],
         smoothing=opts["smoothing"], splits=opts["splits"], rng=klom_rng)
-    attack, floor_attack, _ = attack_with_floor(
+    attack, floor_attack, _, roc = attack_with_floor_roc(
         score_pair[0][:, ids], score_pair[1][:, ids], splits=opts["splits"],
         tail=opts["attack_tail"], rng=attack_rng)
     klom, floor = _percentiles(method_kl), _percentiles(floor_kl)
@@ -193,7 +198,7 @@ def _audit_set(name, ids, margin_pair, score_pair, opts) -> PointSetAudit:
         share_above_floor=float(np.mean(method_kl > floor["p95"])),
         floor_share_above_floor=float(np.mean(floor_kl > floor["p95"])),
         attack=attack, attack_floor=floor_attack,
-        klom_values=method_kl, floor_values=floor_kl)
+        klom_values=method_kl, floor_values=floor_kl, roc=roc)
 
 
 def audit_forgetting(method_outputs: ArrayLike, reference_outputs: ArrayLike,
