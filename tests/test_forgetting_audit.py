@@ -242,7 +242,7 @@ def test_the_original_as_unlearned_model_is_above_the_floor_on_the_forget_set(di
     audit = fu.audit_forgetting(outputs["original"], outputs["reference"], labels,
                                 reference="retrain", method="original", point_sets=sets)
     forget = audit["forget"]
-    assert forget.share_above_floor > 0.2 > 3 * forget.floor_share_above_floor
+    assert forget.share_above_floor > 0.12 > 3 * forget.floor_share_above_floor
     assert forget.klom["p95"] > forget.klom_floor["p99"]
     assert forget.share_above_floor > audit["test"].share_above_floor
     assert forget.attack["auc"] > 0.7 and abs(forget.attack_floor["auc"] - 0.5) < 0.05

@@ -25,6 +25,9 @@ __all__ = ["MIN_REFERENCE_MODELS", "ForgettingAudit", "PointSetAudit", "audit_fo
 MIN_REFERENCE_MODELS = 4
 """Fewest reference models: the floor needs two disjoint halves of 2, the attack 2 to fit
 its Gaussians plus 1 held-out negative and 1 held-out stand-in for the method."""
+ABOVE_TOLERANCE = 1e-9
+"""Relative margin by which a point's KLOM must exceed the floor's p95 to count as above
+it (values equal up to floating-point rounding are not above)."""
 PERCENTILES = (50, 95, 99)
 
 
@@ -193,10 +196,13 @@ def _audit_set(name, ids, margin_pair, score_pair, opts) -> PointSetAudit:
         score_pair[0][:, ids], score_pair[1][:, ids], splits=opts["splits"],
         tail=opts["attack_tail"], rng=attack_rng)
     klom, floor = _percentiles(method_kl), _percentiles(floor_kl)
+    # KLOM takes few distinct values (binned counts), so many equal the floor's p95 up
+    # to rounding; "above" means above it by more than that rounding.
+    threshold = floor["p95"] + ABOVE_TOLERANCE * max(1.0, abs(floor["p95"]))
     return PointSetAudit(
         name=name, ids=ids, klom=klom, klom_floor=floor,
-        share_above_floor=float(np.mean(method_kl > floor["p95"])),
-        floor_share_above_floor=float(np.mean(floor_kl > floor["p95"])),
+        share_above_floor=float(np.mean(method_kl > threshold)),
+        floor_share_above_floor=float(np.mean(floor_kl > threshold)),
         attack=attack, attack_floor=floor_attack,
         klom_values=method_kl, floor_values=floor_kl, roc=roc)
 
