@@ -141,13 +141,11 @@ class BatchedTraining:
         device = resolve_device(view.device)
         job = ActionJob(view, config, {}, retained, forget, device)
         job.lr(), job.local_epochs()  # a missing setting: the handler's error reply
-        key = (view.model_key if view.model_key is not None else ("model_fn", id(view.model_fn)),
-               str(device))
-        template = self._template(key, view)
-        self._check_record(arrays[0], template)
+        key, template = self._template(view, str(device))
         reason = self._verdict(key, template, view, retained)
         if reason:
             raise _NotBatched(reason)
+        self._check_record(arrays[0], template)
         return key, _Pending(index, inbound, int(context.node_id), job, arrays[0])
 
     def _handler(self, kind: str):
@@ -160,10 +158,22 @@ class BatchedTraining:
         category, _, action = kind.partition(".")
         return funcs.get(f"{category}.{action or DEFAULT_ACTION}")
 
-    def _template(self, key: tuple, view) -> torch.nn.Module:
+    def _template(self, view, device: str) -> tuple[tuple, torch.nn.Module]:
+        """The group of nodes this one trains with, and a model of their architecture:
+        the harness's ``model_key`` (what determines ``model_fn()``'s architecture), else
+        the model's class and its state's names, shapes and dtypes."""
+        if view.model_key is not None:
+            key = ("model_key", view.model_key, device)
+            if key not in self.templates:
+                self.templates[key] = view.new_model().to(device).train()
+            return key, self.templates[key]
+        model = view.new_model()
+        key = (type(model).__module__, type(model).__qualname__,
+               tuple((k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()),
+               device)
         if key not in self.templates:
-            self.templates[key] = view.new_model().to(key[1]).train()
-        return self.templates[key]
+            self.templates[key] = model.to(device).train()
+        return key, self.templates[key]
 
     @staticmethod
     def _check_record(record: ArrayRecord, template: torch.nn.Module) -> None:
@@ -178,13 +188,13 @@ class BatchedTraining:
         if key not in self.verdicts:
             if not len(retained):
                 return None  # no sample to probe with; nothing to train either
-            example = read_samples(view.dataset, retained[:1])[0][0].to(key[1])
+            example = read_samples(view.dataset, retained[:1])[0][0].to(key[-1])
             self.verdicts[key] = vectorisable(template, example)
         return self.verdicts[key]
 
     def _train(self, key: tuple, items: list[_Pending]) -> Iterator[tuple[int, Message]]:
         jobs = [self._client_job(p) for p in items]
-        results = train_batched(self.templates[key], jobs, torch.device(key[1]))
+        results = train_batched(self.templates[key], jobs, torch.device(key[-1]))
         self.trained += len(items)
         for p, result in zip(items, results):
             with self.node_identity(p.dst):
