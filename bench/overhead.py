@@ -82,7 +82,7 @@ def plain_flower(rounds: int, clients: int, seed: int, work: Path) -> float:
 
 def fedunlearn_pretraining(rounds: int, clients: int, seed: int, work: Path,
                            engine: str = "flower", batch_clients: int = 0) -> float:
-    tag = f"{engine}-batched" if batch_clients else engine
+    tag = f"{engine}-batched{batch_clients}" if batch_clients else engine
     out = work / f"fedunlearn-{tag}"
     run_config = {"method": "ft", "unlearn.rounds": 1, "pretrain.rounds": rounds,
                   "federation.num-clients": clients, "seed": seed,
@@ -110,8 +110,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2,
                    help="alternate the ways this many times; the fastest of each counts")
-    p.add_argument("--batch-clients", type=int, default=1000,
-                   help="the batched mode's clients per pass (default: all of them)")
+    p.add_argument("--batch-clients", type=int, default=32,
+                   help="the batched mode's clients per pass")
     args = p.parse_args()
     loops, flowers, ours_all, locals_, batched = [], [], [], [], []
     threads = torch.get_num_threads()

@@ -49,7 +49,7 @@ def job_pss_mb(tag: str) -> float:
     return total / 1024
 
 
-def run_job(clients: int, engine: str, rounds: int, work: Path, batch_clients: int = 256
+def run_job(clients: int, engine: str, rounds: int, work: Path, batch_clients: int = 32
             ) -> dict:
     out = work / f"{engine}-{clients}"
     tag = f"{engine}-{clients}-{os.getpid()}"
@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--clients", default="10,100,1000")
     p.add_argument("--engines", default="local,flower",
                    help="comma-separated: local, batched, flower")
-    p.add_argument("--batch-clients", type=int, default=256,
+    p.add_argument("--batch-clients", type=int, default=32,
                    help="the batched engine's clients per pass")
     p.add_argument("--rounds", type=int, default=3, help="pretraining rounds per job")
     args = p.parse_args()
