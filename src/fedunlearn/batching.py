@@ -91,9 +91,8 @@ class BatchedTraining:
             return {}
         groups: dict[tuple, list[_Pending]] = {}
         for index, inbound, context in pending:
-            if inbound.metadata.message_type not in TRAIN_TYPES and \
-                    not inbound.metadata.message_type.startswith("train"):
-                continue
+            if inbound.metadata.message_type.partition(".")[0] != "train":
+                continue  # queries and evaluations: the per-message path, nothing to say
             try:
                 key, item = self._prepare(index, inbound, context)
             except _NotBatched as why:
@@ -152,7 +151,8 @@ class BatchedTraining:
         app = self.client_app
         funcs = getattr(app, "_registered_funcs", None)
         if funcs is None or getattr(app, "_call", None) is not None:
-            raise _NotBatched("the ClientApp is not one of registered handlers")
+            raise _NotBatched("the ClientApp is not made of registered handlers (a "
+                              "client_fn app)")
         if getattr(app._lifespan, "__name__", "") != "_empty_lifespan":
             raise _NotBatched("the ClientApp has a lifespan of its own")
         category, _, action = kind.partition(".")
