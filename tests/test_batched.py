@@ -267,7 +267,14 @@ def test_fedunlearn_run_batched_job_costs_and_metrics_as_per_message(tmp_path, c
     assert "batched engine: 11 of" in log
     assert "per-message path" not in log  # nothing else was a train message
     one_by_one, batched = results[0], results[4]
-    assert batched["cost"] == {**one_by_one["cost"], "wall_s": batched["cost"]["wall_s"]}
+    assert _without_wall(batched["cost"]) == _without_wall(one_by_one["cost"])
     for split in ("retain", "forget", "test"):
         assert batched["unlearned"][split] == pytest.approx(one_by_one["unlearned"][split],
                                                             abs=1.0)
+
+
+def _without_wall(cost):
+    """A cost record without its wall times (they depend on the machine)."""
+    if isinstance(cost, dict):
+        return {k: _without_wall(v) for k, v in cost.items() if k not in ("wall_s", "round_s")}
+    return cost
