@@ -128,6 +128,28 @@ def test_batched_replies_equal_the_per_message_replies(config, single_thread):
     assert not np.array_equal(weights(batched[0])["fc.weight"], weights(batched[1])["fc.weight"])
 
 
+def test_each_client_keeps_its_own_settings(single_thread):
+    """Messages of one round with different lr, epochs, clipping and weight decay per
+    node (a server may configure each node on its own) train batched as they would one
+    by one."""
+    def run(batch_clients):
+        grid = LocalGrid(user_app(), len(SIZES), {}, run_id=5, batch_clients=batch_clients)
+        torch.manual_seed(0)
+        arrays = to_arrays(Net())
+        with server_identity(5):
+            sent = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({
+                "lr": 0.02 * (i + 1), "local-epochs": 1 + i % 2, "seed": 7,
+                "clip-norm": 0.5 * (i % 3), "weight-decay": 1e-3 * (i % 2)})}),
+                dst_node_id=n, message_type="train")
+                for i, n in enumerate(grid.get_node_ids())]
+            return grid, list(grid.send_and_receive(sent))
+
+    _, one_by_one = run(0)
+    grid, batched = run(8)
+    assert grid.batched.trained == len(SIZES)
+    assert_same_replies(one_by_one, batched, exact=False)
+
+
 def test_a_chunk_of_one_client_is_bit_identical(single_thread):
     config = {"clip-norm": 0.5, "weight-decay": 1e-3, "local-epochs": 3}
     _, _, one_by_one = round_of(user_app(), 0, config)
