@@ -15,6 +15,7 @@ and prints it::
 
     python bench/fidelity.py                         # 4 settings x 3 seeds
     python bench/fidelity.py --engine local          # the same, in-process
+    python bench/fidelity.py --engine local --batch-clients 32   # its batched mode
     python bench/fidelity.py --settings iid-client,dirichlet-client --seeds 0 -- unlearn.stop=validation
 """
 
@@ -100,8 +101,12 @@ def main() -> int:
     p.add_argument("--engine", choices=("flower", "local"), default="flower",
                    help="flower: one `flwr run` per job; local: the in-process engine "
                         "(the same jobs and numbers, no Ray start-up)")
+    p.add_argument("--batch-clients", type=int, default=0,
+                   help="with --engine local: its batched mode, N clients per pass")
     p.add_argument("overrides", nargs="*", help="extra run-config KEY=VALUE for every job")
     args = p.parse_args()
+    if args.batch_clients and args.engine != "local":
+        p.error("--batch-clients is a mode of the in-process engine: add --engine local")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or project_root() / "bench" / "results" / f"fidelity-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
@@ -120,9 +125,10 @@ def main() -> int:
             if args.checkpoint_dir:
                 run_config["checkpoint-dir"] = args.checkpoint_dir
             t0 = time.perf_counter()
+            options = {"batch_clients": args.batch_clients} if args.batch_clients else {}
             launcher = local_run if args.engine == "local" else flwr_run
             code = launcher(run_config, num_supernodes=10, log_file=out / f"{job.name}.log",
-                            echo=False)
+                            echo=False, **options)
             print(f"{job.name}: exit {code} in {time.perf_counter() - t0:.0f}s "
                   f"({rc['method']})", flush=True)
             if code != 0:

@@ -1,7 +1,8 @@
 """How do the two engines scale with the number of clients? Per-round time and peak memory.
 
 For each number of clients (default 10, 100 and 1,000) and each engine (``local``: the
-in-process engine; ``flower``: ``flwr run`` on Flower's simulation engine, Ray actors),
+in-process engine; ``batched``: its batched mode, ``--batch-clients`` clients per pass;
+``flower``: ``flwr run`` on Flower's simulation engine, Ray actors),
 one ``fedunlearn-run`` job in a process of its own: ``synthetic`` data with 20 training
 samples per client (``dataset.size`` = 20 x clients; 16 train, 4 validation each), the
 digits-sized CNN, ``--rounds`` pretraining rounds, then one FT round from it. Reported:
@@ -12,6 +13,7 @@ job started (launcher, SuperLink, ServerApp, Ray workers), sampled every 0.2 s::
 
     python bench/scale.py                         # 10, 100, 1000 clients x both engines
     python bench/scale.py --clients 10,100 --engines local --rounds 5
+    python bench/scale.py --clients 1000,10000 --engines local,batched
 """
 
 from __future__ import annotations
@@ -47,12 +49,14 @@ def job_pss_mb(tag: str) -> float:
     return total / 1024
 
 
-def run_job(clients: int, engine: str, rounds: int, work: Path) -> dict:
+def run_job(clients: int, engine: str, rounds: int, work: Path, batch_clients: int = 32
+            ) -> dict:
     out = work / f"{engine}-{clients}"
     tag = f"{engine}-{clients}-{os.getpid()}"
     env = dict(os.environ, **{MARK: tag, "FLWR_HOME": str(work / f"home-{engine}-{clients}")})
-    cmd = [str(Path(sys.executable).with_name("fedunlearn-run")), "--engine", engine,
-           "method=ft", "unlearn.rounds=1", f"pretrain.rounds={rounds}", "eval.every=100000",
+    mode = ["--engine", "local", "--batch-clients", str(batch_clients)] \
+        if engine == "batched" else ["--engine", engine]
+    cmd = [str(Path(sys.executable).with_name("fedunlearn-run")), *mode, "method=ft", "unlearn.rounds=1", f"pretrain.rounds={rounds}", "eval.every=100000",
            "dataset.name=synthetic", f"dataset.size={20 * clients}",
            f"federation.num-clients={clients}", f"output-dir={out}",
            f"checkpoint-dir={work / f'ck-{engine}-{clients}'}", "eval.mia-max-members=200"]
@@ -82,14 +86,17 @@ def run_job(clients: int, engine: str, rounds: int, work: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", default="10,100,1000")
-    p.add_argument("--engines", default="local,flower")
+    p.add_argument("--engines", default="local,flower",
+                   help="comma-separated: local, batched, flower")
+    p.add_argument("--batch-clients", type=int, default=32,
+                   help="the batched engine's clients per pass")
     p.add_argument("--rounds", type=int, default=3, help="pretraining rounds per job")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fu-scale-") as tmp:
         for clients in [int(c) for c in args.clients.split(",")]:
             for engine in args.engines.split(","):
-                row = run_job(clients, engine, args.rounds, Path(tmp))
+                row = run_job(clients, engine, args.rounds, Path(tmp), args.batch_clients)
                 rows.append(row)
                 print(f"{clients} clients, {engine}: {row['round_s']:.3f} s/round, job "
                       f"{row['job_s']:.0f} s, peak {row['peak_mb']:.0f} MB", flush=True)

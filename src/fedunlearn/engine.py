@@ -43,6 +43,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from .arrays import copy_record
+from .batching import BatchedTraining, check_batch_clients
 from .logs import log
 
 ENGINES = ("flower", "local")
@@ -66,11 +67,16 @@ class LocalGrid(Grid):
     run_id : int, optional
         The run id (default: a random one); node ids are drawn from it, so a run id
         fixes them.
+    batch_clients : int, optional
+        0 (the default): every message is delivered on its own. ``N > 0``: the batched
+        mode: the plain train messages of one delivery are trained together, at most
+        ``N`` clients per pass (:mod:`fedunlearn.batching`); their replies are the
+        messages the handler would have sent.
     """
 
     def __init__(self, client_app, num_nodes: int, run_config: Mapping[str, Any],
                  node_configs: Mapping[int, Mapping[str, Any]] | None = None,
-                 run_id: int | None = None) -> None:
+                 run_id: int | None = None, batch_clients: int = 0) -> None:
         if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
             raise ValueError(f"num_nodes={num_nodes!r}: expected a positive integer")
         extra = dict(node_configs or {})
@@ -78,6 +84,7 @@ class LocalGrid(Grid):
         if bad:
             raise ValueError(f"node_configs names partitions {bad} outside 0..{num_nodes - 1}")
         self.client_app = client_app
+        self.batched = BatchedTraining(client_app, batch_clients, _node_identity)
         self._run = Run.create_empty(int(run_id if run_id is not None
                                          else random.getrandbits(63)))
         draw = random.Random(self._run.run_id)
@@ -111,12 +118,16 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            message_id = str(uuid.uuid4())
-            self._replies[message_id] = self._deliver(msg, message_id)
-            ids.append(message_id)
-        return ids
+        inbound = [(msg, self._inbound(msg, str(uuid.uuid4()))) for msg in messages]
+        batched = self.batched.deliver([
+            (i, m, self.contexts[m.metadata.dst_node_id]) for i, (_, m) in enumerate(inbound)
+            if m.metadata.dst_node_id in self.contexts])
+        self.messages_delivered += len(batched)
+        for i, (_, m) in enumerate(inbound):
+            reply = batched.get(i)
+            self._replies[m.metadata.message_id] = reply if reply is not None else \
+                self._deliver(m)
+        return [m.metadata.message_id for _, m in inbound]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(m) for m in message_ids if m in self._replies]
@@ -126,15 +137,22 @@ class LocalGrid(Grid):
         return list(self.pull_messages(list(self.push_messages(messages))))
 
     # -- delivery -----------------------------------------------------------------------
-    def _deliver(self, msg: Message, message_id: str) -> Message:
+    def _inbound(self, msg: Message, message_id: str) -> Message:
+        """The message as node ``dst`` receives it (metadata as the SuperLink sets it, a
+        copy of the content); the sent message gets its id."""
         dst = int(msg.metadata.dst_node_id)
         sent = msg.metadata
         md = Metadata(run_id=self._run.run_id, message_id=message_id,
                       src_node_id=SUPERLINK_NODE_ID, dst_node_id=dst, reply_to_message_id="",
                       group_id=sent.group_id, created_at=time.time(), ttl=sent.ttl,
                       message_type=sent.message_type)
-        inbound = Message(copy_content(msg.content), metadata=md)
         sent.__dict__["_message_id"] = message_id  # as the SuperLink sets it
+        return Message(copy_content(msg.content), metadata=md)
+
+    def _deliver(self, inbound: Message) -> Message:
+        """The reply of node ``dst``'s ClientApp to ``inbound`` (an error reply when it
+        raises or the node is unknown)."""
+        msg, dst = inbound, int(inbound.metadata.dst_node_id)
         if dst not in self.contexts:
             return Message(Error(code=ErrorCode.NODE_UNAVAILABLE,
                                  reason=f"node {dst} is not part of this federation"),
@@ -247,13 +265,14 @@ def load_components(app: str | Path) -> tuple[Any, Any, dict]:
 
 def run_app(run_config: Mapping[str, Any], num_nodes: int, app: str | Path | None = None,
             node_configs: Mapping[int, Mapping[str, Any]] | None = None,
-            run_id: int | None = None) -> LocalGrid:
+            run_id: int | None = None, batch_clients: int = 0) -> LocalGrid:
     """Run the Flower app in ``app`` (default: fedunlearn's own) in this process on
     ``num_nodes`` nodes, with ``run_config`` over the app's defaults; returns the grid
-    (its nodes' contexts hold their state). Raises what the ServerApp raises."""
+    (its nodes' contexts hold their state). ``batch_clients``: see :class:`LocalGrid`.
+    Raises what the ServerApp raises."""
     server_app, client_app, defaults = load_components(app or project_root())
     merged = {**defaults, **dict(run_config)}
-    grid = LocalGrid(client_app, num_nodes, merged, node_configs, run_id)
+    grid = LocalGrid(client_app, num_nodes, merged, node_configs, run_id, batch_clients)
     context = Context(run_id=grid.run.run_id, node_id=0, node_config={},
                       state=RecordDict(), run_config=merged)
     with server_identity(grid.run.run_id):
@@ -280,14 +299,16 @@ class _Tee(logging.Handler):
 def local_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 1,
               num_gpus: float = 0.0, app: str | Path | None = None,
               log_file: str | Path | None = None, echo: bool = True,
-              finished_marker=None) -> int:
+              finished_marker=None, batch_clients: int = 0) -> int:
     """:func:`fedunlearn.launch.flwr_run`'s counterpart on the in-process engine: run
     the job, its log to stdout (``echo``) and ``log_file``; return 0, or 1 when the
     ServerApp raised (its traceback in the log). ``num_cpus`` is the number of torch
     threads the job runs with (what a Ray actor with that many CPUs gets; one is fastest
     for small models and leaves the machine's other cores alone); ``num_gpus`` does not
-    apply: the job uses the run-config's ``device`` in this process."""
+    apply: the job uses the run-config's ``device`` in this process. ``batch_clients``:
+    the batched mode's chunk (0: off; see :class:`LocalGrid`)."""
     del finished_marker  # the ServerApp returns or raises: nothing to infer
+    check_batch_clients(batch_clients)
     if isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1:
         raise ValueError(f"num_cpus={num_cpus!r}: expected a positive integer (the threads "
                          "the nodes' handlers use, as a Ray actor's CPUs)")
@@ -307,7 +328,10 @@ def local_run(run_config: Mapping, *, num_supernodes: int = 10, num_cpus: int = 
     threads = torch.get_num_threads()
     torch.set_num_threads(num_cpus)  # as Ray gives an actor its CPUs
     try:
-        run_app(run_config, num_supernodes, app)
+        grid = run_app(run_config, num_supernodes, app, batch_clients=batch_clients)
+        if batch_clients:
+            log(logging.INFO, "batched engine: %d of %d messages trained batched",
+                grid.batched.trained, grid.messages_delivered)
         return 0
     except Exception:  # noqa: BLE001 - the job failed: say so, as flwr run would
         log(logging.ERROR, "The ServerApp raised:\n%s", traceback.format_exc())

@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .batching import check_batch_clients
 from .console import strip_colours
 from .engine import flatten, project_root  # noqa: F401  (public here too)
 
@@ -334,6 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM -> SystemExit, so the `finally` that stops the SuperLink still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
+        if args.batch_clients and args.engine != "local":
+            raise ValueError(f"--batch-clients={args.batch_clients} is a mode of the "
+                             "in-process engine: add --engine local")
+        check_batch_clients(args.batch_clients)
         overrides = load_preset(args.preset, args.app) if args.preset else {}
         overrides.update(parse_overrides(args.overrides))
         check_run_config(overrides, args.app)
@@ -352,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .engine import local_run
 
             return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                             num_gpus=args.num_gpus, app=args.app, log_file=log_file)
+                             num_gpus=args.num_gpus, app=args.app, log_file=log_file,
+                             batch_clients=args.batch_clients)
         return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
                         num_gpus=args.num_gpus, app=args.app, log_file=log_file,
                         finished_marker=HARNESS_FINISHED if args.app is None else None)
@@ -380,6 +386,10 @@ def _parser() -> argparse.ArgumentParser:
                              "(the same strategies and ClientApp handlers in this process, "
                              "no Ray, no SuperLink: the same results, much faster for "
                              "small models)")
+    parser.add_argument("--batch-clients", type=int, default=0, metavar="N",
+                        help="with --engine local: train the plain train messages of a "
+                             "round together, N clients per torch.func pass (0: one message "
+                             "at a time; see docs/running.md)")
     parser.add_argument("--verbose", action="store_true",
                         help="print the whole log as it comes (Flower's per-round lines, "
                              "Ray's notes) instead of the progress display; the log file "

@@ -309,6 +309,7 @@ class UnlearningStrategy(Roles, Metered, Validating, ReplyChecks, RoundRecords, 
         try:
             for rnd in range(1, phase.rounds + 1):
                 started = time.perf_counter()
+                played = None  # the last round's replies go before the next round's come
                 played = self.play_round(grid, arrays, phase, rnd)
                 if not played.messages:
                     raise RuntimeError(f"[{self.phase}] no node can take part in "

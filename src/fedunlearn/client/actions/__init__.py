@@ -220,19 +220,25 @@ def handle_action(name: str, msg: Message, context: Context, view_for=None,
     if exclude is not None:
         job.exclude(exclude)
     result = action(job)
-    loss = result.loss
-    metrics = MetricRecord({
-        "num-examples": int(result.num_examples),
-        "train-loss": 0.0 if loss is None or math.isnan(loss) else float(loss),
-        "samples-processed": int(result.samples_processed),
-        "forward-samples": int(result.forward_samples),
-    })
-    reply = Message(RecordDict({MODEL_KEY: to_arrays(result.model),  # CPU copies
-                                "metrics": metrics}), reply_to=msg)
+    reply = train_reply(msg, to_arrays(result.model), result.num_examples,  # CPU copies
+                        result.loss, result.samples_processed, result.forward_samples)
     for spare, model in job.borrowed:  # the reply holds copies: the models are free
         if len(_SPARE_MODELS) < 16:
             _SPARE_MODELS[spare] = model
     return reply
+
+
+def train_reply(msg: Message, arrays: ArrayRecord, num_examples: int, loss: float | None,
+                samples_processed: int, forward_samples: int = 0) -> Message:
+    """The reply to train message ``msg``: the model ``arrays`` and the metrics of
+    :data:`METRIC_KEYS` (a NaN or missing loss is sent as 0.0)."""
+    metrics = MetricRecord({
+        "num-examples": int(num_examples),
+        "train-loss": 0.0 if loss is None or math.isnan(loss) else float(loss),
+        "samples-processed": int(samples_processed),
+        "forward-samples": int(forward_samples),
+    })
+    return Message(RecordDict({MODEL_KEY: arrays, "metrics": metrics}), reply_to=msg)
 
 
 def action_handler(name: str, view_for=None) -> Callable[[Message, Context], Message]:
@@ -242,9 +248,12 @@ def action_handler(name: str, view_for=None) -> Callable[[Message, Context], Mes
         return handle_action(name, msg, context, view_for)
 
     handler.__name__ = f"train_{name}"
+    # What the in-process engine's batched mode reads to train this node with others
+    # (fedunlearn.batching): the action and the node's view.
+    handler.fedunlearn_action = (name, view_for)
     return handler
 
 
 __all__ = ["ActionJob", "ActionResult", "DEFAULT_ACTION", "METRIC_KEYS", "MODEL_KEY",
            "action_handler", "discover", "get_action", "handle_action", "list_actions",
-           "message_type", "register_action"]
+           "message_type", "register_action", "train_reply"]
