@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedunlearn.harness.data import build_federated_data
 from fedunlearn.engine import local_run
-from fedunlearn.launch import flwr_run, project_root
+from fedunlearn.harness.data import build_federated_data
 from fedunlearn.harness.models import create_model
+from fedunlearn.launch import flwr_run, project_root
 from fedunlearn.training import train_local
 
 BENCH = Path(__file__).resolve().parent

@@ -35,7 +35,13 @@ from .client.actions import ActionJob, train_reply
 from .client.batched import ClientJob, read_samples, train_batched, vectorisable
 from .client.node import resolve_view, split_local
 from .logs import log
-from .protocol import CONFIG_KEY, DEFAULT_ACTION, MODEL_KEY, RETAINED_ACTION, message_type
+from .protocol import (
+    CONFIG_KEY,
+    DEFAULT_ACTION,
+    MODEL_KEY,
+    RETAINED_ACTION,
+    message_type,
+)
 from .requests import request_from_config
 from .training import resolve_device
 

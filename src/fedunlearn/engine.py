@@ -34,8 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import (ArrayRecord, ConfigRecord, Context, Error, Message, Metadata,
-                      MetricRecord, RecordDict)
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
