@@ -351,17 +351,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_file = _job_log_file(args, overrides)
     from .console import JobConsole
 
-    with JobConsole(sys.stdout, verbose=args.verbose) as console, \
-            contextlib.redirect_stdout(console):
-        if args.engine == "local":
-            from .engine import local_run
+    try:
+        with JobConsole(sys.stdout, verbose=args.verbose) as console, \
+                contextlib.redirect_stdout(console):
+            if args.engine == "local":
+                from .engine import local_run
 
-            return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                             num_gpus=args.num_gpus, app=args.app, log_file=log_file,
-                             batch_clients=args.batch_clients)
-        return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
-                        num_gpus=args.num_gpus, app=args.app, log_file=log_file,
-                        finished_marker=HARNESS_FINISHED if args.app is None else None)
+                return local_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                                 num_gpus=args.num_gpus, app=args.app, log_file=log_file,
+                                 batch_clients=args.batch_clients)
+            return flwr_run(overrides, num_supernodes=n, num_cpus=args.num_cpus,
+                            num_gpus=args.num_gpus, app=args.app, log_file=log_file,
+                            finished_marker=HARNESS_FINISHED if args.app is None else None)
+    except KeyboardInterrupt:
+        return interrupted("fedunlearn-run")
+
+
+def interrupted(command: str) -> int:
+    """What a launcher does on Ctrl-C (after its ``finally`` blocks stopped what it
+    started): one line instead of a traceback, and the shell's exit code for SIGINT."""
+    sys.stderr.write(f"\n{command}: interrupted (Ctrl-C); the processes it started were "
+                     "stopped; methods it had not finished wrote no results\n")
+    return 128 + signal.SIGINT
 
 
 def _parser() -> argparse.ArgumentParser:

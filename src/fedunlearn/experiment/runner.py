@@ -37,7 +37,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ..console import JobConsole
-from ..launch import HARNESS_FINISHED, STARTING, check_run_config, flwr_run, run_config_arg
+from ..launch import (HARNESS_FINISHED, STARTING, check_run_config, flwr_run, interrupted,
+                      run_config_arg)
 from .config import (conf_dir, federation_settings, foreign_method_settings,
                      method_setting_paths, to_run_config)
 
@@ -383,7 +384,10 @@ def open_method_settings(argv: list[str]) -> list[str]:
 def main() -> None:
     """Console script ``fedunlearn-experiment``; exits 1 if any job failed."""
     sys.argv = open_method_settings(rewrite_method_list(sys.argv))
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        sys.exit(interrupted("fedunlearn-experiment"))
     if _STATE["failed"]:
         sys.exit(1)
 
