@@ -283,7 +283,7 @@ def test_fedunlearn_run_batched_job_costs_and_metrics_as_per_message(tmp_path, c
             "dataset.name=synthetic", "federation.num-clients=4", "pretrain.rounds=2",
             "unlearn.rounds=1", f"output-dir={out}", f"checkpoint-dir={tmp_path / str(batch)}",
             "eval.mia-max-members=40"]) == 0
-        results[batch] = json.loads((out / "results.json").read_text())
+        results[batch] = json.loads((out / "ft" / "results.json").read_text())
     log = (tmp_path / "out4" / "job.log").read_text()
     # 2 pretraining rounds x 4 clients + 1 FT round x 3 retained clients
     assert "batched engine: 11 of" in log

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 
 def pair(sample) -> tuple:
     """``(x, y)`` of one sample (or one collated batch)."""
@@ -27,4 +29,14 @@ def pair(sample) -> tuple:
     return sample[0], sample[1]
 
 
-__all__ = ["pair"]
+def labels_of(dataset) -> np.ndarray:
+    """Every sample's label (``int64``): the dataset's ``targets`` when it has them, else
+    read sample by sample through :func:`pair`."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return np.asarray(targets, dtype=np.int64)
+    return np.asarray([int(pair(dataset[i])[1]) for i in range(len(dataset))],
+                      dtype=np.int64)
+
+
+__all__ = ["labels_of", "pair"]

@@ -131,13 +131,6 @@ def resolve_view(view_for, context: Context) -> NodeView:
     return view_for(context)
 
 
-def _labels(dataset) -> np.ndarray:
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return np.asarray(targets, dtype=np.int64)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
-
-
 def own_request(view: NodeView, node_config, run_config_requests: bool = True,
                 rejected: list | None = None) -> UnlearningRequest | None:
     """The request this node makes: from its inbox, its node-config or (when

@@ -13,7 +13,8 @@ from functools import lru_cache
 
 from flwr.app import Context
 
-from ..client.node import NodeView, _labels, sample_fraction
+from ..client.node import NodeView, sample_fraction
+from ..samples import labels_of
 from ..client.plugin import build_view, node_dataset
 from .backdoor import PoisonTransform, patch_size_for, poisoned_ids, trigger_value
 from .config import ExperimentConfig
@@ -72,7 +73,7 @@ def _build(context: Context, cfg: ExperimentConfig) -> NodeView:
         return create_model(cfg.model, num_classes=info.num_classes,
                             in_channels=info.in_channels, image_size=info.image_size)
 
-    train_ids, labels = data.train_indices(partition_id), _labels(data.train)
+    train_ids, labels = data.train_indices(partition_id), labels_of(data.train)
     return NodeView(dataset=data.train, train_ids=train_ids,
                     val_ids=data.val_indices(partition_id), label_array=labels,
                     model_fn=new_model, num_classes=info.num_classes,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..client.node import _labels
+from ..samples import labels_of
 from ..metrics import predict
 from ..requests import forget_indices
 from ..training import load_arrays
@@ -40,7 +40,7 @@ def forget_ids(cfg, requests: dict, own_data_nodes=()) -> np.ndarray | None:
     if any(n in own_data_nodes for n in requests):
         return None
     data = federated_data(cfg)
-    labels = _labels(data.train)
+    labels = labels_of(data.train)
     parts = [forget_indices(r, data.train_indices(r.partition_id), labels)
              for r in requests.values()]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
