@@ -2,6 +2,7 @@
 every reply checked before a strategy sees it."""
 
 
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from logging import WARNING
 
@@ -153,10 +154,10 @@ class GuardedGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        out = []
+        out, caps = [], self._weight_caps()
         for reply in self.inner.pull_messages(message_ids):
             sent = self._pushed.pop(reply.metadata.reply_to_message_id, None)
-            out.append(self.checked(reply, sent) if sent is not None else reply)
+            out.append(self.checked(reply, sent, caps=caps) if sent is not None else reply)
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *,
@@ -177,6 +178,7 @@ class GuardedGrid(Grid):
         replies = list(self.inner.send_and_receive(allowed, timeout=timeout)) if allowed else []
         by_id = {m.metadata.message_id: m for m in allowed if m.metadata.message_id}
         seen: set[int] = set()
+        caps = self._weight_caps()
         for reply in replies:
             src = int(reply.metadata.src_node_id)
             origin = by_id.get(reply.metadata.reply_to_message_id)
@@ -191,7 +193,7 @@ class GuardedGrid(Grid):
                     "a second reply" if src in seen else "it was not asked")
                 continue
             seen.add(src)
-            out.append(self.checked(reply, sent[src]))
+            out.append(self.checked(reply, sent[src], caps=caps))
         for node in sorted(set(sent) - seen):  # a straggler fails this message only
             out.append(_no_reply(sent[node], f"no reply within {timeout:g} s"))
         if self.verified and allowed:  # who left while this exchange ran
@@ -215,8 +217,10 @@ class GuardedGrid(Grid):
                     msg.metadata.message_type, node)
         return out
 
-    def checked(self, reply: Message, sent: Message) -> Message:
-        """``reply`` if well-formed, else an error reply naming what is wrong."""
+    def checked(self, reply: Message, sent: Message, *, caps: "WeightCaps | None" = None
+                ) -> Message:
+        """``reply`` if well-formed, else an error reply naming what is wrong. ``caps``:
+        this exchange's :meth:`_weight_caps` (built here when not given)."""
         if reply.has_error():
             return reply
         node = int(reply.metadata.src_node_id)
@@ -224,7 +228,8 @@ class GuardedGrid(Grid):
         try:
             if category == "train":
                 check_train_reply(reply, sent, self._train_size(node))
-                reply = self._capped(reply, node)
+                reply = self._capped(reply, node,
+                                     self._weight_caps() if caps is None else caps)
             elif category == "evaluate":
                 self.check_evaluate(reply, sent, node)
         except WireError as err:
@@ -267,20 +272,19 @@ class GuardedGrid(Grid):
         counts for in an aggregate: :data:`WEIGHT_CAP_FACTOR` times the median training
         set the other verified nodes first reported (``None``: no cap: the data is known,
         or fewer than two other nodes reported)."""
-        if self.data is not None:
-            return None
-        others = sorted(s for n, s in self._first_sizes.items()
-                        if n != node and n in self.verified)
-        if len(others) < 2:
-            return None
-        median = others[len(others) // 2] if len(others) % 2 else \
-            (others[len(others) // 2 - 1] + others[len(others) // 2]) / 2
-        return max(1, int(WEIGHT_CAP_FACTOR * median))
+        return self._weight_caps().cap(node)
 
-    def _capped(self, reply: Message, node: int) -> Message:
+    def _weight_caps(self) -> "WeightCaps":
+        """The caps of every node, from one sort of the verified nodes' first reports:
+        built once per exchange, so checking its n replies is O(n log n)."""
+        if self.data is not None:
+            return WeightCaps({})
+        return WeightCaps({n: s for n, s in self._first_sizes.items() if n in self.verified})
+
+    def _capped(self, reply: Message, node: int, caps: "WeightCaps") -> Message:
         """``reply`` with its ``num-examples`` lowered to :meth:`weight_cap` when above it
         (recorded as ``reply.capped``): no single node outweighs the rest."""
-        cap = self.weight_cap(node)
+        cap = caps.cap(node)
         metrics = next(iter(records(reply.content, MetricRecord).values()), None)
         if cap is None or metrics is None or metrics.get(NUM_EXAMPLES, 0) <= cap:
             return reply
@@ -319,6 +323,35 @@ class GuardedGrid(Grid):
         forget = 0 if request is None else int(
             forget_indices(request, train, np.asarray(self.data.train.targets)).size)
         return {"retain-total": int(train.size) - forget, "forget-total": forget}
+
+
+class WeightCaps:
+    """Every node's :meth:`GuardedGrid.weight_cap` from one sort: ``sizes`` maps the
+    verified nodes to their first reported training-set sizes. A node's cap is
+    :data:`WEIGHT_CAP_FACTOR` times the median of the others' sizes (the mean of the two
+    middle ones for an even count), ``None`` where fewer than two others reported; the
+    others are the sorted sizes less one copy of the node's own (equal sizes are
+    interchangeable), so each cap is an index lookup."""
+
+    def __init__(self, sizes: Mapping[int, int]) -> None:
+        self._sizes = dict(sizes)
+        self._sorted = sorted(self._sizes.values())
+
+    def cap(self, node: int) -> int | None:
+        """The most a reply of ``node`` counts for, or ``None`` (no cap)."""
+        count = len(self._sorted)
+        skip = count  # the index of the node's own size in the sorted list, if it has one
+        if node in self._sizes:
+            skip, count = bisect_left(self._sorted, self._sizes[node]), count - 1
+        if count < 2:
+            return None
+
+        def other(i: int) -> int:  # the i-th smallest size of the others
+            return self._sorted[i if i < skip else i + 1]
+
+        median = other(count // 2) if count % 2 else \
+            (other(count // 2 - 1) + other(count // 2)) / 2
+        return max(1, int(WEIGHT_CAP_FACTOR * median))
 
 
 def _no_reply(sent: Message, why: str) -> Message:

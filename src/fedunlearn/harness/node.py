@@ -39,8 +39,11 @@ def harness_view(context: Context) -> NodeView:
     key = (int(context.run_id), tuple(sorted(context.node_config.items())), items)
     view = _VIEWS.get(key)
     if view is None:
-        view = _build(context, _config(items))
-        if len(_VIEWS) >= 4096:
+        cfg = _config(items)
+        view = _build(context, cfg)
+        # Room for every node of this run (a bound below it rebuilt each node's view on
+        # every message beyond 4,096 nodes); a long-lived process's other runs go first.
+        if len(_VIEWS) >= max(MAX_VIEWS, cfg.num_clients):
             _VIEWS.clear()
         _VIEWS[key] = view
     return view
@@ -147,3 +150,5 @@ def local_view(context: Context, cfg: ExperimentConfig) -> NodeView:
 
 _LOCAL_VIEWS: dict[tuple, NodeView] = {}
 _VIEWS: dict[tuple, NodeView] = {}
+#: The node views this process keeps at least (more where a run has more clients).
+MAX_VIEWS = 4096
