@@ -55,7 +55,8 @@ def test_sweep_then_report(tmp_path):
     results = {}
     for path in sorted(sweep.rglob("results.json")):
         data = json.loads(path.read_text())
-        job_dir = path.parent
+        job_dir = path.parent.parent  # <job>/<method>/results.json, one method or many
+        assert path.parent.name == data["method"]
         assert (job_dir / "flwr.log").exists() and (job_dir / "run_config.json").exists()
         assert (job_dir / ".hydra" / "config.yaml").exists()
         rc = json.loads((job_dir / "run_config.json").read_text())["run_config"]
