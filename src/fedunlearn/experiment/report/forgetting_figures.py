@@ -58,26 +58,32 @@ def _finish(plt, fig, axes, setting, what: str, path: Path, formats) -> list[Pat
     return files
 
 
+def _cells(setting, axes, names):
+    """Each panel's axes with its reference, that reference's audits, the point set's
+    name and the first audit's numbers for it (which carry the floor's): one panel per
+    reference (rows) x point set (columns)."""
+    for r, ref in enumerate(setting.references):
+        audits = setting.audits[ref.label]
+        for c, name in enumerate(names):
+            yield axes[r][c], ref, audits, name, next(iter(audits.values()))[name]
+
+
 def draw_klom(setting, path: Path, formats: Sequence[str] = FIGURE_FORMATS) -> list[Path]:
     """ECDF of every method's per-point KLOM values (all points x splits) and of the
     floor's, with the floor's p95 as a dotted line; one panel per reference x point set."""
     plt, fig, axes, names = _panels(setting, "share of points ≤ KLOM")
     colours = _colour_map(setting)
-    for r, ref in enumerate(setting.references):
-        audits = setting.audits[ref.label]
-        for c, name in enumerate(names):
-            ax = axes[r][c]
-            first = next(iter(audits.values()))[name]
-            x, y = _ecdf(first.floor_values)
-            ax.step(x, y, where="post", label="floor (reference vs itself)", **FLOOR_STYLE)
-            ax.axvline(first.klom_floor["p95"], color="black", linestyle=":", linewidth=1,
-                       label="floor p95")
-            for label, audit in audits.items():
-                x, y = _ecdf(audit[name].klom_values)
-                ax.step(x, y, where="post", color=colours[label], linewidth=1.4, label=label)
-            ax.set_title(f"{name} points ({first.n_points}) vs {ref.label}", fontsize=8)
-            ax.set_xlabel("KLOM (nats)")
-            ax.set_ylim(0, 1.02)
+    for ax, ref, audits, name, first in _cells(setting, axes, names):
+        x, y = _ecdf(first.floor_values)
+        ax.step(x, y, where="post", label="floor (reference vs itself)", **FLOOR_STYLE)
+        ax.axvline(first.klom_floor["p95"], color="black", linestyle=":", linewidth=1,
+                   label="floor p95")
+        for label, audit in audits.items():
+            x, y = _ecdf(audit[name].klom_values)
+            ax.step(x, y, where="post", color=colours[label], linewidth=1.4, label=label)
+        ax.set_title(f"{name} points ({first.n_points}) vs {ref.label}", fontsize=8)
+        ax.set_xlabel("KLOM (nats)")
+        ax.set_ylim(0, 1.02)
     return _finish(plt, fig, axes, setting, "per-point KLOM against Retrain", path, formats)
 
 
@@ -86,22 +92,18 @@ def draw_roc(setting, path: Path, formats: Sequence[str] = FIGURE_FORMATS) -> li
     splits at each FPR), on a log-FPR axis with chance as the diagonal."""
     plt, fig, axes, names = _panels(setting, "true positive rate")
     colours = _colour_map(setting)
-    for r, ref in enumerate(setting.references):
-        audits = setting.audits[ref.label]
-        for c, name in enumerate(names):
-            ax = axes[r][c]
-            first = next(iter(audits.values()))[name]
-            fpr = np.asarray(first.roc["fpr"])
-            ax.plot(fpr, fpr, color="grey", linewidth=0.8, linestyle=":", label="chance")
-            ax.plot(fpr, first.roc["floor_tpr"], label="floor (held-out reference models)",
-                    **FLOOR_STYLE)
-            for label, audit in audits.items():
-                ax.plot(fpr, audit[name].roc["tpr"], color=colours[label], linewidth=1.4,
-                        label=label)
-            ax.set_xscale("log")
-            ax.set_xlim(fpr[0], 1)
-            ax.set_ylim(0, 1.02)
-            ax.set_title(f"{name} points ({first.n_points}) vs {ref.label}", fontsize=8)
-            ax.set_xlabel("false positive rate")
+    for ax, ref, audits, name, first in _cells(setting, axes, names):
+        fpr = np.asarray(first.roc["fpr"])
+        ax.plot(fpr, fpr, color="grey", linewidth=0.8, linestyle=":", label="chance")
+        ax.plot(fpr, first.roc["floor_tpr"], label="floor (held-out reference models)",
+                **FLOOR_STYLE)
+        for label, audit in audits.items():
+            ax.plot(fpr, audit[name].roc["tpr"], color=colours[label], linewidth=1.4,
+                    label=label)
+        ax.set_xscale("log")
+        ax.set_xlim(fpr[0], 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{name} points ({first.n_points}) vs {ref.label}", fontsize=8)
+        ax.set_xlabel("false positive rate")
     return _finish(plt, fig, axes, setting, "per-example attack ROC against Retrain", path,
                    formats)
