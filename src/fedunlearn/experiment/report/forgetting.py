@@ -1,6 +1,7 @@
 """The forgetting audit over seeds: KLOM and the per-example attack of every method (the
 Original included) against every Retrain reference, with the floor beside each number,
-and the scalar metrics as mean ± 95% CI over seeds.
+the scalar metrics as mean ± 95% CI over seeds, and the relearn time over seeds where
+the jobs measured it (:mod:`.forgetting_relearn`).
 
 Reads the ``outputs.npz`` beside each ``results.json`` (``audit.outputs=true``; the K-seed
 layout of ``bench/forgetting_audit.py``), groups them by setting and method as the rest of
@@ -27,6 +28,7 @@ from ...metrics.intervals import mean_ci
 from .aggregation import Group, Row, group_results
 from .constants import MATCHED_REFERENCE, REFERENCE, REPORT_DIR
 from .figure_style import FIGURE_FORMATS, check_formats
+from .forgetting_relearn import RelearnSummary, relearn_summary
 from .loading import load_results
 
 __all__ = ["AUDIT_JSON", "AUDIT_MD", "MIN_AUDIT_SEEDS", "POINT_SETS", "ForgettingReport",
@@ -52,6 +54,8 @@ class ModelSet:
     seeds: list[int]
     logits: np.ndarray
     metrics: dict[str, list[float]]
+    relearn: list[dict | None] = field(default_factory=list)
+    """Per seed, ``results.json``'s ``relearn`` record (``None``: not measured)."""
 
     @property
     def k(self) -> int:
@@ -70,6 +74,8 @@ class SettingAudit:
     audits: dict[str, dict[str, ForgettingAudit]]
     scalars: dict[str, dict[str, dict]]
     notes: list[str] = field(default_factory=list)
+    relearn: dict[str, RelearnSummary] = field(default_factory=dict)
+    """Relearn time over seeds per model set that measured it (``audit.relearn-rounds``)."""
 
     @property
     def seeds(self) -> list[int]:
@@ -126,7 +132,7 @@ def _row_sets(group: Group, entries: dict[Path, dict], notes: list[str]):
     """(model sets of the rows and the Original, one outputs blob, partition seeds)."""
     sets, original, first, splits, partitions = [], None, None, set(), set()
     for row in group.rows:
-        seeds, logits, metrics = [], [], {k: [] for k in group.keys}
+        seeds, logits, metrics, relearned = [], [], {k: [] for k in group.keys}, []
         for path in row.files:
             npz = path.parent / OUTPUTS_FILE
             if not npz.is_file():
@@ -142,6 +148,7 @@ def _row_sets(group: Group, entries: dict[Path, dict], notes: list[str]):
             partitions.add(int(result.get("partition_seed", blob["partition_seed"])))
             seeds.append(seed)
             logits.append(_stack(blob, "model"))
+            relearned.append(result.get("relearn"))
             for k in group.keys:
                 metrics[k].append(float(result["unlearned"].get(k, math.nan)))
             if original is None:
@@ -151,7 +158,8 @@ def _row_sets(group: Group, entries: dict[Path, dict], notes: list[str]):
         if seeds:
             label = reference_name(entries[row.files[0]]) if row.method in _REFERENCES \
                 else row.label
-            sets.append(ModelSet(row.method, label, seeds, np.stack(logits), metrics))
+            sets.append(ModelSet(row.method, label, seeds, np.stack(logits), metrics,
+                                 relearned))
     if original:
         seeds = sorted(original)
         sets.insert(0, ModelSet(ORIGINAL, "Original", seeds,
@@ -212,9 +220,11 @@ def audit_setting(group: Group, entries: dict[Path, dict], *,
             audits[ref.label][model_set.label] = audit_forgetting(
                 model_set.logits, ref.logits, labels, reference=ref.label,
                 method=model_set.label, point_sets=positions, splits=splits, seed=seed)
+    summaries = {m.label: relearn_summary(m.seeds, m.relearn) for m in sets}
     return SettingAudit(group=group, partition_seed=min(partitions) if partitions else None,
                         sizes=sizes, model_sets=sets, references=references, audits=audits,
-                        scalars={m.label: _scalars(m) for m in sets}, notes=notes)
+                        scalars={m.label: _scalars(m) for m in sets}, notes=notes,
+                        relearn={k: v for k, v in summaries.items() if v is not None})
 
 
 def forgetting_report(results: Sequence[tuple[Path, dict]], out_dir: str | Path,

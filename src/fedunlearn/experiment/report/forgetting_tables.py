@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .constants import LABELS
+from .forgetting_relearn import relearn_table
 
 DOCS = "docs/measuring-forgetting.md"
 AUDIT_NOTE = (
@@ -82,6 +83,8 @@ def setting_markdown(setting, figures: Sequence[str], level: str = "##") -> str:
              f"{setting.partition_seed}; per-example outputs on {sizes} points.\n",
              f"{level}# Scalar metrics over seeds\n", scalar_table(setting),
              f"\n{SCALAR_NOTE}\n"]
+    if setting.relearn:
+        parts += [f"{level}# Relearn time over seeds\n", relearn_table(setting.relearn), ""]
     for ref in setting.references:
         audits = setting.audits[ref.label]
         parts += [f"{level}# Against {ref.label}, K = {ref.k}\n",
@@ -127,5 +130,6 @@ def audit_json(settings, skipped, min_seeds: int) -> dict:
             "partition_seed": s.partition_seed, "seeds": s.seeds, "points": s.sizes,
             "models": {m.label: {"method": m.key, "seeds": m.seeds} for m in s.model_sets},
             "references": [m.label for m in s.references],
-            "scalars": s.scalars, "audits": audits, "notes": s.notes})
+            "scalars": s.scalars, "audits": audits, "notes": s.notes,
+            "relearn": {label: r.to_dict() for label, r in s.relearn.items()}})
     return out
