@@ -15,6 +15,7 @@ printed and kept in ``<out>/<setting>/audit-seeds.json``::
     python bench/forgetting_audit.py --seeds 2 --methods retrain,not -- unlearn.rounds=5
     python bench/forgetting_audit.py --seeds 16 --seed-stride 2    # seeds 0, 2, ..., 30
     python bench/forgetting_audit.py --setting backdoor --seeds 4 --relearn 10
+    python bench/forgetting_audit.py --seeds 32 --jobs 2    # two jobs at a time (2 cores)
 
 Layout: ``<out>/<setting>/seed<k>/`` (one folder per method) and, with ``--matched``,
 ``<out>/<setting>/seed<k>-matched/``. At the end (``--no-report`` to skip) the audit over
@@ -99,35 +100,92 @@ def plan(setting: str, seeds: int, methods: list[str], partition_seed: int,
     return jobs
 
 
-def run_jobs(jobs: list[Job], state_path: Path, engine: str, checkpoint_dir: str) -> list[str]:
-    """Run the jobs not yet done, printing progress; the failed jobs' names."""
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"jobs": {}}
-    todo = [j for j in jobs if not j.done()]
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} job(s) already done; {len(todo)} to run",
-          flush=True)
-    failed, times = [], []
+def _launch(job: Job, engine: str, checkpoint_dir: str):
+    """The launcher and its arguments for ``job`` (picklable: a worker process runs it)."""
+    if checkpoint_dir:
+        job.run_config["checkpoint-dir"] = checkpoint_dir
     launcher = local_run if engine == "local" else flwr_run
-    for i, job in enumerate(todo, 1):
-        if checkpoint_dir:
-            job.run_config["checkpoint-dir"] = checkpoint_dir
-        t0 = time.perf_counter()
-        code = launcher(job.run_config,
-                        num_supernodes=int(job.run_config.get("federation.num-clients", 10)),
-                        log_file=job.directory.with_suffix(".log"), echo=False)
-        seconds = time.perf_counter() - t0
-        times.append(seconds)
+    return launcher, job.run_config, {
+        "num_supernodes": int(job.run_config.get("federation.num-clients", 10)),
+        "log_file": job.directory.with_suffix(".log"), "echo": False}
+
+
+def _timed(launcher, run_config: dict, kwargs: dict) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    code = launcher(run_config, **kwargs)
+    return code, time.perf_counter() - t0
+
+
+class _Progress:
+    """Prints each finished job with an estimate of the time left, keeps the state file."""
+
+    def __init__(self, state_path: Path, total: int, workers: int) -> None:
+        self.state_path, self.total, self.workers = state_path, total, workers
+        self.state = json.loads(state_path.read_text()) if state_path.is_file() \
+            else {"jobs": {}}
+        self.times: list[float] = []
+        self.failed: list[str] = []
+        self.start = time.perf_counter()
+
+    def finished(self, job: Job, code: int, seconds: float) -> None:
+        self.times.append(seconds)
         ok = code == 0 and job.done()
         if not ok:
-            failed.append(job.name)
-        eta = sum(times) / len(times) * (len(todo) - i)
-        print(f"[{i}/{len(todo)}] {job.name}: {'done' if ok else 'FAILED'} in {seconds:.0f} s "
-              f"({','.join(job.methods)}); about {eta / 60:.1f} min left", flush=True)
-        state["jobs"][job.name] = {"wall_s": round(seconds, 1), "ok": ok,
-                                   "methods": job.methods, "seed": job.run_config["seed"],
-                                   "finished": _dt.datetime.now().isoformat(timespec="seconds")}
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    return failed
+            self.failed.append(job.name)
+        done = len(self.times)
+        eta = (time.perf_counter() - self.start) / done * (self.total - done)
+        print(f"[{done}/{self.total}] {job.name}: {'done' if ok else 'FAILED'} in "
+              f"{seconds:.0f} s ({','.join(job.methods)}); about {eta / 60:.1f} min left",
+              flush=True)
+        self.state["jobs"][job.name] = {
+            "wall_s": round(seconds, 1), "ok": ok, "methods": job.methods,
+            "seed": job.run_config["seed"], "workers": self.workers,
+            "finished": _dt.datetime.now().isoformat(timespec="seconds")}
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.state_path.write_text(json.dumps(self.state, indent=2, sort_keys=True) + "\n")
+
+
+def run_jobs(jobs: list[Job], state_path: Path, engine: str, checkpoint_dir: str,
+             workers: int = 1) -> list[str]:
+    """Run the jobs not yet done, ``workers`` at a time (each a process of its own with
+    one torch thread, as ``local_run`` gives a job), printing progress; the failed jobs'
+    names. A seed's matched Retrain starts after its seed's job, whose pretrained model
+    it reuses from the checkpoint cache."""
+    todo = [j for j in jobs if not j.done()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} job(s) already done; {len(todo)} to run"
+          + (f", {workers} at a time" if workers > 1 and len(todo) > 1 else ""), flush=True)
+    progress = _Progress(state_path, len(todo), workers)
+    if workers <= 1 or len(todo) <= 1:
+        for job in todo:
+            progress.finished(job, *_timed(*_launch(job, engine, checkpoint_dir)))
+        return progress.failed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    names = {j.name for j in todo}
+    waiting = [j for j in todo if j.name.endswith("-matched")
+               and j.name.removesuffix("-matched") in names]
+    ready = [j for j in todo if j not in waiting]
+    running: dict = {}  # future -> (job, start); at most ``workers``: the start is the job's
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        while ready or running:
+            while ready and len(running) < workers:
+                job = ready.pop(0)
+                launcher, run_config, kwargs = _launch(job, engine, checkpoint_dir)
+                running[pool.submit(launcher, run_config, **kwargs)] = (job, time.perf_counter())
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job, started = running.pop(future)
+                try:
+                    code = future.result()
+                except Exception as err:  # noqa: BLE001 - a worker died: the job failed
+                    print(f"{job.name}: the worker raised {type(err).__name__}: {err}",
+                          flush=True)
+                    code = 1
+                progress.finished(job, code, time.perf_counter() - started)
+                ready[:0] = [j for j in waiting if j.name == f"{job.name}-matched"]
+                waiting = [j for j in waiting if j.name != f"{job.name}-matched"]
+    return progress.failed
 
 
 def report(directory: Path) -> bool:
@@ -162,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "forgetting-audit"))
     p.add_argument("--checkpoint-dir", default="")
     p.add_argument("--engine", choices=("local", "flower"), default="local")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N jobs at a time, each in a process of its own with one torch "
+                        "thread (in-process engine; e.g. the number of cores)")
     p.add_argument("--relearn", type=int, default=0, metavar="N",
                    help="after each method, at most N rounds of federated training with "
                         "the forget data until forget accuracy (ASR) is back: "
@@ -171,15 +232,19 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: on; --no-report to skip)")
     p.add_argument("overrides", nargs="*", help="extra run-config KEY=VALUE for every job")
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.seed_stride < 1:
-        raise SystemExit(f"--seeds {args.seeds} --seed-stride {args.seed_stride}: expected "
-                         "at least 1 each")
+    if args.seeds < 1 or args.seed_stride < 1 or args.jobs < 1:
+        raise SystemExit(f"--seeds {args.seeds} --seed-stride {args.seed_stride} --jobs "
+                         f"{args.jobs}: expected at least 1 each")
+    if args.jobs > 1 and args.engine != "local":
+        raise SystemExit(f"--jobs {args.jobs} runs in-process jobs side by side; with "
+                         "--engine flower each job is a federation of its own: use --jobs 1")
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out).expanduser().resolve()
     jobs = plan(args.setting, args.seeds, methods, args.partition_seed, args.matched, out,
                 parse_overrides(args.overrides), args.seed_stride, args.relearn)
     start = time.perf_counter()
-    failed = run_jobs(jobs, out / args.setting / STATE_FILE, args.engine, args.checkpoint_dir)
+    failed = run_jobs(jobs, out / args.setting / STATE_FILE, args.engine, args.checkpoint_dir,
+                      args.jobs)
     print(f"{args.setting}: {len(jobs)} job(s) in {out / args.setting}; this run "
           f"{time.perf_counter() - start:.0f} s; failed: {failed or 'none'}", flush=True)
     if args.report:

@@ -90,3 +90,29 @@ def test_relearn_passes_the_key_to_every_job_and_a_bad_value_is_refused(audit, t
     with pytest.raises(SystemExit, match="audit.relearn-rounds=-3"):
         audit.main(["--relearn", "-3", "--out", str(out)])
     assert not out.exists()
+
+
+def test_two_jobs_at_a_time_give_the_same_results(audit, tmp_path, capsys):
+    """--jobs 2: the jobs run in two worker processes (the matched Retrain after its
+    seed's job) and write what one at a time writes."""
+    common = ["--seeds", "2", "--methods", "retrain,ft", "--matched",
+              "--checkpoint-dir", str(tmp_path / "ck"), "--no-report", *TINY]
+    assert audit.main([*common, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    assert audit.main([*common, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "0 of 4 job(s) already done; 4 to run, 2 at a time" in said
+    assert said.count(": done in") == 4 and "FAILED" not in said
+    for job in ("seed0/retrain", "seed0/ft", "seed1/ft", "seed1-matched/retrain"):
+        one, two = (json.loads((tmp_path / d / "iid-client" / job / "results.json").read_text())
+                    for d in ("one", "two"))
+        assert two["unlearned"] == one["unlearned"] and two["forget_ids"] == one["forget_ids"]
+    state = json.loads((tmp_path / "two" / "iid-client" / "audit-seeds.json").read_text())
+    assert all(j["ok"] and j["workers"] == 2 for j in state["jobs"].values())
+
+
+def test_jobs_is_checked(audit, tmp_path):
+    with pytest.raises(SystemExit, match="--jobs 0"):
+        audit.main(["--jobs", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--engine flower"):
+        audit.main(["--jobs", "2", "--engine", "flower", "--out", str(tmp_path)])
