@@ -30,41 +30,15 @@ import threading
 import time
 from pathlib import Path
 
+from fedunlearn.launch import pid_running, stop_pids
+
 _GROUPS: dict[int, subprocess.Popen] = {}  # process-group id -> its leader
 _INSTALLED = False
 _PR_SET_PDEATHSIG = 1
 
 
-def running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return not Path("/proc").is_dir()
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def stop(pids: list[int], timeout: float) -> list[int]:
-    """SIGTERM, then SIGKILL after ``timeout``; returns the PIDs that needed SIGKILL."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(running(p) for p in pids):
-        time.sleep(0.1)
-    killed = [p for p in pids if running(p)]
-    for pid in killed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return killed
+running = pid_running  # tests ask whether a process they started still runs
+stop = stop_pids
 
 
 def _die_with_parent() -> None:

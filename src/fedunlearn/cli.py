@@ -50,21 +50,15 @@ from pathlib import Path
 
 from .audit import check_anchors, format_table, read_audit, receipt_anchors
 from .inbox import INBOX_ENV, Inbox, InboxEntry, InboxError
+from .parsing import parse_int_list
 
 
 def _ints(text: str, option: str) -> list[int]:
-    """``"3,5"`` -> ``[3, 5]`` (the command stays light: no torch import via config)."""
-    out = []
-    for part in str(text).replace(";", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(int(part))
-        except ValueError:
-            raise InboxError(f"{option}={text!r}: {part!r} is not an integer; expected "
-                             "comma-separated integers such as 3,5") from None
-    return out
+    """``"3,5"`` -> ``[3, 5]``; a bad value is an :class:`InboxError` naming ``option``."""
+    try:
+        return list(parse_int_list(text, option))
+    except ValueError as err:
+        raise InboxError(str(err)) from None
 
 
 def _inbox(args, create: bool) -> Inbox:

@@ -92,27 +92,36 @@ def superlink_pids(control_port: int) -> list[int]:
     return pids + children
 
 
-def stop_pids(pids: Sequence[int], timeout: float = 10.0) -> None:
+def pid_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return not Path("/proc").is_dir()
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def stop_pids(pids: Sequence[int], timeout: float = 10.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; the PIDs that needed SIGKILL."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        except OSError:
             pass
     deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            try:
-                state = (Path(f"/proc/{pid}") / "stat").read_text().split()[2]
-            except OSError:
-                break
-            if state == "Z":
-                break
-            time.sleep(0.1)
-        if Path(f"/proc/{pid}").exists():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    while time.monotonic() < deadline and any(pid_running(p) for p in pids):
+        time.sleep(0.1)
+    killed = [p for p in pids if pid_running(p)]
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return killed
 
 
 #: Start of the line :func:`flwr_run` prints while Flower starts (a blank screen otherwise).
