@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import subprocess
 import sys
@@ -246,3 +247,20 @@ def test_a_job_on_the_in_process_engine(tmp_path):
     assert "Results written to" in (tmp_path / "job" / runner.LOG_FILE).read_text()
     with pytest.raises(ValueError, match="engine='ray'; choose from"):
         runner.launcher_for("ray")
+
+
+def test_batch_clients_reaches_the_in_process_engine(tmp_path):
+    """``engine=local batch_clients=N``: the job trains its rounds in the batched mode
+    (its log counts the batched messages); with engine=flower it is refused."""
+    cfg = compose(["method=ft", "federation=tiny", "engine=local", "batch_clients=4",
+                   "dataset=synthetic", f"checkpoint_dir={tmp_path / 'ck'}",
+                   "eval.mia_max_members=40"])
+    assert runner.run_job(cfg, tmp_path / "job", base_dir=tmp_path, out=io.StringIO(),
+                          launcher=runner.launcher_for(cfg.engine, cfg.batch_clients))
+    log = (tmp_path / "job" / runner.LOG_FILE).read_text()
+    batched = re.search(r"batched engine: (\d+) of \d+ messages trained batched", log)
+    assert batched and int(batched.group(1)) > 0
+    with pytest.raises(ValueError, match="batch_clients=4 is the in-process engine's"):
+        runner.launcher_for("flower", 4)
+    with pytest.raises(ValueError, match="batch_clients=-1"):
+        runner.launcher_for("local", -1)

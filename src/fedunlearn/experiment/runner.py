@@ -18,6 +18,8 @@ When the run or sweep ends, the report (:mod:`fedunlearn.experiment.report`) is 
 
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import json
 import logging
@@ -265,15 +267,24 @@ def _report_failure(err: Exception, job_dir: Path, log_file: Path, out, tag: str
     out.flush()
 
 
-def launcher_for(engine) -> Callable[..., int]:
+def launcher_for(engine, batch_clients=0) -> Callable[..., int]:
     """The job launcher of ``engine``: ``flower`` (``flwr run``, the default) or ``local``
-    (the in-process engine, :func:`fedunlearn.engine.local_run`)."""
+    (the in-process engine, :func:`fedunlearn.engine.local_run`), with its batched mode
+    when ``batch_clients`` > 0."""
+    from ..batching import check_batch_clients
     from ..engine import ENGINES, local_run
 
     engine = "flower" if engine in (None, "") else str(engine)
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}; choose from {ENGINES}")
-    return local_run if engine == "local" else flwr_run
+    batch_clients = check_batch_clients(0 if batch_clients is None else batch_clients)
+    if engine != "local":
+        if batch_clients:
+            raise ValueError(f"batch_clients={batch_clients} is the in-process engine's "
+                             "batched mode: add engine=local (or set batch_clients=0)")
+        return flwr_run
+    return functools.partial(local_run, batch_clients=batch_clients) if batch_clients \
+        else local_run
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,7 +309,8 @@ def hydra_main(cfg: DictConfig) -> bool:
     # (engine=local) makes alembic announce its plugins there.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     ok = run_job(cfg, job_dir, tag=tag, base_dir=hc.runtime.cwd, verbose=bool(cfg.get("verbose")),
-                 dry_run=bool(cfg.get("dry_run")), launcher=launcher_for(cfg.get("engine")))
+                 dry_run=bool(cfg.get("dry_run")), launcher=launcher_for(cfg.get("engine"),
+                                                    cfg.get("batch_clients", 0)))
     _STATE["job_dirs"].append(str(job_dir))
     if not ok:
         _STATE["failed"].append(str(job_dir))
