@@ -49,7 +49,8 @@ from fedunlearn.launch import (check_run_config, flwr_run, load_preset, parse_ov
                                project_root)
 
 #: Instance-wise: half of client 0's training samples (58 of its 115 on digits, drawn
-#: under the partition seed), so that the forget set has as many points as a class.
+#: under the partition seed, the same for every training seed): enough forget points for
+#: per-example statistics (the default forget.fraction, 0.1, gives 12).
 INSTANCE = {"forget.scope": "instance", "forget.clients": "0", "forget.fraction": 0.5}
 #: The settings: a preset (empty: the default job, digits client 0 IID) and run-config
 #: values on top of it.

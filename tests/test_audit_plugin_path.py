@@ -82,7 +82,7 @@ def audits(tmp_path_factory):
     (root / "userpkg" / "__init__.py").write_text("")
     (root / "userpkg" / "audit.py").write_text(textwrap.dedent(USER_MODULE))
     done = subprocess.run([sys.executable, "-m", "userpkg.audit"], cwd=root,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -93,7 +93,7 @@ def test_models_that_kept_the_forget_data_are_above_the_floor(audits, scope):
     assert (audit["method"], audit["reference"]) == ("did-nothing", "retrain")
     assert (audit["k_method"], audit["k_reference"]) == (6, 12)
     forget, test = audit["point_sets"]["forget"], audit["point_sets"]["test"]
-    assert forget["share_above_floor"] > 0.5 > 0.1 > forget["floor_share_above_floor"]
+    assert forget["share_above_floor"] > 0.5 and forget["floor_share_above_floor"] < 0.1
     assert forget["attack"]["auc"] > 0.95 and abs(forget["attack_floor"]["auc"] - 0.5) < 0.1
     # what it was asked to forget stands out more than data it never saw
     assert forget["share_above_floor"] > test["share_above_floor"]
