@@ -16,6 +16,14 @@ printed and kept in ``<out>/<setting>/audit-seeds.json``::
     python bench/forgetting_audit.py --seeds 16 --seed-stride 2    # seeds 0, 2, ..., 30
     python bench/forgetting_audit.py --setting backdoor --seeds 4 --relearn 10
     python bench/forgetting_audit.py --seeds 32 --jobs 2    # two jobs at a time (2 cores)
+    python bench/forgetting_audit.py --setting class --seeds 4 --methods retrain,ft,not
+    python bench/forgetting_audit.py --setting instance --seeds 4 --methods retrain,ft,not
+
+A method that cannot serve the setting's requests (FedEraser, FUKD and PGD serve only
+client-wise ones; BadT, RandL, l1-sparse, SSD and SalUn only class- and instance-wise
+ones) is left out before any job runs, with the reason; one that a job refuses (its
+``skipped.json``) is left out of that seed, the reason printed and kept in
+``audit-seeds.json``.
 
 Layout: ``<out>/<setting>/seed<k>/`` (one folder per method) and, with ``--matched``,
 ``<out>/<setting>/seed<k>-matched/``. At the end (``--no-report`` to skip) the audit over
@@ -37,12 +45,19 @@ from pathlib import Path
 
 from fedunlearn.engine import local_run
 from fedunlearn.harness.outputs import OUTPUTS_FILE
-from fedunlearn.harness.results import RESULTS_FILE, results_path
+from fedunlearn.harness.results import RESULTS_FILE, SKIPPED_FILE, results_path
 from fedunlearn.launch import (check_run_config, flwr_run, load_preset, parse_overrides,
                                project_root)
 
-#: The settings: a preset's run-config (empty: the default job, digits client 0 IID).
-SETTINGS = {"iid-client": "", "backdoor": "backdoor"}
+#: Instance-wise: half of client 0's training samples (58 of its 115 on digits, drawn
+#: under the partition seed, the same for every training seed): enough forget points for
+#: per-example statistics (the default forget.fraction, 0.1, gives 12).
+INSTANCE = {"forget.scope": "instance", "forget.clients": "0", "forget.fraction": 0.5}
+#: The settings: a preset (empty: the default job, digits client 0 IID) and run-config
+#: values on top of it.
+SETTINGS = {"iid-client": ("", {}), "backdoor": ("backdoor", {}),
+            "class": ("class-forgetting", {}),  # every client forgets class 3
+            "instance": ("", INSTANCE)}
 STATE_FILE = "audit-seeds.json"
 
 
@@ -58,10 +73,48 @@ class Job:
     def method_dir(self, method: str) -> Path:
         return results_path(self.directory, method).parent
 
+    def published(self, method: str) -> bool:
+        return ((self.method_dir(method) / RESULTS_FILE).is_file()
+                and (self.method_dir(method) / OUTPUTS_FILE).is_file())
+
+    def refused(self) -> dict[str, str]:
+        """The methods the job refused (their ``skipped.json``, no results) and why."""
+        out = {}
+        for method in self.methods:
+            path = self.method_dir(method) / SKIPPED_FILE
+            if path.is_file() and not self.published(method):
+                out[method] = str(json.loads(path.read_text()).get("skipped", "refused"))
+        return out
+
     def done(self) -> bool:
-        """Every method's ``results.json`` and ``outputs.npz`` are there."""
-        return all((self.method_dir(m) / RESULTS_FILE).is_file()
-                   and (self.method_dir(m) / OUTPUTS_FILE).is_file() for m in self.methods)
+        """Every method's ``results.json`` and ``outputs.npz`` are there, or the job
+        refused the method (``skipped.json``: running it again changes nothing)."""
+        refused = self.refused()
+        return all(m in refused or self.published(m) for m in self.methods)
+
+
+def served(methods: list[str], scope: str) -> list[str]:
+    """The ``methods`` that serve ``scope``-wise requests; the others are left out, the
+    reason printed (a method's ``scopes``, as its refusal names them)."""
+    from fedunlearn.strategies import get_method
+
+    kept = []
+    for method in methods:
+        scopes = get_method(method).scopes
+        if scope in scopes:
+            kept.append(method)
+        else:
+            print(f"left out: {method} cannot serve {scope}-wise requests; it serves "
+                  f"{', '.join(scopes)}-wise requests", flush=True)
+    return kept
+
+
+def _checked(run_config: dict) -> dict:
+    """The run-config with every default, checked (a bad key or value: SystemExit)."""
+    try:
+        return check_run_config(run_config)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def plan(setting: str, seeds: int, methods: list[str], partition_seed: int,
@@ -75,11 +128,14 @@ def plan(setting: str, seeds: int, methods: list[str], partition_seed: int,
     if "retrain" not in methods:
         raise SystemExit(f"--methods {','.join(methods)}: the audit's reference is Retrain; "
                          "add retrain")
-    base = dict(load_preset(SETTINGS[setting])) if SETTINGS[setting] else {}
+    preset, values = SETTINGS[setting]
+    base = {**(load_preset(preset) if preset else {}), **values}
     common = {**base, **extra, "partition-seed": partition_seed, "audit.outputs": True,
               "eval.every": 1000}
     if relearn:
         common["audit.relearn-rounds"] = relearn
+    scope = _checked({**common, "method": ",".join(methods)})["forget.scope"]
+    methods = served(methods, scope)
     jobs = []
     for seed in range(0, seeds * stride, stride):
         rc = {**common, "seed": seed, "method": ",".join(methods)}
@@ -93,10 +149,7 @@ def plan(setting: str, seeds: int, methods: list[str], partition_seed: int,
     for job in jobs:
         job.run_config["output-dir"] = str(job.directory)
     for job in jobs[:2]:  # a bad key or value: before any job runs
-        try:
-            check_run_config(job.run_config)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
+        _checked(job.run_config)
     return jobs
 
 
@@ -137,10 +190,14 @@ class _Progress:
         print(f"[{done}/{self.total}] {job.name}: {'done' if ok else 'FAILED'} in "
               f"{seconds:.0f} s ({','.join(job.methods)}); about {eta / 60:.1f} min left",
               flush=True)
+        refused = job.refused()
+        for method, reason in refused.items():
+            print(f"  left out of {job.name}: {method} refused: {reason}", flush=True)
         self.state["jobs"][job.name] = {
             "wall_s": round(seconds, 1), "ok": ok, "methods": job.methods,
             "seed": job.run_config["seed"], "workers": self.workers,
-            "finished": _dt.datetime.now().isoformat(timespec="seconds")}
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+            **({"refused": refused} if refused else {})}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         self.state_path.write_text(json.dumps(self.state, indent=2, sort_keys=True) + "\n")
 
