@@ -9,7 +9,7 @@ BEST_MARK = "★"
 DISPLAY = {"retrain": "Retrain", "retrain-matched": "Retrain (matched)", "ft": "FT", "not": "NoT", "federaser": "FedEraser",
            "fukd": "FUKD", "pgd": "PGD", "mode": "MoDE", "fcu": "FCU", "puf": "PUF",
            "randl": "RandL", "ga": "GA", "badt": "BadT", "l1_sparse": "ℓ1-sparse",
-           "ssd": "SSD", "salun": "SalUn"}
+           "ssd": "SSD", "salun": "SalUn", "lwo": "LWO"}
 LABELS = {"retain": "Retain", "forget": "Forget", "test": "Test", "mia": "MIA", "asr": "ASR"}
 # Settings that change the Retrain reference: results differing in them are never averaged.
 PROTOCOL_FIELDS = ("val_fraction", "batch_size", "local_epochs", "momentum",
