@@ -274,14 +274,16 @@ def test_bad_batch_clients_are_refused(capsys):
 def test_fedunlearn_run_batched_job_costs_and_metrics_as_per_message(tmp_path, capsys):
     """``fedunlearn-run --engine local --batch-clients 4``: the job's log says how much
     went batched; the metering sees the same messages, bytes and samples as the
-    per-message job, and the accuracies agree."""
+    per-message job, and the accuracies agree. With one checkpoint cache for both, the
+    batched job does not load the per-message job's pretrained model (its sums run in
+    another float order): the cache key names the chunk."""
     results = {}
     for batch in (0, 4):
         out = tmp_path / f"out{batch}"
         assert fedunlearn_run([
             "--engine", "local", "--batch-clients", str(batch), "method=ft",
             "dataset.name=synthetic", "federation.num-clients=4", "pretrain.rounds=2",
-            "unlearn.rounds=1", f"output-dir={out}", f"checkpoint-dir={tmp_path / str(batch)}",
+            "unlearn.rounds=1", f"output-dir={out}", f"checkpoint-dir={tmp_path / 'ck'}",
             "eval.mia-max-members=40"]) == 0
         results[batch] = json.loads((out / "ft" / "results.json").read_text())
     log = (tmp_path / "out4" / "job.log").read_text()
@@ -289,6 +291,8 @@ def test_fedunlearn_run_batched_job_costs_and_metrics_as_per_message(tmp_path, c
     assert "batched engine: 11 of" in log
     assert "per-message path" not in log  # nothing else was a train message
     one_by_one, batched = results[0], results[4]
+    assert not batched["pretrain"]["cached"]
+    assert batched["pretrain"]["key"] != one_by_one["pretrain"]["key"]
     assert _without_wall(batched["cost"]) == _without_wall(one_by_one["cost"])
     for split in ("retain", "forget", "test"):
         assert batched["unlearned"][split] == pytest.approx(one_by_one["unlearned"][split],

@@ -192,6 +192,9 @@ class Experiment:
 
     def pretrain(self) -> tuple[ArrayRecord, dict]:
         resolved = {}
+        chunk = batched_chunk(self.grid)
+        if chunk:  # batched training sums in another float order: a model of its own
+            resolved["batch_clients"] = chunk
         if self.trigger is not None:
             resolved["backdoor_resolved"] = {
                 "patch_size": patch_size_for(self.cfg.backdoor, self.data.info.image_size),
@@ -461,3 +464,14 @@ def without_run_config_requests(cfg):
         "to simulations only; a node asks through its inbox (fedunlearn request file) or "
         "its node-config (forget-scope=...)", ",".join(map(str, ignored)))
     return dataclasses.replace(cfg, forget=dataclasses.replace(cfg.forget, clients=())), ignored
+
+
+def batched_chunk(grid) -> int:
+    """The in-process engine's batched chunk behind ``grid`` and the grids that wrap it
+    (``inner``), 0 when it trains one message at a time or is not that engine."""
+    while grid is not None:
+        chunk = getattr(grid, "batch_clients", None)
+        if isinstance(chunk, int):
+            return chunk
+        grid = getattr(grid, "inner", None)
+    return 0
