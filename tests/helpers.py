@@ -4,7 +4,10 @@ the ``local_grid`` fixture of ``tests/conftest.py`` builds it)."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 import time
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
@@ -155,3 +158,14 @@ def bytes_of(messages) -> int:
     return sum(arrayrecord_nbytes(r) for m in messages for r in m.content.array_records.values())
 
 
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """The benchmark script ``bench/<name>.py`` imported as a module (as a user runs it:
+    the scripts import each other by plain name from ``bench/``)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))

@@ -6,7 +6,6 @@ relearn measured on the forget ids, and methods that cannot serve a scope left o
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +17,15 @@ from fedunlearn.harness.data import federated_data
 from fedunlearn.harness.node import harness_view
 from fedunlearn.harness.outputs import RETAIN_SAMPLE, forget_ids, retain_sample
 from fedunlearn.samples import labels_of
-from tests.helpers import context, run_config
+from tests.helpers import context, run_config, bench_module
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dataset.name": "synthetic", "federation.num-clients": 3, "pretrain.rounds": 2,
         "unlearn.rounds": 2, "eval.mia-max-members": 40, "partition-seed": 0}
 
 
 @pytest.fixture(scope="module")
 def audit():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import forgetting_audit
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    forgetting_audit = bench_module("forgetting_audit")
     return forgetting_audit
 
 

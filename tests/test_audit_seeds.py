@@ -4,24 +4,19 @@ the budget-matched Retrain beside each seed, resume and progress."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.helpers import bench_module
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset.name=synthetic", "federation.num-clients=3", "pretrain.rounds=2",
         "unlearn.rounds=2", "eval.mia-max-members=40"]
 
 
 @pytest.fixture(scope="module")
 def audit():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import forgetting_audit
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    forgetting_audit = bench_module("forgetting_audit")
     return forgetting_audit
 
 

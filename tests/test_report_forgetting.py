@@ -6,7 +6,6 @@ and the bench script."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,8 @@ from fedunlearn import mean_ci
 from fedunlearn.experiment.report import main as report_main
 from fedunlearn.experiment.report import write_forgetting_audit
 from fedunlearn.harness.outputs import OUTPUTS_FILE
+from tests.helpers import bench_module
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"forget": 30, "retain": 40, "test": 30}
 CLASSES = 4
 LABELS = {name: np.random.default_rng(i).integers(0, CLASSES, n)
@@ -189,11 +188,7 @@ def test_a_list_of_result_dirs_and_fedunlearn_report(tmp_path, capsys):
 
 def test_bench_script_runs_four_seeds_and_reports(tmp_path, capsys):
     """Real outputs: 4 seeds of a tiny in-process job (retrain + ft), then the report."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import forgetting_audit
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    forgetting_audit = bench_module("forgetting_audit")
     tiny = ["dataset.name=synthetic", "federation.num-clients=3", "pretrain.rounds=2",
             "unlearn.rounds=2", "eval.mia-max-members=40"]
     args = ["--seeds", "4", "--methods", "retrain,ft", "--out", str(tmp_path),

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.test_plugin import USER_NODE, fedavg, user_grid, userapp  # noqa: F401  (fixtures)
+from tests.helpers import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 #: |final forget accuracy of the served model - that of a model that never saw the
@@ -336,11 +337,7 @@ def test_simulation_serves_two_requests_and_the_served_model_is_close_to_never_s
     class-wise one after round 12; both are served while training goes on, and node 3's
     final forget accuracy is within FORGET_TOLERANCE of a federation that forgot node 3
     at round 0 (bench/service.py: the same scenario, over seeds)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import service as bench
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    bench = bench_module("service")
     torch.set_num_threads(1)
     served = bench.scenario(0, tmp_path / "served", rounds=40)
     never = bench.scenario(0, tmp_path / "never", rounds=40, reference=True)
