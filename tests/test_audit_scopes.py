@@ -6,7 +6,6 @@ relearn measured on the forget ids, and methods that cannot serve a scope left o
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ the budget-matched Retrain beside each seed, resume and progress."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
