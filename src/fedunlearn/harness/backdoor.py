@@ -10,7 +10,8 @@ the client was forgotten, but a trigger that only the client taught the model ca
   so whenever it trains, so a method that keeps it out of training (client-wise
   forgetting) removes the poisoned data too.
 * ASR (%) = share of test samples whose true label is not ``target`` that the model
-  classifies as ``target`` once the trigger is stamped on them.
+  classifies as ``target`` once the trigger is stamped on them (:func:`asr_ids`, on
+  :func:`triggered` samples; ``outputs.npz``'s trigger points are the same samples).
 """
 
 from __future__ import annotations
@@ -138,13 +139,26 @@ class _Triggered(Dataset):
         return stamp_trigger(x, self.size, self.position, self.value), y
 
 
+def asr_ids(labels: np.ndarray, cfg: BackdoorConfig) -> np.ndarray:
+    """The samples the ASR is measured on: positions of ``labels`` (the test set's) whose
+    true label is not the target (sorted ``int64``)."""
+    return np.flatnonzero(np.asarray(labels) != cfg.target).astype(np.int64)
+
+
+def triggered(dataset: Dataset, cfg: BackdoorConfig, value: torch.Tensor,
+              image_size: int) -> Dataset:
+    """``dataset`` with the trigger stamped on every sample, labels unchanged (the true
+    labels): what the ASR and ``outputs.npz``'s trigger points are measured on."""
+    return _Triggered(dataset, patch_size_for(cfg, image_size), cfg.position, value)
+
+
 def attack_success_rate(model: nn.Module, dataset: Dataset, labels: np.ndarray,
                         cfg: BackdoorConfig, value: torch.Tensor, image_size: int,
                         device: str | torch.device = "cpu") -> float:
     """ASR (%) on ``dataset`` (the test set): triggered non-target samples -> target."""
-    ids = np.flatnonzero(np.asarray(labels) != cfg.target)
+    ids = asr_ids(labels, cfg)
     if ids.size == 0:
         return float("nan")
-    triggered = _Triggered(dataset, patch_size_for(cfg, image_size), cfg.position, value)
-    logits, _ = predict(model, triggered, ids, device=device)
+    logits, _ = predict(model, triggered(dataset, cfg, value, image_size), ids,
+                        device=device)
     return float(100.0 * (logits.argmax(1) == cfg.target).mean())

@@ -7,7 +7,10 @@
 * :class:`PerExampleOutputs` (run-config ``audit.outputs=true``): ``outputs.npz``, the
   logits of the original model and of the method's model on the forget ids, a fixed
   retain sample (:data:`RETAIN_SAMPLE` ids drawn under the partition seed) and the test
-  set, with the ids and labels.
+  set, with the ids and labels; with a backdoor also on the **trigger** points: the ASR's
+  samples (test samples whose true label is not the target) with the trigger stamped as
+  the ASR stamps it (:func:`~.backdoor.asr_ids`, :func:`~.backdoor.triggered`), labelled
+  with their true labels.
 
 Forget and retain samples are taken from the server's copy of the public training set,
 as the data set has them (a backdoor client's samples without its trigger).
@@ -23,6 +26,7 @@ from ..samples import labels_of
 from ..metrics import predict
 from ..requests import forget_indices
 from ..training import load_arrays
+from .backdoor import asr_ids, triggered
 from .data import federated_data
 
 OUTPUTS_FILE = "outputs.npz"
@@ -77,35 +81,41 @@ def split_record(cfg, forget: np.ndarray | None) -> dict:
 
 class PerExampleOutputs:
     """Writes ``outputs.npz`` for each method of a job; the original model's logits are
-    computed once."""
+    computed once. ``trigger``: the backdoor's patch value (the harness's, ``None``
+    without a backdoor), which adds the trigger points."""
 
-    def __init__(self, cfg, new_model, device, forget: np.ndarray | None) -> None:
+    def __init__(self, cfg, new_model, device, forget: np.ndarray | None,
+                 trigger=None) -> None:
         if forget is None:
             raise ValueError("audit.outputs=true needs the forget ids, and a request names "
                              "data the server has no copy of (a node with dataset-path); "
                              "set audit.outputs=false for this job")
         data = federated_data(cfg)  # the run-config's split, as for the forget ids
         self.cfg, self.data, self.new_model, self.device = cfg, data, new_model, device
-        self.ids = {"forget": forget,
-                    "retain": retain_sample(data, forget, cfg.split_seed),
-                    "test": np.arange(len(data.test), dtype=np.int64)}
+        self.sets = {"forget": (data.train, forget),
+                     "retain": (data.train, retain_sample(data, forget, cfg.split_seed)),
+                     "test": (data.test, np.arange(len(data.test), dtype=np.int64))}
+        if trigger is not None:
+            self.sets["trigger"] = (
+                triggered(data.test, cfg.backdoor, trigger, data.info.image_size),
+                asr_ids(labels_of(data.test), cfg.backdoor))
+        self.ids = {name: ids for name, (_, ids) in self.sets.items()}
         self.original: dict[str, np.ndarray] | None = None
 
     def logits(self, arrays) -> dict[str, np.ndarray]:
         """The model's logits on each sample set (float32), and the labels."""
         model = load_arrays(self.new_model(), arrays).to(self.device)
         out = {}
-        for name, ids in self.ids.items():
-            dataset = self.data.test if name == "test" else self.data.train
+        for name, (dataset, ids) in self.sets.items():
             logits, labels = predict(model, dataset, ids, device=self.device)
             out[name] = np.asarray(logits, dtype=np.float32)
             out[f"{name}_labels"] = np.asarray(labels, dtype=np.int64)
         return out
 
     def write(self, path: Path, method: str, original_arrays, arrays) -> Path:
-        """``path`` (``outputs.npz``): ``{forget,retain,test}_ids`` and ``_labels``,
-        ``original_<set>`` and ``model_<set>`` logits, ``seed``, ``partition_seed``,
-        ``method``."""
+        """``path`` (``outputs.npz``): ``{forget,retain,test}_ids`` and ``_labels`` (and
+        ``trigger_*`` with a backdoor), ``original_<set>`` and ``model_<set>`` logits,
+        ``seed``, ``partition_seed``, ``method``."""
         if self.original is None:
             self.original = self.logits(original_arrays)
         mine = self.logits(arrays)

@@ -187,7 +187,7 @@ class Experiment:
         ``audit.outputs``, the writer of each method's ``outputs.npz``."""
         self.forget_ids = forget_ids(self.cfg, accepted, self.own_data_nodes())
         self.outputs = (PerExampleOutputs(self.cfg, self.new_model, self.device,
-                                          self.forget_ids)
+                                          self.forget_ids, self.trigger)
                         if self.cfg.audit_outputs else None)
 
     def pretrain(self) -> tuple[ArrayRecord, dict]:

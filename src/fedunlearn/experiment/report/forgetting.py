@@ -6,7 +6,8 @@ the jobs measured it (:mod:`.forgetting_relearn`).
 Reads the ``outputs.npz`` beside each ``results.json`` (``audit.outputs=true``; the K-seed
 layout of ``bench/forgetting_audit.py``), groups them by setting and method as the rest of
 the report does (:func:`~.aggregation.group_results`) and runs
-:func:`fedunlearn.audit_forgetting` on the forget, retain and test points. Writes
+:func:`fedunlearn.audit_forgetting` on every point set the outputs carry (:data:`POINT_SETS`:
+forget, retain and test points, and the trigger points of a backdoor job). Writes
 ``forgetting-audit.md``, ``forgetting-audit.json`` and, per setting,
 ``<setting>/forgetting_klom`` and ``<setting>/forgetting_roc`` (PNG and PDF).
 Definitions: ``docs/measuring-forgetting.md``.
@@ -40,7 +41,10 @@ MIN_AUDIT_SEEDS = MIN_REFERENCE_MODELS
 two disjoint halves of 2 Retrain models, the attack 2 to fit, 1 held out, 1 as the floor."""
 AUDIT_MD = "forgetting-audit.md"
 AUDIT_JSON = "forgetting-audit.json"
-POINT_SETS = ("forget", "retain", "test")
+POINT_SETS = ("forget", "retain", "test", "trigger")
+"""The point sets an ``outputs.npz`` can carry, in the order they are audited: ``trigger``
+(the ASR's samples, stamped) only when the job planted a backdoor. A setting is audited
+on the sets all its files carry."""
 ORIGINAL = "original"
 _REFERENCES = (REFERENCE, MATCHED_REFERENCE)
 
@@ -119,42 +123,71 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         return {key: blob[key] for key in blob.files}
 
 
-def _split_of(blob: dict[str, np.ndarray]) -> tuple:
-    return tuple(blob[f"{name}_{part}"].tobytes() for name in POINT_SETS
+def _split_of(blob: dict[str, np.ndarray], names: Sequence[str]) -> tuple:
+    return tuple(blob[f"{name}_{part}"].tobytes() for name in names
                  for part in ("ids", "labels"))
 
 
-def _stack(blob: dict[str, np.ndarray], prefix: str) -> np.ndarray:
-    return np.concatenate([blob[f"{prefix}_{name}"] for name in POINT_SETS], axis=0)
+def _stack(blob: dict[str, np.ndarray], prefix: str, names: Sequence[str]) -> np.ndarray:
+    return np.concatenate([blob[f"{prefix}_{name}"] for name in names], axis=0)
 
 
-def _row_sets(group: Group, entries: dict[Path, dict], notes: list[str]):
-    """(model sets of the rows and the Original, one outputs blob, partition seeds)."""
-    sets, original, first, splits, partitions = [], None, None, set(), set()
+def _loaded(group: Group, entries: dict[Path, dict], notes: list[str]) -> list[tuple]:
+    """Per row, ``(row, [(seed, result, outputs blob)])`` of its results with outputs,
+    one per seed."""
+    rows = []
     for row in group.rows:
-        seeds, logits, metrics, relearned = [], [], {k: [] for k in group.keys}, []
+        jobs, seen = [], set()
         for path in row.files:
             npz = path.parent / OUTPUTS_FILE
             if not npz.is_file():
                 continue
-            result, blob = entries[path], _load(npz)
+            result = entries[path]
             seed = _seed(result)
-            if seed in seeds:
+            if seed in seen:
                 notes.append(f"{row.label}: seed {seed} appears twice; kept the first, "
                              f"left out {path}")
                 continue
-            first = first or blob
-            splits.add(_split_of(blob))
+            seen.add(seed)
+            jobs.append((seed, result, _load(npz)))
+        rows.append((row, jobs))
+    return rows
+
+
+def _shared_sets(blobs: list[dict], notes: list[str]) -> tuple[str, ...]:
+    """The point sets every blob carries; a note for each set only some carry."""
+    have = [{name for name in POINT_SETS if f"{name}_ids" in blob} for blob in blobs]
+    shared = tuple(name for name in POINT_SETS if all(name in h for h in have))
+    for name in POINT_SETS:
+        count = sum(name in h for h in have)
+        if 0 < count < len(have):
+            notes.append(f"{name} points: only {count} of the {len(have)} outputs.npz "
+                         f"files carry them (jobs without a backdoor, or written before "
+                         f"{name} points were recorded), so they are not audited; audited "
+                         f"the point sets all files share: {', '.join(shared)}")
+    return shared
+
+
+def _row_sets(group: Group, entries: dict[Path, dict], notes: list[str]):
+    """(model sets of the rows and the Original, one outputs blob, the data splits, the
+    partition seeds, the point sets audited)."""
+    rows = _loaded(group, entries, notes)
+    blobs = [blob for _, jobs in rows for *_, blob in jobs]
+    names = _shared_sets(blobs, notes) if blobs else ()
+    sets, original, splits, partitions = [], {}, set(), set()
+    for row, jobs in rows:
+        seeds, logits, metrics, relearned = [], [], {k: [] for k in group.keys}, []
+        for seed, result, blob in jobs:
+            splits.add(_split_of(blob, names))
             partitions.add(int(result.get("partition_seed", blob["partition_seed"])))
             seeds.append(seed)
-            logits.append(_stack(blob, "model"))
+            logits.append(_stack(blob, "model", names))
             relearned.append(result.get("relearn"))
             for k in group.keys:
                 metrics[k].append(float(result["unlearned"].get(k, math.nan)))
-            if original is None:
-                original = {}
             if seed not in original:
-                original[seed] = (_stack(blob, "original"), result.get("original") or {})
+                original[seed] = (_stack(blob, "original", names),
+                                  result.get("original") or {})
         if seeds:
             label = reference_name(entries[row.files[0]]) if row.method in _REFERENCES \
                 else row.label
@@ -166,7 +199,7 @@ def _row_sets(group: Group, entries: dict[Path, dict], notes: list[str]):
                                 np.stack([original[s][0] for s in seeds]),
                                 {k: [float(original[s][1].get(k, math.nan)) for s in seeds]
                                  for k in group.keys}))
-    return sets, first, splits, partitions
+    return sets, (blobs[0] if blobs else None), splits, partitions, names
 
 
 def _scalars(model_set: ModelSet) -> dict[str, dict]:
@@ -186,7 +219,7 @@ def audit_setting(group: Group, entries: dict[Path, dict], *,
     """The audit of one setting (``entries``: its results by path), the reason it cannot
     be computed (a sentence), or ``None`` when no result of it has outputs."""
     notes: list[str] = []
-    sets, blob, data_splits, partitions = _row_sets(group, entries, notes)
+    sets, blob, data_splits, partitions, names = _row_sets(group, entries, notes)
     if blob is None:
         return None
     if len(data_splits) > 1:
@@ -202,11 +235,11 @@ def audit_setting(group: Group, entries: dict[Path, dict], *,
         have = {m.label: m.k for m in sets if m.key in _REFERENCES}
         return (f"no Retrain with outputs from at least {MIN_REFERENCE_MODELS} seeds "
                 f"(have {have or 'none'}): the audit's reference is Retrain")
-    sizes = {name: int(blob[f"{name}_ids"].size) for name in POINT_SETS}
-    bounds = np.cumsum([0] + [sizes[name] for name in POINT_SETS])
+    sizes = {name: int(blob[f"{name}_ids"].size) for name in names}
+    bounds = np.cumsum([0] + [sizes[name] for name in names])
     positions = {name: np.arange(bounds[i], bounds[i + 1])
-                 for i, name in enumerate(POINT_SETS) if sizes[name]}
-    labels = np.concatenate([blob[f"{name}_labels"] for name in POINT_SETS])
+                 for i, name in enumerate(names) if sizes[name]}
+    labels = np.concatenate([blob[f"{name}_labels"] for name in names])
     audits: dict[str, dict[str, ForgettingAudit]] = {}
     for ref in references:
         audits[ref.label] = {}

@@ -18,6 +18,11 @@ AUDIT_NOTE = (
     "models standing in for the method (KLOM: two disjoint halves of the reference seeds; "
     "attack: held-out reference models): what a method indistinguishable from the "
     f"reference reads. Definitions: {DOCS}.")
+TRIGGER_NOTE = (
+    "**trigger** points: the ASR's samples (test samples whose true label is not the "
+    "backdoor's target, the trigger stamped as the ASR stamps it), margins taken to the "
+    "true label: a model that kept the backdoor has low or negative margins there, Retrain "
+    "high ones.")
 SCALAR_NOTE = ("mean ± 95% CI over seeds (Student t; mean alone for one seed), K = seeds; "
                "accuracies, MIA (population-level) and ASR in %.")
 
@@ -91,6 +96,8 @@ def setting_markdown(setting, figures: Sequence[str], level: str = "##") -> str:
                   audit_table(ref.label, audits) if audits else "No model set to compare.",
                   ""]
     parts.append(AUDIT_NOTE + "\n")
+    if "trigger" in setting.sizes:
+        parts.append(TRIGGER_NOTE + "\n")
     parts += [f"- {note}" for note in setting.notes]
     for path in figures:
         name = path.rsplit("/", 1)[-1].removesuffix(".png")
@@ -102,8 +109,8 @@ def audit_markdown(settings, skipped, figures: dict, min_seeds: int,
                    level: str = "#") -> str:
     parts = [f"{level} Forgetting audit\n",
              f"Every method (the Original included) against every Retrain reference, on "
-             f"forget, retain and test points; a setting needs outputs.npz from at least "
-             f"{min_seeds} seeds.\n"]
+             f"forget, retain and test points (and trigger points where a backdoor was "
+             f"planted); a setting needs outputs.npz from at least {min_seeds} seeds.\n"]
     for setting in settings:
         parts.append(setting_markdown(setting, figures.get(setting.group.slug, []),
                                       level + "#"))
