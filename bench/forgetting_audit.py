@@ -4,9 +4,10 @@ For seeds 0..K-1 runs the method list (Retrain included) as one job per seed on 
 in-process engine, with the partition seed fixed (the same forget ids and client
 partitions in every job: ``partition-seed``) and ``audit.outputs=true`` (``outputs.npz``
 beside each ``results.json``: the logits of the original and of the method's model on
-the forget ids, a fixed retain sample and the test set). With ``--matched``, each seed
-also runs the budget-matched Retrain (``retrain.budget=matched``: pretraining plus
-recovery rounds) as a job of its own, from the same cached pretrained model. Seeds whose
+the forget ids, a fixed retain sample, the test set and, on the backdoor, the trigger
+points). With ``--matched``, each seed also runs the budget-matched Retrain
+(``retrain.budget=matched``: pretraining plus recovery rounds) as a job of its own,
+from the same cached pretrained model. Seeds whose
 outputs are all there are skipped (resume); progress and each job's wall time are
 printed and kept in ``<out>/<setting>/audit-seeds.json``::
 

@@ -108,9 +108,9 @@ def setting_markdown(setting, figures: Sequence[str], level: str = "##") -> str:
 def audit_markdown(settings, skipped, figures: dict, min_seeds: int,
                    level: str = "#") -> str:
     parts = [f"{level} Forgetting audit\n",
-             f"Every method (the Original included) against every Retrain reference, on "
-             f"forget, retain and test points (and trigger points where a backdoor was "
-             f"planted); a setting needs outputs.npz from at least {min_seeds} seeds.\n"]
+             ("Every method (the Original included) against every Retrain reference, on "
+              "forget, retain and test points (and trigger points where a backdoor was "
+              f"planted); a setting needs outputs.npz from at least {min_seeds} seeds.\n")]
     for setting in settings:
         parts.append(setting_markdown(setting, figures.get(setting.group.slug, []),
                                       level + "#"))
