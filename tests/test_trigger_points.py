@@ -1,5 +1,5 @@
 """Trigger points: with a backdoor, ``outputs.npz`` (``audit.outputs=true``) carries the
-ASR's samples, stamped as the ASR stamps them and labelled with their true labels, and
+ASR's samples, stamped as the ASR stamps them and labelled with the backdoor's target, and
 the forgetting audit audits them beside the forget, retain and test points; without a
 backdoor nothing changes."""
 
@@ -54,8 +54,8 @@ def test_a_backdoor_job_writes_the_asr_samples_as_trigger_points(jobs):
         result = json.loads((backdoor / method / "results.json").read_text())
         assert set(z) == BASE_KEYS | TRIGGER_KEYS
         assert np.array_equal(z["trigger_ids"], asr_samples)
-        # the true labels, not the target the trigger points to
-        assert np.array_equal(z["trigger_labels"], test_labels[asr_samples])
+        # labelled with the target: the label the trigger was trained to give
+        assert (z["trigger_labels"] == 1).all() and z["trigger_labels"].size == asr_samples.size
         assert z["model_trigger"].shape == z["original_trigger"].shape == (asr_samples.size, 10)
         # stamped: the same samples' logits differ from the clean test logits ...
         assert not np.allclose(z["model_trigger"], z["model_test"][asr_samples])
@@ -79,14 +79,14 @@ def test_without_a_backdoor_outputs_npz_has_no_trigger_keys(jobs):
 CLASSES, TARGET = 4, 0
 SIZES = {"forget": 20, "retain": 30, "test": 24, "trigger": 18}
 LABELS = {"forget": np.arange(20) % 4, "retain": np.arange(30) % 4, "test": np.arange(24) % 4,
-          "trigger": 1 + np.arange(18) % 3}  # the trigger points' true labels: not 0
+          "trigger": np.full(18, 0)}  # the trigger points carry the target (TARGET = 0)
 IDS = {"forget": np.arange(100, 120), "retain": np.arange(200, 230), "test": np.arange(24),
        "trigger": np.flatnonzero(np.arange(24) % 4 != TARGET)}
 
 
 def _logits(noise: int, backdoored: bool) -> dict[str, np.ndarray]:
-    """Every model: one per-example base, seed noise, the true class favoured; a
-    backdoored model also pushes the trigger points to the target class."""
+    """Every model: one per-example base, seed noise, the labelled class favoured; a
+    backdoored model pushes the trigger points much further to the target class."""
     out = {}
     for i, (name, n) in enumerate(SIZES.items()):
         z = np.random.default_rng(70 + i).normal(0, 1, (n, CLASSES))

@@ -10,7 +10,9 @@
   set, with the ids and labels; with a backdoor also on the **trigger** points: the ASR's
   samples (test samples whose true label is not the target) with the trigger stamped as
   the ASR stamps it (:func:`~.backdoor.asr_ids`, :func:`~.backdoor.triggered`), labelled
-  with their true labels.
+  with the backdoor's **target**: the label the poisoned client trained stamped samples
+  under, so a margin says how surely a model still follows the trigger (as a forget
+  point's margin says how surely it still knows the label it was trained on).
 
 Forget and retain samples are taken from the server's copy of the public training set,
 as the data set has them (a backdoor client's samples without its trigger).
@@ -110,6 +112,8 @@ class PerExampleOutputs:
             logits, labels = predict(model, dataset, ids, device=self.device)
             out[name] = np.asarray(logits, dtype=np.float32)
             out[f"{name}_labels"] = np.asarray(labels, dtype=np.int64)
+        if "trigger" in out:  # the label the trigger was trained to give
+            out["trigger_labels"] = np.full_like(out["trigger_labels"], self.cfg.backdoor.target)
         return out
 
     def write(self, path: Path, method: str, original_arrays, arrays) -> Path:

@@ -21,8 +21,8 @@ AUDIT_NOTE = (
 TRIGGER_NOTE = (
     "**trigger** points: the ASR's samples (test samples whose true label is not the "
     "backdoor's target, the trigger stamped as the ASR stamps it), margins taken to the "
-    "true label: a model that kept the backdoor has low or negative margins there, Retrain "
-    "high ones.")
+    "target (the label the poisoned client trained them under): a model that kept the "
+    "backdoor has high margins there, Retrain low ones.")
 SCALAR_NOTE = ("mean ± 95% CI over seeds (Student t; mean alone for one seed), K = seeds; "
                "accuracies, MIA (population-level) and ASR in %.")
 
