@@ -150,6 +150,26 @@ def test_each_client_keeps_its_own_settings(single_thread):
     assert_same_replies(one_by_one, batched, exact=False)
 
 
+def test_each_client_trains_from_the_model_its_message_carries(single_thread):
+    """Messages of one delivery that carry different models (a server may send each node
+    its own) train from their own model, batched as one by one (the batched mode decodes
+    a model once for all the messages that carry its bytes)."""
+    def run(batch_clients):
+        grid = LocalGrid(user_app(), len(SIZES), {}, run_id=5, batch_clients=batch_clients)
+        torch.manual_seed(0)
+        models = [to_arrays(Net()), to_arrays(Net())]
+        with server_identity(5):
+            sent = [Message(RecordDict({"arrays": models[i % 2], "config": ConfigRecord(
+                {"lr": 0.05, "local-epochs": 1, "seed": 7})}), dst_node_id=n,
+                message_type="train") for i, n in enumerate(grid.get_node_ids())]
+            return grid, list(grid.send_and_receive(sent))
+
+    _, one_by_one = run(0)
+    grid, batched = run(8)
+    assert grid.batched.trained == len(SIZES)
+    assert_same_replies(one_by_one, batched, exact=False)
+
+
 def test_a_chunk_of_one_client_is_bit_identical(single_thread):
     config = {"clip-norm": 0.5, "weight-decay": 1e-3, "local-epochs": 3}
     _, _, one_by_one = round_of(user_app(), 0, config)

@@ -110,10 +110,12 @@ class BatchedTraining:
                 continue
             groups.setdefault(key, []).append(item)
         replies: dict[int, Message] = {}
+        models: dict[tuple, dict] = {}  # the models sent, decoded once per delivery
         for key, items in groups.items():
             items.sort(key=lambda p: (len(p.job.retained), p.index))  # similar steps together
             for start in range(0, len(items), self.batch_clients):
-                replies.update(self._train(key, items[start:start + self.batch_clients]))
+                replies.update(self._train(key, items[start:start + self.batch_clients],
+                                           models))
         return replies
 
     def _tell(self, inbound: Message, reason: str) -> None:
@@ -198,8 +200,9 @@ class BatchedTraining:
             self.verdicts[key] = vectorisable(template, example)
         return self.verdicts[key]
 
-    def _train(self, key: tuple, items: list[_Pending]) -> Iterator[tuple[int, Message]]:
-        jobs = [self._client_job(p) for p in items]
+    def _train(self, key: tuple, items: list[_Pending], models: dict[tuple, dict]
+               ) -> Iterator[tuple[int, Message]]:
+        jobs = [self._client_job(p, models) for p in items]
         results = train_batched(self.templates[key], jobs, torch.device(key[-1]))
         self.trained += len(items)
         for p, result in zip(items, results):
@@ -208,11 +211,11 @@ class BatchedTraining:
                                            result.num_examples, result.loss,
                                            result.samples_processed)
 
-    def _client_job(self, p: _Pending) -> ClientJob:
+    def _client_job(self, p: _Pending, models: dict[tuple, dict]) -> ClientJob:
         job, view = p.job, p.job.view
         config = job.config
         return ClientJob(
-            state=dict(state_dict(p.record)), dataset=view.dataset, indices=job.retained,
+            state=_start_state(p.record, models), dataset=view.dataset, indices=job.retained,
             epochs=job.local_epochs(), batch_size=view.batch_size, lr=job.lr(),
             momentum=view.momentum, seed=job.seed,
             clip_norm=float(config.get("clip-norm", 0.0)),
@@ -231,6 +234,17 @@ class BatchedTraining:
         samples = read_samples(dataset, ids)
         self.samples[p.dst] = (np.array(ids), id(dataset), samples)
         return samples
+
+
+def _start_state(record: ArrayRecord, models: dict[tuple, dict]) -> dict[str, torch.Tensor]:
+    """The tensors of a message's model, decoded once for every message that carries
+    the same bytes (the engine's copies of one sent model share them; the chunk stacks
+    them into tensors of its own, so the messages may share these)."""
+    key = tuple((name, id(array.data)) for name, array in record.items())
+    state = models.get(key)
+    if state is None:
+        state = models[key] = dict(state_dict(record))
+    return state
 
 
 __all__ = ["BATCHED_ACTIONS", "BatchedTraining", "check_batch_clients"]

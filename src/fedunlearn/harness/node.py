@@ -36,6 +36,11 @@ def harness_view(context: Context) -> NodeView:
     """The harness's node: partition ``partition-id`` of the run-config's data set
     (built once per run, node-config and run-config in this process)."""
     items = tuple(sorted(context.run_config.items()))
+    # One tuple per run-config for every node's key (each node's context holds a copy
+    # of the run-config: 10,000 nodes' keys held 10,000 equal tuples, 4 kB each).
+    if items not in _RUN_CONFIGS and len(_RUN_CONFIGS) >= 64:
+        _RUN_CONFIGS.clear()
+    items = _RUN_CONFIGS.setdefault(items, items)
     key = (int(context.run_id), tuple(sorted(context.node_config.items())), items)
     view = _VIEWS.get(key)
     if view is None:
@@ -150,5 +155,6 @@ def local_view(context: Context, cfg: ExperimentConfig) -> NodeView:
 
 _LOCAL_VIEWS: dict[tuple, NodeView] = {}
 _VIEWS: dict[tuple, NodeView] = {}
+_RUN_CONFIGS: dict[tuple, tuple] = {}
 #: The node views this process keeps at least (more where a run has more clients).
 MAX_VIEWS = 4096
