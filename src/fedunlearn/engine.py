@@ -197,30 +197,10 @@ def copy_content(content: RecordDict) -> RecordDict:
         if isinstance(record, ArrayRecord):
             out[key] = copy_record(record)  # new Arrays, the same (immutable) bytes
         elif isinstance(record, (ConfigRecord, MetricRecord)):
-            out[key] = _copy_values(record)
+            out[key] = type(record)({k: list(v) if isinstance(v, list) else v
+                                     for k, v in record.items()})
         else:
             out[key] = copy.deepcopy(record)
-    return out
-
-
-def _typed_store_ok() -> bool:
-    probe = ConfigRecord({"x": [1]})
-    store = probe.__dict__.get("_data")
-    return isinstance(store, dict) and store == {"x": [1]}
-
-
-_TYPED_STORE = _typed_store_ok()  # this Flower's records keep their items in a plain dict
-
-
-def _copy_values(record):
-    """A new record of ``record``'s type with its items (lists copied): what
-    ``type(record)(dict(record))`` gives, without checking again every key and value of a
-    record Flower has checked already."""
-    items = {k: list(v) if isinstance(v, list) else v for k, v in record.items()}
-    if not _TYPED_STORE or type(record) not in (ConfigRecord, MetricRecord):
-        return type(record)(items)
-    out = type(record)()
-    out.__dict__["_data"].update(items)
     return out
 
 
