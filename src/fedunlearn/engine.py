@@ -110,13 +110,14 @@ class LocalGrid(Grid):
         self._replies: dict[str, Message] = {}
         self.messages_delivered = 0
 
-    # -- Grid ---------------------------------------------------------------------------
-
     @property
     def batch_clients(self) -> int:
         """The batched mode's chunk (0: every message on its own): part of what a
         pretrained model depends on (batched sums run in another float order)."""
         return self.batched.batch_clients
+
+    # -- Grid ---------------------------------------------------------------------------
+
     def set_run(self, run: Run) -> None:
         self._run = run
 

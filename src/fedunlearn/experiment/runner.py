@@ -18,9 +18,8 @@ When the run or sweep ends, the report (:mod:`fedunlearn.experiment.report`) is 
 
 from __future__ import annotations
 
-import functools
-
 import contextlib
+import functools
 import json
 import logging
 import os
