@@ -9,7 +9,11 @@ digits-sized CNN, ``--rounds`` pretraining rounds, then one FT round from it. Re
 the median seconds per pretraining round (the first round left out: it warms the Ray
 actors and the caches), the whole job's wall time, and the job's peak memory: the sum
 of the proportional set size (PSS, so shared libraries count once) of every process the
-job started (launcher, SuperLink, ServerApp, Ray workers), sampled every 0.2 s::
+job started (launcher, SuperLink, ServerApp, Ray workers), sampled every 0.2 s; and the
+peak resident set size of the job's own process as the kernel counts it (``wait4``'s
+``ru_maxrss``: the whole job on the in-process engines, libraries counted whole, so it
+does not move with what other processes on the machine map, as PSS does; under
+``flower`` the largest process the launcher waited for)::
 
     python bench/scale.py                         # 10, 100, 1000 clients x both engines
     python bench/scale.py --clients 10,100 --engines local --rounds 5
@@ -71,7 +75,8 @@ def run_job(clients: int, engine: str, rounds: int, work: Path, batch_clients: i
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     sampler.start()
-    rc = proc.wait()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = rc = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     done.set()
     sampler.join()
@@ -80,7 +85,7 @@ def run_job(clients: int, engine: str, rounds: int, work: Path, batch_clients: i
     cost = json.loads((out / "ft" / "results.json").read_text())["pretrain"]["cost"]
     per_round = statistics.median(cost["round_s"][1:] or cost["round_s"])
     return {"clients": clients, "engine": engine, "round_s": per_round, "job_s": wall,
-            "peak_mb": peak[0]}
+            "peak_mb": peak[0], "rss_mb": usage.ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -99,12 +104,14 @@ def main() -> None:
                 row = run_job(clients, engine, args.rounds, Path(tmp), args.batch_clients)
                 rows.append(row)
                 print(f"{clients} clients, {engine}: {row['round_s']:.3f} s/round, job "
-                      f"{row['job_s']:.0f} s, peak {row['peak_mb']:.0f} MB", flush=True)
-    print("\n| clients | engine | s / round | job wall (s) | peak memory (MB) |")
-    print("|---|---|---|---|---|")
+                      f"{row['job_s']:.0f} s, peak {row['peak_mb']:.0f} MB (PSS), "
+                      f"{row['rss_mb']:.0f} MB (peak RSS)", flush=True)
+    print("\n| clients | engine | s / round | job wall (s) | peak memory (MB, PSS) | "
+          "peak RSS (MB) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']} | {r['engine']} | {r['round_s']:.3f} | {r['job_s']:.0f} | "
-              f"{r['peak_mb']:.0f} |")
+              f"{r['peak_mb']:.0f} | {r['rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":
