@@ -87,7 +87,7 @@ def _median_cell(s: RelearnSummary) -> str:
 def _range_cell(s: RelearnSummary) -> str:
     values = [r for r in s.rounds if r is not None]
     top = f">{s.rounds_max}" if s.relearned < s.k else str(max(values))
-    return f"{min(values) if values else top}–{top}" if values else top
+    return f"{min(values)}–{top}" if values else top
 
 
 def relearn_rows(summaries: dict[str, RelearnSummary]) -> list[list[str]]:
