@@ -177,18 +177,17 @@ class _Progress:
         self.state_path, self.total, self.workers = state_path, total, workers
         self.state = json.loads(state_path.read_text()) if state_path.is_file() \
             else {"jobs": {}}
-        self.times: list[float] = []
+        self.done = 0
         self.failed: list[str] = []
         self.start = time.perf_counter()
 
     def finished(self, job: Job, code: int, seconds: float) -> None:
-        self.times.append(seconds)
+        self.done += 1
         ok = code == 0 and job.done()
         if not ok:
             self.failed.append(job.name)
-        done = len(self.times)
-        eta = (time.perf_counter() - self.start) / done * (self.total - done)
-        print(f"[{done}/{self.total}] {job.name}: {'done' if ok else 'FAILED'} in "
+        eta = (time.perf_counter() - self.start) / self.done * (self.total - self.done)
+        print(f"[{self.done}/{self.total}] {job.name}: {'done' if ok else 'FAILED'} in "
               f"{seconds:.0f} s ({','.join(job.methods)}); about {eta / 60:.1f} min left",
               flush=True)
         refused = job.refused()
